@@ -1,0 +1,161 @@
+//! `builder debug ...`: the front end exposed for external conformance checks.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::plan::{self, PlanOptions};
+use crate::syntax::dockerignore::IgnoreMatcher;
+use crate::syntax::expand::{LexOptions, Lexer};
+
+use super::{parse_key_values, read_build_file, CliError};
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Parse a build file and print its AST.
+    Parse(ParseArgs),
+    /// Expand a word as a build file would.
+    Expand(ExpandArgs),
+    /// Check a path against a .dockerignore file: prints `match` or `nomatch`.
+    IgnoreMatch { ignore_file: PathBuf, path: String },
+    /// Print the pruned stage graph of a build file.
+    Graph(GraphArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ParseFormat {
+    /// BuildKit's low-level `result` dump.
+    BuildkitResult,
+    /// Typed instructions with spans.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ParseArgs {
+    #[arg(long, value_enum, default_value = "json")]
+    format: ParseFormat,
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExpandArgs {
+    /// Process the input as one word.
+    #[arg(long, conflicts_with = "words", required_unless_present = "words")]
+    word: bool,
+    /// Process the input into words.
+    #[arg(long)]
+    words: bool,
+    /// Set a variable (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// The text to expand.
+    input: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long = "build-arg", value_name = "K[=V]")]
+    build_args: Vec<String>,
+    file: PathBuf,
+}
+
+pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
+    match cmd {
+        DebugCommand::Parse(a) => {
+            let (name, text) = read_build_file(&a.file)?;
+            match a.format {
+                ParseFormat::BuildkitResult => {
+                    let doc = crate::syntax::parse(&name, &text)?;
+                    print!("{}", doc.dump());
+                }
+                ParseFormat::Json => {
+                    let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
+                    let v =
+                        serde_json::json!({ "directives": doc.directives, "instructions": typed });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v)
+                            .map_err(|e| CliError::msg(e.to_string()))?
+                    );
+                }
+            }
+        }
+        DebugCommand::Expand(a) => {
+            let env: Vec<(String, String)> = a
+                .env
+                .iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => (kv.clone(), String::new()),
+                })
+                .collect();
+            let lookup = |n: &str| {
+                env.iter()
+                    .rev()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+            };
+            let lexer = Lexer::new('\\', LexOptions::default());
+            let out = if a.words {
+                serde_json::to_string(
+                    &lexer
+                        .words(&a.input, &lookup)
+                        .map_err(|e| CliError::msg(e.0))?,
+                )
+            } else {
+                serde_json::to_string(
+                    &lexer
+                        .word(&a.input, &lookup)
+                        .map_err(|e| CliError::msg(e.0))?,
+                )
+            };
+            println!("{}", out.map_err(|e| CliError::msg(e.to_string()))?);
+        }
+        DebugCommand::IgnoreMatch { ignore_file, path } => {
+            let bytes = std::fs::read(&ignore_file).map_err(|e| CliError::io(&ignore_file, e))?;
+            let m = IgnoreMatcher::from_file_text(&String::from_utf8_lossy(&bytes))
+                .map_err(|e| CliError::msg(format!("{}: {}", ignore_file.display(), e)))?;
+            println!(
+                "{}",
+                if m.is_ignored(&path) {
+                    "match"
+                } else {
+                    "nomatch"
+                }
+            );
+        }
+        DebugCommand::Graph(a) => {
+            let (name, text) = read_build_file(&a.file)?;
+            let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
+            let opts = PlanOptions {
+                target: a.target,
+                build_args: parse_key_values(&a.build_args),
+                ..PlanOptions::default()
+            };
+            let g = plan::lower(&name, &text, doc.escape, &typed, &opts)?;
+            for w in &g.unused_build_args {
+                eprintln!("warning: build-arg {} was not consumed by any ARG", w);
+            }
+            let stages: Vec<serde_json::Value> = g
+                .order
+                .iter()
+                .map(|&i| {
+                    let s = &g.stages[i];
+                    serde_json::json!({
+                        "index": s.index, "name": s.name, "base": s.base, "line": s.span.line,
+                        "deps": s.deps.iter().map(|e| e.stage).collect::<std::collections::BTreeSet<_>>(),
+                        "images": s.image_refs, "instructions": s.instructions.len(),
+                    })
+                })
+                .collect();
+            let v = serde_json::json!({ "target": g.target, "stages": stages, "levels": g.levels });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).map_err(|e| CliError::msg(e.to_string()))?
+            );
+        }
+    }
+    Ok(())
+}

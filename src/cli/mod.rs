@@ -1,0 +1,127 @@
+//! The command line: clap structures, their validation into options, and the commands.
+
+pub mod debug;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+/// A failure to report to the user: a message and optional causes and hint.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub causes: Vec<String>,
+    pub hint: Option<String>,
+    pub exit_code: i32,
+}
+
+impl CliError {
+    pub fn msg(m: impl Into<String>) -> Self {
+        CliError {
+            message: m.into(),
+            causes: Vec::new(),
+            hint: None,
+            exit_code: 1,
+        }
+    }
+    pub fn io(path: &Path, e: std::io::Error) -> Self {
+        CliError::msg(format!("{}: {}", path.display(), e))
+    }
+    pub fn with_hint(mut self, h: impl Into<String>) -> Self {
+        self.hint = Some(h.into());
+        self
+    }
+}
+
+impl<E: std::error::Error> From<E> for CliError {
+    fn from(e: E) -> Self {
+        let mut causes = Vec::new();
+        let mut src = e.source();
+        while let Some(s) = src {
+            causes.push(s.to_string());
+            src = s.source();
+        }
+        CliError {
+            message: e.to_string(),
+            causes,
+            hint: None,
+            exit_code: 1,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "builder",
+    version,
+    about = "A daemonless, Dockerfile-compatible OCI image builder"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build an image from a build file.
+    Build(build::BuildArgs),
+    /// Front-end debugging commands.
+    #[command(subcommand)]
+    Debug(debug::DebugCommand),
+}
+
+pub mod build;
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Build(a) => build::run(a),
+        Command::Debug(d) => debug::run(d),
+    }
+}
+
+/// Read a build file; the returned name is how errors refer to it.
+pub fn read_build_file(path: &Path) -> Result<(String, String), CliError> {
+    let bytes = std::fs::read(path).map_err(|e| CliError::io(path, e))?;
+    Ok((
+        path.display().to_string(),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
+
+/// `K=V` and bare `K` (value from the environment, skipped when unset), as `--build-arg` takes.
+pub fn parse_key_values(items: &[String]) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v)) => {
+                m.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(item) {
+                    m.insert(item.clone(), v);
+                }
+            }
+        }
+    }
+    m
+}
+
+/// The build file for a context: `-f` if given, else Buildfile, Dockerfile, Containerfile.
+pub fn find_build_file(context: &Path, file: Option<&PathBuf>) -> Result<PathBuf, CliError> {
+    if let Some(f) = file {
+        return Ok(f.clone());
+    }
+    for name in ["Buildfile", "Dockerfile", "Containerfile"] {
+        let p = context.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(CliError::msg(format!(
+        "no Buildfile, Dockerfile or Containerfile in {}",
+        context.display()
+    ))
+    .with_hint("name one with -f FILE"))
+}

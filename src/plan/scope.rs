@@ -1,0 +1,125 @@
+//! Variables in scope while walking a stage: build args, ARG declarations and ENV values, with
+//! Docker's precedence (ENV over ARG) and the predefined ARGs that need no declaration.
+
+use std::collections::BTreeMap;
+
+use crate::syntax::expand::{ExpandError, LexOptions, Lexer};
+
+/// Proxy ARGs usable in RUN without an ARG line (and kept out of history, as docker does).
+pub const PROXY_ARGS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// The target/build platform, as OS/arch/variant.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of the machine builder runs on, in OCI terms.
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "arm" => "arm",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
+    }
+
+    /// Parse `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Option<Platform> {
+        let mut parts = s.split('/');
+        let os = parts.next().filter(|p| !p.is_empty())?.to_string();
+        let architecture = parts.next().filter(|p| !p.is_empty())?.to_string();
+        let variant = parts.next().map(str::to_string);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Platform {
+            os,
+            architecture,
+            variant,
+        })
+    }
+
+    /// `os/arch[/variant]`.
+    pub fn spec(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{}", self.os, self.architecture, v),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+
+    /// The automatic platform ARGs (`TARGETPLATFORM`, `BUILDARCH`, ...).
+    pub fn args(target: &Platform, build: &Platform) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for (prefix, p) in [("TARGET", target), ("BUILD", build)] {
+            m.insert(format!("{}PLATFORM", prefix), p.spec());
+            m.insert(format!("{}OS", prefix), p.os.clone());
+            m.insert(format!("{}ARCH", prefix), p.architecture.clone());
+            m.insert(
+                format!("{}VARIANT", prefix),
+                p.variant.clone().unwrap_or_default(),
+            );
+        }
+        m
+    }
+}
+
+/// The variables of one stage at one point of its instructions.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Declared ARGs with their values (a declared ARG without value is unset, not empty).
+    pub args: BTreeMap<String, Option<String>>,
+    /// The image's environment, in order.
+    pub env: Vec<(String, String)>,
+}
+
+impl Scope {
+    /// Look a name up: ENV wins over ARG.
+    pub fn get(&self, name: &str) -> Option<String> {
+        if let Some((_, v)) = self.env.iter().rev().find(|(k, _)| k == name) {
+            return Some(v.clone());
+        }
+        self.args.get(name).cloned().flatten()
+    }
+
+    /// Set or replace an ENV variable, keeping the first position.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        match self.env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.to_string(),
+            None => self.env.push((key.to_string(), value.to_string())),
+        }
+    }
+
+    /// Expand one word (quotes removed) with this scope.
+    pub fn word(&self, escape: char, input: &str) -> Result<String, ExpandError> {
+        Lexer::new(escape, LexOptions::default()).word(input, &|n| self.get(n))
+    }
+
+    /// Expand and split into words.
+    pub fn words(&self, escape: char, input: &str) -> Result<Vec<String>, ExpandError> {
+        Lexer::new(escape, LexOptions::default()).words(input, &|n| self.get(n))
+    }
+}
