@@ -4,5 +4,6 @@
 //! execution, store and cache -> export. `syntax` never imports from the stateful modules.
 
 pub mod cli;
+pub mod oci;
 pub mod plan;
 pub mod syntax;

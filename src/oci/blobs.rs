@@ -1,0 +1,225 @@
+//! A content-addressed blob directory (`blobs/sha256/<hex>`, the OCI layout shape). Writes go
+//! to a temporary file in the same filesystem, are synced, then renamed into place, so a blob
+//! is either absent or complete. Reads verify the content against its name.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::digest::{Digest, HashingWriter};
+
+/// Errors of the blob store; each names the blob or path.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("blob {0} is not in the store")]
+    Missing(Digest),
+    #[error("blob {expected} is corrupted: its content hashes to {found} ({path})")]
+    Corrupted {
+        expected: Digest,
+        found: Digest,
+        path: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
+    move |source| BlobError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A `blobs/sha256` directory with a temp directory beside it.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+impl BlobStore {
+    /// Open (creating) the blob store in `root/blobs/sha256`, with temp files in `tmp`.
+    pub fn open(root: &Path, tmp: &Path) -> Result<BlobStore, BlobError> {
+        let dir = root.join("blobs").join("sha256");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        fs::create_dir_all(tmp).map_err(io_err(tmp))?;
+        Ok(BlobStore {
+            dir,
+            tmp: tmp.to_path_buf(),
+        })
+    }
+
+    /// Where blob `d` lives.
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        self.dir.join(d.hex())
+    }
+
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.path(d).is_file()
+    }
+
+    /// A new temporary file for streaming a blob into; finish with [`BlobStore::commit`].
+    pub fn temp_file(&self) -> Result<(PathBuf, File), BlobError> {
+        for attempt in 0..100u32 {
+            let name = format!("blob-{}-{}-{}", std::process::id(), nanos(), attempt);
+            let p = self.tmp.join(name);
+            match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(f) => return Ok((p, f)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+        }
+        Err(BlobError::Io {
+            path: self.tmp.clone(),
+            source: io::Error::other("cannot create a temporary file"),
+        })
+    }
+
+    /// Move a finished temporary file into place as blob `d` (after syncing it).
+    pub fn commit(&self, temp: &Path, file: File, d: &Digest) -> Result<(), BlobError> {
+        file.sync_all().map_err(io_err(temp))?;
+        drop(file);
+        let dest = self.path(d);
+        if dest.is_file() {
+            let _ = fs::remove_file(temp);
+            return Ok(());
+        }
+        fs::rename(temp, &dest).map_err(io_err(&dest))?;
+        sync_dir(&self.dir);
+        Ok(())
+    }
+
+    /// Store `bytes`, returning their digest.
+    pub fn put(&self, bytes: &[u8]) -> Result<Digest, BlobError> {
+        let d = Digest::of(bytes);
+        if self.contains(&d) {
+            return Ok(d);
+        }
+        let (p, mut f) = self.temp_file()?;
+        f.write_all(bytes).map_err(io_err(&p))?;
+        self.commit(&p, f, &d)?;
+        Ok(d)
+    }
+
+    /// Copy a stream into the store, hashing it on the way; returns digest and size.
+    pub fn put_reader(&self, r: &mut dyn Read) -> Result<(Digest, u64), BlobError> {
+        let (p, f) = self.temp_file()?;
+        let mut w = HashingWriter::new(f);
+        if let Err(e) = io::copy(r, &mut w) {
+            let _ = fs::remove_file(&p);
+            return Err(io_err(&p)(e));
+        }
+        let (d, size, f) = w.finish();
+        self.commit(&p, f, &d)?;
+        Ok((d, size))
+    }
+
+    /// Read a whole blob, verifying it.
+    pub fn get(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
+        let p = self.path(d);
+        let bytes = fs::read(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                BlobError::Missing(d.clone())
+            } else {
+                io_err(&p)(e)
+            }
+        })?;
+        let found = Digest::of(&bytes);
+        if &found != d {
+            return Err(BlobError::Corrupted {
+                expected: d.clone(),
+                found,
+                path: p,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Re-hash blob `d` from disk without keeping it in memory.
+    pub fn verify(&self, d: &Digest) -> Result<u64, BlobError> {
+        let p = self.path(d);
+        let mut f = File::open(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                BlobError::Missing(d.clone())
+            } else {
+                io_err(&p)(e)
+            }
+        })?;
+        let mut w = HashingWriter::new(io::sink());
+        io::copy(&mut f, &mut w).map_err(io_err(&p))?;
+        let (found, size, _) = w.finish();
+        if &found != d {
+            return Err(BlobError::Corrupted {
+                expected: d.clone(),
+                found,
+                path: p,
+            });
+        }
+        Ok(size)
+    }
+
+    /// Every digest present.
+    pub fn list(&self) -> Result<Vec<Digest>, BlobError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
+            if let Ok(d) = format!("sha256:{}", e.file_name().to_string_lossy()).parse() {
+                out.push(d);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// fsync a directory so a rename in it is durable; best effort.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Write `bytes` to `path` atomically (temp file beside it, sync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id(),
+        nanos()
+    ));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_and_detect_corruption() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path(), &t.path().join("tmp")).unwrap();
+        let d = s.put(b"hello").unwrap();
+        assert_eq!(s.get(&d).unwrap(), b"hello");
+        fs::write(s.path(&d), b"jello").unwrap();
+        let e = s.get(&d).unwrap_err().to_string();
+        assert!(e.contains("is corrupted"), "{e}");
+        assert!(matches!(s.verify(&d), Err(BlobError::Corrupted { .. })));
+    }
+}

@@ -1,0 +1,112 @@
+//! Content digests (`sha256:<64 hex>`) and a writer that hashes what passes through it.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256};
+
+/// A sha256 content digest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest {
+    hex: String,
+}
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest {
+            hex: hex::encode(Sha256::digest(bytes)),
+        }
+    }
+    /// From a finished hasher.
+    pub fn from_hasher(h: Sha256) -> Digest {
+        Digest {
+            hex: hex::encode(h.finalize()),
+        }
+    }
+    /// The 64 hex characters.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex)
+    }
+}
+
+/// A string that is not a valid sha256 digest.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid digest {0:?}: expected sha256:<64 lowercase hex characters>")]
+pub struct BadDigest(pub String);
+
+impl FromStr for Digest {
+    type Err = BadDigest;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| BadDigest(s.to_string()))?;
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(BadDigest(s.to_string()));
+        }
+        Ok(Digest {
+            hex: hex.to_string(),
+        })
+    }
+}
+
+/// Passes writes through to `inner` while hashing and counting them.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+    /// The digest and byte count of everything written, and the inner writer.
+    pub fn finish(self) -> (Digest, u64, W) {
+        (Digest::from_hasher(self.hasher), self.size, self.inner)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        let d = Digest::of(b"");
+        assert_eq!(
+            d.to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
+        assert!("sha256:abc".parse::<Digest>().is_err());
+        assert!("md5:00".parse::<Digest>().is_err());
+    }
+}

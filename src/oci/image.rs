@@ -1,0 +1,361 @@
+//! Image documents: the state a build carries from step to step ([`ImageState`]: config plus
+//! layers), its serialisation to a config and a manifest blob in canonical JSON (sorted keys,
+//! no whitespace), and reading images back. Docker's extensions inside `config`
+//! (`Healthcheck`, `OnBuild`, `Shell`) are kept beside oci-spec's typed fields.
+
+use std::collections::BTreeMap;
+
+use oci_spec::image::{Arch, Config, History, ImageConfiguration, ImageManifest, Os, RootFs};
+use serde_json::{json, Value};
+
+use super::blobs::{BlobError, BlobStore};
+use super::digest::Digest;
+
+pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// A layer as the manifest references it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRef {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// Everything an image is, between steps of a build.
+#[derive(Debug, Clone)]
+pub struct ImageState {
+    pub config: ImageConfiguration,
+    /// Docker's extra `config` fields (`Healthcheck`, `OnBuild`, `Shell`), raw.
+    pub extras: BTreeMap<String, Value>,
+    pub layers: Vec<LayerRef>,
+}
+
+/// A stored image: its manifest and config, by digest.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub manifest_digest: Digest,
+    pub manifest_size: u64,
+    pub config_digest: Digest,
+    pub state: ImageState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("{what}: {msg}")]
+    Invalid { what: String, msg: String },
+}
+
+fn invalid(what: impl Into<String>, msg: impl Into<String>) -> ImageError {
+    ImageError::Invalid {
+        what: what.into(),
+        msg: msg.into(),
+    }
+}
+
+/// RFC 3339 UTC time of a unix timestamp, as image configs spell it.
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        y,
+        m,
+        d,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Canonical JSON: keys sorted at every level, no insignificant whitespace.
+pub fn canonical_json(v: &Value) -> Vec<u8> {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let mut out = serde_json::Map::new();
+                for k in keys {
+                    out.insert(k.clone(), sorted(&m[k]));
+                }
+                Value::Object(out)
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    serde_json::to_vec(&sorted(v)).unwrap_or_default()
+}
+
+impl ImageState {
+    /// An empty image (FROM scratch) for a platform.
+    pub fn scratch(os: &str, arch: &str, variant: Option<&str>) -> ImageState {
+        let mut config = ImageConfiguration::default();
+        config.set_os(Os::from(os));
+        config.set_architecture(Arch::from(arch));
+        config.set_variant(variant.map(str::to_string));
+        config.set_created(None);
+        config.set_history(Vec::new());
+        let mut rootfs = RootFs::default();
+        rootfs.set_diff_ids(Vec::new());
+        config.set_rootfs(rootfs);
+        config.set_config(Some(Config::default()));
+        ImageState {
+            config,
+            extras: BTreeMap::new(),
+            layers: Vec::new(),
+        }
+    }
+
+    /// The runtime config part, for reading.
+    pub fn runtime(&self) -> Config {
+        self.config.config().clone().unwrap_or_default()
+    }
+
+    /// Change the runtime config with `f`.
+    pub fn with_runtime(&mut self, f: impl FnOnce(&mut Config)) {
+        let mut c = self.runtime();
+        f(&mut c);
+        self.config.set_config(Some(c));
+    }
+
+    /// The environment as ordered `(key, value)` pairs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.runtime()
+            .env()
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| match e.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (e.clone(), String::new()),
+            })
+            .collect()
+    }
+
+    /// Set one environment variable, replacing an existing one in place.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        let mut env = self.env();
+        match env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.to_string(),
+            None => env.push((key.to_string(), value.to_string())),
+        }
+        let list: Vec<String> = env
+            .into_iter()
+            .map(|(k, v)| format!("{}={}", k, v))
+            .collect();
+        self.with_runtime(|c| {
+            c.set_env(Some(list));
+        });
+    }
+
+    /// Record a step in the history (and the layer, when it made one).
+    pub fn push_history(&mut self, created: &str, created_by: &str, layer: Option<LayerRef>) {
+        let mut h = History::default();
+        h.set_created(Some(created.to_string()));
+        h.set_created_by(Some(created_by.to_string()));
+        h.set_comment(Some("builder".to_string()));
+        match layer {
+            Some(l) => {
+                let mut rootfs = self.config.rootfs().clone();
+                let mut ids = rootfs.diff_ids().clone();
+                ids.push(l.diff_id.to_string());
+                rootfs.set_diff_ids(ids);
+                self.config.set_rootfs(rootfs);
+                self.layers.push(l);
+            }
+            None => {
+                h.set_empty_layer(Some(true));
+            }
+        }
+        let mut hist = self.config.history().clone();
+        hist.push(h);
+        self.config.set_history(hist);
+    }
+
+    /// The config document.
+    pub fn config_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_value(&self.config).unwrap_or(Value::Null);
+        if let Some(obj) = v.as_object_mut() {
+            let cfg = obj.entry("config").or_insert_with(|| json!({}));
+            if let Some(c) = cfg.as_object_mut() {
+                for (k, x) in &self.extras {
+                    c.insert(k.clone(), x.clone());
+                }
+            }
+        }
+        canonical_json(&v)
+    }
+
+    /// Write config and manifest into `blobs`; returns the stored image.
+    pub fn commit(
+        &self,
+        blobs: &BlobStore,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<StoredImage, ImageError> {
+        let config_bytes = self.config_json();
+        let config_digest = blobs.put(&config_bytes)?;
+        let layers: Vec<Value> = self
+            .layers
+            .iter()
+            .map(|l| json!({"mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size}))
+            .collect();
+        let mut manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest.to_string(), "size": config_bytes.len()},
+            "layers": layers,
+        });
+        if !annotations.is_empty() {
+            manifest["annotations"] = json!(annotations);
+        }
+        let manifest_bytes = canonical_json(&manifest);
+        let manifest_digest = blobs.put(&manifest_bytes)?;
+        Ok(StoredImage {
+            manifest_digest,
+            manifest_size: manifest_bytes.len() as u64,
+            config_digest,
+            state: self.clone(),
+        })
+    }
+}
+
+/// Parse a config blob into an image state with the given layers.
+pub fn state_from_config(
+    bytes: &[u8],
+    layers: Vec<LayerRef>,
+    what: &str,
+) -> Result<ImageState, ImageError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| invalid(what, format!("config is not valid JSON: {}", e)))?;
+    let config: ImageConfiguration = serde_json::from_value(v.clone())
+        .map_err(|e| invalid(what, format!("config does not parse: {}", e)))?;
+    let mut extras = BTreeMap::new();
+    if let Some(c) = v.get("config").and_then(Value::as_object) {
+        for k in ["Healthcheck", "OnBuild", "Shell"] {
+            if let Some(x) = c.get(k).filter(|x| !x.is_null()) {
+                extras.insert(k.to_string(), x.clone());
+            }
+        }
+    }
+    if config.rootfs().diff_ids().len() != layers.len() {
+        return Err(invalid(
+            what,
+            format!(
+                "config lists {} diff_ids but the manifest has {} layers",
+                config.rootfs().diff_ids().len(),
+                layers.len()
+            ),
+        ));
+    }
+    Ok(ImageState {
+        config,
+        extras,
+        layers,
+    })
+}
+
+/// Load a stored image by manifest digest (blobs verified on read).
+pub fn load(blobs: &BlobStore, manifest_digest: &Digest) -> Result<StoredImage, ImageError> {
+    let what = manifest_digest.to_string();
+    let mbytes = blobs.get(manifest_digest)?;
+    let manifest: ImageManifest = serde_json::from_slice(&mbytes)
+        .map_err(|e| invalid(&what, format!("manifest does not parse: {}", e)))?;
+    let config_digest: Digest = manifest
+        .config()
+        .digest()
+        .to_string()
+        .parse()
+        .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))?;
+    let cbytes = blobs.get(&config_digest)?;
+    let cv: Value = serde_json::from_slice(&cbytes).map_err(|e| invalid(&what, e.to_string()))?;
+    let diff_ids: Vec<String> = cv["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut layers = Vec::new();
+    for (i, l) in manifest.layers().iter().enumerate() {
+        let digest: Digest = l
+            .digest()
+            .to_string()
+            .parse()
+            .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))?;
+        let diff_id: Digest = diff_ids
+            .get(i)
+            .ok_or_else(|| invalid(&what, "fewer diff_ids than layers"))?
+            .parse()
+            .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))?;
+        layers.push(LayerRef {
+            digest,
+            diff_id,
+            size: l.size(),
+            media_type: l.media_type().to_string(),
+        });
+    }
+    let state = state_from_config(&cbytes, layers, &what)?;
+    Ok(StoredImage {
+        manifest_digest: manifest_digest.clone(),
+        manifest_size: mbytes.len() as u64,
+        config_digest,
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn canonical_sorts_keys() {
+        let v = json!({"b": 1, "a": {"d": [1, {"z": 0, "y": 1}], "c": 2}});
+        assert_eq!(
+            String::from_utf8(canonical_json(&v)).unwrap(),
+            r#"{"a":{"c":2,"d":[1,{"y":1,"z":0}]},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn config_round_trips_with_docker_extras() {
+        let mut s = ImageState::scratch("linux", "amd64", None);
+        s.set_env("PATH", "/bin");
+        s.set_env("PATH", "/usr/bin");
+        s.extras.insert("Shell".into(), json!(["/bin/bash", "-c"]));
+        s.push_history("1970-01-01T00:00:00Z", "ENV PATH=/usr/bin", None);
+        let back = state_from_config(&s.config_json(), Vec::new(), "test").unwrap();
+        assert_eq!(
+            back.env(),
+            vec![("PATH".to_string(), "/usr/bin".to_string())]
+        );
+        assert_eq!(back.extras["Shell"], json!(["/bin/bash", "-c"]));
+        assert_eq!(back.config_json(), s.config_json());
+    }
+}

@@ -1,0 +1,377 @@
+//! Deterministic layer writing in one pass: a directory tree becomes a tar (entries in sorted
+//! depth-first order, fixed header fields, PAX records for long names, big ids and xattrs,
+//! hardlinks as links), hashed for the diff_id, compressed, hashed again for the blob digest,
+//! written to a temp file and renamed into the blob store.
+//!
+//! Overlay whiteouts in the tree (0/0 character devices, the `trusted.overlay.opaque` xattr)
+//! become OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`), so an overlayfs upper directory can be
+//! turned into a layer directly.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use flate2::write::GzEncoder;
+use flate2::Compression as GzLevel;
+
+use super::blobs::{BlobError, BlobStore};
+use super::digest::{Digest, HashingWriter};
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip(u32),
+    Zstd(i32),
+}
+
+impl Compression {
+    pub fn media_type(&self) -> &'static str {
+        match self {
+            Compression::Gzip(_) => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd(_) => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
+/// A layer written to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// Digest of the compressed blob.
+    pub digest: Digest,
+    /// Digest of the uncompressed tar (the config's diff_id).
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
+    move |source| LayerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How to write a tree.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerOptions {
+    pub compression: Compression,
+    /// Clamp every mtime to at most this (the build's SOURCE_DATE_EPOCH).
+    pub epoch: Option<i64>,
+}
+
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Write the tree under `dir` as a layer into `store`.
+pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<Layer, LayerError> {
+    let (tmp_path, file) = store.temp_file()?;
+    let result = (|| {
+        let outer = HashingWriter::new(file);
+        let (diff_id, outer) = match opts.compression {
+            Compression::Gzip(level) => {
+                let gz = flate2::GzBuilder::new()
+                    .operating_system(255)
+                    .write(outer, GzLevel::new(level.min(9)));
+                let inner = HashingWriter::new(gz);
+                let inner = write_tar(dir, inner, opts.epoch)?;
+                let (diff_id, _, gz) = inner.finish();
+                (diff_id, gz.finish().map_err(io_at(&tmp_path))?)
+            }
+            Compression::Zstd(level) => {
+                let z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
+                let inner = HashingWriter::new(z);
+                let inner = write_tar(dir, inner, opts.epoch)?;
+                let (diff_id, _, z) = inner.finish();
+                (diff_id, z.finish().map_err(io_at(&tmp_path))?)
+            }
+        };
+        let (digest, size, file) = outer.finish();
+        store.commit(&tmp_path, file, &digest)?;
+        Ok(Layer {
+            digest,
+            diff_id,
+            size,
+            media_type: opts.compression.media_type().to_string(),
+        })
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp_path);
+    }
+    result
+}
+
+/// Write the tar stream of `dir` into `w`.
+pub fn write_tar<W: Write>(dir: &Path, w: W, epoch: Option<i64>) -> Result<W, LayerError> {
+    let mut b = tar::Builder::new(w);
+    b.mode(tar::HeaderMode::Complete);
+    let mut seen_inodes: HashMap<(u64, u64), String> = HashMap::new();
+    let walker = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
+    for entry in walker {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(dir).to_path_buf();
+            LayerError::Io {
+                path,
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("walk failed")),
+            }
+        })?;
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(dir)
+            .map_err(|_| io_at(path)(io::Error::other("path outside layer root")))?;
+        let rel_bytes = rel.as_os_str().as_bytes();
+        let md = fs::symlink_metadata(path).map_err(io_at(path))?;
+        let ft = md.file_type();
+        let mtime = match epoch {
+            Some(e) => md.mtime().min(e).max(0),
+            None => md.mtime().max(0),
+        };
+        // Overlay whiteout: a 0/0 character device means "deleted in this layer".
+        if ft.is_char_device() && md.rdev() == 0 {
+            let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+            let mut wh = rel
+                .parent()
+                .map(|p| p.as_os_str().as_bytes().to_vec())
+                .unwrap_or_default();
+            if !wh.is_empty() {
+                wh.push(b'/');
+            }
+            wh.extend_from_slice(b".wh.");
+            wh.extend_from_slice(name);
+            let mut h = base_header(&md, mtime);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(0);
+            append(&mut b, h, &wh, None, &[], io::empty()).map_err(io_at(path))?;
+            continue;
+        }
+        let xattrs = read_xattrs(path);
+        let mut h = base_header(&md, mtime);
+        let mut name = rel_bytes.to_vec();
+        let mut link: Option<Vec<u8>> = None;
+        if ft.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            name.push(b'/');
+            append(&mut b, h, &name, None, &xattrs, io::empty()).map_err(io_at(path))?;
+            if has_opaque(path) {
+                let mut opq = rel_bytes.to_vec();
+                opq.extend_from_slice(b"/.wh..wh..opq");
+                let mut h = base_header(&md, mtime);
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(0);
+                append(&mut b, h, &opq, None, &[], io::empty()).map_err(io_at(path))?;
+            }
+            continue;
+        }
+        if ft.is_file() {
+            if md.nlink() > 1 {
+                let key = (md.dev(), md.ino());
+                if let Some(first) = seen_inodes.get(&key) {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    link = Some(first.as_bytes().to_vec());
+                    append(&mut b, h, &name, link.as_deref(), &xattrs, io::empty())
+                        .map_err(io_at(path))?;
+                    continue;
+                }
+                seen_inodes.insert(key, String::from_utf8_lossy(rel_bytes).into_owned());
+            }
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(md.len());
+            let f = fs::File::open(path).map_err(io_at(path))?;
+            append(&mut b, h, &name, None, &xattrs, f).map_err(io_at(path))?;
+            continue;
+        }
+        if ft.is_symlink() {
+            h.set_entry_type(tar::EntryType::Symlink);
+            link = Some(
+                fs::read_link(path)
+                    .map_err(io_at(path))?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            );
+        } else if ft.is_char_device() || ft.is_block_device() {
+            h.set_entry_type(if ft.is_char_device() {
+                tar::EntryType::Char
+            } else {
+                tar::EntryType::Block
+            });
+            let rdev = md.rdev();
+            h.set_device_major(libc::major(rdev)).map_err(io_at(path))?;
+            h.set_device_minor(libc::minor(rdev)).map_err(io_at(path))?;
+        } else if ft.is_fifo() {
+            h.set_entry_type(tar::EntryType::Fifo);
+        } else {
+            continue; // sockets are not part of images
+        }
+        append(&mut b, h, &name, link.as_deref(), &xattrs, io::empty()).map_err(io_at(path))?;
+    }
+    b.into_inner().map_err(io_at(dir))
+}
+
+fn has_opaque(path: &Path) -> bool {
+    xattr::get(path, OPAQUE_XATTR).ok().flatten().as_deref() == Some(b"y")
+}
+
+/// Fixed header fields: mode, ids, mtime; no user or group names, no device numbers.
+fn base_header(md: &fs::Metadata, mtime: i64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(md.mode() & 0o7777);
+    h.set_uid(md.uid() as u64);
+    h.set_gid(md.gid() as u64);
+    h.set_mtime(mtime as u64);
+    h.set_size(0);
+    h
+}
+
+/// The xattrs worth keeping (overlay's own are not part of the image).
+fn read_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Ok(names) = xattr::list(path) {
+        for n in names {
+            let name = n.to_string_lossy().into_owned();
+            if name.starts_with("trusted.overlay.") {
+                continue;
+            }
+            if let Ok(Some(v)) = xattr::get(path, &n) {
+                out.push((name, v));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+const USTAR_ID_MAX: u64 = 0o7777777;
+
+/// Append one entry, with PAX records where the ustar header cannot hold the truth.
+fn append<W: Write, R: io::Read>(
+    b: &mut tar::Builder<W>,
+    mut h: tar::Header,
+    name: &[u8],
+    link: Option<&[u8]>,
+    xattrs: &[(String, Vec<u8>)],
+    data: R,
+) -> io::Result<()> {
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    if h.set_path(Path::new(std::ffi::OsStr::from_bytes(name)))
+        .is_err()
+        || name.len() > 100
+    {
+        pax.push(("path".into(), name.to_vec()));
+        set_raw_name(&mut h, name);
+    }
+    if let Some(l) = link {
+        if l.len() > 100 || h.set_link_name_literal(l).is_err() {
+            pax.push(("linkpath".into(), l.to_vec()));
+            let cut = &l[..l.len().min(100)];
+            let _ = h.set_link_name_literal(cut);
+        }
+    }
+    let (uid, gid) = (h.uid()?, h.gid()?);
+    if uid > USTAR_ID_MAX {
+        pax.push(("uid".into(), uid.to_string().into_bytes()));
+        h.set_uid(0);
+    }
+    if gid > USTAR_ID_MAX {
+        pax.push(("gid".into(), gid.to_string().into_bytes()));
+        h.set_gid(0);
+    }
+    for (k, v) in xattrs {
+        pax.push((format!("SCHILY.xattr.{}", k), v.clone()));
+    }
+    if !pax.is_empty() {
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    h.set_cksum();
+    b.append(&h, data)
+}
+
+/// Put a (truncated) name straight into the header bytes; the PAX `path` record holds the truth.
+fn set_raw_name(h: &mut tar::Header, name: &[u8]) {
+    let old = h.as_old_mut();
+    old.name = [0; 100];
+    let n = name.len().min(100);
+    old.name[..n].copy_from_slice(&name[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn entries(tar_bytes: &[u8]) -> Vec<(String, u8, u64)> {
+        let mut a = tar::Archive::new(tar_bytes);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    e.header().entry_type().as_byte(),
+                    e.header().mtime().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sorted_clamped_and_long_names() {
+        let t = tempfile::tempdir().unwrap();
+        let long = "x".repeat(150);
+        fs::create_dir_all(t.path().join("b/c")).unwrap();
+        fs::write(t.path().join("a"), b"1").unwrap();
+        fs::write(t.path().join("b/c").join(&long), b"2").unwrap();
+        fs::hard_link(t.path().join("a"), t.path().join("z")).unwrap();
+        let out = write_tar(t.path(), Vec::new(), Some(1000)).unwrap();
+        let es = entries(&out);
+        let names: Vec<&str> = es.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "a".to_string(),
+                "b/".into(),
+                "b/c/".into(),
+                format!("b/c/{long}"),
+                "z".into()
+            ]
+        );
+        assert!(es.iter().all(|e| e.2 == 1000));
+        assert_eq!(es[4].1, b'1', "second name of an inode is a hardlink");
+    }
+
+    #[test]
+    fn same_tree_same_digest() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("f"), b"data").unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(store_dir.path(), &store_dir.path().join("tmp")).unwrap();
+        let o = LayerOptions {
+            compression: Compression::Gzip(6),
+            epoch: Some(0),
+        };
+        let l1 = write_layer(&s, t.path(), o).unwrap();
+        let l2 = write_layer(&s, t.path(), o).unwrap();
+        assert_eq!(l1, l2);
+        let mut gz = flate2::read::GzDecoder::new(fs::File::open(s.path(&l1.digest)).unwrap());
+        let mut raw = Vec::new();
+        gz.read_to_end(&mut raw).unwrap();
+        assert_eq!(Digest::of(&raw), l1.diff_id);
+    }
+}

@@ -1,0 +1,12 @@
+//! OCI building blocks, free of build logic: digests, the blob store, layer writing and safe
+//! unpacking, image documents and layouts.
+
+pub mod blobs;
+pub mod digest;
+pub mod image;
+pub mod layer;
+pub mod unpack;
+
+pub use blobs::BlobStore;
+pub use digest::Digest;
+pub use layer::{Compression, Layer};

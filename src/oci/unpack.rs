@@ -1,0 +1,477 @@
+//! Unpacking layers from strangers. All unsafe-path decisions live in this file:
+//! - entry names are cleaned; absolute names and names with `..` that climb out are refused;
+//! - parent directories are resolved inside the target like a chroot would (a symlink parent
+//!   is followed, but `..` and absolute targets are clamped at the target root), so no entry
+//!   is ever written outside it;
+//! - hardlinks must point at a regular file already inside the target;
+//! - device nodes are skipped (reported) unless the caller allows them;
+//! - whiteouts (`.wh.name`, `.wh..wh..opq`) delete what lower layers put there.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// A refused or failed entry, naming the layer and the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("layer {layer}: entry {entry:?}: {reason}")]
+    Unsafe {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+    #[error("layer {layer}: {source}")]
+    Io { layer: String, source: io::Error },
+}
+
+/// What unpacking may do beyond plain files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnpackOptions {
+    /// Create device nodes (needs root); otherwise they are skipped.
+    pub devices: bool,
+    /// Apply uid/gid from the entries (needs root).
+    pub ownership: bool,
+}
+
+/// Statistics of one unpack, for the messages a caller prints.
+#[derive(Debug, Default)]
+pub struct UnpackReport {
+    pub entries: usize,
+    pub skipped_devices: Vec<String>,
+}
+
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Open a (possibly compressed) layer file: gzip, zstd, bzip2, xz or plain tar by magic bytes.
+pub fn open_layer(path: &Path) -> io::Result<Box<dyn Read>> {
+    let mut f = fs::File::open(path)?;
+    let mut magic = [0u8; 6];
+    let n = read_fill(&mut f, &mut magic)?;
+    let f = fs::File::open(path)?;
+    decompress(&magic[..n], Box::new(f))
+}
+
+fn read_fill(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Wrap `r` in the decompressor its first bytes call for.
+pub fn decompress(magic: &[u8], r: Box<dyn Read>) -> io::Result<Box<dyn Read>> {
+    Ok(match magic {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(zstd::Decoder::new(r)?),
+        [b'B', b'Z', b'h', ..] => Box::new(bzip2::read::MultiBzDecoder::new(r)),
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00] => {
+            Box::new(xz2::read::XzDecoder::new_multi_decoder(r))
+        }
+        _ => r,
+    })
+}
+
+/// Whether the file starts like a compressed stream or a tar archive.
+pub fn is_archive(path: &Path) -> bool {
+    let Ok(mut f) = fs::File::open(path) else {
+        return false;
+    };
+    let mut head = [0u8; 512];
+    let n = read_fill(&mut f, &mut head).unwrap_or(0);
+    let head = &head[..n];
+    let compressed = matches!(
+        head,
+        [0x1f, 0x8b, ..]
+            | [0x28, 0xb5, 0x2f, 0xfd, ..]
+            | [b'B', b'Z', b'h', ..]
+            | [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..]
+    );
+    compressed || (n >= 262 && &head[257..262] == b"ustar")
+}
+
+/// Clean an entry name into safe relative components, or say why it is refused.
+fn clean_entry(name: &[u8]) -> Result<PathBuf, String> {
+    let p = Path::new(OsStr::from_bytes(name));
+    if p.is_absolute() {
+        return Err("absolute path in a layer".into());
+    }
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return Err("path climbs out of the layer root with '..'".into());
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err("absolute path in a layer".into())
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Resolve `rel` inside `root` as if `root` were `/`: symlinks are followed but never leave it.
+pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    let mut resolved = PathBuf::new();
+    let mut pending: Vec<std::ffi::OsString> = rel
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&part);
+        match fs::symlink_metadata(root.join(&candidate)) {
+            Ok(md) if md.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_SYMLINK_HOPS {
+                    return Err(io::Error::other("too many levels of symbolic links"));
+                }
+                let target = fs::read_link(root.join(&candidate))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved = candidate,
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+/// Remove a path whatever it is (file, symlink or tree); absent is fine.
+fn remove_any(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Unpack the layer at `layer_path` (any supported compression) into `target`.
+pub fn unpack_layer(
+    layer_path: &Path,
+    layer_name: &str,
+    target: &Path,
+    opts: UnpackOptions,
+) -> Result<UnpackReport, UnpackError> {
+    let io_e = |source| UnpackError::Io {
+        layer: layer_name.to_string(),
+        source,
+    };
+    // Pass 1: whiteouts, applied before anything of this layer is written.
+    let mut archive = tar::Archive::new(open_layer(layer_path).map_err(io_e)?);
+    let mut opaque = Vec::new();
+    let mut whiteouts = Vec::new();
+    for e in archive.entries().map_err(io_e)? {
+        let e = e.map_err(io_e)?;
+        let name = e.path_bytes().into_owned();
+        let unsafe_e = |reason: String| UnpackError::Unsafe {
+            layer: layer_name.to_string(),
+            entry: String::from_utf8_lossy(&name).into_owned(),
+            reason,
+        };
+        let rel = clean_entry(&name).map_err(unsafe_e)?;
+        let Some(base) = rel.file_name().map(|b| b.as_bytes().to_vec()) else {
+            continue;
+        };
+        let parent = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+        if base == b".wh..wh..opq" {
+            opaque.push(parent);
+        } else if let Some(hidden) = base.strip_prefix(b".wh.") {
+            whiteouts.push(parent.join(OsStr::from_bytes(hidden)));
+        }
+    }
+    for dir in opaque {
+        let d = resolve_in_root(target, &dir).map_err(io_e)?;
+        if let Ok(rd) = fs::read_dir(&d) {
+            for child in rd.flatten() {
+                remove_any(&child.path()).map_err(io_e)?;
+            }
+        }
+    }
+    for w in whiteouts {
+        let parent = resolve_in_root(target, w.parent().unwrap_or(Path::new(""))).map_err(io_e)?;
+        if let Some(name) = w.file_name() {
+            remove_any(&parent.join(name)).map_err(io_e)?;
+        }
+    }
+
+    // Pass 2: the entries.
+    let mut report = UnpackReport::default();
+    let mut archive = tar::Archive::new(open_layer(layer_path).map_err(io_e)?);
+    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    for e in archive.entries().map_err(io_e)? {
+        let mut e = e.map_err(io_e)?;
+        let name = e.path_bytes().into_owned();
+        let entry_name = String::from_utf8_lossy(&name).into_owned();
+        let unsafe_e = |reason: String| UnpackError::Unsafe {
+            layer: layer_name.to_string(),
+            entry: entry_name.clone(),
+            reason,
+        };
+        let rel = clean_entry(&name).map_err(unsafe_e)?;
+        let Some(base) = rel.file_name() else {
+            continue;
+        };
+        if base.as_bytes().starts_with(b".wh.") {
+            continue;
+        }
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        let parent = resolve_in_root(target, parent_rel).map_err(io_e)?;
+        fs::create_dir_all(&parent).map_err(io_e)?;
+        let dest = parent.join(base);
+        let h = e.header().clone();
+        let mode = h.mode().unwrap_or(0o644) & 0o7777;
+        let mtime = h.mtime().unwrap_or(0) as i64;
+        let kind = h.entry_type();
+        if !kind.is_dir() {
+            if let Ok(md) = fs::symlink_metadata(&dest) {
+                if md.is_dir() && !kind.is_dir() {
+                    fs::remove_dir_all(&dest).map_err(io_e)?;
+                } else if !md.is_dir() {
+                    fs::remove_file(&dest).map_err(io_e)?;
+                }
+            }
+        }
+        match kind {
+            tar::EntryType::Directory => {
+                if let Ok(md) = fs::symlink_metadata(&dest) {
+                    if !md.is_dir() {
+                        fs::remove_file(&dest).map_err(io_e)?;
+                    }
+                }
+                fs::create_dir_all(&dest).map_err(io_e)?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_e)?;
+                dir_times.push((dest.clone(), mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                let mut f = fs::File::create(&dest).map_err(io_e)?;
+                io::copy(&mut e, &mut f).map_err(io_e)?;
+                drop(f);
+                fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_e)?;
+            }
+            tar::EntryType::Symlink => {
+                let link = e
+                    .link_name_bytes()
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
+                // The link itself is harmless as stored; following it is what resolve_in_root guards.
+                symlink(OsStr::from_bytes(&link), &dest).map_err(io_e)?;
+            }
+            tar::EntryType::Link => {
+                let link = e
+                    .link_name_bytes()
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
+                let link_rel =
+                    clean_entry(&link).map_err(|r| unsafe_e(format!("hardlink target: {}", r)))?;
+                let src_parent =
+                    resolve_in_root(target, link_rel.parent().unwrap_or(Path::new("")))
+                        .map_err(io_e)?;
+                let src = src_parent.join(link_rel.file_name().unwrap_or_default());
+                match fs::symlink_metadata(&src) {
+                    Ok(md) if md.is_file() && src.starts_with(target) => {
+                        fs::hard_link(&src, &dest).map_err(io_e)?
+                    }
+                    _ => {
+                        return Err(unsafe_e(format!(
+                            "hardlink to {:?}, which is not a file inside the image",
+                            String::from_utf8_lossy(&link)
+                        )))
+                    }
+                }
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                if kind != tar::EntryType::Fifo && !opts.devices {
+                    report.skipped_devices.push(entry_name.clone());
+                    continue;
+                }
+                let sflag = match kind {
+                    tar::EntryType::Char => nix::sys::stat::SFlag::S_IFCHR,
+                    tar::EntryType::Block => nix::sys::stat::SFlag::S_IFBLK,
+                    _ => nix::sys::stat::SFlag::S_IFIFO,
+                };
+                let dev = libc::makedev(
+                    h.device_major().ok().flatten().unwrap_or(0),
+                    h.device_minor().ok().flatten().unwrap_or(0),
+                );
+                nix::sys::stat::mknod(
+                    &dest,
+                    sflag,
+                    nix::sys::stat::Mode::from_bits_truncate(mode),
+                    dev,
+                )
+                .map_err(|e| io_e(io::Error::from(e)))?;
+            }
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => continue,
+            _ => continue,
+        }
+        if let Ok(Some(exts)) = e
+            .pax_extensions()
+            .map(|x| x.map(|x| x.flatten().collect::<Vec<_>>()))
+        {
+            for ext in exts {
+                if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                    let _ = xattr::set(&dest, name, ext.value_bytes());
+                }
+            }
+        }
+        if opts.ownership {
+            let uid = h.uid().unwrap_or(0) as u32;
+            let gid = h.gid().unwrap_or(0) as u32;
+            let _ = nix::unistd::fchownat(
+                None,
+                &dest,
+                Some(uid.into()),
+                Some(gid.into()),
+                nix::unistd::FchownatFlags::NoFollowSymlink,
+            );
+            if kind == tar::EntryType::Regular && mode & 0o7000 != 0 {
+                let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(mode));
+            }
+        }
+        if !kind.is_dir() {
+            set_mtime(&dest, mtime);
+        }
+        report.entries += 1;
+    }
+    for (d, t) in dir_times.into_iter().rev() {
+        set_mtime(&d, t);
+    }
+    Ok(report)
+}
+
+/// Set a path's mtime (and atime) without following symlinks; best effort.
+pub fn set_mtime(p: &Path, secs: i64) {
+    let ts = nix::sys::time::TimeSpec::new(secs, 0);
+    let _ = nix::sys::stat::utimensat(
+        None,
+        p,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mut b = tar::Builder::new(f.reopen().unwrap());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            {
+                let raw = h.as_old_mut();
+                raw.name[..name.len()].copy_from_slice(name.as_bytes());
+            }
+            if let Some(l) = link {
+                h.set_link_name_literal(l).unwrap();
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.finish().unwrap();
+        f
+    }
+
+    #[test]
+    fn refuses_dotdot_and_absolute() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("t");
+        fs::create_dir(&target).unwrap();
+        for name in ["../evil", "/etc/evil", "a/../../evil"] {
+            let l = layer(&[(name, tar::EntryType::Regular, b"x", None)]);
+            let e = unpack_layer(l.path(), "test", &target, UnpackOptions::default()).unwrap_err();
+            assert!(matches!(e, UnpackError::Unsafe { .. }), "{name}: {e}");
+        }
+        assert!(!root.path().join("evil").exists());
+    }
+
+    #[test]
+    fn symlink_parent_is_clamped_inside_target() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("t");
+        fs::create_dir(&target).unwrap();
+        let l = layer(&[
+            ("escape", tar::EntryType::Symlink, b"", Some("../../..")),
+            ("escape/pwned", tar::EntryType::Regular, b"x", None),
+        ]);
+        unpack_layer(l.path(), "test", &target, UnpackOptions::default()).unwrap();
+        assert!(!root.path().join("pwned").exists());
+        assert!(
+            target.join("pwned").exists(),
+            "written at the clamped location inside the target"
+        );
+    }
+
+    #[test]
+    fn hardlink_outside_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("t");
+        fs::create_dir(&target).unwrap();
+        let l = layer(&[("h", tar::EntryType::Link, b"", Some("../../etc/passwd"))]);
+        assert!(unpack_layer(l.path(), "test", &target, UnpackOptions::default()).is_err());
+        let l = layer(&[
+            ("s", tar::EntryType::Symlink, b"", Some("/etc/passwd")),
+            ("h", tar::EntryType::Link, b"", Some("s")),
+        ]);
+        let e = unpack_layer(l.path(), "test", &target, UnpackOptions::default());
+        assert!(
+            e.is_err(),
+            "a hardlink through a symlink to the host is refused"
+        );
+    }
+
+    #[test]
+    fn whiteouts_delete_lower_content() {
+        let target = tempfile::tempdir().unwrap();
+        fs::create_dir_all(target.path().join("d/sub")).unwrap();
+        fs::write(target.path().join("d/old"), b"1").unwrap();
+        fs::write(target.path().join("gone"), b"1").unwrap();
+        let l = layer(&[
+            ("d/", tar::EntryType::Directory, b"", None),
+            ("d/.wh..wh..opq", tar::EntryType::Regular, b"", None),
+            ("d/new", tar::EntryType::Regular, b"n", None),
+            (".wh.gone", tar::EntryType::Regular, b"", None),
+        ]);
+        unpack_layer(l.path(), "test", target.path(), UnpackOptions::default()).unwrap();
+        assert!(target.path().join("d/new").exists());
+        assert!(!target.path().join("d/old").exists());
+        assert!(!target.path().join("d/sub").exists());
+        assert!(!target.path().join("gone").exists());
+    }
+}
