@@ -4,6 +4,12 @@
 //! execution, store and cache -> export. `syntax` never imports from the stateful modules.
 
 pub mod cli;
+pub mod context;
+pub mod epoch;
+pub mod export;
 pub mod oci;
 pub mod plan;
+pub mod progress;
+pub mod solver;
+pub mod store;
 pub mod syntax;

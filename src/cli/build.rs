@@ -4,7 +4,14 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use crate::epoch;
+use crate::export::{self, Output};
+use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
+use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter};
+use crate::solver::{self, BuildRequest};
+use crate::store::{default_root, normalize_name, Store};
+use crate::syntax::dockerignore;
 
 use super::{find_build_file, parse_key_values, read_build_file, CliError};
 
@@ -15,6 +22,12 @@ pub enum ProgressMode {
     Plain,
     Json,
     Quiet,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CompressionKind {
+    Gzip,
+    Zstd,
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +64,16 @@ pub struct BuildArgs {
     /// Target platform (os/arch[/variant]).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Timestamp for `created`, history and clamped mtimes: seconds, or `now`
+    /// (default: $SOURCE_DATE_EPOCH, else the git HEAD commit time, else 0).
+    #[arg(long)]
+    pub source_date_epoch: Option<String>,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compression: CompressionKind,
+    /// Compression level (gzip 0-9, zstd 1-19).
+    #[arg(long)]
+    pub compression_level: Option<i32>,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -76,10 +99,84 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         build_platform: Platform::host(),
     };
     let graph = plan::lower(&name, &text, doc.escape, &typed, &opts)?;
+    let reporter = reporter_for(a.progress);
     for w in &graph.unused_build_args {
-        eprintln!("warning: build-arg {} was not consumed by any ARG", w);
+        reporter.warn(&format!("build-arg {} was not consumed by any ARG", w));
     }
-    Err(CliError::msg(
-        "building images is not implemented yet (the build file and its stage graph are valid)",
-    ))
+    let outputs = a
+        .outputs
+        .iter()
+        .map(|o| Output::parse(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tags = a
+        .tags
+        .iter()
+        .map(|t| normalize_name(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let context = a
+        .context
+        .canonicalize()
+        .map_err(|e| CliError::io(&a.context, e))?;
+    let (_, ignore) = dockerignore::load_for_build(&file, &context)?;
+    let (epoch, _) =
+        epoch::resolve(a.source_date_epoch.as_deref(), &context).map_err(CliError::msg)?;
+    let compression = match a.compression {
+        CompressionKind::Gzip => {
+            Compression::Gzip(a.compression_level.unwrap_or(6).clamp(0, 9) as u32)
+        }
+        CompressionKind::Zstd => Compression::Zstd(a.compression_level.unwrap_or(3).clamp(1, 19)),
+    };
+    let store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
+    let req = BuildRequest {
+        file_name: name,
+        source: text,
+        escape: doc.escape,
+        graph,
+        context,
+        ignore,
+        build_args: opts.build_args.clone(),
+        epoch,
+        compression,
+        platform: opts.target_platform.clone(),
+        reporter: reporter.as_ref(),
+    };
+    let image = solver::build(&store, &req)?;
+    for t in &tags {
+        store.tag(t, &image.manifest_digest)?;
+    }
+    let scratch = store.scratch_dir("export-")?;
+    for o in &outputs {
+        export::export(&store.blobs, &image, &tags, o, scratch.path())?;
+    }
+    let digest = image.manifest_digest.to_string();
+    if let Some(p) = &a.iidfile {
+        std::fs::write(p, &digest).map_err(|e| CliError::io(p, e))?;
+    }
+    if let Some(p) = &a.metadata_file {
+        let layers: Vec<serde_json::Value> = image
+            .state
+            .layers
+            .iter()
+            .map(|l| serde_json::json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size, "mediaType": l.media_type}))
+            .collect();
+        let v = serde_json::json!({
+            "containerimage.digest": digest,
+            "containerimage.config.digest": image.config_digest.to_string(),
+            "image.name": tags.join(","),
+            "layers": layers,
+        });
+        std::fs::write(p, serde_json::to_vec_pretty(&v).unwrap_or_default())
+            .map_err(|e| CliError::io(p, e))?;
+    }
+    println!("{}", digest);
+    Ok(())
+}
+
+/// The reporter for a `--progress` mode (auto and tty print plain lines for now).
+pub fn reporter_for(mode: ProgressMode) -> Box<dyn Reporter> {
+    match mode {
+        ProgressMode::Json => Box::new(JsonReporter),
+        ProgressMode::Quiet => Box::new(QuietReporter),
+        _ => Box::new(PlainReporter::new()),
+    }
 }

@@ -65,18 +65,75 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build an image from a build file.
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
+    /// Turn a root filesystem (directory or tar) into a one-layer image.
+    Import(images::ImportArgs),
+    /// List images in the store.
+    Images(images::RootArg),
+    /// Print an image's manifest and config.
+    Inspect {
+        reference: String,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
+    /// Print an image's history.
+    History {
+        reference: String,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
+    /// Give an image another name.
+    Tag {
+        source: String,
+        target: String,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
+    /// Remove image names.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
+    /// Export an image (oci:DIR, oci-archive:FILE, docker-archive:FILE, local:DIR).
+    Export {
+        reference: String,
+        #[arg(short = 'o', long = "output", required = true)]
+        outputs: Vec<String>,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
+    /// Re-hash the store and report any problem.
+    Fsck(images::RootArg),
     /// Front-end debugging commands.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
 }
 
 pub mod build;
+pub mod images;
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Build(a) => build::run(a),
+        Command::Build(a) => build::run(*a),
+        Command::Import(a) => images::import(a),
+        Command::Images(r) => images::list(&r),
+        Command::Inspect { reference, root } => images::inspect(&root, &reference),
+        Command::History { reference, root } => images::history(&root, &reference),
+        Command::Tag {
+            source,
+            target,
+            root,
+        } => images::tag(&root, &source, &target),
+        Command::Rm { names, root } => images::rm(&root, &names),
+        Command::Export {
+            reference,
+            outputs,
+            root,
+        } => images::export_image(&root, &reference, &outputs),
+        Command::Fsck(r) => images::fsck(&r),
         Command::Debug(d) => debug::run(d),
     }
 }

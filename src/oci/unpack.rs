@@ -353,7 +353,7 @@ pub fn unpack_layer(
                 &dest,
                 Some(uid.into()),
                 Some(gid.into()),
-                nix::unistd::FchownatFlags::NoFollowSymlink,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             );
             if kind == tar::EntryType::Regular && mode & 0o7000 != 0 {
                 let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(mode));

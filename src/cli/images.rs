@@ -1,0 +1,234 @@
+//! Image commands: import, images, inspect, history, tag, rm, export, fsck.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::epoch;
+use crate::export::{self, Output};
+use crate::oci::image::{rfc3339, ImageState, LayerRef};
+use crate::oci::layer::{write_layer, Compression, LayerOptions};
+use crate::oci::unpack::{self, UnpackOptions};
+use crate::plan::Platform;
+use crate::store::{default_root, normalize_name, sources, Store};
+
+use super::CliError;
+
+/// `--root` shared by every image command.
+#[derive(Debug, Args)]
+pub struct RootArg {
+    /// The store (default $BUILDER_ROOT, else $XDG_DATA_HOME/builder, else ~/.local/share/builder).
+    #[arg(long, global = true)]
+    pub root: Option<PathBuf>,
+}
+
+impl RootArg {
+    pub fn open(&self) -> Result<Store, CliError> {
+        Ok(Store::open(
+            &self.root.clone().unwrap_or_else(default_root),
+        )?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A root filesystem: a directory, or a tar archive (plain, gzip, zstd, bzip2 or xz).
+    pub source: PathBuf,
+    /// Name for the image.
+    #[arg(short = 't', long = "tag", required = true)]
+    pub tags: Vec<String>,
+    #[command(flatten)]
+    pub root: RootArg,
+}
+
+/// `builder import`: a root filesystem becomes a one-layer image.
+pub fn import(a: ImportArgs) -> Result<(), CliError> {
+    let store = a.root.open()?;
+    let tags = a
+        .tags
+        .iter()
+        .map(|t| normalize_name(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (epoch, _) =
+        epoch::resolve(None, std::path::Path::new("/nonexistent")).map_err(CliError::msg)?;
+    let md = std::fs::metadata(&a.source).map_err(|e| CliError::io(&a.source, e))?;
+    let unpacked;
+    let dir = if md.is_dir() {
+        a.source.clone()
+    } else {
+        unpacked = store.scratch_dir("import-")?;
+        let opts = UnpackOptions {
+            devices: nix::unistd::geteuid().is_root(),
+            ownership: nix::unistd::geteuid().is_root(),
+        };
+        unpack::unpack_layer(
+            &a.source,
+            &a.source.display().to_string(),
+            unpacked.path(),
+            opts,
+        )?;
+        unpacked.path().to_path_buf()
+    };
+    let layer = write_layer(
+        &store.blobs,
+        &dir,
+        LayerOptions {
+            compression: Compression::Gzip(6),
+            epoch: Some(epoch),
+        },
+    )?;
+    let p = Platform::host();
+    let mut state = ImageState::scratch(&p.os, &p.architecture, None);
+    let created = rfc3339(epoch);
+    state.push_history(
+        &created,
+        &format!(
+            "builder import {}",
+            a.source
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        Some(LayerRef {
+            digest: layer.digest,
+            diff_id: layer.diff_id,
+            size: layer.size,
+            media_type: layer.media_type,
+        }),
+    );
+    state.config.set_created(Some(created));
+    let image = state
+        .commit(&store.blobs, &BTreeMap::new())
+        .map_err(crate::store::StoreError::from)?;
+    for t in &tags {
+        store.tag(t, &image.manifest_digest)?;
+    }
+    println!("{}", image.manifest_digest);
+    Ok(())
+}
+
+/// `builder images`.
+pub fn list(root: &RootArg) -> Result<(), CliError> {
+    let store = root.open()?;
+    println!("{:<40} {:<20} SIZE", "NAME", "IMAGE ID");
+    for (name, d) in store.refs()? {
+        let size: u64 = crate::oci::image::load(&store.blobs, &d)
+            .map(|i| i.state.layers.iter().map(|l| l.size).sum())
+            .unwrap_or(0);
+        println!("{:<40} {:<20} {}", name, &d.hex()[..12], human(size));
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{}{}", n, units[0])
+    } else {
+        format!("{:.1}{}", v, units[u])
+    }
+}
+
+/// Load an image from the store or any source builder reads.
+fn load_any(store: &Store, reference: &str) -> Result<crate::oci::image::StoredImage, CliError> {
+    Ok(sources::fetch(store, reference, &Platform::host())?)
+}
+
+/// `builder inspect`.
+pub fn inspect(root: &RootArg, reference: &str) -> Result<(), CliError> {
+    let store = root.open()?;
+    let img = load_any(&store, reference)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&store.blobs.get(&img.manifest_digest)?)
+            .map_err(|e| CliError::msg(e.to_string()))?;
+    let config: serde_json::Value = serde_json::from_slice(&store.blobs.get(&img.config_digest)?)
+        .map_err(|e| CliError::msg(e.to_string()))?;
+    let v = serde_json::json!({"digest": img.manifest_digest.to_string(), "manifest": manifest, "config": config});
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    Ok(())
+}
+
+/// `builder history`.
+pub fn history(root: &RootArg, reference: &str) -> Result<(), CliError> {
+    let store = root.open()?;
+    let img = load_any(&store, reference)?;
+    let mut layers = img.state.layers.iter();
+    println!("{:<22} {:<10} CREATED BY", "CREATED", "SIZE");
+    for h in img.state.config.history() {
+        let size = if h.empty_layer().unwrap_or(false) {
+            "0B".to_string()
+        } else {
+            layers.next().map(|l| human(l.size)).unwrap_or_default()
+        };
+        println!(
+            "{:<22} {:<10} {}",
+            h.created().clone().unwrap_or_default(),
+            size,
+            h.created_by().clone().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `builder tag`.
+pub fn tag(root: &RootArg, src: &str, dst: &str) -> Result<(), CliError> {
+    let store = root.open()?;
+    let d = store.resolve(src)?;
+    store.tag(dst, &d)?;
+    Ok(())
+}
+
+/// `builder rm` (removes the name; blobs stay until pruned).
+pub fn rm(root: &RootArg, names: &[String]) -> Result<(), CliError> {
+    let store = root.open()?;
+    for n in names {
+        let d = store.untag(n)?;
+        println!("Untagged: {} ({})", normalize_name(n)?, d);
+    }
+    Ok(())
+}
+
+/// `builder export REF -o OUTPUT`.
+pub fn export_image(root: &RootArg, reference: &str, outputs: &[String]) -> Result<(), CliError> {
+    let store = root.open()?;
+    let img = load_any(&store, reference)?;
+    let names = normalize_name(reference)
+        .map(|n| vec![n])
+        .unwrap_or_default();
+    let scratch = store.scratch_dir("export-")?;
+    for o in outputs {
+        export::export(
+            &store.blobs,
+            &img,
+            &names,
+            &Output::parse(o)?,
+            scratch.path(),
+        )?;
+    }
+    Ok(())
+}
+
+/// `builder fsck`.
+pub fn fsck(root: &RootArg) -> Result<(), CliError> {
+    let store = root.open()?;
+    let problems = store.fsck()?;
+    if problems.is_empty() {
+        println!("store {} is consistent", store.root().display());
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{}", p);
+    }
+    Err(CliError::msg(format!(
+        "{} problem(s) found in {}",
+        problems.len(),
+        store.root().display()
+    )))
+}

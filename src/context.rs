@@ -1,0 +1,286 @@
+//! The build context as COPY and ADD see it: paths relative to its root, filtered by
+//! `.dockerignore`, globs matched per path segment, and nothing read outside it. A source that
+//! climbs out with `..`, or is a symlink leading out, is an error naming the path.
+
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("{path}: {msg}")]
+    Outside { path: String, msg: String },
+    #[error("{0}: not found in the build context")]
+    NotFound(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A directory files are copied from: the build context (with its ignore rules) or the root
+/// filesystem of a stage or image (no rules, symlinks resolved inside it).
+#[derive(Debug, Clone)]
+pub struct SourceRoot {
+    pub root: PathBuf,
+    pub ignore: IgnoreMatcher,
+    /// True for the build context: a symlink leaving it is an error. For image roots it is
+    /// resolved as the image would see it.
+    pub is_context: bool,
+}
+
+/// One matched source: its path relative to the root and where it is on disk.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub rel: String,
+    pub path: PathBuf,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Go `filepath.Match` for one path segment (no `/` in name).
+pub fn segment_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some(('*', rest)) => (0..=n.len()).any(|k| go(rest, &n[k..])),
+            Some(('?', rest)) => !n.is_empty() && go(rest, &n[1..]),
+            Some(('\\', rest)) if !rest.is_empty() => {
+                n.first() == Some(&rest[0]) && go(&rest[1..], &n[1..])
+            }
+            Some(('[', rest)) => {
+                let Some(c) = n.first() else { return false };
+                let close = match rest.iter().skip(1).position(|x| *x == ']') {
+                    Some(i) => i + 1,
+                    None => return false,
+                };
+                let class = &rest[..close];
+                let (neg, class) = match class.first() {
+                    Some('^') => (true, &class[1..]),
+                    _ => (false, class),
+                };
+                let mut hit = false;
+                let mut i = 0;
+                while i < class.len() {
+                    if i + 2 < class.len() && class[i + 1] == '-' {
+                        hit |= class[i] <= *c && *c <= class[i + 2];
+                        i += 3;
+                    } else {
+                        hit |= class[i] == *c;
+                        i += 1;
+                    }
+                }
+                hit != neg && go(&rest[close + 1..], &n[1..])
+            }
+            Some((x, rest)) => n.first() == Some(x) && go(rest, &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    go(&p, &n)
+}
+
+impl SourceRoot {
+    /// Clean a source path: relative to the root, never climbing out of it.
+    pub fn clean(&self, src: &str) -> Result<String, ContextError> {
+        let cleaned = clean_path(&format!("/{}", src));
+        let rel = cleaned.trim_start_matches('/').to_string();
+        if self.is_context
+            && Path::new(src)
+                .components()
+                .filter(|c| matches!(c, Component::ParentDir))
+                .count()
+                > 0
+        {
+            let depth_ok = {
+                let mut depth: i64 = 0;
+                let mut ok = true;
+                for seg in src.split('/') {
+                    match seg {
+                        ".." => {
+                            depth -= 1;
+                            ok &= depth >= 0;
+                        }
+                        "" | "." => {}
+                        _ => depth += 1,
+                    }
+                }
+                ok
+            };
+            if !depth_ok {
+                return Err(ContextError::Outside { path: src.to_string(), msg: "is outside the build context (sources are relative to the context and cannot use '..' to leave it)".into() });
+            }
+        }
+        Ok(if rel.is_empty() { ".".into() } else { rel })
+    }
+
+    fn ignored(&self, rel: &str) -> bool {
+        self.is_context && rel != "." && self.ignore.is_ignored(rel)
+    }
+
+    /// Resolve one cleaned relative path to disk, following symlinks inside the root; for the
+    /// context a symlink that leads outside is an error.
+    fn locate(&self, rel: &str, shown: &str) -> Result<PathBuf, ContextError> {
+        if rel == "." {
+            return Ok(self.root.clone());
+        }
+        if !self.is_context {
+            return crate::oci::unpack::resolve_in_root(&self.root, Path::new(rel)).map_err(
+                |source| ContextError::Io {
+                    path: self.root.join(rel),
+                    source,
+                },
+            );
+        }
+        let p = self.root.join(rel);
+        if let Err(_) = fs::symlink_metadata(&p) {
+            return Err(ContextError::NotFound(shown.to_string()));
+        }
+        let real = fs::canonicalize(&p).map_err(|_| ContextError::Outside {
+            path: shown.to_string(),
+            msg: "is a symlink whose target does not exist in the build context".into(),
+        })?;
+        let root = fs::canonicalize(&self.root).map_err(|source| ContextError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        if !real.starts_with(&root) {
+            return Err(ContextError::Outside {
+                path: shown.to_string(),
+                msg: format!(
+                    "is a symlink to {}, which is outside the build context",
+                    real.display()
+                ),
+            });
+        }
+        Ok(real)
+    }
+
+    /// Expand one source (possibly a glob) into matches, sorted.
+    pub fn expand(&self, src: &str) -> Result<Vec<Source>, ContextError> {
+        let rel = self.clean(src)?;
+        if !has_glob(&rel) {
+            if self.ignored(&rel) {
+                return Err(ContextError::NotFound(src.to_string()));
+            }
+            let path = self.locate(&rel, src)?;
+            if fs::symlink_metadata(&path).is_err() {
+                return Err(ContextError::NotFound(src.to_string()));
+            }
+            return Ok(vec![Source { rel, path }]);
+        }
+        let mut found: Vec<String> = vec![String::new()];
+        for seg in rel.split('/') {
+            let mut next = Vec::new();
+            for base in &found {
+                let dir_rel = if base.is_empty() {
+                    ".".to_string()
+                } else {
+                    base.clone()
+                };
+                if !has_glob(seg) {
+                    let cand = if base.is_empty() {
+                        seg.to_string()
+                    } else {
+                        format!("{}/{}", base, seg)
+                    };
+                    if fs::symlink_metadata(self.root.join(&cand)).is_ok() {
+                        next.push(cand);
+                    }
+                    continue;
+                }
+                let dir = if dir_rel == "." {
+                    self.root.clone()
+                } else {
+                    self.root.join(&dir_rel)
+                };
+                let Ok(rd) = fs::read_dir(&dir) else { continue };
+                let mut names: Vec<String> = rd
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                for n in names {
+                    if segment_match(seg, &n) {
+                        next.push(if base.is_empty() {
+                            n
+                        } else {
+                            format!("{}/{}", base, n)
+                        });
+                    }
+                }
+            }
+            found = next;
+        }
+        let mut out = Vec::new();
+        for rel in found {
+            if self.ignored(&rel) {
+                continue;
+            }
+            let path = self.locate(&rel, &rel)?;
+            out.push(Source { rel, path });
+        }
+        if out.is_empty() {
+            return Err(ContextError::NotFound(src.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Whether a path below a copied directory is excluded by the ignore file.
+    pub fn excluded(&self, rel: &str) -> bool {
+        self.ignored(rel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(dir: &Path, ignore: &str) -> SourceRoot {
+        SourceRoot {
+            root: dir.to_path_buf(),
+            ignore: IgnoreMatcher::from_file_text(ignore).unwrap(),
+            is_context: true,
+        }
+    }
+
+    #[test]
+    fn refuses_parent_escape_and_outside_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", t.path().join("shadow")).unwrap();
+        let c = ctx(t.path(), "");
+        assert!(matches!(
+            c.expand("../x"),
+            Err(ContextError::Outside { .. })
+        ));
+        let e = c.expand("shadow").unwrap_err().to_string();
+        assert!(
+            e.contains("outside the build context") || e.contains("does not exist"),
+            "{e}"
+        );
+        assert_eq!(c.clean("a/../b").unwrap(), "b");
+    }
+
+    #[test]
+    fn globs_and_ignores() {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["a.txt", "b.txt", "c.md", "secret.txt"] {
+            fs::write(t.path().join(f), f).unwrap();
+        }
+        let c = ctx(t.path(), "secret.txt\n");
+        let got: Vec<String> = c
+            .expand("*.txt")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.rel)
+            .collect();
+        assert_eq!(got, vec!["a.txt", "b.txt"]);
+        assert!(matches!(
+            c.expand("secret.txt"),
+            Err(ContextError::NotFound(_))
+        ));
+        assert!(segment_match("[a-b].txt", "b.txt") && !segment_match("[^a-b].txt", "b.txt"));
+    }
+}

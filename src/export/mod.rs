@@ -1,0 +1,324 @@
+//! Exporters: where a built image goes. `oci:DIR[:TAG]` (an OCI image layout),
+//! `oci-archive:FILE[:TAG]`, `docker-archive:FILE` (what `docker load` reads), `local:DIR`
+//! (the root filesystem), and BuildKit's `type=...,dest=...` spellings of the same.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::oci::blobs::{write_atomic, BlobStore};
+use crate::oci::digest::Digest;
+use crate::oci::image::{canonical_json, StoredImage, MEDIA_MANIFEST};
+use crate::oci::unpack::{self, UnpackOptions};
+
+/// A requested output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    OciDir { dir: PathBuf, tag: Option<String> },
+    OciArchive { file: PathBuf, tag: Option<String> },
+    DockerArchive { file: PathBuf },
+    Local { dir: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("invalid output {0:?}: {1}")]
+    Bad(String, String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Blob(#[from] crate::oci::blobs::BlobError),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ExportError + '_ {
+    move |source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn split_tag(s: &str) -> (PathBuf, Option<String>) {
+    match s.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') && !t.is_empty() && !p.is_empty() => {
+            (PathBuf::from(p), Some(t.to_string()))
+        }
+        _ => (PathBuf::from(s), None),
+    }
+}
+
+impl Output {
+    /// Parse `-o` values in skopeo style (`oci:DIR`) or BuildKit style (`type=oci,dest=DIR`).
+    pub fn parse(s: &str) -> Result<Output, ExportError> {
+        let bad = |m: &str| ExportError::Bad(s.to_string(), m.to_string());
+        if s.starts_with("type=") || s.contains("dest=") {
+            let mut kv = BTreeMap::new();
+            for f in s.split(',') {
+                let (k, v) = f
+                    .split_once('=')
+                    .ok_or_else(|| bad("expected key=value fields"))?;
+                kv.insert(k.trim(), v.trim());
+            }
+            let dest = kv
+                .get("dest")
+                .map(PathBuf::from)
+                .ok_or_else(|| bad("dest= is required"))?;
+            let tag = kv.get("name").map(|s| s.to_string());
+            return match kv.get("type").copied() {
+                Some("oci") => {
+                    if kv.get("tar") == Some(&"false") {
+                        Ok(Output::OciDir { dir: dest, tag })
+                    } else {
+                        Ok(Output::OciArchive { file: dest, tag })
+                    }
+                }
+                Some("docker") => Ok(Output::DockerArchive { file: dest }),
+                Some("local") => Ok(Output::Local { dir: dest }),
+                Some(t) => Err(bad(&format!("unknown type {:?} (oci, docker or local)", t))),
+                None => Err(bad("type= is required")),
+            };
+        }
+        if let Some(r) = s.strip_prefix("oci:") {
+            let (dir, tag) = split_tag(r);
+            return Ok(Output::OciDir { dir, tag });
+        }
+        if let Some(r) = s.strip_prefix("oci-archive:") {
+            let (file, tag) = split_tag(r);
+            return Ok(Output::OciArchive { file, tag });
+        }
+        if let Some(r) = s.strip_prefix("docker-archive:") {
+            return Ok(Output::DockerArchive {
+                file: split_tag(r).0,
+            });
+        }
+        if let Some(r) = s.strip_prefix("local:") {
+            return Ok(Output::Local {
+                dir: PathBuf::from(r),
+            });
+        }
+        Err(bad("expected oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE, local:DIR or type=...,dest=..."))
+    }
+}
+
+/// Export `image` to `out`. `names` are the `-t` tags (used by docker-archive's RepoTags).
+pub fn export(
+    blobs: &BlobStore,
+    image: &StoredImage,
+    names: &[String],
+    out: &Output,
+    scratch: &Path,
+) -> Result<(), ExportError> {
+    match out {
+        Output::OciDir { dir, tag } => write_oci_layout(
+            blobs,
+            image,
+            dir,
+            tag.as_deref()
+                .or(names.first().and_then(|n| n.rsplit_once(':').map(|x| x.1))),
+        ),
+        Output::OciArchive { file, tag } => {
+            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
+            write_oci_layout(
+                blobs,
+                image,
+                tmp.path(),
+                tag.as_deref()
+                    .or(names.first().and_then(|n| n.rsplit_once(':').map(|x| x.1))),
+            )?;
+            tar_dir(tmp.path(), file, &[])
+        }
+        Output::DockerArchive { file } => {
+            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
+            write_oci_layout(blobs, image, tmp.path(), None)?;
+            let layers: Vec<String> = image
+                .state
+                .layers
+                .iter()
+                .map(|l| format!("blobs/sha256/{}", l.digest.hex()))
+                .collect();
+            let manifest = json!([{
+                "Config": format!("blobs/sha256/{}", image.config_digest.hex()),
+                "RepoTags": names,
+                "Layers": layers,
+            }]);
+            let extra = vec![("manifest.json".to_string(), canonical_json(&manifest))];
+            tar_dir(tmp.path(), file, &extra)
+        }
+        Output::Local { dir } => {
+            fs::create_dir_all(dir).map_err(io_at(dir))?;
+            let opts = UnpackOptions {
+                devices: false,
+                ownership: nix::unistd::geteuid().is_root(),
+            };
+            for l in &image.state.layers {
+                unpack::unpack_layer(&blobs.path(&l.digest), &l.digest.to_string(), dir, opts)
+                    .map_err(|e| ExportError::Other(e.to_string()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Copy a blob into a layout, unless the layout already has it (hardlink when possible).
+fn place_blob(blobs: &BlobStore, dir: &Path, d: &Digest) -> Result<(), ExportError> {
+    let dest = dir.join("blobs/sha256").join(d.hex());
+    if dest.is_file() {
+        return Ok(());
+    }
+    let src = blobs.path(d);
+    if fs::hard_link(&src, &dest).is_ok() {
+        return Ok(());
+    }
+    let tmp = dest.with_extension("tmp");
+    fs::copy(&src, &tmp).map_err(io_at(&src))?;
+    fs::rename(&tmp, &dest).map_err(io_at(&dest))
+}
+
+/// Write (or add to) an OCI image layout at `dir`, naming the image `tag` in index.json.
+pub fn write_oci_layout(
+    blobs: &BlobStore,
+    image: &StoredImage,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<(), ExportError> {
+    let bdir = dir.join("blobs/sha256");
+    fs::create_dir_all(&bdir).map_err(io_at(&bdir))?;
+    place_blob(blobs, dir, &image.config_digest)?;
+    for l in &image.state.layers {
+        place_blob(blobs, dir, &l.digest)?;
+    }
+    place_blob(blobs, dir, &image.manifest_digest)?;
+    let layout = dir.join("oci-layout");
+    write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_at(&layout))?;
+    let index_path = dir.join("index.json");
+    let mut manifests: Vec<Value> = match fs::read(&index_path) {
+        Ok(b) => serde_json::from_slice::<Value>(&b)
+            .ok()
+            .and_then(|v| v["manifests"].as_array().cloned())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let ref_key = "org.opencontainers.image.ref.name";
+    manifests.retain(|m| match tag {
+        Some(t) => m["annotations"][ref_key].as_str() != Some(t),
+        None => {
+            m["digest"].as_str() != Some(&image.manifest_digest.to_string())
+                || m["annotations"][ref_key].is_string()
+        }
+    });
+    let mut desc = json!({
+        "mediaType": MEDIA_MANIFEST,
+        "digest": image.manifest_digest.to_string(),
+        "size": image.manifest_size,
+        "platform": {"os": image.state.config.os().to_string(), "architecture": image.state.config.architecture().to_string()},
+    });
+    if let Some(t) = tag {
+        desc["annotations"] = json!({ ref_key: t });
+    }
+    manifests.push(desc);
+    let index = json!({"schemaVersion": 2, "mediaType": crate::oci::image::MEDIA_INDEX, "manifests": manifests});
+    write_atomic(&index_path, &canonical_json(&index)).map_err(io_at(&index_path))
+}
+
+/// Write `dir` (plus extra in-memory files) as a deterministic tar at `file`.
+fn tar_dir(dir: &Path, file: &Path, extra: &[(String, Vec<u8>)]) -> Result<(), ExportError> {
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_at(parent))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        file.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+    let mut b = tar::Builder::new(io::BufWriter::new(f));
+    let mut paths = Vec::new();
+    for e in walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name() {
+        let e = e.map_err(|e| ExportError::Other(e.to_string()))?;
+        paths.push(e.path().to_path_buf());
+    }
+    let header = |size: u64, dir: bool| {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(if dir { 0o755 } else { 0o644 });
+        h.set_size(size);
+        h.set_mtime(0);
+        h.set_entry_type(if dir {
+            tar::EntryType::Directory
+        } else {
+            tar::EntryType::Regular
+        });
+        h
+    };
+    for p in paths {
+        let rel = p.strip_prefix(dir).unwrap_or(&p);
+        let md = fs::metadata(&p).map_err(io_at(&p))?;
+        if md.is_dir() {
+            let mut h = header(0, true);
+            b.append_data(&mut h, format!("{}/", rel.display()), io::empty())
+                .map_err(io_at(&p))?;
+        } else {
+            let mut h = header(md.len(), false);
+            let f = fs::File::open(&p).map_err(io_at(&p))?;
+            b.append_data(&mut h, rel, f).map_err(io_at(&p))?;
+        }
+    }
+    for (name, data) in extra {
+        let mut h = header(data.len() as u64, false);
+        b.append_data(&mut h, name, data.as_slice())
+            .map_err(io_at(file))?;
+    }
+    let mut w = b.into_inner().map_err(io_at(&tmp))?;
+    w.flush().map_err(io_at(&tmp))?;
+    w.get_ref().sync_all().map_err(io_at(&tmp))?;
+    drop(w);
+    fs::rename(&tmp, file).map_err(io_at(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_spellings() {
+        assert_eq!(
+            Output::parse("oci:/x:v1").unwrap(),
+            Output::OciDir {
+                dir: "/x".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            Output::parse("type=oci,dest=/x,tar=false").unwrap(),
+            Output::OciDir {
+                dir: "/x".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            Output::parse("type=oci,dest=/x.tar").unwrap(),
+            Output::OciArchive {
+                file: "/x.tar".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            Output::parse("type=docker,dest=/d.tar").unwrap(),
+            Output::DockerArchive {
+                file: "/d.tar".into()
+            }
+        );
+        assert_eq!(
+            Output::parse("local:/r").unwrap(),
+            Output::Local { dir: "/r".into() }
+        );
+        assert!(Output::parse("weird").is_err());
+    }
+}

@@ -1,0 +1,702 @@
+//! The solver: walks the build graph stage by stage, applies each instruction to an
+//! [`ImageState`] and a root filesystem, writes the layers COPY and ADD produce, and commits
+//! the target stage as an image. Stages are materialised by unpacking their layers into a
+//! private directory under the store.
+
+pub mod copy;
+pub mod users;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::context::SourceRoot;
+use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
+use crate::oci::layer::{write_layer, Compression, LayerOptions};
+use crate::oci::unpack::{self, UnpackOptions};
+use crate::plan::{Base, BuildGraph, Platform, Scope};
+use crate::progress::Reporter;
+use crate::store::{sources, Store, StoreError};
+use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
+use crate::syntax::instruction::{Command, Healthcheck};
+use crate::syntax::{Instruction, Located};
+
+/// Everything a build needs besides the store.
+pub struct BuildRequest<'a> {
+    pub file_name: String,
+    pub source: String,
+    pub escape: char,
+    pub graph: BuildGraph,
+    pub context: PathBuf,
+    pub ignore: IgnoreMatcher,
+    pub build_args: BTreeMap<String, String>,
+    pub epoch: i64,
+    pub compression: Compression,
+    pub platform: Platform,
+    pub reporter: &'a dyn Reporter,
+}
+
+/// A failed build, located at the build file line of the failing step when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{file}:{line}:{column}: step {step} {text}: {msg}")]
+    Step {
+        file: String,
+        line: usize,
+        column: usize,
+        step: String,
+        text: String,
+        msg: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+struct StageResult {
+    state: ImageState,
+    rootfs: tempfile::TempDir,
+}
+
+struct Ctx<'a> {
+    store: &'a Store,
+    req: &'a BuildRequest<'a>,
+    results: BTreeMap<usize, StageResult>,
+    created: String,
+    step: usize,
+    total: usize,
+    external: BTreeMap<String, (ImageState, tempfile::TempDir)>,
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Unpack `layers` into a fresh directory.
+fn materialize(store: &Store, layers: &[LayerRef]) -> Result<tempfile::TempDir, BuildError> {
+    let dir = store.scratch_dir("rootfs-")?;
+    let opts = UnpackOptions {
+        devices: false,
+        ownership: is_root(),
+    };
+    for l in layers {
+        unpack::unpack_layer(
+            &store.blobs.path(&l.digest),
+            &l.digest.to_string(),
+            dir.path(),
+            opts,
+        )
+        .map_err(|e| BuildError::Other(e.to_string()))?;
+    }
+    Ok(dir)
+}
+
+/// Build the graph's target; returns the committed image.
+pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildError> {
+    let total = req
+        .graph
+        .order
+        .iter()
+        .map(|&i| req.graph.stages[i].instructions.len() + 1)
+        .sum();
+    let mut cx = Ctx {
+        store,
+        req,
+        results: BTreeMap::new(),
+        created: rfc3339(req.epoch),
+        step: 0,
+        total,
+        external: BTreeMap::new(),
+    };
+    for &i in &req.graph.order {
+        let r = cx.run_stage(i)?;
+        cx.results.insert(i, r);
+    }
+    let target = cx
+        .results
+        .remove(&req.graph.target)
+        .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
+    let mut state = target.state;
+    state.config.set_created(Some(cx.created.clone()));
+    Ok(state
+        .commit(&store.blobs, &BTreeMap::new())
+        .map_err(StoreError::from)?)
+}
+
+impl Ctx<'_> {
+    fn fail(&self, l: &Located, msg: impl Into<String>) -> BuildError {
+        BuildError::Step {
+            file: self.req.file_name.clone(),
+            line: l.span.line,
+            column: l.span.column,
+            step: format!("{}/{}", self.step, self.total),
+            text: l.text.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    fn run_stage(&mut self, index: usize) -> Result<StageResult, BuildError> {
+        let stage = &self.req.graph.stages[index];
+        let label = format!("stage-{}", stage.label());
+        self.step += 1;
+        let from_text = self
+            .req
+            .source
+            .lines()
+            .nth(stage.span.line.saturating_sub(1))
+            .unwrap_or("FROM")
+            .trim()
+            .to_string();
+        self.req
+            .reporter
+            .step(self.step, self.total, &label, &from_text);
+        let started = Instant::now();
+        let p = &self.req.platform;
+        let (mut state, rootfs) = match &stage.base {
+            Base::Scratch => (
+                ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref()),
+                self.store.scratch_dir("rootfs-")?,
+            ),
+            Base::Stage(i) => {
+                let parent = self.results.get(i).ok_or_else(|| {
+                    BuildError::Other(format!("stage {} was not built before stage {}", i, index))
+                })?;
+                let state = parent.state.clone();
+                let dir = materialize(self.store, &state.layers)?;
+                (state, dir)
+            }
+            Base::Image(r) => {
+                let img = sources::fetch(self.store, r, p).map_err(|e| BuildError::Step {
+                    file: self.req.file_name.clone(),
+                    line: stage.span.line,
+                    column: stage.span.column,
+                    step: format!("{}/{}", self.step, self.total),
+                    text: from_text.clone(),
+                    msg: e.to_string(),
+                })?;
+                let dir = materialize(self.store, &img.state.layers)?;
+                (img.state, dir)
+            }
+        };
+        self.req.reporter.done(self.step, started.elapsed(), false);
+
+        let mut scope = Scope {
+            args: BTreeMap::new(),
+            env: state.env(),
+        };
+        let mut cmd_set = false;
+        // ONBUILD triggers of the base run first, then are cleared from the child.
+        let triggers: Vec<String> = state
+            .extras
+            .remove("OnBuild")
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let mut work: Vec<Located> = Vec::new();
+        for t in triggers {
+            let (_, typed) = crate::syntax::parse_instructions(
+                &format!("{} (ONBUILD of the base image)", self.req.file_name),
+                &t,
+            )
+            .map_err(|e| BuildError::Other(e.to_string()))?;
+            for mut l in typed {
+                l.span = stage.span;
+                work.push(l);
+            }
+        }
+        self.total += work.len();
+        work.extend(stage.instructions.iter().cloned());
+        for l in &work {
+            self.step += 1;
+            self.req
+                .reporter
+                .step(self.step, self.total, &label, &l.text);
+            let started = Instant::now();
+            self.apply(l, &mut state, &mut scope, rootfs.path(), &mut cmd_set)?;
+            self.req.reporter.done(self.step, started.elapsed(), false);
+        }
+        Ok(StageResult { state, rootfs })
+    }
+
+    fn word(&self, l: &Located, scope: &Scope, s: &str) -> Result<String, BuildError> {
+        scope
+            .word(self.req.escape, s)
+            .map_err(|e| self.fail(l, e.0))
+    }
+
+    fn history(&self, state: &mut ImageState, created_by: String, layer: Option<LayerRef>) {
+        state.push_history(&self.created, &created_by, layer);
+    }
+
+    fn apply(
+        &mut self,
+        l: &Located,
+        state: &mut ImageState,
+        scope: &mut Scope,
+        rootfs: &Path,
+        cmd_set: &mut bool,
+    ) -> Result<(), BuildError> {
+        match &l.instruction {
+            Instruction::From { .. } => return Err(self.fail(l, "FROM inside a stage")),
+            Instruction::Arg(decls) => {
+                let mut shown = Vec::new();
+                for (name, default) in decls {
+                    let value = match self.req.build_args.get(name) {
+                        Some(v) => Some(v.clone()),
+                        None => match default {
+                            Some(d) => Some(self.word(l, scope, d)?),
+                            None => self
+                                .req
+                                .graph
+                                .global_args
+                                .get(name)
+                                .cloned()
+                                .flatten()
+                                .or_else(|| {
+                                    let pa = Platform::args(&self.req.platform, &Platform::host());
+                                    pa.get(name).cloned()
+                                }),
+                        },
+                    };
+                    shown.push(match &value {
+                        Some(v) => format!("{}={}", name, v),
+                        None => name.clone(),
+                    });
+                    scope.args.insert(name.clone(), value);
+                }
+                self.history(state, format!("ARG {}", shown.join(" ")), None);
+            }
+            Instruction::Env(kvs) => {
+                let mut shown = Vec::new();
+                for (k, v) in kvs {
+                    let k = self.word(l, scope, k)?;
+                    let v = self.word(l, scope, v)?;
+                    scope.set_env(&k, &v);
+                    state.set_env(&k, &v);
+                    shown.push(format!("{}={}", k, v));
+                }
+                self.history(state, format!("ENV {}", shown.join(" ")), None);
+            }
+            Instruction::Label(kvs) => {
+                let mut shown = Vec::new();
+                let mut pairs = Vec::new();
+                for (k, v) in kvs {
+                    let k = self.word(l, scope, k)?;
+                    let v = self.word(l, scope, v)?;
+                    shown.push(format!("{}={}", k, v));
+                    pairs.push((k, v));
+                }
+                state.with_runtime(|c| {
+                    let mut labels = c.labels().clone().unwrap_or_default();
+                    for (k, v) in pairs {
+                        labels.insert(k, v);
+                    }
+                    c.set_labels(Some(labels));
+                });
+                self.history(state, format!("LABEL {}", shown.join(" ")), None);
+            }
+            Instruction::Maintainer(m) => {
+                let m = self.word(l, scope, m)?;
+                state.config.set_author(Some(m.clone()));
+                self.history(state, format!("MAINTAINER {}", m), None);
+            }
+            Instruction::User(u) => {
+                let u = self.word(l, scope, u)?;
+                state.with_runtime(|c| {
+                    c.set_user(Some(u.clone()));
+                });
+                self.history(state, format!("USER {}", u), None);
+            }
+            Instruction::Workdir(w) => {
+                let w = self.word(l, scope, w)?;
+                let cur = state
+                    .runtime()
+                    .working_dir()
+                    .clone()
+                    .unwrap_or_else(|| "/".into());
+                let path = if w.starts_with('/') {
+                    clean_path(&w)
+                } else {
+                    clean_path(&format!("{}/{}", cur, w))
+                };
+                state.with_runtime(|c| {
+                    c.set_working_dir(Some(path.clone()));
+                });
+                let exists =
+                    unpack::resolve_in_root(rootfs, Path::new(path.trim_start_matches('/')))
+                        .map(|p| p.is_dir())
+                        .unwrap_or(false);
+                let layer = if exists || path == "/" {
+                    None
+                } else {
+                    let owner = match state.runtime().user().clone().filter(|u| !u.is_empty()) {
+                        Some(u) => {
+                            Some(users::resolve_user(rootfs, &u).map_err(|e| self.fail(l, e))?)
+                        }
+                        None => None,
+                    };
+                    let staging = self.store.scratch_dir("workdir-")?;
+                    let d = staging.path().join(path.trim_start_matches('/'));
+                    fs::create_dir_all(&d)
+                        .map_err(|e| self.fail(l, format!("{}: {}", d.display(), e)))?;
+                    let plan_owner = owner;
+                    let stager_fix = copy::CopyPlan {
+                        sources: Vec::new(),
+                        dest: format!("{}/", path),
+                        root: &SourceRoot {
+                            root: rootfs.to_path_buf(),
+                            ignore: IgnoreMatcher::default(),
+                            is_context: false,
+                        },
+                        owner: plan_owner,
+                        chmod: None,
+                        parents: false,
+                        excludes: Vec::new(),
+                        heredocs: &[],
+                        is_add: false,
+                        unpack: None,
+                        checksum: None,
+                        rootfs,
+                        epoch: self.req.epoch,
+                        expand_heredoc: &|s| Ok(s.to_string()),
+                    };
+                    copy::stage(&stager_fix, staging.path())
+                        .map_err(|e| self.fail(l, e.to_string()))?;
+                    Some(self.commit_layer(l, staging.path(), rootfs)?)
+                };
+                self.history(state, format!("WORKDIR {}", path), layer);
+            }
+            Instruction::Expose(ports) => {
+                let mut list = Vec::new();
+                for p in ports {
+                    for w in scope
+                        .words(self.req.escape, p)
+                        .map_err(|e| self.fail(l, e.0))?
+                    {
+                        list.extend(expand_port(&w).map_err(|e| self.fail(l, e))?);
+                    }
+                }
+                state.with_runtime(|c| {
+                    let mut all = c.exposed_ports().clone().unwrap_or_default();
+                    all.extend(list.iter().cloned());
+                    all.sort();
+                    all.dedup();
+                    c.set_exposed_ports(Some(all));
+                });
+                self.history(
+                    state,
+                    format!(
+                        "EXPOSE map[{}]",
+                        list.iter()
+                            .map(|p| format!("{}:{{}}", p))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    None,
+                );
+            }
+            Instruction::Volume(vols) => {
+                let mut list = Vec::new();
+                for v in vols {
+                    let v = self.word(l, scope, v)?;
+                    if v.trim().is_empty() {
+                        return Err(self.fail(l, "VOLUME specified can not be an empty string"));
+                    }
+                    list.push(v);
+                }
+                state.with_runtime(|c| {
+                    let mut all = c.volumes().clone().unwrap_or_default();
+                    all.extend(list.iter().cloned());
+                    all.sort();
+                    all.dedup();
+                    c.set_volumes(Some(all));
+                });
+                self.history(state, format!("VOLUME {:?}", list), None);
+            }
+            Instruction::Stopsignal(s) => {
+                let s = self.word(l, scope, s)?;
+                state.with_runtime(|c| {
+                    c.set_stop_signal(Some(s.clone()));
+                });
+                self.history(state, format!("STOPSIGNAL {}", s), None);
+            }
+            Instruction::Shell(sh) => {
+                state.extras.insert("Shell".into(), json!(sh));
+                self.history(state, format!("SHELL {:?}", sh), None);
+            }
+            Instruction::Cmd(c) => {
+                let argv = self.argv(state, c);
+                state.with_runtime(|cfg| {
+                    cfg.set_cmd(Some(argv.clone()));
+                });
+                *cmd_set = true;
+                self.history(state, format!("CMD {:?}", argv), None);
+            }
+            Instruction::Entrypoint(c) => {
+                let argv = self.argv(state, c);
+                let keep_cmd = *cmd_set;
+                state.with_runtime(|cfg| {
+                    cfg.set_entrypoint(Some(argv.clone()));
+                    if !keep_cmd {
+                        cfg.set_cmd(None);
+                    }
+                });
+                self.history(state, format!("ENTRYPOINT {:?}", argv), None);
+            }
+            Instruction::Healthcheck(h) => {
+                let v = match h {
+                    Healthcheck::None => json!({"Test": ["NONE"]}),
+                    Healthcheck::Check {
+                        test,
+                        interval,
+                        timeout,
+                        start_period,
+                        start_interval,
+                        retries,
+                    } => {
+                        let t: Vec<String> = match test {
+                            Command::Exec(a) => std::iter::once("CMD".to_string())
+                                .chain(a.iter().cloned())
+                                .collect(),
+                            Command::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
+                        };
+                        let mut m = serde_json::Map::new();
+                        m.insert("Test".into(), json!(t));
+                        for (k, v) in [
+                            ("Interval", interval),
+                            ("Timeout", timeout),
+                            ("StartPeriod", start_period),
+                            ("StartInterval", start_interval),
+                        ] {
+                            if let Some(v) = v.filter(|v| *v > 0) {
+                                m.insert(k.into(), json!(v));
+                            }
+                        }
+                        if let Some(r) = retries.filter(|r| *r > 0) {
+                            m.insert("Retries".into(), json!(r));
+                        }
+                        Value::Object(m)
+                    }
+                };
+                state.extras.insert("Healthcheck".into(), v.clone());
+                self.history(state, format!("HEALTHCHECK {}", v), None);
+            }
+            Instruction::Onbuild(t) => {
+                let mut list: Vec<String> = state
+                    .extras
+                    .get("OnBuild")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_default();
+                list.push(t.clone());
+                state.extras.insert("OnBuild".into(), json!(list));
+                self.history(state, format!("ONBUILD {}", t), None);
+            }
+            Instruction::Run(_) => {
+                return Err(self.fail(l, "RUN is not implemented yet: this version of builder builds images from FROM, COPY, ADD and metadata instructions only"));
+            }
+            Instruction::Copy(c) | Instruction::Add(c) => {
+                let is_add = matches!(l.instruction, Instruction::Add(_));
+                let mut sources = Vec::new();
+                for s in &c.sources {
+                    sources.push(self.word(l, scope, s)?);
+                }
+                let dest_raw = self.word(l, scope, &c.dest)?;
+                let workdir = state
+                    .runtime()
+                    .working_dir()
+                    .clone()
+                    .unwrap_or_else(|| "/".into());
+                let trailing =
+                    dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == ".";
+                let mut dest = if dest_raw.starts_with('/') {
+                    clean_path(&dest_raw)
+                } else {
+                    clean_path(&format!("{}/{}", workdir, dest_raw))
+                };
+                if trailing && !dest.ends_with('/') {
+                    dest.push('/');
+                }
+                let owner = match &c.chown {
+                    Some(spec) => Some(
+                        users::resolve_chown(rootfs, &self.word(l, scope, spec)?)
+                            .map_err(|e| self.fail(l, e))?,
+                    ),
+                    None => None,
+                };
+                let chmod = match &c.chmod {
+                    Some(m) => Some(self.word(l, scope, m)?),
+                    None => None,
+                };
+                let ctx_root;
+                let root: &SourceRoot = match &c.from {
+                    None => {
+                        ctx_root = SourceRoot {
+                            root: self.req.context.clone(),
+                            ignore: self.req.ignore.clone(),
+                            is_context: true,
+                        };
+                        &ctx_root
+                    }
+                    Some(f) => {
+                        let f = self.word(l, scope, f)?;
+                        let dir = self.source_for(l, &f)?;
+                        ctx_root = SourceRoot {
+                            root: dir,
+                            ignore: IgnoreMatcher::default(),
+                            is_context: false,
+                        };
+                        &ctx_root
+                    }
+                };
+                let escape = self.req.escape;
+                let scope_for_heredoc = scope.clone();
+                let expand_heredoc = move |s: &str| -> Result<String, String> {
+                    let lexer = crate::syntax::expand::Lexer::new(
+                        escape,
+                        crate::syntax::expand::LexOptions {
+                            raw_quotes: true,
+                            raw_escapes: true,
+                            skip_unset: false,
+                        },
+                    );
+                    lexer
+                        .word(s, &|n| scope_for_heredoc.get(n))
+                        .map_err(|e| e.0)
+                };
+                let plan = copy::CopyPlan {
+                    sources,
+                    dest,
+                    root,
+                    owner,
+                    chmod,
+                    parents: c.parents,
+                    excludes: c.excludes.clone(),
+                    heredocs: &c.heredocs,
+                    is_add,
+                    unpack: c.unpack,
+                    checksum: c.checksum.clone(),
+                    rootfs,
+                    epoch: self.req.epoch,
+                    expand_heredoc: &expand_heredoc,
+                };
+                let staging = self.store.scratch_dir("copy-")?;
+                copy::stage(&plan, staging.path()).map_err(|e| self.fail(l, e.to_string()))?;
+                let layer = self.commit_layer(l, staging.path(), rootfs)?;
+                self.history(state, format!("{} # builder", l.text), Some(layer));
+            }
+        }
+        Ok(())
+    }
+
+    /// The files a `--from` names: an earlier stage's root filesystem, or an image's.
+    fn source_for(&mut self, l: &Located, from: &str) -> Result<PathBuf, BuildError> {
+        let stages = &self.req.graph.stages;
+        let idx = from
+            .parse::<usize>()
+            .ok()
+            .filter(|i| *i < stages.len())
+            .or_else(|| {
+                stages
+                    .iter()
+                    .position(|s| s.name.as_deref() == Some(&from.to_lowercase()))
+            });
+        if let Some(i) = idx {
+            return self
+                .results
+                .get(&i)
+                .map(|r| r.rootfs.path().to_path_buf())
+                .ok_or_else(|| {
+                    self.fail(l, format!("stage {} is not built before this step", from))
+                });
+        }
+        if !self.external.contains_key(from) {
+            let img = sources::fetch(self.store, from, &self.req.platform)
+                .map_err(|e| self.fail(l, e.to_string()))?;
+            let dir = materialize(self.store, &img.state.layers)?;
+            self.external.insert(from.to_string(), (img.state, dir));
+        }
+        Ok(self
+            .external
+            .get(from)
+            .map(|(_, d)| d.path().to_path_buf())
+            .unwrap_or_default())
+    }
+
+    /// Turn a staged tree into a layer and apply it to the stage's root filesystem.
+    fn commit_layer(
+        &self,
+        l: &Located,
+        staging: &Path,
+        rootfs: &Path,
+    ) -> Result<LayerRef, BuildError> {
+        let layer = write_layer(
+            &self.store.blobs,
+            staging,
+            LayerOptions {
+                compression: self.req.compression,
+                epoch: Some(self.req.epoch),
+            },
+        )
+        .map_err(|e| self.fail(l, e.to_string()))?;
+        let opts = UnpackOptions {
+            devices: false,
+            ownership: is_root(),
+        };
+        unpack::unpack_layer(
+            &self.store.blobs.path(&layer.digest),
+            &layer.digest.to_string(),
+            rootfs,
+            opts,
+        )
+        .map_err(|e| self.fail(l, e.to_string()))?;
+        Ok(LayerRef {
+            digest: layer.digest,
+            diff_id: layer.diff_id,
+            size: layer.size,
+            media_type: layer.media_type,
+        })
+    }
+
+    fn argv(&self, state: &ImageState, c: &Command) -> Vec<String> {
+        match c {
+            Command::Exec(a) => a.clone(),
+            Command::Shell(s) => {
+                let mut shell: Vec<String> = state
+                    .extras
+                    .get("Shell")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+                shell.push(s.clone());
+                shell
+            }
+        }
+    }
+}
+
+/// `80`, `80/udp`, `8000-8002/tcp` -> `["80/tcp"]`, ...
+fn expand_port(p: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match p.split_once('/') {
+        Some((a, b)) => (a, b.to_lowercase()),
+        None => (p, "tcp".to_string()),
+    };
+    if !["tcp", "udp", "sctp"].contains(&proto.as_str()) {
+        return Err(format!("invalid protocol {:?} in EXPOSE {}", proto, p));
+    }
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (a, b),
+        None => (ports, ports),
+    };
+    let lo: u16 = lo
+        .parse()
+        .map_err(|_| format!("invalid port {:?} in EXPOSE", p))?;
+    let hi: u16 = hi
+        .parse()
+        .map_err(|_| format!("invalid port {:?} in EXPOSE", p))?;
+    if hi < lo {
+        return Err(format!("invalid port range {:?} in EXPOSE", p));
+    }
+    Ok((lo..=hi).map(|n| format!("{}/{}", n, proto)).collect())
+}

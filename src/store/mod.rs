@@ -1,0 +1,277 @@
+//! The local store under `--root`: content-addressed blobs, named references
+//! (`name:tag` -> manifest digest) in one JSON file replaced atomically, and a lock file that
+//! serialises reference updates between concurrent builders. `fsck` re-hashes everything.
+
+pub mod sources;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use fs2::FileExt;
+
+use crate::oci::blobs::{write_atomic, BlobError, BlobStore};
+use crate::oci::digest::Digest;
+use crate::oci::image::{self, ImageError, StoredImage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{path} is damaged: {msg}")]
+    Damaged { path: PathBuf, msg: String },
+    #[error("no image named {0:?} in the store")]
+    NotFound(String),
+    #[error("invalid image name {0:?}: {1}")]
+    BadName(String, String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The default root: `$BUILDER_ROOT`, else `$XDG_DATA_HOME/builder`, else `~/.local/share/builder`.
+pub fn default_root() -> PathBuf {
+    if let Some(r) = std::env::var_os("BUILDER_ROOT").filter(|r| !r.is_empty()) {
+        return PathBuf::from(r);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|r| !r.is_empty()) {
+        return PathBuf::from(x).join("builder");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/builder")
+}
+
+/// `name` with `:latest` added when it has no tag; checks the characters docker allows.
+pub fn normalize_name(name: &str) -> Result<String, StoreError> {
+    let bad = |m: &str| StoreError::BadName(name.to_string(), m.to_string());
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let with_tag = if last.contains(':') || name.contains('@') {
+        name.to_string()
+    } else {
+        format!("{}:latest", name)
+    };
+    let (repo, tag) = with_tag.rsplit_once(':').ok_or_else(|| bad("no tag"))?;
+    if repo.is_empty()
+        || repo
+            .chars()
+            .any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c)))
+    {
+        return Err(bad(
+            "repository names use lowercase letters, digits and . _ - / only",
+        ));
+    }
+    if tag.is_empty()
+        || tag.len() > 128
+        || tag
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+    {
+        return Err(bad(
+            "tags use letters, digits, '.', '_' and '-', at most 128",
+        ));
+    }
+    Ok(with_tag)
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    pub blobs: BlobStore,
+}
+
+/// Held while references are read-modified-written.
+pub struct StoreLock {
+    _file: fs::File,
+}
+
+impl Store {
+    /// Open (creating) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(root).map_err(io_at(root))?;
+        let blobs = BlobStore::open(root, &root.join("tmp"))?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            blobs,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A private scratch directory under the store (same filesystem, so renames are atomic).
+    pub fn scratch_dir(&self, what: &str) -> Result<tempfile::TempDir, StoreError> {
+        let base = self.root.join("tmp");
+        fs::create_dir_all(&base).map_err(io_at(&base))?;
+        tempfile::Builder::new()
+            .prefix(what)
+            .tempdir_in(&base)
+            .map_err(io_at(&base))
+    }
+
+    /// Take the store's exclusive lock.
+    pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        let p = self.root.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io_at(&p))?;
+        f.lock_exclusive().map_err(io_at(&p))?;
+        Ok(StoreLock { _file: f })
+    }
+
+    fn refs_path(&self) -> PathBuf {
+        self.root.join("refs.json")
+    }
+
+    /// All references.
+    pub fn refs(&self) -> Result<BTreeMap<String, Digest>, StoreError> {
+        let p = self.refs_path();
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(io_at(&p)(e)),
+        };
+        let raw: BTreeMap<String, String> =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Damaged {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                let d =
+                    v.parse()
+                        .map_err(|e: crate::oci::digest::BadDigest| StoreError::Damaged {
+                            path: p.clone(),
+                            msg: e.to_string(),
+                        })?;
+                Ok((k, d))
+            })
+            .collect()
+    }
+
+    fn write_refs(&self, refs: &BTreeMap<String, Digest>) -> Result<(), StoreError> {
+        let raw: BTreeMap<&String, String> = refs.iter().map(|(k, v)| (k, v.to_string())).collect();
+        let bytes = serde_json::to_vec_pretty(&raw).unwrap_or_default();
+        let p = self.refs_path();
+        write_atomic(&p, &bytes).map_err(io_at(&p))
+    }
+
+    /// Point `name` at `digest`.
+    pub fn tag(&self, name: &str, digest: &Digest) -> Result<String, StoreError> {
+        let name = normalize_name(name)?;
+        let _lock = self.lock()?;
+        let mut refs = self.refs()?;
+        refs.insert(name.clone(), digest.clone());
+        self.write_refs(&refs)?;
+        Ok(name)
+    }
+
+    /// Remove a name; returns the digest it pointed at.
+    pub fn untag(&self, name: &str) -> Result<Digest, StoreError> {
+        let name = normalize_name(name)?;
+        let _lock = self.lock()?;
+        let mut refs = self.refs()?;
+        let d = refs
+            .remove(&name)
+            .ok_or_else(|| StoreError::NotFound(name.clone()))?;
+        self.write_refs(&refs)?;
+        Ok(d)
+    }
+
+    /// Resolve a name, or a `sha256:` digest / unique digest prefix of a stored manifest.
+    pub fn resolve(&self, reference: &str) -> Result<Digest, StoreError> {
+        if let Ok(d) = reference.parse::<Digest>() {
+            if self.blobs.contains(&d) {
+                return Ok(d);
+            }
+            return Err(StoreError::NotFound(reference.to_string()));
+        }
+        let name = normalize_name(reference)?;
+        self.refs()?
+            .get(&name)
+            .cloned()
+            .ok_or(StoreError::NotFound(name))
+    }
+
+    /// Load a stored image by name or digest.
+    pub fn image(&self, reference: &str) -> Result<StoredImage, StoreError> {
+        let d = self.resolve(reference)?;
+        Ok(image::load(&self.blobs, &d)?)
+    }
+
+    /// Check every blob's hash and every reference's image; returns the problems found.
+    pub fn fsck(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        for d in self.blobs.list()? {
+            if let Err(e) = self.blobs.verify(&d) {
+                problems.push(e.to_string());
+            }
+        }
+        let refs = match self.refs() {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(e.to_string());
+                BTreeMap::new()
+            }
+        };
+        for (name, d) in refs {
+            match image::load(&self.blobs, &d) {
+                Ok(img) => {
+                    for l in &img.state.layers {
+                        if !self.blobs.contains(&l.digest) {
+                            problems.push(format!("{}: layer {} is missing", name, l.digest));
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("{}: {}", name, e)),
+            }
+        }
+        Ok(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_get_latest() {
+        assert_eq!(normalize_name("app").unwrap(), "app:latest");
+        assert_eq!(
+            normalize_name("localhost:5000/app").unwrap(),
+            "localhost:5000/app:latest"
+        );
+        assert_eq!(normalize_name("app:1.0").unwrap(), "app:1.0");
+        assert!(normalize_name("App").is_err());
+        assert!(normalize_name("app:").is_err());
+    }
+
+    #[test]
+    fn tag_resolve_untag() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(t.path()).unwrap();
+        let d = s.blobs.put(b"{}").unwrap();
+        s.tag("x", &d).unwrap();
+        assert_eq!(s.resolve("x:latest").unwrap(), d);
+        assert_eq!(s.untag("x").unwrap(), d);
+        assert!(matches!(s.resolve("x"), Err(StoreError::NotFound(_))));
+    }
+}

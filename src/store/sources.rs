@@ -1,0 +1,294 @@
+//! Where base images come from: `scratch`, a store name, `oci:DIR[:TAG]`,
+//! `oci-archive:FILE[:TAG]` and `docker-archive:FILE` (skopeo's transport spellings). Foreign
+//! images are copied into the store blob by blob, each verified against its digest.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::{Store, StoreError};
+use crate::oci::digest::Digest;
+use crate::oci::image::{self, LayerRef, StoredImage, DOCKER_MANIFEST_LIST, MEDIA_INDEX};
+use crate::oci::unpack::{self, UnpackOptions};
+use crate::plan::Platform;
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    Store(String),
+    OciDir { dir: PathBuf, tag: Option<String> },
+    OciArchive { file: PathBuf, tag: Option<String> },
+    DockerArchive { file: PathBuf },
+}
+
+/// Split `path[:tag]`, where a tag never holds `/`.
+fn path_and_tag(s: &str) -> (PathBuf, Option<String>) {
+    match s.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') && !t.is_empty() && !p.is_empty() => {
+            (PathBuf::from(p), Some(t.to_string()))
+        }
+        _ => (PathBuf::from(s), None),
+    }
+}
+
+impl ImageSource {
+    pub fn parse(s: &str) -> ImageSource {
+        if let Some(r) = s.strip_prefix("oci:") {
+            let (dir, tag) = path_and_tag(r);
+            ImageSource::OciDir { dir, tag }
+        } else if let Some(r) = s.strip_prefix("oci-archive:") {
+            let (file, tag) = path_and_tag(r);
+            ImageSource::OciArchive { file, tag }
+        } else if let Some(r) = s.strip_prefix("docker-archive:") {
+            ImageSource::DockerArchive {
+                file: path_and_tag(r).0,
+            }
+        } else {
+            ImageSource::Store(s.to_string())
+        }
+    }
+}
+
+fn damaged(path: &Path, msg: impl Into<String>) -> StoreError {
+    StoreError::Damaged {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Bring the image `reference` into the store (if foreign) and load it.
+pub fn fetch(
+    store: &Store,
+    reference: &str,
+    platform: &Platform,
+) -> Result<StoredImage, StoreError> {
+    match ImageSource::parse(reference) {
+        ImageSource::Store(name) => store.image(&name).map_err(|e| match e {
+            StoreError::NotFound(n) => StoreError::NotFound(format!(
+                "{} (pulling from registries is not supported yet; create it with `builder import`, or use FROM oci:DIR, oci-archive:FILE or docker-archive:FILE)",
+                n
+            )),
+            e => e,
+        }),
+        ImageSource::OciDir { dir, tag } => import_oci_dir(store, &dir, tag.as_deref(), platform),
+        ImageSource::OciArchive { file, tag } => {
+            let tmp = store.scratch_dir("oci-archive-")?;
+            unpack::unpack_layer(&file, &file.display().to_string(), tmp.path(), UnpackOptions::default())
+                .map_err(|e| damaged(&file, e.to_string()))?;
+            import_oci_dir(store, tmp.path(), tag.as_deref(), platform)
+        }
+        ImageSource::DockerArchive { file } => {
+            let tmp = store.scratch_dir("docker-archive-")?;
+            unpack::unpack_layer(&file, &file.display().to_string(), tmp.path(), UnpackOptions::default())
+                .map_err(|e| damaged(&file, e.to_string()))?;
+            import_docker_dir(store, tmp.path(), &file)
+        }
+    }
+}
+
+/// Copy the blob `d` from `dir/blobs/sha256` into the store, verifying it.
+fn copy_blob(store: &Store, dir: &Path, d: &Digest) -> Result<(), StoreError> {
+    if store.blobs.contains(d) {
+        return Ok(());
+    }
+    let p = dir.join("blobs/sha256").join(d.hex());
+    let mut f =
+        fs::File::open(&p).map_err(|e| damaged(&p, format!("blob {} is missing: {}", d, e)))?;
+    let (got, _) = store.blobs.put_reader(&mut f)?;
+    if &got != d {
+        return Err(damaged(
+            &p,
+            format!("blob content hashes to {}, not {}", got, d),
+        ));
+    }
+    Ok(())
+}
+
+fn digest_field(v: &Value, path: &Path) -> Result<Digest, StoreError> {
+    v["digest"]
+        .as_str()
+        .unwrap_or("")
+        .parse()
+        .map_err(|e: crate::oci::digest::BadDigest| damaged(path, e.to_string()))
+}
+
+fn read_json(p: &Path) -> Result<Value, StoreError> {
+    let b = fs::read(p).map_err(|e| damaged(p, e.to_string()))?;
+    serde_json::from_slice(&b).map_err(|e| damaged(p, format!("not valid JSON: {}", e)))
+}
+
+/// Import the image tagged `tag` (or the only one) from an OCI layout directory.
+pub fn import_oci_dir(
+    store: &Store,
+    dir: &Path,
+    tag: Option<&str>,
+    platform: &Platform,
+) -> Result<StoredImage, StoreError> {
+    let index_path = dir.join("index.json");
+    let index = read_json(&index_path)?;
+    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    let chosen = match tag {
+        Some(t) => manifests
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)),
+        None if manifests.len() == 1 => manifests.first(),
+        None => {
+            return Err(damaged(
+                &index_path,
+                format!("holds {} images; name one as oci:DIR:TAG", manifests.len()),
+            ))
+        }
+    }
+    .ok_or_else(|| {
+        damaged(
+            &index_path,
+            format!("no image tagged {:?}", tag.unwrap_or("")),
+        )
+    })?;
+    let mut desc = chosen.clone();
+    // An index (multi-platform) points at per-platform manifests: take ours.
+    for _ in 0..4 {
+        let mt = desc["mediaType"].as_str().unwrap_or("");
+        if mt != MEDIA_INDEX && mt != DOCKER_MANIFEST_LIST {
+            break;
+        }
+        let d = digest_field(&desc, &index_path)?;
+        copy_blob(store, dir, &d)?;
+        let nested: Value = serde_json::from_slice(&store.blobs.get(&d)?)
+            .map_err(|e| damaged(&index_path, e.to_string()))?;
+        let list = nested["manifests"].as_array().cloned().unwrap_or_default();
+        desc = list
+            .iter()
+            .find(|m| {
+                m["platform"]["os"] == platform.os.as_str()
+                    && m["platform"]["architecture"] == platform.architecture.as_str()
+            })
+            .cloned()
+            .ok_or_else(|| {
+                damaged(
+                    &index_path,
+                    format!("no image for platform {}", platform.spec()),
+                )
+            })?;
+    }
+    let md = digest_field(&desc, &index_path)?;
+    copy_blob(store, dir, &md)?;
+    let manifest: Value = serde_json::from_slice(&store.blobs.get(&md)?)
+        .map_err(|e| damaged(&index_path, e.to_string()))?;
+    copy_blob(store, dir, &digest_field(&manifest["config"], &index_path)?)?;
+    for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
+        copy_blob(store, dir, &digest_field(&l, &index_path)?)?;
+    }
+    Ok(image::load(&store.blobs, &md)?)
+}
+
+/// Import a `docker save` directory: manifest.json, config JSON and layer tars.
+fn import_docker_dir(store: &Store, dir: &Path, origin: &Path) -> Result<StoredImage, StoreError> {
+    let mpath = dir.join("manifest.json");
+    let m = read_json(&mpath)?;
+    let entry = m
+        .as_array()
+        .and_then(|a| a.first())
+        .ok_or_else(|| damaged(origin, "manifest.json lists no image"))?;
+    let config_rel = entry["Config"]
+        .as_str()
+        .ok_or_else(|| damaged(origin, "manifest.json has no Config"))?;
+    let config_path = unpack::resolve_in_root(dir, Path::new(config_rel))
+        .map_err(|e| damaged(origin, e.to_string()))?;
+    let config_bytes = fs::read(&config_path).map_err(|e| damaged(&config_path, e.to_string()))?;
+    let cv: Value =
+        serde_json::from_slice(&config_bytes).map_err(|e| damaged(&config_path, e.to_string()))?;
+    let diff_ids: Vec<String> = cv["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut layers = Vec::new();
+    for (i, l) in entry["Layers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let rel = l.as_str().unwrap_or("");
+        let p = unpack::resolve_in_root(dir, Path::new(rel))
+            .map_err(|e| damaged(origin, e.to_string()))?;
+        let mut f = fs::File::open(&p).map_err(|e| damaged(&p, e.to_string()))?;
+        let (digest, size) = store.blobs.put_reader(&mut f)?;
+        let media_type = layer_media_type(&p);
+        let diff_id: Digest = diff_ids
+            .get(i)
+            .ok_or_else(|| damaged(origin, "config has fewer diff_ids than layers"))?
+            .parse()
+            .map_err(|e: crate::oci::digest::BadDigest| damaged(origin, e.to_string()))?;
+        layers.push(LayerRef {
+            digest,
+            diff_id,
+            size,
+            media_type: media_type.to_string(),
+        });
+    }
+    let state = image::state_from_config(&config_bytes, layers, &origin.display().to_string())?;
+    // Keep the original config bytes: the image's identity is its content.
+    let config_digest = store.blobs.put(&config_bytes)?;
+    let layer_values: Vec<Value> = state.layers.iter().map(|l| serde_json::json!({"mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size})).collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": image::MEDIA_MANIFEST,
+        "config": {"mediaType": image::MEDIA_CONFIG, "digest": config_digest.to_string(), "size": config_bytes.len()},
+        "layers": layer_values,
+    });
+    let md = store.blobs.put(&image::canonical_json(&manifest))?;
+    Ok(image::load(&store.blobs, &md)?)
+}
+
+/// The OCI layer media type of a layer file, by its magic bytes.
+pub fn layer_media_type(p: &Path) -> &'static str {
+    let mut magic = [0u8; 4];
+    if let Ok(mut f) = fs::File::open(p) {
+        let _ = std::io::Read::read(&mut f, &mut magic);
+    }
+    match magic {
+        [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
+        [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
+        _ => "application/vnd.oci.image.layer.v1.tar",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_transports() {
+        assert_eq!(
+            ImageSource::parse("oci:/tmp/x:v1"),
+            ImageSource::OciDir {
+                dir: "/tmp/x".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            ImageSource::parse("oci:./a/b"),
+            ImageSource::OciDir {
+                dir: "./a/b".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            ImageSource::parse("docker-archive:/x.tar"),
+            ImageSource::DockerArchive {
+                file: "/x.tar".into()
+            }
+        );
+        assert_eq!(
+            ImageSource::parse("busybox:1"),
+            ImageSource::Store("busybox:1".into())
+        );
+    }
+}
