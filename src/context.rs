@@ -135,7 +135,7 @@ impl SourceRoot {
             );
         }
         let p = self.root.join(rel);
-        if let Err(_) = fs::symlink_metadata(&p) {
+        if fs::symlink_metadata(&p).is_err() {
             return Err(ContextError::NotFound(shown.to_string()));
         }
         let real = fs::canonicalize(&p).map_err(|_| ContextError::Outside {

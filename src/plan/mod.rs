@@ -95,7 +95,7 @@ pub struct BuildGraph {
 /// A planning failure. Location-bearing failures are [`SyntaxError`]s.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("{0}")]
+    #[error(transparent)]
     Syntax(#[from] SyntaxError),
     #[error("target stage {0:?} could not be found (stages: {1})")]
     UnknownTarget(String, String),

@@ -42,7 +42,7 @@ pub struct BuildRequest<'a> {
 /// A failed build, located at the build file line of the failing step when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{file}:{line}:{column}: step {step} {text}: {msg}")]
+    #[error("{file}:{line}:{column}: step {step} {text}: {msg}{}", caret(source_line, *column))]
     Step {
         file: String,
         line: usize,
@@ -50,11 +50,20 @@ pub enum BuildError {
         step: String,
         text: String,
         msg: String,
+        source_line: String,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Other(String),
+}
+
+/// The offending line and a caret under `column`, as syntax errors show them.
+fn caret(line: &str, column: usize) -> String {
+    if line.is_empty() {
+        return String::new();
+    }
+    format!("\n  {}\n  {}^", line, " ".repeat(column.saturating_sub(1)))
 }
 
 struct StageResult {
@@ -136,7 +145,18 @@ impl Ctx<'_> {
             step: format!("{}/{}", self.step, self.total),
             text: l.text.clone(),
             msg: msg.into(),
+            source_line: self.source_line(l.span.line),
         }
+    }
+
+    fn source_line(&self, line: usize) -> String {
+        self.req
+            .source
+            .lines()
+            .nth(line.saturating_sub(1))
+            .unwrap_or("")
+            .trim_end()
+            .to_string()
     }
 
     fn run_stage(&mut self, index: usize) -> Result<StageResult, BuildError> {
@@ -177,6 +197,7 @@ impl Ctx<'_> {
                     step: format!("{}/{}", self.step, self.total),
                     text: from_text.clone(),
                     msg: e.to_string(),
+                    source_line: self.source_line(stage.span.line),
                 })?;
                 let dir = materialize(self.store, &img.state.layers)?;
                 (img.state, dir)

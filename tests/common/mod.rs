@@ -1,0 +1,119 @@
+//! Helpers for end-to-end tests: run the real `builder` binary and the real OCI tools.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn builder() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
+    c.env_remove("SOURCE_DATE_EPOCH").env_remove("BUILDER_ROOT");
+    c
+}
+
+/// Run a command, returning its output; panics with stderr when `ok` and it failed.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {}", cmd, e));
+    out
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{:?} failed:\nstdout: {}\nstderr: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The tool must be installed (`.ci/run` installs it); a missing tool fails the test.
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{} is not installed: run .ci/run or apt-get install it",
+        name
+    );
+    Command::new(name)
+}
+
+/// `builder build` into `root`; returns the manifest digest (last stdout line).
+pub fn build(root: &Path, context: &Path, extra: &[&str]) -> String {
+    let out = run_ok(
+        builder()
+            .arg("build")
+            .arg("--root")
+            .arg(root)
+            .args(extra)
+            .arg(context),
+    );
+    out.lines().last().unwrap_or("").to_string()
+}
+
+pub fn write(path: &Path, text: &str) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+pub fn testdata(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(rel)
+}
+
+/// A busybox base image in `root`, made with `builder import` from the host's static busybox.
+pub fn busybox_base(root: &Path, name: &str) {
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("busybox-static is not installed: run .ci/run");
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    std::fs::create_dir_all(r.join("bin")).unwrap();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::copy(bb, r.join("bin/busybox")).unwrap();
+    for a in [
+        "sh", "cat", "ls", "id", "echo", "stat", "rm", "mkdir", "touch", "date", "sleep", "true",
+        "false", "env", "pwd", "wc",
+    ] {
+        std::os::unix::fs::symlink("busybox", r.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        r.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nstaff:x:50:app\n",
+    )
+    .unwrap();
+    run_ok(
+        builder()
+            .args(["import", "--root"])
+            .arg(root)
+            .arg(r)
+            .args(["-t", name]),
+    );
+}
+
+/// Unpack an OCI layout tag with umoci; returns the bundle directory.
+pub fn umoci_unpack(layout: &Path, tag: &str, into: &Path) -> PathBuf {
+    let bundle = into.join("bundle");
+    run_ok(
+        tool("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(format!("{}:{}", layout.display(), tag))
+            .arg(&bundle),
+    );
+    bundle
+}
