@@ -42,20 +42,40 @@ pub struct BuildRequest<'a> {
 /// A failed build, located at the build file line of the failing step when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{file}:{line}:{column}: step {step} {text}: {msg}{}", caret(source_line, *column))]
-    Step {
-        file: String,
-        line: usize,
-        column: usize,
-        step: String,
-        text: String,
-        msg: String,
-        source_line: String,
-    },
+    #[error("{0}")]
+    Step(Box<StepFailure>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Other(String),
+}
+
+/// Where and why a step failed.
+#[derive(Debug)]
+pub struct StepFailure {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub step: String,
+    pub text: String,
+    pub msg: String,
+    pub source_line: String,
+}
+
+impl std::fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: step {} {}: {}{}",
+            self.file,
+            self.line,
+            self.column,
+            self.step,
+            self.text,
+            self.msg,
+            caret(&self.source_line, self.column)
+        )
+    }
 }
 
 /// The offending line and a caret under `column`, as syntax errors show them.
@@ -138,7 +158,7 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
 
 impl Ctx<'_> {
     fn fail(&self, l: &Located, msg: impl Into<String>) -> BuildError {
-        BuildError::Step {
+        BuildError::Step(Box::new(StepFailure {
             file: self.req.file_name.clone(),
             line: l.span.line,
             column: l.span.column,
@@ -146,7 +166,7 @@ impl Ctx<'_> {
             text: l.text.clone(),
             msg: msg.into(),
             source_line: self.source_line(l.span.line),
-        }
+        }))
     }
 
     fn source_line(&self, line: usize) -> String {
@@ -190,14 +210,16 @@ impl Ctx<'_> {
                 (state, dir)
             }
             Base::Image(r) => {
-                let img = sources::fetch(self.store, r, p).map_err(|e| BuildError::Step {
-                    file: self.req.file_name.clone(),
-                    line: stage.span.line,
-                    column: stage.span.column,
-                    step: format!("{}/{}", self.step, self.total),
-                    text: from_text.clone(),
-                    msg: e.to_string(),
-                    source_line: self.source_line(stage.span.line),
+                let img = sources::fetch(self.store, r, p).map_err(|e| {
+                    BuildError::Step(Box::new(StepFailure {
+                        file: self.req.file_name.clone(),
+                        line: stage.span.line,
+                        column: stage.span.column,
+                        step: format!("{}/{}", self.step, self.total),
+                        text: from_text.clone(),
+                        msg: e.to_string(),
+                        source_line: self.source_line(stage.span.line),
+                    }))
                 })?;
                 let dir = materialize(self.store, &img.state.layers)?;
                 (img.state, dir)
