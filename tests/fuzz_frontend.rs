@@ -1,0 +1,148 @@
+//! Property test: no input panics the front end. Random bytes and random mutations of every
+//! testdata build file go through the parser, typing, planning, expansion and .dockerignore.
+//! `cargo test` runs a quick pass; `FUZZ_ITERATIONS=3000000 cargo test --release --test
+//! fuzz_frontend` runs a long one (`FUZZ_SEED` picks another sequence).
+
+use std::fs;
+use std::path::Path;
+
+use builder::plan::{self, PlanOptions};
+use builder::syntax::dockerignore::IgnoreMatcher;
+use builder::syntax::expand::{LexOptions, Lexer};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const TOKENS: &[&str] = &[
+    "\\\n",
+    "`\n",
+    "\n",
+    " ",
+    "\t",
+    "#",
+    "# escape=`\n",
+    "# syntax=x\n",
+    "<<EOF",
+    "<<-EOF",
+    "<<'EOF'",
+    "\nEOF\n",
+    "${",
+    "}",
+    "$",
+    ":-",
+    ":?",
+    "##",
+    "%%",
+    "//",
+    "[\"",
+    "\"]",
+    "\"",
+    "'",
+    ",",
+    "=",
+    "--from=",
+    "--mount=type=cache,target=/x",
+    "FROM ",
+    "AS ",
+    "COPY ",
+    "RUN ",
+    "ENV ",
+    "ARG ",
+    "ONBUILD ",
+    "HEALTHCHECK ",
+    "\u{feff}",
+    "é",
+    "\u{0}",
+    "\r\n",
+];
+
+fn seeds() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    for e in walkdir::WalkDir::new(base).into_iter().flatten() {
+        if e.file_name() == "Buildfile" {
+            out.push(fs::read(e.path()).unwrap());
+        }
+    }
+    assert!(!out.is_empty());
+    out
+}
+
+fn mutate(rng: &mut StdRng, input: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..rng.gen_range(1..6) {
+        let pos = if v.is_empty() {
+            0
+        } else {
+            rng.gen_range(0..=v.len())
+        };
+        match rng.gen_range(0..4) {
+            0 if !v.is_empty() => {
+                let end = (pos + rng.gen_range(1..16)).min(v.len());
+                v.drain(pos.min(v.len())..end);
+            }
+            1 => {
+                let t = TOKENS[rng.gen_range(0..TOKENS.len())];
+                v.splice(pos..pos, t.bytes());
+            }
+            2 if !v.is_empty() => {
+                let i = rng.gen_range(0..v.len());
+                v[i] = rng.gen();
+            }
+            _ => {
+                let n = rng.gen_range(1..8);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+                v.splice(pos..pos, bytes);
+            }
+        }
+    }
+    v
+}
+
+fn exercise(bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    if let Ok((doc, typed)) = builder::syntax::parse_instructions("Buildfile", &text) {
+        let _ = doc.dump();
+        let _ = plan::lower(
+            "Buildfile",
+            &text,
+            doc.escape,
+            &typed,
+            &PlanOptions::default(),
+        );
+    }
+    let env = |n: &str| (n.len() % 2 == 0).then(|| "a b".to_string());
+    let lexer = Lexer::new('\\', LexOptions::default());
+    let _ = lexer.word(&text, &env);
+    let _ = lexer.words(&text, &env);
+    if let Ok(m) = IgnoreMatcher::from_file_text(&text) {
+        let _ = m.is_ignored("a/b/c.txt");
+    }
+}
+
+#[test]
+fn front_end_never_panics() {
+    let iterations: u64 = std::env::var("FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let seed: u64 = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed);
+    let corpus = seeds();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..iterations {
+        let input = if i % 4 == 0 {
+            let n = rng.gen_range(0..256);
+            (0..n).map(|_| rng.gen::<u8>()).collect()
+        } else {
+            let s = &corpus[rng.gen_range(0..corpus.len())];
+            mutate(&mut rng, s)
+        };
+        let r = std::panic::catch_unwind(|| exercise(&input));
+        assert!(
+            r.is_ok(),
+            "panic on input #{i} (seed {seed}): {:?}",
+            String::from_utf8_lossy(&input)
+        );
+    }
+}
