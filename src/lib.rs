@@ -13,3 +13,4 @@ pub mod progress;
 pub mod solver;
 pub mod store;
 pub mod syntax;
+pub mod worker;

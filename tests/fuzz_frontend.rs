@@ -109,7 +109,7 @@ fn exercise(bytes: &[u8]) {
             &PlanOptions::default(),
         );
     }
-    let env = |n: &str| (n.len() % 2 == 0).then(|| "a b".to_string());
+    let env = |n: &str| n.len().is_multiple_of(2).then(|| "a b".to_string());
     let lexer = Lexer::new('\\', LexOptions::default());
     let _ = lexer.word(&text, &env);
     let _ = lexer.words(&text, &env);

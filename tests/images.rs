@@ -275,8 +275,10 @@ fn same_inputs_same_digest_across_roots_and_mtimes() {
     assert_ne!(d2, d3);
 }
 
+type Entry<'a> = (&'a str, tar::EntryType, &'a [u8], Option<&'a str>);
+
 /// Write a tar layer by hand, with raw names the tar crate would refuse to produce.
-fn evil_tar(path: &Path, entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) {
+fn evil_tar(path: &Path, entries: &[Entry]) {
     let f = fs::File::create(path).unwrap();
     let mut b = tar::Builder::new(f);
     for (name, kind, data, link) in entries {
@@ -297,7 +299,7 @@ fn evil_tar(path: &Path, entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]
 #[test]
 fn hostile_base_layers_are_refused_and_write_nothing_outside() {
     let t = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Vec<(&str, tar::EntryType, &[u8], Option<&str>)>)> = vec![
+    let cases: Vec<(&str, Vec<Entry>)> = vec![
         (
             "dotdot",
             vec![(

@@ -9,9 +9,11 @@ use crate::export::{self, Output};
 use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
 use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter};
+use crate::solver::run::parse_secret;
 use crate::solver::{self, BuildRequest};
 use crate::store::{default_root, normalize_name, Store};
 use crate::syntax::dockerignore;
+use crate::syntax::instruction::Network;
 
 use super::{find_build_file, parse_key_values, read_build_file, CliError};
 
@@ -74,6 +76,12 @@ pub struct BuildArgs {
     /// Compression level (gzip 0-9, zstd 1-19).
     #[arg(long)]
     pub compression_level: Option<i32>,
+    /// Default network for RUN: default (the host's), none, or host.
+    #[arg(long, default_value = "default")]
+    pub network: String,
+    /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
+    #[arg(long = "secret")]
+    pub secrets: Vec<String>,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -139,6 +147,22 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         compression,
         platform: opts.target_platform.clone(),
         reporter: reporter.as_ref(),
+        network: match a.network.as_str() {
+            "default" | "host" => Network::Host,
+            "none" => Network::None,
+            other => {
+                return Err(CliError::msg(format!(
+                    "invalid --network {:?}: default, none or host",
+                    other
+                )))
+            }
+        },
+        secrets: a
+            .secrets
+            .iter()
+            .map(|s| parse_secret(s))
+            .collect::<Result<_, _>>()
+            .map_err(CliError::msg)?,
     };
     let image = solver::build(&store, &req)?;
     for t in &tags {

@@ -4,10 +4,12 @@
 //! private directory under the store.
 
 pub mod copy;
+pub mod run;
 pub mod users;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,8 +23,9 @@ use crate::plan::{Base, BuildGraph, Platform, Scope};
 use crate::progress::Reporter;
 use crate::store::{sources, Store, StoreError};
 use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
-use crate::syntax::instruction::{Command, Healthcheck};
+use crate::syntax::instruction::{Command, Healthcheck, Network};
 use crate::syntax::{Instruction, Located};
+use crate::worker::{self, Exit, Snapshotter};
 
 /// Everything a build needs besides the store.
 pub struct BuildRequest<'a> {
@@ -37,6 +40,10 @@ pub struct BuildRequest<'a> {
     pub compression: Compression,
     pub platform: Platform,
     pub reporter: &'a dyn Reporter,
+    /// The default network for RUN (`--network`).
+    pub network: Network,
+    /// `--secret` sources by id.
+    pub secrets: BTreeMap<String, run::SecretSource>,
 }
 
 /// A failed build, located at the build file line of the failing step when there is one.
@@ -99,6 +106,7 @@ struct Ctx<'a> {
     step: usize,
     total: usize,
     external: BTreeMap<String, (ImageState, tempfile::TempDir)>,
+    snapshotter: Option<Snapshotter>,
 }
 
 fn is_root() -> bool {
@@ -140,6 +148,7 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         step: 0,
         total,
         external: BTreeMap::new(),
+        snapshotter: None,
     };
     for &i in &req.graph.order {
         let r = cx.run_stage(i)?;
@@ -537,8 +546,9 @@ impl Ctx<'_> {
                 state.extras.insert("OnBuild".into(), json!(list));
                 self.history(state, format!("ONBUILD {}", t), None);
             }
-            Instruction::Run(_) => {
-                return Err(self.fail(l, "RUN is not implemented yet: this version of builder builds images from FROM, COPY, ADD and metadata instructions only"));
+            Instruction::Run(r) => {
+                let (layer, created_by) = self.run_step(l, r, state, scope, rootfs)?;
+                self.history(state, created_by, Some(layer));
             }
             Instruction::Copy(c) | Instruction::Add(c) => {
                 let is_add = matches!(l.instruction, Instruction::Add(_));
@@ -632,6 +642,189 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    fn snapshotter(&mut self) -> Result<Snapshotter, BuildError> {
+        if let Some(s) = self.snapshotter {
+            return Ok(s);
+        }
+        let probe = self.store.scratch_dir("overlay-probe-")?;
+        let s = worker::detect(probe.path());
+        if s == Snapshotter::Copy {
+            self.req.reporter.warn("overlayfs is not available here: using the copy snapshotter (each RUN copies the root filesystem)");
+        }
+        self.snapshotter = Some(s);
+        Ok(s)
+    }
+
+    /// Run one RUN step in the sandbox; returns its layer and history text.
+    fn run_step(
+        &mut self,
+        l: &Located,
+        r: &crate::syntax::instruction::Run,
+        state: &ImageState,
+        scope: &Scope,
+        rootfs: &Path,
+    ) -> Result<(LayerRef, String), BuildError> {
+        if !is_root() {
+            return Err(self.fail(l, "RUN needs root: rootless builds are not supported yet (run builder as root, or build images without RUN)"));
+        }
+        let shell: Vec<String> = state
+            .extras
+            .get("Shell")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+        let (argv, script) = run::argv_of(r, &shell);
+        if argv.is_empty() {
+            return Err(self.fail(l, "RUN has an empty command"));
+        }
+        let runtime = state.runtime();
+        let user = runtime.user().clone();
+        let (uid, gid, groups, home) =
+            run::resolve_step_user(rootfs, user.as_deref()).map_err(|e| self.fail(l, e))?;
+        let (mut env, used_args) = run::env_of(&state.env(), scope, &self.req.build_args, home);
+        let cwd = runtime
+            .working_dir()
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        let network = r.network.unwrap_or(self.req.network);
+        let scratch = self.store.scratch_dir("run-")?;
+
+        // /etc files provided for the step, never captured.
+        let etc = scratch.path().join("etc");
+        fs::create_dir_all(&etc).map_err(|e| self.fail(l, e.to_string()))?;
+        let resolv = fs::read("/etc/resolv.conf").unwrap_or_default();
+        let files = [
+            ("resolv.conf", resolv),
+            (
+                "hosts",
+                b"127.0.0.1\tlocalhost builder\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                    .to_vec(),
+            ),
+            ("hostname", b"builder\n".to_vec()),
+        ];
+        let mut etc_files = Vec::new();
+        for (name, data) in files {
+            let p = etc.join(name);
+            fs::write(&p, data).map_err(|e| self.fail(l, e.to_string()))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
+                .map_err(|e| self.fail(l, e.to_string()))?;
+            etc_files.push((p, format!("/etc/{}", name)));
+        }
+
+        // RUN --mount.
+        let mut parsed = Vec::new();
+        for m in &r.mounts {
+            let spec = self.word(l, scope, m)?;
+            parsed.push(crate::syntax::mount::Mount::parse(&spec).map_err(|e| self.fail(l, e))?);
+        }
+        let ctx_root = SourceRoot {
+            root: self.req.context.clone(),
+            ignore: self.req.ignore.clone(),
+            is_context: true,
+        };
+        let mut guards = run::MountGuards::default();
+        let mut from_err = None;
+        let store_root = self.store.root().to_path_buf();
+        let secrets = self.req.secrets.clone();
+        let (mut mounts, secret_env) = {
+            let mut lookup = |f: &str| -> Result<PathBuf, String> {
+                match self.source_for(l, f) {
+                    Ok(p) => Ok(p),
+                    Err(e) => {
+                        let m = e.to_string();
+                        from_err = Some(e);
+                        Err(m)
+                    }
+                }
+            };
+            let mut me = run::MountEnv {
+                store_root: &store_root,
+                scratch: scratch.path(),
+                context: &ctx_root,
+                secrets: &secrets,
+                from_root: &mut lookup,
+                workdir: &cwd,
+            };
+            match run::resolve_mounts(&parsed, &mut me, &mut guards) {
+                Ok(x) => x,
+                Err(e) => return Err(from_err.unwrap_or_else(|| self.fail(l, e))),
+            }
+        };
+        env.extend(secret_env);
+        if let Some(body) = script {
+            let p = scratch.path().join("script");
+            fs::write(&p, body).map_err(|e| self.fail(l, e.to_string()))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                .map_err(|e| self.fail(l, e.to_string()))?;
+            mounts.push(worker::ExtraMount::Bind {
+                source: p,
+                target: run::SCRIPT_PATH.into(),
+                readonly: true,
+            });
+        }
+
+        let snapshotter = self.snapshotter()?;
+        let spec = run::spec(
+            argv.clone(),
+            env,
+            cwd,
+            uid,
+            gid,
+            groups,
+            network,
+            etc_files,
+            mounts,
+        );
+        let step_dir = scratch.path().join("step");
+        fs::create_dir_all(&step_dir).map_err(|e| self.fail(l, e.to_string()))?;
+        let mut tail = run::Tail::new(12);
+        let reporter = self.req.reporter;
+        let step = self.step;
+        let (exit, diff) = worker::run_step(
+            worker::StepInput {
+                rootfs,
+                scratch: &step_dir,
+                snapshotter,
+                spec,
+            },
+            &mut |line| {
+                reporter.log(step, line);
+                tail.push(line);
+            },
+        )
+        .map_err(|e| self.fail(l, e.to_string()))?;
+        drop(guards);
+        match exit {
+            Exit::Code(0) => {}
+            Exit::Code(c) => return Err(self.fail(l, format!("exit code {}{}", c, tail.render()))),
+            Exit::Signal(s) => {
+                return Err(self.fail(
+                    l,
+                    format!(
+                        "killed by {}{}",
+                        worker::sandbox::signal_name(s),
+                        tail.render()
+                    ),
+                ))
+            }
+        }
+        let layer = self.commit_layer(l, &diff, rootfs)?;
+        let args: String = if used_args.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "|{} {} ",
+                used_args.len(),
+                used_args
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", k, v))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        };
+        Ok((layer, format!("RUN {}{} # builder", args, argv.join(" "))))
     }
 
     /// The files a `--from` names: an earlier stage's root filesystem, or an image's.

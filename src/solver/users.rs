@@ -151,6 +151,39 @@ pub fn apply_chmod(spec: &str, mode: u32, is_dir: bool) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// The groups of /etc/group that list `user` as a member (for supplementary groups).
+pub fn supplementary_groups(rootfs: &Path, user: &str) -> Vec<u32> {
+    let Ok(text) = fs::read_to_string(rootfs.join("etc/group")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = text
+        .lines()
+        .filter_map(|l| {
+            let parts: Vec<&str> = l.split(':').collect();
+            let members = parts.get(3)?;
+            members
+                .split(',')
+                .any(|m| m.trim() == user)
+                .then(|| parts.get(2)?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The home directory of `uid` in /etc/passwd, if listed.
+pub fn home_of(rootfs: &Path, uid: u32) -> Option<String> {
+    let text = fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    text.lines().find_map(|l| {
+        let p: Vec<&str> = l.split(':').collect();
+        (p.get(2)?.parse::<u32>().ok()? == uid)
+            .then(|| p.get(5).map(|h| h.to_string()))
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

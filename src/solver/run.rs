@@ -1,0 +1,415 @@
+//! RUN: the command line (shell form, exec form, heredoc scripts), the step's environment and
+//! user, its mounts (`RUN --mount`), and the sandboxed execution whose diff becomes a layer.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use fs2::FileExt;
+
+use crate::context::SourceRoot;
+use crate::plan::{Scope, PROXY_ARGS};
+use crate::syntax::instruction::{Command, Network, Run};
+use crate::syntax::mount::{Mount, MountType, Sharing};
+use crate::syntax::parser::{parse_heredoc_word, Heredoc};
+use crate::worker::{ExtraMount, RunSpec};
+
+use super::users;
+
+/// Environment variables in order.
+pub type EnvList = Vec<(String, String)>;
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where a `--secret id=...` comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// Parse `--secret id=ID,src=FILE` / `id=ID,env=VAR` (a bare `id=ID` reads the env var ID).
+pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
+    let mut id = None;
+    let mut src = None;
+    for f in s.split(',') {
+        match f.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(SecretSource::File(PathBuf::from(v))),
+            Some(("env", v)) => src = Some(SecretSource::Env(v.to_string())),
+            Some(("type", "file" | "env")) => {}
+            _ => {
+                return Err(format!(
+                    "invalid --secret {:?}: want id=ID,src=FILE or id=ID,env=VAR",
+                    s
+                ))
+            }
+        }
+    }
+    let id = id.ok_or_else(|| format!("invalid --secret {:?}: id= is required", s))?;
+    let src = src.unwrap_or_else(|| SecretSource::Env(id.clone()));
+    Ok((id, src))
+}
+
+/// The argv of a RUN, and a script file to provide when a heredoc has a shebang.
+pub fn argv_of(run: &Run, shell: &[String]) -> (Vec<String>, Option<String>) {
+    match &run.command {
+        Command::Exec(a) => (a.clone(), None),
+        Command::Shell(s) => {
+            let with_shell = |body: String| -> Vec<String> {
+                shell.iter().cloned().chain(std::iter::once(body)).collect()
+            };
+            if run.heredocs.is_empty() {
+                return (with_shell(s.clone()), None);
+            }
+            let only_heredoc = run.heredocs.len() == 1 && parse_heredoc_word(s.trim()).is_some();
+            if only_heredoc {
+                let doc = &run.heredocs[0];
+                if doc.content.starts_with("#!") {
+                    return (vec![SCRIPT_PATH.to_string()], Some(doc.content.clone()));
+                }
+                return (with_shell(doc.content.clone()), None);
+            }
+            (with_shell(script_with_heredocs(s, &run.heredocs)), None)
+        }
+    }
+}
+
+/// Where a shebang heredoc is provided inside the step (on /dev's tmpfs, never in a layer).
+pub const SCRIPT_PATH: &str = "/dev/.builder-heredoc-script";
+
+fn script_with_heredocs(line: &str, docs: &[Heredoc]) -> String {
+    let mut s = line.to_string();
+    for d in docs {
+        s.push('\n');
+        s.push_str(&d.content);
+        s.push_str(&d.name);
+    }
+    s
+}
+
+/// The step's environment: the image's ENV, then ARGs in scope that ENV does not set, then
+/// proxy build args, then a default PATH and HOME.
+pub fn env_of(
+    image_env: &[(String, String)],
+    scope: &Scope,
+    build_args: &BTreeMap<String, String>,
+    home: Option<String>,
+) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    let mut env: Vec<(String, String)> = image_env.to_vec();
+    let mut used_args = Vec::new();
+    for (k, v) in &scope.args {
+        if let Some(v) = v {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.clone(), v.clone()));
+                used_args.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    for (k, v) in build_args {
+        if PROXY_ARGS.contains(&k.as_str()) && !env.iter().any(|(e, _)| e == k) {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
+    }
+    (env, used_args)
+}
+
+/// Resources a step's mounts hold until it finishes (locks, private copies).
+#[derive(Default)]
+pub struct MountGuards {
+    pub locks: Vec<fs::File>,
+    pub dirs: Vec<tempfile::TempDir>,
+}
+
+/// Inputs for resolving `RUN --mount` specs.
+pub struct MountEnv<'a> {
+    pub store_root: &'a Path,
+    pub scratch: &'a Path,
+    pub context: &'a SourceRoot,
+    pub secrets: &'a BTreeMap<String, SecretSource>,
+    /// Finds the root filesystem of a stage or image named by `from=`.
+    pub from_root: &'a mut dyn FnMut(&str) -> Result<PathBuf, String>,
+    pub workdir: &'a str,
+}
+
+fn absolute(workdir: &str, target: &str) -> String {
+    if target.starts_with('/') {
+        target.to_string()
+    } else {
+        format!("{}/{}", workdir.trim_end_matches('/'), target)
+    }
+}
+
+/// Turn parsed mounts into sandbox mounts plus extra environment (secret `env=`).
+pub fn resolve_mounts(
+    mounts: &[Mount],
+    me: &mut MountEnv,
+    guards: &mut MountGuards,
+) -> Result<(Vec<ExtraMount>, Vec<(String, String)>), String> {
+    let mut out = Vec::new();
+    let mut env = Vec::new();
+    for m in mounts {
+        match m.kind {
+            MountType::Tmpfs => out.push(ExtraMount::Tmpfs {
+                target: absolute(me.workdir, m.target.as_deref().unwrap_or("/tmp")),
+                size: m.size,
+            }),
+            MountType::Cache => {
+                let target = absolute(me.workdir, m.target.as_deref().unwrap_or("/"));
+                let id = m.id.clone().unwrap_or_else(|| target.clone());
+                let key = crate::oci::digest::Digest::of(id.as_bytes()).hex()[..32].to_string();
+                let dir = me.store_root.join("cache-mounts").join(&key);
+                if !dir.exists() {
+                    fs::create_dir_all(&dir).map_err(|e| format!("{}: {}", dir.display(), e))?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(m.mode.unwrap_or(0o755)))
+                        .map_err(|e| e.to_string())?;
+                    let _ = nix::unistd::chown(
+                        &dir,
+                        Some(m.uid.unwrap_or(0).into()),
+                        Some(m.gid.unwrap_or(0).into()),
+                    );
+                }
+                if m.sharing != Sharing::Shared {
+                    let lock_path = me
+                        .store_root
+                        .join("cache-mounts")
+                        .join(format!("{}.lock", key));
+                    let f = fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&lock_path)
+                        .map_err(|e| e.to_string())?;
+                    f.lock_exclusive().map_err(|e| e.to_string())?;
+                    guards.locks.push(f);
+                }
+                out.push(ExtraMount::Bind {
+                    source: dir,
+                    target,
+                    readonly: m.readonly,
+                });
+            }
+            MountType::Bind => {
+                let target = absolute(me.workdir, m.target.as_deref().unwrap_or("/"));
+                let src_rel = m.source.clone().unwrap_or_else(|| "/".into());
+                let source = match &m.from {
+                    Some(f) => {
+                        let root = (me.from_root)(f)?;
+                        crate::oci::unpack::resolve_in_root(
+                            &root,
+                            Path::new(src_rel.trim_start_matches('/')),
+                        )
+                        .map_err(|e| e.to_string())?
+                    }
+                    None => {
+                        let found = me.context.expand(&src_rel).map_err(|e| e.to_string())?;
+                        let first = found.into_iter().next().ok_or_else(|| {
+                            format!("{}: not found in the build context", src_rel)
+                        })?;
+                        if !me.context.ignore.is_empty() && first.path.is_dir() {
+                            // Ignored files must stay invisible: bind a filtered copy.
+                            let copy =
+                                tempfile::tempdir_in(me.scratch).map_err(|e| e.to_string())?;
+                            copy_filtered(me.context, &first.rel, &first.path, copy.path())?;
+                            let p = copy.path().to_path_buf();
+                            guards.dirs.push(copy);
+                            p
+                        } else {
+                            first.path
+                        }
+                    }
+                };
+                let source = if !m.readonly {
+                    // Writes to a rw bind are discarded: give the step a private copy.
+                    let copy = tempfile::tempdir_in(me.scratch).map_err(|e| e.to_string())?;
+                    let dst = copy.path().join("data");
+                    if source.is_dir() {
+                        crate::worker::copy_tree(&source, &dst).map_err(|e| e.to_string())?;
+                    } else {
+                        fs::copy(&source, &dst).map_err(|e| e.to_string())?;
+                    }
+                    guards.dirs.push(copy);
+                    dst
+                } else {
+                    source
+                };
+                out.push(ExtraMount::Bind {
+                    source,
+                    target,
+                    readonly: m.readonly,
+                });
+            }
+            MountType::Secret => {
+                let id =
+                    m.id.clone()
+                        .or_else(|| {
+                            m.target.as_ref().and_then(|t| {
+                                Path::new(t)
+                                    .file_name()
+                                    .map(|n| n.to_string_lossy().into_owned())
+                            })
+                        })
+                        .unwrap_or_default();
+                let value = match me.secrets.get(&id) {
+                    Some(SecretSource::File(p)) => Some(
+                        fs::read(p)
+                            .map_err(|e| format!("secret {}: {}: {}", id, p.display(), e))?,
+                    ),
+                    Some(SecretSource::Env(v)) => {
+                        std::env::var_os(v).map(|v| v.into_encoded_bytes())
+                    }
+                    None => None,
+                };
+                let Some(value) = value else {
+                    if m.required {
+                        return Err(format!(
+                            "secret {} is required but was not provided (--secret id={},src=FILE)",
+                            id, id
+                        ));
+                    }
+                    continue;
+                };
+                if let Some(var) = &m.env {
+                    env.push((var.clone(), String::from_utf8_lossy(&value).into_owned()));
+                    if m.target.is_none() {
+                        continue;
+                    }
+                }
+                // Secrets live outside the store, in a private directory removed after the step.
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let file = dir.path().join("secret");
+                fs::write(&file, &value).map_err(|e| e.to_string())?;
+                fs::set_permissions(&file, fs::Permissions::from_mode(m.mode.unwrap_or(0o400)))
+                    .map_err(|e| e.to_string())?;
+                let _ = nix::unistd::chown(
+                    &file,
+                    Some(m.uid.unwrap_or(0).into()),
+                    Some(m.gid.unwrap_or(0).into()),
+                );
+                let target = absolute(
+                    me.workdir,
+                    m.target
+                        .as_deref()
+                        .unwrap_or(&format!("/run/secrets/{}", id)),
+                );
+                guards.dirs.push(dir);
+                out.push(ExtraMount::Bind {
+                    source: file,
+                    target,
+                    readonly: true,
+                });
+            }
+            MountType::Ssh => return Err("RUN --mount=type=ssh is not supported yet".into()),
+        }
+    }
+    Ok((out, env))
+}
+
+fn copy_filtered(ctx: &SourceRoot, rel: &str, from: &Path, to: &Path) -> Result<(), String> {
+    for e in walkdir::WalkDir::new(from).min_depth(1).follow_links(false) {
+        let e = e.map_err(|e| e.to_string())?;
+        let sub = e.path().strip_prefix(from).unwrap_or(e.path());
+        let full = if rel == "." {
+            sub.display().to_string()
+        } else {
+            format!("{}/{}", rel, sub.display())
+        };
+        if ctx.excluded(&full) {
+            continue;
+        }
+        let dst = to.join(sub);
+        let ft = e.file_type();
+        if ft.is_dir() {
+            fs::create_dir_all(&dst).map_err(|e| e.to_string())?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(e.path()).map_err(|e| e.to_string())?, &dst)
+                .map_err(|e| e.to_string())?;
+        } else if ft.is_file() {
+            if let Some(p) = dst.parent() {
+                fs::create_dir_all(p).map_err(|e| e.to_string())?;
+            }
+            fs::copy(e.path(), &dst).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// The spec for a step, before the root is filled in.
+#[allow(clippy::too_many_arguments)]
+pub fn spec(
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: String,
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    network: Network,
+    etc_files: Vec<(PathBuf, String)>,
+    mounts: Vec<ExtraMount>,
+) -> RunSpec {
+    RunSpec {
+        root: crate::worker::sandbox::RootMount::Bind {
+            dir: PathBuf::new(),
+        },
+        argv,
+        env,
+        cwd,
+        uid,
+        gid,
+        groups,
+        hostname: "builder".into(),
+        isolate_network: network == Network::None,
+        etc_files,
+        mounts,
+    }
+}
+
+/// The last lines of a step's output, for the failure message.
+pub struct Tail {
+    lines: VecDeque<String>,
+    max: usize,
+}
+
+impl Tail {
+    pub fn new(max: usize) -> Self {
+        Tail {
+            lines: VecDeque::new(),
+            max,
+        }
+    }
+    pub fn push(&mut self, l: &str) {
+        if self.lines.len() == self.max {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(l.to_string());
+    }
+    pub fn render(&self) -> String {
+        self.lines.iter().map(|l| format!("\n  > {}", l)).collect()
+    }
+}
+
+/// Check a supplied user exists when it is a name; used for USER errors before running.
+pub fn resolve_step_user(
+    rootfs: &Path,
+    user: Option<&str>,
+) -> Result<(u32, u32, Vec<u32>, Option<String>), String> {
+    match user.filter(|u| !u.is_empty()) {
+        None => Ok((0, 0, Vec::new(), users::home_of(rootfs, 0))),
+        Some(u) => {
+            let o = users::resolve_user(rootfs, u)?;
+            let name = u.split(':').next().unwrap_or(u);
+            let mut groups = users::supplementary_groups(rootfs, name);
+            if !groups.contains(&o.gid) {
+                groups.insert(0, o.gid);
+            }
+            Ok((o.uid, o.gid, groups, users::home_of(rootfs, o.uid)))
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! Running a RUN step against a stage's root filesystem and capturing what it changed.
+//!
+//! Two snapshotters give the same layer for the same change:
+//! - [`Snapshotter::Overlay`]: the root is an overlay of the stage's (read-only) root with a
+//!   fresh upper directory; afterwards the upper directory *is* the diff (overlay whiteouts are
+//!   turned into OCI whiteouts by the layer writer), so a step that touches one file costs one
+//!   file.
+//! - [`Snapshotter::Copy`]: where overlayfs cannot be mounted, the root is copied, the step runs
+//!   in the copy, and a walk compares the two (type, mode, owner, size, mtime, link target,
+//!   xattrs) to build the same kind of diff directory.
+//!
+//! Mount points the sandbox needs (/proc, /dev, /sys, /etc/resolv.conf, RUN --mount targets)
+//! are created in the private lower root before the step and removed after it, so they never
+//! show up in a diff.
+
+pub mod sandbox;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::oci::unpack::{resolve_in_root, set_mtime};
+pub use sandbox::{kill_running_step, Exit, ExtraMount, RunSpec, SandboxError};
+
+/// How a step's changes are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshotter {
+    Overlay,
+    Copy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WorkerError + '_ {
+    move |source| WorkerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Whether overlayfs can be mounted here (tried once in a throwaway mount namespace).
+pub fn detect(scratch: &Path) -> Snapshotter {
+    if std::env::var("BUILDER_SNAPSHOTTER").as_deref() == Ok("copy") {
+        return Snapshotter::Copy;
+    }
+    let dirs = ["l", "u", "w", "m"].map(|d| scratch.join(d));
+    for d in &dirs {
+        if fs::create_dir_all(d).is_err() {
+            return Snapshotter::Copy;
+        }
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        dirs[0].display(),
+        dirs[1].display(),
+        dirs[2].display()
+    );
+    // SAFETY: the child only unshares, mounts and exits.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_ok()
+                && nix::mount::mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                    None::<&str>,
+                )
+                .is_ok()
+                && nix::mount::mount(
+                    Some("overlay"),
+                    &dirs[3],
+                    Some("overlay"),
+                    nix::mount::MsFlags::empty(),
+                    Some(data.as_str()),
+                )
+                .is_ok();
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => match nix::sys::wait::waitpid(child, None)
+        {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Snapshotter::Overlay,
+            _ => Snapshotter::Copy,
+        },
+        Err(_) => Snapshotter::Copy,
+    }
+}
+
+/// What one step needs besides the command itself.
+pub struct StepInput<'a> {
+    /// The stage's root filesystem before the step (private to this build).
+    pub rootfs: &'a Path,
+    /// A scratch directory for this step (removed by the caller).
+    pub scratch: &'a Path,
+    pub snapshotter: Snapshotter,
+    /// The spec, with `root` filled in by [`run_step`].
+    pub spec: RunSpec,
+}
+
+/// Run one step; on success returns the exit and the diff directory (overlay upper format).
+pub fn run_step(
+    input: StepInput,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(Exit, PathBuf), WorkerError> {
+    let StepInput {
+        rootfs,
+        scratch,
+        snapshotter,
+        mut spec,
+    } = input;
+    spec.root = sandbox::RootMount::Bind {
+        dir: rootfs.to_path_buf(),
+    };
+    let created = MountPoints::create(rootfs, &spec)?;
+    let result = (|| -> Result<(Exit, PathBuf), WorkerError> {
+        match snapshotter {
+            Snapshotter::Overlay => {
+                let (upper, work, merged) = (
+                    scratch.join("upper"),
+                    scratch.join("work"),
+                    scratch.join("merged"),
+                );
+                for d in [&upper, &work, &merged] {
+                    fs::create_dir_all(d).map_err(io_at(d))?;
+                }
+                spec.root = sandbox::RootMount::Overlay {
+                    lowers: vec![rootfs.to_path_buf()],
+                    upper: upper.clone(),
+                    work,
+                    merged,
+                };
+                let exit = sandbox::run(&spec, on_line)?;
+                Ok((exit, upper))
+            }
+            Snapshotter::Copy => {
+                let copy = scratch.join("root");
+                copy_tree(rootfs, &copy)?;
+                spec.root = sandbox::RootMount::Bind { dir: copy.clone() };
+                let exit = sandbox::run(&spec, on_line)?;
+                let diff = scratch.join("diff");
+                fs::create_dir_all(&diff).map_err(io_at(&diff))?;
+                if exit == Exit::Code(0) {
+                    walk_diff(rootfs, &copy, &diff)?;
+                }
+                Ok((exit, diff))
+            }
+        }
+    })();
+    created.remove(rootfs);
+    result
+}
+
+/// Mount points created in the lower root, to be removed again afterwards.
+struct MountPoints {
+    created: Vec<PathBuf>,
+    parent_times: BTreeMap<PathBuf, i64>,
+}
+
+impl MountPoints {
+    fn create(root: &Path, spec: &RunSpec) -> Result<MountPoints, WorkerError> {
+        let mut mp = MountPoints {
+            created: Vec::new(),
+            parent_times: BTreeMap::new(),
+        };
+        let etc_files: Vec<&String> = spec.etc_files.iter().map(|(_, t)| t).collect();
+        let bind_files: Vec<String> = spec
+            .mounts
+            .iter()
+            .filter_map(|m| match m {
+                ExtraMount::Bind { source, target, .. } if !source.is_dir() => Some(target.clone()),
+                _ => None,
+            })
+            .collect();
+        for target in sandbox::mount_points(spec) {
+            let is_file = etc_files.contains(&&target) || bind_files.contains(&target);
+            let rel = Path::new(target.trim_start_matches('/'));
+            let Ok(resolved) = resolve_in_root(root, rel) else {
+                continue;
+            };
+            if fs::symlink_metadata(&resolved).is_ok() {
+                continue;
+            }
+            // Create missing ancestors one by one, remembering each.
+            let mut cur = root.to_path_buf();
+            let comps: Vec<_> = resolved
+                .strip_prefix(root)
+                .unwrap_or(rel)
+                .components()
+                .collect();
+            for (i, c) in comps.iter().enumerate() {
+                let next = cur.join(c);
+                if fs::symlink_metadata(&next).is_err() {
+                    if let Ok(md) = fs::metadata(&cur) {
+                        mp.parent_times.entry(cur.clone()).or_insert(md.mtime());
+                    }
+                    if i + 1 == comps.len() && is_file {
+                        fs::File::create(&next).map_err(io_at(&next))?;
+                    } else {
+                        fs::create_dir(&next).map_err(io_at(&next))?;
+                    }
+                    mp.created.push(next.clone());
+                }
+                cur = next;
+            }
+        }
+        Ok(mp)
+    }
+
+    fn remove(self, _root: &Path) {
+        for p in self.created.iter().rev() {
+            match fs::symlink_metadata(p) {
+                Ok(md) if md.is_dir() => {
+                    let _ = fs::remove_dir(p);
+                }
+                Ok(_) => {
+                    let _ = fs::remove_file(p);
+                }
+                Err(_) => {}
+            }
+        }
+        for (p, t) in self.parent_times {
+            set_mtime(&p, t);
+        }
+    }
+}
+
+/// Copy a tree with modes, owners, mtimes, symlinks, hardlinks and xattrs.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), WorkerError> {
+    let mut links: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    let mut dirs = Vec::new();
+    for e in walkdir::WalkDir::new(from).follow_links(false) {
+        let e = e.map_err(|e| WorkerError::Io {
+            path: from.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let rel = e.path().strip_prefix(from).unwrap_or(e.path());
+        let dst = to.join(rel);
+        let md = fs::symlink_metadata(e.path()).map_err(io_at(e.path()))?;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            fs::create_dir_all(&dst).map_err(io_at(&dst))?;
+            dirs.push((dst.clone(), md.clone()));
+        } else if ft.is_symlink() {
+            symlink(fs::read_link(e.path()).map_err(io_at(e.path()))?, &dst)
+                .map_err(io_at(&dst))?;
+        } else if ft.is_file() {
+            let key = (md.dev(), md.ino());
+            if md.nlink() > 1 {
+                if let Some(first) = links.get(&key) {
+                    fs::hard_link(first, &dst).map_err(io_at(&dst))?;
+                    continue;
+                }
+                links.insert(key, dst.clone());
+            }
+            fs::copy(e.path(), &dst).map_err(io_at(&dst))?;
+        } else {
+            let kind = if ft.is_fifo_like() {
+                nix::sys::stat::SFlag::S_IFIFO
+            } else {
+                nix::sys::stat::SFlag::S_IFCHR
+            };
+            let _ = nix::sys::stat::mknod(
+                &dst,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(md.mode() & 0o7777),
+                md.rdev(),
+            );
+        }
+        copy_meta(e.path(), &dst, &md);
+    }
+    for (d, md) in dirs.iter().rev() {
+        let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+        let _ = nix::sys::stat::utimensat(
+            None,
+            d,
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        );
+    }
+    Ok(())
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
+    }
+}
+
+fn copy_meta(src: &Path, dst: &Path, md: &fs::Metadata) {
+    let _ = nix::unistd::fchownat(
+        None,
+        dst,
+        Some(md.uid().into()),
+        Some(md.gid().into()),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    );
+    if !md.file_type().is_symlink() {
+        let _ = fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777));
+        if let Ok(names) = xattr::list(src) {
+            for n in names {
+                if let Ok(Some(v)) = xattr::get(src, &n) {
+                    let _ = xattr::set(dst, &n, &v);
+                }
+            }
+        }
+    }
+    let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    let _ = nix::sys::stat::utimensat(
+        None,
+        dst,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    );
+}
+
+fn same_entry(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb: &Path) -> bool {
+    let same_kind = a.file_type() == b.file_type();
+    let base = same_kind && a.mode() == b.mode() && a.uid() == b.uid() && a.gid() == b.gid();
+    if !base {
+        return false;
+    }
+    if a.is_dir() {
+        return a.mtime() == b.mtime()
+            && a.mtime_nsec() == b.mtime_nsec()
+            && xattrs(pa) == xattrs(pb);
+    }
+    if a.file_type().is_symlink() {
+        return fs::read_link(pa).ok() == fs::read_link(pb).ok();
+    }
+    a.len() == b.len()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && a.rdev() == b.rdev()
+        && xattrs(pa) == xattrs(pb)
+}
+
+fn xattrs(p: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut v: Vec<_> = xattr::list(p)
+        .map(|l| {
+            l.filter_map(|n| xattr::get(p, &n).ok().flatten().map(|x| (n, x)))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Build an overlay-style diff of `after` against `before` into `diff`: changed and new
+/// entries are copied (with their parent directories), deleted ones become 0/0 char devices.
+pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerError> {
+    let mut changed: Vec<PathBuf> = Vec::new();
+    let mut deleted: Vec<PathBuf> = Vec::new();
+    let mut it = walkdir::WalkDir::new(after)
+        .min_depth(1)
+        .follow_links(false)
+        .into_iter();
+    while let Some(e) = it.next() {
+        let e = e.map_err(|e| WorkerError::Io {
+            path: after.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let rel = e
+            .path()
+            .strip_prefix(after)
+            .unwrap_or(e.path())
+            .to_path_buf();
+        let a = fs::symlink_metadata(e.path()).map_err(io_at(e.path()))?;
+        match fs::symlink_metadata(before.join(&rel)) {
+            Ok(b) if same_entry(&b, &a, &before.join(&rel), e.path()) => {}
+            Ok(b) if b.is_dir() && a.is_dir() => changed.push(rel),
+            Ok(b) if b.is_dir() && !a.is_dir() => {
+                changed.push(rel);
+            }
+            _ => {
+                let whole_new_dir = a.is_dir();
+                changed.push(rel);
+                if whole_new_dir {
+                    // Everything below is new too; the loop keeps visiting it.
+                }
+            }
+        }
+    }
+    let mut it = walkdir::WalkDir::new(before)
+        .min_depth(1)
+        .follow_links(false)
+        .into_iter();
+    while let Some(e) = it.next() {
+        let e = e.map_err(|e| WorkerError::Io {
+            path: before.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let rel = e
+            .path()
+            .strip_prefix(before)
+            .unwrap_or(e.path())
+            .to_path_buf();
+        match fs::symlink_metadata(after.join(&rel)) {
+            Err(_) => {
+                deleted.push(rel);
+                if e.file_type().is_dir() {
+                    it.skip_current_dir();
+                }
+            }
+            Ok(a) if e.file_type().is_dir() && !a.is_dir() => it.skip_current_dir(),
+            Ok(_) => {}
+        }
+    }
+    let ensure_parents = |rel: &Path| -> Result<(), WorkerError> {
+        let mut cur = PathBuf::new();
+        for c in rel
+            .parent()
+            .map(|p| p.components().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            cur.push(c);
+            let d = diff.join(&cur);
+            if fs::symlink_metadata(&d).is_err() {
+                fs::create_dir(&d).map_err(io_at(&d))?;
+                let src = after.join(&cur);
+                if let Ok(md) = fs::symlink_metadata(&src) {
+                    copy_meta(&src, &d, &md);
+                }
+            }
+        }
+        Ok(())
+    };
+    for rel in &changed {
+        ensure_parents(rel)?;
+        let src = after.join(rel);
+        let dst = diff.join(rel);
+        let md = fs::symlink_metadata(&src).map_err(io_at(&src))?;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            if fs::symlink_metadata(&dst).is_err() {
+                fs::create_dir(&dst).map_err(io_at(&dst))?;
+            }
+        } else if ft.is_symlink() {
+            symlink(fs::read_link(&src).map_err(io_at(&src))?, &dst).map_err(io_at(&dst))?;
+        } else if ft.is_file() {
+            fs::copy(&src, &dst).map_err(io_at(&dst))?;
+        } else {
+            let _ = nix::sys::stat::mknod(
+                &dst,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(md.mode() & 0o7777),
+                md.rdev(),
+            );
+        }
+        copy_meta(&src, &dst, &md);
+    }
+    for rel in &deleted {
+        ensure_parents(rel)?;
+        let dst = diff.join(rel);
+        nix::sys::stat::mknod(
+            &dst,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .map_err(|e| WorkerError::Io {
+            path: dst.clone(),
+            source: io::Error::from(e),
+        })?;
+    }
+    // Directory mtimes last: creating entries above touched them.
+    for rel in changed.iter().chain(deleted.iter()) {
+        let mut cur = Some(rel.as_path());
+        while let Some(p) = cur {
+            let src = after.join(p);
+            let dst = diff.join(p);
+            if let (Ok(md), true) = (fs::symlink_metadata(&src), dst.is_dir()) {
+                let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+                let _ = nix::sys::stat::utimensat(
+                    None,
+                    &dst,
+                    &ts,
+                    &ts,
+                    nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                );
+            }
+            cur = p.parent().filter(|p| !p.as_os_str().is_empty());
+        }
+    }
+    Ok(())
+}
