@@ -96,7 +96,7 @@ pub fn env_of(
     scope: &Scope,
     build_args: &BTreeMap<String, String>,
     home: Option<String>,
-) -> (Vec<(String, String)>, Vec<(String, String)>) {
+) -> (EnvList, EnvList) {
     let mut env: Vec<(String, String)> = image_env.to_vec();
     let mut used_args = Vec::new();
     for (k, v) in &scope.args {
@@ -152,7 +152,7 @@ pub fn resolve_mounts(
     mounts: &[Mount],
     me: &mut MountEnv,
     guards: &mut MountGuards,
-) -> Result<(Vec<ExtraMount>, Vec<(String, String)>), String> {
+) -> Result<(Vec<ExtraMount>, EnvList), String> {
     let mut out = Vec::new();
     let mut env = Vec::new();
     for m in mounts {

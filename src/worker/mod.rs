@@ -364,11 +364,10 @@ fn xattrs(p: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
 pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerError> {
     let mut changed: Vec<PathBuf> = Vec::new();
     let mut deleted: Vec<PathBuf> = Vec::new();
-    let mut it = walkdir::WalkDir::new(after)
+    for e in walkdir::WalkDir::new(after)
         .min_depth(1)
         .follow_links(false)
-        .into_iter();
-    while let Some(e) = it.next() {
+    {
         let e = e.map_err(|e| WorkerError::Io {
             path: after.to_path_buf(),
             source: io::Error::other(e.to_string()),
@@ -379,19 +378,11 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
             .unwrap_or(e.path())
             .to_path_buf();
         let a = fs::symlink_metadata(e.path()).map_err(io_at(e.path()))?;
-        match fs::symlink_metadata(before.join(&rel)) {
-            Ok(b) if same_entry(&b, &a, &before.join(&rel), e.path()) => {}
-            Ok(b) if b.is_dir() && a.is_dir() => changed.push(rel),
-            Ok(b) if b.is_dir() && !a.is_dir() => {
-                changed.push(rel);
-            }
-            _ => {
-                let whole_new_dir = a.is_dir();
-                changed.push(rel);
-                if whole_new_dir {
-                    // Everything below is new too; the loop keeps visiting it.
-                }
-            }
+        let before_path = before.join(&rel);
+        let unchanged = fs::symlink_metadata(&before_path)
+            .is_ok_and(|b| same_entry(&b, &a, &before_path, e.path()));
+        if !unchanged {
+            changed.push(rel);
         }
     }
     let mut it = walkdir::WalkDir::new(before)

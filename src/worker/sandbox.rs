@@ -89,7 +89,7 @@ pub enum Exit {
 
 /// A sandbox that could not start (as opposed to a command that failed).
 #[derive(Debug, thiserror::Error)]
-#[error("sandbox: {0}")]
+#[error("{0}")]
 pub struct SandboxError(pub String);
 
 fn serr<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> SandboxError + '_ {
