@@ -1,0 +1,400 @@
+//! RUN end to end on a busybox base made with `builder import`: what a step changes comes out
+//! right, the host is invisible, docker's USER/WORKDIR/ENV/ARG/SHELL/exec semantics hold,
+//! failures are reported, secrets never persist, both snapshotters agree, and killing a build
+//! leaves no mount or process behind.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        busybox_base(&dir.path().join("root"), "busybox:test");
+        Env { dir }
+    }
+    fn root(&self) -> std::path::PathBuf {
+        self.dir.path().join("root")
+    }
+    fn ctx(&self, buildfile: &str) -> std::path::PathBuf {
+        let ctx = self.dir.path().join(format!(
+            "ctx-{}",
+            fs::read_dir(self.dir.path()).unwrap().count()
+        ));
+        write(&ctx.join("Buildfile"), buildfile);
+        ctx
+    }
+    fn build_local(&self, buildfile: &str, extra: &[&str]) -> (String, std::path::PathBuf) {
+        let ctx = self.ctx(buildfile);
+        let layout = self.dir.path().join(format!(
+            "layout-{}",
+            fs::read_dir(self.dir.path()).unwrap().count()
+        ));
+        let mut args = vec!["--progress", "plain", "-o"];
+        let o = format!("oci:{}:t", layout.display());
+        args.push(&o);
+        args.extend_from_slice(extra);
+        let d = build(&self.root(), &ctx, &args);
+        assert!(d.starts_with("sha256:"));
+        (d, layout)
+    }
+    fn stdout_of(&self, buildfile: &str) -> String {
+        let ctx = self.ctx(buildfile);
+        let out = run(builder()
+            .args(["build", "--progress", "plain", "--root"])
+            .arg(self.root())
+            .arg(&ctx));
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    }
+}
+
+/// Lines a step printed (`#N text` lines that are not step headers or timings).
+fn step_output(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .filter_map(|l| l.split_once(' ').map(|(_, t)| t.to_string()))
+        .filter(|t| !t.starts_with('[') && !t.starts_with("DONE") && !t.starts_with("CACHED"))
+        .collect()
+}
+
+fn no_mounts_under(path: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    !info.contains(&path.display().to_string())
+}
+
+#[test]
+fn created_changed_deleted_files_and_dirs_unpack_right() {
+    let e = Env::new();
+    let (_, layout) = e.build_local(
+        "FROM busybox:test\n\
+         RUN mkdir -p /keep /gone/deep /opaque && echo old > /keep/changed && echo x > /gone/deep/f && echo lower > /opaque/lower\n\
+         RUN echo new > /keep/changed && echo added > /keep/added && rm -rf /gone && rm /bin/wc && rm -rf /opaque && mkdir /opaque && echo upper > /opaque/upper && chmod 0700 /keep\n",
+        &[],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&layout, "t", t.path()).join("rootfs");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("keep/changed")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("keep/added")).unwrap(),
+        "added\n"
+    );
+    assert_eq!(
+        fs::metadata(rootfs.join("keep")).unwrap().mode() & 0o7777,
+        0o700
+    );
+    assert!(
+        !rootfs.join("gone").exists(),
+        "a whole directory from a lower layer is deleted"
+    );
+    assert!(
+        !rootfs.join("bin/wc").exists(),
+        "a file from the base layer is deleted"
+    );
+    assert!(rootfs.join("bin/cat").exists());
+    assert!(
+        !rootfs.join("opaque/lower").exists(),
+        "a recreated directory hides the lower contents"
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("opaque/upper")).unwrap(),
+        "upper\n"
+    );
+    for p in [
+        "proc",
+        "dev",
+        "sys",
+        "etc/resolv.conf",
+        "etc/hostname",
+        "etc/hosts",
+    ] {
+        assert!(
+            !rootfs.join(p).exists(),
+            "{p} is a mount point of the sandbox, never part of the image"
+        );
+    }
+}
+
+#[test]
+fn host_filesystem_processes_and_network_are_invisible() {
+    let e = Env::new();
+    let marker = e.dir.path().join("host-marker");
+    fs::write(&marker, "secret host file").unwrap();
+    let log = e.stdout_of(&format!(
+        "FROM busybox:test\n\
+         RUN test ! -e {m} && echo no-host-file; ls /proc | grep -c '^[0-9]' ; echo hostname=$(cat /etc/hostname); echo > /host-write-test\n\
+         RUN --network=none ls /sys/class/net\n",
+        m = marker.display()
+    ));
+    let out = step_output(&log);
+    assert!(out.contains(&"no-host-file".to_string()), "{log}");
+    let pids: usize = out.iter().find_map(|l| l.parse().ok()).expect("pid count");
+    assert!(
+        pids <= 4,
+        "only the step's own processes are visible, saw {pids}"
+    );
+    assert!(out.contains(&"hostname=builder".to_string()));
+    assert!(
+        out.contains(&"lo".to_string())
+            && !out
+                .iter()
+                .any(|l| l.starts_with("eth") || l.starts_with("ens")),
+        "{log}"
+    );
+    assert!(
+        !Path::new("/host-write-test").exists(),
+        "a step cannot write to the host's /"
+    );
+}
+
+#[test]
+fn user_workdir_env_arg_shell_and_exec_form_behave_like_docker() {
+    let e = Env::new();
+    let log = e.stdout_of(
+        "FROM busybox:test\n\
+         ARG BUILD_ONLY=from-arg\n\
+         ENV FROM_ENV=env-value\n\
+         ARG FROM_ENV=arg-loses\n\
+         RUN echo \"arg=$BUILD_ONLY env=$FROM_ENV\"\n\
+         USER app\n\
+         WORKDIR /home/app/w\n\
+         RUN echo \"uid=$(id -u) groups=$(id -G) pwd=$(pwd) home=$HOME\"\n\
+         RUN [\"/bin/echo\", \"exec\", \"$FROM_ENV\"]\n\
+         SHELL [\"/bin/sh\", \"-c\", \"echo shell-prefix; eval \\\"$0\\\"\"]\n\
+         RUN echo via-custom-shell\n",
+    );
+    let out = step_output(&log);
+    assert!(
+        out.contains(&"arg=from-arg env=env-value".to_string()),
+        "ENV wins over ARG of the same name: {log}"
+    );
+    assert!(
+        out.contains(&"uid=1000 groups=1000 50 pwd=/home/app/w home=/home/app".to_string()),
+        "{log}"
+    );
+    assert!(
+        out.contains(&"exec $FROM_ENV".to_string()),
+        "exec form is not expanded: {log}"
+    );
+    assert!(
+        out.contains(&"shell-prefix".to_string()) && out.contains(&"via-custom-shell".to_string()),
+        "{log}"
+    );
+
+    // ARGs do not persist into the image config; ENV does.
+    let (_, layout) = e.build_local(
+        "FROM busybox:test\nARG SECRETISH=1\nENV KEPT=1\nRUN true\n",
+        &[],
+    );
+    let inspect = run_ok(
+        tool("skopeo")
+            .arg("inspect")
+            .arg("--config")
+            .arg(format!("oci:{}:t", layout.display())),
+    );
+    let config: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(
+        config["config"]["Env"],
+        serde_json::json!(["KEPT=1"]),
+        "{inspect}"
+    );
+}
+
+#[test]
+fn heredoc_scripts_run_with_their_shebang() {
+    let e = Env::new();
+    let log = e.stdout_of("FROM busybox:test\nRUN <<EOF\n#!/bin/sh -e\necho \"script as $0\"\nEOF\nRUN cat <<A\nfrom stdin heredoc\nA\n");
+    let out = step_output(&log);
+    assert!(out.iter().any(|l| l.starts_with("script as ")), "{log}");
+    assert!(out.contains(&"from stdin heredoc".to_string()), "{log}");
+}
+
+#[test]
+fn failing_step_reports_step_exit_code_output_and_line() {
+    let e = Env::new();
+    let ctx = e.ctx("FROM busybox:test\nRUN true\nRUN echo compiling; echo 'error: it broke' >&2; exit 2\nRUN echo never\n");
+    let out = run(builder().args(["build", "--root"]).arg(e.root()).arg(&ctx));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Buildfile:3:1: step 3/4 RUN echo compiling; echo 'error: it broke' >&2; exit 2: exit code 2"), "{err}");
+    assert!(
+        err.contains("> error: it broke"),
+        "the last output lines are shown: {err}"
+    );
+    assert!(!err.contains("never"));
+    assert!(no_mounts_under(&e.root()));
+}
+
+#[test]
+fn secrets_reach_the_step_but_never_the_image_or_store() {
+    let e = Env::new();
+    let secret_file = e.dir.path().join("token");
+    let secret = "s3cr3t-value-never-stored";
+    fs::write(&secret_file, secret).unwrap();
+    let ctx = e.ctx("FROM busybox:test\nRUN --mount=type=secret,id=token cat /run/secrets/token > /dev/null && echo saw-$(cat /run/secrets/token | wc -c)\nRUN --mount=type=secret,id=token,env=TOKEN test ${#TOKEN} -eq 25 && echo env-ok\n");
+    let layout = e.dir.path().join("secret-layout");
+    let out = run_ok(
+        builder()
+            .args(["build", "--progress", "quiet", "--root"])
+            .arg(e.root())
+            .arg("--secret")
+            .arg(format!("id=token,src={}", secret_file.display()))
+            .arg("-o")
+            .arg(format!("oci:{}:t", layout.display()))
+            .arg(&ctx)
+            .stderr(Stdio::piped()),
+    );
+    assert!(out.starts_with("sha256:"));
+    for dir in [e.root(), layout.clone()] {
+        for f in walkdir::WalkDir::new(&dir)
+            .into_iter()
+            .flatten()
+            .filter(|f| f.file_type().is_file())
+        {
+            let bytes = fs::read(f.path()).unwrap();
+            let mut text = bytes.clone();
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                use std::io::Read;
+                text.clear();
+                let _ = flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut text);
+            }
+            assert!(
+                !String::from_utf8_lossy(&text).contains(secret),
+                "secret found in {}",
+                f.path().display()
+            );
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&layout, "t", t.path()).join("rootfs");
+    assert!(!rootfs.join("run/secrets").exists());
+}
+
+#[test]
+fn cache_mounts_persist_between_builds() {
+    let e = Env::new();
+    let file = "FROM busybox:test\nRUN --mount=type=cache,target=/cache echo run >> /cache/log && wc -l < /cache/log\n";
+    let first = step_output(&e.stdout_of(file));
+    let second = step_output(&e.stdout_of(&format!("{file}# again\n")));
+    assert!(first.contains(&"1".to_string()), "{first:?}");
+    assert!(second.contains(&"2".to_string()), "{second:?}");
+    let (_, layout) = e.build_local(file, &[]);
+    let t = tempfile::tempdir().unwrap();
+    assert!(
+        !umoci_unpack(&layout, "t", t.path())
+            .join("rootfs/cache/log")
+            .exists(),
+        "cache content is not in the image"
+    );
+}
+
+#[test]
+fn overlay_and_copy_snapshotters_write_identical_layers() {
+    let e = Env::new();
+    let file = "FROM busybox:test\nRUN mkdir -p /a/b && echo 1 > /a/b/c && echo 2 > /top && rm /bin/wc && ln -s /top /a/link\nRUN rm -rf /a/b && echo 3 >> /top && chmod 600 /top\n";
+    let ctx = e.ctx(file);
+    let overlay = run_ok(
+        builder()
+            .args([
+                "build",
+                "--progress",
+                "quiet",
+                "--source-date-epoch",
+                "0",
+                "--root",
+            ])
+            .arg(e.root())
+            .arg(&ctx),
+    );
+    let copy = run_ok(
+        builder()
+            .env("BUILDER_SNAPSHOTTER", "copy")
+            .args([
+                "build",
+                "--progress",
+                "quiet",
+                "--source-date-epoch",
+                "0",
+                "--root",
+            ])
+            .arg(e.root())
+            .arg(&ctx),
+    );
+    assert_eq!(
+        overlay, copy,
+        "both snapshotters produce byte-identical layers and the same image"
+    );
+}
+
+fn kill_mid_step(signal: &str) {
+    let e = Env::new();
+    let ctx = e.ctx("FROM busybox:test\nRUN echo started && sleep 300\n");
+    let mut child = builder()
+        .args(["build", "--progress", "plain", "--root"])
+        .arg(e.root())
+        .arg(&ctx)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the step runs.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("started") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the step started");
+    run_ok(std::process::Command::new("kill").args([signal, &child.id().to_string()]));
+    let _ = child.wait();
+    // Every process of the step dies with it and no mount stays behind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sleeping = run(std::process::Command::new("pgrep").args(["-f", "sleep 300"]))
+            .status
+            .success();
+        if !sleeping && no_mounts_under(&e.root()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "step processes or mounts remain after kill {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run_ok(builder().args(["fsck", "--root"]).arg(e.root()));
+    let ctx2 = e.ctx("FROM busybox:test\nRUN echo next build works\n");
+    build(&e.root(), &ctx2, &[]);
+}
+
+#[test]
+fn sigint_mid_step_leaves_nothing_behind() {
+    kill_mid_step("-INT");
+}
+
+#[test]
+fn sigkill_mid_step_leaves_nothing_behind() {
+    kill_mid_step("-KILL");
+}
