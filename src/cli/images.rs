@@ -61,6 +61,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
         let opts = UnpackOptions {
             devices: nix::unistd::geteuid().is_root(),
             ownership: nix::unistd::geteuid().is_root(),
+            overlay_format: false,
         };
         unpack::unpack_layer(
             &a.source,

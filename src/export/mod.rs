@@ -153,6 +153,7 @@ pub fn export(
             let opts = UnpackOptions {
                 devices: false,
                 ownership: nix::unistd::geteuid().is_root(),
+                overlay_format: false,
             };
             for l in &image.state.layers {
                 unpack::unpack_layer(&blobs.path(&l.digest), &l.digest.to_string(), dir, opts)

@@ -34,6 +34,9 @@ pub struct UnpackOptions {
     pub devices: bool,
     /// Apply uid/gid from the entries (needs root).
     pub ownership: bool,
+    /// Unpack into an empty directory in overlayfs format: whiteouts become 0/0 character
+    /// devices and opaque markers the `trusted.overlay.opaque` xattr, instead of deleting.
+    pub overlay_format: bool,
 }
 
 /// Statistics of one unpack, for the messages a caller prints.
@@ -180,11 +183,19 @@ pub fn unpack_layer(
     target: &Path,
     opts: UnpackOptions,
 ) -> Result<UnpackReport, UnpackError> {
+    // Pass 1: whiteouts, applied before anything of this layer is written.
+    if !opts.overlay_format {
+        apply_whiteouts(layer_path, layer_name, target)?;
+    }
+    unpack_entries(layer_path, layer_name, target, opts)
+}
+
+/// Delete what the layer's whiteouts name from `target`.
+fn apply_whiteouts(layer_path: &Path, layer_name: &str, target: &Path) -> Result<(), UnpackError> {
     let io_e = |source| UnpackError::Io {
         layer: layer_name.to_string(),
         source,
     };
-    // Pass 1: whiteouts, applied before anything of this layer is written.
     let mut archive = tar::Archive::new(open_layer(layer_path).map_err(io_e)?);
     let mut opaque = Vec::new();
     let mut whiteouts = Vec::new();
@@ -222,7 +233,20 @@ pub fn unpack_layer(
         }
     }
 
-    // Pass 2: the entries.
+    Ok(())
+}
+
+/// Write the layer's entries (not its whiteouts, unless in overlay format) into `target`.
+fn unpack_entries(
+    layer_path: &Path,
+    layer_name: &str,
+    target: &Path,
+    opts: UnpackOptions,
+) -> Result<UnpackReport, UnpackError> {
+    let io_e = |source| UnpackError::Io {
+        layer: layer_name.to_string(),
+        source,
+    };
     let mut report = UnpackReport::default();
     let mut archive = tar::Archive::new(open_layer(layer_path).map_err(io_e)?);
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
@@ -239,7 +263,25 @@ pub fn unpack_layer(
         let Some(base) = rel.file_name() else {
             continue;
         };
-        if base.as_bytes().starts_with(b".wh.") {
+        if let Some(hidden) = base.as_bytes().strip_prefix(b".wh.") {
+            if opts.overlay_format {
+                let parent =
+                    resolve_in_root(target, rel.parent().unwrap_or(Path::new(""))).map_err(io_e)?;
+                fs::create_dir_all(&parent).map_err(io_e)?;
+                if hidden == b".wh..opq" {
+                    xattr::set(&parent, "trusted.overlay.opaque", b"y").map_err(io_e)?;
+                } else {
+                    let p = parent.join(OsStr::from_bytes(hidden));
+                    let _ = remove_any(&p);
+                    nix::sys::stat::mknod(
+                        &p,
+                        nix::sys::stat::SFlag::S_IFCHR,
+                        nix::sys::stat::Mode::empty(),
+                        0,
+                    )
+                    .map_err(|e| io_e(io::Error::from(e)))?;
+                }
+            }
             continue;
         }
         let parent_rel = rel.parent().unwrap_or(Path::new(""));

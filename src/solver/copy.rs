@@ -364,6 +364,7 @@ pub fn stage(plan: &CopyPlan, staging: &Path) -> Result<(), CopyError> {
                 let opts = UnpackOptions {
                     devices: false,
                     ownership: nix::unistd::geteuid().is_root(),
+                    overlay_format: false,
                 };
                 unpack::unpack_layer(&m.path, &m.rel, &t, opts)
                     .map_err(|e| CopyError::Other(e.to_string()))?;

@@ -18,13 +18,14 @@ use serde_json::{json, Value};
 use crate::context::SourceRoot;
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
 use crate::oci::layer::{write_layer, Compression, LayerOptions};
-use crate::oci::unpack::{self, UnpackOptions};
+use crate::oci::unpack;
 use crate::plan::{Base, BuildGraph, Platform, Scope};
 use crate::progress::Reporter;
 use crate::store::{sources, Store, StoreError};
 use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
 use crate::syntax::instruction::{Command, Healthcheck, Network};
 use crate::syntax::{Instruction, Located};
+use crate::worker::snapshots::{RootView, Snapshots};
 use crate::worker::{self, Exit, Snapshotter};
 
 /// Everything a build needs besides the store.
@@ -95,7 +96,7 @@ fn caret(line: &str, column: usize) -> String {
 
 struct StageResult {
     state: ImageState,
-    rootfs: tempfile::TempDir,
+    view: RootView,
 }
 
 struct Ctx<'a> {
@@ -105,31 +106,29 @@ struct Ctx<'a> {
     created: String,
     step: usize,
     total: usize,
-    external: BTreeMap<String, (ImageState, tempfile::TempDir)>,
-    snapshotter: Option<Snapshotter>,
+    external: BTreeMap<String, (ImageState, RootView)>,
+    snapshotter: Snapshotter,
+    snaps: Snapshots,
 }
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Unpack `layers` into a fresh directory.
-fn materialize(store: &Store, layers: &[LayerRef]) -> Result<tempfile::TempDir, BuildError> {
-    let dir = store.scratch_dir("rootfs-")?;
-    let opts = UnpackOptions {
-        devices: false,
-        ownership: is_root(),
-    };
-    for l in layers {
-        unpack::unpack_layer(
-            &store.blobs.path(&l.digest),
-            &l.digest.to_string(),
-            dir.path(),
-            opts,
-        )
-        .map_err(|e| BuildError::Other(e.to_string()))?;
+/// Overlay snapshots when running as root where overlayfs mounts; otherwise private copies.
+/// As root, builder first moves into its own mount namespace so its views die with it.
+fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshotter, BuildError> {
+    if !is_root() {
+        return Ok(Snapshotter::Copy);
     }
-    Ok(dir)
+    worker::snapshots::enter_private_mount_namespace()
+        .map_err(|e| BuildError::Other(e.to_string()))?;
+    let probe = store.scratch_dir("overlay-probe-")?;
+    let s = worker::detect(probe.path());
+    if s == Snapshotter::Copy {
+        reporter.warn("overlayfs is not available here: using the copy snapshotter (each RUN copies the root filesystem)");
+    }
+    Ok(s)
 }
 
 /// Build the graph's target; returns the committed image.
@@ -140,6 +139,7 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         .iter()
         .map(|&i| req.graph.stages[i].instructions.len() + 1)
         .sum();
+    let snapshotter = choose_snapshotter(store, req.reporter)?;
     let mut cx = Ctx {
         store,
         req,
@@ -148,7 +148,8 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         step: 0,
         total,
         external: BTreeMap::new(),
-        snapshotter: None,
+        snapshotter,
+        snaps: Snapshots::new(store.root(), &store.blobs),
     };
     for &i in &req.graph.order {
         let r = cx.run_stage(i)?;
@@ -205,18 +206,18 @@ impl Ctx<'_> {
             .step(self.step, self.total, &label, &from_text);
         let started = Instant::now();
         let p = &self.req.platform;
-        let (mut state, rootfs) = match &stage.base {
+        let (mut state, mut view) = match &stage.base {
             Base::Scratch => (
                 ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref()),
-                self.store.scratch_dir("rootfs-")?,
+                self.view(&[])?,
             ),
             Base::Stage(i) => {
                 let parent = self.results.get(i).ok_or_else(|| {
                     BuildError::Other(format!("stage {} was not built before stage {}", i, index))
                 })?;
                 let state = parent.state.clone();
-                let dir = materialize(self.store, &state.layers)?;
-                (state, dir)
+                let view = self.view(&state.layers)?;
+                (state, view)
             }
             Base::Image(r) => {
                 let img = sources::fetch(self.store, r, p).map_err(|e| {
@@ -230,8 +231,8 @@ impl Ctx<'_> {
                         source_line: self.source_line(stage.span.line),
                     }))
                 })?;
-                let dir = materialize(self.store, &img.state.layers)?;
-                (img.state, dir)
+                let view = self.view(&img.state.layers)?;
+                (img.state, view)
             }
         };
         self.req.reporter.done(self.step, started.elapsed(), false);
@@ -267,10 +268,10 @@ impl Ctx<'_> {
                 .reporter
                 .step(self.step, self.total, &label, &l.text);
             let started = Instant::now();
-            self.apply(l, &mut state, &mut scope, rootfs.path(), &mut cmd_set)?;
+            self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
-        Ok(StageResult { state, rootfs })
+        Ok(StageResult { state, view })
     }
 
     fn word(&self, l: &Located, scope: &Scope, s: &str) -> Result<String, BuildError> {
@@ -288,9 +289,11 @@ impl Ctx<'_> {
         l: &Located,
         state: &mut ImageState,
         scope: &mut Scope,
-        rootfs: &Path,
+        view: &mut RootView,
         cmd_set: &mut bool,
     ) -> Result<(), BuildError> {
+        let rootfs_path = view.path().to_path_buf();
+        let rootfs = rootfs_path.as_path();
         match &l.instruction {
             Instruction::From { .. } => return Err(self.fail(l, "FROM inside a stage")),
             Instruction::Arg(decls) => {
@@ -417,7 +420,7 @@ impl Ctx<'_> {
                     };
                     copy::stage(&stager_fix, staging.path())
                         .map_err(|e| self.fail(l, e.to_string()))?;
-                    Some(self.commit_layer(l, staging.path(), rootfs)?)
+                    Some(self.commit_layer(l, staging.path(), view)?)
                 };
                 self.history(state, format!("WORKDIR {}", path), layer);
             }
@@ -547,7 +550,7 @@ impl Ctx<'_> {
                 self.history(state, format!("ONBUILD {}", t), None);
             }
             Instruction::Run(r) => {
-                let (layer, created_by) = self.run_step(l, r, state, scope, rootfs)?;
+                let (layer, created_by) = self.run_step(l, r, state, scope, view)?;
                 self.history(state, created_by, Some(layer));
             }
             Instruction::Copy(c) | Instruction::Add(c) => {
@@ -637,24 +640,11 @@ impl Ctx<'_> {
                 };
                 let staging = self.store.scratch_dir("copy-")?;
                 copy::stage(&plan, staging.path()).map_err(|e| self.fail(l, e.to_string()))?;
-                let layer = self.commit_layer(l, staging.path(), rootfs)?;
+                let layer = self.commit_layer(l, staging.path(), view)?;
                 self.history(state, format!("{} # builder", l.text), Some(layer));
             }
         }
         Ok(())
-    }
-
-    fn snapshotter(&mut self) -> Result<Snapshotter, BuildError> {
-        if let Some(s) = self.snapshotter {
-            return Ok(s);
-        }
-        let probe = self.store.scratch_dir("overlay-probe-")?;
-        let s = worker::detect(probe.path());
-        if s == Snapshotter::Copy {
-            self.req.reporter.warn("overlayfs is not available here: using the copy snapshotter (each RUN copies the root filesystem)");
-        }
-        self.snapshotter = Some(s);
-        Ok(s)
     }
 
     /// Run one RUN step in the sandbox; returns its layer and history text.
@@ -664,8 +654,10 @@ impl Ctx<'_> {
         r: &crate::syntax::instruction::Run,
         state: &ImageState,
         scope: &Scope,
-        rootfs: &Path,
+        view: &mut RootView,
     ) -> Result<(LayerRef, String), BuildError> {
+        let rootfs_path = view.path().to_path_buf();
+        let rootfs = rootfs_path.as_path();
         if !is_root() {
             return Err(self.fail(l, "RUN needs root: rootless builds are not supported yet (run builder as root, or build images without RUN)"));
         }
@@ -765,7 +757,6 @@ impl Ctx<'_> {
             });
         }
 
-        let snapshotter = self.snapshotter()?;
         let spec = run::spec(
             argv.clone(),
             env,
@@ -784,9 +775,8 @@ impl Ctx<'_> {
         let step = self.step;
         let (exit, diff) = worker::run_step(
             worker::StepInput {
-                rootfs,
+                view: &*view,
                 scratch: &step_dir,
-                snapshotter,
                 spec,
             },
             &mut |line| {
@@ -810,7 +800,7 @@ impl Ctx<'_> {
                 ))
             }
         }
-        let layer = self.commit_layer(l, &diff, rootfs)?;
+        let layer = self.commit_layer(l, &diff, view)?;
         let args: String = if used_args.is_empty() {
             String::new()
         } else {
@@ -843,7 +833,7 @@ impl Ctx<'_> {
             return self
                 .results
                 .get(&i)
-                .map(|r| r.rootfs.path().to_path_buf())
+                .map(|r| r.view.path().to_path_buf())
                 .ok_or_else(|| {
                     self.fail(l, format!("stage {} is not built before this step", from))
                 });
@@ -851,8 +841,8 @@ impl Ctx<'_> {
         if !self.external.contains_key(from) {
             let img = sources::fetch(self.store, from, &self.req.platform)
                 .map_err(|e| self.fail(l, e.to_string()))?;
-            let dir = materialize(self.store, &img.state.layers)?;
-            self.external.insert(from.to_string(), (img.state, dir));
+            let view = self.view(&img.state.layers)?;
+            self.external.insert(from.to_string(), (img.state, view));
         }
         Ok(self
             .external
@@ -861,12 +851,18 @@ impl Ctx<'_> {
             .unwrap_or_default())
     }
 
-    /// Turn a staged tree into a layer and apply it to the stage's root filesystem.
+    /// A view of `layers` with this build's snapshotter.
+    fn view(&self, layers: &[LayerRef]) -> Result<RootView, BuildError> {
+        RootView::new(&self.snaps, self.snapshotter, layers)
+            .map_err(|e| BuildError::Other(e.to_string()))
+    }
+
+    /// Turn a staged tree into a layer and put it on the stage's view.
     fn commit_layer(
         &self,
         l: &Located,
         staging: &Path,
-        rootfs: &Path,
+        view: &mut RootView,
     ) -> Result<LayerRef, BuildError> {
         let layer = write_layer(
             &self.store.blobs,
@@ -877,23 +873,15 @@ impl Ctx<'_> {
             },
         )
         .map_err(|e| self.fail(l, e.to_string()))?;
-        let opts = UnpackOptions {
-            devices: false,
-            ownership: is_root(),
-        };
-        unpack::unpack_layer(
-            &self.store.blobs.path(&layer.digest),
-            &layer.digest.to_string(),
-            rootfs,
-            opts,
-        )
-        .map_err(|e| self.fail(l, e.to_string()))?;
-        Ok(LayerRef {
+        let layer = LayerRef {
             digest: layer.digest,
             diff_id: layer.diff_id,
             size: layer.size,
             media_type: layer.media_type,
-        })
+        };
+        view.add_layer(&self.snaps, &layer)
+            .map_err(|e| self.fail(l, e.to_string()))?;
+        Ok(layer)
     }
 
     fn argv(&self, state: &ImageState, c: &Command) -> Vec<String> {

@@ -103,6 +103,8 @@ impl Store {
     /// Open (creating) the store at `root`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(root).map_err(io_at(root))?;
+        // Absolute, so paths built from it mean the same after any chdir.
+        let root = &root.canonicalize().map_err(io_at(root))?;
         let blobs = BlobStore::open(root, &root.join("tmp"))?;
         Ok(Store {
             root: root.to_path_buf(),

@@ -14,6 +14,7 @@
 //! show up in a diff.
 
 pub mod sandbox;
+pub mod snapshots;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -96,11 +97,10 @@ pub fn detect(scratch: &Path) -> Snapshotter {
 
 /// What one step needs besides the command itself.
 pub struct StepInput<'a> {
-    /// The stage's root filesystem before the step (private to this build).
-    pub rootfs: &'a Path,
+    /// The stage's root filesystem before the step.
+    pub view: &'a snapshots::RootView,
     /// A scratch directory for this step (removed by the caller).
     pub scratch: &'a Path,
-    pub snapshotter: Snapshotter,
     /// The spec, with `root` filled in by [`run_step`].
     pub spec: RunSpec,
 }
@@ -111,51 +111,126 @@ pub fn run_step(
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(Exit, PathBuf), WorkerError> {
     let StepInput {
-        rootfs,
+        view,
         scratch,
-        snapshotter,
         mut spec,
     } = input;
+    let rootfs = view.path();
+    if view.mode() == Snapshotter::Overlay {
+        // Mount points come from a skeleton layered on top of the shared snapshots.
+        let skeleton = scratch.join("skeleton");
+        fs::create_dir_all(&skeleton).map_err(io_at(&skeleton))?;
+        make_skeleton(rootfs, &skeleton, &spec)?;
+        let (upper, work, merged) = (
+            scratch.join("upper"),
+            scratch.join("work"),
+            scratch.join("merged"),
+        );
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        let mut lowers = vec![skeleton];
+        lowers.extend(view.lowers().iter().cloned());
+        spec.root = sandbox::RootMount::Overlay {
+            lowers,
+            upper: upper.clone(),
+            work,
+            merged,
+            base: view.base.clone(),
+        };
+        let exit = sandbox::run(&spec, on_line)?;
+        return Ok((exit, upper));
+    }
+    // Copy: the view is a private directory; mount points are made in it and removed after.
     spec.root = sandbox::RootMount::Bind {
         dir: rootfs.to_path_buf(),
     };
     let created = MountPoints::create(rootfs, &spec)?;
     let result = (|| -> Result<(Exit, PathBuf), WorkerError> {
-        match snapshotter {
-            Snapshotter::Overlay => {
-                let (upper, work, merged) = (
-                    scratch.join("upper"),
-                    scratch.join("work"),
-                    scratch.join("merged"),
-                );
-                for d in [&upper, &work, &merged] {
-                    fs::create_dir_all(d).map_err(io_at(d))?;
-                }
-                spec.root = sandbox::RootMount::Overlay {
-                    lowers: vec![rootfs.to_path_buf()],
-                    upper: upper.clone(),
-                    work,
-                    merged,
-                };
-                let exit = sandbox::run(&spec, on_line)?;
-                Ok((exit, upper))
-            }
-            Snapshotter::Copy => {
-                let copy = scratch.join("root");
-                copy_tree(rootfs, &copy)?;
-                spec.root = sandbox::RootMount::Bind { dir: copy.clone() };
-                let exit = sandbox::run(&spec, on_line)?;
-                let diff = scratch.join("diff");
-                fs::create_dir_all(&diff).map_err(io_at(&diff))?;
-                if exit == Exit::Code(0) {
-                    walk_diff(rootfs, &copy, &diff)?;
-                }
-                Ok((exit, diff))
-            }
+        let copy = scratch.join("root");
+        copy_tree(rootfs, &copy)?;
+        spec.root = sandbox::RootMount::Bind { dir: copy.clone() };
+        let exit = sandbox::run(&spec, on_line)?;
+        let diff = scratch.join("diff");
+        fs::create_dir_all(&diff).map_err(io_at(&diff))?;
+        if exit == Exit::Code(0) {
+            walk_diff(rootfs, &copy, &diff)?;
         }
+        Ok((exit, diff))
     })();
     created.remove(rootfs);
     result
+}
+
+/// Create the sandbox's mount points in `skeleton`, mirroring the metadata of every existing
+/// directory on the way (the topmost layer's metadata is what overlay shows and copies up).
+fn make_skeleton(view: &Path, skeleton: &Path, spec: &RunSpec) -> Result<(), WorkerError> {
+    let files: Vec<String> = spec
+        .etc_files
+        .iter()
+        .map(|(_, t)| t.clone())
+        .chain(spec.mounts.iter().filter_map(|m| match m {
+            ExtraMount::Bind { source, target, .. } if !source.is_dir() => Some(target.clone()),
+            _ => None,
+        }))
+        .collect();
+    for target in sandbox::mount_points(spec) {
+        let rel = Path::new(target.trim_start_matches('/'));
+        let Ok(resolved) = resolve_in_root(view, rel) else {
+            continue;
+        };
+        let Ok(inner) = resolved.strip_prefix(view) else {
+            continue;
+        };
+        let comps: Vec<_> = inner.components().collect();
+        let mut cur = PathBuf::new();
+        for (i, c) in comps.iter().enumerate() {
+            cur.push(c);
+            let dst = skeleton.join(&cur);
+            if fs::symlink_metadata(&dst).is_ok() {
+                continue;
+            }
+            let src = view.join(&cur);
+            let leaf = i + 1 == comps.len();
+            match fs::symlink_metadata(&src) {
+                Ok(md) if md.is_dir() => {
+                    fs::create_dir(&dst).map_err(io_at(&dst))?;
+                    copy_meta(&src, &dst, &md);
+                }
+                Ok(md) if leaf => {
+                    fs::File::create(&dst).map_err(io_at(&dst))?;
+                    copy_meta(&src, &dst, &md);
+                }
+                Ok(_) => break,
+                Err(_) if leaf && files.contains(&target) => {
+                    fs::File::create(&dst).map_err(io_at(&dst))?;
+                }
+                Err(_) => fs::create_dir(&dst).map_err(io_at(&dst))?,
+            }
+        }
+    }
+    // Parent directories' mtimes were touched by creating children: mirror them again.
+    for e in walkdir::WalkDir::new(skeleton)
+        .min_depth(1)
+        .contents_first(true)
+        .into_iter()
+        .flatten()
+    {
+        let rel = e.path().strip_prefix(skeleton).unwrap_or(e.path());
+        if let Ok(md) = fs::symlink_metadata(view.join(rel)) {
+            if md.is_dir() && e.file_type().is_dir() {
+                let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+                let _ = nix::sys::stat::utimensat(
+                    None,
+                    e.path(),
+                    &ts,
+                    &ts,
+                    nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Mount points created in the lower root, to be removed again afterwards.

@@ -34,6 +34,8 @@ pub enum RootMount {
         upper: PathBuf,
         work: PathBuf,
         merged: PathBuf,
+        /// Lowers under it are named relative to it in the mount options.
+        base: PathBuf,
     },
     /// A private writable copy, bind-mounted onto itself.
     Bind { dir: PathBuf },
@@ -343,18 +345,17 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
             upper,
             work,
             merged,
+            base,
         } => {
-            let lower = lowers
-                .iter()
-                .map(|l| l.display().to_string())
-                .collect::<Vec<_>>()
-                .join(":");
+            let lower = crate::worker::snapshots::lowerdir_option(lowers, base)
+                .map_err(|e| SandboxError(e.to_string()))?;
             let data = format!(
-                "lowerdir={},upperdir={},workdir={}",
+                "{},upperdir={},workdir={}",
                 lower,
                 upper.display(),
                 work.display()
             );
+            chdir(base.as_path()).map_err(serr("chdir to the snapshot directory"))?;
             mnt(
                 Some("overlay"),
                 merged,

@@ -1,0 +1,300 @@
+//! Layer snapshots and root filesystem views.
+//!
+//! With overlayfs, every layer is unpacked once, in overlay format, into
+//! `snapshots/<chain id>/fs` and shared (read-only) by every step and every build; a stage's
+//! root filesystem is a read-only overlay of its layers' snapshots, mounted in builder's own
+//! private mount namespace (see [`enter_private_mount_namespace`]), so it can never outlive
+//! builder. Without overlayfs, a view is a private directory the layers are unpacked into.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::Snapshotter;
+use crate::oci::blobs::BlobStore;
+use crate::oci::digest::Digest;
+use crate::oci::image::LayerRef;
+use crate::oci::unpack::{self, UnpackOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Unpack(#[from] unpack::UnpackError),
+    #[error("mount {what}: {errno}")]
+    Mount {
+        what: String,
+        errno: nix::errno::Errno,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Give builder a private mount namespace, so the views it mounts vanish with it whatever
+/// way it ends. Must run before any thread starts.
+pub fn enter_private_mount_namespace() -> Result<(), SnapshotError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|errno| {
+        SnapshotError::Mount {
+            what: "a private mount namespace".into(),
+            errno,
+        }
+    })?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|errno| SnapshotError::Mount {
+        what: "/ private".into(),
+        errno,
+    })
+}
+
+/// Chain ids of a layer stack: `chain[0] = diff_id[0]`, `chain[n] = sha256(chain[n-1] + " " + diff_id[n])`.
+pub fn chain_ids(layers: &[LayerRef]) -> Vec<Digest> {
+    let mut out: Vec<Digest> = Vec::new();
+    for l in layers {
+        let next = match out.last() {
+            None => l.diff_id.clone(),
+            Some(prev) => Digest::of(format!("{} {}", prev, l.diff_id).as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// The longest mount option string the kernel takes (one page, minus a margin).
+const MAX_MOUNT_DATA: usize = 4000;
+
+/// overlay's `lowerdir=` for `lowers`, with paths under `base` made relative to it (the caller
+/// mounts from `base` as working directory): twice as many layers fit in one page.
+pub fn lowerdir_option(lowers: &[PathBuf], base: &Path) -> Result<String, SnapshotError> {
+    let parts: Vec<String> = lowers
+        .iter()
+        .map(|l| match l.strip_prefix(base) {
+            Ok(rel) => rel.display().to_string(),
+            Err(_) => l.display().to_string(),
+        })
+        .collect();
+    let data = format!("lowerdir={}", parts.join(":"));
+    if data.len() > MAX_MOUNT_DATA {
+        return Err(SnapshotError::Mount {
+            what: format!(
+                "an overlay of {} layers (too many for one mount)",
+                lowers.len()
+            ),
+            errno: nix::errno::Errno::E2BIG,
+        });
+    }
+    Ok(data)
+}
+
+/// The shared snapshot directory of a store.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    dir: PathBuf,
+    tmp: PathBuf,
+    blobs: BlobStore,
+}
+
+impl Snapshots {
+    pub fn new(store_root: &Path, blobs: &BlobStore) -> Snapshots {
+        Snapshots {
+            dir: store_root.join("snapshots"),
+            tmp: store_root.join("tmp"),
+            blobs: blobs.clone(),
+        }
+    }
+
+    /// The directory snapshot paths are relative to in mount options.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The overlay-format directory of `layer` on top of the chain `chain`, unpacking it once.
+    pub fn layer_dir(&self, chain: &Digest, layer: &LayerRef) -> Result<PathBuf, SnapshotError> {
+        let final_dir = self.dir.join(chain.hex());
+        let fs_dir = final_dir.join("fs");
+        if fs_dir.is_dir() {
+            return Ok(fs_dir);
+        }
+        fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
+        fs::create_dir_all(&self.tmp).map_err(io_at(&self.tmp))?;
+        let staging = tempfile::Builder::new()
+            .prefix("snapshot-")
+            .tempdir_in(&self.tmp)
+            .map_err(io_at(&self.tmp))?;
+        let fs_tmp = staging.path().join("fs");
+        fs::create_dir(&fs_tmp).map_err(io_at(&fs_tmp))?;
+        let opts = UnpackOptions {
+            devices: false,
+            ownership: true,
+            overlay_format: true,
+        };
+        unpack::unpack_layer(
+            &self.blobs.path(&layer.digest),
+            &layer.digest.to_string(),
+            &fs_tmp,
+            opts,
+        )?;
+        // Publish atomically; a concurrent builder may have won the race, which is fine.
+        let staged = staging.keep();
+        match fs::rename(&staged, &final_dir) {
+            Ok(()) => {}
+            Err(_) if fs_dir.is_dir() => {
+                let _ = fs::remove_dir_all(&staged);
+            }
+            Err(e) => return Err(io_at(&final_dir)(e)),
+        }
+        crate::oci::blobs::sync_dir(&self.dir);
+        Ok(fs_dir)
+    }
+}
+
+/// A stage's root filesystem, read-only, as the solver reads it.
+pub struct RootView {
+    mode: Snapshotter,
+    /// Overlay: the layer snapshot dirs, top first.
+    lowers: Vec<PathBuf>,
+    chains: Vec<Digest>,
+    mountpoint: tempfile::TempDir,
+    mounted: bool,
+    empty: tempfile::TempDir,
+    /// The snapshot directory (mount options are relative to it).
+    pub base: PathBuf,
+}
+
+impl RootView {
+    /// A view of `layers` (bottom first).
+    pub fn new(
+        snaps: &Snapshots,
+        mode: Snapshotter,
+        layers: &[LayerRef],
+    ) -> Result<RootView, SnapshotError> {
+        let mountpoint = tempfile::Builder::new()
+            .prefix("view-")
+            .tempdir_in(&snaps.tmp)
+            .map_err(io_at(&snaps.tmp))?;
+        let empty = tempfile::Builder::new()
+            .prefix("empty-")
+            .tempdir_in(&snaps.tmp)
+            .map_err(io_at(&snaps.tmp))?;
+        fs::create_dir_all(&snaps.dir).map_err(io_at(&snaps.dir))?;
+        let mut v = RootView {
+            mode,
+            lowers: Vec::new(),
+            chains: Vec::new(),
+            mountpoint,
+            mounted: false,
+            empty,
+            base: snaps.dir.clone(),
+        };
+        for l in layers {
+            v.push(snaps, l)?;
+        }
+        v.remount()?;
+        Ok(v)
+    }
+
+    /// Where the merged tree is.
+    pub fn path(&self) -> &Path {
+        self.mountpoint.path()
+    }
+
+    /// The snapshot dirs, top first (overlay mode).
+    pub fn lowers(&self) -> &[PathBuf] {
+        &self.lowers
+    }
+
+    pub fn mode(&self) -> Snapshotter {
+        self.mode
+    }
+
+    fn push(&mut self, snaps: &Snapshots, layer: &LayerRef) -> Result<(), SnapshotError> {
+        let mut chain = self.chains.clone();
+        let next = match chain.last() {
+            None => layer.diff_id.clone(),
+            Some(prev) => Digest::of(format!("{} {}", prev, layer.diff_id).as_bytes()),
+        };
+        chain.push(next.clone());
+        match self.mode {
+            Snapshotter::Overlay => {
+                let dir = snaps.layer_dir(&next, layer)?;
+                self.lowers.insert(0, dir);
+            }
+            Snapshotter::Copy => {
+                let opts = UnpackOptions {
+                    devices: false,
+                    ownership: nix::unistd::geteuid().is_root(),
+                    overlay_format: false,
+                };
+                unpack::unpack_layer(
+                    &snaps.blobs.path(&layer.digest),
+                    &layer.digest.to_string(),
+                    self.mountpoint.path(),
+                    opts,
+                )?;
+            }
+        }
+        self.chains = chain;
+        Ok(())
+    }
+
+    /// Put one more layer on top.
+    pub fn add_layer(&mut self, snaps: &Snapshots, layer: &LayerRef) -> Result<(), SnapshotError> {
+        self.unmount();
+        self.push(snaps, layer)?;
+        self.remount()
+    }
+
+    fn remount(&mut self) -> Result<(), SnapshotError> {
+        if self.mode != Snapshotter::Overlay || self.lowers.is_empty() {
+            return Ok(());
+        }
+        let mut lowers = self.lowers.clone();
+        if lowers.len() == 1 {
+            // A read-only overlay needs two lower directories.
+            lowers.push(self.empty.path().to_path_buf());
+        }
+        let data = lowerdir_option(&lowers, &self.base)?;
+        let cwd = std::env::current_dir().map_err(io_at(&self.base))?;
+        std::env::set_current_dir(&self.base).map_err(io_at(&self.base))?;
+        let r = mount(
+            Some("overlay"),
+            self.mountpoint.path(),
+            Some("overlay"),
+            MsFlags::MS_RDONLY,
+            Some(data.as_str()),
+        );
+        std::env::set_current_dir(&cwd).map_err(io_at(&cwd))?;
+        r.map_err(|errno| SnapshotError::Mount {
+            what: format!("overlay view at {}", self.mountpoint.path().display()),
+            errno,
+        })?;
+        self.mounted = true;
+        Ok(())
+    }
+
+    fn unmount(&mut self) {
+        if self.mounted {
+            let _ = umount2(self.mountpoint.path(), MntFlags::MNT_DETACH);
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for RootView {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
