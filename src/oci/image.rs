@@ -273,6 +273,18 @@ pub fn state_from_config(
     })
 }
 
+/// The `rootfs.diff_ids` of a config document.
+pub fn diff_ids_of(config: &Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Load a stored image by manifest digest (blobs verified on read).
 pub fn load(blobs: &BlobStore, manifest_digest: &Digest) -> Result<StoredImage, ImageError> {
     let what = manifest_digest.to_string();
@@ -287,14 +299,7 @@ pub fn load(blobs: &BlobStore, manifest_digest: &Digest) -> Result<StoredImage, 
         .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))?;
     let cbytes = blobs.get(&config_digest)?;
     let cv: Value = serde_json::from_slice(&cbytes).map_err(|e| invalid(&what, e.to_string()))?;
-    let diff_ids: Vec<String> = cv["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = diff_ids_of(&cv);
     let mut layers = Vec::new();
     for (i, l) in manifest.layers().iter().enumerate() {
         let digest: Digest = l

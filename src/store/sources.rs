@@ -199,14 +199,7 @@ fn import_docker_dir(store: &Store, dir: &Path, origin: &Path) -> Result<StoredI
     let config_bytes = fs::read(&config_path).map_err(|e| damaged(&config_path, e.to_string()))?;
     let cv: Value =
         serde_json::from_slice(&config_bytes).map_err(|e| damaged(&config_path, e.to_string()))?;
-    let diff_ids: Vec<String> = cv["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = image::diff_ids_of(&cv);
     let mut layers = Vec::new();
     for (i, l) in entry["Layers"]
         .as_array()
