@@ -228,6 +228,50 @@ impl SourceRoot {
         Ok(out)
     }
 
+    /// Every entry a COPY of `sources` reads (matches, and everything below matched
+    /// directories that the ignore file and `excludes` keep), as (relative path, disk path).
+    pub fn enumerate(
+        &self,
+        sources: &[String],
+        excludes: &IgnoreMatcher,
+    ) -> Result<Vec<(String, PathBuf)>, ContextError> {
+        let mut out = Vec::new();
+        for src in sources {
+            for m in self.expand(src)? {
+                out.push((m.rel.clone(), m.path.clone()));
+                if !m.path.is_dir() {
+                    continue;
+                }
+                for e in walkdir::WalkDir::new(&m.path)
+                    .min_depth(1)
+                    .follow_links(false)
+                    .sort_by_file_name()
+                {
+                    let e = e.map_err(|e| ContextError::Io {
+                        path: m.path.clone(),
+                        source: io::Error::other(e.to_string()),
+                    })?;
+                    let sub = e
+                        .path()
+                        .strip_prefix(&m.path)
+                        .unwrap_or(e.path())
+                        .to_string_lossy()
+                        .into_owned();
+                    let rel = if m.rel == "." {
+                        sub.clone()
+                    } else {
+                        format!("{}/{}", m.rel, sub)
+                    };
+                    if self.excluded(&rel) || (!excludes.is_empty() && excludes.is_ignored(&sub)) {
+                        continue;
+                    }
+                    out.push((rel, e.path().to_path_buf()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether a path below a copied directory is excluded by the ignore file.
     pub fn excluded(&self, rel: &str) -> bool {
         self.ignored(rel)

@@ -49,6 +49,12 @@ pub struct BuildArgs {
     /// Do not use the layer cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// Do not use the cache for these stages (repeatable).
+    #[arg(long = "no-cache-filter", value_name = "STAGE")]
+    pub no_cache_filter: Vec<String>,
+    /// Parallel jobs (default: the number of CPUs).
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// Outputs: oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, local:DIR, or type=...
     #[arg(short = 'o', long = "output")]
     pub outputs: Vec<String>,
@@ -157,6 +163,13 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
                 )))
             }
         },
+        no_cache: a.no_cache,
+        no_cache_filter: a.no_cache_filter.clone(),
+        jobs: a.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
         secrets: a
             .secrets
             .iter()

@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::cache::context_hash::ContextHasher;
+use crate::cache::{CacheIndex, CacheKey};
 use crate::context::SourceRoot;
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
 use crate::oci::layer::{write_layer, Compression, LayerOptions};
@@ -45,6 +47,12 @@ pub struct BuildRequest<'a> {
     pub network: Network,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, run::SecretSource>,
+    /// `--no-cache`: run every step.
+    pub no_cache: bool,
+    /// `--no-cache-filter`: stages (names or indexes) whose steps all run.
+    pub no_cache_filter: Vec<String>,
+    /// Parallelism for hashing (and, later, stages).
+    pub jobs: usize,
 }
 
 /// A failed build, located at the build file line of the failing step when there is one.
@@ -96,7 +104,9 @@ fn caret(line: &str, column: usize) -> String {
 
 struct StageResult {
     state: ImageState,
-    view: RootView,
+    /// The key of the stage's last step: what `COPY --from` and `FROM <stage>` key on.
+    key: CacheKey,
+    view: Option<RootView>,
 }
 
 struct Ctx<'a> {
@@ -109,6 +119,8 @@ struct Ctx<'a> {
     external: BTreeMap<String, (ImageState, RootView)>,
     snapshotter: Snapshotter,
     snaps: Snapshots,
+    cache: CacheIndex,
+    hasher: ContextHasher,
 }
 
 fn is_root() -> bool {
@@ -150,6 +162,8 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         external: BTreeMap::new(),
         snapshotter,
         snaps: Snapshots::new(store.root(), &store.blobs),
+        cache: CacheIndex::new(store.root(), &store.blobs),
+        hasher: ContextHasher::open(store.root(), req.jobs),
     };
     for &i in &req.graph.order {
         let r = cx.run_stage(i)?;
@@ -193,31 +207,22 @@ impl Ctx<'_> {
         let stage = &self.req.graph.stages[index];
         let label = format!("stage-{}", stage.label());
         self.step += 1;
-        let from_text = self
-            .req
-            .source
-            .lines()
-            .nth(stage.span.line.saturating_sub(1))
-            .unwrap_or("FROM")
-            .trim()
-            .to_string();
+        let from_text = self.source_line(stage.span.line).trim().to_string();
         self.req
             .reporter
             .step(self.step, self.total, &label, &from_text);
         let started = Instant::now();
         let p = &self.req.platform;
-        let (mut state, mut view) = match &stage.base {
+        let (mut state, base_key) = match &stage.base {
             Base::Scratch => (
                 ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref()),
-                self.view(&[])?,
+                CacheKey::base(json!({"scratch": p.spec()})),
             ),
             Base::Stage(i) => {
                 let parent = self.results.get(i).ok_or_else(|| {
                     BuildError::Other(format!("stage {} was not built before stage {}", i, index))
                 })?;
-                let state = parent.state.clone();
-                let view = self.view(&state.layers)?;
-                (state, view)
+                (parent.state.clone(), parent.key.clone())
             }
             Base::Image(r) => {
                 let img = sources::fetch(self.store, r, p).map_err(|e| {
@@ -231,12 +236,26 @@ impl Ctx<'_> {
                         source_line: self.source_line(stage.span.line),
                     }))
                 })?;
-                let view = self.view(&img.state.layers)?;
-                (img.state, view)
+                (
+                    img.state,
+                    CacheKey::base(json!({"image": img.manifest_digest.to_string()})),
+                )
             }
         };
         self.req.reporter.done(self.step, started.elapsed(), false);
+        // Everything that shapes layer bytes and timestamps is part of the first key.
+        let mut key = CacheKey::chain(
+            &base_key,
+            json!({"epoch": self.req.epoch, "compression": format!("{:?}", self.req.compression)}),
+        );
+        let use_cache = !self.req.no_cache
+            && !self
+                .req
+                .no_cache_filter
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
 
+        let mut view: Option<RootView> = None;
         let mut scope = Scope {
             args: BTreeMap::new(),
             env: state.env(),
@@ -268,10 +287,55 @@ impl Ctx<'_> {
                 .reporter
                 .step(self.step, self.total, &label, &l.text);
             let started = Instant::now();
+            let layered = matches!(
+                l.instruction,
+                Instruction::Workdir(_)
+                    | Instruction::Copy(_)
+                    | Instruction::Add(_)
+                    | Instruction::Run(_)
+            );
+            if !layered {
+                // Metadata steps are cheap: apply, then key on the config they produced.
+                self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
+                key = CacheKey::chain(
+                    &key,
+                    json!({"text": l.text, "config": crate::cache::context_hash::digest_of(&serde_json::from_slice::<Value>(&state.config_json()).unwrap_or(Value::Null))}),
+                );
+                self.req.reporter.done(self.step, started.elapsed(), false);
+                continue;
+            }
+            let material = self.key_material(l, &state, &scope)?;
+            key = CacheKey::chain(&key, material);
+            if use_cache {
+                if let Some(hit) = self.cache.get(&key) {
+                    state = hit.state;
+                    self.req.reporter.done(self.step, started.elapsed(), true);
+                    continue;
+                }
+            }
+            self.sync_view(&mut view, &state)?;
             self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
+            if let Err(e) = self.cache.put(&key, &state) {
+                self.req
+                    .reporter
+                    .warn(&format!("could not record the cache entry: {}", e));
+            }
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
-        Ok(StageResult { state, view })
+        Ok(StageResult { state, key, view })
+    }
+
+    /// Create or grow `view` to show `state`'s layers.
+    fn sync_view(&self, view: &mut Option<RootView>, state: &ImageState) -> Result<(), BuildError> {
+        match view {
+            Some(v) => v
+                .sync(&self.snaps, &state.layers)
+                .map_err(|e| BuildError::Other(e.to_string())),
+            None => {
+                *view = Some(self.view(&state.layers)?);
+                Ok(())
+            }
+        }
     }
 
     fn word(&self, l: &Located, scope: &Scope, s: &str) -> Result<String, BuildError> {
@@ -289,10 +353,13 @@ impl Ctx<'_> {
         l: &Located,
         state: &mut ImageState,
         scope: &mut Scope,
-        view: &mut RootView,
+        view_slot: &mut Option<RootView>,
         cmd_set: &mut bool,
     ) -> Result<(), BuildError> {
-        let rootfs_path = view.path().to_path_buf();
+        let rootfs_path = view_slot
+            .as_ref()
+            .map(|v| v.path().to_path_buf())
+            .unwrap_or_default();
         let rootfs = rootfs_path.as_path();
         match &l.instruction {
             Instruction::From { .. } => return Err(self.fail(l, "FROM inside a stage")),
@@ -322,7 +389,8 @@ impl Ctx<'_> {
                     });
                     scope.args.insert(name.clone(), value);
                 }
-                self.history(state, format!("ARG {}", shown.join(" ")), None);
+                // ARGs are not part of the image: no history entry, so unused ARGs never change it.
+                let _ = shown;
             }
             Instruction::Env(kvs) => {
                 let mut shown = Vec::new();
@@ -420,6 +488,9 @@ impl Ctx<'_> {
                     };
                     copy::stage(&stager_fix, staging.path())
                         .map_err(|e| self.fail(l, e.to_string()))?;
+                    let view = view_slot.as_mut().ok_or_else(|| {
+                        BuildError::Other("internal: WORKDIR without a root view".into())
+                    })?;
                     Some(self.commit_layer(l, staging.path(), view)?)
                 };
                 self.history(state, format!("WORKDIR {}", path), layer);
@@ -550,6 +621,9 @@ impl Ctx<'_> {
                 self.history(state, format!("ONBUILD {}", t), None);
             }
             Instruction::Run(r) => {
+                let view = view_slot
+                    .as_mut()
+                    .ok_or_else(|| BuildError::Other("internal: RUN without a root view".into()))?;
                 let (layer, created_by) = self.run_step(l, r, state, scope, view)?;
                 self.history(state, created_by, Some(layer));
             }
@@ -640,6 +714,9 @@ impl Ctx<'_> {
                 };
                 let staging = self.store.scratch_dir("copy-")?;
                 copy::stage(&plan, staging.path()).map_err(|e| self.fail(l, e.to_string()))?;
+                let view = view_slot.as_mut().ok_or_else(|| {
+                    BuildError::Other("internal: COPY without a root view".into())
+                })?;
                 let layer = self.commit_layer(l, staging.path(), view)?;
                 self.history(state, format!("{} # builder", l.text), Some(layer));
             }
@@ -818,25 +895,189 @@ impl Ctx<'_> {
     }
 
     /// The files a `--from` names: an earlier stage's root filesystem, or an image's.
-    fn source_for(&mut self, l: &Located, from: &str) -> Result<PathBuf, BuildError> {
+    /// Everything that decides a layer-producing step's result, after expansion.
+    fn key_material(
+        &mut self,
+        l: &Located,
+        state: &ImageState,
+        scope: &Scope,
+    ) -> Result<Value, BuildError> {
+        let runtime = state.runtime();
+        let workdir = runtime.working_dir().clone().unwrap_or_else(|| "/".into());
+        let user = runtime.user().clone().unwrap_or_default();
+        let mut m = json!({"text": l.text, "workdir": workdir, "user": user});
+        match &l.instruction {
+            Instruction::Workdir(w) => {
+                m["path"] = json!(self.word(l, scope, w)?);
+            }
+            Instruction::Copy(c) | Instruction::Add(c) => {
+                let mut sources = Vec::new();
+                for src in &c.sources {
+                    sources.push(self.word(l, scope, src)?);
+                }
+                let opt = |v: &Option<String>| -> Result<Option<String>, BuildError> {
+                    v.as_ref().map(|x| self.word(l, scope, x)).transpose()
+                };
+                m["sources"] = json!(sources);
+                m["dest"] = json!(self.word(l, scope, &c.dest)?);
+                m["chown"] = json!(opt(&c.chown)?);
+                m["chmod"] = json!(opt(&c.chmod)?);
+                m["flags"] = json!({"link": c.link, "parents": c.parents, "excludes": c.excludes, "checksum": c.checksum, "unpack": c.unpack, "keep_git_dir": c.keep_git_dir});
+                let docs: Vec<Value> = c
+                    .heredocs
+                    .iter()
+                    .map(|h| json!([h.name, h.content, h.expand]))
+                    .collect();
+                m["heredocs"] = json!(docs);
+                if !c.heredocs.is_empty() {
+                    // Heredoc bodies may expand variables: key on the values in scope.
+                    m["scope"] = json!(scope
+                        .args
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<BTreeMap<_, _>>());
+                    m["env"] = json!(scope.env);
+                }
+                let urls: Vec<&String> = sources
+                    .iter()
+                    .filter(|s| s.starts_with("http://") || s.starts_with("https://"))
+                    .collect();
+                if !urls.is_empty() && c.checksum.is_none() {
+                    // Remote content is unknown until fetched: never reuse such a step.
+                    m["uncacheable"] = json!(format!("{:?}", std::time::SystemTime::now()));
+                }
+                match opt(&c.from)? {
+                    Some(f) => m["from"] = json!(self.from_identity(l, &f)?),
+                    None => {
+                        let local: Vec<String> = sources
+                            .iter()
+                            .filter(|s| {
+                                !s.starts_with("http://")
+                                    && !s.starts_with("https://")
+                                    && crate::syntax::parser::parse_heredoc_word(s).is_none()
+                            })
+                            .cloned()
+                            .collect();
+                        let ctx = SourceRoot {
+                            root: self.req.context.clone(),
+                            ignore: self.req.ignore.clone(),
+                            is_context: true,
+                        };
+                        let excludes = IgnoreMatcher::new(&c.excludes)
+                            .map_err(|e| self.fail(l, format!("--exclude: {}", e)))?;
+                        let entries = ctx
+                            .enumerate(&local, &excludes)
+                            .map_err(|e| self.fail(l, e.to_string()))?;
+                        let described = self
+                            .hasher
+                            .describe(&entries, self.req.epoch)
+                            .map_err(|e| self.fail(l, e.to_string()))?;
+                        m["context"] = json!(crate::cache::context_hash::digest_of(&described));
+                    }
+                }
+            }
+            Instruction::Run(r) => {
+                let shell: Vec<String> = state
+                    .extras
+                    .get("Shell")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+                let (argv, script) = run::argv_of(r, &shell);
+                let (env, _) = run::env_of(&state.env(), scope, &self.req.build_args, None);
+                m["argv"] = json!(argv);
+                m["script"] = json!(script);
+                m["env"] = json!(env);
+                m["network"] = json!(format!("{:?}", r.network.unwrap_or(self.req.network)));
+                m["security"] = json!(r.security);
+                let mut mounts = Vec::new();
+                for spec in &r.mounts {
+                    let spec = self.word(l, scope, spec)?;
+                    let mount =
+                        crate::syntax::mount::Mount::parse(&spec).map_err(|e| self.fail(l, e))?;
+                    let mut entry = json!({"spec": spec});
+                    if mount.kind == crate::syntax::mount::MountType::Bind {
+                        match &mount.from {
+                            Some(f) => entry["from"] = json!(self.from_identity(l, f)?),
+                            None => {
+                                let ctx = SourceRoot {
+                                    root: self.req.context.clone(),
+                                    ignore: self.req.ignore.clone(),
+                                    is_context: true,
+                                };
+                                let src = mount.source.clone().unwrap_or_else(|| ".".into());
+                                let entries = ctx
+                                    .enumerate(&[src], &IgnoreMatcher::default())
+                                    .map_err(|e| self.fail(l, e.to_string()))?;
+                                let described = self
+                                    .hasher
+                                    .describe(&entries, self.req.epoch)
+                                    .map_err(|e| self.fail(l, e.to_string()))?;
+                                entry["context"] =
+                                    json!(crate::cache::context_hash::digest_of(&described));
+                            }
+                        }
+                    }
+                    mounts.push(entry);
+                }
+                m["mounts"] = json!(mounts);
+            }
+            _ => {}
+        }
+        Ok(m)
+    }
+
+    /// What a `--from` stands for in a key: a stage's result key, or an image's digest.
+    fn from_identity(&mut self, l: &Located, from: &str) -> Result<String, BuildError> {
+        if let Some(i) = self.stage_index(from) {
+            return self
+                .results
+                .get(&i)
+                .map(|r| format!("stage:{}", r.key.0))
+                .ok_or_else(|| {
+                    self.fail(l, format!("stage {} is not built before this step", from))
+                });
+        }
+        let img = sources::fetch(self.store, from, &self.req.platform)
+            .map_err(|e| self.fail(l, e.to_string()))?;
+        Ok(format!("image:{}", img.manifest_digest))
+    }
+
+    /// The stage a `--from` value names, if it names one.
+    fn stage_index(&self, from: &str) -> Option<usize> {
         let stages = &self.req.graph.stages;
-        let idx = from
-            .parse::<usize>()
+        from.parse::<usize>()
             .ok()
             .filter(|i| *i < stages.len())
             .or_else(|| {
                 stages
                     .iter()
                     .position(|s| s.name.as_deref() == Some(&from.to_lowercase()))
-            });
-        if let Some(i) = idx {
-            return self
-                .results
-                .get(&i)
-                .map(|r| r.view.path().to_path_buf())
-                .ok_or_else(|| {
-                    self.fail(l, format!("stage {} is not built before this step", from))
-                });
+            })
+    }
+
+    fn source_for(&mut self, l: &Located, from: &str) -> Result<PathBuf, BuildError> {
+        if let Some(i) = self.stage_index(from) {
+            let layers = match self.results.get(&i) {
+                Some(r) if r.view.is_some() => {
+                    return Ok(r
+                        .view
+                        .as_ref()
+                        .map(|v| v.path().to_path_buf())
+                        .unwrap_or_default())
+                }
+                Some(r) => r.state.layers.clone(),
+                None => {
+                    return Err(
+                        self.fail(l, format!("stage {} is not built before this step", from))
+                    )
+                }
+            };
+            let view = self.view(&layers)?;
+            let path = view.path().to_path_buf();
+            if let Some(r) = self.results.get_mut(&i) {
+                r.view = Some(view);
+            }
+            return Ok(path);
         }
         if !self.external.contains_key(from) {
             let img = sources::fetch(self.store, from, &self.req.platform)

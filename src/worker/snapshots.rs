@@ -250,6 +250,19 @@ impl RootView {
         Ok(())
     }
 
+    /// Bring the view up to `layers` (a view only ever grows by the layers its stage adds).
+    pub fn sync(&mut self, snaps: &Snapshots, layers: &[LayerRef]) -> Result<(), SnapshotError> {
+        let chains = chain_ids(layers);
+        if chains.len() < self.chains.len() || chains[..self.chains.len()] != self.chains[..] {
+            *self = RootView::new(snaps, self.mode, layers)?;
+            return Ok(());
+        }
+        for l in &layers[self.chains.len()..] {
+            self.add_layer(snaps, l)?;
+        }
+        Ok(())
+    }
+
     /// Put one more layer on top.
     pub fn add_layer(&mut self, snaps: &Snapshots, layer: &LayerRef) -> Result<(), SnapshotError> {
         self.unmount();

@@ -1,0 +1,212 @@
+//! Content digests of what COPY, ADD and bind mounts read from the build context. Only the
+//! referenced paths are walked; files are hashed in parallel; a persistent stat cache (size,
+//! mtime, ctime, inode, device -> sha256) lets an unchanged file skip re-hashing, but is never
+//! trusted for a file changed within the last seconds (its ctime could still move without a
+//! visible change). Each file is hashed at most once per build.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+
+use crate::oci::blobs::write_atomic;
+use crate::oci::digest::{Digest, HashingWriter};
+
+/// Seconds a file's ctime must be in the past before its stat-cache entry is trusted.
+const RACY_SECONDS: i64 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct StatEntry {
+    size: u64,
+    mtime: i64,
+    mtime_ns: i64,
+    ctime: i64,
+    ctime_ns: i64,
+    ino: u64,
+    dev: u64,
+    sha256: String,
+}
+
+/// Hashes context files, remembering results in `cache/stat.json` under the store.
+pub struct ContextHasher {
+    path: PathBuf,
+    stat: Mutex<BTreeMap<String, StatEntry>>,
+    this_build: Mutex<BTreeMap<PathBuf, String>>,
+    dirty: Mutex<bool>,
+    /// How many files were actually read and hashed (for tests and benchmarks).
+    pub hashed: std::sync::atomic::AtomicUsize,
+    jobs: usize,
+}
+
+impl ContextHasher {
+    pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
+        let path = store_root.join("cache").join("stat.json");
+        let stat = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        ContextHasher {
+            path,
+            stat: Mutex::new(stat),
+            this_build: Mutex::new(BTreeMap::new()),
+            dirty: Mutex::new(false),
+            hashed: std::sync::atomic::AtomicUsize::new(0),
+            jobs: jobs.max(1),
+        }
+    }
+
+    /// Save the stat cache (atomically; a lost update only costs re-hashing).
+    pub fn save(&self) {
+        let dirty = self.dirty.lock().map(|d| *d).unwrap_or(false);
+        if !dirty {
+            return;
+        }
+        if let Ok(stat) = self.stat.lock() {
+            if let Ok(bytes) = serde_json::to_vec(&*stat) {
+                let _ = write_atomic(&self.path, &bytes);
+            }
+        }
+    }
+
+    fn cached(&self, path: &Path, md: &fs::Metadata, now: i64) -> Option<String> {
+        if let Some(h) = self.this_build.lock().ok()?.get(path) {
+            return Some(h.clone());
+        }
+        if now - md.ctime() < RACY_SECONDS {
+            return None;
+        }
+        let stat = self.stat.lock().ok()?;
+        let e = stat.get(&path.to_string_lossy().into_owned())?;
+        let same = e.size == md.len()
+            && e.mtime == md.mtime()
+            && e.mtime_ns == md.mtime_nsec()
+            && e.ctime == md.ctime()
+            && e.ctime_ns == md.ctime_nsec()
+            && e.ino == md.ino()
+            && e.dev == md.dev();
+        same.then(|| e.sha256.clone())
+    }
+
+    fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
+        let mut f = fs::File::open(path)?;
+        let mut w = HashingWriter::new(io::sink());
+        io::copy(&mut f, &mut w)?;
+        let (d, _, _) = w.finish();
+        let hex = d.hex().to_string();
+        self.hashed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut tb) = self.this_build.lock() {
+            tb.insert(path.to_path_buf(), hex.clone());
+        }
+        if let Ok(mut stat) = self.stat.lock() {
+            stat.insert(
+                path.to_string_lossy().into_owned(),
+                StatEntry {
+                    size: md.len(),
+                    mtime: md.mtime(),
+                    mtime_ns: md.mtime_nsec(),
+                    ctime: md.ctime(),
+                    ctime_ns: md.ctime_nsec(),
+                    ino: md.ino(),
+                    dev: md.dev(),
+                    sha256: hex.clone(),
+                },
+            );
+        }
+        if let Ok(mut d) = self.dirty.lock() {
+            *d = true;
+        }
+        Ok(hex)
+    }
+
+    /// Describe a set of context entries (`rel` -> on-disk path) for a cache key: type, mode,
+    /// owner, size, link target, xattrs, content digest, and the mtime as it will appear in
+    /// the layer (clamped to `epoch`).
+    pub fn describe(&self, entries: &[(String, PathBuf)], epoch: i64) -> io::Result<Value> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut metas = Vec::with_capacity(entries.len());
+        let mut todo: Vec<usize> = Vec::new();
+        let mut hashes: Vec<Option<String>> = vec![None; entries.len()];
+        for (i, (_, p)) in entries.iter().enumerate() {
+            let md = fs::symlink_metadata(p)?;
+            if md.is_file() {
+                match self.cached(p, &md, now) {
+                    Some(h) => hashes[i] = Some(h),
+                    None => todo.push(i),
+                }
+            }
+            metas.push(md);
+        }
+        // Hash the rest in parallel.
+        let results: Mutex<Vec<(usize, io::Result<String>)>> = Mutex::new(Vec::new());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..self.jobs.min(todo.len().max(1)) {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = todo.get(k) else { break };
+                    let r = self.hash_file(&entries[i].1, &metas[i]);
+                    if let Ok(mut v) = results.lock() {
+                        v.push((i, r));
+                    }
+                });
+            }
+        });
+        for (i, r) in results.into_inner().unwrap_or_default() {
+            hashes[i] = Some(r?);
+        }
+        let mut items = Vec::with_capacity(entries.len());
+        for (i, (rel, p)) in entries.iter().enumerate() {
+            let md = &metas[i];
+            let ft = md.file_type();
+            let kind = if ft.is_dir() {
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_file() {
+                "file"
+            } else {
+                "other"
+            };
+            let link = if ft.is_symlink() {
+                fs::read_link(p)
+                    .ok()
+                    .map(|l| String::from_utf8_lossy(l.as_os_str().as_bytes()).into_owned())
+            } else {
+                None
+            };
+            let mut xattrs: Vec<(String, String)> = xattr::list(p)
+                .map(|names| {
+                    names
+                        .filter_map(|n| {
+                            xattr::get(p, &n)
+                                .ok()
+                                .flatten()
+                                .map(|v| (n.to_string_lossy().into_owned(), hex::encode(v)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            xattrs.sort();
+            items.push(json!({
+                "path": rel, "type": kind, "mode": md.mode() & 0o7777, "uid": md.uid(), "gid": md.gid(),
+                "size": if ft.is_file() { md.len() } else { 0 }, "link": link, "xattrs": xattrs,
+                "sha256": hashes[i], "mtime": md.mtime().min(epoch),
+            }));
+        }
+        Ok(Value::Array(items))
+    }
+}
+
+/// A digest of a key-material document, for nesting big descriptions into a key.
+pub fn digest_of(v: &Value) -> String {
+    Digest::of(&crate::oci::image::canonical_json(v)).to_string()
+}

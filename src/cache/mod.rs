@@ -1,0 +1,142 @@
+//! The layer cache. A step's key is the sha256 of a canonical JSON document (sorted keys, no
+//! whitespace; never Rust's `Hash`) holding its parent's key and everything that changes the
+//! step's result: the instruction after expansion and, for COPY/ADD/bind mounts, the content
+//! digest of exactly the files they read. An entry maps a key to the image state after the
+//! step (config blob + layers) and is written, atomically, only after its blobs are durable.
+
+pub mod context_hash;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::oci::blobs::{write_atomic, BlobStore};
+use crate::oci::digest::Digest;
+use crate::oci::image::{canonical_json, state_from_config, ImageState, LayerRef};
+
+/// A step's cache key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey(pub Digest);
+
+/// Bump when the meaning of key material changes, so old entries stop matching.
+const KEY_VERSION: u32 = 1;
+
+impl CacheKey {
+    /// The key of a stage's starting point.
+    pub fn base(material: Value) -> CacheKey {
+        CacheKey(Digest::of(&canonical_json(
+            &json!({"v": KEY_VERSION, "base": material}),
+        )))
+    }
+    /// The key of a step on top of `parent`.
+    pub fn chain(parent: &CacheKey, step: Value) -> CacheKey {
+        CacheKey(Digest::of(&canonical_json(
+            &json!({"v": KEY_VERSION, "parent": parent.0.to_string(), "step": step}),
+        )))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Blob(#[from] crate::oci::blobs::BlobError),
+}
+
+/// `cache/<key>.json` files under the store.
+#[derive(Debug, Clone)]
+pub struct CacheIndex {
+    dir: PathBuf,
+    blobs: BlobStore,
+}
+
+/// One cached step result.
+pub struct Hit {
+    pub state: ImageState,
+}
+
+impl CacheIndex {
+    pub fn new(store_root: &Path, blobs: &BlobStore) -> CacheIndex {
+        CacheIndex {
+            dir: store_root.join("cache").join("steps"),
+            blobs: blobs.clone(),
+        }
+    }
+
+    fn path(&self, key: &CacheKey) -> PathBuf {
+        self.dir.join(format!("{}.json", key.0.hex()))
+    }
+
+    /// The cached state for `key`, when the entry and every blob it needs are present and
+    /// intact. A damaged entry is a miss, never an error.
+    pub fn get(&self, key: &CacheKey) -> Option<Hit> {
+        let bytes = fs::read(self.path(key)).ok()?;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
+        let config: Digest = v["config"].as_str()?.parse().ok()?;
+        let mut layers = Vec::new();
+        for l in v["layers"].as_array()? {
+            let layer = LayerRef {
+                digest: l["digest"].as_str()?.parse().ok()?,
+                diff_id: l["diff_id"].as_str()?.parse().ok()?,
+                size: l["size"].as_u64()?,
+                media_type: l["mediaType"].as_str()?.to_string(),
+            };
+            if !self.blobs.contains(&layer.digest) {
+                return None;
+            }
+            layers.push(layer);
+        }
+        let config_bytes = self.blobs.get(&config).ok()?;
+        let state = state_from_config(&config_bytes, layers, "cache").ok()?;
+        Some(Hit { state })
+    }
+
+    /// Record the state after a step. Blobs are already synced by the blob store.
+    pub fn put(&self, key: &CacheKey, state: &ImageState) -> Result<(), CacheError> {
+        let config = self.blobs.put(&state.config_json())?;
+        let layers: Vec<Value> = state
+            .layers
+            .iter()
+            .map(|l| json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size, "mediaType": l.media_type}))
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let doc = json!({"config": config.to_string(), "layers": layers, "created": now});
+        let p = self.path(key);
+        write_atomic(&p, &canonical_json(&doc)).map_err(|source| CacheError::Io { path: p, source })
+    }
+
+    /// Every entry: (path, created time, config digest, layer digests).
+    pub fn entries(&self) -> Vec<(PathBuf, u64, Option<Digest>, Vec<Digest>)> {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let Ok(bytes) = fs::read(&p) else { continue };
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let created = v["created"].as_u64().unwrap_or(0);
+            let config = v["config"].as_str().and_then(|c| c.parse().ok());
+            let layers = v["layers"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|l| l["digest"].as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((p, created, config, layers));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
