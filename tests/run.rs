@@ -49,10 +49,14 @@ impl Env {
         (d, layout)
     }
     fn stdout_of(&self, buildfile: &str) -> String {
+        self.log_of(buildfile, &[])
+    }
+    fn log_of(&self, buildfile: &str, extra: &[&str]) -> String {
         let ctx = self.ctx(buildfile);
         let out = run(builder()
             .args(["build", "--progress", "plain", "--root"])
             .arg(self.root())
+            .args(extra)
             .arg(&ctx));
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{err}");
