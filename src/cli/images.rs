@@ -84,13 +84,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
     let created = rfc3339(epoch);
     state.push_history(
         &created,
-        &format!(
-            "builder import {}",
-            a.source
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ),
+        "builder import",
         Some(LayerRef {
             digest: layer.digest,
             diff_id: layer.diff_id,

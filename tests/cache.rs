@@ -1,0 +1,255 @@
+//! The layer cache: what hits and what misses, and that a killed or concurrent build never
+//! leaves the store inconsistent or a later build wrong.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// Build and return (digest, step texts that were CACHED, step texts that ran).
+fn build_log(root: &Path, ctx: &Path, extra: &[&str]) -> (String, Vec<String>, Vec<String>) {
+    let out = run(builder()
+        .args(["build", "--progress", "plain", "--root"])
+        .arg(root)
+        .args(extra)
+        .arg(ctx));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    let mut texts = std::collections::BTreeMap::new();
+    let (mut cached, mut ran) = (Vec::new(), Vec::new());
+    for line in log.lines() {
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let Some((n, text)) = rest.split_once(' ') else {
+            continue;
+        };
+        if let Some(t) = text.strip_prefix('[') {
+            if let Some((_, instr)) = t.split_once("] ") {
+                texts.insert(n.to_string(), instr.to_string());
+            }
+        } else if text.starts_with("CACHED") {
+            cached.push(texts.get(n).cloned().unwrap_or_default());
+        } else if text.starts_with("DONE") {
+            let t = texts.get(n).cloned().unwrap_or_default();
+            if t.starts_with("RUN")
+                || t.starts_with("COPY")
+                || t.starts_with("ADD")
+                || t.starts_with("WORKDIR")
+            {
+                ran.push(t);
+            }
+        }
+    }
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        cached,
+        ran,
+    )
+}
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    busybox_base(&root, "busybox:test");
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("a.txt"), "a");
+    write(&ctx.join("b.txt"), "b");
+    write(&ctx.join("ignored.log"), "noise");
+    write(&ctx.join(".dockerignore"), "*.log\n");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nARG UNUSED=1\nARG USED=1\nCOPY a.txt /a.txt\nRUN cat /a.txt > /a.copy\nCOPY b.txt /b.txt\nRUN echo \"$USED\" > /used\nCOPY . /all/\n",
+    );
+    (t, root, ctx)
+}
+
+const COPY_A: &str = "COPY a.txt /a.txt";
+const RUN_A: &str = "RUN cat /a.txt > /a.copy";
+const COPY_B: &str = "COPY b.txt /b.txt";
+const RUN_USED: &str = "RUN echo \"$USED\" > /used";
+const COPY_ALL: &str = "COPY . /all/";
+
+#[test]
+fn unchanged_rebuild_hits_everything_and_gives_the_same_digest() {
+    let (_t, root, ctx) = setup();
+    let (d1, cached, ran) = build_log(&root, &ctx, &[]);
+    assert!(cached.is_empty());
+    assert_eq!(ran, [COPY_A, RUN_A, COPY_B, RUN_USED, COPY_ALL]);
+    let (d2, cached, ran) = build_log(&root, &ctx, &[]);
+    assert_eq!(d1, d2);
+    assert!(ran.is_empty(), "nothing runs: {ran:?}");
+    assert_eq!(cached, [COPY_A, RUN_A, COPY_B, RUN_USED, COPY_ALL]);
+    // --no-cache runs everything and still gives the same image.
+    let (d3, cached, _) = build_log(&root, &ctx, &["--no-cache"]);
+    assert!(cached.is_empty());
+    assert_eq!(d1, d3);
+}
+
+#[test]
+fn touch_hits_but_content_mode_and_owner_changes_miss_exactly_the_readers() {
+    let (_t, root, ctx) = setup();
+    let (d1, _, _) = build_log(&root, &ctx, &[]);
+    // mtime only.
+    std::thread::sleep(Duration::from_millis(1100));
+    run_ok(std::process::Command::new("touch").arg(ctx.join("b.txt")));
+    let (d2, _, ran) = build_log(&root, &ctx, &[]);
+    assert!(ran.is_empty(), "touch changes nothing: {ran:?}");
+    assert_eq!(d1, d2);
+    // Content of b.txt: the steps from COPY b.txt on run again, the ones before hit.
+    fs::write(ctx.join("b.txt"), "B").unwrap();
+    let (_, cached, ran) = build_log(&root, &ctx, &[]);
+    assert_eq!(cached, [COPY_A, RUN_A]);
+    assert_eq!(ran, [COPY_B, RUN_USED, COPY_ALL]);
+    // Mode of a.txt.
+    fs::set_permissions(ctx.join("a.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, cached, ran) = build_log(&root, &ctx, &[]);
+    assert!(cached.is_empty() && ran.len() == 5, "{cached:?} {ran:?}");
+    // Owner of b.txt.
+    nix::unistd::chown(&ctx.join("b.txt"), Some(1234.into()), None).unwrap();
+    let (_, cached, ran) = build_log(&root, &ctx, &[]);
+    assert_eq!(cached, [COPY_A, RUN_A]);
+    assert_eq!(ran, [COPY_B, RUN_USED, COPY_ALL]);
+}
+
+#[test]
+fn ignored_files_never_affect_the_key() {
+    let (_t, root, ctx) = setup();
+    let (d1, _, _) = build_log(&root, &ctx, &[]);
+    fs::write(ctx.join("ignored.log"), "different noise").unwrap();
+    write(&ctx.join("new.log"), "more noise");
+    let (d2, _, ran) = build_log(&root, &ctx, &[]);
+    assert!(ran.is_empty(), "{ran:?}");
+    assert_eq!(d1, d2);
+}
+
+#[test]
+fn build_args_miss_only_the_steps_that_use_them() {
+    let (_t, root, ctx) = setup();
+    build_log(&root, &ctx, &[]);
+    let (_, cached, ran) = build_log(&root, &ctx, &["--build-arg", "UNUSED=2"]);
+    // ARGs are in the environment of every RUN after them, as in docker: RUN steps use them.
+    assert_eq!(
+        cached,
+        [COPY_A],
+        "a COPY that does not expand the arg hits: {cached:?}"
+    );
+    assert_eq!(ran, [RUN_A, COPY_B, RUN_USED, COPY_ALL]);
+    let t2 = tempfile::tempdir().unwrap();
+    let ctx2 = t2.path().join("ctx");
+    write(&ctx2.join("x"), "x");
+    write(
+        &ctx2.join("Buildfile"),
+        "FROM busybox:test\nCOPY x /x\nARG V=1\nCOPY x /x-${V}\nCOPY x /y\n",
+    );
+    build_log(&root, &ctx2, &[]);
+    let (_, cached, ran) = build_log(&root, &ctx2, &["--build-arg", "V=2"]);
+    assert_eq!(cached, ["COPY x /x"]);
+    assert_eq!(ran, ["COPY x /x-${V}", "COPY x /y"]);
+}
+
+#[test]
+fn a_changed_stage_invalidates_only_its_copy_from_consumers() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    busybox_base(&root, "busybox:test");
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("one"), "1");
+    write(&ctx.join("two"), "2");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test AS one\nCOPY one /one\n\
+         FROM busybox:test AS two\nCOPY two /two\n\
+         FROM busybox:test\nRUN echo base > /base\nCOPY --from=two /two /from-two\nCOPY --from=one /one /from-one\n",
+    );
+    build_log(&root, &ctx, &[]);
+    fs::write(ctx.join("one"), "changed").unwrap();
+    let (_, cached, ran) = build_log(&root, &ctx, &[]);
+    assert_eq!(ran, ["COPY one /one", "COPY --from=one /one /from-one"]);
+    assert_eq!(
+        cached,
+        [
+            "COPY two /two",
+            "RUN echo base > /base",
+            "COPY --from=two /two /from-two"
+        ]
+    );
+}
+
+#[test]
+fn killed_builds_leave_a_consistent_store_and_the_same_result() {
+    let (_t, root, ctx) = setup();
+    write(&ctx.join("Buildfile"), "FROM busybox:test\nCOPY a.txt /a.txt\nRUN for i in 1 2 3 4 5 6 7 8; do echo $i > /f$i; done\nRUN sleep 0.3; echo two > /two\nCOPY . /all/\n");
+    let (expected, _, _) = build_log(&root, &ctx, &["--no-cache"]);
+    let fresh = root.with_file_name("kill-root");
+    busybox_base(&fresh, "busybox:test");
+    let mut rng_state: u64 = 0x9e3779b97f4a7c15;
+    for round in 0..20 {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        let delay = Duration::from_millis(rng_state % 900);
+        let mut child = builder()
+            .args(["build", "--progress", "quiet", "--root"])
+            .arg(&fresh)
+            .args(if round % 3 == 0 {
+                vec!["--no-cache"]
+            } else {
+                vec![]
+            })
+            .arg(&ctx)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        run_ok(builder().args(["fsck", "--root"]).arg(&fresh));
+    }
+    let (after, _, _) = build_log(&fresh, &ctx, &[]);
+    assert_eq!(after, expected, "after 20 kills the build is still correct");
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !info.contains(&fresh.display().to_string()),
+        "no mount remains"
+    );
+}
+
+#[test]
+fn two_builds_on_one_root_at_once_both_succeed() {
+    let (_t, root, ctx) = setup();
+    let ctx2 = ctx.with_file_name("ctx2");
+    write(&ctx2.join("c.txt"), "c");
+    write(
+        &ctx2.join("Buildfile"),
+        "FROM busybox:test\nCOPY c.txt /c\nRUN sleep 0.2 && cat /c > /c2\n",
+    );
+    let spawn = |c: &Path, tag: &str| {
+        builder()
+            .args(["build", "--progress", "quiet", "-t", tag, "--root"])
+            .arg(&root)
+            .arg(c)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(&ctx, "one"), spawn(&ctx2, "two"));
+    for (name, child) in [("one", a), ("two", b)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    run_ok(builder().args(["fsck", "--root"]).arg(&root));
+    let (_, cached, ran) = build_log(&root, &ctx, &[]);
+    assert!(ran.is_empty() && cached.len() == 5, "{cached:?} {ran:?}");
+}
