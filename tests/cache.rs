@@ -253,3 +253,54 @@ fn two_builds_on_one_root_at_once_both_succeed() {
     let (_, cached, ran) = build_log(&root, &ctx, &[]);
     assert!(ran.is_empty() && cached.len() == 5, "{cached:?} {ran:?}");
 }
+
+#[test]
+fn prune_keeps_what_tagged_images_need() {
+    let (t, root, ctx) = setup();
+    let (tagged, _, _) = build_log(&root, &ctx, &["-t", "keep:1"]);
+    let ctx2 = t.path().join("other");
+    write(&ctx2.join("z"), "z");
+    write(
+        &ctx2.join("Buildfile"),
+        "FROM busybox:test\nCOPY z /z\nRUN echo more > /more\n",
+    );
+    build_log(&root, &ctx2, &[]);
+    let du = run_ok(builder().args(["cache", "du", "--root"]).arg(&root));
+    assert!(du.contains("cache entries:          7"), "{du}");
+    let out = run_ok(
+        builder()
+            .args(["cache", "prune", "--all", "--root"])
+            .arg(&root),
+    );
+    assert!(out.contains("removed 7 cache entries"), "{out}");
+    run_ok(builder().args(["fsck", "--root"]).arg(&root));
+    let layout = t.path().join("exported");
+    run_ok(
+        builder()
+            .args(["export", "--root"])
+            .arg(&root)
+            .args(["keep:1", "-o"])
+            .arg(format!("oci:{}:k", layout.display())),
+    );
+    run_ok(
+        tool("oci-image-tool")
+            .args(["validate", "--type", "image", "--ref", "name=k"])
+            .arg(&layout),
+    );
+    // The cache is gone, so the steps run again, and give the same image.
+    let (again, cached, ran) = build_log(&root, &ctx, &[]);
+    assert!(cached.is_empty() && ran.len() == 5);
+    assert_eq!(again, tagged);
+    // Size-bounded and age-bounded prunes parse and run.
+    run_ok(
+        builder()
+            .args(["cache", "prune", "--keep-storage", "1kB", "--root"])
+            .arg(&root),
+    );
+    run_ok(
+        builder()
+            .args(["cache", "prune", "--filter", "until=24h", "--root"])
+            .arg(&root),
+    );
+    run_ok(builder().args(["fsck", "--root"]).arg(&root));
+}

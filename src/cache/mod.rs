@@ -5,6 +5,7 @@
 //! step (config blob + layers) and is written, atomically, only after its blobs are durable.
 
 pub mod context_hash;
+pub mod gc;
 
 use std::fs;
 use std::io;

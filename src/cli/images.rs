@@ -227,3 +227,70 @@ pub fn fsck(root: &RootArg) -> Result<(), CliError> {
         store.root().display()
     )))
 }
+
+fn human_bytes(n: u64) -> String {
+    human(n)
+}
+
+/// `builder cache du`.
+pub fn cache_du(root: &RootArg) -> Result<(), CliError> {
+    let store = root.open()?;
+    let u = crate::cache::gc::usage(&store)?;
+    println!("cache entries:          {}", u.entries);
+    println!(
+        "cache-only blobs:       {}",
+        human_bytes(u.cache_only_bytes)
+    );
+    println!("tagged image blobs:     {}", human_bytes(u.image_bytes));
+    println!("unpacked snapshots:     {}", human_bytes(u.snapshot_bytes));
+    Ok(())
+}
+
+/// `builder cache prune`.
+pub fn cache_prune(
+    root: &RootArg,
+    all: bool,
+    keep: Option<&str>,
+    filter: Option<&str>,
+) -> Result<(), CliError> {
+    let store = root.open()?;
+    let keep_storage =
+        match keep {
+            Some(k) => Some(crate::cache::gc::parse_size(k).ok_or_else(|| {
+                CliError::msg(format!("invalid --keep-storage {:?} (e.g. 10GB)", k))
+            })?),
+            None => None,
+        };
+    let older_than_secs = match filter {
+        Some(f) => {
+            let d = f.strip_prefix("until=").ok_or_else(|| {
+                CliError::msg(format!(
+                    "invalid --filter {:?}: only until=DURATION is supported",
+                    f
+                ))
+            })?;
+            Some(
+                crate::syntax::instruction::parse_duration(d)
+                    .ok_or_else(|| CliError::msg(format!("invalid duration {:?} (e.g. 24h)", d)))?
+                    / 1_000_000_000,
+            )
+        }
+        None => None,
+    };
+    let p = crate::cache::gc::prune(
+        &store,
+        &crate::cache::gc::PruneOptions {
+            all,
+            keep_storage,
+            older_than_secs,
+        },
+    )?;
+    println!(
+        "removed {} cache entries, {} blobs ({}), {} snapshots",
+        p.entries,
+        p.blobs,
+        human_bytes(p.bytes),
+        p.snapshots
+    );
+    Ok(())
+}

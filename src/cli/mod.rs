@@ -104,6 +104,9 @@ pub enum Command {
         #[command(flatten)]
         root: images::RootArg,
     },
+    /// Manage the layer cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Re-hash the store and report any problem.
     Fsck(images::RootArg),
     /// Front-end debugging commands.
@@ -113,6 +116,26 @@ pub enum Command {
 
 pub mod build;
 pub mod images;
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Show how much space the store uses.
+    Du(images::RootArg),
+    /// Remove cache entries and what only they need (never what a tagged image needs).
+    Prune {
+        /// Remove every cache entry (default: only entries whose layers no tagged image uses).
+        #[arg(long)]
+        all: bool,
+        /// Remove the oldest entries until the cache holds at most SIZE (e.g. 10GB).
+        #[arg(long, value_name = "SIZE")]
+        keep_storage: Option<String>,
+        /// `until=DURATION`: remove entries older than DURATION (e.g. 24h).
+        #[arg(long, value_name = "until=DURATION")]
+        filter: Option<String>,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
+}
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -134,6 +157,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             root,
         } => images::export_image(&root, &reference, &outputs),
         Command::Fsck(r) => images::fsck(&r),
+        Command::Cache(CacheCommand::Du(r)) => images::cache_du(&r),
+        Command::Cache(CacheCommand::Prune {
+            all,
+            keep_storage,
+            filter,
+            root,
+        }) => images::cache_prune(&root, all, keep_storage.as_deref(), filter.as_deref()),
         Command::Debug(d) => debug::run(d),
     }
 }

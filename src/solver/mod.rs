@@ -151,6 +151,8 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         .iter()
         .map(|&i| req.graph.stages[i].instructions.len() + 1)
         .sum();
+    // Held for the whole build so `cache prune` never removes what this build is writing.
+    let _lease = crate::cache::gc::build_lease(store)?;
     let snapshotter = choose_snapshotter(store, req.reporter)?;
     let mut cx = Ctx {
         store,
@@ -947,7 +949,7 @@ impl Ctx<'_> {
                     m["uncacheable"] = json!(format!("{:?}", std::time::SystemTime::now()));
                 }
                 match opt(&c.from)? {
-                    Some(f) => m["from"] = json!(self.from_identity(l, &f)?),
+                    Some(f) => m["from"] = json!(self.identity_of_from(l, &f)?),
                     None => {
                         let local: Vec<String> = sources
                             .iter()
@@ -997,7 +999,7 @@ impl Ctx<'_> {
                     let mut entry = json!({"spec": spec});
                     if mount.kind == crate::syntax::mount::MountType::Bind {
                         match &mount.from {
-                            Some(f) => entry["from"] = json!(self.from_identity(l, f)?),
+                            Some(f) => entry["from"] = json!(self.identity_of_from(l, f)?),
                             None => {
                                 let ctx = SourceRoot {
                                     root: self.req.context.clone(),
@@ -1027,7 +1029,7 @@ impl Ctx<'_> {
     }
 
     /// What a `--from` stands for in a key: a stage's result key, or an image's digest.
-    fn from_identity(&mut self, l: &Located, from: &str) -> Result<String, BuildError> {
+    fn identity_of_from(&mut self, l: &Located, from: &str) -> Result<String, BuildError> {
         if let Some(i) = self.stage_index(from) {
             return self
                 .results

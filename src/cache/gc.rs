@@ -1,0 +1,251 @@
+//! Space management: `builder cache du` and `builder cache prune`. Pruning takes the store's
+//! lease exclusively (every build holds it shared for its whole run), so it never removes
+//! what a running build is writing, and it never removes a blob or snapshot that a tagged
+//! image or a kept cache entry needs.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+
+use fs2::FileExt;
+
+use super::CacheIndex;
+use crate::oci::digest::Digest;
+use crate::oci::image;
+use crate::store::{Store, StoreError};
+use crate::worker::snapshots::chain_ids;
+
+/// Held by builds (shared) and by prune (exclusive).
+pub struct Lease {
+    _file: fs::File,
+}
+
+fn lease_file(store: &Store) -> Result<fs::File, StoreError> {
+    let p = store.root().join("gc.lock");
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|source| StoreError::Io { path: p, source })
+}
+
+/// Taken by every build for its whole run.
+pub fn build_lease(store: &Store) -> Result<Lease, StoreError> {
+    let f = lease_file(store)?;
+    f.lock_shared().map_err(|source| StoreError::Io {
+        path: store.root().join("gc.lock"),
+        source,
+    })?;
+    Ok(Lease { _file: f })
+}
+
+/// Parse `10GB`, `512MB`, `1.5g`, `100k`, `4096` (decimal units, as docker takes them).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let n: f64 = t[..split].parse().ok()?;
+    let mult = match t[split..].trim_end_matches('b').trim_end_matches('i') {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        _ => return None,
+    };
+    Some((n * mult) as u64)
+}
+
+/// What the store holds, for `du`.
+pub struct Usage {
+    pub entries: usize,
+    pub cache_only_bytes: u64,
+    pub image_bytes: u64,
+    pub snapshot_bytes: u64,
+}
+
+fn tagged_blobs(store: &Store) -> Result<BTreeSet<Digest>, StoreError> {
+    let mut live = BTreeSet::new();
+    for (_, d) in store.refs()? {
+        live.insert(d.clone());
+        if let Ok(img) = image::load(&store.blobs, &d) {
+            live.insert(img.config_digest.clone());
+            live.extend(img.state.layers.iter().map(|l| l.digest.clone()));
+        }
+    }
+    Ok(live)
+}
+
+fn size_of(store: &Store, d: &Digest) -> u64 {
+    fs::metadata(store.blobs.path(d))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    walkdir::WalkDir::new(p)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+pub fn usage(store: &Store) -> Result<Usage, StoreError> {
+    let index = CacheIndex::new(store.root(), &store.blobs);
+    let tagged = tagged_blobs(store)?;
+    let entries = index.entries();
+    let mut cache_blobs = BTreeSet::new();
+    for (_, _, config, layers) in &entries {
+        cache_blobs.extend(config.iter().cloned());
+        cache_blobs.extend(layers.iter().cloned());
+    }
+    Ok(Usage {
+        entries: entries.len(),
+        cache_only_bytes: cache_blobs
+            .difference(&tagged)
+            .map(|d| size_of(store, d))
+            .sum(),
+        image_bytes: tagged.iter().map(|d| size_of(store, d)).sum(),
+        snapshot_bytes: dir_size(&store.root().join("snapshots")),
+    })
+}
+
+/// Which cache entries a prune removes.
+pub struct PruneOptions {
+    pub all: bool,
+    pub keep_storage: Option<u64>,
+    pub older_than_secs: Option<u64>,
+}
+
+/// What a prune removed.
+pub struct Pruned {
+    pub entries: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+    pub snapshots: usize,
+}
+
+pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
+    let f = lease_file(store)?;
+    f.lock_exclusive().map_err(|source| StoreError::Io {
+        path: store.root().join("gc.lock"),
+        source,
+    })?;
+    let index = CacheIndex::new(store.root(), &store.blobs);
+    let tagged = tagged_blobs(store)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut entries = index.entries();
+    entries.sort_by_key(|e| e.1);
+    let mut remove: Vec<usize> = Vec::new();
+    for (i, (_, created, _, layers)) in entries.iter().enumerate() {
+        let old = opts
+            .older_than_secs
+            .is_some_and(|age| now.saturating_sub(*created) > age);
+        let dangling = !layers.iter().all(|l| tagged.contains(l));
+        let selected = if opts.all {
+            true
+        } else if opts.older_than_secs.is_some() {
+            old
+        } else {
+            opts.keep_storage.is_none() && dangling
+        };
+        if selected {
+            remove.push(i);
+        }
+    }
+    if let Some(limit) = opts.keep_storage {
+        // Oldest first, until what the remaining entries hold fits.
+        let mut kept: Vec<usize> = (0..entries.len()).filter(|i| !remove.contains(i)).collect();
+        loop {
+            let mut blobs = BTreeSet::new();
+            for &i in &kept {
+                blobs.extend(entries[i].2.iter().cloned());
+                blobs.extend(entries[i].3.iter().cloned());
+            }
+            let total: u64 = blobs.difference(&tagged).map(|d| size_of(store, d)).sum();
+            if total <= limit || kept.is_empty() {
+                break;
+            }
+            remove.push(kept.remove(0));
+        }
+    }
+    let mut pruned = Pruned {
+        entries: 0,
+        blobs: 0,
+        bytes: 0,
+        snapshots: 0,
+    };
+    for &i in &remove {
+        if fs::remove_file(&entries[i].0).is_ok() {
+            pruned.entries += 1;
+        }
+    }
+    // Everything still needed.
+    let mut live = tagged.clone();
+    let mut live_layer_lists: Vec<Vec<crate::oci::image::LayerRef>> = Vec::new();
+    for (_, d) in store.refs()? {
+        if let Ok(img) = image::load(&store.blobs, &d) {
+            live_layer_lists.push(img.state.layers.clone());
+        }
+    }
+    for (_, _, config, layers) in index.entries() {
+        live.extend(config.iter().cloned());
+        live.extend(layers.iter().cloned());
+    }
+    for d in store.blobs.list()? {
+        if !live.contains(&d) {
+            pruned.bytes += size_of(store, &d);
+            if fs::remove_file(store.blobs.path(&d)).is_ok() {
+                pruned.blobs += 1;
+            }
+        }
+    }
+    // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
+    let mut live_chains = BTreeSet::new();
+    for layers in &live_layer_lists {
+        live_chains.extend(chain_ids(layers).into_iter().map(|c| c.hex().to_string()));
+    }
+    if let Ok(rd) = fs::read_dir(store.root().join("snapshots")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !live_chains.contains(&name)
+                && (opts.all || opts.keep_storage.is_some() || opts.older_than_secs.is_some())
+                && fs::remove_dir_all(e.path()).is_ok()
+            {
+                pruned.snapshots += 1;
+            }
+        }
+    }
+    // No build is running: leftovers of killed builds can go.
+    if let Ok(rd) = fs::read_dir(store.root().join("tmp")) {
+        for e in rd.flatten() {
+            let _ = if e.path().is_dir() {
+                fs::remove_dir_all(e.path())
+            } else {
+                fs::remove_file(e.path())
+            };
+        }
+    }
+    Ok(pruned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10GB"), Some(10_000_000_000));
+        assert_eq!(parse_size("512mb"), Some(512_000_000));
+        assert_eq!(parse_size("100k"), Some(100_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("lots"), None);
+    }
+}
