@@ -1100,7 +1100,8 @@ impl Ctx<'_> {
             .map_err(|e| BuildError::Other(e.to_string()))
     }
 
-    /// Turn a staged tree into a layer and put it on the stage's view.
+    /// Turn a staged tree into a layer and put it on the stage's view; the tree itself
+    /// becomes the layer's snapshot.
     fn commit_layer(
         &self,
         l: &Located,
@@ -1122,7 +1123,7 @@ impl Ctx<'_> {
             size: layer.size,
             media_type: layer.media_type,
         };
-        view.add_layer(&self.snaps, &layer)
+        view.add_layer_from_dir(&self.snaps, &layer, staging)
             .map_err(|e| self.fail(l, e.to_string()))?;
         Ok(layer)
     }

@@ -121,6 +121,32 @@ impl Snapshots {
         &self.dir
     }
 
+    /// Publish `dir` (already exactly `layer`, in overlay format: a COPY staging directory or
+    /// a RUN upper directory) as the snapshot of `chain`, by rename: no second unpack.
+    pub fn adopt(&self, chain: &Digest, dir: &Path) -> Result<PathBuf, SnapshotError> {
+        let final_dir = self.dir.join(chain.hex());
+        let fs_dir = final_dir.join("fs");
+        if fs_dir.is_dir() {
+            return Ok(fs_dir);
+        }
+        fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
+        let staging = tempfile::Builder::new()
+            .prefix("snapshot-")
+            .tempdir_in(&self.tmp)
+            .map_err(io_at(&self.tmp))?;
+        fs::rename(dir, staging.path().join("fs")).map_err(io_at(dir))?;
+        let staged = staging.keep();
+        match fs::rename(&staged, &final_dir) {
+            Ok(()) => {}
+            Err(_) if fs_dir.is_dir() => {
+                let _ = fs::remove_dir_all(&staged);
+            }
+            Err(e) => return Err(io_at(&final_dir)(e)),
+        }
+        crate::oci::blobs::sync_dir(&self.dir);
+        Ok(fs_dir)
+    }
+
     /// The overlay-format directory of `layer` on top of the chain `chain`, unpacking it once.
     pub fn layer_dir(&self, chain: &Digest, layer: &LayerRef) -> Result<PathBuf, SnapshotError> {
         let final_dir = self.dir.join(chain.hex());
@@ -261,6 +287,28 @@ impl RootView {
             self.add_layer(snaps, l)?;
         }
         Ok(())
+    }
+
+    /// Put one more layer on top whose content is already laid out in `dir` (which is
+    /// consumed). With the copy snapshotter the layer is applied from the blob as usual.
+    pub fn add_layer_from_dir(
+        &mut self,
+        snaps: &Snapshots,
+        layer: &LayerRef,
+        dir: &Path,
+    ) -> Result<(), SnapshotError> {
+        if self.mode != Snapshotter::Overlay {
+            return self.add_layer(snaps, layer);
+        }
+        let next = match self.chains.last() {
+            None => layer.diff_id.clone(),
+            Some(prev) => Digest::of(format!("{} {}", prev, layer.diff_id).as_bytes()),
+        };
+        self.unmount();
+        let fs_dir = snaps.adopt(&next, dir)?;
+        self.lowers.insert(0, fs_dir);
+        self.chains.push(next);
+        self.remount()
     }
 
     /// Put one more layer on top.
