@@ -163,46 +163,75 @@ impl ContextHasher {
         for (i, r) in results.into_inner().unwrap_or_default() {
             hashes[i] = Some(r?);
         }
-        let mut items = Vec::with_capacity(entries.len());
+        // Explicit encoding, one record per entry, straight into the hash: a field separator
+        // (0x1f) between fields and a record separator (0x1e) after each; paths are UTF-8 from
+        // the context walk, so neither byte can occur inside a field except in file names,
+        // which are length-prefixed.
+        let mut h = HashingWriter::new(io::sink());
         for (i, (rel, p)) in entries.iter().enumerate() {
             let md = &metas[i];
             let ft = md.file_type();
             let kind = if ft.is_dir() {
-                "dir"
+                'd'
             } else if ft.is_symlink() {
-                "symlink"
+                'l'
             } else if ft.is_file() {
-                "file"
+                'f'
             } else {
-                "other"
+                'o'
             };
             let link = if ft.is_symlink() {
                 fs::read_link(p)
-                    .ok()
-                    .map(|l| String::from_utf8_lossy(l.as_os_str().as_bytes()).into_owned())
+                    .map(|l| l.as_os_str().as_bytes().to_vec())
+                    .unwrap_or_default()
             } else {
-                None
+                Vec::new()
             };
-            let mut xattrs: Vec<(String, String)> = xattr::list(p)
+            let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(p)
                 .map(|names| {
                     names
                         .filter_map(|n| {
                             xattr::get(p, &n)
                                 .ok()
                                 .flatten()
-                                .map(|v| (n.to_string_lossy().into_owned(), hex::encode(v)))
+                                .map(|v| (n.as_bytes().to_vec(), v))
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             xattrs.sort();
-            items.push(json!({
-                "path": rel, "type": kind, "mode": md.mode() & 0o7777, "uid": md.uid(), "gid": md.gid(),
-                "size": if ft.is_file() { md.len() } else { 0 }, "link": link, "xattrs": xattrs,
-                "sha256": hashes[i], "mtime": md.mtime().min(epoch),
-            }));
+            let mut rec: Vec<u8> = Vec::with_capacity(rel.len() + 128);
+            rec.extend_from_slice(format!("{}:", rel.len()).as_bytes());
+            rec.extend_from_slice(rel.as_bytes());
+            let fields = [
+                kind.to_string(),
+                format!("{:o}", md.mode() & 0o7777),
+                md.uid().to_string(),
+                md.gid().to_string(),
+                if ft.is_file() {
+                    md.len().to_string()
+                } else {
+                    "0".into()
+                },
+                format!("{}:{}", link.len(), String::from_utf8_lossy(&link)),
+                hashes[i].clone().unwrap_or_default(),
+                md.mtime().min(epoch).to_string(),
+            ];
+            for f in fields {
+                rec.push(0x1f);
+                rec.extend_from_slice(f.as_bytes());
+            }
+            for (k, v) in xattrs {
+                rec.push(0x1f);
+                rec.extend_from_slice(format!("x{}:", k.len()).as_bytes());
+                rec.extend_from_slice(&k);
+                rec.extend_from_slice(hex::encode(v).as_bytes());
+            }
+            rec.push(0x1e);
+            io::Write::write_all(&mut h, &rec)?;
         }
-        Ok(Value::Array(items))
+        let (d, _, _) = h.finish();
+        Ok(json!(d.to_string()))
     }
 }
 

@@ -168,8 +168,10 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         hasher: ContextHasher::open(store.root(), req.jobs),
     };
     for &i in &req.graph.order {
-        let r = cx.run_stage(i)?;
-        cx.results.insert(i, r);
+        let r = cx.run_stage(i);
+        // What was hashed stays useful even when a later step fails.
+        cx.hasher.save();
+        cx.results.insert(i, r?);
     }
     let target = cx
         .results
