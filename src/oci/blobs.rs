@@ -186,8 +186,13 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
-/// Write `bytes` to `path` atomically (temp file beside it, sync, rename).
+/// Write `bytes` to `path` atomically (temp file beside it, sync, rename), unless it already
+/// holds exactly them.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    // Unchanged content: nothing to write or sync (no-op rebuilds stay cheap).
+    if fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(

@@ -14,8 +14,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use flate2::Compression as GzLevel;
-
 use super::blobs::{BlobError, BlobStore};
 use super::digest::{Digest, HashingWriter};
 
@@ -78,9 +76,10 @@ pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<
         let outer = HashingWriter::new(file);
         let (diff_id, outer) = match opts.compression {
             Compression::Gzip(level) => {
-                let gz = flate2::GzBuilder::new()
-                    .operating_system(255)
-                    .write(outer, GzLevel::new(level.min(9)));
+                let jobs = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs);
                 let inner = HashingWriter::new(gz);
                 let inner = write_tar(dir, inner, opts.epoch)?;
                 let (diff_id, _, gz) = inner.finish();

@@ -5,6 +5,7 @@ pub mod blobs;
 pub mod digest;
 pub mod image;
 pub mod layer;
+pub mod pgzip;
 pub mod unpack;
 
 pub use blobs::BlobStore;
