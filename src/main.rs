@@ -5,7 +5,9 @@ use clap::Parser;
 fn main() {
     let cli = builder::cli::Cli::parse();
     if let Err(e) = builder::cli::run(cli) {
-        eprintln!("error: {}", e.message);
+        if !e.message.is_empty() {
+            eprintln!("error: {}", e.message);
+        }
         for c in &e.causes {
             eprintln!("  Caused by: {}", c);
         }

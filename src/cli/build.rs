@@ -88,6 +88,10 @@ pub struct BuildArgs {
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
+    /// Build twice, in two fresh stores without cache and from a copy of the context with
+    /// shuffled mtimes; succeed only when both give the same digest (else show the diff).
+    #[arg(long)]
+    pub verify: bool,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -177,7 +181,11 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             .collect::<Result<_, _>>()
             .map_err(CliError::msg)?,
     };
-    let image = solver::build(&store, &req)?;
+    let image = if a.verify {
+        verify(&store, &req, reporter.as_ref())?
+    } else {
+        solver::build(&store, &req)?
+    };
     for t in &tags {
         store.tag(t, &image.manifest_digest)?;
     }
@@ -216,4 +224,108 @@ pub fn reporter_for(mode: ProgressMode) -> Box<dyn Reporter> {
         ProgressMode::Quiet => Box::new(QuietReporter),
         _ => Box::new(PlainReporter::new()),
     }
+}
+
+/// `--verify`: two clean builds must agree; the result then goes into `store`.
+fn verify(
+    store: &Store,
+    req: &BuildRequest,
+    reporter: &dyn Reporter,
+) -> Result<crate::oci::image::StoredImage, CliError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("builder-verify-")
+        .tempdir()
+        .map_err(|e| CliError::msg(format!("temporary directory: {}", e)))?;
+    let stores = [
+        Store::open(&tmp.path().join("a"))?,
+        Store::open(&tmp.path().join("b"))?,
+    ];
+    for s in &stores {
+        copy_base_images(store, s, &req.graph)?;
+    }
+    // The second build reads a copy of the context whose mtimes are all different (and later
+    // than the epoch, as in a fresh checkout): mtimes must not reach the image.
+    let ctx_b = tmp.path().join("context");
+    crate::worker::copy_tree(&req.context, &ctx_b).map_err(|e| CliError::msg(e.to_string()))?;
+    for (i, e) in walkdir::WalkDir::new(&ctx_b)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let t = req.epoch + 1 + ((i as i64).wrapping_mul(7919) % 1_000_000);
+        crate::oci::unpack::set_mtime(e.path(), t);
+    }
+    let mut first = req.clone();
+    first.no_cache = true;
+    let mut second = first.clone();
+    second.context = ctx_b.canonicalize().map_err(|e| CliError::io(&ctx_b, e))?;
+    reporter.log(0, "--verify: first clean build");
+    let a = solver::build(&stores[0], &first)?;
+    reporter.log(
+        0,
+        "--verify: second clean build (context copy with shuffled mtimes)",
+    );
+    let b = solver::build(&stores[1], &second)?;
+    if a.manifest_digest != b.manifest_digest {
+        let report = crate::oci::diff::diff_images(&stores[0].blobs, &a, &stores[1].blobs, &b)
+            .map_err(|e| CliError::msg(e.to_string()))?;
+        eprint!("{}", crate::oci::diff::render(&report));
+        return Err(CliError::msg(format!(
+            "not reproducible: two clean builds gave {} and {} (differences above)",
+            a.manifest_digest, b.manifest_digest
+        )));
+    }
+    reporter.log(
+        0,
+        &format!("--verify: both clean builds gave {}", a.manifest_digest),
+    );
+    Ok(copy_image(&stores[0], store, &a)?)
+}
+
+/// Copy the images a build names from the local store into `to` (FROM and --from).
+fn copy_base_images(from: &Store, to: &Store, graph: &plan::BuildGraph) -> Result<(), CliError> {
+    let mut names: Vec<String> = Vec::new();
+    for s in &graph.stages {
+        if let plan::Base::Image(r) = &s.base {
+            names.push(r.clone());
+        }
+        names.extend(s.image_refs.iter().cloned());
+    }
+    for n in names {
+        if let crate::store::sources::ImageSource::Store(name) =
+            crate::store::sources::ImageSource::parse(&n)
+        {
+            if let Ok(img) = from.image(&name) {
+                copy_image(from, to, &img)?;
+                to.tag(&name, &img.manifest_digest)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copy an image's blobs between stores (verified on the way) and load it from `to`.
+fn copy_image(
+    from: &Store,
+    to: &Store,
+    img: &crate::oci::image::StoredImage,
+) -> Result<crate::oci::image::StoredImage, CliError> {
+    let mut digests = vec![img.config_digest.clone(), img.manifest_digest.clone()];
+    digests.extend(img.state.layers.iter().map(|l| l.digest.clone()));
+    for d in digests {
+        if to.blobs.contains(&d) {
+            continue;
+        }
+        let p = from.blobs.path(&d);
+        let mut f = std::fs::File::open(&p).map_err(|e| CliError::io(&p, e))?;
+        let (got, _) = to.blobs.put_reader(&mut f)?;
+        if got != d {
+            return Err(CliError::msg(format!(
+                "blob {} changed while copying it",
+                d
+            )));
+        }
+    }
+    Ok(crate::oci::image::load(&to.blobs, &img.manifest_digest)
+        .map_err(crate::store::StoreError::from)?)
 }

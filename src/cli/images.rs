@@ -294,3 +294,30 @@ pub fn cache_prune(
     );
     Ok(())
 }
+
+/// `builder diff A B`: exit 0 when the manifests are identical, 1 when they differ.
+pub fn diff(root: &RootArg, a: &str, b: &str, json: bool) -> Result<(), CliError> {
+    let store = root.open()?;
+    let ia = load_any(&store, a)?;
+    let ib = load_any(&store, b)?;
+    let report = crate::oci::diff::diff_images(&store.blobs, &ia, &store.blobs, &ib)
+        .map_err(|e| CliError::msg(e.to_string()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", crate::oci::diff::render(&report));
+    }
+    if report["identical"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err(CliError {
+            message: String::new(),
+            causes: Vec::new(),
+            hint: None,
+            exit_code: 1,
+        })
+    }
+}

@@ -107,6 +107,16 @@ pub enum Command {
     /// Manage the layer cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Show what differs between two images (exit 0 when identical, 1 when not).
+    Diff {
+        a: String,
+        b: String,
+        /// text or json
+        #[arg(long, default_value = "text")]
+        format: String,
+        #[command(flatten)]
+        root: images::RootArg,
+    },
     /// Re-hash the store and report any problem.
     Fsck(images::RootArg),
     /// Front-end debugging commands.
@@ -157,6 +167,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             root,
         } => images::export_image(&root, &reference, &outputs),
         Command::Fsck(r) => images::fsck(&r),
+        Command::Diff { a, b, format, root } => images::diff(&root, &a, &b, format == "json"),
         Command::Cache(CacheCommand::Du(r)) => images::cache_du(&r),
         Command::Cache(CacheCommand::Prune {
             all,

@@ -2,6 +2,7 @@
 //! unpacking, image documents and layouts.
 
 pub mod blobs;
+pub mod diff;
 pub mod digest;
 pub mod image;
 pub mod layer;

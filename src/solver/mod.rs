@@ -31,6 +31,7 @@ use crate::worker::snapshots::{RootView, Snapshots};
 use crate::worker::{self, Exit, Snapshotter};
 
 /// Everything a build needs besides the store.
+#[derive(Clone)]
 pub struct BuildRequest<'a> {
     pub file_name: String,
     pub source: String,
