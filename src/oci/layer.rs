@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -71,6 +71,27 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Write the tree under `dir` as a layer into `store`.
 pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<Layer, LayerError> {
+    write_layer_from(store, LayerSource::Dir(dir), opts)
+}
+
+/// What a layer is written from.
+pub enum LayerSource<'a> {
+    /// A directory tree (overlay whiteouts converted).
+    Dir(&'a Path),
+    /// An in-memory description whose file contents are read from their sources.
+    Tree(&'a LayerTree),
+}
+
+/// Write a layer from a directory or a tree into `store`.
+pub fn write_layer_from(
+    store: &BlobStore,
+    source: LayerSource,
+    opts: LayerOptions,
+) -> Result<Layer, LayerError> {
+    let dir: &Path = match &source {
+        LayerSource::Dir(d) => d,
+        LayerSource::Tree(_) => Path::new("."),
+    };
     let (tmp_path, file) = store.temp_file()?;
     let result = (|| {
         let outer = HashingWriter::new(file);
@@ -81,14 +102,14 @@ pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<
                     .unwrap_or(1);
                 let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs);
                 let inner = HashingWriter::new(gz);
-                let inner = write_tar(dir, inner, opts.epoch)?;
+                let inner = write_source(&source, dir, inner, opts.epoch)?;
                 let (diff_id, _, gz) = inner.finish();
                 (diff_id, gz.finish().map_err(io_at(&tmp_path))?)
             }
             Compression::Zstd(level) => {
                 let z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
                 let inner = HashingWriter::new(z);
-                let inner = write_tar(dir, inner, opts.epoch)?;
+                let inner = write_source(&source, dir, inner, opts.epoch)?;
                 let (diff_id, _, z) = inner.finish();
                 (diff_id, z.finish().map_err(io_at(&tmp_path))?)
             }
@@ -106,6 +127,140 @@ pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<
         let _ = fs::remove_file(&tmp_path);
     }
     result
+}
+
+fn write_source<W: Write>(
+    source: &LayerSource,
+    dir: &Path,
+    w: W,
+    epoch: Option<i64>,
+) -> Result<W, LayerError> {
+    match source {
+        LayerSource::Dir(_) => write_tar(dir, w, epoch),
+        LayerSource::Tree(t) => write_tar_tree(t, w, epoch),
+    }
+}
+
+/// One entry of a [`LayerTree`].
+#[derive(Debug, Clone)]
+pub struct TreeNode {
+    pub kind: NodeKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// What a [`TreeNode`] is.
+#[derive(Debug, Clone)]
+pub enum NodeKind {
+    Dir,
+    /// A regular file whose bytes are read from `source` when the layer is written.
+    File {
+        source: PathBuf,
+        size: u64,
+    },
+    Data(Vec<u8>),
+    Symlink(PathBuf),
+}
+
+/// A layer described in memory (paths relative to the image root): COPY and ADD build one,
+/// and the tar is streamed straight from the source files without a staging copy. The map's
+/// order (component-wise) is the depth-first, name-sorted order of the tar.
+#[derive(Debug, Default)]
+pub struct LayerTree {
+    pub nodes: std::collections::BTreeMap<PathBuf, TreeNode>,
+}
+
+/// Write the tar stream of a [`LayerTree`] into `w`.
+pub fn write_tar_tree<W: Write>(
+    tree: &LayerTree,
+    w: W,
+    epoch: Option<i64>,
+) -> Result<W, LayerError> {
+    let mut b = tar::Builder::new(w);
+    for (rel, node) in &tree.nodes {
+        let at = |e: io::Error| LayerError::Io {
+            path: rel.clone(),
+            source: e,
+        };
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(node.mode & 0o7777);
+        h.set_uid(node.uid as u64);
+        h.set_gid(node.gid as u64);
+        let mtime = match epoch {
+            Some(e) => node.mtime.min(e).max(0),
+            None => node.mtime.max(0),
+        };
+        h.set_mtime(mtime as u64);
+        h.set_size(0);
+        let mut name = rel.as_os_str().as_bytes().to_vec();
+        match &node.kind {
+            NodeKind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                name.push(b'/');
+                append(&mut b, h, &name, None, &node.xattrs, io::empty()).map_err(at)?;
+            }
+            NodeKind::Symlink(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                append(
+                    &mut b,
+                    h,
+                    &name,
+                    Some(target.as_os_str().as_bytes()),
+                    &node.xattrs,
+                    io::empty(),
+                )
+                .map_err(at)?;
+            }
+            NodeKind::Data(bytes) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(bytes.len() as u64);
+                append(&mut b, h, &name, None, &node.xattrs, &bytes[..]).map_err(at)?;
+            }
+            NodeKind::File { source, size } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(*size);
+                let f = fs::File::open(source).map_err(io_at(source))?;
+                let mut exact = ExactReader {
+                    inner: f.take(*size),
+                    left: *size,
+                };
+                append(&mut b, h, &name, None, &node.xattrs, &mut exact).map_err(|e| {
+                    LayerError::Io {
+                        path: source.clone(),
+                        source: e,
+                    }
+                })?;
+            }
+        }
+    }
+    b.into_inner().map_err(|e| LayerError::Io {
+        path: PathBuf::from("(layer)"),
+        source: e,
+    })
+}
+
+/// Reads exactly `left` bytes or fails: a file that shrank while being copied is an error,
+/// never a short entry.
+struct ExactReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: io::Read> io::Read for ExactReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file changed size while it was being copied",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// Write the tar stream of `dir` into `w`.
@@ -239,7 +394,7 @@ fn base_header(md: &fs::Metadata, mtime: i64) -> tar::Header {
 }
 
 /// The xattrs worth keeping (overlay's own are not part of the image).
-fn read_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+pub fn read_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     if let Ok(names) = xattr::list(path) {
         for n in names {

@@ -1,16 +1,17 @@
-//! COPY and ADD into a staging directory that becomes the step's layer: Docker's rules for
+//! COPY and ADD as a layer tree (no staging copy: the tar is read from the sources): Docker's rules for
 //! directory contents, trailing slashes, destination creation, globs, `--parents`,
 //! `--exclude`, `--chown`, `--chmod`, heredoc sources, local archives (ADD) and URLs (ADD).
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::context::{ContextError, SourceRoot};
 use crate::oci::digest::HashingWriter;
-use crate::oci::unpack::{self, set_mtime, UnpackOptions};
+use crate::oci::layer::{LayerTree, NodeKind, TreeNode};
+use crate::oci::unpack::{self, UnpackOptions};
 use crate::syntax::dockerignore::IgnoreMatcher;
 use crate::syntax::parser::Heredoc;
 
@@ -58,47 +59,106 @@ fn is_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
+/// The result of staging: the layer as a tree, and temporary directories its file sources
+/// live in (extracted archives) that must outlive the layer writing.
+pub struct Staged {
+    pub tree: LayerTree,
+    pub keep: Vec<tempfile::TempDir>,
+}
+
 struct Stager<'a> {
-    staging: &'a Path,
+    tree: LayerTree,
     owner: Option<Owner>,
     chmod: Option<&'a str>,
     /// Directories whose metadata came from a source (others mirror the image or default).
     sourced_dirs: BTreeSet<PathBuf>,
-    dir_times: Vec<(PathBuf, i64)>,
+    keep: Vec<tempfile::TempDir>,
+}
+
+fn placeholder_dir() -> TreeNode {
+    TreeNode {
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        xattrs: Vec::new(),
+    }
 }
 
 impl Stager<'_> {
+    /// The layer path of an absolute image path ("" is the root, which a layer never holds).
     fn target(&self, image_path: &str) -> PathBuf {
-        self.staging.join(image_path.trim_start_matches('/'))
+        PathBuf::from(image_path.trim_start_matches('/').trim_end_matches('/'))
     }
 
-    fn apply_meta(&self, p: &Path, md: &fs::Metadata, keep_owner: bool) -> Result<(), CopyError> {
-        let ft = md.file_type();
-        if !ft.is_symlink() {
-            let mode = match self.chmod {
-                Some(spec) => {
-                    apply_chmod(spec, md.mode(), ft.is_dir()).map_err(CopyError::Other)?
-                }
-                None => md.mode() & 0o7777,
-            };
-            fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(io_at(p))?;
+    fn mode_for(&self, md: &fs::Metadata) -> Result<u32, CopyError> {
+        match self.chmod {
+            Some(spec) if !md.file_type().is_symlink() => {
+                apply_chmod(spec, md.mode(), md.is_dir()).map_err(CopyError::Other)
+            }
+            _ => Ok(md.mode() & 0o7777),
         }
-        let (uid, gid) = match self.owner {
+    }
+
+    fn owner_for(&self, md: &fs::Metadata, keep_owner: bool) -> (u32, u32) {
+        match self.owner {
             Some(o) => (o.uid, o.gid),
             None if keep_owner => (md.uid(), md.gid()),
             None => (0, 0),
-        };
-        let _ = nix::unistd::fchownat(
-            None,
-            p,
-            Some(uid.into()),
-            Some(gid.into()),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        );
-        Ok(())
+        }
     }
 
-    /// Copy one file, symlink or (recursively) directory from `src` to staged `dst`.
+    /// Make every ancestor of `rel` a directory in the tree.
+    fn ensure_parents(&mut self, rel: &Path) {
+        let mut cur = PathBuf::new();
+        let comps: Vec<_> = rel.components().collect();
+        for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            cur.push(c);
+            match self.tree.nodes.get(&cur) {
+                Some(n) if matches!(n.kind, NodeKind::Dir) => {}
+                _ => {
+                    self.tree.nodes.insert(cur.clone(), placeholder_dir());
+                }
+            }
+        }
+    }
+
+    /// Put a node in the tree; a non-directory replaces whatever was below its path.
+    fn insert(&mut self, rel: PathBuf, node: TreeNode) {
+        if rel.as_os_str().is_empty() {
+            return;
+        }
+        let is_dir = matches!(node.kind, NodeKind::Dir);
+        if !is_dir {
+            let below: Vec<PathBuf> = self
+                .tree
+                .nodes
+                .range(rel.clone()..)
+                .map(|(k, _)| k.clone())
+                .take_while(|k| k.starts_with(&rel))
+                .filter(|k| k != &rel)
+                .collect();
+            for k in below {
+                self.tree.nodes.remove(&k);
+                self.sourced_dirs.remove(&k);
+            }
+        }
+        self.ensure_parents(&rel);
+        self.tree.nodes.insert(rel, node);
+    }
+
+    fn ensure_dir(&mut self, rel: &Path) {
+        if rel.as_os_str().is_empty() {
+            return;
+        }
+        match self.tree.nodes.get(rel) {
+            Some(n) if matches!(n.kind, NodeKind::Dir) => {}
+            _ => self.insert(rel.to_path_buf(), placeholder_dir()),
+        }
+    }
+
+    /// Describe one file, symlink or (recursively) directory from `src` at layer path `dst`.
     fn copy_entry(
         &mut self,
         src: &Path,
@@ -110,17 +170,25 @@ impl Stager<'_> {
     ) -> Result<(), CopyError> {
         let md = fs::symlink_metadata(src).map_err(io_at(src))?;
         let keep_owner = !root.is_context;
-        if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(io_at(parent))?;
-        }
         let ft = md.file_type();
+        let (uid, gid) = self.owner_for(&md, keep_owner);
+        let mode = self.mode_for(&md)?;
+        let xattrs = if ft.is_symlink() {
+            Vec::new()
+        } else {
+            crate::oci::layer::read_xattrs(src)
+        };
+        let node = |kind| TreeNode {
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime: md.mtime(),
+            xattrs: xattrs.clone(),
+        };
         if ft.is_dir() {
-            if !dst.is_dir() {
-                if fs::symlink_metadata(dst).is_ok() {
-                    fs::remove_file(dst).map_err(io_at(dst))?;
-                }
-                fs::create_dir(dst).map_err(io_at(dst))?;
-            }
+            self.insert(dst.to_path_buf(), node(NodeKind::Dir));
+            self.sourced_dirs.insert(dst.to_path_buf());
             let mut names: Vec<_> = fs::read_dir(src)
                 .map_err(io_at(src))?
                 .flatten()
@@ -152,30 +220,19 @@ impl Stager<'_> {
                     &child_sub,
                 )?;
             }
-            self.apply_meta(dst, &md, keep_owner)?;
-            self.sourced_dirs.insert(dst.to_path_buf());
-            self.dir_times.push((dst.to_path_buf(), md.mtime()));
-            return Ok(());
-        }
-        if fs::symlink_metadata(dst).is_ok() {
-            if dst.is_dir() && !ft.is_symlink() {
-                fs::remove_dir_all(dst).map_err(io_at(dst))?;
-            } else {
-                let _ = fs::remove_file(dst);
-            }
-        }
-        if ft.is_symlink() {
+        } else if ft.is_symlink() {
             let target = fs::read_link(src).map_err(io_at(src))?;
-            symlink(&target, dst).map_err(io_at(dst))?;
+            self.insert(dst.to_path_buf(), node(NodeKind::Symlink(target)));
         } else if ft.is_file() {
-            let mut from = fs::File::open(src).map_err(io_at(src))?;
-            let mut to = fs::File::create(dst).map_err(io_at(dst))?;
-            io::copy(&mut from, &mut to).map_err(io_at(dst))?;
-        } else {
-            return Ok(()); // devices, sockets and fifos in a context are not copied
+            self.insert(
+                dst.to_path_buf(),
+                node(NodeKind::File {
+                    source: src.to_path_buf(),
+                    size: md.len(),
+                }),
+            );
         }
-        self.apply_meta(dst, &md, keep_owner)?;
-        set_mtime(dst, md.mtime());
+        // Devices, sockets and fifos in a context are not copied.
         Ok(())
     }
 
@@ -186,37 +243,34 @@ impl Stager<'_> {
         mode: u32,
         mtime: i64,
     ) -> Result<(), CopyError> {
-        if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(io_at(parent))?;
-        }
-        fs::write(dst, data).map_err(io_at(dst))?;
-        let md = fs::symlink_metadata(dst).map_err(io_at(dst))?;
-        fs::set_permissions(dst, fs::Permissions::from_mode(mode)).map_err(io_at(dst))?;
-        let md2 = fs::symlink_metadata(dst).map_err(io_at(dst))?;
-        let _ = md;
-        self.apply_meta(dst, &md2, false)?;
-        set_mtime(dst, mtime);
+        let (uid, gid) = self.owner.map(|o| (o.uid, o.gid)).unwrap_or((0, 0));
+        self.insert(
+            dst.to_path_buf(),
+            TreeNode {
+                kind: NodeKind::Data(data.to_vec()),
+                mode,
+                uid,
+                gid,
+                mtime,
+                xattrs: Vec::new(),
+            },
+        );
         Ok(())
     }
 
-    /// Give every staged directory that no source provided the metadata the image already
-    /// has for it (so the layer does not change it), or 0755 root for new ones.
+    /// Give every directory no source provided the metadata the image already has for it
+    /// (so the layer does not change it), or 0755 root (the owner for the destination) for
+    /// new ones.
     fn settle_dirs(
-        &self,
+        &mut self,
         rootfs: &Path,
         dest_dir: Option<&Path>,
         epoch: i64,
     ) -> Result<(), CopyError> {
-        let mut dirs = Vec::new();
-        for e in walkdir::WalkDir::new(self.staging).min_depth(1) {
-            let e = e.map_err(|e| CopyError::Other(e.to_string()))?;
-            if e.file_type().is_dir() {
-                dirs.push(e.path().to_path_buf());
-            }
-        }
-        for d in dirs.iter().rev() {
-            let rel = d.strip_prefix(self.staging).unwrap_or(d);
-            if self.sourced_dirs.contains(d) {
+        let owner = self.owner;
+        let sourced = self.sourced_dirs.clone();
+        for (rel, node) in self.tree.nodes.iter_mut() {
+            if !matches!(node.kind, NodeKind::Dir) || sourced.contains(rel) {
                 continue;
             }
             let existing = unpack::resolve_in_root(rootfs, rel)
@@ -225,39 +279,37 @@ impl Stager<'_> {
                 .filter(|m| m.is_dir());
             match existing {
                 Some(md) => {
-                    fs::set_permissions(d, fs::Permissions::from_mode(md.mode() & 0o7777))
-                        .map_err(io_at(d))?;
-                    let _ = nix::unistd::chown(d, Some(md.uid().into()), Some(md.gid().into()));
-                    set_mtime(d, md.mtime());
+                    node.mode = md.mode() & 0o7777;
+                    node.uid = md.uid();
+                    node.gid = md.gid();
+                    node.mtime = md.mtime();
                 }
                 None => {
-                    fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(io_at(d))?;
-                    let (uid, gid) = match (self.owner, Some(d.as_path()) == dest_dir) {
+                    node.mode = 0o755;
+                    let (uid, gid) = match (owner, Some(rel.as_path()) == dest_dir) {
                         (Some(o), true) => (o.uid, o.gid),
                         _ => (0, 0),
                     };
-                    let _ = nix::unistd::chown(d, Some(uid.into()), Some(gid.into()));
-                    set_mtime(d, epoch);
+                    node.uid = uid;
+                    node.gid = gid;
+                    node.mtime = epoch;
                 }
             }
-        }
-        for (d, t) in self.dir_times.iter().rev() {
-            set_mtime(d, *t);
         }
         Ok(())
     }
 }
 
-/// Stage the files of one COPY/ADD under `staging`.
-pub fn stage(plan: &CopyPlan, staging: &Path) -> Result<(), CopyError> {
+/// Describe the layer of one COPY/ADD (or WORKDIR) as a tree.
+pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
     let excludes = IgnoreMatcher::new(&plan.excludes)
         .map_err(|e| CopyError::Other(format!("--exclude: {}", e)))?;
     let mut st = Stager {
-        staging,
+        tree: LayerTree::default(),
         owner: plan.owner,
         chmod: plan.chmod.as_deref(),
         sourced_dirs: BTreeSet::new(),
-        dir_times: Vec::new(),
+        keep: Vec::new(),
     };
     let dest_abs = plan.dest.clone();
     let dest_trailing = dest_abs.ends_with('/') || dest_abs.ends_with("/.") || dest_abs == "/";
@@ -267,8 +319,12 @@ pub fn stage(plan: &CopyPlan, staging: &Path) -> Result<(), CopyError> {
             .map(|p| p.is_dir())
             .unwrap_or(false);
     let dest_is_dir = dest_trailing || plan.sources.len() > 1 || any_glob || dest_exists_dir;
-    let dest_dir_path = st.target(&dest_abs);
     let join = |base: &str, name: &str| format!("{}/{}", base.trim_end_matches('/'), name);
+    if plan.sources.is_empty() {
+        // WORKDIR: just the directory.
+        let d = st.target(&dest_abs);
+        st.ensure_dir(&d);
+    }
 
     for src in &plan.sources {
         // Heredoc source: `COPY <<EOF /dest`.
@@ -323,7 +379,7 @@ pub fn stage(plan: &CopyPlan, staging: &Path) -> Result<(), CopyError> {
                     dest_abs.clone()
                 };
                 let t = st.target(&target);
-                fs::create_dir_all(&t).map_err(io_at(&t))?;
+                st.ensure_dir(&t);
                 let mut names: Vec<_> = fs::read_dir(&m.path)
                     .map_err(io_at(&m.path))?
                     .flatten()
@@ -359,16 +415,41 @@ pub fn stage(plan: &CopyPlan, staging: &Path) -> Result<(), CopyError> {
             let unpack_it =
                 plan.is_add && plan.unpack != Some(false) && unpack::is_archive(&m.path);
             if unpack_it {
+                // Extract (safely) to a private directory, then describe what came out.
                 let t = st.target(&dest_abs);
-                fs::create_dir_all(&t).map_err(io_at(&t))?;
+                st.ensure_dir(&t);
+                let tmp = tempfile::tempdir()
+                    .map_err(|e| CopyError::Other(format!("temporary directory: {}", e)))?;
                 let opts = UnpackOptions {
                     devices: false,
                     ownership: nix::unistd::geteuid().is_root(),
                     overlay_format: false,
                 };
-                unpack::unpack_layer(&m.path, &m.rel, &t, opts)
+                unpack::unpack_layer(&m.path, &m.rel, tmp.path(), opts)
                     .map_err(|e| CopyError::Other(e.to_string()))?;
-                mark_sourced(&t, &mut st.sourced_dirs);
+                let extracted = SourceRoot {
+                    root: tmp.path().to_path_buf(),
+                    ignore: IgnoreMatcher::default(),
+                    is_context: false,
+                };
+                let mut names: Vec<_> = fs::read_dir(tmp.path())
+                    .map_err(io_at(tmp.path()))?
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect();
+                names.sort();
+                for n in names {
+                    let name = n.to_string_lossy().into_owned();
+                    st.copy_entry(
+                        &tmp.path().join(&n),
+                        &t.join(&n),
+                        &extracted,
+                        &name,
+                        &IgnoreMatcher::default(),
+                        &name,
+                    )?;
+                }
+                st.keep.push(tmp);
                 continue;
             }
             let target = if plan.parents {
@@ -388,27 +469,16 @@ pub fn stage(plan: &CopyPlan, staging: &Path) -> Result<(), CopyError> {
             )?;
         }
     }
+    let dest_rel = st.target(&dest_abs);
     st.settle_dirs(
         plan.rootfs,
-        if dest_is_dir {
-            Some(&dest_dir_path)
-        } else {
-            None
-        },
+        if dest_is_dir { Some(&dest_rel) } else { None },
         plan.epoch,
-    )
-}
-
-fn mark_sourced(dir: &Path, set: &mut BTreeSet<PathBuf>) {
-    for e in walkdir::WalkDir::new(dir)
-        .min_depth(1)
-        .into_iter()
-        .flatten()
-    {
-        if e.file_type().is_dir() {
-            set.insert(e.path().to_path_buf());
-        }
-    }
+    )?;
+    Ok(Staged {
+        tree: st.tree,
+        keep: st.keep,
+    })
 }
 
 /// Download a URL for ADD, verifying `--checksum` (`sha256:<hex>`) when given.

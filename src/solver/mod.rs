@@ -466,10 +466,6 @@ impl Ctx<'_> {
                         }
                         None => None,
                     };
-                    let staging = self.store.scratch_dir("workdir-")?;
-                    let d = staging.path().join(path.trim_start_matches('/'));
-                    fs::create_dir_all(&d)
-                        .map_err(|e| self.fail(l, format!("{}: {}", d.display(), e)))?;
                     let plan_owner = owner;
                     let stager_fix = copy::CopyPlan {
                         sources: Vec::new(),
@@ -491,12 +487,9 @@ impl Ctx<'_> {
                         epoch: self.req.epoch,
                         expand_heredoc: &|s| Ok(s.to_string()),
                     };
-                    copy::stage(&stager_fix, staging.path())
-                        .map_err(|e| self.fail(l, e.to_string()))?;
-                    let view = view_slot.as_mut().ok_or_else(|| {
-                        BuildError::Other("internal: WORKDIR without a root view".into())
-                    })?;
-                    Some(self.commit_layer(l, staging.path(), view)?)
+                    let staged =
+                        copy::stage(&stager_fix).map_err(|e| self.fail(l, e.to_string()))?;
+                    Some(self.commit_tree(l, &staged.tree)?)
                 };
                 self.history(state, format!("WORKDIR {}", path), layer);
             }
@@ -717,12 +710,8 @@ impl Ctx<'_> {
                     epoch: self.req.epoch,
                     expand_heredoc: &expand_heredoc,
                 };
-                let staging = self.store.scratch_dir("copy-")?;
-                copy::stage(&plan, staging.path()).map_err(|e| self.fail(l, e.to_string()))?;
-                let view = view_slot.as_mut().ok_or_else(|| {
-                    BuildError::Other("internal: COPY without a root view".into())
-                })?;
-                let layer = self.commit_layer(l, staging.path(), view)?;
+                let staged = copy::stage(&plan).map_err(|e| self.fail(l, e.to_string()))?;
+                let layer = self.commit_tree(l, &staged.tree)?;
                 self.history(state, format!("{} # builder", l.text), Some(layer));
             }
         }
@@ -1064,11 +1053,20 @@ impl Ctx<'_> {
         if let Some(i) = self.stage_index(from) {
             let layers = match self.results.get(&i) {
                 Some(r) if r.view.is_some() => {
-                    return Ok(r
-                        .view
-                        .as_ref()
-                        .map(|v| v.path().to_path_buf())
-                        .unwrap_or_default())
+                    let layers = r.state.layers.clone();
+                    let snaps = self.snaps.clone();
+                    let synced = match self.results.get_mut(&i).and_then(|r| r.view.as_mut()) {
+                        Some(v) => v
+                            .sync(&snaps, &layers)
+                            .map(|_| Some(v.path().to_path_buf())),
+                        None => Ok(None),
+                    };
+                    match synced {
+                        Ok(Some(p)) => return Ok(p),
+                        Ok(None) => {}
+                        Err(e) => return Err(self.fail(l, e.to_string())),
+                    }
+                    layers
                 }
                 Some(r) => r.state.layers.clone(),
                 None => {
@@ -1101,6 +1099,30 @@ impl Ctx<'_> {
     fn view(&self, layers: &[LayerRef]) -> Result<RootView, BuildError> {
         RootView::new(&self.snaps, self.snapshotter, layers)
             .map_err(|e| BuildError::Other(e.to_string()))
+    }
+
+    /// Write a layer described as a tree. The stage's view catches up lazily, only when a
+    /// later step needs the filesystem.
+    fn commit_tree(
+        &self,
+        l: &Located,
+        tree: &crate::oci::layer::LayerTree,
+    ) -> Result<LayerRef, BuildError> {
+        let layer = crate::oci::layer::write_layer_from(
+            &self.store.blobs,
+            crate::oci::layer::LayerSource::Tree(tree),
+            LayerOptions {
+                compression: self.req.compression,
+                epoch: Some(self.req.epoch),
+            },
+        )
+        .map_err(|e| self.fail(l, e.to_string()))?;
+        Ok(LayerRef {
+            digest: layer.digest,
+            diff_id: layer.diff_id,
+            size: layer.size,
+            media_type: layer.media_type,
+        })
     }
 
     /// Turn a staged tree into a layer and put it on the stage's view; the tree itself
