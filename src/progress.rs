@@ -106,3 +106,67 @@ impl Reporter for QuietReporter {
         eprintln!("warning: {}", msg);
     }
 }
+
+/// A live display for terminals: one spinner line per running step with its elapsed time;
+/// step output scrolls above it; finished steps stay as one line each.
+pub struct TtyReporter {
+    bars: indicatif::MultiProgress,
+    current: Mutex<std::collections::BTreeMap<usize, indicatif::ProgressBar>>,
+    /// Finished bars stay on screen only while they are alive.
+    finished: Mutex<Vec<indicatif::ProgressBar>>,
+}
+
+impl TtyReporter {
+    pub fn new() -> Self {
+        TtyReporter {
+            bars: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::stderr(),
+            ),
+            current: Mutex::new(Default::default()),
+            finished: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Default for TtyReporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Reporter for TtyReporter {
+    fn step(&self, index: usize, total: usize, stage: &str, text: &str) {
+        let pb = self.bars.add(indicatif::ProgressBar::new_spinner());
+        let style = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed:>4}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        pb.set_style(style);
+        pb.set_message(format!("[{} {}/{}] {}", stage, index, total, text));
+        pb.enable_steady_tick(Duration::from_millis(120));
+        if let Ok(mut c) = self.current.lock() {
+            c.insert(index, pb);
+        }
+    }
+    fn done(&self, index: usize, elapsed: Duration, cached: bool) {
+        if let Some(pb) = self.current.lock().ok().and_then(|mut c| c.remove(&index)) {
+            let status = if cached {
+                "CACHED".to_string()
+            } else {
+                format!("{:.1}s", elapsed.as_secs_f64())
+            };
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("  {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            pb.finish_with_message(format!("{} {}", pb.message(), status));
+            if let Ok(mut f) = self.finished.lock() {
+                f.push(pb);
+            }
+        }
+    }
+    fn log(&self, index: usize, line: &str) {
+        let _ = self.bars.println(format!("#{} {}", index, line));
+    }
+    fn warn(&self, msg: &str) {
+        let _ = self.bars.println(format!("warning: {}", msg));
+    }
+}

@@ -8,7 +8,7 @@ use crate::epoch;
 use crate::export::{self, Output};
 use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
-use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter};
+use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter, TtyReporter};
 use crate::solver::run::parse_secret;
 use crate::solver::{self, BuildRequest};
 use crate::store::{default_root, normalize_name, Store};
@@ -217,11 +217,16 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The reporter for a `--progress` mode (auto and tty print plain lines for now).
+/// The reporter for a `--progress` mode: `auto` draws live progress on a terminal and plain
+/// lines otherwise.
 pub fn reporter_for(mode: ProgressMode) -> Box<dyn Reporter> {
     match mode {
         ProgressMode::Json => Box::new(JsonReporter),
         ProgressMode::Quiet => Box::new(QuietReporter),
+        ProgressMode::Tty => Box::new(TtyReporter::new()),
+        ProgressMode::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => {
+            Box::new(TtyReporter::new())
+        }
         _ => Box::new(PlainReporter::new()),
     }
 }
