@@ -58,12 +58,14 @@ edit_one() { # scenario context
 }
 
 timed() { # label command... -> "seconds maxrss_kb"
+  sync  # neither tool pays for the other's pending writeback
   /usr/bin/time -f "%e %M" -o "$runs/time.txt" "$@" >/dev/null 2>"$runs/last.log" || { cat "$runs/last.log" >&2; return 1; }
   cat "$runs/time.txt"
 }
 
 b_build() { timed "$bin" build --progress quiet --root "$runs/builder-$1" -f "$work/Buildfile-$1" -o "oci:$runs/out-builder-$1:bench" "$2"; }
 h_build() {
+  sync
   local st=(--root "$runs/buildah-$1" --runroot "$runs/buildah-run-$1" --storage-driver overlay)
   /usr/bin/time -f "%e %M" -o "$runs/t1" buildah "${st[@]}" bud --layers --quiet -f "$work/Buildfile-$1" -t "bench-$1" "$2" >/dev/null 2>"$runs/last.log" || { cat "$runs/last.log" >&2; return 1; }
   /usr/bin/time -f "%e %M" -o "$runs/t2" buildah "${st[@]}" push --quiet "bench-$1" "oci:$runs/out-buildah-$1:bench" >/dev/null 2>>"$runs/last.log" || { cat "$runs/last.log" >&2; return 1; }
