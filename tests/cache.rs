@@ -304,3 +304,93 @@ fn prune_keeps_what_tagged_images_need() {
     );
     run_ok(builder().args(["fsck", "--root"]).arg(&root));
 }
+
+/// Two stages that each wait (bounded) for the other through a shared cache mount: they only
+/// both finish when they really run at the same time.
+fn rendezvous_buildfile(id: &str) -> String {
+    let wait = |me: &str, other: &str| {
+        format!("RUN --mount=type=cache,id={id},target=/rv touch /rv/{me}; i=0; while [ ! -e /rv/{other} ]; do sleep 0.1; i=$((i+1)); if [ $i -gt 100 ]; then echo {other} never came; exit 1; fi; done")
+    };
+    format!(
+        "FROM busybox:test AS a\n{}\nFROM busybox:test AS b\n{}\nFROM busybox:test\nCOPY --from=a /bin/sh /a\nCOPY --from=b /bin/sh /b\n",
+        wait("a", "b"),
+        wait("b", "a")
+    )
+}
+
+#[test]
+fn independent_stages_run_concurrently_up_to_jobs() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    busybox_base(&root, "busybox:test");
+    let ctx = t.path().join("ctx");
+    let unique = format!(
+        "rv-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    write(&ctx.join("Buildfile"), &rendezvous_buildfile(&unique));
+    run_ok(
+        builder()
+            .args([
+                "build",
+                "--progress",
+                "quiet",
+                "--no-cache",
+                "--jobs",
+                "2",
+                "--root",
+            ])
+            .arg(&root)
+            .arg(&ctx),
+    );
+    // One job at a time: the first stage waits for a second that cannot start.
+    write(
+        &ctx.join("Buildfile"),
+        &rendezvous_buildfile(&format!("{unique}-serial")),
+    );
+    let out = run(builder()
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--no-cache",
+            "--jobs",
+            "1",
+            "--root",
+        ])
+        .arg(&root)
+        .arg(&ctx));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never came"));
+}
+
+#[test]
+fn identical_steps_in_one_build_run_once() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    busybox_base(&root, "busybox:test");
+    let ctx = t.path().join("ctx");
+    let step = "RUN sleep 0.5 && cat /proc/sys/kernel/random/uuid > /id";
+    write(&ctx.join("Buildfile"), &format!("FROM busybox:test AS a\n{step}\nFROM busybox:test AS b\n{step}\nFROM scratch\nCOPY --from=a /id /a\nCOPY --from=b /id /b\n"));
+    let local = t.path().join("out");
+    run_ok(
+        builder()
+            .args(["build", "--progress", "quiet", "--jobs", "2", "--root"])
+            .arg(&root)
+            .arg("-o")
+            .arg(format!("local:{}", local.display()))
+            .arg(&ctx),
+    );
+    let (a, b) = (
+        fs::read_to_string(local.join("a")).unwrap(),
+        fs::read_to_string(local.join("b")).unwrap(),
+    );
+    assert_eq!(
+        a, b,
+        "the second identical step reused the first one's result"
+    );
+}

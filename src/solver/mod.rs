@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -110,18 +112,44 @@ struct StageResult {
     view: Option<RootView>,
 }
 
-struct Ctx<'a> {
+/// What all stages of one build share (stages run on their own threads).
+struct Shared<'a> {
     store: &'a Store,
     req: &'a BuildRequest<'a>,
-    results: BTreeMap<usize, StageResult>,
+    results: Mutex<BTreeMap<usize, StageResult>>,
     created: String,
-    step: usize,
-    total: usize,
-    external: BTreeMap<String, (ImageState, RootView)>,
+    /// Steps started so far (the `#N` of progress lines).
+    counter: AtomicUsize,
+    total: AtomicUsize,
+    external: Mutex<BTreeMap<String, (ImageState, RootView)>>,
     snapshotter: Snapshotter,
     snaps: Snapshots,
     cache: CacheIndex,
     hasher: ContextHasher,
+    /// Keys of steps running right now: an identical step elsewhere waits, then hits.
+    inflight: Mutex<std::collections::BTreeSet<String>>,
+    inflight_done: Condvar,
+}
+
+/// One stage's view of the build: the shared parts plus the step it is on.
+struct Ctx<'s, 'a> {
+    sh: &'s Shared<'a>,
+    step: usize,
+}
+
+impl<'a> std::ops::Deref for Ctx<'_, 'a> {
+    type Target = Shared<'a>;
+    fn deref(&self) -> &Shared<'a> {
+        self.sh
+    }
+}
+
+/// Which stages are done, how many run, and the first failure.
+#[derive(Default)]
+struct Schedule {
+    done: std::collections::BTreeSet<usize>,
+    running: usize,
+    failed: Option<BuildError>,
 }
 
 fn is_root() -> bool {
@@ -155,43 +183,95 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
     // Held for the whole build so `cache prune` never removes what this build is writing.
     let _lease = crate::cache::gc::build_lease(store)?;
     let snapshotter = choose_snapshotter(store, req.reporter)?;
-    let mut cx = Ctx {
+    let shared = Shared {
         store,
         req,
-        results: BTreeMap::new(),
+        results: Mutex::new(BTreeMap::new()),
         created: rfc3339(req.epoch),
-        step: 0,
-        total,
-        external: BTreeMap::new(),
+        counter: AtomicUsize::new(0),
+        total: AtomicUsize::new(total),
+        external: Mutex::new(BTreeMap::new()),
         snapshotter,
         snaps: Snapshots::new(store.root(), &store.blobs),
         cache: CacheIndex::new(store.root(), &store.blobs),
         hasher: ContextHasher::open(store.root(), req.jobs),
+        inflight: Mutex::new(Default::default()),
+        inflight_done: Condvar::new(),
     };
-    for &i in &req.graph.order {
-        let r = cx.run_stage(i);
-        // What was hashed stays useful even when a later step fails.
-        cx.hasher.save();
-        cx.results.insert(i, r?);
+    // Stages run as soon as the stages they read are done, at most `jobs` at a time.
+    let jobs = req.jobs.max(1);
+    let schedule = Mutex::new(Schedule::default());
+    let wake = Condvar::new();
+    std::thread::scope(|s| {
+        for &i in &req.graph.order {
+            let (shared, schedule, wake) = (&shared, &schedule, &wake);
+            let deps: Vec<usize> = req.graph.stages[i].deps.iter().map(|e| e.stage).collect();
+            s.spawn(move || {
+                let Ok(mut g) = schedule.lock() else { return };
+                loop {
+                    if g.failed.is_some() {
+                        return;
+                    }
+                    if deps.iter().all(|d| g.done.contains(d)) && g.running < jobs {
+                        g.running += 1;
+                        break;
+                    }
+                    g = match wake.wait(g) {
+                        Ok(g) => g,
+                        Err(_) => return,
+                    };
+                }
+                drop(g);
+                let mut cx = Ctx {
+                    sh: shared,
+                    step: 0,
+                };
+                let r = cx.run_stage(i);
+                // What was hashed stays useful even when a step failed.
+                shared.hasher.save();
+                let Ok(mut g) = schedule.lock() else { return };
+                g.running -= 1;
+                match r {
+                    Ok(res) => {
+                        if let Ok(mut results) = shared.results.lock() {
+                            results.insert(i, res);
+                        }
+                        g.done.insert(i);
+                    }
+                    Err(e) => {
+                        if g.failed.is_none() {
+                            g.failed = Some(e);
+                        }
+                    }
+                }
+                wake.notify_all();
+            });
+        }
+    });
+    let failed = schedule.lock().ok().and_then(|mut g| g.failed.take());
+    if let Some(e) = failed {
+        return Err(e);
     }
-    let target = cx
+    let target = shared
         .results
-        .remove(&req.graph.target)
+        .lock()
+        .ok()
+        .and_then(|mut r| r.remove(&req.graph.target))
         .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
     let mut state = target.state;
-    state.config.set_created(Some(cx.created.clone()));
+    state.config.set_created(Some(shared.created.clone()));
     Ok(state
         .commit(&store.blobs, &BTreeMap::new())
         .map_err(StoreError::from)?)
 }
 
-impl Ctx<'_> {
+impl Ctx<'_, '_> {
     fn fail(&self, l: &Located, msg: impl Into<String>) -> BuildError {
         BuildError::Step(Box::new(StepFailure {
             file: self.req.file_name.clone(),
             line: l.span.line,
             column: l.span.column,
-            step: format!("{}/{}", self.step, self.total),
+            step: format!("{}/{}", self.step, self.total.load(Ordering::Relaxed)),
             text: l.text.clone(),
             msg: msg.into(),
             source_line: self.source_line(l.span.line),
@@ -211,11 +291,14 @@ impl Ctx<'_> {
     fn run_stage(&mut self, index: usize) -> Result<StageResult, BuildError> {
         let stage = &self.req.graph.stages[index];
         let label = format!("stage-{}", stage.label());
-        self.step += 1;
+        self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let from_text = self.source_line(stage.span.line).trim().to_string();
-        self.req
-            .reporter
-            .step(self.step, self.total, &label, &from_text);
+        self.req.reporter.step(
+            self.step,
+            self.total.load(Ordering::Relaxed),
+            &label,
+            &from_text,
+        );
         let started = Instant::now();
         let p = &self.req.platform;
         let (mut state, base_key) = match &stage.base {
@@ -224,10 +307,14 @@ impl Ctx<'_> {
                 CacheKey::base(json!({"scratch": p.spec()})),
             ),
             Base::Stage(i) => {
-                let parent = self.results.get(i).ok_or_else(|| {
+                let parent = self
+                    .results
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(i).map(|p| (p.state.clone(), p.key.clone())));
+                parent.ok_or_else(|| {
                     BuildError::Other(format!("stage {} was not built before stage {}", i, index))
-                })?;
-                (parent.state.clone(), parent.key.clone())
+                })?
             }
             Base::Image(r) => {
                 let img = sources::fetch(self.store, r, p).map_err(|e| {
@@ -235,7 +322,7 @@ impl Ctx<'_> {
                         file: self.req.file_name.clone(),
                         line: stage.span.line,
                         column: stage.span.column,
-                        step: format!("{}/{}", self.step, self.total),
+                        step: format!("{}/{}", self.step, self.total.load(Ordering::Relaxed)),
                         text: from_text.clone(),
                         msg: e.to_string(),
                         source_line: self.source_line(stage.span.line),
@@ -284,13 +371,16 @@ impl Ctx<'_> {
                 work.push(l);
             }
         }
-        self.total += work.len();
+        self.total.fetch_add(work.len(), Ordering::Relaxed);
         work.extend(stage.instructions.iter().cloned());
         for l in &work {
-            self.step += 1;
-            self.req
-                .reporter
-                .step(self.step, self.total, &label, &l.text);
+            self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+            self.req.reporter.step(
+                self.step,
+                self.total.load(Ordering::Relaxed),
+                &label,
+                &l.text,
+            );
             let started = Instant::now();
             let layered = matches!(
                 l.instruction,
@@ -312,22 +402,53 @@ impl Ctx<'_> {
             let material = self.key_material(l, &state, &scope)?;
             key = CacheKey::chain(&key, material);
             if use_cache {
-                if let Some(hit) = self.cache.get(&key) {
+                if let Some(hit) = self.claim(&key) {
                     state = hit.state;
                     self.req.reporter.done(self.step, started.elapsed(), true);
                     continue;
                 }
             }
-            self.sync_view(&mut view, &state)?;
-            self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
-            if let Err(e) = self.cache.put(&key, &state) {
-                self.req
-                    .reporter
-                    .warn(&format!("could not record the cache entry: {}", e));
+            let outcome = self
+                .sync_view(&mut view, &state)
+                .and_then(|_| self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set));
+            if outcome.is_ok() {
+                if let Err(e) = self.cache.put(&key, &state) {
+                    self.req
+                        .reporter
+                        .warn(&format!("could not record the cache entry: {}", e));
+                }
             }
+            if use_cache {
+                self.release(&key);
+            }
+            outcome?;
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
         Ok(StageResult { state, key, view })
+    }
+
+    /// A cache hit for `key`, or `None` after marking it as being computed by this stage
+    /// (an identical step already running elsewhere is waited for, then hit).
+    fn claim(&self, key: &CacheKey) -> Option<crate::cache::Hit> {
+        let id = key.0.to_string();
+        let mut running = self.inflight.lock().ok()?;
+        loop {
+            if let Some(hit) = self.cache.get(key) {
+                return Some(hit);
+            }
+            if !running.contains(&id) {
+                running.insert(id);
+                return None;
+            }
+            running = self.inflight_done.wait(running).ok()?;
+        }
+    }
+
+    fn release(&self, key: &CacheKey) {
+        if let Ok(mut running) = self.inflight.lock() {
+            running.remove(&key.0.to_string());
+        }
+        self.inflight_done.notify_all();
     }
 
     /// Create or grow `view` to show `state`'s layers.
@@ -1023,13 +1144,14 @@ impl Ctx<'_> {
     /// What a `--from` stands for in a key: a stage's result key, or an image's digest.
     fn identity_of_from(&mut self, l: &Located, from: &str) -> Result<String, BuildError> {
         if let Some(i) = self.stage_index(from) {
-            return self
+            let key = self
                 .results
-                .get(&i)
-                .map(|r| format!("stage:{}", r.key.0))
-                .ok_or_else(|| {
-                    self.fail(l, format!("stage {} is not built before this step", from))
-                });
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&i).map(|r| r.key.0.to_string()));
+            return key.map(|k| format!("stage:{}", k)).ok_or_else(|| {
+                self.fail(l, format!("stage {} is not built before this step", from))
+            });
         }
         let img = sources::fetch(self.store, from, &self.req.platform)
             .map_err(|e| self.fail(l, e.to_string()))?;
@@ -1051,48 +1173,45 @@ impl Ctx<'_> {
 
     fn source_for(&mut self, l: &Located, from: &str) -> Result<PathBuf, BuildError> {
         if let Some(i) = self.stage_index(from) {
-            let layers = match self.results.get(&i) {
-                Some(r) if r.view.is_some() => {
-                    let layers = r.state.layers.clone();
-                    let snaps = self.snaps.clone();
-                    let synced = match self.results.get_mut(&i).and_then(|r| r.view.as_mut()) {
-                        Some(v) => v
-                            .sync(&snaps, &layers)
-                            .map(|_| Some(v.path().to_path_buf())),
-                        None => Ok(None),
-                    };
-                    match synced {
-                        Ok(Some(p)) => return Ok(p),
-                        Ok(None) => {}
-                        Err(e) => return Err(self.fail(l, e.to_string())),
-                    }
-                    layers
-                }
-                Some(r) => r.state.layers.clone(),
-                None => {
-                    return Err(
-                        self.fail(l, format!("stage {} is not built before this step", from))
-                    )
-                }
+            // A finished stage's root, viewed (and brought up to date) on first use.
+            let mut results = self
+                .results
+                .lock()
+                .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
+            let Some(r) = results.get_mut(&i) else {
+                drop(results);
+                return Err(self.fail(l, format!("stage {} is not built before this step", from)));
             };
-            let view = self.view(&layers)?;
-            let path = view.path().to_path_buf();
-            if let Some(r) = self.results.get_mut(&i) {
-                r.view = Some(view);
-            }
-            return Ok(path);
+            let outcome = match r.view.as_mut() {
+                Some(v) => v
+                    .sync(&self.snaps, &r.state.layers)
+                    .map(|_| v.path().to_path_buf())
+                    .map_err(|e| e.to_string()),
+                None => match RootView::new(&self.snaps, self.snapshotter, &r.state.layers) {
+                    Ok(v) => {
+                        let p = v.path().to_path_buf();
+                        r.view = Some(v);
+                        Ok(p)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            drop(results);
+            return outcome.map_err(|e| self.fail(l, e));
         }
-        if !self.external.contains_key(from) {
-            let img = sources::fetch(self.store, from, &self.req.platform)
-                .map_err(|e| self.fail(l, e.to_string()))?;
-            let view = self.view(&img.state.layers)?;
-            self.external.insert(from.to_string(), (img.state, view));
-        }
-        Ok(self
+        let mut external = self
             .external
-            .get(from)
-            .map(|(_, d)| d.path().to_path_buf())
-            .unwrap_or_default())
+            .lock()
+            .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
+        if let Some((_, v)) = external.get(from) {
+            return Ok(v.path().to_path_buf());
+        }
+        let img = sources::fetch(self.store, from, &self.req.platform)
+            .map_err(|e| self.fail(l, e.to_string()))?;
+        let view = self.view(&img.state.layers)?;
+        let path = view.path().to_path_buf();
+        external.insert(from.to_string(), (img.state, view));
+        Ok(path)
     }
 
     /// A view of `layers` with this build's snapshotter.

@@ -127,7 +127,7 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
             let code = match helper(&prepared, write_end) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("builder sandbox: {}", e);
+                    child_message(&format!("builder sandbox: {}\n", e));
                     125
                 }
             };
@@ -167,6 +167,14 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
                 other => Err(SandboxError(format!("unexpected wait status {:?}", other))),
             }
         }
+    }
+}
+
+/// Write a message to stderr from a forked child without std's stderr lock (another thread
+/// of builder may have held it at fork time).
+fn child_message(msg: &str) {
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
     }
 }
 
@@ -267,7 +275,7 @@ fn helper(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
             let code = match init(p, out) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("builder sandbox: {}", e);
+                    child_message(&format!("builder sandbox: {}\n", e));
                     125
                 }
             };
@@ -531,7 +539,7 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
             }
             drop(out);
             let err = exec_command(p);
-            eprintln!("builder sandbox: {}", err);
+            child_message(&format!("builder sandbox: {}\n", err));
             unsafe {
                 libc::_exit(if err.0.contains("No such file") {
                     127

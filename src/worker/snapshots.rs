@@ -73,6 +73,9 @@ pub fn chain_ids(layers: &[LayerRef]) -> Vec<Digest> {
     out
 }
 
+/// Serialises the chdir around view mounts (stages mount from several threads).
+static MOUNT_CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The longest mount option string the kernel takes (one page, minus a margin).
 const MAX_MOUNT_DATA: usize = 4000;
 
@@ -328,6 +331,8 @@ impl RootView {
             lowers.push(self.empty.path().to_path_buf());
         }
         let data = lowerdir_option(&lowers, &self.base)?;
+        // The working directory is process-wide: one view mount at a time.
+        let _cwd_guard = MOUNT_CWD.lock().unwrap_or_else(|e| e.into_inner());
         let cwd = std::env::current_dir().map_err(io_at(&self.base))?;
         std::env::set_current_dir(&self.base).map_err(io_at(&self.base))?;
         let r = mount(
