@@ -156,11 +156,17 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Overlay snapshots when running as root where overlayfs mounts; otherwise private copies.
-/// As root, builder first moves into its own mount namespace so its views die with it.
+/// Overlay snapshots where overlayfs mounts; otherwise private copies. Builder first moves
+/// into its own mount namespace (and, without root, its own user namespace) so its views die
+/// with it.
 fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshotter, BuildError> {
     if !is_root() {
-        return Ok(Snapshotter::Copy);
+        // Rootless: become root of our own user namespace, then proceed as root does.
+        if let Err(e) = worker::enter_user_namespace() {
+            reporter.warn(&format!("rootless mode is not available here ({}): RUN cannot run and layers are unpacked by copy", e));
+            return Ok(Snapshotter::Copy);
+        }
+        reporter.warn("rootless mode: running in a user namespace where only your uid is mapped (files are owned by root in the image; USER with other ids cannot run)");
     }
     worker::snapshots::enter_private_mount_namespace()
         .map_err(|e| BuildError::Other(e.to_string()))?;

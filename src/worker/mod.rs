@@ -47,6 +47,40 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WorkerError + '_ {
     }
 }
 
+/// Set once builder has entered its own user namespace (rootless mode).
+static ROOTLESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether builder runs rootless, as root of its own user namespace.
+pub fn rootless() -> bool {
+    ROOTLESS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Rootless mode: become root of a new user namespace in which only our own uid and gid are
+/// mapped (to 0), with a mount namespace we own. Everything a build does then works as for
+/// root, except that files can only be owned by that one id, setgroups is denied, and a USER
+/// with another id cannot run. Must be called before any thread starts.
+pub fn enter_user_namespace() -> Result<(), WorkerError> {
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    nix::sched::unshare(
+        nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNS,
+    )
+    .map_err(|e| WorkerError::Io {
+        path: PathBuf::from("/proc/self/ns/user"),
+        source: io::Error::from(e),
+    })?;
+    let write = |p: &str, v: String| {
+        fs::write(p, v).map_err(|source| WorkerError::Io {
+            path: PathBuf::from(p),
+            source,
+        })
+    };
+    write("/proc/self/setgroups", "deny".into())?;
+    write("/proc/self/uid_map", format!("0 {} 1\n", uid))?;
+    write("/proc/self/gid_map", format!("0 {} 1\n", gid))?;
+    ROOTLESS.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// Whether overlayfs can be mounted here (tried once in a throwaway mount namespace).
 pub fn detect(scratch: &Path) -> Snapshotter {
     if std::env::var("BUILDER_SNAPSHOTTER").as_deref() == Ok("copy") {

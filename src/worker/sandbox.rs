@@ -448,20 +448,28 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
     )
     .is_err()
     {
-        mnt(
+        // A read-only bind of the host's /sys instead; in a rootless user namespace neither
+        // may be allowed, and the step runs without /sys (documented).
+        let bound = mount(
             Some("/sys"),
             &sys,
-            None,
+            None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )?;
-        mnt(
-            None,
-            &sys,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None,
-        )?;
+            None::<&str>,
+        )
+        .is_ok();
+        if bound
+            && mount(
+                None::<&str>,
+                &sys,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .is_err()
+        {
+            let _ = umount2(&sys, MntFlags::MNT_DETACH);
+        }
     }
     // resolv.conf, hosts, hostname: provided, never captured.
     for (host, target) in &spec.etc_files {
@@ -559,14 +567,24 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
 fn exec_command(p: &Prepared) -> SandboxError {
     let spec = &p.spec;
     let groups: Vec<Gid> = spec.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-    if let Err(e) = setgroups(&groups) {
-        return SandboxError(format!("setgroups: {}", e));
+    match setgroups(&groups) {
+        // A rootless user namespace denies setgroups: the step keeps no supplementary groups.
+        Err(nix::errno::Errno::EPERM) if crate::worker::rootless() => {}
+        Err(e) => return SandboxError(format!("setgroups: {}", e)),
+        Ok(()) => {}
     }
+    let unmapped = |what: &str, id: u32, e: nix::errno::Errno| {
+        if e == nix::errno::Errno::EINVAL && crate::worker::rootless() {
+            SandboxError(format!("{} {} is not available in rootless mode (only id 0 is mapped; run builder as root for USER with other ids)", what, id))
+        } else {
+            SandboxError(format!("{} {}: {}", what, id, e))
+        }
+    };
     if let Err(e) = setgid(Gid::from_raw(spec.gid)) {
-        return SandboxError(format!("setgid {}: {}", spec.gid, e));
+        return unmapped("group", spec.gid, e);
     }
     if let Err(e) = setuid(Uid::from_raw(spec.uid)) {
-        return SandboxError(format!("setuid {}: {}", spec.uid, e));
+        return unmapped("user", spec.uid, e);
     }
     if let Err(e) = chdir(spec.cwd.as_str()) {
         return SandboxError(format!("working directory {}: {}", spec.cwd, e));
