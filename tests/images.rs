@@ -491,3 +491,64 @@ fn copy_rules_match_docker() {
     );
     assert!(local.join("all/one.txt").exists());
 }
+
+/// Serve `body` over HTTP on 127.0.0.1 for a bounded number of requests; returns the port.
+fn serve(body: &'static [u8], requests: usize) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(body);
+        }
+    });
+    port
+}
+
+#[test]
+fn add_fetches_urls_and_verifies_checksums() {
+    let body: &'static [u8] = b"remote file content\n";
+    let port = serve(body, 4);
+    let sum = format!("sha256:{}", builder::oci::digest::Digest::of(body).hex());
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        &format!(
+            "FROM scratch\nADD --checksum={sum} http://127.0.0.1:{port}/files/remote.txt /dl/\n"
+        ),
+    );
+    let local = t.path().join("local");
+    build(
+        &t.path().join("root"),
+        &ctx,
+        &["-o", &format!("local:{}", local.display())],
+    );
+    assert_eq!(fs::read(local.join("dl/remote.txt")).unwrap(), body);
+    // A wrong checksum fails the build and says so.
+    let bad = format!("sha256:{}", "0".repeat(64));
+    write(
+        &ctx.join("Buildfile"),
+        &format!(
+            "FROM scratch\nADD --checksum={bad} http://127.0.0.1:{port}/files/remote.txt /dl/\n"
+        ),
+    );
+    let out = run(builder()
+        .args(["build", "--root"])
+        .arg(t.path().join("root"))
+        .arg(&ctx));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checksum mismatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -402,3 +402,29 @@ fn sigint_mid_step_leaves_nothing_behind() {
 fn sigkill_mid_step_leaves_nothing_behind() {
     kill_mid_step("-KILL");
 }
+
+#[test]
+fn bind_and_tmpfs_mounts_are_visible_to_the_step_but_not_in_the_layer() {
+    let e = Env::new();
+    let ctx = e.ctx("FROM busybox:test AS src\nRUN echo from-stage > /made\nFROM busybox:test\nRUN --mount=type=bind,source=data,target=/in cat /in/input.txt > /copied && ! touch /in/new 2>/dev/null\nRUN --mount=type=bind,from=src,source=/made,target=/from-stage cat /from-stage >> /copied\nRUN --mount=type=tmpfs,target=/scratch echo tmp > /scratch/x && cat /scratch/x >> /copied\n");
+    write(&ctx.join("data/input.txt"), "from-context\n");
+    let layout = e.dir.path().join("bind-layout");
+    build(
+        &e.root(),
+        &ctx,
+        &["-o", &format!("oci:{}:t", layout.display())],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&layout, "t", t.path()).join("rootfs");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("copied")).unwrap(),
+        "from-context\nfrom-stage\ntmp\n",
+        "a read-only bind (context and stage) and a tmpfs"
+    );
+    for p in ["in", "from-stage", "scratch"] {
+        assert!(
+            !rootfs.join(p).exists(),
+            "mount point /{p} is not part of the image"
+        );
+    }
+}
