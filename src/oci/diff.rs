@@ -290,6 +290,23 @@ pub fn diff_images(
     }))
 }
 
+/// `<prefix><change> <path>[: detail]` for one entry row.
+fn entry_line(prefix: &str, e: &Value) -> String {
+    let detail = e["detail"].as_str().unwrap_or("");
+    let detail = if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", detail)
+    };
+    format!(
+        "{}{} {}{}\n",
+        prefix,
+        e["change"].as_str().unwrap_or(""),
+        e["path"].as_str().unwrap_or(""),
+        detail
+    )
+}
+
 /// The report as text, one difference a line.
 pub fn render(report: &Value) -> String {
     let mut out = String::new();
@@ -321,31 +338,11 @@ pub fn render(report: &Value) -> String {
             l["b"].as_str().unwrap_or("(none)")
         ));
         for e in l["entries"].as_array().into_iter().flatten() {
-            let detail = e["detail"].as_str().unwrap_or("");
-            out.push_str(&format!(
-                "  {} {}{}\n",
-                e["change"].as_str().unwrap_or(""),
-                e["path"].as_str().unwrap_or(""),
-                if detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", detail)
-                }
-            ));
+            out.push_str(&entry_line("  ", e));
         }
     }
     for e in report["merged"].as_array().into_iter().flatten() {
-        let detail = e["detail"].as_str().unwrap_or("");
-        out.push_str(&format!(
-            "merged {} {}{}\n",
-            e["change"].as_str().unwrap_or(""),
-            e["path"].as_str().unwrap_or(""),
-            if detail.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", detail)
-            }
-        ));
+        out.push_str(&entry_line("merged ", e));
     }
     out
 }

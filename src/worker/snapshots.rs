@@ -138,13 +138,24 @@ impl Snapshots {
             .tempdir_in(&self.tmp)
             .map_err(io_at(&self.tmp))?;
         fs::rename(dir, staging.path().join("fs")).map_err(io_at(dir))?;
+        self.publish(staging, &final_dir)
+    }
+
+    /// Rename a finished `staging/fs` into place as `final_dir/fs`. A concurrent builder may
+    /// have published the same chain first, which is fine: the contents are the same.
+    fn publish(
+        &self,
+        staging: tempfile::TempDir,
+        final_dir: &Path,
+    ) -> Result<PathBuf, SnapshotError> {
+        let fs_dir = final_dir.join("fs");
         let staged = staging.keep();
-        match fs::rename(&staged, &final_dir) {
+        match fs::rename(&staged, final_dir) {
             Ok(()) => {}
             Err(_) if fs_dir.is_dir() => {
                 let _ = fs::remove_dir_all(&staged);
             }
-            Err(e) => return Err(io_at(&final_dir)(e)),
+            Err(e) => return Err(io_at(final_dir)(e)),
         }
         crate::oci::blobs::sync_dir(&self.dir);
         Ok(fs_dir)
@@ -176,17 +187,7 @@ impl Snapshots {
             &fs_tmp,
             opts,
         )?;
-        // Publish atomically; a concurrent builder may have won the race, which is fine.
-        let staged = staging.keep();
-        match fs::rename(&staged, &final_dir) {
-            Ok(()) => {}
-            Err(_) if fs_dir.is_dir() => {
-                let _ = fs::remove_dir_all(&staged);
-            }
-            Err(e) => return Err(io_at(&final_dir)(e)),
-        }
-        crate::oci::blobs::sync_dir(&self.dir);
-        Ok(fs_dir)
+        self.publish(staging, &final_dir)
     }
 }
 
