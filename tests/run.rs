@@ -344,9 +344,12 @@ fn overlay_and_copy_snapshotters_write_identical_layers() {
     );
 }
 
-fn kill_mid_step(signal: &str) {
+fn kill_mid_step(signal: &str, seconds: u32) {
     let e = Env::new();
-    let ctx = e.ctx("FROM busybox:test\nRUN echo started && sleep 300\n");
+    // A sleep length unique to this test: tests run concurrently and must not see each other's steps.
+    let ctx = e.ctx(&format!(
+        "FROM busybox:test\nRUN echo started && sleep {seconds}\n"
+    ));
     let mut child = builder()
         .args(["build", "--progress", "plain", "--root"])
         .arg(e.root())
@@ -376,7 +379,8 @@ fn kill_mid_step(signal: &str) {
     // Every process of the step dies with it and no mount stays behind.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let sleeping = run(std::process::Command::new("pgrep").args(["-f", "sleep 300"]))
+        let pattern = format!("sleep {seconds}$");
+        let sleeping = run(std::process::Command::new("pgrep").args(["-f", &pattern]))
             .status
             .success();
         if !sleeping && no_mounts_under(&e.root()) {
@@ -395,12 +399,12 @@ fn kill_mid_step(signal: &str) {
 
 #[test]
 fn sigint_mid_step_leaves_nothing_behind() {
-    kill_mid_step("-INT");
+    kill_mid_step("-INT", 301);
 }
 
 #[test]
 fn sigkill_mid_step_leaves_nothing_behind() {
-    kill_mid_step("-KILL");
+    kill_mid_step("-KILL", 302);
 }
 
 #[test]
