@@ -17,7 +17,8 @@ pub enum EpochSource {
 }
 
 /// Resolve the build's epoch (seconds since 1970).
-pub fn resolve(flag: Option<&str>, context: &Path) -> Result<(i64, EpochSource), String> {
+/// Without a context (e.g. `builder import`) the git step is skipped.
+pub fn resolve(flag: Option<&str>, context: Option<&Path>) -> Result<(i64, EpochSource), String> {
     let parse = |s: &str, what: &str| -> Result<(i64, EpochSource), String> {
         if s == "now" {
             let now = std::time::SystemTime::now()
@@ -60,7 +61,7 @@ pub fn resolve(flag: Option<&str>, context: &Path) -> Result<(i64, EpochSource),
             return parse(&v, "env");
         }
     }
-    if let Some(t) = git_head_time(context) {
+    if let Some(t) = context.and_then(git_head_time) {
         return Ok((t, EpochSource::GitHead));
     }
     Ok((0, EpochSource::Default))

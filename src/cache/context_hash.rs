@@ -10,12 +10,11 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use serde_json::{json, Value};
-
 use crate::oci::blobs::write_atomic;
-use crate::oci::digest::{Digest, HashingWriter};
+use crate::oci::digest::HashingWriter;
 
 /// Seconds a file's ctime must be in the past before its stat-cache entry is trusted.
 const RACY_SECONDS: i64 = 2;
@@ -37,9 +36,7 @@ pub struct ContextHasher {
     path: PathBuf,
     stat: Mutex<BTreeMap<String, StatEntry>>,
     this_build: Mutex<BTreeMap<PathBuf, String>>,
-    dirty: Mutex<bool>,
-    /// How many files were actually read and hashed (for tests and benchmarks).
-    pub hashed: std::sync::atomic::AtomicUsize,
+    dirty: AtomicBool,
     jobs: usize,
 }
 
@@ -54,16 +51,14 @@ impl ContextHasher {
             path,
             stat: Mutex::new(stat),
             this_build: Mutex::new(BTreeMap::new()),
-            dirty: Mutex::new(false),
-            hashed: std::sync::atomic::AtomicUsize::new(0),
+            dirty: AtomicBool::new(false),
             jobs: jobs.max(1),
         }
     }
 
     /// Save the stat cache (atomically; a lost update only costs re-hashing).
     pub fn save(&self) {
-        let dirty = self.dirty.lock().map(|d| *d).unwrap_or(false);
-        if !dirty {
+        if !self.dirty.load(Ordering::Relaxed) {
             return;
         }
         if let Ok(stat) = self.stat.lock() {
@@ -98,8 +93,6 @@ impl ContextHasher {
         io::copy(&mut f, &mut w)?;
         let (d, _, _) = w.finish();
         let hex = d.hex().to_string();
-        self.hashed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut tb) = self.this_build.lock() {
             tb.insert(path.to_path_buf(), hex.clone());
         }
@@ -118,16 +111,14 @@ impl ContextHasher {
                 },
             );
         }
-        if let Ok(mut d) = self.dirty.lock() {
-            *d = true;
-        }
+        self.dirty.store(true, Ordering::Relaxed);
         Ok(hex)
     }
 
-    /// Describe a set of context entries (`rel` -> on-disk path) for a cache key: type, mode,
-    /// owner, size, link target, xattrs, content digest, and the mtime as it will appear in
-    /// the layer (clamped to `epoch`).
-    pub fn describe(&self, entries: &[(String, PathBuf)], epoch: i64) -> io::Result<Value> {
+    /// The digest of a set of context entries (`rel` -> on-disk path) for a cache key: type,
+    /// mode, owner, size, link target, xattrs, content digest, and the mtime as it will appear
+    /// in the layer (clamped to `epoch`).
+    pub fn describe(&self, entries: &[(String, PathBuf)], epoch: i64) -> io::Result<String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -187,19 +178,7 @@ impl ContextHasher {
             } else {
                 Vec::new()
             };
-            let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(p)
-                .map(|names| {
-                    names
-                        .filter_map(|n| {
-                            xattr::get(p, &n)
-                                .ok()
-                                .flatten()
-                                .map(|v| (n.as_bytes().to_vec(), v))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            xattrs.sort();
+            let xattrs = crate::oci::layer::read_xattrs(p);
             let mut rec: Vec<u8> = Vec::with_capacity(rel.len() + 128);
             rec.extend_from_slice(format!("{}:", rel.len()).as_bytes());
             rec.extend_from_slice(rel.as_bytes());
@@ -224,18 +203,13 @@ impl ContextHasher {
             for (k, v) in xattrs {
                 rec.push(0x1f);
                 rec.extend_from_slice(format!("x{}:", k.len()).as_bytes());
-                rec.extend_from_slice(&k);
+                rec.extend_from_slice(k.as_bytes());
                 rec.extend_from_slice(hex::encode(v).as_bytes());
             }
             rec.push(0x1e);
             io::Write::write_all(&mut h, &rec)?;
         }
         let (d, _, _) = h.finish();
-        Ok(json!(d.to_string()))
+        Ok(d.to_string())
     }
-}
-
-/// A digest of a key-material document, for nesting big descriptions into a key.
-pub fn digest_of(v: &Value) -> String {
-    Digest::of(&crate::oci::image::canonical_json(v)).to_string()
 }

@@ -3,7 +3,7 @@
 //! what a running build is writing, and it never removes a blob or snapshot that a tagged
 //! image or a kept cache entry needs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 
@@ -66,16 +66,24 @@ pub struct Usage {
     pub snapshot_bytes: u64,
 }
 
-fn tagged_blobs(store: &Store) -> Result<BTreeSet<Digest>, StoreError> {
+/// The images names point at, loaded once.
+fn tagged_images(store: &Store) -> Result<Vec<image::StoredImage>, StoreError> {
+    Ok(store
+        .refs()?
+        .values()
+        .filter_map(|d| image::load(&store.blobs, d).ok())
+        .collect())
+}
+
+/// Every blob a tagged image needs.
+fn blobs_of(images: &[image::StoredImage]) -> BTreeSet<Digest> {
     let mut live = BTreeSet::new();
-    for (_, d) in store.refs()? {
-        live.insert(d.clone());
-        if let Ok(img) = image::load(&store.blobs, &d) {
-            live.insert(img.config_digest.clone());
-            live.extend(img.state.layers.iter().map(|l| l.digest.clone()));
-        }
+    for img in images {
+        live.insert(img.manifest_digest.clone());
+        live.insert(img.config_digest.clone());
+        live.extend(img.state.layers.iter().map(|l| l.digest.clone()));
     }
-    Ok(live)
+    live
 }
 
 fn size_of(store: &Store, d: &Digest) -> u64 {
@@ -96,7 +104,7 @@ fn dir_size(p: &Path) -> u64 {
 
 pub fn usage(store: &Store) -> Result<Usage, StoreError> {
     let index = CacheIndex::new(store.root(), &store.blobs);
-    let tagged = tagged_blobs(store)?;
+    let tagged = blobs_of(&tagged_images(store)?);
     let entries = index.entries();
     let mut cache_blobs = BTreeSet::new();
     for (_, _, config, layers) in &entries {
@@ -136,14 +144,15 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
         source,
     })?;
     let index = CacheIndex::new(store.root(), &store.blobs);
-    let tagged = tagged_blobs(store)?;
+    let images = tagged_images(store)?;
+    let tagged = blobs_of(&images);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut entries = index.entries();
     entries.sort_by_key(|e| e.1);
-    let mut remove: Vec<usize> = Vec::new();
+    let mut remove: BTreeSet<usize> = BTreeSet::new();
     for (i, (_, created, _, layers)) in entries.iter().enumerate() {
         let old = opts
             .older_than_secs
@@ -157,11 +166,12 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
             opts.keep_storage.is_none() && dangling
         };
         if selected {
-            remove.push(i);
+            remove.insert(i);
         }
     }
     if let Some(limit) = opts.keep_storage {
-        // Oldest first, until what the remaining entries hold fits.
+        // Oldest first, until what the remaining entries hold fits. Each blob is sized once.
+        let mut sizes: BTreeMap<Digest, u64> = BTreeMap::new();
         let mut kept: Vec<usize> = (0..entries.len()).filter(|i| !remove.contains(i)).collect();
         loop {
             let mut blobs = BTreeSet::new();
@@ -169,11 +179,14 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
                 blobs.extend(entries[i].2.iter().cloned());
                 blobs.extend(entries[i].3.iter().cloned());
             }
-            let total: u64 = blobs.difference(&tagged).map(|d| size_of(store, d)).sum();
+            let total: u64 = blobs
+                .difference(&tagged)
+                .map(|d| *sizes.entry(d.clone()).or_insert_with(|| size_of(store, d)))
+                .sum();
             if total <= limit || kept.is_empty() {
                 break;
             }
-            remove.push(kept.remove(0));
+            remove.insert(kept.remove(0));
         }
     }
     let mut pruned = Pruned {
@@ -189,12 +202,6 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     }
     // Everything still needed.
     let mut live = tagged.clone();
-    let mut live_layer_lists: Vec<Vec<crate::oci::image::LayerRef>> = Vec::new();
-    for (_, d) in store.refs()? {
-        if let Ok(img) = image::load(&store.blobs, &d) {
-            live_layer_lists.push(img.state.layers.clone());
-        }
-    }
     for (_, _, config, layers) in index.entries() {
         live.extend(config.iter().cloned());
         live.extend(layers.iter().cloned());
@@ -209,8 +216,12 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     }
     // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
     let mut live_chains = BTreeSet::new();
-    for layers in &live_layer_lists {
-        live_chains.extend(chain_ids(layers).into_iter().map(|c| c.hex().to_string()));
+    for img in &images {
+        live_chains.extend(
+            chain_ids(&img.state.layers)
+                .into_iter()
+                .map(|c| c.hex().to_string()),
+        );
     }
     if let Ok(rd) = fs::read_dir(store.root().join("snapshots")) {
         for e in rd.flatten() {

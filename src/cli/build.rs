@@ -137,7 +137,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::io(&a.context, e))?;
     let (_, ignore) = dockerignore::load_for_build(&file, &context)?;
     let (epoch, _) =
-        epoch::resolve(a.source_date_epoch.as_deref(), &context).map_err(CliError::msg)?;
+        epoch::resolve(a.source_date_epoch.as_deref(), Some(&context)).map_err(CliError::msg)?;
     let compression = match a.compression {
         CompressionKind::Gzip => {
             Compression::Gzip(a.compression_level.unwrap_or(6).clamp(0, 9) as u32)

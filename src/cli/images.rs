@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::epoch;
 use crate::export::{self, Output};
-use crate::oci::image::{rfc3339, ImageState, LayerRef};
+use crate::oci::image::{rfc3339, ImageState};
 use crate::oci::layer::{write_layer, Compression, LayerOptions};
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::plan::Platform;
@@ -50,8 +50,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
         .iter()
         .map(|t| normalize_name(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let (epoch, _) =
-        epoch::resolve(None, std::path::Path::new("/nonexistent")).map_err(CliError::msg)?;
+    let (epoch, _) = epoch::resolve(None, None).map_err(CliError::msg)?;
     let md = std::fs::metadata(&a.source).map_err(|e| CliError::io(&a.source, e))?;
     let unpacked;
     let dir = if md.is_dir() {
@@ -82,16 +81,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
     let p = Platform::host();
     let mut state = ImageState::scratch(&p.os, &p.architecture, None);
     let created = rfc3339(epoch);
-    state.push_history(
-        &created,
-        "builder import",
-        Some(LayerRef {
-            digest: layer.digest,
-            diff_id: layer.diff_id,
-            size: layer.size,
-            media_type: layer.media_type,
-        }),
-    );
+    state.push_history(&created, "builder import", Some(layer.into()));
     state.config.set_created(Some(created));
     let image = state
         .commit(&store.blobs, &BTreeMap::new())
@@ -228,21 +218,14 @@ pub fn fsck(root: &RootArg) -> Result<(), CliError> {
     )))
 }
 
-fn human_bytes(n: u64) -> String {
-    human(n)
-}
-
 /// `builder cache du`.
 pub fn cache_du(root: &RootArg) -> Result<(), CliError> {
     let store = root.open()?;
     let u = crate::cache::gc::usage(&store)?;
     println!("cache entries:          {}", u.entries);
-    println!(
-        "cache-only blobs:       {}",
-        human_bytes(u.cache_only_bytes)
-    );
-    println!("tagged image blobs:     {}", human_bytes(u.image_bytes));
-    println!("unpacked snapshots:     {}", human_bytes(u.snapshot_bytes));
+    println!("cache-only blobs:       {}", human(u.cache_only_bytes));
+    println!("tagged image blobs:     {}", human(u.image_bytes));
+    println!("unpacked snapshots:     {}", human(u.snapshot_bytes));
     Ok(())
 }
 
@@ -289,7 +272,7 @@ pub fn cache_prune(
         "removed {} cache entries, {} blobs ({}), {} snapshots",
         p.entries,
         p.blobs,
-        human_bytes(p.bytes),
+        human(p.bytes),
         p.snapshots
     );
     Ok(())

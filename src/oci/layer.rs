@@ -44,6 +44,17 @@ pub struct Layer {
     pub media_type: String,
 }
 
+impl From<Layer> for super::image::LayerRef {
+    fn from(l: Layer) -> Self {
+        super::image::LayerRef {
+            digest: l.digest,
+            diff_id: l.diff_id,
+            size: l.size,
+            media_type: l.media_type,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error("{path}: {source}")]

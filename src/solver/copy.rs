@@ -55,7 +55,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
     }
 }
 
-fn is_url(s: &str) -> bool {
+/// Whether an ADD source is a remote URL.
+pub fn is_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 

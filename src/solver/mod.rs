@@ -1,7 +1,8 @@
-//! The solver: walks the build graph stage by stage, applies each instruction to an
-//! [`ImageState`] and a root filesystem, writes the layers COPY and ADD produce, and commits
-//! the target stage as an image. Stages are materialised by unpacking their layers into a
-//! private directory under the store.
+//! The solver: runs the build graph's stages (concurrently where they are independent),
+//! applies each instruction to an [`ImageState`], asks the cache before every layer-producing
+//! step, writes the layers COPY, ADD, WORKDIR and RUN produce, and commits the target stage as
+//! an image. A stage's filesystem is a [`RootView`] of shared layer snapshots, created only
+//! when a step has to read it.
 
 pub mod copy;
 pub mod run;
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use crate::cache::context_hash::ContextHasher;
 use crate::cache::{CacheIndex, CacheKey};
 use crate::context::SourceRoot;
+use crate::oci::digest::Digest;
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
 use crate::oci::layer::{write_layer, Compression, LayerOptions};
 use crate::oci::unpack;
@@ -28,7 +30,7 @@ use crate::progress::Reporter;
 use crate::store::{sources, Store, StoreError};
 use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
 use crate::syntax::instruction::{Command, Healthcheck, Network};
-use crate::syntax::{Instruction, Located};
+use crate::syntax::{Instruction, Located, Span};
 use crate::worker::snapshots::{RootView, Snapshots};
 use crate::worker::{self, Exit, Snapshotter};
 
@@ -54,7 +56,7 @@ pub struct BuildRequest<'a> {
     pub no_cache: bool,
     /// `--no-cache-filter`: stages (names or indexes) whose steps all run.
     pub no_cache_filter: Vec<String>,
-    /// Parallelism for hashing (and, later, stages).
+    /// Parallelism for stages and for hashing.
     pub jobs: usize,
 }
 
@@ -121,7 +123,8 @@ struct Shared<'a> {
     /// Steps started so far (the `#N` of progress lines).
     counter: AtomicUsize,
     total: AtomicUsize,
-    external: Mutex<BTreeMap<String, (ImageState, RootView)>>,
+    /// Images named by `--from` that are not stages: fetched once, viewed when read.
+    external: Mutex<BTreeMap<String, ExternalImage>>,
     snapshotter: Snapshotter,
     snaps: Snapshots,
     cache: CacheIndex,
@@ -129,6 +132,12 @@ struct Shared<'a> {
     /// Keys of steps running right now: an identical step elsewhere waits, then hits.
     inflight: Mutex<std::collections::BTreeSet<String>>,
     inflight_done: Condvar,
+}
+
+/// An image a `--from` names.
+struct ExternalImage {
+    image: StoredImage,
+    view: Option<RootView>,
 }
 
 /// One stage's view of the build: the shared parts plus the step it is on.
@@ -273,14 +282,19 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
 
 impl Ctx<'_, '_> {
     fn fail(&self, l: &Located, msg: impl Into<String>) -> BuildError {
+        self.fail_at(l.span, &l.text, msg)
+    }
+
+    /// A failure of the current step, located at `span` of the build file.
+    fn fail_at(&self, span: Span, text: &str, msg: impl Into<String>) -> BuildError {
         BuildError::Step(Box::new(StepFailure {
             file: self.req.file_name.clone(),
-            line: l.span.line,
-            column: l.span.column,
+            line: span.line,
+            column: span.column,
             step: format!("{}/{}", self.step, self.total.load(Ordering::Relaxed)),
-            text: l.text.clone(),
+            text: text.to_string(),
             msg: msg.into(),
-            source_line: self.source_line(l.span.line),
+            source_line: self.source_line(span.line),
         }))
     }
 
@@ -323,17 +337,8 @@ impl Ctx<'_, '_> {
                 })?
             }
             Base::Image(r) => {
-                let img = sources::fetch(self.store, r, p).map_err(|e| {
-                    BuildError::Step(Box::new(StepFailure {
-                        file: self.req.file_name.clone(),
-                        line: stage.span.line,
-                        column: stage.span.column,
-                        step: format!("{}/{}", self.step, self.total.load(Ordering::Relaxed)),
-                        text: from_text.clone(),
-                        msg: e.to_string(),
-                        source_line: self.source_line(stage.span.line),
-                    }))
-                })?;
+                let img = sources::fetch(self.store, r, p)
+                    .map_err(|e| self.fail_at(stage.span, &from_text, e.to_string()))?;
                 (
                     img.state,
                     CacheKey::base(json!({"image": img.manifest_digest.to_string()})),
@@ -398,10 +403,8 @@ impl Ctx<'_, '_> {
             if !layered {
                 // Metadata steps are cheap: apply, then key on the config they produced.
                 self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
-                key = CacheKey::chain(
-                    &key,
-                    json!({"text": l.text, "config": crate::cache::context_hash::digest_of(&serde_json::from_slice::<Value>(&state.config_json()).unwrap_or(Value::Null))}),
-                );
+                let config = Digest::of(&state.config_json());
+                key = CacheKey::chain(&key, json!({"text": l.text, "config": config.to_string()}));
                 self.req.reporter.done(self.step, started.elapsed(), false);
                 continue;
             }
@@ -496,7 +499,6 @@ impl Ctx<'_, '_> {
         match &l.instruction {
             Instruction::From { .. } => return Err(self.fail(l, "FROM inside a stage")),
             Instruction::Arg(decls) => {
-                let mut shown = Vec::new();
                 for (name, default) in decls {
                     let value = match self.req.build_args.get(name) {
                         Some(v) => Some(v.clone()),
@@ -515,14 +517,9 @@ impl Ctx<'_, '_> {
                                 }),
                         },
                     };
-                    shown.push(match &value {
-                        Some(v) => format!("{}={}", name, v),
-                        None => name.clone(),
-                    });
                     scope.args.insert(name.clone(), value);
                 }
                 // ARGs are not part of the image: no history entry, so unused ARGs never change it.
-                let _ = shown;
             }
             Instruction::Env(kvs) => {
                 let mut shown = Vec::new();
@@ -788,11 +785,7 @@ impl Ctx<'_, '_> {
                 let ctx_root;
                 let root: &SourceRoot = match &c.from {
                     None => {
-                        ctx_root = SourceRoot {
-                            root: self.req.context.clone(),
-                            ignore: self.req.ignore.clone(),
-                            is_context: true,
-                        };
+                        ctx_root = self.context_root();
                         &ctx_root
                     }
                     Some(f) => {
@@ -857,13 +850,9 @@ impl Ctx<'_, '_> {
         let rootfs_path = view.path().to_path_buf();
         let rootfs = rootfs_path.as_path();
         if !is_root() {
-            return Err(self.fail(l, "RUN needs root: rootless builds are not supported yet (run builder as root, or build images without RUN)"));
+            return Err(self.fail(l, "RUN needs root or an unprivileged user namespace, and neither is available here (see the warning above)"));
         }
-        let shell: Vec<String> = state
-            .extras
-            .get("Shell")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+        let shell: Vec<String> = shell_of(state);
         let (argv, script) = run::argv_of(r, &shell);
         if argv.is_empty() {
             return Err(self.fail(l, "RUN has an empty command"));
@@ -909,11 +898,7 @@ impl Ctx<'_, '_> {
             let spec = self.word(l, scope, m)?;
             parsed.push(crate::syntax::mount::Mount::parse(&spec).map_err(|e| self.fail(l, e))?);
         }
-        let ctx_root = SourceRoot {
-            root: self.req.context.clone(),
-            ignore: self.req.ignore.clone(),
-            is_context: true,
-        };
+        let ctx_root = self.context_root();
         let mut guards = run::MountGuards::default();
         let mut from_err = None;
         let store_root = self.store.root().to_path_buf();
@@ -1015,7 +1000,6 @@ impl Ctx<'_, '_> {
         Ok((layer, format!("RUN {}{} # builder", args, argv.join(" "))))
     }
 
-    /// The files a `--from` names: an earlier stage's root filesystem, or an image's.
     /// Everything that decides a layer-producing step's result, after expansion.
     fn key_material(
         &mut self,
@@ -1059,11 +1043,7 @@ impl Ctx<'_, '_> {
                         .collect::<BTreeMap<_, _>>());
                     m["env"] = json!(scope.env);
                 }
-                let urls: Vec<&String> = sources
-                    .iter()
-                    .filter(|s| s.starts_with("http://") || s.starts_with("https://"))
-                    .collect();
-                if !urls.is_empty() && c.checksum.is_none() {
+                if sources.iter().any(|s| copy::is_url(s)) && c.checksum.is_none() {
                     // Remote content is unknown until fetched: never reuse such a step.
                     m["uncacheable"] = json!(format!("{:?}", std::time::SystemTime::now()));
                 }
@@ -1073,36 +1053,19 @@ impl Ctx<'_, '_> {
                         let local: Vec<String> = sources
                             .iter()
                             .filter(|s| {
-                                !s.starts_with("http://")
-                                    && !s.starts_with("https://")
+                                !copy::is_url(s)
                                     && crate::syntax::parser::parse_heredoc_word(s).is_none()
                             })
                             .cloned()
                             .collect();
-                        let ctx = SourceRoot {
-                            root: self.req.context.clone(),
-                            ignore: self.req.ignore.clone(),
-                            is_context: true,
-                        };
                         let excludes = IgnoreMatcher::new(&c.excludes)
                             .map_err(|e| self.fail(l, format!("--exclude: {}", e)))?;
-                        let entries = ctx
-                            .enumerate(&local, &excludes)
-                            .map_err(|e| self.fail(l, e.to_string()))?;
-                        let described = self
-                            .hasher
-                            .describe(&entries, self.req.epoch)
-                            .map_err(|e| self.fail(l, e.to_string()))?;
-                        m["context"] = json!(crate::cache::context_hash::digest_of(&described));
+                        m["context"] = json!(self.context_digest(l, &local, &excludes)?);
                     }
                 }
             }
             Instruction::Run(r) => {
-                let shell: Vec<String> = state
-                    .extras
-                    .get("Shell")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+                let shell: Vec<String> = shell_of(state);
                 let (argv, script) = run::argv_of(r, &shell);
                 let (env, _) = run::env_of(&state.env(), scope, &self.req.build_args, None);
                 m["argv"] = json!(argv);
@@ -1120,21 +1083,12 @@ impl Ctx<'_, '_> {
                         match &mount.from {
                             Some(f) => entry["from"] = json!(self.identity_of_from(l, f)?),
                             None => {
-                                let ctx = SourceRoot {
-                                    root: self.req.context.clone(),
-                                    ignore: self.req.ignore.clone(),
-                                    is_context: true,
-                                };
                                 let src = mount.source.clone().unwrap_or_else(|| ".".into());
-                                let entries = ctx
-                                    .enumerate(&[src], &IgnoreMatcher::default())
-                                    .map_err(|e| self.fail(l, e.to_string()))?;
-                                let described = self
-                                    .hasher
-                                    .describe(&entries, self.req.epoch)
-                                    .map_err(|e| self.fail(l, e.to_string()))?;
-                                entry["context"] =
-                                    json!(crate::cache::context_hash::digest_of(&described));
+                                entry["context"] = json!(self.context_digest(
+                                    l,
+                                    &[src],
+                                    &IgnoreMatcher::default()
+                                )?);
                             }
                         }
                     }
@@ -1159,9 +1113,30 @@ impl Ctx<'_, '_> {
                 self.fail(l, format!("stage {} is not built before this step", from))
             });
         }
-        let img = sources::fetch(self.store, from, &self.req.platform)
-            .map_err(|e| self.fail(l, e.to_string()))?;
-        Ok(format!("image:{}", img.manifest_digest))
+        let external = self.external_image(l, from)?;
+        let digest = external
+            .get(from)
+            .map(|x| x.image.manifest_digest.to_string())
+            .unwrap_or_default();
+        Ok(format!("image:{}", digest))
+    }
+
+    /// The external images, with `from` fetched (once per build).
+    fn external_image(
+        &self,
+        l: &Located,
+        from: &str,
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, ExternalImage>>, BuildError> {
+        let mut external = self
+            .external
+            .lock()
+            .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
+        if !external.contains_key(from) {
+            let image = sources::fetch(self.store, from, &self.req.platform)
+                .map_err(|e| self.fail(l, e.to_string()))?;
+            external.insert(from.to_string(), ExternalImage { image, view: None });
+        }
+        Ok(external)
     }
 
     /// The stage a `--from` value names, if it names one.
@@ -1177,6 +1152,7 @@ impl Ctx<'_, '_> {
             })
     }
 
+    /// The files a `--from` names: an earlier stage's root filesystem, or an image's.
     fn source_for(&mut self, l: &Located, from: &str) -> Result<PathBuf, BuildError> {
         if let Some(i) = self.stage_index(from) {
             // A finished stage's root, viewed (and brought up to date) on first use.
@@ -1205,19 +1181,45 @@ impl Ctx<'_, '_> {
             drop(results);
             return outcome.map_err(|e| self.fail(l, e));
         }
-        let mut external = self
-            .external
-            .lock()
-            .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
-        if let Some((_, v)) = external.get(from) {
-            return Ok(v.path().to_path_buf());
+        let mut external = self.external_image(l, from)?;
+        let Some(x) = external.get_mut(from) else {
+            return Err(BuildError::Other(format!(
+                "internal: image {} was not fetched",
+                from
+            )));
+        };
+        if x.view.is_none() {
+            x.view = Some(self.view(&x.image.state.layers)?);
         }
-        let img = sources::fetch(self.store, from, &self.req.platform)
+        Ok(x.view
+            .as_ref()
+            .map(|v| v.path().to_path_buf())
+            .unwrap_or_default())
+    }
+
+    /// The build context as COPY, ADD and bind mounts read it.
+    fn context_root(&self) -> SourceRoot {
+        SourceRoot {
+            root: self.req.context.clone(),
+            ignore: self.req.ignore.clone(),
+            is_context: true,
+        }
+    }
+
+    /// The content digest of what reading `sources` from the context sees.
+    fn context_digest(
+        &self,
+        l: &Located,
+        sources: &[String],
+        excludes: &IgnoreMatcher,
+    ) -> Result<String, BuildError> {
+        let entries = self
+            .context_root()
+            .enumerate(sources, excludes)
             .map_err(|e| self.fail(l, e.to_string()))?;
-        let view = self.view(&img.state.layers)?;
-        let path = view.path().to_path_buf();
-        external.insert(from.to_string(), (img.state, view));
-        Ok(path)
+        self.hasher
+            .describe(&entries, self.req.epoch)
+            .map_err(|e| self.fail(l, e.to_string()))
     }
 
     /// A view of `layers` with this build's snapshotter.
@@ -1242,12 +1244,7 @@ impl Ctx<'_, '_> {
             },
         )
         .map_err(|e| self.fail(l, e.to_string()))?;
-        Ok(LayerRef {
-            digest: layer.digest,
-            diff_id: layer.diff_id,
-            size: layer.size,
-            media_type: layer.media_type,
-        })
+        Ok(layer.into())
     }
 
     /// Turn a staged tree into a layer and put it on the stage's view; the tree itself
@@ -1267,12 +1264,7 @@ impl Ctx<'_, '_> {
             },
         )
         .map_err(|e| self.fail(l, e.to_string()))?;
-        let layer = LayerRef {
-            digest: layer.digest,
-            diff_id: layer.diff_id,
-            size: layer.size,
-            media_type: layer.media_type,
-        };
+        let layer: LayerRef = layer.into();
         view.add_layer_from_dir(&self.snaps, &layer, staging)
             .map_err(|e| self.fail(l, e.to_string()))?;
         Ok(layer)
@@ -1282,16 +1274,21 @@ impl Ctx<'_, '_> {
         match c {
             Command::Exec(a) => a.clone(),
             Command::Shell(s) => {
-                let mut shell: Vec<String> = state
-                    .extras
-                    .get("Shell")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+                let mut shell = shell_of(state);
                 shell.push(s.clone());
                 shell
             }
         }
     }
+}
+
+/// The image's SHELL, or docker's default.
+fn shell_of(state: &ImageState) -> Vec<String> {
+    state
+        .extras
+        .get("Shell")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
 }
 
 /// `80`, `80/udp`, `8000-8002/tcp` -> `["80/tcp"]`, ...

@@ -10,8 +10,9 @@
 //!   xattrs) to build the same kind of diff directory.
 //!
 //! Mount points the sandbox needs (/proc, /dev, /sys, /etc/resolv.conf, RUN --mount targets)
-//! are created in the private lower root before the step and removed after it, so they never
-//! show up in a diff.
+//! never show up in a diff: with overlay they come from a skeleton layered above the shared
+//! snapshots; with the copy snapshotter they are created in the private root before the step
+//! and removed after it.
 
 pub mod sandbox;
 pub mod snapshots;
@@ -19,11 +20,12 @@ pub mod snapshots;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::oci::layer::read_xattrs;
 use crate::oci::unpack::{resolve_in_root, set_mtime};
-pub use sandbox::{kill_running_step, Exit, ExtraMount, RunSpec, SandboxError};
+pub use sandbox::{Exit, ExtraMount, RunSpec, SandboxError};
 
 /// How a step's changes are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,7 +194,7 @@ pub fn run_step(
         }
         Ok((exit, diff))
     })();
-    created.remove(rootfs);
+    created.remove();
     result
 }
 
@@ -323,7 +325,7 @@ impl MountPoints {
         Ok(mp)
     }
 
-    fn remove(self, _root: &Path) {
+    fn remove(self) {
         for p in self.created.iter().rev() {
             match fs::symlink_metadata(p) {
                 Ok(md) if md.is_dir() => {
@@ -371,7 +373,7 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), WorkerError> {
             }
             fs::copy(e.path(), &dst).map_err(io_at(&dst))?;
         } else {
-            let kind = if ft.is_fifo_like() {
+            let kind = if ft.is_fifo() {
                 nix::sys::stat::SFlag::S_IFIFO
             } else {
                 nix::sys::stat::SFlag::S_IFCHR
@@ -396,16 +398,6 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), WorkerError> {
         );
     }
     Ok(())
-}
-
-trait FifoLike {
-    fn is_fifo_like(&self) -> bool;
-}
-impl FifoLike for fs::FileType {
-    fn is_fifo_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_fifo()
-    }
 }
 
 fn copy_meta(src: &Path, dst: &Path, md: &fs::Metadata) {
@@ -445,7 +437,7 @@ fn same_entry(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb: &Path) -> bool 
     if a.is_dir() {
         return a.mtime() == b.mtime()
             && a.mtime_nsec() == b.mtime_nsec()
-            && xattrs(pa) == xattrs(pb);
+            && read_xattrs(pa) == read_xattrs(pb);
     }
     if a.file_type().is_symlink() {
         return fs::read_link(pa).ok() == fs::read_link(pb).ok();
@@ -454,18 +446,7 @@ fn same_entry(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb: &Path) -> bool 
         && a.mtime() == b.mtime()
         && a.mtime_nsec() == b.mtime_nsec()
         && a.rdev() == b.rdev()
-        && xattrs(pa) == xattrs(pb)
-}
-
-fn xattrs(p: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
-    let mut v: Vec<_> = xattr::list(p)
-        .map(|l| {
-            l.filter_map(|n| xattr::get(p, &n).ok().flatten().map(|x| (n, x)))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+        && read_xattrs(pa) == read_xattrs(pb)
 }
 
 /// Build an overlay-style diff of `after` against `before` into `diff`: changed and new

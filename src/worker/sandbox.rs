@@ -135,7 +135,6 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
         }
         ForkResult::Parent { child } => {
             drop(write_end);
-            current_step_pid(Some(child));
             let file = fs::File::from(read_end);
             let mut reader = BufReader::new(file);
             let mut buf = Vec::new();
@@ -157,7 +156,6 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
                     other => break other,
                 }
             };
-            current_step_pid(None);
             match status.map_err(serr("wait"))? {
                 WaitStatus::Exited(_, 125) => Err(SandboxError(
                     "the step could not start (see the lines above)".into(),
@@ -175,26 +173,6 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
 fn child_message(msg: &str) {
     unsafe {
         libc::write(2, msg.as_ptr().cast(), msg.len());
-    }
-}
-
-/// The PID of the running step's helper, so a signal handler can kill it.
-static STEP_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-fn current_step_pid(p: Option<Pid>) {
-    STEP_PID.store(
-        p.map(|p| p.as_raw()).unwrap_or(0),
-        std::sync::atomic::Ordering::SeqCst,
-    );
-}
-
-/// Kill the running step (its whole PID namespace dies with its PID 1). Async-signal-safe.
-pub fn kill_running_step() {
-    let pid = STEP_PID.load(std::sync::atomic::Ordering::SeqCst);
-    if pid > 0 {
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
     }
 }
 

@@ -60,14 +60,19 @@ pub fn enter_private_mount_namespace() -> Result<(), SnapshotError> {
     })
 }
 
+/// The chain id of a layer on top of the chain `prev` (the diff_id itself for the bottom).
+pub fn next_chain(prev: Option<&Digest>, diff_id: &Digest) -> Digest {
+    match prev {
+        None => diff_id.clone(),
+        Some(prev) => Digest::of(format!("{} {}", prev, diff_id).as_bytes()),
+    }
+}
+
 /// Chain ids of a layer stack: `chain[0] = diff_id[0]`, `chain[n] = sha256(chain[n-1] + " " + diff_id[n])`.
 pub fn chain_ids(layers: &[LayerRef]) -> Vec<Digest> {
     let mut out: Vec<Digest> = Vec::new();
     for l in layers {
-        let next = match out.last() {
-            None => l.diff_id.clone(),
-            Some(prev) => Digest::of(format!("{} {}", prev, l.diff_id).as_bytes()),
-        };
+        let next = next_chain(out.last(), &l.diff_id);
         out.push(next);
     }
     out
@@ -252,10 +257,7 @@ impl RootView {
 
     fn push(&mut self, snaps: &Snapshots, layer: &LayerRef) -> Result<(), SnapshotError> {
         let mut chain = self.chains.clone();
-        let next = match chain.last() {
-            None => layer.diff_id.clone(),
-            Some(prev) => Digest::of(format!("{} {}", prev, layer.diff_id).as_bytes()),
-        };
+        let next = next_chain(chain.last(), &layer.diff_id);
         chain.push(next.clone());
         match self.mode {
             Snapshotter::Overlay => {
@@ -304,10 +306,7 @@ impl RootView {
         if self.mode != Snapshotter::Overlay {
             return self.add_layer(snaps, layer);
         }
-        let next = match self.chains.last() {
-            None => layer.diff_id.clone(),
-            Some(prev) => Digest::of(format!("{} {}", prev, layer.diff_id).as_bytes()),
-        };
+        let next = next_chain(self.chains.last(), &layer.diff_id);
         self.unmount();
         let fs_dir = snaps.adopt(&next, dir)?;
         self.lowers.insert(0, fs_dir);
