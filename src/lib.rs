@@ -11,6 +11,7 @@ pub mod export;
 pub mod oci;
 pub mod plan;
 pub mod progress;
+pub mod registry;
 pub mod solver;
 pub mod store;
 pub mod syntax;

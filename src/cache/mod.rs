@@ -6,6 +6,7 @@
 
 pub mod context_hash;
 pub mod gc;
+pub mod remote;
 
 use std::fs;
 use std::io;
@@ -48,10 +49,12 @@ pub enum CacheError {
 }
 
 /// `cache/<key>.json` files under the store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CacheIndex {
     dir: PathBuf,
     blobs: BlobStore,
+    /// Imported caches (`--cache-from`), asked in order when an entry is missing here.
+    remotes: Vec<std::sync::Arc<remote::RemoteCache>>,
 }
 
 /// One cached step result.
@@ -64,31 +67,59 @@ impl CacheIndex {
         CacheIndex {
             dir: store_root.join("cache").join("steps"),
             blobs: blobs.clone(),
+            remotes: Vec::new(),
         }
+    }
+
+    /// The same index, falling back to `remotes` on a miss.
+    pub fn with_remotes(mut self, remotes: Vec<std::sync::Arc<remote::RemoteCache>>) -> Self {
+        self.remotes = remotes;
+        self
     }
 
     fn path(&self, key: &CacheKey) -> PathBuf {
         self.dir.join(format!("{}.json", key.0.hex()))
     }
 
-    /// The cached state for `key`, when the entry and every blob it needs are present and
-    /// intact. A damaged entry is a miss, never an error.
-    pub fn get(&self, key: &CacheKey) -> Option<Hit> {
+    /// The entry for `key` as recorded: config digest and layers (blobs not checked).
+    pub fn entry(&self, key: &CacheKey) -> Option<(Digest, Vec<LayerRef>)> {
         let bytes = fs::read(self.path(key)).ok()?;
         let v: Value = serde_json::from_slice(&bytes).ok()?;
         let config: Digest = v["config"].as_str()?.parse().ok()?;
         let mut layers = Vec::new();
         for l in v["layers"].as_array()? {
-            let layer = LayerRef {
+            layers.push(LayerRef {
                 digest: l["digest"].as_str()?.parse().ok()?,
                 diff_id: l["diff_id"].as_str()?.parse().ok()?,
                 size: l["size"].as_u64()?,
                 media_type: l["mediaType"].as_str()?.to_string(),
-            };
-            if !self.blobs.contains(&layer.digest) {
-                return None;
+            });
+        }
+        Some((config, layers))
+    }
+
+    /// The cached state for `key`, when the entry and every blob it needs are present and
+    /// intact. A damaged entry is a miss, never an error. On a local miss, an imported cache
+    /// that has the key brings its blobs into the store and the entry becomes local.
+    pub fn get(&self, key: &CacheKey) -> Option<Hit> {
+        if let Some(hit) = self.get_local(key) {
+            return Some(hit);
+        }
+        for r in &self.remotes {
+            if let Some(state) = r.materialize(key, &self.blobs) {
+                if self.put(key, &state).is_ok() {
+                    return self.get_local(key);
+                }
+                return Some(Hit { state });
             }
-            layers.push(layer);
+        }
+        None
+    }
+
+    fn get_local(&self, key: &CacheKey) -> Option<Hit> {
+        let (config, layers) = self.entry(key)?;
+        if layers.iter().any(|l| !self.blobs.contains(&l.digest)) {
+            return None;
         }
         let config_bytes = self.blobs.get(&config).ok()?;
         let state = state_from_config(&config_bytes, layers, "cache").ok()?;

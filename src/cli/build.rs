@@ -4,11 +4,15 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use std::sync::Arc;
+
+use crate::cache::remote::{self, RemoteCache};
 use crate::epoch;
 use crate::export::{self, Output};
 use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
 use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter, TtyReporter};
+use crate::registry::{Client, PullPolicy, Reference};
 use crate::solver::run::parse_secret;
 use crate::solver::{self, BuildRequest};
 use crate::store::{default_root, normalize_name, Store};
@@ -88,6 +92,19 @@ pub struct BuildArgs {
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
+    /// When FROM pulls: `missing` (default), `always` (`--pull` alone), or `never`.
+    #[arg(long, value_enum, default_value = "missing", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
+    pub pull: PullPolicy,
+    /// Push every -t name to its registry after the build.
+    #[arg(long)]
+    pub push: bool,
+    /// Import a cache: type=registry,ref=REF or type=local,src=DIR (repeatable).
+    #[arg(long = "cache-from", value_name = "type=...")]
+    pub cache_from: Vec<String>,
+    /// Export the build's cache: type=registry,ref=REF[,mode=min|max] or
+    /// type=local,dest=DIR[,mode=min|max] (repeatable).
+    #[arg(long = "cache-to", value_name = "type=...")]
+    pub cache_to: Vec<String>,
     /// Build twice, in two fresh stores without cache and from a copy of the context with
     /// shuffled mtimes; succeed only when both give the same digest (else show the diff).
     #[arg(long)]
@@ -144,7 +161,55 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         }
         CompressionKind::Zstd => Compression::Zstd(a.compression_level.unwrap_or(3).clamp(1, 19)),
     };
+    let cache_to = a
+        .cache_to
+        .iter()
+        .map(|c| remote::parse_export(c).map_err(|e| CliError::msg(format!("--cache-to {}", e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cache_from = a
+        .cache_from
+        .iter()
+        .map(|c| remote::parse_import(c).map_err(|e| CliError::msg(format!("--cache-from {}", e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut push_to: Vec<(String, Reference)> = Vec::new();
+    if a.push {
+        if tags.is_empty() {
+            return Err(CliError::msg(
+                "--push needs at least one -t NAME to push to",
+            ));
+        }
+        for t in &tags {
+            push_to.push((t.clone(), Reference::parse(t)?.with_default_tag()));
+        }
+    }
+    let mut image_names: Vec<String> = Vec::new();
+    for o in &outputs {
+        if let Output::Image { names, push } = o {
+            for n in names {
+                let r = Reference::parse(n)?.with_default_tag();
+                image_names.push(r.familiar());
+                if *push {
+                    push_to.push((r.familiar(), r));
+                }
+            }
+        }
+    }
     let store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
+    let registry = Arc::new(Client::from_config()?);
+    let mut imported = Vec::new();
+    for loc in &cache_from {
+        match RemoteCache::load(loc, registry.clone(), &store) {
+            Ok(Some(c)) => {
+                reporter.log(0, &format!("imported cache {}: {} steps", loc, c.len()));
+                imported.push(Arc::new(c));
+            }
+            Ok(None) => reporter.warn(&format!("no cache at {} yet: every step runs", loc)),
+            Err(e) => reporter.warn(&format!(
+                "cannot import the cache at {}: {} (every step runs)",
+                loc, e
+            )),
+        }
+    }
     let req = BuildRequest {
         file_name: name,
         source: text,
@@ -180,14 +245,28 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             .map(|s| parse_secret(s))
             .collect::<Result<_, _>>()
             .map_err(CliError::msg)?,
+        pull: a.pull,
+        registry: registry.clone(),
+        cache_from: imported,
     };
-    let image = if a.verify {
-        verify(&store, &req, reporter.as_ref())?
+    let (image, steps) = if a.verify {
+        (verify(&store, &req, reporter.as_ref())?, Vec::new())
     } else {
-        solver::build(&store, &req)?
+        solver::build_recorded(&store, &req)?
     };
-    for t in &tags {
+    for t in tags.iter().chain(&image_names) {
         store.tag(t, &image.manifest_digest)?;
+    }
+    for (source, dest) in &push_to {
+        super::registry::push_image(&store, &registry, source, dest)?;
+    }
+    for (loc, mode) in &cache_to {
+        if a.verify {
+            reporter.warn("--cache-to is ignored with --verify (its builds run without cache)");
+            break;
+        }
+        let n = remote::export(loc, *mode, &steps, req.graph.target, &store, &registry)?;
+        reporter.log(0, &format!("exported {} cached steps to {}", n, loc));
     }
     let scratch = store.scratch_dir("export-")?;
     for o in &outputs {

@@ -123,7 +123,18 @@ fn human(n: u64) -> String {
 
 /// Load an image from the store or any source builder reads.
 fn load_any(store: &Store, reference: &str) -> Result<crate::oci::image::StoredImage, CliError> {
-    Ok(sources::fetch(store, reference, &Platform::host())?)
+    let client = crate::registry::Client::new(crate::registry::Settings::default());
+    let pulling = sources::Pulling {
+        policy: crate::registry::PullPolicy::Never,
+        client: &client,
+        log: &|_| {},
+    };
+    Ok(sources::fetch(
+        store,
+        reference,
+        &Platform::host(),
+        &pulling,
+    )?)
 }
 
 /// `builder inspect`.

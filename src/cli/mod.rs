@@ -119,6 +119,14 @@ pub enum Command {
     },
     /// Re-hash the store and report any problem.
     Fsck(images::RootArg),
+    /// Pull an image from a registry into the store.
+    Pull(registry::PullArgs),
+    /// Push a stored image to a registry: `builder push NAME [REGISTRY/REPO:TAG]`.
+    Push(registry::PushArgs),
+    /// Save credentials for a registry (verified first).
+    Login(registry::LoginArgs),
+    /// Forget a registry's credentials.
+    Logout(registry::LogoutArgs),
     /// Front-end debugging commands.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
@@ -126,6 +134,7 @@ pub enum Command {
 
 pub mod build;
 pub mod images;
+pub mod registry;
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
@@ -167,6 +176,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             root,
         } => images::export_image(&root, &reference, &outputs),
         Command::Fsck(r) => images::fsck(&r),
+        Command::Pull(a) => registry::pull(a),
+        Command::Push(a) => registry::push(a),
+        Command::Login(a) => registry::login(a),
+        Command::Logout(a) => registry::logout(a),
         Command::Diff { a, b, format, root } => images::diff(&root, &a, &b, format == "json"),
         Command::Cache(CacheCommand::Du(r)) => images::cache_du(&r),
         Command::Cache(CacheCommand::Prune {

@@ -17,10 +17,26 @@ use crate::oci::unpack::{self, UnpackOptions};
 /// A requested output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    OciDir { dir: PathBuf, tag: Option<String> },
-    OciArchive { file: PathBuf, tag: Option<String> },
-    DockerArchive { file: PathBuf },
-    Local { dir: PathBuf },
+    OciDir {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        file: PathBuf,
+        tag: Option<String>,
+    },
+    DockerArchive {
+        file: PathBuf,
+    },
+    Local {
+        dir: PathBuf,
+    },
+    /// `type=image,name=REF[,push=true]` and `type=registry,name=REF`: name the image in the
+    /// store, and push it when asked.
+    Image {
+        names: Vec<String>,
+        push: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +79,22 @@ impl Output {
                     .ok_or_else(|| bad("expected key=value fields"))?;
                 kv.insert(k.trim(), v.trim());
             }
+            if let Some(kind @ ("image" | "registry")) = kv.get("type").copied() {
+                let names: Vec<String> = kv
+                    .get("name")
+                    .map(|n| n.split(';').map(str::to_string).collect())
+                    .unwrap_or_default();
+                if names.is_empty() {
+                    return Err(bad("name=REF is required"));
+                }
+                let push = match kv.get("push").copied() {
+                    None => kind == "registry",
+                    Some("true") => true,
+                    Some("false") => false,
+                    Some(v) => return Err(bad(&format!("push is true or false, not {:?}", v))),
+                };
+                return Ok(Output::Image { names, push });
+            }
             let dest = kv
                 .get("dest")
                 .map(PathBuf::from)
@@ -78,7 +110,10 @@ impl Output {
                 }
                 Some("docker") => Ok(Output::DockerArchive { file: dest }),
                 Some("local") => Ok(Output::Local { dir: dest }),
-                Some(t) => Err(bad(&format!("unknown type {:?} (oci, docker or local)", t))),
+                Some(t) => Err(bad(&format!(
+                    "unknown type {:?} (oci, docker, local, image or registry)",
+                    t
+                ))),
                 None => Err(bad("type= is required")),
             };
         }
@@ -161,11 +196,13 @@ pub fn export(
             }
             Ok(())
         }
+        // Naming and pushing need the store and a registry client: the caller does them.
+        Output::Image { .. } => Ok(()),
     }
 }
 
 /// Copy a blob into a layout, unless the layout already has it (hardlink when possible).
-fn place_blob(blobs: &BlobStore, dir: &Path, d: &Digest) -> Result<(), ExportError> {
+pub fn place_blob(blobs: &BlobStore, dir: &Path, d: &Digest) -> Result<(), ExportError> {
     let dest = dir.join("blobs/sha256").join(d.hex());
     if dest.is_file() {
         return Ok(());

@@ -216,7 +216,7 @@ impl ImageState {
         let layers: Vec<Value> = self
             .layers
             .iter()
-            .map(|l| json!({"mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size}))
+            .map(|l| json!({"mediaType": oci_layer_type(&l.media_type), "digest": l.digest.to_string(), "size": l.size}))
             .collect();
         let mut manifest = json!({
             "schemaVersion": 2,
@@ -235,6 +235,21 @@ impl ImageState {
             config_digest,
             state: self.clone(),
         })
+    }
+}
+
+/// The OCI name of a layer media type: a Docker schema 2 base image's layers are the same
+/// bytes, so an OCI manifest lists them under OCI types.
+pub fn oci_layer_type(media_type: &str) -> &str {
+    match media_type {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        }
+        "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        }
+        other => other,
     }
 }
 

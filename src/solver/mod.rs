@@ -13,12 +13,13 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use crate::cache::context_hash::ContextHasher;
+use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
 use crate::context::SourceRoot;
 use crate::oci::digest::Digest;
@@ -27,6 +28,7 @@ use crate::oci::layer::{write_layer, Compression, LayerOptions};
 use crate::oci::unpack;
 use crate::plan::{Base, BuildGraph, Platform, Scope};
 use crate::progress::Reporter;
+use crate::registry::{Client, PullPolicy};
 use crate::store::{sources, Store, StoreError};
 use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
 use crate::syntax::instruction::{Command, Healthcheck, Network};
@@ -58,6 +60,18 @@ pub struct BuildRequest<'a> {
     pub no_cache_filter: Vec<String>,
     /// Parallelism for stages and for hashing.
     pub jobs: usize,
+    /// When FROM and --from pull named images from their registry.
+    pub pull: PullPolicy,
+    pub registry: Arc<Client>,
+    /// Caches imported with `--cache-from`, asked when the local cache misses.
+    pub cache_from: Vec<Arc<RemoteCache>>,
+}
+
+/// A step that has a cache entry after the build: its stage and key.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub stage: usize,
+    pub key: CacheKey,
 }
 
 /// A failed build, located at the build file line of the failing step when there is one.
@@ -132,6 +146,8 @@ struct Shared<'a> {
     /// Keys of steps running right now: an identical step elsewhere waits, then hits.
     inflight: Mutex<std::collections::BTreeSet<String>>,
     inflight_done: Condvar,
+    /// Layered steps with their keys, as they complete.
+    steps: Mutex<Vec<StepRecord>>,
 }
 
 /// An image a `--from` names.
@@ -189,6 +205,14 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
 
 /// Build the graph's target; returns the committed image.
 pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildError> {
+    build_recorded(store, req).map(|(image, _)| image)
+}
+
+/// Build the graph's target; returns the committed image and the cache keys of its steps.
+pub fn build_recorded(
+    store: &Store,
+    req: &BuildRequest,
+) -> Result<(StoredImage, Vec<StepRecord>), BuildError> {
     let total = req
         .graph
         .order
@@ -208,10 +232,11 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         external: Mutex::new(BTreeMap::new()),
         snapshotter,
         snaps: Snapshots::new(store.root(), &store.blobs),
-        cache: CacheIndex::new(store.root(), &store.blobs),
+        cache: CacheIndex::new(store.root(), &store.blobs).with_remotes(req.cache_from.clone()),
         hasher: ContextHasher::open(store.root(), req.jobs),
         inflight: Mutex::new(Default::default()),
         inflight_done: Condvar::new(),
+        steps: Mutex::new(Vec::new()),
     };
     // Stages run as soon as the stages they read are done, at most `jobs` at a time.
     let jobs = req.jobs.max(1);
@@ -275,9 +300,11 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildErro
         .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
     let mut state = target.state;
     state.config.set_created(Some(shared.created.clone()));
-    Ok(state
+    let image = state
         .commit(&store.blobs, &BTreeMap::new())
-        .map_err(StoreError::from)?)
+        .map_err(StoreError::from)?;
+    let steps = shared.steps.into_inner().unwrap_or_default();
+    Ok((image, steps))
 }
 
 impl Ctx<'_, '_> {
@@ -337,7 +364,8 @@ impl Ctx<'_, '_> {
                 })?
             }
             Base::Image(r) => {
-                let img = sources::fetch(self.store, r, p)
+                let img = self
+                    .fetch_image(r)
                     .map_err(|e| self.fail_at(stage.span, &from_text, e.to_string()))?;
                 (
                     img.state,
@@ -413,6 +441,7 @@ impl Ctx<'_, '_> {
             if use_cache {
                 if let Some(hit) = self.claim(&key) {
                     state = hit.state;
+                    self.record_step(index, &key);
                     self.req.reporter.done(self.step, started.elapsed(), true);
                     continue;
                 }
@@ -421,10 +450,12 @@ impl Ctx<'_, '_> {
                 .sync_view(&mut view, &state)
                 .and_then(|_| self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set));
             if outcome.is_ok() {
-                if let Err(e) = self.cache.put(&key, &state) {
-                    self.req
+                match self.cache.put(&key, &state) {
+                    Ok(()) => self.record_step(index, &key),
+                    Err(e) => self
+                        .req
                         .reporter
-                        .warn(&format!("could not record the cache entry: {}", e));
+                        .warn(&format!("could not record the cache entry: {}", e)),
                 }
             }
             if use_cache {
@@ -451,6 +482,28 @@ impl Ctx<'_, '_> {
             }
             running = self.inflight_done.wait(running).ok()?;
         }
+    }
+
+    fn record_step(&self, stage: usize, key: &CacheKey) {
+        if let Ok(mut steps) = self.steps.lock() {
+            steps.push(StepRecord {
+                stage,
+                key: key.clone(),
+            });
+        }
+    }
+
+    /// Fetch a named or foreign image, pulling as the build's policy says.
+    fn fetch_image(&self, reference: &str) -> Result<StoredImage, StoreError> {
+        let step = self.step;
+        let reporter = self.req.reporter;
+        let log = move |m: &str| reporter.log(step, m);
+        let pulling = sources::Pulling {
+            policy: self.req.pull,
+            client: &self.req.registry,
+            log: &log,
+        };
+        sources::fetch(self.store, reference, &self.req.platform, &pulling)
     }
 
     fn release(&self, key: &CacheKey) {
@@ -1132,7 +1185,8 @@ impl Ctx<'_, '_> {
             .lock()
             .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
         if !external.contains_key(from) {
-            let image = sources::fetch(self.store, from, &self.req.platform)
+            let image = self
+                .fetch_image(from)
                 .map_err(|e| self.fail(l, e.to_string()))?;
             external.insert(from.to_string(), ExternalImage { image, view: None });
         }

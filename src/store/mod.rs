@@ -29,6 +29,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("invalid image name {0:?}: {1}")]
     BadName(String, String),
+    #[error("{0} is not in the store, and pulling it failed: {1}")]
+    Pull(String, String),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -52,39 +54,12 @@ pub fn default_root() -> PathBuf {
     home.join(".local/share/builder")
 }
 
-/// `name` with `:latest` added when it has no tag; checks the characters docker allows.
+/// The name the store files an image under: docker's short form of the reference, with
+/// `:latest` when it names no tag (`docker.io/library/app` is `app:latest`).
 pub fn normalize_name(name: &str) -> Result<String, StoreError> {
-    let bad = |m: &str| StoreError::BadName(name.to_string(), m.to_string());
-    if name.is_empty() {
-        return Err(bad("empty"));
-    }
-    let last = name.rsplit('/').next().unwrap_or(name);
-    let with_tag = if last.contains(':') || name.contains('@') {
-        name.to_string()
-    } else {
-        format!("{}:latest", name)
-    };
-    let (repo, tag) = with_tag.rsplit_once(':').ok_or_else(|| bad("no tag"))?;
-    if repo.is_empty()
-        || repo
-            .chars()
-            .any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c)))
-    {
-        return Err(bad(
-            "repository names use lowercase letters, digits and . _ - / only",
-        ));
-    }
-    if tag.is_empty()
-        || tag.len() > 128
-        || tag
-            .chars()
-            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
-    {
-        return Err(bad(
-            "tags use letters, digits, '.', '_' and '-', at most 128",
-        ));
-    }
-    Ok(with_tag)
+    let r = crate::registry::Reference::parse(name)
+        .map_err(|e| StoreError::BadName(name.to_string(), e.reason))?;
+    Ok(r.with_default_tag().familiar())
 }
 
 /// The store.

@@ -12,6 +12,7 @@ use crate::oci::digest::Digest;
 use crate::oci::image::{self, LayerRef, StoredImage, DOCKER_MANIFEST_LIST, MEDIA_INDEX};
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::plan::Platform;
+use crate::registry::{self, Client, PullPolicy, Reference, RegistryError};
 
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,33 +58,95 @@ fn damaged(path: &Path, msg: impl Into<String>) -> StoreError {
     }
 }
 
+/// How a named image is found: the pull policy, the registry client and where to say what
+/// was pulled.
+pub struct Pulling<'a> {
+    pub policy: PullPolicy,
+    pub client: &'a Client,
+    pub log: &'a (dyn Fn(&str) + Sync),
+}
+
 /// Bring the image `reference` into the store (if foreign) and load it.
 pub fn fetch(
     store: &Store,
     reference: &str,
     platform: &Platform,
+    pulling: &Pulling,
 ) -> Result<StoredImage, StoreError> {
     match ImageSource::parse(reference) {
-        ImageSource::Store(name) => store.image(&name).map_err(|e| match e {
-            StoreError::NotFound(n) => StoreError::NotFound(format!(
-                "{} (pulling from registries is not supported yet; create it with `builder import`, or use FROM oci:DIR, oci-archive:FILE or docker-archive:FILE)",
-                n
-            )),
-            e => e,
-        }),
+        ImageSource::Store(name) => named(store, &name, platform, pulling),
         ImageSource::OciDir { dir, tag } => import_oci_dir(store, &dir, tag.as_deref(), platform),
         ImageSource::OciArchive { file, tag } => {
-            let tmp = store.scratch_dir("oci-archive-")?;
-            unpack::unpack_layer(&file, &file.display().to_string(), tmp.path(), UnpackOptions::default())
-                .map_err(|e| damaged(&file, e.to_string()))?;
+            let tmp = unpack_archive(store, &file)?;
             import_oci_dir(store, tmp.path(), tag.as_deref(), platform)
         }
         ImageSource::DockerArchive { file } => {
-            let tmp = store.scratch_dir("docker-archive-")?;
-            unpack::unpack_layer(&file, &file.display().to_string(), tmp.path(), UnpackOptions::default())
-                .map_err(|e| damaged(&file, e.to_string()))?;
+            let tmp = unpack_archive(store, &file)?;
             import_docker_dir(store, tmp.path(), &file)
         }
+    }
+}
+
+/// An image archive unpacked into a scratch directory of the store.
+fn unpack_archive(store: &Store, file: &Path) -> Result<tempfile::TempDir, StoreError> {
+    let tmp = store.scratch_dir("archive-")?;
+    unpack::unpack_layer(
+        file,
+        &file.display().to_string(),
+        tmp.path(),
+        UnpackOptions::default(),
+    )
+    .map_err(|e| damaged(file, e.to_string()))?;
+    Ok(tmp)
+}
+
+/// A named image: from the store, or pulled from its registry, as the policy says.
+fn named(
+    store: &Store,
+    name: &str,
+    platform: &Platform,
+    pulling: &Pulling,
+) -> Result<StoredImage, StoreError> {
+    let reference = Reference::parse(name)
+        .map_err(|e| StoreError::BadName(name.to_string(), e.reason))?
+        .with_default_tag();
+    let familiar = reference.familiar();
+    let local = || match store.image(&familiar) {
+        Err(StoreError::NotFound(_)) if reference.tag.is_none() => {
+            // A bare digest names the stored manifest itself.
+            match &reference.digest {
+                Some(d) if store.blobs.contains(d) => Ok(image::load(&store.blobs, d)?),
+                _ => Err(StoreError::NotFound(familiar.clone())),
+            }
+        }
+        other => other,
+    };
+    let pull = || {
+        (pulling.log)(&format!("pulling {}", reference));
+        match registry::pull::pull(pulling.client, store, &reference, platform) {
+            Ok(p) => {
+                (pulling.log)(&format!(
+                    "pulled {} as {} ({}; {} of {} blobs downloaded)",
+                    reference, p.name, p.image.manifest_digest, p.blobs_fetched, p.blobs_total
+                ));
+                Ok(p.image)
+            }
+            Err(RegistryError::Store(e)) => Err(e),
+            Err(e) => Err(StoreError::Pull(familiar.clone(), e.to_string())),
+        }
+    };
+    match pulling.policy {
+        PullPolicy::Never => local().map_err(|e| match e {
+            StoreError::NotFound(n) => {
+                StoreError::NotFound(format!("{} (and --pull never forbids pulling it)", n))
+            }
+            e => e,
+        }),
+        PullPolicy::Missing => match local() {
+            Err(StoreError::NotFound(_)) => pull(),
+            other => other,
+        },
+        PullPolicy::Always => pull(),
     }
 }
 

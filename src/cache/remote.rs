@@ -1,0 +1,383 @@
+//! Caches shared between machines (`--cache-to`, `--cache-from`). A cache is an OCI artifact:
+//! an image manifest whose config (media type [`CACHE_CONFIG`]) lists records, each a step's
+//! cache key with the image config and layers after that step, and whose layers are those
+//! layers' blobs. It lives in a registry (`type=registry,ref=REF`) or an OCI layout directory
+//! (`type=local,dest=DIR` / `src=DIR`). Importing reads only the record list; a layer is
+//! downloaded when a step actually hits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::{CacheIndex, CacheKey};
+use crate::oci::blobs::{write_atomic, BlobStore};
+use crate::oci::digest::Digest;
+use crate::oci::image::{
+    canonical_json, state_from_config, ImageState, LayerRef, MEDIA_INDEX, MEDIA_MANIFEST,
+};
+use crate::registry::client::Client;
+use crate::registry::pull::{fetch_blob, get_manifest, Descriptor};
+use crate::registry::{push, Reference, RegistryError};
+use crate::solver::StepRecord;
+use crate::store::Store;
+
+pub const CACHE_CONFIG: &str = "application/vnd.builder.cache.config.v1+json";
+pub const CACHE_ARTIFACT: &str = "application/vnd.builder.cache.v1";
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Where a cache lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Registry(Reference),
+    Dir(PathBuf),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Registry(r) => write!(f, "{}", r),
+            Location::Dir(d) => write!(f, "{}", d.display()),
+        }
+    }
+}
+
+/// Which steps an exported cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The steps of the stage that became the image.
+    Min,
+    /// Every step of every stage the build ran.
+    Max,
+}
+
+fn fields(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut kv = BTreeMap::new();
+    for f in s.split(',') {
+        let (k, v) = f
+            .split_once('=')
+            .ok_or_else(|| format!("{:?}: expected key=value fields", s))?;
+        kv.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(kv)
+}
+
+fn location(kv: &BTreeMap<String, String>, dir_key: &str, s: &str) -> Result<Location, String> {
+    match kv.get("type").map(String::as_str) {
+        Some("registry") => {
+            let r = kv
+                .get("ref")
+                .ok_or_else(|| format!("{:?}: type=registry needs ref=REF", s))?;
+            Ok(Location::Registry(
+                Reference::parse(r)
+                    .map_err(|e| e.to_string())?
+                    .with_default_tag(),
+            ))
+        }
+        Some("local") => kv
+            .get(dir_key)
+            .map(|d| Location::Dir(PathBuf::from(d)))
+            .ok_or_else(|| format!("{:?}: type=local needs {}=DIR", s, dir_key)),
+        Some(t) => Err(format!(
+            "{:?}: unknown cache type {:?} (registry or local)",
+            s, t
+        )),
+        None => Err(format!("{:?}: type= is required (registry or local)", s)),
+    }
+}
+
+/// Parse a `--cache-from` value.
+pub fn parse_import(s: &str) -> Result<Location, String> {
+    location(&fields(s)?, "src", s)
+}
+
+/// Parse a `--cache-to` value.
+pub fn parse_export(s: &str) -> Result<(Location, Mode), String> {
+    let kv = fields(s)?;
+    let mode = match kv.get("mode").map(String::as_str) {
+        None | Some("min") => Mode::Min,
+        Some("max") => Mode::Max,
+        Some(m) => return Err(format!("{:?}: mode is min or max, not {:?}", s, m)),
+    };
+    Ok((location(&kv, "dest", s)?, mode))
+}
+
+/// One step's result in an imported cache.
+struct Record {
+    config: Vec<u8>,
+    layers: Vec<LayerRef>,
+}
+
+/// An imported cache: its records, and where to fetch their layers.
+pub struct RemoteCache {
+    location: Location,
+    client: Arc<Client>,
+    records: HashMap<String, Record>,
+}
+
+fn bad(what: &str, msg: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Protocol(format!("cache {}: {}", what, msg))
+}
+
+fn read_records(doc: &[u8], what: &str) -> Result<HashMap<String, Record>, RegistryError> {
+    let v: Value = serde_json::from_slice(doc).map_err(|e| bad(what, e))?;
+    let mut out = HashMap::new();
+    for r in v["records"].as_array().cloned().unwrap_or_default() {
+        let key = r["key"].as_str().unwrap_or("").to_string();
+        let config = r["config"].as_str().unwrap_or("").as_bytes().to_vec();
+        let mut layers = Vec::new();
+        for l in r["layers"].as_array().cloned().unwrap_or_default() {
+            let digest = |k: &str| -> Result<Digest, RegistryError> {
+                l[k].as_str()
+                    .unwrap_or("")
+                    .parse()
+                    .map_err(|e| bad(what, e))
+            };
+            layers.push(LayerRef {
+                digest: digest("digest")?,
+                diff_id: digest("diff_id")?,
+                size: l["size"].as_u64().unwrap_or(0),
+                media_type: l["mediaType"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        out.insert(key, Record { config, layers });
+    }
+    Ok(out)
+}
+
+impl RemoteCache {
+    /// Read the record list of the cache at `location`. `None` when no cache is there yet
+    /// (the first build of a pipeline).
+    pub fn load(
+        location: &Location,
+        client: Arc<Client>,
+        store: &Store,
+    ) -> Result<Option<RemoteCache>, RegistryError> {
+        let records = match location {
+            Location::Registry(r) => {
+                let what = r.familiar();
+                let ep = client.endpoint(&r.registry)?;
+                let m = match get_manifest(&client, &ep, &r.repository, &r.manifest_ref(), &what) {
+                    Ok(m) => m,
+                    Err(RegistryError::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let manifest: Value =
+                    serde_json::from_slice(&m.bytes).map_err(|e| bad(&what, e))?;
+                let config = descriptor(&manifest["config"], &what)?;
+                if config.media_type != CACHE_CONFIG {
+                    return Err(bad(
+                        &what,
+                        format!(
+                            "{} is not a builder cache (config type {:?})",
+                            what, config.media_type
+                        ),
+                    ));
+                }
+                fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
+                read_records(&store.blobs.get(&config.digest)?, &what)?
+            }
+            Location::Dir(dir) => {
+                let what = dir.display().to_string();
+                let index = match fs::read(dir.join("index.json")) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(bad(&what, e)),
+                };
+                let index: Value = serde_json::from_slice(&index).map_err(|e| bad(&what, e))?;
+                let Some(m) = index["manifests"]
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .cloned()
+                else {
+                    return Ok(None);
+                };
+                let md = descriptor(&m, &what)?;
+                let manifest: Value = serde_json::from_slice(&read_verified(dir, &md.digest)?)
+                    .map_err(|e| bad(&what, e))?;
+                let config = descriptor(&manifest["config"], &what)?;
+                read_records(&read_verified(dir, &config.digest)?, &what)?
+            }
+        };
+        Ok(Some(RemoteCache {
+            location: location.clone(),
+            client,
+            records,
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The state after the step `key`, with its layers brought into `blobs`; `None` when the
+    /// cache lacks the key or a layer cannot be fetched (the step then simply runs).
+    pub fn materialize(&self, key: &CacheKey, blobs: &BlobStore) -> Option<ImageState> {
+        let record = self.records.get(key.0.hex())?;
+        for l in &record.layers {
+            if blobs.contains(&l.digest) {
+                continue;
+            }
+            let d = Descriptor {
+                digest: l.digest.clone(),
+                size: l.size,
+                media_type: l.media_type.clone(),
+            };
+            match &self.location {
+                Location::Registry(r) => {
+                    let ep = self.client.endpoint(&r.registry).ok()?;
+                    fetch_blob(&self.client, &ep, blobs, &r.repository, &d).ok()?;
+                }
+                Location::Dir(dir) => {
+                    let bytes = read_verified(dir, &d.digest).ok()?;
+                    blobs.put(&bytes).ok()?;
+                }
+            }
+        }
+        blobs.put(&record.config).ok()?;
+        state_from_config(&record.config, record.layers.clone(), "imported cache").ok()
+    }
+}
+
+fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
+    Ok(Descriptor {
+        digest: v["digest"]
+            .as_str()
+            .unwrap_or("")
+            .parse()
+            .map_err(|e| bad(what, e))?,
+        size: v["size"].as_u64().unwrap_or(0),
+        media_type: v["mediaType"].as_str().unwrap_or("").to_string(),
+    })
+}
+
+/// A blob of an OCI layout directory, checked against its digest.
+fn read_verified(dir: &Path, d: &Digest) -> Result<Vec<u8>, RegistryError> {
+    let p = dir.join("blobs/sha256").join(d.hex());
+    let bytes = fs::read(&p).map_err(|e| bad(&p.display().to_string(), e))?;
+    let got = Digest::of(&bytes);
+    if &got != d {
+        return Err(RegistryError::DigestMismatch {
+            what: p.display().to_string(),
+            expected: d.to_string(),
+            got: got.to_string(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Write the cache of a finished build to `location`; returns how many steps it holds.
+pub fn export(
+    location: &Location,
+    mode: Mode,
+    steps: &[StepRecord],
+    target_stage: usize,
+    store: &Store,
+    client: &Client,
+) -> Result<usize, RegistryError> {
+    let index = CacheIndex::new(store.root(), &store.blobs);
+    let mut seen = BTreeSet::new();
+    let mut records = Vec::new();
+    let mut layers: Vec<LayerRef> = Vec::new();
+    let mut layer_seen = BTreeSet::new();
+    for s in steps {
+        if mode == Mode::Min && s.stage != target_stage {
+            continue;
+        }
+        if !seen.insert(s.key.0.clone()) {
+            continue;
+        }
+        let Some((config, entry_layers)) = index.entry(&s.key) else {
+            continue;
+        };
+        let config_bytes = store.blobs.get(&config)?;
+        let config_text = String::from_utf8(config_bytes)
+            .map_err(|_| bad("export", format!("config {} is not UTF-8", config)))?;
+        let layer_values: Vec<Value> = entry_layers
+            .iter()
+            .map(|l| json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size, "mediaType": l.media_type}))
+            .collect();
+        for l in &entry_layers {
+            if layer_seen.insert(l.digest.clone()) {
+                layers.push(l.clone());
+            }
+        }
+        records.push(json!({"key": s.key.0.hex(), "config": config_text, "layers": layer_values}));
+    }
+    let count = records.len();
+    // Sorted, so the same cache content always makes the same artifact.
+    records.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+    layers.sort_by_key(|l| l.digest.to_string());
+    let doc = canonical_json(&json!({"records": records}));
+    let config_digest = store.blobs.put(&doc)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "artifactType": CACHE_ARTIFACT,
+        "config": {"mediaType": CACHE_CONFIG, "digest": config_digest.to_string(), "size": doc.len()},
+        "layers": layers.iter().map(|l| json!({"mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size})).collect::<Vec<_>>(),
+    });
+    let manifest_bytes = canonical_json(&manifest);
+    let manifest_digest = store.blobs.put(&manifest_bytes)?;
+    match location {
+        Location::Registry(r) => {
+            push::push(client, store, &manifest_digest, r)?;
+        }
+        Location::Dir(dir) => {
+            let io = |p: &Path, e: std::io::Error| bad(&p.display().to_string(), e);
+            let bdir = dir.join("blobs/sha256");
+            fs::create_dir_all(&bdir).map_err(|e| io(&bdir, e))?;
+            let mut digests: Vec<&Digest> = layers.iter().map(|l| &l.digest).collect();
+            digests.push(&config_digest);
+            digests.push(&manifest_digest);
+            for d in digests {
+                crate::export::place_blob(&store.blobs, dir, d)
+                    .map_err(|e| bad(&dir.display().to_string(), e))?;
+            }
+            let layout = dir.join("oci-layout");
+            write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                .map_err(|e| io(&layout, e))?;
+            // index.json last: a reader sees the old cache or the new one, never half of one.
+            let index_doc = json!({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [{
+                "mediaType": MEDIA_MANIFEST,
+                "artifactType": CACHE_ARTIFACT,
+                "digest": manifest_digest.to_string(),
+                "size": manifest_bytes.len(),
+                "annotations": {REF_NAME: "cache"},
+            }]});
+            let p = dir.join("index.json");
+            write_atomic(&p, &canonical_json(&index_doc)).map_err(|e| io(&p, e))?;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cache_options() {
+        assert_eq!(
+            parse_import("type=local,src=/tmp/c").unwrap(),
+            Location::Dir("/tmp/c".into())
+        );
+        let (l, m) = parse_export("type=registry,ref=127.0.0.1:5000/cache,mode=max").unwrap();
+        assert_eq!(m, Mode::Max);
+        match l {
+            Location::Registry(r) => assert_eq!(r.to_string(), "127.0.0.1:5000/cache:latest"),
+            other => panic!("{:?}", other),
+        }
+        assert_eq!(parse_export("type=local,dest=d").unwrap().1, Mode::Min);
+        assert!(parse_export("type=local,dest=d,mode=all").is_err());
+        assert!(parse_import("type=registry").is_err());
+        assert!(parse_import("type=s3,bucket=x").is_err());
+        assert!(parse_import("registry").is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! `builder pull`, `builder push`, `builder login` and `builder logout`.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::images::RootArg;
+use super::CliError;
+use crate::plan::Platform;
+use crate::registry::auth::{self, Credential};
+use crate::registry::{pull, push, Client, Reference};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image: `alpine`, `alpine:3`, `host:port/repo:tag`, `repo@sha256:…`.
+    pub reference: String,
+    /// The platform to pick from a multi-platform image (default: this machine's).
+    #[arg(long)]
+    pub platform: Option<String>,
+    #[command(flatten)]
+    pub root: RootArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// An image in the store (name or digest).
+    pub source: String,
+    /// Where to push it (default: the source's own name, which must then name a registry).
+    pub destination: Option<String>,
+    #[command(flatten)]
+    pub root: RootArg,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The registry (`host[:port]`; default docker.io).
+    pub registry: Option<String>,
+    #[arg(short = 'u', long)]
+    pub username: Option<String>,
+    /// The password (prefer --password-stdin: arguments are visible to other users).
+    #[arg(short = 'p', long)]
+    pub password: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogoutArgs {
+    /// The registry (`host[:port]`; default docker.io).
+    pub registry: Option<String>,
+}
+
+pub fn parse_platform(p: Option<&str>) -> Result<Platform, CliError> {
+    match p {
+        Some(p) => Platform::parse(p).ok_or_else(|| {
+            CliError::msg(format!(
+                "invalid --platform {:?}: want os/arch[/variant]",
+                p
+            ))
+        }),
+        None => Ok(Platform::host()),
+    }
+}
+
+/// The registry a login names: a bare host, a URL, or docker.io by default.
+fn registry_of(arg: Option<&str>) -> String {
+    let raw = arg.unwrap_or("docker.io");
+    let host = raw
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or(raw);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        h => h.to_string(),
+    }
+}
+
+pub fn pull(a: PullArgs) -> Result<(), CliError> {
+    let store = a.root.open()?;
+    let platform = parse_platform(a.platform.as_deref())?;
+    let reference = Reference::parse(&a.reference)?;
+    let client = Client::from_config()?;
+    let p = pull::pull(&client, &store, &reference, &platform)?;
+    eprintln!(
+        "pulled {} as {}: {} of {} blobs downloaded",
+        reference, p.name, p.blobs_fetched, p.blobs_total
+    );
+    println!("{}", p.image.manifest_digest);
+    Ok(())
+}
+
+/// Push the stored image `source` to `dest`; reports what was sent on stderr.
+pub fn push_image(
+    store: &Store,
+    client: &Client,
+    source: &str,
+    dest: &Reference,
+) -> Result<push::Pushed, CliError> {
+    let digest = store.resolve(source)?;
+    let p = push::push(client, store, &digest, dest)?;
+    eprintln!(
+        "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",
+        dest,
+        p.digest,
+        p.uploaded,
+        p.mounted,
+        p.present,
+        if p.manifest_uploaded {
+            "uploaded"
+        } else {
+            "unchanged"
+        }
+    );
+    Ok(p)
+}
+
+pub fn push(a: PushArgs) -> Result<(), CliError> {
+    let store = a.root.open()?;
+    let dest = Reference::parse(a.destination.as_deref().unwrap_or(&a.source))?.with_default_tag();
+    let client = Client::from_config()?;
+    let p = push_image(&store, &client, &a.source, &dest)?;
+    println!("{}", p.digest);
+    Ok(())
+}
+
+pub fn login(a: LoginArgs) -> Result<(), CliError> {
+    let registry = registry_of(a.registry.as_deref());
+    let username = a
+        .username
+        .ok_or_else(|| CliError::msg("builder login needs -u USER"))?;
+    let password = match (a.password, a.password_stdin) {
+        (Some(_), true) => {
+            return Err(CliError::msg(
+                "give either --password or --password-stdin, not both",
+            ))
+        }
+        (Some(p), false) => p,
+        (None, true) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::msg(format!("reading the password from stdin: {}", e)))?;
+            s.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, false) => {
+            return Err(CliError::msg(
+                "builder login needs -p PASSWORD or --password-stdin",
+            ))
+        }
+    };
+    let cred = Credential {
+        username,
+        secret: password,
+    };
+    let client = Arc::new(Client::from_config()?);
+    client.check_login(&registry, cred.clone())?;
+    let place = auth::store(&registry, &cred)?;
+    eprintln!(
+        "Login Succeeded ({}; credentials saved in {})",
+        registry, place
+    );
+    Ok(())
+}
+
+pub fn logout(a: LogoutArgs) -> Result<(), CliError> {
+    let registry = registry_of(a.registry.as_deref());
+    if auth::erase(&registry)? {
+        eprintln!("Removed login credentials for {}", registry);
+        Ok(())
+    } else {
+        Err(CliError::msg(format!("not logged in to {}", registry)))
+    }
+}

@@ -1,0 +1,504 @@
+//! Pull: resolve a reference to a manifest (negotiating OCI and Docker schema 2 types, picking
+//! the platform from an index), then stream the config and layers into the store in parallel,
+//! each verified against its digest, resuming with `Range` after a dropped connection, and
+//! skipping blobs the store already has. The manifest is stored last, byte for byte, so the
+//! pulled image keeps the registry's digest.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use super::client::{scope, Body, Client, Endpoint};
+use super::reference::Reference;
+use super::RegistryError;
+use crate::oci::blobs::BlobStore;
+use crate::oci::digest::Digest;
+use crate::oci::image::{
+    self, StoredImage, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MEDIA_INDEX, MEDIA_MANIFEST,
+};
+use crate::plan::Platform;
+use crate::store::Store;
+
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Manifests larger than this are refused (the distribution spec suggests 4 MiB).
+const MANIFEST_LIMIT: u64 = 4 << 20;
+/// Blobs downloaded at once.
+const PARALLEL_BLOBS: usize = 4;
+
+/// A manifest or index as the registry served it.
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// A content descriptor: what a manifest says about a blob.
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
+    let digest = v["digest"].as_str().unwrap_or("").parse().map_err(
+        |e: crate::oci::digest::BadDigest| RegistryError::Protocol(format!("{}: {}", what, e)),
+    )?;
+    Ok(Descriptor {
+        digest,
+        size: v["size"].as_u64().unwrap_or(0),
+        media_type: v["mediaType"].as_str().unwrap_or("").to_string(),
+    })
+}
+
+/// The media type of a manifest document: the header when specific, else the body's own.
+fn manifest_media_type(header: Option<&str>, v: &Value) -> String {
+    let header = header
+        .map(|h| h.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|h| h.starts_with("application/vnd."));
+    header
+        .or_else(|| v["mediaType"].as_str().map(str::to_string))
+        .unwrap_or_else(|| {
+            if v.get("manifests").is_some() {
+                MEDIA_INDEX.to_string()
+            } else {
+                MEDIA_MANIFEST.to_string()
+            }
+        })
+}
+
+pub fn is_index(media_type: &str) -> bool {
+    media_type == MEDIA_INDEX || media_type == DOCKER_MANIFEST_LIST
+}
+
+/// GET a manifest by tag or digest; a digest asked for is verified.
+pub fn get_manifest(
+    client: &Client,
+    ep: &Endpoint,
+    repository: &str,
+    reference: &str,
+    display: &str,
+) -> Result<Fetched, RegistryError> {
+    let target = format!("/v2/{}/manifests/{}", repository, reference);
+    let scopes = [scope(repository, "pull")];
+    let mut last = String::new();
+    for attempt in 1..=client.settings.attempts {
+        let response = client.send(
+            ep,
+            "GET",
+            &target,
+            &[("Accept", MANIFEST_ACCEPT.to_string())],
+            Body::Empty,
+            &scopes,
+        )?;
+        if response.status() != 200 {
+            let what = format!(
+                "manifest {} (repository {:?}, tag or digest {:?})",
+                display, repository, reference
+            );
+            return Err(client.status_error(ep, "GET", &target, &what, response));
+        }
+        let header_type = response.header("content-type").map(str::to_string);
+        let header_digest = response.header("docker-content-digest").map(str::to_string);
+        let mut bytes = Vec::new();
+        if let Err(e) = response
+            .into_reader()
+            .take(MANIFEST_LIMIT + 1)
+            .read_to_end(&mut bytes)
+        {
+            last = e.to_string();
+            std::thread::sleep(std::time::Duration::from_millis(200 * attempt as u64));
+            continue;
+        }
+        if bytes.len() as u64 > MANIFEST_LIMIT {
+            return Err(RegistryError::Protocol(format!(
+                "manifest {} is larger than {} bytes",
+                display, MANIFEST_LIMIT
+            )));
+        }
+        let digest = Digest::of(&bytes);
+        let expected = if reference.starts_with("sha256:") {
+            Some(reference.to_string())
+        } else {
+            header_digest.filter(|h| h.starts_with("sha256:"))
+        };
+        if let Some(expected) = expected {
+            if expected != digest.to_string() {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("manifest {}", display),
+                    expected,
+                    got: digest.to_string(),
+                });
+            }
+        }
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            RegistryError::Protocol(format!("manifest {} is not JSON: {}", display, e))
+        })?;
+        if v["schemaVersion"].as_u64() == Some(1) {
+            return Err(RegistryError::Protocol(format!(
+                "{} is a Docker schema 1 manifest, which builder does not support; push it again with a current tool",
+                display
+            )));
+        }
+        let media_type = manifest_media_type(header_type.as_deref(), &v);
+        return Ok(Fetched {
+            bytes,
+            digest,
+            media_type,
+        });
+    }
+    Err(RegistryError::Transport {
+        host: ep.registry.clone(),
+        detail: format!("reading manifest {}: {}", display, last),
+        attempts: client.settings.attempts,
+    })
+}
+
+/// The entry of an index matching `platform` (a variant is matched when one is asked for).
+pub fn choose_platform(
+    index: &Value,
+    platform: &Platform,
+    display: &str,
+) -> Result<Descriptor, RegistryError> {
+    let list = index["manifests"].as_array().cloned().unwrap_or_default();
+    let fits = |m: &Value| {
+        m["platform"]["os"] == platform.os.as_str()
+            && m["platform"]["architecture"] == platform.architecture.as_str()
+            && platform
+                .variant
+                .as_ref()
+                .map(|v| m["platform"]["variant"] == v.as_str())
+                .unwrap_or(true)
+    };
+    match list.iter().find(|m| fits(m)) {
+        Some(m) => descriptor(m, display),
+        None => {
+            let offered: Vec<String> = list
+                .iter()
+                .filter_map(|m| {
+                    let p = &m["platform"];
+                    let os = p["os"].as_str()?;
+                    let arch = p["architecture"].as_str()?;
+                    Some(match p["variant"].as_str() {
+                        Some(v) => format!("{}/{}/{}", os, arch, v),
+                        None => format!("{}/{}", os, arch),
+                    })
+                })
+                .filter(|s| s != "unknown/unknown")
+                .collect();
+            Err(RegistryError::NotFound {
+                what: format!("platform {} in {}", platform.spec(), display),
+                detail: format!("the image index offers {}", offered.join(", ")),
+            })
+        }
+    }
+}
+
+/// Removes a temporary file unless it was committed.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Download blob `d` of `repository` into the store (nothing when it is there already).
+/// A connection that drops mid-body is resumed with a `Range` request.
+pub fn fetch_blob(
+    client: &Client,
+    ep: &Endpoint,
+    blobs: &BlobStore,
+    repository: &str,
+    d: &Descriptor,
+) -> Result<bool, RegistryError> {
+    if blobs.contains(&d.digest) {
+        return Ok(false);
+    }
+    let what = format!("blob {} of {}/{}", d.digest, ep.registry, repository);
+    let target = format!("/v2/{}/blobs/{}", repository, d.digest);
+    let scopes = [scope(repository, "pull")];
+    let (tmp, mut file) = blobs.temp_file()?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let io = |e: std::io::Error| {
+        RegistryError::Store(crate::store::StoreError::Io {
+            path: tmp.clone(),
+            source: e,
+        })
+    };
+    let mut hasher = Sha256::new();
+    let mut have = 0u64;
+    let mut last = String::new();
+    let mut complete = false;
+    // The budget counts attempts in a row that brought no new bytes: a connection that keeps
+    // breaking but makes progress each time still finishes.
+    let mut attempt = 0u32;
+    let mut have_before = 0u64;
+    while attempt < client.settings.attempts {
+        attempt = if have > have_before { 1 } else { attempt + 1 };
+        have_before = have;
+        if attempt > 1 {
+            std::thread::sleep(std::time::Duration::from_millis(250 * attempt as u64));
+        }
+        if !last.is_empty() {
+            client.notice(&format!(
+                "{}: {}; resuming at byte {} (attempt {} of {})",
+                what, last, have, attempt, client.settings.attempts
+            ));
+        }
+        let headers: Vec<(&str, String)> = if have > 0 {
+            vec![("Range", format!("bytes={}-", have))]
+        } else {
+            Vec::new()
+        };
+        let response = client.send(ep, "GET", &target, &headers, Body::Empty, &scopes)?;
+        match response.status() {
+            200 => {
+                if have > 0 {
+                    // The server ignored the range: start over.
+                    file.set_len(0).map_err(io)?;
+                    file.seek(SeekFrom::Start(0)).map_err(io)?;
+                    hasher = Sha256::new();
+                    have = 0;
+                }
+            }
+            206 if have > 0 => {
+                let start = response
+                    .header("content-range")
+                    .and_then(|r| r.strip_prefix("bytes "))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse::<u64>().ok());
+                if start != Some(have) {
+                    file.set_len(0).map_err(io)?;
+                    file.seek(SeekFrom::Start(0)).map_err(io)?;
+                    hasher = Sha256::new();
+                    have = 0;
+                    last = "the server resumed at the wrong offset".into();
+                    continue;
+                }
+            }
+            _ => return Err(client.status_error(ep, "GET", &target, &what, response)),
+        }
+        let mut reader = response.into_reader();
+        let mut buf = vec![0u8; 256 << 10];
+        let outcome = loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    file.write_all(&buf[..n]).map_err(io)?;
+                    hasher.update(&buf[..n]);
+                    have += n as u64;
+                    if d.size > 0 && have > d.size {
+                        break Err(
+                            "the registry sent more bytes than the manifest says".to_string()
+                        );
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        match outcome {
+            Ok(()) if d.size == 0 || have == d.size => {
+                complete = true;
+                break;
+            }
+            Ok(()) => last = format!("the body ended after {} of {} bytes", have, d.size),
+            Err(e) => last = e,
+        }
+    }
+    if !complete {
+        return Err(RegistryError::Transport {
+            host: ep.registry.clone(),
+            detail: format!("downloading {}: {}", what, last),
+            attempts: client.settings.attempts,
+        });
+    }
+    let got = Digest::from_hasher(hasher);
+    if got != d.digest {
+        return Err(RegistryError::DigestMismatch {
+            what,
+            expected: d.digest.to_string(),
+            got: got.to_string(),
+        });
+    }
+    file.flush().map_err(io)?;
+    blobs.commit(&tmp, file, &d.digest)?;
+    guard.0 = None;
+    Ok(true)
+}
+
+/// Download `blobs` with up to [`PARALLEL_BLOBS`] at once; returns how many were new.
+pub fn fetch_blobs(
+    client: &Client,
+    ep: &Endpoint,
+    store: &BlobStore,
+    repository: &str,
+    blobs: &[Descriptor],
+) -> Result<usize, RegistryError> {
+    let fetched = AtomicUsize::new(0);
+    super::for_each_parallel(blobs, PARALLEL_BLOBS, |d| {
+        if fetch_blob(client, ep, store, repository, d)? {
+            fetched.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    })?;
+    Ok(fetched.into_inner())
+}
+
+/// The config and layers an image manifest references.
+pub fn manifest_blobs(manifest: &Value, display: &str) -> Result<Vec<Descriptor>, RegistryError> {
+    let mut out = vec![descriptor(&manifest["config"], display)?];
+    for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
+        out.push(descriptor(&l, display)?);
+    }
+    Ok(out)
+}
+
+/// What a pull did.
+pub struct Pulled {
+    pub image: StoredImage,
+    /// The name the store now knows it by (`alpine:3`, `127.0.0.1:5000/base:latest`).
+    pub name: String,
+    pub blobs_fetched: usize,
+    pub blobs_total: usize,
+}
+
+/// Pull `reference` for `platform` into the store and name it there. Mirrors configured for
+/// the registry are tried first.
+pub fn pull(
+    client: &Client,
+    store: &Store,
+    reference: &Reference,
+    platform: &Platform,
+) -> Result<Pulled, RegistryError> {
+    let r = reference.clone().with_default_tag();
+    let mirrors = client
+        .settings
+        .mirrors
+        .get(&r.registry)
+        .cloned()
+        .unwrap_or_default();
+    let mut mirror_failures = Vec::new();
+    for mirror in &mirrors {
+        match pull_from(client, store, mirror, &r, platform) {
+            Ok(p) => return Ok(p),
+            Err(e) => mirror_failures.push(format!("mirror {}: {}", mirror, e)),
+        }
+    }
+    pull_from(client, store, &r.registry, &r, platform).map_err(|e| {
+        if mirror_failures.is_empty() {
+            e
+        } else {
+            RegistryError::Protocol(format!("{} (after {})", e, mirror_failures.join("; ")))
+        }
+    })
+}
+
+fn pull_from(
+    client: &Client,
+    store: &Store,
+    registry: &str,
+    r: &Reference,
+    platform: &Platform,
+) -> Result<Pulled, RegistryError> {
+    let display = r.familiar();
+    let ep = client.endpoint(registry)?;
+    // A tag and a digest together: resolve the tag, then insist it still names the digest.
+    let asked = match (&r.tag, &r.digest) {
+        (Some(t), Some(_)) => t.clone(),
+        _ => r.manifest_ref(),
+    };
+    let mut top = get_manifest(client, &ep, &r.repository, &asked, &display)?;
+    if let (Some(_), Some(pinned)) = (&r.tag, &r.digest) {
+        if &top.digest != pinned {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("{} (the tag now names another image)", display),
+                expected: pinned.to_string(),
+                got: top.digest.to_string(),
+            });
+        }
+    }
+    if is_index(&top.media_type) {
+        let index: Value = serde_json::from_slice(&top.bytes)
+            .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
+        let chosen = choose_platform(&index, platform, &display)?;
+        top = get_manifest(
+            client,
+            &ep,
+            &r.repository,
+            &chosen.digest.to_string(),
+            &display,
+        )?;
+        if is_index(&top.media_type) {
+            return Err(RegistryError::Protocol(format!(
+                "{}: the index for {} points at another index",
+                display,
+                platform.spec()
+            )));
+        }
+    }
+    if top.media_type != MEDIA_MANIFEST && top.media_type != DOCKER_MANIFEST {
+        return Err(RegistryError::Protocol(format!(
+            "{}: unsupported manifest media type {}",
+            display, top.media_type
+        )));
+    }
+    let manifest: Value = serde_json::from_slice(&top.bytes)
+        .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
+    let blobs = manifest_blobs(&manifest, &display)?;
+    let fetched = fetch_blobs(client, &ep, &store.blobs, &r.repository, &blobs)?;
+    for b in &blobs {
+        record_origin(store.root(), &b.digest, &r.registry, &r.repository);
+    }
+    let stored = store.blobs.put(&top.bytes)?;
+    let image = image::load(&store.blobs, &stored)?;
+    let name = store.tag(&r.familiar(), &stored)?;
+    Ok(Pulled {
+        image,
+        name,
+        blobs_fetched: fetched,
+        blobs_total: blobs.len(),
+    })
+}
+
+fn origins_path(root: &Path, d: &Digest) -> PathBuf {
+    root.join("registry/origins").join(d.hex())
+}
+
+/// Remember that `registry/repository` holds blob `d`, so a push to another repository of the
+/// same registry can mount it instead of uploading it.
+pub fn record_origin(root: &Path, d: &Digest, registry: &str, repository: &str) {
+    let p = origins_path(root, d);
+    let line = format!("{}/{}", registry, repository);
+    let mut lines: Vec<String> = fs::read_to_string(&p)
+        .map(|s| s.lines().map(str::to_string).collect())
+        .unwrap_or_default();
+    if lines.contains(&line) {
+        return;
+    }
+    lines.push(line);
+    if let Some(dir) = p.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    let _ = crate::oci::blobs::write_atomic(&p, (lines.join("\n") + "\n").as_bytes());
+}
+
+/// Repositories of `registry` known to hold blob `d`.
+pub fn origins(root: &Path, d: &Digest, registry: &str) -> Vec<String> {
+    fs::read_to_string(origins_path(root, d))
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| l.strip_prefix(registry)?.strip_prefix('/'))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,339 @@
+//! Push: every blob the manifest references, then the manifest. A blob the repository has
+//! (HEAD) is skipped; one another repository of the registry has is mounted; the rest are
+//! uploaded monolithically, or in chunks when larger than the chunk size. A failed upload
+//! session is started again, a bounded number of times. A tag already naming the same manifest
+//! is left alone, so pushing an unchanged image uploads nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+
+use super::client::{scope, Body, Client, Endpoint};
+use super::pull::{manifest_blobs, origins, record_origin, Descriptor, MANIFEST_ACCEPT};
+use super::reference::Reference;
+use super::RegistryError;
+use crate::oci::digest::Digest;
+use crate::oci::image::MEDIA_MANIFEST;
+use crate::store::Store;
+
+const PARALLEL_BLOBS: usize = 4;
+
+/// What a push did.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    pub digest: String,
+    pub uploaded: usize,
+    pub mounted: usize,
+    pub present: usize,
+    pub manifest_uploaded: bool,
+}
+
+/// Upload chunk size: `$BUILDER_PUSH_CHUNK_SIZE` bytes, else 16 MiB. Larger blobs go in chunks.
+fn chunk_size() -> u64 {
+    std::env::var("BUILDER_PUSH_CHUNK_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(16 << 20)
+}
+
+/// An upload location, absolute.
+fn location(ep: &Endpoint, response: &ureq::Response) -> Result<String, RegistryError> {
+    let loc = response.header("location").ok_or_else(|| {
+        RegistryError::Protocol(format!(
+            "{}: an upload answer has no Location header",
+            ep.registry
+        ))
+    })?;
+    Ok(
+        if loc.starts_with("http://") || loc.starts_with("https://") {
+            loc.to_string()
+        } else {
+            format!("{}{}", ep.base, loc)
+        },
+    )
+}
+
+fn with_query(url: &str, key: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{}{}{}={}", url, sep, key, value)
+}
+
+enum BlobOutcome {
+    Present,
+    Mounted,
+    Uploaded,
+}
+
+/// Why an upload session ended early: start a new one, or give up.
+enum SessionError {
+    Retry(String),
+    Fatal(RegistryError),
+}
+
+impl From<RegistryError> for SessionError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Transport { detail, .. } => SessionError::Retry(detail),
+            e => SessionError::Fatal(e),
+        }
+    }
+}
+
+fn push_blob(
+    client: &Client,
+    ep: &Endpoint,
+    store: &Store,
+    repository: &str,
+    d: &Descriptor,
+) -> Result<BlobOutcome, RegistryError> {
+    let what = format!("blob {} for {}/{}", d.digest, ep.registry, repository);
+    let push_scope = scope(repository, "pull,push");
+    let head_target = format!("/v2/{}/blobs/{}", repository, d.digest);
+    let response = client.send(
+        ep,
+        "HEAD",
+        &head_target,
+        &[],
+        Body::Empty,
+        std::slice::from_ref(&push_scope),
+    )?;
+    match response.status() {
+        200 => return Ok(BlobOutcome::Present),
+        404 => {}
+        _ => return Err(client.status_error(ep, "HEAD", &head_target, &what, response)),
+    }
+    let path = store.blobs.path(&d.digest);
+    let size = std::fs::metadata(&path)
+        .map_err(|e| {
+            RegistryError::Store(crate::store::StoreError::Io {
+                path: path.clone(),
+                source: e,
+            })
+        })?
+        .len();
+    let start_target = format!("/v2/{}/blobs/uploads/", repository);
+    let mut mount_from = origins(store.root(), &d.digest, &ep.registry)
+        .into_iter()
+        .find(|r| r != repository);
+    let mut last = String::new();
+    for attempt in 1..=client.settings.attempts {
+        if attempt > 1 {
+            client.notice(&format!(
+                "{}: {}; starting the upload again (attempt {} of {})",
+                what, last, attempt, client.settings.attempts
+            ));
+            std::thread::sleep(std::time::Duration::from_millis(250 * attempt as u64));
+        }
+        let mut scopes = vec![push_scope.clone()];
+        let target = match &mount_from {
+            Some(from) => {
+                scopes.push(scope(from, "pull"));
+                format!("{}?mount={}&from={}", start_target, d.digest, from)
+            }
+            None => start_target.clone(),
+        };
+        let response = client.send(
+            ep,
+            "POST",
+            &target,
+            &[("Content-Length", "0".into())],
+            Body::Empty,
+            &scopes,
+        )?;
+        match response.status() {
+            201 if mount_from.is_some() => return Ok(BlobOutcome::Mounted),
+            202 => {}
+            _ => return Err(client.status_error(ep, "POST", &target, &what, response)),
+        }
+        // A mount the registry declined still opened an ordinary upload session.
+        mount_from = None;
+        let session = location(ep, &response)?;
+        match upload(client, ep, &session, &path, size, &d.digest, &push_scope) {
+            Ok(()) => return Ok(BlobOutcome::Uploaded),
+            Err(SessionError::Fatal(e)) => return Err(e),
+            Err(SessionError::Retry(why)) => last = why,
+        }
+    }
+    Err(RegistryError::Transport {
+        host: ep.registry.clone(),
+        detail: format!("uploading {}: {}", what, last),
+        attempts: client.settings.attempts,
+    })
+}
+
+/// Send the blob's bytes through the upload session at `session`, and close it.
+fn upload(
+    client: &Client,
+    ep: &Endpoint,
+    session: &str,
+    path: &std::path::Path,
+    size: u64,
+    digest: &Digest,
+    push_scope: &str,
+) -> Result<(), SessionError> {
+    let scopes = [push_scope.to_string()];
+    let octets = ("Content-Type", "application/octet-stream".to_string());
+    let chunk = chunk_size();
+    let mut session = session.to_string();
+    let final_body = if size <= chunk {
+        Body::File {
+            path,
+            offset: 0,
+            len: size,
+        }
+    } else {
+        let mut offset = 0u64;
+        while offset < size {
+            let len = chunk.min(size - offset);
+            let range = format!("{}-{}", offset, offset + len - 1);
+            let response = client.send(
+                ep,
+                "PATCH",
+                &session,
+                &[octets.clone(), ("Content-Range", range)],
+                Body::File { path, offset, len },
+                &scopes,
+            )?;
+            if response.status() != 202 {
+                let status = response.status();
+                // An unknown session or a range it does not expect: start over.
+                if status == 404 || status == 416 {
+                    return Err(SessionError::Retry(format!(
+                        "chunk upload answered {}",
+                        status
+                    )));
+                }
+                let what = format!("chunk {} of blob {}", offset / chunk, digest);
+                return Err(SessionError::Fatal(
+                    client.status_error(ep, "PATCH", &session, &what, response),
+                ));
+            }
+            session = location(ep, &response)?;
+            offset += len;
+        }
+        Body::Empty
+    };
+    let close = with_query(&session, "digest", &digest.to_string());
+    let mut headers = vec![octets];
+    if matches!(final_body, Body::Empty) {
+        headers.push(("Content-Length", "0".into()));
+    }
+    let response = client.send(ep, "PUT", &close, &headers, final_body, &scopes)?;
+    match response.status() {
+        201 | 204 => Ok(()),
+        404 | 416 => Err(SessionError::Retry(format!(
+            "upload answered {}",
+            response.status()
+        ))),
+        400 => {
+            let body = response.into_string().unwrap_or_default();
+            if body.contains("DIGEST_INVALID") {
+                Err(SessionError::Fatal(RegistryError::DigestMismatch {
+                    what: format!("blob {} as the registry received it", digest),
+                    expected: digest.to_string(),
+                    got: "another digest".into(),
+                }))
+            } else {
+                Err(SessionError::Retry(format!(
+                    "upload answered 400: {}",
+                    body.trim()
+                )))
+            }
+        }
+        _ => Err(SessionError::Fatal(client.status_error(
+            ep,
+            "PUT",
+            &close,
+            &format!("blob {}", digest),
+            response,
+        ))),
+    }
+}
+
+/// Push the stored manifest `manifest_digest` (and everything it references) to `dest`.
+pub fn push(
+    client: &Client,
+    store: &Store,
+    manifest_digest: &Digest,
+    dest: &Reference,
+) -> Result<Pushed, RegistryError> {
+    let display = dest.familiar();
+    let ep = client.endpoint(&dest.registry)?;
+    let repository = &dest.repository;
+    let bytes = store.blobs.get(manifest_digest)?;
+    let manifest: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        RegistryError::Protocol(format!("stored manifest {}: {}", manifest_digest, e))
+    })?;
+    let media_type = manifest["mediaType"]
+        .as_str()
+        .unwrap_or(MEDIA_MANIFEST)
+        .to_string();
+    let blobs = manifest_blobs(&manifest, &display)?;
+    let counts = [
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ];
+    super::for_each_parallel(&blobs, PARALLEL_BLOBS, |d| {
+        let i = match push_blob(client, &ep, store, repository, d)? {
+            BlobOutcome::Present => 0,
+            BlobOutcome::Mounted => 1,
+            BlobOutcome::Uploaded => 2,
+        };
+        counts[i].fetch_add(1, Ordering::Relaxed);
+        record_origin(store.root(), &d.digest, &ep.registry, repository);
+        Ok(())
+    })?;
+    let reference = dest.tag.clone().unwrap_or_else(|| match &dest.digest {
+        Some(d) => d.to_string(),
+        None => "latest".into(),
+    });
+    let target = format!("/v2/{}/manifests/{}", repository, reference);
+    let scopes = [scope(repository, "pull,push")];
+    let head = client.send(
+        ep.as_ref(),
+        "HEAD",
+        &target,
+        &[("Accept", MANIFEST_ACCEPT.to_string())],
+        Body::Empty,
+        &scopes,
+    )?;
+    let unchanged = head.status() == 200
+        && head.header("docker-content-digest") == Some(manifest_digest.to_string().as_str());
+    if !unchanged {
+        let response = client.send(
+            &ep,
+            "PUT",
+            &target,
+            &[("Content-Type", media_type)],
+            Body::Bytes(&bytes),
+            &scopes,
+        )?;
+        if response.status() != 201 && response.status() != 200 {
+            return Err(client.status_error(
+                &ep,
+                "PUT",
+                &target,
+                &format!("manifest {}", display),
+                response,
+            ));
+        }
+        if let Some(d) = response.header("docker-content-digest") {
+            if d != manifest_digest.to_string() {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("manifest {} as the registry stored it", display),
+                    expected: manifest_digest.to_string(),
+                    got: d.to_string(),
+                });
+            }
+        }
+    }
+    Ok(Pushed {
+        digest: manifest_digest.to_string(),
+        present: counts[0].load(Ordering::Relaxed),
+        mounted: counts[1].load(Ordering::Relaxed),
+        uploaded: counts[2].load(Ordering::Relaxed),
+        manifest_uploaded: !unchanged,
+    })
+}

@@ -1,0 +1,1049 @@
+//! Registries, end to end, against the real distribution server (`docker-registry`) on
+//! 127.0.0.1: plain HTTP, HTTPS with a test CA, and htpasswd Basic auth; the remote cache; and
+//! a proxy that drops and stalls connections.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A `docker-registry` process on a free 127.0.0.1 port, killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+enum Setup {
+    Plain,
+    Tls,
+    Htpasswd,
+    /// Token auth: a token service (see [`TokenServer`]) on `realm_port` signs with the key
+    /// whose certificate is `cert`.
+    Token {
+        realm_port: u16,
+        cert: PathBuf,
+    },
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run_ok(tool("openssl").current_dir(dir).args(args));
+}
+
+impl Registry {
+    fn start(setup: Setup) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{}\n",
+            d.join("data").display(),
+            port
+        );
+        match setup {
+            Setup::Plain => {}
+            Setup::Tls => {
+                // A test CA, and a server certificate it signs for 127.0.0.1.
+                openssl(
+                    d,
+                    &[
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1",
+                        "-nodes",
+                        "-keyout",
+                        "ca.key",
+                        "-out",
+                        "ca.crt",
+                        "-days",
+                        "2",
+                        "-subj",
+                        "/CN=builder test CA",
+                    ],
+                );
+                openssl(
+                    d,
+                    &[
+                        "req",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1",
+                        "-nodes",
+                        "-keyout",
+                        "server.key",
+                        "-out",
+                        "server.csr",
+                        "-subj",
+                        "/CN=127.0.0.1",
+                    ],
+                );
+                write(&d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n");
+                openssl(
+                    d,
+                    &[
+                        "x509",
+                        "-req",
+                        "-in",
+                        "server.csr",
+                        "-CA",
+                        "ca.crt",
+                        "-CAkey",
+                        "ca.key",
+                        "-CAcreateserial",
+                        "-out",
+                        "server.crt",
+                        "-days",
+                        "2",
+                        "-extfile",
+                        "ext.cnf",
+                    ],
+                );
+                config += &format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    d.join("server.crt").display(),
+                    d.join("server.key").display()
+                );
+            }
+            Setup::Token { realm_port, cert } => {
+                config += &format!(
+                    "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: builder-test\n    issuer: builder-test-issuer\n    rootcertbundle: {}\n",
+                    realm_port,
+                    cert.display()
+                );
+            }
+            Setup::Htpasswd => {
+                let line = run_ok(tool("htpasswd").args(["-Bbn", "alice", "s3cret"]));
+                write(&d.join("htpasswd"), &line);
+                config += &format!(
+                    "auth:\n  htpasswd:\n    realm: builder-test-realm\n    path: {}\n",
+                    d.join("htpasswd").display()
+                );
+            }
+        }
+        write(&d.join("config.yml"), &config);
+        let child = tool("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let reg = Registry { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reg
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A user's environment: its own HOME (auth file, certs.d), no inherited registry settings.
+struct User {
+    home: tempfile::TempDir,
+}
+
+impl User {
+    fn new() -> User {
+        User {
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn builder(&self) -> Command {
+        let mut c = builder();
+        c.env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("BUILDER_REGISTRIES_CONFIG");
+        c
+    }
+
+    /// `builder SUBCOMMAND --root ROOT`, as this user.
+    fn on(&self, subcommand: &str, root: &Path) -> Command {
+        let mut c = self.builder();
+        c.args([subcommand, "--root"]).arg(root);
+        c
+    }
+
+    fn assert_fsck_clean(&self, root: &Path) {
+        let out = run(&mut self.on("fsck", root));
+        assert!(out.status.success(), "fsck: {}", stderr_of(&out));
+    }
+
+    fn trust(&self, reg: &Registry) {
+        let d = self
+            .home
+            .path()
+            .join(".config/builder/certs.d")
+            .join(reg.host());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(reg.ca(), d.join("ca.crt")).unwrap();
+    }
+}
+
+/// `text` mentions every one of `needles` (shown whole when it does not).
+fn assert_mentions(text: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(text.contains(n), "expected {:?} in:\n{}", n, text);
+    }
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn last_line(s: &str) -> String {
+    s.lines().last().unwrap_or("").to_string()
+}
+
+/// A base image in the registry: busybox imported into a scratch store, then pushed.
+fn push_base(user: &User, reg: &Registry) -> String {
+    let root = tempfile::tempdir().unwrap();
+    busybox_base(root.path(), "busybox:local");
+    let out = run_ok(
+        user.on("push", root.path())
+            .arg("busybox:local")
+            .arg(format!("{}/base", reg.host())),
+    );
+    last_line(&out)
+}
+
+fn app_context(reg: &Registry) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        &ctx.path().join("Buildfile"),
+        &format!(
+            "FROM {}/base\nRUN echo built > /built\nCOPY hello.txt /hello.txt\nCMD [\"cat\", \"/hello.txt\"]\n",
+            reg.host()
+        ),
+    );
+    write(
+        &ctx.path().join("hello.txt"),
+        "hello from the registry test\n",
+    );
+    ctx
+}
+
+fn skopeo_digest(reg: &Registry, repo_tag: &str, extra: &[&str]) -> String {
+    let out = run_ok(tool("skopeo").arg("inspect").args(extra).arg(format!(
+        "docker://{}/{}",
+        reg.host(),
+        repo_tag
+    )));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["Digest"].as_str().unwrap().to_string()
+}
+
+/// The whole loop on one registry: push a base, build FROM it and push, pull into a fresh
+/// store, compare, and ask skopeo what the registry serves.
+fn round_trip(user: &User, reg: &Registry, skopeo_flags: &[&str]) {
+    push_base(user, reg);
+    let ctx = app_context(reg);
+    let a = tempfile::tempdir().unwrap();
+    let app = format!("{}/app:1", reg.host());
+    let built = last_line(&run_ok(
+        user.on("build", a.path())
+            .args(["--progress", "plain"])
+            .args(["-t", &app, "--push"])
+            .arg(ctx.path()),
+    ));
+    assert!(built.starts_with("sha256:"), "{}", built);
+
+    let b = tempfile::tempdir().unwrap();
+    let pulled = last_line(&run_ok(user.on("pull", b.path()).arg(&app)));
+    assert_eq!(pulled, built, "the pulled image is the built image");
+    assert_eq!(skopeo_digest(reg, "app:1", skopeo_flags), built);
+    // The pulled image is usable: it inspects and fsck finds nothing wrong.
+    run_ok(user.on("inspect", b.path()).arg(&app));
+    user.assert_fsck_clean(b.path());
+}
+
+#[test]
+fn plain_http_push_build_pull() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    round_trip(&user, &reg, &["--tls-verify=false"]);
+
+    // Pushing the same image again uploads nothing.
+    let a = tempfile::tempdir().unwrap();
+    let app = format!("{}/app:1", reg.host());
+    run_ok(user.on("pull", a.path()).arg(&app));
+    let again = run(user.on("push", a.path()).arg(&app));
+    assert!(again.status.success(), "{}", stderr_of(&again));
+    let msg = stderr_of(&again);
+    assert_mentions(&msg, &["0 blobs uploaded", "manifest unchanged"]);
+
+    // Another repository of the same registry gets the blobs by cross-repository mount.
+    let copy = run(user
+        .on("push", a.path())
+        .arg(&app)
+        .arg(format!("{}/copy:1", reg.host())));
+    let msg = stderr_of(&copy);
+    assert!(copy.status.success(), "{}", msg);
+    assert_mentions(&msg, &["0 blobs uploaded", "manifest uploaded"]);
+    assert!(!msg.contains(" 0 mounted"), "{}", msg);
+    assert_eq!(
+        skopeo_digest(&reg, "copy:1", &["--tls-verify=false"]),
+        skopeo_digest(&reg, "app:1", &["--tls-verify=false"])
+    );
+
+    // -o type=image,name=...,push=true pushes too; a digest reference pins.
+    let ctx = app_context(&reg);
+    let c = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        user.on("build", c.path())
+            .args(["--progress", "plain"])
+            .arg("-o")
+            .arg(format!("type=image,name={}/other:2,push=true", reg.host()))
+            .arg(ctx.path()),
+    );
+    let digest = last_line(&out);
+    assert_eq!(
+        skopeo_digest(&reg, "other:2", &["--tls-verify=false"]),
+        digest
+    );
+    let d = tempfile::tempdir().unwrap();
+    let pinned = format!("{}/other@{}", reg.host(), digest);
+    assert_eq!(
+        last_line(&run_ok(user.on("pull", d.path()).arg(&pinned))),
+        digest
+    );
+    // A tag that names another image than the pinned digest is an error.
+    let wrong = format!("{}/base:latest@{}", reg.host(), digest);
+    let out = run(user.on("pull", d.path()).arg(&wrong));
+    assert!(!out.status.success());
+    assert_mentions(&stderr_of(&out), &["digest"]);
+}
+
+#[test]
+fn pull_policies_and_clear_errors() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let root = tempfile::tempdir().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        &ctx.path().join("Buildfile"),
+        &format!("FROM {}/base\nRUN true\n", reg.host()),
+    );
+    let build = |pull: &str| {
+        run(user
+            .on("build", root.path())
+            .args(["--progress", "plain"])
+            .arg(format!("--pull={}", pull))
+            .arg(ctx.path()))
+    };
+    // never: the store does not have it yet.
+    let out = build("never");
+    assert!(!out.status.success());
+    assert_mentions(&stderr_of(&out), &["--pull never"]);
+    // missing: pulls once, then uses the stored copy.
+    let out = build("missing");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_mentions(&stderr_of(&out), &["pulling"]);
+    let out = build("missing");
+    assert!(!stderr_of(&out).contains("pulling"), "{}", stderr_of(&out));
+    // always: asks the registry, downloads nothing it already has.
+    let out = build("always");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_mentions(&stderr_of(&out), &["0 of 2 blobs downloaded"]);
+    let out = build("never");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    // A missing tag names repository and tag.
+    let out = run(user
+        .on("pull", root.path())
+        .arg(format!("{}/base:nope", reg.host())));
+    assert!(!out.status.success());
+    let msg = stderr_of(&out);
+    assert_mentions(&msg, &["not found", "\"base\"", "\"nope\""]);
+    // A refused connection says so.
+    let closed = free_port();
+    let out = run(user
+        .on("pull", root.path())
+        .arg(format!("127.0.0.1:{}/x", closed))
+        .env("BUILDER_REGISTRY_ATTEMPTS", "2"));
+    assert_mentions(&stderr_of(&out), &["refused"]);
+    // An unknown host says so.
+    let out = run(user.on("pull", root.path()).arg("no-such-host.invalid/x"));
+    assert_mentions(
+        &stderr_of(&out),
+        &["cannot resolve the registry host no-such-host.invalid"],
+    );
+    // Nothing half-done is left behind.
+    user.assert_fsck_clean(root.path());
+}
+
+#[test]
+fn https_with_a_test_ca() {
+    let reg = Registry::start(Setup::Tls);
+    let user = User::new();
+    // Without the CA, TLS fails and the error names the host.
+    let root = tempfile::tempdir().unwrap();
+    busybox_base(root.path(), "busybox:local");
+    let out = run(user
+        .on("push", root.path())
+        .arg("busybox:local")
+        .arg(format!("{}/base", reg.host())));
+    assert!(!out.status.success());
+    let msg = stderr_of(&out);
+    assert_mentions(&msg, &["TLS", &reg.host()]);
+    // With the CA in certs.d, everything works over HTTPS.
+    user.trust(&reg);
+    let cert_dir = reg.dir.path().join("skopeo-certs");
+    std::fs::create_dir_all(&cert_dir).unwrap();
+    std::fs::copy(reg.ca(), cert_dir.join("ca.crt")).unwrap();
+    round_trip(&user, &reg, &["--cert-dir", cert_dir.to_str().unwrap()]);
+}
+
+#[test]
+fn basic_auth_login_logout_and_helpers() {
+    let reg = Registry::start(Setup::Htpasswd);
+    let user = User::new();
+    let root = tempfile::tempdir().unwrap();
+    busybox_base(root.path(), "busybox:local");
+    let push = || {
+        run(user
+            .on("push", root.path())
+            .arg("busybox:local")
+            .arg(format!("{}/base", reg.host())))
+    };
+    // No credentials: 401, with the realm named.
+    let out = push();
+    assert!(!out.status.success());
+    let msg = stderr_of(&out);
+    assert_mentions(&msg, &["401", "builder-test-realm"]);
+    // A wrong password is refused and not saved.
+    let out = run(user
+        .builder()
+        .args(["login", "-u", "alice", "-p", "wrong"])
+        .arg(reg.host()));
+    assert!(!out.status.success());
+    assert!(!user.home.path().join(".docker/config.json").exists());
+    // The right one is saved as base64 in ~/.docker/config.json.
+    let mut login = user.builder();
+    login
+        .args(["login", "-u", "alice", "--password-stdin"])
+        .arg(reg.host())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(user.home.path().join(".docker/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["auths"][reg.host()]["auth"], "YWxpY2U6czNjcmV0");
+    round_trip(
+        &user,
+        &reg,
+        &["--creds", "alice:s3cret", "--tls-verify=false"],
+    );
+
+    // Logged out: 401 again.
+    run_ok(user.builder().arg("logout").arg(reg.host()));
+    assert!(!push().status.success());
+
+    // A credential helper named by credHelpers answers instead (docker-credential-* protocol).
+    let bin = tempfile::tempdir().unwrap();
+    let helper = bin.path().join("docker-credential-testhelper");
+    write(
+        &helper,
+        "#!/bin/sh\nread server\n[ \"$1\" = get ] || exit 1\necho \"{\\\"ServerURL\\\":\\\"$server\\\",\\\"Username\\\":\\\"alice\\\",\\\"Secret\\\":\\\"s3cret\\\"}\"\n",
+    );
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&helper).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let auth_file = user.home.path().join("auth.json");
+    write(
+        &auth_file,
+        &format!(
+            "{{\"credHelpers\": {{\"{}\": \"testhelper\"}}}}",
+            reg.host()
+        ),
+    );
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(user
+        .builder()
+        .env("PATH", &path)
+        .env("REGISTRY_AUTH_FILE", &auth_file)
+        .args(["push", "--root"])
+        .arg(root.path())
+        .arg("busybox:local")
+        .arg(format!("{}/helped", reg.host())));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}
+
+/// A build with RUN steps in two stages, for the cache tests.
+fn cache_context(reg: &Registry) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        &ctx.path().join("Buildfile"),
+        &format!(
+            "FROM {0}/base AS deps\nRUN echo deps > /deps.txt\n\nFROM {0}/base\nCOPY --from=deps /deps.txt /deps.txt\nRUN echo step-one > /one\nCOPY src /src\nRUN cat /src/a /one > /two\n",
+            reg.host()
+        ),
+    );
+    write(&ctx.path().join("src/a"), "some source\n");
+    ctx
+}
+
+/// (step text, CACHED or DONE) for each RUN step of a plain-progress build log.
+fn run_steps(log: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in log.lines() {
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let (n, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        if text.starts_with('[') {
+            if let Some((_, t)) = text.split_once("] ") {
+                current = Some((n.to_string(), t.to_string()));
+            }
+        } else if text.starts_with("CACHED") || text.starts_with("DONE") {
+            if let Some((id, t)) = &current {
+                if id == n && t.starts_with("RUN") {
+                    out.push((t.clone(), text.split(' ').next().unwrap().to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn remote_cache_through_a_registry_and_a_directory() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let ctx = cache_context(&reg);
+    let cache_ref = format!("{}/cache:main", reg.host());
+    let local_cache = tempfile::tempdir().unwrap();
+    let a = tempfile::tempdir().unwrap();
+    let out = run(user
+        .on("build", a.path())
+        .args(["--progress", "plain"])
+        .arg("--cache-to")
+        .arg(format!("type=registry,ref={},mode=max", cache_ref))
+        .arg("--cache-to")
+        .arg(format!(
+            "type=local,dest={},mode=max",
+            local_cache.path().display()
+        ))
+        .arg(ctx.path()));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let built = last_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(run_steps(&stderr_of(&out)).iter().all(|(_, s)| s == "DONE"));
+
+    // An empty store with the registry cache: every step hits, nothing runs, same digest.
+    let b = tempfile::tempdir().unwrap();
+    let out = run(user
+        .on("build", b.path())
+        .args(["--progress", "plain"])
+        .arg("--cache-from")
+        .arg(format!("type=registry,ref={}", cache_ref))
+        .arg(ctx.path()));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let steps = run_steps(&stderr_of(&out));
+    assert_eq!(steps.len(), 3, "{}", stderr_of(&out));
+    assert!(
+        steps.iter().all(|(_, s)| s == "CACHED"),
+        "{:?}\n{}",
+        steps,
+        stderr_of(&out)
+    );
+    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+
+    // mode=min (the default) holds the final stage only: the deps stage runs again, the
+    // rest hits, and the digest is still the same.
+    let dir_min = tempfile::tempdir().unwrap();
+    let c = tempfile::tempdir().unwrap();
+    run_ok(
+        user.on("build", c.path())
+            .args(["--progress", "plain"])
+            .arg("--cache-to")
+            .arg(format!("type=local,dest={}", dir_min.path().display()))
+            .arg(ctx.path()),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let out = run(user
+        .on("build", d.path())
+        .args(["--progress", "plain"])
+        .arg("--cache-from")
+        .arg(format!("type=local,src={}", dir_min.path().display()))
+        .arg(ctx.path()));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let steps = run_steps(&stderr_of(&out));
+    assert_eq!(
+        steps.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
+        vec!["DONE", "CACHED", "CACHED"],
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+
+    // The max cache written to a directory serves an empty store the same way.
+    let e = tempfile::tempdir().unwrap();
+    let out = run(user
+        .on("build", e.path())
+        .args(["--progress", "plain"])
+        .arg("--cache-from")
+        .arg(format!("type=local,src={}", local_cache.path().display()))
+        .arg(ctx.path()));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(run_steps(&stderr_of(&out))
+        .iter()
+        .all(|(_, s)| s == "CACHED"));
+    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+}
+
+/// A TCP proxy to `upstream` that breaks connections. Of every 3 connections: one stalls
+/// (held open, silent); one has answers cut after `cut_after` bytes and requests too; one has
+/// answers cut after 4 × `cut_after`. So no download larger than that finishes on one
+/// connection. With `break_all`, every connection is dropped at once.
+struct FaultProxy {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    /// Answers cut short, and connections stalled.
+    cuts: Arc<AtomicUsize>,
+    stalls: Arc<AtomicUsize>,
+}
+
+/// Copy until EOF, or until `limit` bytes (then hang up); true when the limit cut it.
+fn pipe(mut from: TcpStream, mut to: TcpStream, limit: Option<usize>) -> bool {
+    let mut cut = false;
+    let mut buf = [0u8; 16 << 10];
+    let mut sent = 0usize;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n = match limit {
+            Some(l) if sent + n >= l => {
+                let _ = to.write_all(&buf[..l.saturating_sub(sent)]);
+                cut = true;
+                break;
+            }
+            _ => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+    cut
+}
+
+impl FaultProxy {
+    fn start(upstream: u16, cut_after: usize, break_all: bool) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (cuts, stalls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let count = connections.clone();
+        let (cuts2, stalls2) = (cuts.clone(), stalls.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                if break_all {
+                    drop(client);
+                    continue;
+                }
+                let (cuts, stalls) = (cuts2.clone(), stalls2.clone());
+                std::thread::spawn(move || {
+                    match n % 3 {
+                        // Stalled: accept, say nothing, hang up much later.
+                        2 => {
+                            stalls.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_secs(8));
+                            drop(client);
+                        }
+                        kind => {
+                            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                                return;
+                            };
+                            let (c2, s2) =
+                                (client.try_clone().unwrap(), server.try_clone().unwrap());
+                            let up_limit = (kind == 1).then_some(cut_after);
+                            std::thread::spawn(move || pipe(c2, s2, up_limit));
+                            let down_limit = if kind == 1 { cut_after } else { 4 * cut_after };
+                            if pipe(server, client, Some(down_limit)) {
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            connections,
+            cuts,
+            stalls,
+        }
+    }
+}
+
+#[test]
+fn faults_are_retried_or_reported_and_leave_nothing_partial() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    // A base with a few MB of incompressible data, so transfers span many reads and chunks.
+    let root = tempfile::tempdir().unwrap();
+    busybox_base(root.path(), "busybox:local");
+    let ctx = tempfile::tempdir().unwrap();
+    let mut noise = vec![0u8; 3 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(ctx.path().join("noise.bin"), &noise).unwrap();
+    write(
+        &ctx.path().join("Buildfile"),
+        "FROM busybox:local\nCOPY noise.bin /noise.bin\n",
+    );
+    let built = build(
+        root.path(),
+        ctx.path(),
+        &["-t", "big:1", "--progress", "plain"],
+    );
+
+    let proxy = FaultProxy::start(reg.port, 64 << 10, false);
+    let through = format!("127.0.0.1:{}", proxy.port);
+    let faulty = |c: &mut Command| {
+        c.env("BUILDER_REGISTRY_TIMEOUT", "2")
+            .env("BUILDER_REGISTRY_ATTEMPTS", "8")
+            .env("BUILDER_PUSH_CHUNK_SIZE", "1048576");
+    };
+    let mut push = user.builder();
+    faulty(&mut push);
+    let out = run(push
+        .args(["push", "--root"])
+        .arg(root.path())
+        .arg("big:1")
+        .arg(format!("{}/big:1", through)));
+    assert!(
+        out.status.success(),
+        "push through the faulty proxy: {}",
+        stderr_of(&out)
+    );
+    assert_eq!(skopeo_digest(&reg, "big:1", &["--tls-verify=false"]), built);
+
+    let fresh = tempfile::tempdir().unwrap();
+    let mut pull = user.builder();
+    faulty(&mut pull);
+    let out = run(pull
+        .args(["pull", "--root"])
+        .arg(fresh.path())
+        .arg(format!("{}/big:1", through)));
+    assert!(
+        out.status.success(),
+        "pull through the faulty proxy: {}",
+        stderr_of(&out)
+    );
+    let told = stderr_of(&out);
+    assert!(
+        told.contains("resuming at byte"),
+        "a cut download resumes: {}",
+        told
+    );
+    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+    // The transfers really met faults: answers cut mid-body and stalled connections.
+    let (cuts, stalls) = (
+        proxy.cuts.load(Ordering::SeqCst),
+        proxy.stalls.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "proxy: {} connections, {} cut, {} stalled",
+        proxy.connections.load(Ordering::SeqCst),
+        cuts,
+        stalls
+    );
+    assert!(cuts > 0 && stalls > 0, "cuts {} stalls {}", cuts, stalls);
+    user.assert_fsck_clean(fresh.path());
+
+    // A proxy that breaks every connection: a clear error after the retry budget, and
+    // nothing partial in the store.
+    let dead = FaultProxy::start(reg.port, 0, true);
+    let empty = tempfile::tempdir().unwrap();
+    let mut pull = user.builder();
+    pull.env("BUILDER_REGISTRY_ATTEMPTS", "3");
+    let out = run(pull
+        .args(["pull", "--root"])
+        .arg(empty.path())
+        .arg(format!("127.0.0.1:{}/big:1", dead.port)));
+    assert!(!out.status.success());
+    let msg = stderr_of(&out);
+    assert_mentions(&msg, &["gave up after 3 attempts"]);
+    let leftovers: Vec<_> = walkdir::WalkDir::new(empty.path())
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && e.path().to_string_lossy().contains("blob"))
+        .collect();
+    assert!(leftovers.is_empty(), "{:?}", leftovers);
+    let images = run_ok(&mut user.on("images", empty.path()));
+    assert!(!images.contains("big"), "{}", images);
+}
+
+/// A token service as the distribution spec's token flow describes: it answers
+/// `GET /token?service=…&scope=…` with a JWT (RS256, signed by openssl, its certificate in
+/// `x5c`) granting pull to anyone and push to alice. It records the scopes it was asked for.
+struct TokenServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    scopes: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl TokenServer {
+    fn start() -> TokenServer {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        openssl(
+            &d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "token.key",
+                "-out",
+                "token.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=builder token signer",
+            ],
+        );
+        openssl(
+            &d,
+            &[
+                "x509",
+                "-in",
+                "token.crt",
+                "-outform",
+                "DER",
+                "-out",
+                "token.der",
+            ],
+        );
+        let der = std::fs::read(d.join("token.der")).unwrap();
+        let x5c = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(der)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let scopes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = scopes.clone();
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n")
+                    && conn.read(&mut byte).map(|k| k == 1).unwrap_or(false)
+                {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                let alice = head.lines().any(|l| {
+                    l.to_lowercase().starts_with("authorization: basic ")
+                        && l.ends_with("YWxpY2U6czNjcmV0")
+                });
+                let query = target.split_once('?').map(|x| x.1).unwrap_or("");
+                let mut access = Vec::new();
+                for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+                    if k != "scope" {
+                        continue;
+                    }
+                    let scope = url_decode(v);
+                    seen.lock().unwrap().push(scope.clone());
+                    let mut parts = scope.splitn(3, ':');
+                    let (kind, name, actions) = (
+                        parts.next().unwrap_or(""),
+                        parts.next().unwrap_or(""),
+                        parts.next().unwrap_or(""),
+                    );
+                    let granted: Vec<&str> = actions
+                        .split(',')
+                        .filter(|a| *a == "pull" || (*a == "push" && alice))
+                        .collect();
+                    access
+                        .push(serde_json::json!({"type": kind, "name": name, "actions": granted}));
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+                let claims = serde_json::json!({
+                    "iss": "builder-test-issuer", "sub": if alice { "alice" } else { "" }, "aud": "builder-test",
+                    "exp": now + 600, "nbf": now - 60, "iat": now - 60, "jti": format!("t{}", n), "access": access,
+                });
+                let signing_input = format!(
+                    "{}.{}",
+                    b64url(header.to_string().as_bytes()),
+                    b64url(claims.to_string().as_bytes())
+                );
+                let input_file = d.join(format!("in{}", n));
+                std::fs::write(&input_file, &signing_input).unwrap();
+                let sig = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(d.join("token.key"))
+                    .arg(&input_file)
+                    .output()
+                    .unwrap()
+                    .stdout;
+                let token = format!("{}.{}", signing_input, b64url(&sig));
+                let body = serde_json::json!({"token": token}).to_string();
+                let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}", body.len(), body);
+            }
+        });
+        TokenServer { port, dir, scopes }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("token.crt")
+    }
+}
+
+#[test]
+fn bearer_tokens_with_per_repository_scopes() {
+    let tokens = TokenServer::start();
+    let reg = Registry::start(Setup::Token {
+        realm_port: tokens.port,
+        cert: tokens.cert(),
+    });
+    let user = User::new();
+    let root = tempfile::tempdir().unwrap();
+    busybox_base(root.path(), "busybox:local");
+    let push = |dest: &str| {
+        run(user
+            .on("push", root.path())
+            .arg("busybox:local")
+            .arg(format!("{}/{}", reg.host(), dest)))
+    };
+    // Anonymous tokens carry pull only: the push is refused, naming the token realm.
+    let out = push("base");
+    assert!(!out.status.success());
+    let msg = stderr_of(&out);
+    assert_mentions(&msg, &["401", &format!("127.0.0.1:{}/token", tokens.port)]);
+    // Logged in, the token grants push for the repository asked for.
+    run_ok(
+        user.builder()
+            .args(["login", "-u", "alice", "-p", "s3cret"])
+            .arg(reg.host()),
+    );
+    let out = push("base");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let asked = tokens.scopes.lock().unwrap().clone();
+    assert!(
+        asked.contains(&"repository:base:pull,push".to_string()),
+        "{:?}",
+        asked
+    );
+    // A build FROM it and a pull into a fresh store use pull tokens.
+    let ctx = app_context(&reg);
+    let built = last_line(&run_ok(
+        user.on("build", root.path())
+            .args(["--progress", "plain"])
+            .args(["-t", &format!("{}/app:1", reg.host()), "--push"])
+            .arg(ctx.path()),
+    ));
+    let fresh = tempfile::tempdir().unwrap();
+    let pulled = last_line(&run_ok(
+        user.on("pull", fresh.path())
+            .arg(format!("{}/app:1", reg.host())),
+    ));
+    assert_eq!(pulled, built);
+    assert!(tokens
+        .scopes
+        .lock()
+        .unwrap()
+        .contains(&"repository:app:pull".to_string()));
+}
