@@ -1047,3 +1047,90 @@ fn bearer_tokens_with_per_repository_scopes() {
         .unwrap()
         .contains(&"repository:app:pull".to_string()));
 }
+
+#[test]
+fn pull_picks_the_platform_from_an_index() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM scratch\nARG TARGETARCH\nCOPY arch.txt /arch.txt\nLABEL arch=$TARGETARCH\n",
+    );
+    write(&ctx.join("arch.txt"), "same file, two platforms\n");
+    // Two single-platform builds in one OCI layout, then an image index over them.
+    let layout = work.path().join("layout");
+    let root = work.path().join("root");
+    let mut digests = Vec::new();
+    for (arch, tag) in [("amd64", "a"), ("arm64", "b")] {
+        let out = run_ok(
+            &mut user
+                .on("build", &root)
+                .args([
+                    "--progress",
+                    "quiet",
+                    "--platform",
+                    &format!("linux/{}", arch),
+                    "-o",
+                    &format!("oci:{}:{}", layout.display(), tag),
+                ])
+                .arg(&ctx),
+        );
+        digests.push(last_line(&out));
+    }
+    assert_ne!(digests[0], digests[1]);
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let entries: Vec<serde_json::Value> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::json!({"mediaType": m["mediaType"], "digest": m["digest"], "size": m["size"], "platform": m["platform"]}))
+        .collect();
+    let nested = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries})).unwrap();
+    let nested_hex = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&nested))
+    };
+    std::fs::write(layout.join("blobs/sha256").join(&nested_hex), &nested).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{}", nested_hex),
+            "size": nested.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }));
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    run_ok(
+        tool("skopeo")
+            .args(["copy", "--all", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:multi", layout.display()))
+            .arg(format!("docker://{}/multi:1", reg.host())),
+    );
+
+    for (platform, want) in [("linux/amd64", &digests[0]), ("linux/arm64", &digests[1])] {
+        let fresh = tempfile::tempdir().unwrap();
+        let got = last_line(&run_ok(
+            &mut user
+                .on("pull", fresh.path())
+                .args(["--platform", platform])
+                .arg(format!("{}/multi:1", reg.host())),
+        ));
+        assert_eq!(&got, want, "{}", platform);
+    }
+    // A platform the index lacks is named, with what it offers.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = run(&mut user
+        .on("pull", fresh.path())
+        .args(["--platform", "linux/s390x"])
+        .arg(format!("{}/multi:1", reg.host())));
+    assert!(!out.status.success());
+    assert_mentions(
+        &stderr_of(&out),
+        &["linux/s390x", "linux/amd64", "linux/arm64"],
+    );
+}

@@ -460,6 +460,19 @@ fn pull_from(
     }
     let stored = store.blobs.put(&top.bytes)?;
     let image = image::load(&store.blobs, &stored)?;
+    let (os, arch) = (
+        image.state.config.os().to_string(),
+        image.state.config.architecture().to_string(),
+    );
+    if os != platform.os || arch != platform.architecture {
+        client.notice(&format!(
+            "{} is a {}/{} image, not {} (the registry offers no other platform)",
+            display,
+            os,
+            arch,
+            platform.spec()
+        ));
+    }
     let name = store.tag(&r.familiar(), &stored)?;
     Ok(Pulled {
         image,
