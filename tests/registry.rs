@@ -1065,8 +1065,7 @@ fn pull_picks_the_platform_from_an_index() {
     let mut digests = Vec::new();
     for (arch, tag) in [("amd64", "a"), ("arm64", "b")] {
         let out = run_ok(
-            &mut user
-                .on("build", &root)
+            user.on("build", &root)
                 .args([
                     "--progress",
                     "quiet",
@@ -1115,8 +1114,7 @@ fn pull_picks_the_platform_from_an_index() {
     for (platform, want) in [("linux/amd64", &digests[0]), ("linux/arm64", &digests[1])] {
         let fresh = tempfile::tempdir().unwrap();
         let got = last_line(&run_ok(
-            &mut user
-                .on("pull", fresh.path())
+            user.on("pull", fresh.path())
                 .args(["--platform", platform])
                 .arg(format!("{}/multi:1", reg.host())),
         ));
@@ -1124,7 +1122,7 @@ fn pull_picks_the_platform_from_an_index() {
     }
     // A platform the index lacks is named, with what it offers.
     let fresh = tempfile::tempdir().unwrap();
-    let out = run(&mut user
+    let out = run(user
         .on("pull", fresh.path())
         .args(["--platform", "linux/s390x"])
         .arg(format!("{}/multi:1", reg.host())));
