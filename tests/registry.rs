@@ -1132,3 +1132,38 @@ fn pull_picks_the_platform_from_an_index() {
         &["linux/s390x", "linux/amd64", "linux/arm64"],
     );
 }
+
+#[test]
+fn mirrors_from_the_settings_file_are_tried_first() {
+    let mirror = Registry::start(Setup::Plain);
+    let user = User::new();
+    let digest = push_base(&user, &mirror);
+    // The registry itself is down; its mirror (from registries.json) has the image.
+    let down = format!("127.0.0.1:{}", free_port());
+    write(
+        &user.home.path().join(".config/builder/registries.json"),
+        &format!(
+            "{{\"mirrors\": {{\"{}\": [\"http://{}\"]}}}}",
+            down,
+            mirror.host()
+        ),
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let got = last_line(&run_ok(
+        user.on("pull", fresh.path()).arg(format!("{}/base", down)),
+    ));
+    assert_eq!(got, digest);
+    // The store knows it by the name asked for.
+    run_ok(
+        user.on("inspect", fresh.path())
+            .arg(format!("{}/base:latest", down)),
+    );
+    // A settings file that does not parse is named.
+    write(
+        &user.home.path().join(".config/builder/registries.json"),
+        "{not json",
+    );
+    let out = run(user.on("pull", fresh.path()).arg(format!("{}/base", down)));
+    assert!(!out.status.success());
+    assert_mentions(&stderr_of(&out), &["registries.json", "not valid JSON"]);
+}
