@@ -424,6 +424,18 @@ fn https_with_a_test_ca() {
     assert!(!out.status.success());
     let msg = stderr_of(&out);
     assert_mentions(&msg, &["TLS", &reg.host()]);
+    // Listed as insecure, the host's certificate is not checked (but TLS is still used).
+    let settings = user.home.path().join(".config/builder/registries.json");
+    write(
+        &settings,
+        &format!("{{\"insecure-registries\": [\"{}\"]}}", reg.host()),
+    );
+    let out = run(user
+        .on("push", root.path())
+        .arg("busybox:local")
+        .arg(format!("{}/insecure", reg.host())));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    std::fs::remove_file(&settings).unwrap();
     // With the CA in certs.d, everything works over HTTPS.
     user.trust(&reg);
     let cert_dir = reg.dir.path().join("skopeo-certs");
