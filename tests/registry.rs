@@ -545,8 +545,8 @@ fn cache_context(reg: &Registry) -> tempfile::TempDir {
     ctx
 }
 
-/// (step text, CACHED or DONE) for each RUN step of a plain-progress build log.
-fn run_steps(log: &str) -> Vec<(String, String)> {
+/// CACHED or DONE for each RUN step of a plain-progress build log, in order.
+fn run_steps(log: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current: Option<(String, String)> = None;
     for line in log.lines() {
@@ -561,7 +561,7 @@ fn run_steps(log: &str) -> Vec<(String, String)> {
         } else if text.starts_with("CACHED") || text.starts_with("DONE") {
             if let Some((id, t)) = &current {
                 if id == n && t.starts_with("RUN") {
-                    out.push((t.clone(), text.split(' ').next().unwrap().to_string()));
+                    out.push(text.split(' ').next().unwrap().to_string());
                 }
             }
         }
@@ -577,82 +577,70 @@ fn remote_cache_through_a_registry_and_a_directory() {
     let ctx = cache_context(&reg);
     let cache_ref = format!("{}/cache:main", reg.host());
     let local_cache = tempfile::tempdir().unwrap();
-    let a = tempfile::tempdir().unwrap();
-    let out = run(user
-        .on("build", a.path())
-        .args(["--progress", "plain"])
-        .arg("--cache-to")
-        .arg(format!("type=registry,ref={},mode=max", cache_ref))
-        .arg("--cache-to")
-        .arg(format!(
-            "type=local,dest={},mode=max",
-            local_cache.path().display()
-        ))
-        .arg(ctx.path()));
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let built = last_line(&String::from_utf8_lossy(&out.stdout));
-    assert!(run_steps(&stderr_of(&out)).iter().all(|(_, s)| s == "DONE"));
+    let (steps, built, _) = build_fresh(
+        &user,
+        ctx.path(),
+        &[
+            "--cache-to".into(),
+            format!("type=registry,ref={},mode=max", cache_ref),
+            "--cache-to".into(),
+            format!("type=local,dest={},mode=max", local_cache.path().display()),
+        ],
+    );
+    assert!(steps.iter().all(|s| s == "DONE"));
 
     // An empty store with the registry cache: every step hits, nothing runs, same digest.
-    let b = tempfile::tempdir().unwrap();
-    let out = run(user
-        .on("build", b.path())
-        .args(["--progress", "plain"])
-        .arg("--cache-from")
-        .arg(format!("type=registry,ref={}", cache_ref))
-        .arg(ctx.path()));
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let steps = run_steps(&stderr_of(&out));
-    assert_eq!(steps.len(), 3, "{}", stderr_of(&out));
-    assert!(
-        steps.iter().all(|(_, s)| s == "CACHED"),
-        "{:?}\n{}",
-        steps,
-        stderr_of(&out)
-    );
-    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+    let from_registry = [
+        "--cache-from".into(),
+        format!("type=registry,ref={}", cache_ref),
+    ];
+    let (steps, digest, log) = build_fresh(&user, ctx.path(), &from_registry);
+    assert_eq!(steps.len(), 3, "{}", log);
+    assert!(steps.iter().all(|s| s == "CACHED"), "{:?}\n{}", steps, log);
+    assert_eq!(digest, built);
 
     // mode=min (the default) holds the final stage only: the deps stage runs again, the
     // rest hits, and the digest is still the same.
     let dir_min = tempfile::tempdir().unwrap();
-    let c = tempfile::tempdir().unwrap();
-    run_ok(
-        user.on("build", c.path())
-            .args(["--progress", "plain"])
-            .arg("--cache-to")
-            .arg(format!("type=local,dest={}", dir_min.path().display()))
-            .arg(ctx.path()),
-    );
-    let d = tempfile::tempdir().unwrap();
-    let out = run(user
-        .on("build", d.path())
-        .args(["--progress", "plain"])
-        .arg("--cache-from")
-        .arg(format!("type=local,src={}", dir_min.path().display()))
-        .arg(ctx.path()));
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let steps = run_steps(&stderr_of(&out));
-    assert_eq!(
-        steps.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
-        vec!["DONE", "CACHED", "CACHED"],
-        "{}",
-        stderr_of(&out)
-    );
-    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+    let to_min = [
+        "--cache-to".into(),
+        format!("type=local,dest={}", dir_min.path().display()),
+    ];
+    build_fresh(&user, ctx.path(), &to_min);
+    let from_min = [
+        "--cache-from".into(),
+        format!("type=local,src={}", dir_min.path().display()),
+    ];
+    let (steps, digest, log) = build_fresh(&user, ctx.path(), &from_min);
+    assert_eq!(steps, vec!["DONE", "CACHED", "CACHED"], "{}", log);
+    assert_eq!(digest, built);
 
     // The max cache written to a directory serves an empty store the same way.
-    let e = tempfile::tempdir().unwrap();
+    let from_max = [
+        "--cache-from".into(),
+        format!("type=local,src={}", local_cache.path().display()),
+    ];
+    let (steps, digest, _) = build_fresh(&user, ctx.path(), &from_max);
+    assert!(steps.iter().all(|s| s == "CACHED"));
+    assert_eq!(digest, built);
+}
+
+/// Build `ctx` into a new, empty store with `flags`; returns the outcome (DONE or CACHED) of
+/// each RUN step, the digest and the log.
+fn build_fresh(user: &User, ctx: &Path, flags: &[String]) -> (Vec<String>, String, String) {
+    let root = tempfile::tempdir().unwrap();
     let out = run(user
-        .on("build", e.path())
+        .on("build", root.path())
         .args(["--progress", "plain"])
-        .arg("--cache-from")
-        .arg(format!("type=local,src={}", local_cache.path().display()))
-        .arg(ctx.path()));
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(run_steps(&stderr_of(&out))
-        .iter()
-        .all(|(_, s)| s == "CACHED"));
-    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+        .args(flags)
+        .arg(ctx));
+    let log = stderr_of(&out);
+    assert!(out.status.success(), "{}", log);
+    (
+        run_steps(&log),
+        last_line(&String::from_utf8_lossy(&out.stdout)),
+        log,
+    )
 }
 
 /// A TCP proxy to `upstream` that breaks connections. Of every 3 connections: one stalls

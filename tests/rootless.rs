@@ -55,6 +55,14 @@ fn rootless_build_with_run_matches_the_root_build() {
     nix::unistd::chown(&home, Some(65534.into()), Some(65534.into())).unwrap();
     let store = home.join("store");
     let s = store.display().to_string();
+    let ctx_arg = ctx.display().to_string();
+    let build_as_nobody = || {
+        as_nobody(
+            &bin,
+            &home,
+            &["build", "--progress", "plain", "--root", &s, &ctx_arg],
+        )
+    };
     let out = as_nobody(
         &bin,
         &home,
@@ -72,18 +80,7 @@ fn rootless_build_with_run_matches_the_root_build() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = as_nobody(
-        &bin,
-        &home,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--root",
-            &s,
-            &ctx.display().to_string(),
-        ],
-    );
+    let out = build_as_nobody();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(
@@ -114,18 +111,7 @@ fn rootless_build_with_run_matches_the_root_build() {
 
     // A USER whose id is not mapped cannot run, and says why.
     write(&ctx.join("Buildfile"), "FROM base:1\nUSER 1000\nRUN id\n");
-    let out = as_nobody(
-        &bin,
-        &home,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--root",
-            &s,
-            &ctx.display().to_string(),
-        ],
-    );
+    let out = build_as_nobody();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not available in rootless mode"),

@@ -86,15 +86,11 @@ impl CacheIndex {
         let bytes = fs::read(self.path(key)).ok()?;
         let v: Value = serde_json::from_slice(&bytes).ok()?;
         let config: Digest = v["config"].as_str()?.parse().ok()?;
-        let mut layers = Vec::new();
-        for l in v["layers"].as_array()? {
-            layers.push(LayerRef {
-                digest: l["digest"].as_str()?.parse().ok()?,
-                diff_id: l["diff_id"].as_str()?.parse().ok()?,
-                size: l["size"].as_u64()?,
-                media_type: l["mediaType"].as_str()?.to_string(),
-            });
-        }
+        let layers = v["layers"]
+            .as_array()?
+            .iter()
+            .map(LayerRef::from_json)
+            .collect::<Option<Vec<_>>>()?;
         Some((config, layers))
     }
 
@@ -129,11 +125,7 @@ impl CacheIndex {
     /// Record the state after a step. Blobs are already synced by the blob store.
     pub fn put(&self, key: &CacheKey, state: &ImageState) -> Result<(), CacheError> {
         let config = self.blobs.put(&state.config_json())?;
-        let layers: Vec<Value> = state
-            .layers
-            .iter()
-            .map(|l| json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size, "mediaType": l.media_type}))
-            .collect();
+        let layers: Vec<Value> = state.layers.iter().map(LayerRef::to_json).collect();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -19,7 +19,7 @@ use crate::oci::image::{
     canonical_json, state_from_config, ImageState, LayerRef, MEDIA_INDEX, MEDIA_MANIFEST,
 };
 use crate::registry::client::Client;
-use crate::registry::pull::{fetch_blob, get_manifest, Descriptor};
+use crate::registry::pull::{descriptor, fetch_blob, get_manifest, Descriptor};
 use crate::registry::{push, Reference, RegistryError};
 use crate::solver::StepRecord;
 use crate::store::Store;
@@ -127,21 +127,15 @@ fn read_records(doc: &[u8], what: &str) -> Result<HashMap<String, Record>, Regis
     for r in v["records"].as_array().cloned().unwrap_or_default() {
         let key = r["key"].as_str().unwrap_or("").to_string();
         let config = r["config"].as_str().unwrap_or("").as_bytes().to_vec();
-        let mut layers = Vec::new();
-        for l in r["layers"].as_array().cloned().unwrap_or_default() {
-            let digest = |k: &str| -> Result<Digest, RegistryError> {
-                l[k].as_str()
-                    .unwrap_or("")
-                    .parse()
-                    .map_err(|e| bad(what, e))
-            };
-            layers.push(LayerRef {
-                digest: digest("digest")?,
-                diff_id: digest("diff_id")?,
-                size: l["size"].as_u64().unwrap_or(0),
-                media_type: l["mediaType"].as_str().unwrap_or("").to_string(),
-            });
-        }
+        let layers = r["layers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(LayerRef::from_json)
+                    .collect::<Option<Vec<_>>>()
+            })
+            .unwrap_or(Some(Vec::new()))
+            .ok_or_else(|| bad(what, format!("record {} has a malformed layer", key)))?;
         out.insert(key, Record { config, layers });
     }
     Ok(out)
@@ -245,18 +239,6 @@ impl RemoteCache {
     }
 }
 
-fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
-    Ok(Descriptor {
-        digest: v["digest"]
-            .as_str()
-            .unwrap_or("")
-            .parse()
-            .map_err(|e| bad(what, e))?,
-        size: v["size"].as_u64().unwrap_or(0),
-        media_type: v["mediaType"].as_str().unwrap_or("").to_string(),
-    })
-}
-
 /// A blob of an OCI layout directory, checked against its digest.
 fn read_verified(dir: &Path, d: &Digest) -> Result<Vec<u8>, RegistryError> {
     let p = dir.join("blobs/sha256").join(d.hex());
@@ -299,10 +281,7 @@ pub fn export(
         let config_bytes = store.blobs.get(&config)?;
         let config_text = String::from_utf8(config_bytes)
             .map_err(|_| bad("export", format!("config {} is not UTF-8", config)))?;
-        let layer_values: Vec<Value> = entry_layers
-            .iter()
-            .map(|l| json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size, "mediaType": l.media_type}))
-            .collect();
+        let layer_values: Vec<Value> = entry_layers.iter().map(LayerRef::to_json).collect();
         for l in &entry_layers {
             if layer_seen.insert(l.digest.clone()) {
                 layers.push(l.clone());

@@ -281,7 +281,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             .state
             .layers
             .iter()
-            .map(|l| serde_json::json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size, "mediaType": l.media_type}))
+            .map(crate::oci::image::LayerRef::to_json)
             .collect();
         let v = serde_json::json!({
             "containerimage.digest": digest,

@@ -26,6 +26,23 @@ pub struct LayerRef {
     pub media_type: String,
 }
 
+impl LayerRef {
+    /// The JSON form the cache index, remote caches and build metadata share.
+    pub fn to_json(&self) -> Value {
+        json!({"digest": self.digest.to_string(), "diff_id": self.diff_id.to_string(), "size": self.size, "mediaType": self.media_type})
+    }
+
+    /// Read [`LayerRef::to_json`]'s form back; `None` when a field is missing or malformed.
+    pub fn from_json(v: &Value) -> Option<LayerRef> {
+        Some(LayerRef {
+            digest: v["digest"].as_str()?.parse().ok()?,
+            diff_id: v["diff_id"].as_str()?.parse().ok()?,
+            size: v["size"].as_u64()?,
+            media_type: v["mediaType"].as_str()?.to_string(),
+        })
+    }
+}
+
 /// Everything an image is, between steps of a build.
 #[derive(Debug, Clone)]
 pub struct ImageState {

@@ -46,6 +46,63 @@ pub struct Endpoint {
     credential: Option<Credential>,
 }
 
+impl Endpoint {
+    /// A 401: `realm` is the challenge's, `who` says who refused.
+    fn unauthorized(&self, realm: Option<&str>, who: &str) -> RegistryError {
+        RegistryError::Unauthorized {
+            host: self.registry.clone(),
+            realm: realm
+                .map(|r| format!(" (realm {:?})", r))
+                .unwrap_or_default(),
+            why: if self.credential.is_some() {
+                format!(
+                    "{} rejected the credentials stored for {}",
+                    who, self.registry
+                )
+            } else {
+                format!(
+                    "no credentials for {}; run `builder login {}`",
+                    self.registry, self.registry
+                )
+            },
+        }
+    }
+
+    /// An error for an unexpected status (`what` names the thing asked for).
+    pub fn status_error(
+        &self,
+        method: &str,
+        target: &str,
+        what: &str,
+        response: ureq::Response,
+    ) -> RegistryError {
+        let status = response.status();
+        let challenge = response
+            .header("www-authenticate")
+            .and_then(Challenge::parse);
+        let body = response.into_string().unwrap_or_default();
+        let body = body.trim().chars().take(400).collect::<String>();
+        match status {
+            401 => self.unauthorized(challenge.as_ref().map(Challenge::realm), "the registry"),
+            403 => RegistryError::Forbidden {
+                host: self.registry.clone(),
+                what: format!("{} ({})", what, body),
+            },
+            404 => RegistryError::NotFound {
+                what: what.to_string(),
+                detail: format!("{} answered 404 {}", self.registry, body),
+            },
+            _ => RegistryError::Status {
+                host: self.registry.clone(),
+                method: method.to_string(),
+                path: target.to_string(),
+                status,
+                body,
+            },
+        }
+    }
+}
+
 /// The registry client. Cheap to share between threads.
 pub struct Client {
     pub settings: Settings,
@@ -191,6 +248,7 @@ fn is_tls_failure(detail: &str) -> bool {
 /// What went wrong below HTTP, and whether another attempt may help.
 enum Failure {
     Final(RegistryError),
+    Refused,
     Transient(String),
 }
 
@@ -202,7 +260,7 @@ fn classify(host: &str, e: &ureq::Transport) -> Failure {
             detail,
         }),
         ureq::ErrorKind::ConnectionFailed if detail.to_lowercase().contains("refused") => {
-            Failure::Transient("connection refused".into())
+            Failure::Refused
         }
         _ if is_tls_failure(&detail) => Failure::Final(RegistryError::Tls {
             host: host.to_string(),
@@ -219,8 +277,13 @@ fn classify(host: &str, e: &ureq::Transport) -> Failure {
     }
 }
 
+/// Tokens are cached per registry and set of scopes.
+fn token_key(ep: &Endpoint, scopes: &[String]) -> String {
+    format!("{} {}", ep.registry, scopes.join(" "))
+}
+
 /// Delay before attempt `n` (1-based): 0.25 s, 0.5 s, 1 s, 2 s, then 4 s.
-fn backoff(n: u32) -> Duration {
+pub(crate) fn backoff(n: u32) -> Duration {
     Duration::from_millis(250u64 << n.saturating_sub(1).min(4))
 }
 
@@ -277,6 +340,7 @@ impl Client {
         mut call: impl FnMut() -> Result<ureq::Response, ureq::Error>,
     ) -> Result<ureq::Response, RegistryError> {
         let mut last = String::new();
+        let mut refused = false;
         for n in 1..=attempts {
             if n > 1 {
                 self.notice(&format!(
@@ -294,13 +358,18 @@ impl Client {
                     }
                     return Ok(r);
                 }
-                Err(ureq::Error::Transport(t)) => match classify(host, &t) {
-                    Failure::Final(e) => return Err(e),
-                    Failure::Transient(d) => last = d,
-                },
+                Err(ureq::Error::Transport(t)) => {
+                    let failure = classify(host, &t);
+                    refused = matches!(failure, Failure::Refused);
+                    match failure {
+                        Failure::Final(e) => return Err(e),
+                        Failure::Refused => last = "connection refused".into(),
+                        Failure::Transient(d) => last = d,
+                    }
+                }
             }
         }
-        if last == "connection refused" {
+        if refused {
             return Err(RegistryError::Refused {
                 host: host.to_string(),
             });
@@ -335,7 +404,7 @@ impl Client {
         let response = self.send(&ep, "GET", "/v2/", &[], Body::Empty, &[])?;
         match response.status() {
             200 => Ok(()),
-            _ => Err(self.status_error(&ep, "GET", "/v2/", "the registry's API root", response)),
+            _ => Err(ep.status_error("GET", "/v2/", "the registry's API root", response)),
         }
     }
 
@@ -411,7 +480,7 @@ impl Client {
                 Ok(ep.credential.as_ref().map(Credential::basic_header))
             }
             Some(c) if c.scheme == "bearer" => {
-                let key = format!("{} {}", ep.registry, scopes.join(" "));
+                let key = token_key(ep, scopes);
                 if let Some(t) = self.tokens.lock().ok().and_then(|t| t.get(&key).cloned()) {
                     return Ok(Some(format!("Bearer {}", t)));
                 }
@@ -470,17 +539,7 @@ impl Client {
         };
         match response.status() {
             200 => {}
-            401 | 403 => {
-                return Err(RegistryError::Unauthorized {
-                    host: ep.registry.clone(),
-                    realm: format!(" (realm {:?})", realm),
-                    why: if ep.credential.is_some() {
-                        "the token service rejected the stored credentials".into()
-                    } else {
-                        format!("no credentials; run `builder login {}`", ep.registry)
-                    },
-                })
-            }
+            401 | 403 => return Err(ep.unauthorized(Some(realm), "the token service")),
             s => {
                 return Err(RegistryError::Protocol(format!(
                     "{}: token service {} answered {}",
@@ -544,9 +603,8 @@ impl Client {
                     .header("www-authenticate")
                     .and_then(Challenge::parse)
                 {
-                    let key = format!("{} {}", ep.registry, scopes.join(" "));
                     if let Ok(mut t) = self.tokens.lock() {
-                        t.remove(&key);
+                        t.remove(&token_key(ep, scopes));
                     }
                     let had = ep.challenge.lock().ok().and_then(|c| c.clone());
                     // Retrying only helps when there is something new to present.
@@ -563,57 +621,6 @@ impl Client {
                 }
             }
             return Ok(response);
-        }
-    }
-
-    /// An error for an unexpected status (`what` names the thing asked for).
-    pub fn status_error(
-        &self,
-        ep: &Endpoint,
-        method: &str,
-        target: &str,
-        what: &str,
-        response: ureq::Response,
-    ) -> RegistryError {
-        let status = response.status();
-        let challenge = response
-            .header("www-authenticate")
-            .and_then(Challenge::parse);
-        let body = response.into_string().unwrap_or_default();
-        let body = body.trim().chars().take(400).collect::<String>();
-        match status {
-            401 => RegistryError::Unauthorized {
-                host: ep.registry.clone(),
-                realm: challenge
-                    .map(|c| format!(" (realm {:?})", c.realm()))
-                    .unwrap_or_default(),
-                why: if ep.credential.is_some() {
-                    format!(
-                        "the registry rejected the credentials stored for {}",
-                        ep.registry
-                    )
-                } else {
-                    format!(
-                        "no credentials for {}; run `builder login {}`",
-                        ep.registry, ep.registry
-                    )
-                },
-            },
-            403 => RegistryError::Forbidden {
-                host: ep.registry.clone(),
-                what: format!("{} ({})", what, body),
-            },
-            404 => RegistryError::NotFound {
-                what: what.to_string(),
-                detail: format!("{} answered 404 {}", ep.registry, body),
-            },
-            _ => RegistryError::Status {
-                host: ep.registry.clone(),
-                method: method.to_string(),
-                path: target.to_string(),
-                status,
-                body,
-            },
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-use super::client::{scope, Body, Client, Endpoint};
+use super::client::{backoff, scope, Body, Client, Endpoint};
 use super::reference::Reference;
 use super::RegistryError;
 use crate::oci::blobs::BlobStore;
@@ -45,7 +45,8 @@ pub struct Descriptor {
     pub media_type: String,
 }
 
-fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
+/// The descriptor at `v` (`what` names its document in errors).
+pub fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
     let digest = v["digest"].as_str().unwrap_or("").parse().map_err(
         |e: crate::oci::digest::BadDigest| RegistryError::Protocol(format!("{}: {}", what, e)),
     )?;
@@ -101,7 +102,7 @@ pub fn get_manifest(
                 "manifest {} (repository {:?}, tag or digest {:?})",
                 display, repository, reference
             );
-            return Err(client.status_error(ep, "GET", &target, &what, response));
+            return Err(ep.status_error("GET", &target, &what, response));
         }
         let header_type = response.header("content-type").map(str::to_string);
         let header_digest = response.header("docker-content-digest").map(str::to_string);
@@ -112,7 +113,7 @@ pub fn get_manifest(
             .read_to_end(&mut bytes)
         {
             last = e.to_string();
-            std::thread::sleep(std::time::Duration::from_millis(200 * attempt as u64));
+            std::thread::sleep(backoff(attempt));
             continue;
         }
         if bytes.len() as u64 > MANIFEST_LIMIT {
@@ -245,7 +246,7 @@ pub fn fetch_blob(
         attempt = if have > have_before { 1 } else { attempt + 1 };
         have_before = have;
         if attempt > 1 {
-            std::thread::sleep(std::time::Duration::from_millis(250 * attempt as u64));
+            std::thread::sleep(backoff(attempt - 1));
         }
         if !last.is_empty() {
             client.notice(&format!(
@@ -284,7 +285,7 @@ pub fn fetch_blob(
                     continue;
                 }
             }
-            _ => return Err(client.status_error(ep, "GET", &target, &what, response)),
+            _ => return Err(ep.status_error("GET", &target, &what, response)),
         }
         let mut reader = response.into_reader();
         let mut buf = vec![0u8; 256 << 10];

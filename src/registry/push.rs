@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
-use super::client::{scope, Body, Client, Endpoint};
+use super::client::{backoff, scope, Body, Client, Endpoint};
 use super::pull::{manifest_blobs, origins, record_origin, Descriptor, MANIFEST_ACCEPT};
 use super::reference::Reference;
 use super::RegistryError;
@@ -101,7 +101,7 @@ fn push_blob(
     match response.status() {
         200 => return Ok(BlobOutcome::Present),
         404 => {}
-        _ => return Err(client.status_error(ep, "HEAD", &head_target, &what, response)),
+        _ => return Err(ep.status_error("HEAD", &head_target, &what, response)),
     }
     let path = store.blobs.path(&d.digest);
     let size = std::fs::metadata(&path)
@@ -123,7 +123,7 @@ fn push_blob(
                 "{}: {}; starting the upload again (attempt {} of {})",
                 what, last, attempt, client.settings.attempts
             ));
-            std::thread::sleep(std::time::Duration::from_millis(250 * attempt as u64));
+            std::thread::sleep(backoff(attempt - 1));
         }
         let mut scopes = vec![push_scope.clone()];
         let target = match &mount_from {
@@ -144,7 +144,7 @@ fn push_blob(
         match response.status() {
             201 if mount_from.is_some() => return Ok(BlobOutcome::Mounted),
             202 => {}
-            _ => return Err(client.status_error(ep, "POST", &target, &what, response)),
+            _ => return Err(ep.status_error("POST", &target, &what, response)),
         }
         // A mount the registry declined still opened an ordinary upload session.
         mount_from = None;
@@ -206,7 +206,7 @@ fn upload(
                 }
                 let what = format!("chunk {} of blob {}", offset / chunk, digest);
                 return Err(SessionError::Fatal(
-                    client.status_error(ep, "PATCH", &session, &what, response),
+                    ep.status_error("PATCH", &session, &what, response),
                 ));
             }
             session = location(ep, &response)?;
@@ -241,8 +241,7 @@ fn upload(
                 )))
             }
         }
-        _ => Err(SessionError::Fatal(client.status_error(
-            ep,
+        _ => Err(SessionError::Fatal(ep.status_error(
             "PUT",
             &close,
             &format!("blob {}", digest),
@@ -311,8 +310,7 @@ pub fn push(
             &scopes,
         )?;
         if response.status() != 201 && response.status() != 200 {
-            return Err(client.status_error(
-                &ep,
+            return Err(ep.status_error(
                 "PUT",
                 &target,
                 &format!("manifest {}", display),

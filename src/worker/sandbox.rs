@@ -119,19 +119,12 @@ pub fn mount_points(spec: &RunSpec) -> Vec<String> {
 pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, SandboxError> {
     let prepared = Prepared::new(spec)?;
     let (read_end, write_end) = nix::unistd::pipe().map_err(serr("pipe"))?;
-    // SAFETY: builder does not run other threads while a step starts; the child only calls
-    // the prepared syscalls below and then execs or exits.
+    // SAFETY: other stages' threads may be running; the child uses only what was prepared
+    // above (no allocation on the success path) and then execs or exits.
     match unsafe { fork() }.map_err(serr("fork"))? {
         ForkResult::Child => {
             drop(read_end);
-            let code = match helper(&prepared, write_end) {
-                Ok(c) => c,
-                Err(e) => {
-                    child_message(&format!("builder sandbox: {}\n", e));
-                    125
-                }
-            };
-            unsafe { libc::_exit(code) }
+            exit_child(helper(&prepared, write_end))
         }
         ForkResult::Parent { child } => {
             drop(write_end);
@@ -170,6 +163,18 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
 
 /// Write a message to stderr from a forked child without std's stderr lock (another thread
 /// of builder may have held it at fork time).
+/// End a forked child: its exit code, or 125 (docker's "the runtime failed") after saying why.
+fn exit_child(outcome: Result<i32, SandboxError>) -> ! {
+    let code = match outcome {
+        Ok(c) => c,
+        Err(e) => {
+            child_message(&format!("builder sandbox: {}\n", e));
+            125
+        }
+    };
+    unsafe { libc::_exit(code) }
+}
+
 fn child_message(msg: &str) {
     unsafe {
         libc::write(2, msg.as_ptr().cast(), msg.len());
@@ -249,16 +254,7 @@ fn helper(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
     }
     unshare(flags).map_err(serr("unshare namespaces (builder needs root for RUN)"))?;
     match unsafe { fork() }.map_err(serr("fork"))? {
-        ForkResult::Child => {
-            let code = match init(p, out) {
-                Ok(c) => c,
-                Err(e) => {
-                    child_message(&format!("builder sandbox: {}\n", e));
-                    125
-                }
-            };
-            unsafe { libc::_exit(code) }
-        }
+        ForkResult::Child => exit_child(init(p, out)),
         ForkResult::Parent { child } => {
             drop(out);
             loop {
