@@ -244,20 +244,23 @@ fn push_base(user: &User, reg: &Registry) -> String {
     last_line(&out)
 }
 
-fn app_context(reg: &Registry) -> tempfile::TempDir {
+/// A build context holding `files` (relative path, content).
+fn context(files: &[(&str, String)]) -> tempfile::TempDir {
     let ctx = tempfile::tempdir().unwrap();
-    write(
-        &ctx.path().join("Buildfile"),
-        &format!(
+    for (path, text) in files {
+        write(&ctx.path().join(path), text);
+    }
+    ctx
+}
+
+fn app_context(reg: &Registry) -> tempfile::TempDir {
+    context(&[
+        ("Buildfile", format!(
             "FROM {}/base\nRUN echo built > /built\nCOPY hello.txt /hello.txt\nCMD [\"cat\", \"/hello.txt\"]\n",
             reg.host()
-        ),
-    );
-    write(
-        &ctx.path().join("hello.txt"),
-        "hello from the registry test\n",
-    );
-    ctx
+        )),
+        ("hello.txt", "hello from the registry test\n".into()),
+    ])
 }
 
 fn skopeo_digest(reg: &Registry, repo_tag: &str, extra: &[&str]) -> String {
@@ -533,16 +536,13 @@ fn basic_auth_login_logout_and_helpers() {
 
 /// A build with RUN steps in two stages, for the cache tests.
 fn cache_context(reg: &Registry) -> tempfile::TempDir {
-    let ctx = tempfile::tempdir().unwrap();
-    write(
-        &ctx.path().join("Buildfile"),
-        &format!(
+    context(&[
+        ("Buildfile", format!(
             "FROM {0}/base AS deps\nRUN echo deps > /deps.txt\n\nFROM {0}/base\nCOPY --from=deps /deps.txt /deps.txt\nRUN echo step-one > /one\nCOPY src /src\nRUN cat /src/a /one > /two\n",
             reg.host()
-        ),
-    );
-    write(&ctx.path().join("src/a"), "some source\n");
-    ctx
+        )),
+        ("src/a", "some source\n".into()),
+    ])
 }
 
 /// CACHED or DONE for each RUN step of a plain-progress build log, in order.
