@@ -570,6 +570,35 @@ impl Client {
         body: Body,
         scopes: &[String],
     ) -> Result<ureq::Response, RegistryError> {
+        let attempts = self.settings.attempts;
+        self.send_attempts(ep, method, target, headers, body, scopes, attempts)
+    }
+
+    /// [`Client::send`] without retrying a failed connection: for requests that move an
+    /// upload session, which a blind resend would only find stale.
+    pub fn send_once(
+        &self,
+        ep: &Endpoint,
+        method: &str,
+        target: &str,
+        headers: &[(&str, String)],
+        body: Body,
+        scopes: &[String],
+    ) -> Result<ureq::Response, RegistryError> {
+        self.send_attempts(ep, method, target, headers, body, scopes, 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_attempts(
+        &self,
+        ep: &Endpoint,
+        method: &str,
+        target: &str,
+        headers: &[(&str, String)],
+        body: Body,
+        scopes: &[String],
+        attempts: u32,
+    ) -> Result<ureq::Response, RegistryError> {
         let url = if target.starts_with("http://") || target.starts_with("https://") {
             target.to_string()
         } else {
@@ -578,7 +607,7 @@ impl Client {
         let mut answered_challenge = false;
         loop {
             let authorization = self.authorization(ep, scopes)?;
-            let response = self.with_retries(&ep.registry, || {
+            let response = self.with_attempts(&ep.registry, attempts, || {
                 let mut req = ep.agent.request(method, &url);
                 for (k, v) in headers {
                     req = req.set(k, v);

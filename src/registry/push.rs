@@ -65,18 +65,32 @@ enum BlobOutcome {
     Uploaded,
 }
 
-/// Why an upload session ended early: start a new one, or give up.
+/// Why an upload session ended early: start a new one (saying why, and how many bytes the
+/// registry had accepted in it), or give up.
 enum SessionError {
-    Retry(String),
+    Retry { why: String, accepted: u64 },
     Fatal(RegistryError),
 }
 
-impl From<RegistryError> for SessionError {
-    fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Transport { detail, .. } => SessionError::Retry(detail),
-            e => SessionError::Fatal(e),
-        }
+/// An unknown session, a range it does not expect, or a transient server failure: the
+/// session is lost, start another.
+fn restarts_session(status: u16) -> bool {
+    status == 404 || status == 416 || status == 429 || status >= 500
+}
+
+/// A failed request in a session that had `accepted` bytes: a lost connection means a new
+/// session; anything else is final.
+fn session_error(e: RegistryError, accepted: u64) -> SessionError {
+    match e {
+        RegistryError::Transport { detail, .. } => SessionError::Retry {
+            why: detail,
+            accepted,
+        },
+        RegistryError::Refused { .. } => SessionError::Retry {
+            why: e.to_string(),
+            accepted,
+        },
+        e => SessionError::Fatal(e),
     }
 }
 
@@ -90,19 +104,6 @@ fn push_blob(
     let what = format!("blob {} for {}/{}", d.digest, ep.registry, repository);
     let push_scope = scope(repository, "pull,push");
     let head_target = format!("/v2/{}/blobs/{}", repository, d.digest);
-    let response = client.send(
-        ep,
-        "HEAD",
-        &head_target,
-        &[],
-        Body::Empty,
-        std::slice::from_ref(&push_scope),
-    )?;
-    match response.status() {
-        200 => return Ok(BlobOutcome::Present),
-        404 => {}
-        _ => return Err(ep.status_error("HEAD", &head_target, &what, response)),
-    }
     let path = store.blobs.path(&d.digest);
     let size = std::fs::metadata(&path)
         .map_err(|e| {
@@ -117,13 +118,34 @@ fn push_blob(
         .into_iter()
         .find(|r| r != repository);
     let mut last = String::new();
-    for attempt in 1..=client.settings.attempts {
-        if attempt > 1 {
+    // As for downloads, the budget counts sessions in a row that got no further than the
+    // best one so far; a session that got further starts the count again.
+    let mut attempt = 0u32;
+    let mut best = 0u64;
+    while attempt < client.settings.attempts {
+        attempt += 1;
+        if attempt > 1 || !last.is_empty() {
             client.notice(&format!(
                 "{}: {}; starting the upload again (attempt {} of {})",
                 what, last, attempt, client.settings.attempts
             ));
-            std::thread::sleep(backoff(attempt - 1));
+            std::thread::sleep(backoff(attempt.max(2) - 1));
+        }
+        // First, and after a failed session (whose last answer may have been lost): does
+        // the repository have it?
+        let response = client.send(
+            ep,
+            "HEAD",
+            &head_target,
+            &[],
+            Body::Empty,
+            std::slice::from_ref(&push_scope),
+        )?;
+        match response.status() {
+            200 if last.is_empty() => return Ok(BlobOutcome::Present),
+            200 => return Ok(BlobOutcome::Uploaded),
+            404 => {}
+            _ => return Err(ep.status_error("HEAD", &head_target, &what, response)),
         }
         let mut scopes = vec![push_scope.clone()];
         let target = match &mount_from {
@@ -152,7 +174,13 @@ fn push_blob(
         match upload(client, ep, &session, &path, size, &d.digest, &push_scope) {
             Ok(()) => return Ok(BlobOutcome::Uploaded),
             Err(SessionError::Fatal(e)) => return Err(e),
-            Err(SessionError::Retry(why)) => last = why,
+            Err(SessionError::Retry { why, accepted }) => {
+                last = why;
+                if accepted > best {
+                    best = accepted;
+                    attempt = 0;
+                }
+            }
         }
     }
     Err(RegistryError::Transport {
@@ -187,29 +215,30 @@ fn upload(
         while offset < size {
             let len = chunk.min(size - offset);
             let range = format!("{}-{}", offset, offset + len - 1);
-            let response = client.send(
-                ep,
-                "PATCH",
-                &session,
-                &[octets.clone(), ("Content-Range", range)],
-                Body::File { path, offset, len },
-                &scopes,
-            )?;
+            let response = client
+                .send_once(
+                    ep,
+                    "PATCH",
+                    &session,
+                    &[octets.clone(), ("Content-Range", range)],
+                    Body::File { path, offset, len },
+                    &scopes,
+                )
+                .map_err(|e| session_error(e, offset))?;
             if response.status() != 202 {
                 let status = response.status();
-                // An unknown session or a range it does not expect: start over.
-                if status == 404 || status == 416 {
-                    return Err(SessionError::Retry(format!(
-                        "chunk upload answered {}",
-                        status
-                    )));
+                if restarts_session(status) {
+                    return Err(SessionError::Retry {
+                        why: format!("chunk upload answered {}", status),
+                        accepted: offset,
+                    });
                 }
                 let what = format!("chunk {} of blob {}", offset / chunk, digest);
                 return Err(SessionError::Fatal(
                     ep.status_error("PATCH", &session, &what, response),
                 ));
             }
-            session = location(ep, &response)?;
+            session = location(ep, &response).map_err(SessionError::Fatal)?;
             offset += len;
         }
         Body::Empty
@@ -219,13 +248,21 @@ fn upload(
     if matches!(final_body, Body::Empty) {
         headers.push(("Content-Length", "0".into()));
     }
-    let response = client.send(ep, "PUT", &close, &headers, final_body, &scopes)?;
+    // What the registry holds of this session before the closing request.
+    let accepted = if matches!(final_body, Body::Empty) {
+        size
+    } else {
+        0
+    };
+    let response = client
+        .send_once(ep, "PUT", &close, &headers, final_body, &scopes)
+        .map_err(|e| session_error(e, accepted))?;
     match response.status() {
         201 | 204 => Ok(()),
-        404 | 416 => Err(SessionError::Retry(format!(
-            "upload answered {}",
-            response.status()
-        ))),
+        s if restarts_session(s) => Err(SessionError::Retry {
+            why: format!("upload answered {}", response.status()),
+            accepted,
+        }),
         400 => {
             let body = response.into_string().unwrap_or_default();
             if body.contains("DIGEST_INVALID") {
@@ -235,10 +272,10 @@ fn upload(
                     got: "another digest".into(),
                 }))
             } else {
-                Err(SessionError::Retry(format!(
-                    "upload answered 400: {}",
-                    body.trim()
-                )))
+                Err(SessionError::Retry {
+                    why: format!("upload answered 400: {}", body.trim()),
+                    accepted,
+                })
             }
         }
         _ => Err(SessionError::Fatal(ep.status_error(
