@@ -492,8 +492,8 @@ fn copy_rules_match_docker() {
     assert!(local.join("all/one.txt").exists());
 }
 
-/// Serve `body` over HTTP on 127.0.0.1 for a bounded number of requests; returns the port.
-fn serve(body: &'static [u8], requests: usize) -> u16 {
+/// Answer a bounded number of HTTP requests on 127.0.0.1 with `response`; returns the port.
+fn serve_raw(response: Vec<u8>, requests: usize) -> u16 {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -502,15 +502,30 @@ fn serve(body: &'static [u8], requests: usize) -> u16 {
             let Ok(mut s) = stream else { continue };
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(body);
+            let _ = s.write_all(&response);
         }
     });
     port
+}
+
+/// Serve `body` over HTTP on 127.0.0.1 for a bounded number of requests; returns the port.
+fn serve(body: &'static [u8], requests: usize) -> u16 {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
+    serve_raw(response, requests)
+}
+
+/// Answer every request with a redirect to `location`; returns the port.
+fn serve_redirect(location: &str, requests: usize) -> u16 {
+    let head = format!(
+        "HTTP/1.1 302 Found\r\nLocation: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        location
+    );
+    serve_raw(head.into_bytes(), requests)
 }
 
 #[test]
@@ -550,5 +565,41 @@ fn add_fetches_urls_and_verifies_checksums() {
         String::from_utf8_lossy(&out.stderr).contains("checksum mismatch"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn add_refuses_redirects_to_other_schemes_and_follows_http_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let ctx = dir.path().join("ctx");
+    let port = serve_redirect("file:///etc/passwd", 1);
+    write(
+        &ctx.join("Buildfile"),
+        &format!("FROM scratch\nADD http://127.0.0.1:{port}/x /x\n"),
+    );
+    let out = run(builder()
+        .args(["build", "--progress", "plain", "--root"])
+        .arg(&root)
+        .arg(&ctx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "an error, not a panic: {err}");
+    assert!(
+        err.contains("file") && err.contains("only http and https"),
+        "{err}"
+    );
+
+    // An http redirect to another server is followed.
+    let target = serve(b"moved here\n", 1);
+    let port = serve_redirect(&format!("http://127.0.0.1:{target}/real.txt"), 1);
+    write(
+        &ctx.join("Buildfile"),
+        &format!("FROM scratch\nADD http://127.0.0.1:{port}/x /dl/\n"),
+    );
+    let local = dir.path().join("local");
+    build(&root, &ctx, &["-o", &format!("local:{}", local.display())]);
+    assert_eq!(
+        fs::read_to_string(local.join("dl/x")).unwrap(),
+        "moved here\n"
     );
 }

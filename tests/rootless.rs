@@ -46,7 +46,7 @@ fn rootless_build_with_run_matches_the_root_build() {
     }
     let ctx = t.path().join("ctx");
     write(&ctx.join("file.txt"), "data\n");
-    write(&ctx.join("Buildfile"), "FROM base:1\nCOPY file.txt /srv/file.txt\nRUN echo \"uid $(id -u)\" > /srv/made && rm /bin/ls\nRUN --network=none cat /srv/made\n");
+    write(&ctx.join("Buildfile"), "FROM base:1\nCOPY file.txt /srv/file.txt\nRUN --network=none echo \"uid $(id -u)\" > /srv/made && rm /bin/ls\nRUN --network=none cat /srv/made\n");
     // The binary and a store the unprivileged user owns.
     let bin = t.path().join("builder");
     fs::copy(env!("CARGO_BIN_EXE_builder"), &bin).unwrap();
@@ -110,7 +110,10 @@ fn rootless_build_with_run_matches_the_root_build() {
     );
 
     // A USER whose id is not mapped cannot run, and says why.
-    write(&ctx.join("Buildfile"), "FROM base:1\nUSER 1000\nRUN id\n");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM base:1\nUSER 1000\nRUN --network=none id\n",
+    );
     let out = build_as_nobody();
     assert!(!out.status.success());
     assert!(

@@ -86,9 +86,17 @@ pub struct BuildArgs {
     /// Compression level (gzip 0-9, zstd 1-19).
     #[arg(long)]
     pub compression_level: Option<i32>,
-    /// Default network for RUN: default (the host's), none, or host.
+    /// Default network for RUN: default (a namespace of its own, out through slirp4netns or
+    /// pasta), none (loopback only), or host (needs --allow network.host).
     #[arg(long, default_value = "default")]
     pub network: String,
+    /// Entitlements that weaken the RUN sandbox: network.host, security.insecure (repeatable).
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    pub allow: Vec<String>,
+    /// Run RUN steps with this OCI runtime (runc, crun, runsc or a path) instead of builder's
+    /// built-in executor; both run the same OCI runtime spec.
+    #[arg(long)]
+    pub runtime: Option<PathBuf>,
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
@@ -222,8 +230,17 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         compression,
         platform: opts.target_platform.clone(),
         reporter: reporter.as_ref(),
+        entitlements: solver::Entitlements::parse(&a.allow).map_err(CliError::msg)?,
+        executor: match &a.runtime {
+            None => crate::worker::sandbox::Executor::Builtin,
+            Some(r) => crate::worker::sandbox::Executor::Runtime(
+                crate::worker::sandbox::runtime::resolve(r)
+                    .map_err(|e| CliError::msg(e.to_string()))?,
+            ),
+        },
         network: match a.network.as_str() {
-            "default" | "host" => Network::Host,
+            "default" => Network::Default,
+            "host" => Network::Host,
             "none" => Network::None,
             other => {
                 return Err(CliError::msg(format!(

@@ -20,6 +20,24 @@ pub enum DebugCommand {
     IgnoreMatch { ignore_file: PathBuf, path: String },
     /// Print the pruned stage graph of a build file.
     Graph(GraphArgs),
+    /// Print the OCI runtime spec a RUN step gets (the sandbox policy), as both executors
+    /// run it.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// The step's network: default, none or host.
+    #[arg(long, default_value = "default")]
+    network: String,
+    /// As `RUN --security=insecure` (with `--allow security.insecure`).
+    #[arg(long)]
+    insecure: bool,
+    /// The step's user as UID[:GID].
+    #[arg(long, default_value = "0:0")]
+    user: String,
+    /// The command (default: /bin/sh -c true).
+    command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -61,8 +79,67 @@ pub struct GraphArgs {
     file: PathBuf,
 }
 
+fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
+    use crate::worker::sandbox::{policy, Executor, NetworkMode, RootMount, RunSpec};
+    let network = match a.network.as_str() {
+        "default" => NetworkMode::Private,
+        "none" => NetworkMode::Loopback,
+        "host" => NetworkMode::Host,
+        other => {
+            return Err(CliError::msg(format!(
+                "invalid --network {:?}: default, none or host",
+                other
+            )))
+        }
+    };
+    let (uid, gid) = match a.user.split_once(':') {
+        Some((u, g)) => (u.parse(), g.parse()),
+        None => (a.user.parse(), Ok(0)),
+    };
+    let (Ok(uid), Ok(gid)) = (uid, gid) else {
+        return Err(CliError::msg(format!(
+            "invalid --user {:?}: want UID[:GID]",
+            a.user
+        )));
+    };
+    let argv = if a.command.is_empty() {
+        vec!["/bin/sh".into(), "-c".into(), "true".into()]
+    } else {
+        a.command
+    };
+    let rootfs = PathBuf::from("/rootfs");
+    let step = RunSpec {
+        root: RootMount::Bind {
+            dir: rootfs.clone(),
+        },
+        argv,
+        env: vec![("PATH".into(), crate::solver::run::DEFAULT_PATH.into())],
+        cwd: "/".into(),
+        uid,
+        gid,
+        groups: vec![gid],
+        hostname: "builder".into(),
+        network,
+        insecure: a.insecure,
+        etc_files: vec![(
+            PathBuf::from("/run/builder/resolv.conf"),
+            "/etc/resolv.conf".into(),
+        )],
+        mounts: Vec::new(),
+        executor: Executor::Builtin,
+    };
+    let netns = (network == NetworkMode::Private).then(|| PathBuf::from("/proc/PID/ns/net"));
+    let spec = policy::runtime_spec(&step, &rootfs, netns.as_deref());
+    println!(
+        "{}",
+        policy::to_json(&spec).map_err(|e| CliError::msg(e.to_string()))?
+    );
+    Ok(())
+}
+
 pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
     match cmd {
+        DebugCommand::Sandbox(a) => print_sandbox(a)?,
         DebugCommand::Parse(a) => {
             let (name, text) = read_build_file(&a.file)?;
             match a.format {

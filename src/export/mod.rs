@@ -191,8 +191,14 @@ pub fn export(
                 overlay_format: false,
             };
             for l in &image.state.layers {
-                unpack::unpack_layer(&blobs.path(&l.digest), &l.digest.to_string(), dir, opts)
-                    .map_err(|e| ExportError::Other(e.to_string()))?;
+                unpack::unpack_verified(
+                    &blobs.path(&l.digest),
+                    &l.digest.to_string(),
+                    dir,
+                    opts,
+                    &l.diff_id,
+                )
+                .map_err(|e| ExportError::Other(e.to_string()))?;
             }
             Ok(())
         }

@@ -14,6 +14,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use super::digest::{Digest, HashingReader};
+
 /// A refused or failed entry, naming the layer and the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -25,6 +27,15 @@ pub enum UnpackError {
     },
     #[error("layer {layer}: {source}")]
     Io { layer: String, source: io::Error },
+    /// The layer's content is not what the image's config says (a poisoned or damaged image).
+    #[error("layer {layer}: its content has diff_id {found}, but the image config says {expected}: the image is damaged or forged, and nothing of it was kept")]
+    DiffIdMismatch {
+        layer: String,
+        expected: Digest,
+        found: Digest,
+    },
+    #[error("layer {layer}: no space left on the file system of {target} while unpacking")]
+    NoSpace { layer: String, target: PathBuf },
 }
 
 /// What unpacking may do beyond plain files.
@@ -176,7 +187,7 @@ fn remove_any(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Unpack the layer at `layer_path` (any supported compression) into `target`.
+/// Unpack the archive or layer at `layer_path` (any supported compression) into `target`.
 pub fn unpack_layer(
     layer_path: &Path,
     layer_name: &str,
@@ -187,7 +198,52 @@ pub fn unpack_layer(
     if !opts.overlay_format {
         apply_whiteouts(layer_path, layer_name, target)?;
     }
-    unpack_entries(layer_path, layer_name, target, opts)
+    unpack_entries(layer_path, layer_name, target, opts, None)
+}
+
+/// Unpack an image layer and check that its uncompressed stream hashes to `diff_id`, the
+/// value the image's config claims. On a mismatch `target` holds unverified content: the
+/// caller must discard it (the snapshotter never publishes it).
+pub fn unpack_verified(
+    layer_path: &Path,
+    layer_name: &str,
+    target: &Path,
+    opts: UnpackOptions,
+    diff_id: &Digest,
+) -> Result<UnpackReport, UnpackError> {
+    if !opts.overlay_format {
+        apply_whiteouts(layer_path, layer_name, target)?;
+    }
+    unpack_entries(layer_path, layer_name, target, opts, Some(diff_id))
+}
+
+/// Write a regular file's content, leaving holes where it is all zeros (GNU sparse entries
+/// arrive expanded; a hole costs no disk).
+fn write_sparse(from: &mut dyn Read, to: &mut fs::File) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len: u64 = 0;
+    let mut pending_hole = false;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        len += n as u64;
+        if buf[..n].iter().all(|b| *b == 0) {
+            to.seek(SeekFrom::Current(n as i64))?;
+            pending_hole = true;
+        } else {
+            to.write_all(&buf[..n])?;
+            pending_hole = false;
+        }
+    }
+    if pending_hole {
+        to.set_len(len)?;
+    }
+    Ok(())
 }
 
 /// Delete what the layer's whiteouts name from `target`.
@@ -242,13 +298,24 @@ fn unpack_entries(
     layer_name: &str,
     target: &Path,
     opts: UnpackOptions,
+    diff_id: Option<&Digest>,
 ) -> Result<UnpackReport, UnpackError> {
-    let io_e = |source| UnpackError::Io {
-        layer: layer_name.to_string(),
-        source,
+    let io_e = |source: io::Error| {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            UnpackError::NoSpace {
+                layer: layer_name.to_string(),
+                target: target.to_path_buf(),
+            }
+        } else {
+            UnpackError::Io {
+                layer: layer_name.to_string(),
+                source,
+            }
+        }
     };
     let mut report = UnpackReport::default();
-    let mut archive = tar::Archive::new(open_layer(layer_path).map_err(io_e)?);
+    let stream = HashingReader::new(open_layer(layer_path).map_err(io_e)?);
+    let mut archive = tar::Archive::new(stream);
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
     for e in archive.entries().map_err(io_e)? {
         let mut e = e.map_err(io_e)?;
@@ -314,7 +381,7 @@ fn unpack_entries(
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut f = fs::File::create(&dest).map_err(io_e)?;
-                io::copy(&mut e, &mut f).map_err(io_e)?;
+                write_sparse(&mut e, &mut f).map_err(io_e)?;
                 drop(f);
                 fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_e)?;
             }
@@ -405,6 +472,17 @@ fn unpack_entries(
             set_mtime(&dest, mtime);
         }
         report.entries += 1;
+    }
+    if let Some(expected) = diff_id {
+        // The whole uncompressed stream, end-of-archive blocks included, is what diff_id names.
+        let (found, _) = archive.into_inner().finish().map_err(io_e)?;
+        if &found != expected {
+            return Err(UnpackError::DiffIdMismatch {
+                layer: layer_name.to_string(),
+                expected: expected.clone(),
+                found,
+            });
+        }
     }
     for (d, t) in dir_times.into_iter().rev() {
         set_mtime(&d, t);

@@ -319,7 +319,8 @@ impl Client {
             .timeout_connect(Duration::from_secs(10).min(t))
             .timeout_read(t)
             .timeout_write(t)
-            .redirects(5)
+            // Redirects are followed by super::redirect's policy, never the library's.
+            .redirects(0)
             .user_agent(concat!("builder/", env!("CARGO_PKG_VERSION")))
             .build())
     }
@@ -599,14 +600,21 @@ impl Client {
         scopes: &[String],
         attempts: u32,
     ) -> Result<ureq::Response, RegistryError> {
-        let url = if target.starts_with("http://") || target.starts_with("https://") {
+        let first_url = if target.starts_with("http://") || target.starts_with("https://") {
             target.to_string()
         } else {
             format!("{}{}", ep.base, target)
         };
+        let mut url = first_url.clone();
+        let mut redirects = 0;
         let mut answered_challenge = false;
         loop {
-            let authorization = self.authorization(ep, scopes)?;
+            // Credentials go only to the registry itself, never to where it redirects.
+            let authorization = if super::redirect::same_origin(&first_url, &url) {
+                self.authorization(ep, scopes)?
+            } else {
+                None
+            };
             let response = self.with_attempts(&ep.registry, attempts, || {
                 let mut req = ep.agent.request(method, &url);
                 for (k, v) in headers {
@@ -647,6 +655,24 @@ impl Client {
                     if useful {
                         continue;
                     }
+                }
+            }
+            if method == "GET" || method == "HEAD" {
+                match super::redirect::next_url(&url, &response) {
+                    Some(Ok(next)) if redirects < super::redirect::MAX_REDIRECTS => {
+                        redirects += 1;
+                        url = next;
+                        continue;
+                    }
+                    Some(Ok(_)) => {
+                        return Err(RegistryError::Protocol(format!(
+                            "{}: more than {} redirects",
+                            first_url,
+                            super::redirect::MAX_REDIRECTS
+                        )))
+                    }
+                    Some(Err(e)) => return Err(RegistryError::Protocol(e)),
+                    None => {}
                 }
             }
             return Ok(response);

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod pull;
 pub mod push;
+pub mod redirect;
 pub mod reference;
 
 use std::collections::BTreeMap;

@@ -50,9 +50,20 @@ pub fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
     let digest = v["digest"].as_str().unwrap_or("").parse().map_err(
         |e: crate::oci::digest::BadDigest| RegistryError::Protocol(format!("{}: {}", what, e)),
     )?;
+    // Every read of a blob stops at its descriptor's size, so the size must be there, and
+    // 0 only for the empty blob: otherwise a registry could stream without end.
+    let size = v["size"].as_u64().ok_or_else(|| {
+        RegistryError::Protocol(format!("{}: descriptor of {} has no size", what, digest))
+    })?;
+    if size == 0 && digest != Digest::of(b"") {
+        return Err(RegistryError::Protocol(format!(
+            "{}: descriptor of {} says size 0, which only the empty blob has",
+            what, digest
+        )));
+    }
     Ok(Descriptor {
         digest,
-        size: v["size"].as_u64().unwrap_or(0),
+        size,
         media_type: v["mediaType"].as_str().unwrap_or("").to_string(),
     })
 }
@@ -296,7 +307,7 @@ pub fn fetch_blob(
                     file.write_all(&buf[..n]).map_err(io)?;
                     hasher.update(&buf[..n]);
                     have += n as u64;
-                    if d.size > 0 && have > d.size {
+                    if have > d.size {
                         break Err(
                             "the registry sent more bytes than the manifest says".to_string()
                         );
@@ -307,7 +318,7 @@ pub fn fetch_blob(
             }
         };
         match outcome {
-            Ok(()) if d.size == 0 || have == d.size => {
+            Ok(()) if have == d.size => {
                 complete = true;
                 break;
             }
@@ -515,4 +526,21 @@ pub fn origins(root: &Path, d: &Digest, registry: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_without_a_real_size_are_refused() {
+        let d = Digest::of(b"layer bytes").to_string();
+        let empty = Digest::of(b"").to_string();
+        assert!(descriptor(&serde_json::json!({"digest": d, "size": 11}), "m").is_ok());
+        let zero = descriptor(&serde_json::json!({"digest": d, "size": 0}), "m");
+        assert!(zero.unwrap_err().to_string().contains("size 0"));
+        let missing = descriptor(&serde_json::json!({"digest": d}), "m");
+        assert!(missing.unwrap_err().to_string().contains("no size"));
+        assert!(descriptor(&serde_json::json!({"digest": empty, "size": 0}), "m").is_ok());
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -65,6 +65,9 @@ pub fn is_url(s: &str) -> bool {
 pub struct Staged {
     pub tree: LayerTree,
     pub keep: Vec<tempfile::TempDir>,
+    /// Sources that are not files, directories or symlinks (FIFOs, sockets, devices), with
+    /// what they are: never opened, never copied, and said in a warning.
+    pub skipped: Vec<String>,
 }
 
 struct Stager<'a> {
@@ -74,6 +77,7 @@ struct Stager<'a> {
     /// Directories whose metadata came from a source (others mirror the image or default).
     sourced_dirs: BTreeSet<PathBuf>,
     keep: Vec<tempfile::TempDir>,
+    skipped: Vec<String>,
 }
 
 fn placeholder_dir() -> TreeNode {
@@ -232,9 +236,35 @@ impl Stager<'_> {
                     size: md.len(),
                 }),
             );
+        } else {
+            // Devices, sockets and FIFOs are not copied (opening a FIFO would block).
+            use std::os::unix::fs::FileTypeExt;
+            let kind = if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            self.skipped.push(format!("{} ({})", rel, kind));
         }
-        // Devices, sockets and fifos in a context are not copied.
         Ok(())
+    }
+
+    /// A file whose bytes are read from `source` when the layer is written.
+    fn add_file(&mut self, dst: &Path, source: PathBuf, size: u64, mode: u32, mtime: i64) {
+        let (uid, gid) = self.owner.map(|o| (o.uid, o.gid)).unwrap_or((0, 0));
+        self.insert(
+            dst.to_path_buf(),
+            TreeNode {
+                kind: NodeKind::File { source, size },
+                mode,
+                uid,
+                gid,
+                mtime,
+                xattrs: Vec::new(),
+            },
+        );
     }
 
     fn write_file(
@@ -311,6 +341,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         chmod: plan.chmod.as_deref(),
         sourced_dirs: BTreeSet::new(),
         keep: Vec::new(),
+        skipped: Vec::new(),
     };
     let dest_abs = plan.dest.clone();
     let dest_trailing = dest_abs.ends_with('/') || dest_abs.ends_with("/.") || dest_abs == "/";
@@ -349,7 +380,9 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             continue;
         }
         if plan.is_add && is_url(src) {
-            let (name, data) = fetch_url(src, plan.checksum.as_deref())?;
+            let tmp = tempfile::tempdir()
+                .map_err(|e| CopyError::Other(format!("temporary directory: {}", e)))?;
+            let (name, body, size) = fetch_url(src, plan.checksum.as_deref(), tmp.path())?;
             let target = if dest_is_dir {
                 join(&dest_abs, &name)
             } else {
@@ -359,7 +392,8 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 Some(c) => apply_chmod(c, 0o600, false).map_err(CopyError::Other)?,
                 None => 0o600,
             };
-            st.write_file(&st.target(&target), &data, mode, plan.epoch)?;
+            st.add_file(&st.target(&target), body, size, mode, plan.epoch);
+            st.keep.push(tmp);
             continue;
         }
         if plan.checksum.is_some() {
@@ -479,27 +513,53 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
     Ok(Staged {
         tree: st.tree,
         keep: st.keep,
+        skipped: st.skipped,
     })
 }
 
-/// Download a URL for ADD, verifying `--checksum` (`sha256:<hex>`) when given.
-fn fetch_url(url: &str, checksum: Option<&str>) -> Result<(String, Vec<u8>), CopyError> {
-    let resp = ureq::get(url)
-        .call()
-        .map_err(|e| CopyError::Other(format!("ADD {}: {}", url, e)))?;
-    let mut data = Vec::new();
-    resp.into_reader()
-        .take(8 << 30)
-        .read_to_end(&mut data)
-        .map_err(|e| CopyError::Other(format!("ADD {}: {}", url, e)))?;
+/// Download a URL for ADD into a file of `dir`, hashing as it streams and verifying
+/// `--checksum` (`sha256:<hex>`) when given. Returns the file's name for a directory
+/// destination, its path and its size.
+fn fetch_url(
+    url: &str,
+    checksum: Option<&str>,
+    dir: &Path,
+) -> Result<(String, PathBuf, u64), CopyError> {
+    let fail = |e: String| CopyError::Other(format!("ADD {}: {}", url, e));
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout_connect(std::time::Duration::from_secs(30))
+        .timeout_read(std::time::Duration::from_secs(300))
+        .build();
+    let resp = crate::registry::redirect::get(&agent, url)
+        .map_err(|e| CopyError::Other(format!("ADD {}", e)))?;
+    if resp.status() >= 400 {
+        return Err(fail(format!(
+            "the server answered {} {}",
+            resp.status(),
+            resp.status_text()
+        )));
+    }
+    let file_path = dir.join("body");
+    let file = fs::File::create(&file_path).map_err(io_at(&file_path))?;
+    let mut w = HashingWriter::new(io::BufWriter::new(file));
+    io::copy(&mut resp.into_reader(), &mut w).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            fail(format!(
+                "no space left on the file system of {}",
+                dir.display()
+            ))
+        } else {
+            fail(e.to_string())
+        }
+    })?;
+    let (got, size, mut inner) = w.finish();
+    inner.flush().map_err(io_at(&file_path))?;
     if let Some(want) = checksum {
-        let mut h = HashingWriter::new(io::sink());
-        let _ = h.write_all(&data);
-        let (got, _, _) = h.finish();
         if got.to_string() != want {
-            return Err(CopyError::Other(format!(
-                "ADD {}: checksum mismatch: expected {}, got {}",
-                url, want, got
+            return Err(fail(format!(
+                "checksum mismatch: expected {}, got {}",
+                want, got
             )));
         }
     }
@@ -510,5 +570,5 @@ fn fetch_url(url: &str, checksum: Option<&str>) -> Result<(String, Vec<u8>), Cop
         .filter(|n| !n.is_empty())
         .unwrap_or("index.html")
         .to_string();
-    Ok((name, data))
+    Ok((name, file_path, size))
 }

@@ -52,6 +52,10 @@ pub struct BuildRequest<'a> {
     pub reporter: &'a dyn Reporter,
     /// The default network for RUN (`--network`).
     pub network: Network,
+    /// What the build may weaken in the sandbox (`--allow`).
+    pub entitlements: Entitlements,
+    /// Who runs RUN steps (`--runtime`).
+    pub executor: worker::sandbox::Executor,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, run::SecretSource>,
     /// `--no-cache`: run every step.
@@ -65,6 +69,35 @@ pub struct BuildRequest<'a> {
     pub registry: Arc<Client>,
     /// Caches imported with `--cache-from`, asked when the local cache misses.
     pub cache_from: Vec<Arc<RemoteCache>>,
+}
+
+/// BuildKit's entitlements: what a build may do that weakens the RUN sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Entitlements {
+    /// `--allow network.host`: `--network=host` for the build or a step.
+    pub network_host: bool,
+    /// `--allow security.insecure`: `RUN --security=insecure`.
+    pub security_insecure: bool,
+}
+
+impl Entitlements {
+    /// Parse `--allow` values.
+    pub fn parse(values: &[String]) -> Result<Entitlements, String> {
+        let mut e = Entitlements::default();
+        for v in values.iter().flat_map(|v| v.split(',')) {
+            match v.trim() {
+                "network.host" => e.network_host = true,
+                "security.insecure" => e.security_insecure = true,
+                other => {
+                    return Err(format!(
+                        "unknown entitlement {:?} (network.host or security.insecure)",
+                        other
+                    ))
+                }
+            }
+        }
+        Ok(e)
+    }
 }
 
 /// A step that has a cache entry after the build: its stage and key.
@@ -884,6 +917,12 @@ impl Ctx<'_, '_> {
                     expand_heredoc: &expand_heredoc,
                 };
                 let staged = copy::stage(&plan).map_err(|e| self.fail(l, e.to_string()))?;
+                for s in &staged.skipped {
+                    self.req.reporter.warn(&format!(
+                        "{}:{}: {}: skipped {}: only files, directories and symlinks are copied",
+                        self.req.file_name, l.span.line, l.text, s
+                    ));
+                }
                 let layer = self.commit_tree(l, &staged.tree)?;
                 self.history(state, format!("{} # builder", l.text), Some(layer));
             }
@@ -920,13 +959,20 @@ impl Ctx<'_, '_> {
             .clone()
             .filter(|w| !w.is_empty())
             .unwrap_or_else(|| "/".into());
-        let network = r.network.unwrap_or(self.req.network);
+        let (network, insecure) = self.sandbox_of(l, r)?;
         let scratch = self.store.scratch_dir("run-")?;
 
         // /etc files provided for the step, never captured.
         let etc = scratch.path().join("etc");
         fs::create_dir_all(&etc).map_err(|e| self.fail(l, e.to_string()))?;
-        let resolv = fs::read("/etc/resolv.conf").unwrap_or_default();
+        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let resolv = match network {
+            worker::sandbox::NetworkMode::Private => {
+                worker::sandbox::network::private_resolv_conf(&host_resolv)
+            }
+            _ => host_resolv,
+        }
+        .into_bytes();
         let files = [
             ("resolv.conf", resolv),
             (
@@ -993,17 +1039,23 @@ impl Ctx<'_, '_> {
             });
         }
 
-        let spec = run::spec(
-            argv.clone(),
+        let spec = worker::RunSpec {
+            root: worker::sandbox::RootMount::Bind {
+                dir: PathBuf::new(),
+            },
+            argv: argv.clone(),
             env,
             cwd,
             uid,
             gid,
             groups,
+            hostname: "builder".into(),
             network,
+            insecure,
             etc_files,
             mounts,
-        );
+            executor: self.req.executor.clone(),
+        };
         let step_dir = scratch.path().join("step");
         fs::create_dir_all(&step_dir).map_err(|e| self.fail(l, e.to_string()))?;
         let mut tail = run::Tail::new(12);
@@ -1051,6 +1103,37 @@ impl Ctx<'_, '_> {
             )
         };
         Ok((layer, format!("RUN {}{} # builder", args, argv.join(" "))))
+    }
+
+    /// The step's network and whether it runs insecure, refused unless the build holds the
+    /// entitlement (checked for cached steps too, as BuildKit checks the whole definition).
+    fn sandbox_of(
+        &self,
+        l: &Located,
+        r: &crate::syntax::instruction::Run,
+    ) -> Result<(worker::sandbox::NetworkMode, bool), BuildError> {
+        use worker::sandbox::NetworkMode;
+        let network = match r.network.unwrap_or(self.req.network) {
+            Network::Default => NetworkMode::Private,
+            Network::None => NetworkMode::Loopback,
+            Network::Host => {
+                if !self.req.entitlements.network_host {
+                    return Err(self.fail(
+                        l,
+                        "network host is not allowed: start the build with --allow network.host",
+                    ));
+                }
+                NetworkMode::Host
+            }
+        };
+        let insecure = r.security.as_deref() == Some("insecure");
+        if insecure && !self.req.entitlements.security_insecure {
+            return Err(self.fail(
+                l,
+                "--security=insecure is not allowed: start the build with --allow security.insecure",
+            ));
+        }
+        Ok((network, insecure))
     }
 
     /// Everything that decides a layer-producing step's result, after expansion.
@@ -1124,8 +1207,9 @@ impl Ctx<'_, '_> {
                 m["argv"] = json!(argv);
                 m["script"] = json!(script);
                 m["env"] = json!(env);
-                m["network"] = json!(format!("{:?}", r.network.unwrap_or(self.req.network)));
-                m["security"] = json!(r.security);
+                let (network, insecure) = self.sandbox_of(l, r)?;
+                m["network"] = json!(format!("{:?}", network));
+                m["security"] = json!(insecure);
                 let mut mounts = Vec::new();
                 for spec in &r.mounts {
                     let spec = self.word(l, scope, spec)?;

@@ -10,10 +10,10 @@ use fs2::FileExt;
 
 use crate::context::SourceRoot;
 use crate::plan::{Scope, PROXY_ARGS};
-use crate::syntax::instruction::{Command, Network, Run};
+use crate::syntax::instruction::{Command, Run};
 use crate::syntax::mount::{Mount, MountType, Sharing};
 use crate::syntax::parser::{parse_heredoc_word, Heredoc};
-use crate::worker::{ExtraMount, RunSpec};
+use crate::worker::ExtraMount;
 
 use super::users;
 
@@ -226,6 +226,7 @@ pub fn resolve_mounts(
                         }
                     }
                 };
+                check_bind_source(&src_rel, &source)?;
                 let source = if !m.readonly {
                     // Writes to a rw bind are discarded: give the step a private copy.
                     let copy = tempfile::tempdir_in(me.scratch).map_err(|e| e.to_string())?;
@@ -312,6 +313,28 @@ pub fn resolve_mounts(
     Ok((out, env))
 }
 
+/// A bind source must be a directory or a regular file: a FIFO, socket or device would
+/// block the copy (or hand the step a host device), so it is refused by name.
+fn check_bind_source(name: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = fs::metadata(path)
+        .map_err(|e| format!("bind source {}: {}", name, e))?
+        .file_type();
+    let kind = if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "bind source {} is {}: only directories and regular files can be mounted",
+        name, kind
+    ))
+}
+
 fn copy_filtered(ctx: &SourceRoot, rel: &str, from: &Path, to: &Path) -> Result<(), String> {
     for e in walkdir::WalkDir::new(from).min_depth(1).follow_links(false) {
         let e = e.map_err(|e| e.to_string())?;
@@ -339,36 +362,6 @@ fn copy_filtered(ctx: &SourceRoot, rel: &str, from: &Path, to: &Path) -> Result<
         }
     }
     Ok(())
-}
-
-/// The spec for a step, before the root is filled in.
-#[allow(clippy::too_many_arguments)]
-pub fn spec(
-    argv: Vec<String>,
-    env: Vec<(String, String)>,
-    cwd: String,
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
-    network: Network,
-    etc_files: Vec<(PathBuf, String)>,
-    mounts: Vec<ExtraMount>,
-) -> RunSpec {
-    RunSpec {
-        root: crate::worker::sandbox::RootMount::Bind {
-            dir: PathBuf::new(),
-        },
-        argv,
-        env,
-        cwd,
-        uid,
-        gid,
-        groups,
-        hostname: "builder".into(),
-        isolate_network: network == Network::None,
-        etc_files,
-        mounts,
-    }
 }
 
 /// The last lines of a step's output, for the failure message.

@@ -7,6 +7,7 @@ pub mod sources;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use fs2::FileExt;
@@ -80,6 +81,14 @@ impl Store {
         fs::create_dir_all(root).map_err(io_at(root))?;
         // Absolute, so paths built from it mean the same after any chdir.
         let root = &root.canonicalize().map_err(io_at(root))?;
+        // Only its owner may look inside: snapshots hold image files as they are, setuid-root
+        // binaries included, which another local user must never reach.
+        let private = fs::metadata(root)
+            .map(|m| m.permissions().mode() & 0o077 == 0)
+            .unwrap_or(false);
+        if !private {
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io_at(root))?;
+        }
         let blobs = BlobStore::open(root, &root.join("tmp"))?;
         Ok(Store {
             root: root.to_path_buf(),
@@ -195,6 +204,23 @@ impl Store {
     }
 
     /// Check every blob's hash and every reference's image; returns the problems found.
+    /// Check that a stored layer's uncompressed content hashes to its claimed diff_id.
+    fn verify_diff_id(&self, layer: &crate::oci::image::LayerRef) -> Result<(), String> {
+        let path = self.blobs.path(&layer.digest);
+        let stream = crate::oci::unpack::open_layer(&path)
+            .map_err(|e| format!("layer {}: {}", layer.digest, e))?;
+        let (found, _) = crate::oci::digest::HashingReader::new(stream)
+            .finish()
+            .map_err(|e| format!("layer {}: {}", layer.digest, e))?;
+        if found != layer.diff_id {
+            return Err(format!(
+                "layer {}: its content has diff_id {}, but the image config says {}",
+                layer.digest, found, layer.diff_id
+            ));
+        }
+        Ok(())
+    }
+
     pub fn fsck(&self) -> Result<Vec<String>, StoreError> {
         let mut problems = Vec::new();
         for d in self.blobs.list()? {
@@ -215,6 +241,10 @@ impl Store {
                     for l in &img.state.layers {
                         if !self.blobs.contains(&l.digest) {
                             problems.push(format!("{}: layer {} is missing", name, l.digest));
+                        } else if let Err(e) = self.verify_diff_id(l) {
+                            // Snapshots are named by chain ids built from diff_ids: a diff_id
+                            // the content does not match would name a snapshot wrongly.
+                            problems.push(format!("{}: {}", name, e));
                         }
                     }
                 }

@@ -186,11 +186,12 @@ impl Snapshots {
             ownership: true,
             overlay_format: true,
         };
-        unpack::unpack_layer(
+        unpack::unpack_verified(
             &self.blobs.path(&layer.digest),
             &layer.digest.to_string(),
             &fs_tmp,
             opts,
+            &layer.diff_id,
         )?;
         self.publish(staging, &final_dir)
     }
@@ -270,11 +271,12 @@ impl RootView {
                     ownership: nix::unistd::geteuid().is_root(),
                     overlay_format: false,
                 };
-                unpack::unpack_layer(
+                unpack::unpack_verified(
                     &snaps.blobs.path(&layer.digest),
                     &layer.digest.to_string(),
                     self.mountpoint.path(),
                     opts,
+                    &layer.diff_id,
                 )?;
             }
         }

@@ -1,0 +1,694 @@
+//! The built-in executor: builder itself runs a step's OCI runtime spec.
+//!
+//! Process layout: builder forks a helper that joins or creates the network namespace and
+//! unshares the others, then forks PID 1. PID 1 mounts the root (overlay or a bind of a
+//! private copy, `nodev`), the spec's mounts, the masked and read-only paths, `pivot_root`s
+//! into it and forks the command. The command drops the capabilities the spec does not grant
+//! (bounding set first), installs the seccomp filter while it still may, takes the step's
+//! user, and execs. PID 1 reaps zombies until the command exits and exits with its status.
+//! Both helpers die with their parent (`PR_SET_PDEATHSIG`), so killing builder kills the step.
+//!
+//! Set-up failures are written to a close-on-exec error pipe and never confused with the
+//! command's own exit status: an `exit 125` in a step is the step's, not the sandbox's.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{
+    chdir, fork, pivot_root, setgid, setgroups, sethostname, setuid, ForkResult, Gid, Pid, Uid,
+};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use super::{policy, seccomp, serr, Exit, RootMount, SandboxError};
+
+/// Run `spec` on `root`; `on_line` receives the command's output line by line.
+pub fn run(
+    spec: &Spec,
+    root: &RootMount,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<Exit, SandboxError> {
+    let prepared = Prepared::new(spec, root)?;
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(serr("pipe"))?;
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(serr("pipe"))?;
+    // SAFETY: other stages' threads may be running; the child uses what was prepared above
+    // and then execs or exits.
+    match unsafe { fork() }.map_err(serr("fork"))? {
+        ForkResult::Child => {
+            drop(out_r);
+            drop(err_r);
+            let err_fd = err_w.as_raw_fd();
+            exit_child(err_fd, helper(&prepared, out_w, &err_w))
+        }
+        ForkResult::Parent { child } => {
+            drop(out_w);
+            drop(err_w);
+            super::pump_lines(fs::File::from(out_r), on_line);
+            let mut setup_error = String::new();
+            let _ = fs::File::from(err_r)
+                .take(64 * 1024)
+                .read_to_string(&mut setup_error);
+            let status = loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            let status = status.map_err(serr("wait"))?;
+            if !setup_error.is_empty() {
+                return Err(SandboxError(setup_error.trim_end().to_string()));
+            }
+            match status {
+                WaitStatus::Exited(_, c) => Ok(Exit::Code(c)),
+                WaitStatus::Signaled(_, s, _) => Ok(Exit::Signal(s as i32)),
+                other => Err(SandboxError(format!("unexpected wait status {:?}", other))),
+            }
+        }
+    }
+}
+
+/// End a forked child: its exit code, or, after a set-up failure, the reason on the error
+/// pipe and exit status 1 (which the parent then ignores).
+fn exit_child(err_fd: i32, outcome: Result<i32, SandboxError>) -> ! {
+    let code = match outcome {
+        Ok(c) => c,
+        Err(e) => {
+            write_fd(err_fd, &format!("{}\n", e));
+            1
+        }
+    };
+    unsafe { libc::_exit(code) }
+}
+
+/// Write to a file descriptor from a forked child without std's locks.
+fn write_fd(fd: i32, msg: &str) {
+    unsafe {
+        libc::write(fd, msg.as_ptr().cast(), msg.len());
+    }
+}
+
+/// One mount of the spec, ready to perform.
+enum Planned {
+    Bind {
+        source: PathBuf,
+        dest: String,
+        flags: MsFlags,
+    },
+    Fs {
+        typ: String,
+        source: String,
+        dest: String,
+        flags: MsFlags,
+        data: String,
+    },
+}
+
+/// Split mount options into flags and file-system data; `bind` says whether it is a bind.
+fn parse_options(options: &[String]) -> (MsFlags, String, bool) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    let mut bind = false;
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "bind" | "rbind" => bind = true,
+            "private" | "rprivate" | "slave" | "rslave" => {}
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","), bind)
+}
+
+/// Everything computed before forking: C strings, the mount plan, capability sets and the
+/// compiled seccomp filter.
+struct Prepared {
+    root: RootMount,
+    mounts: Vec<Planned>,
+    masked: Vec<String>,
+    readonly: Vec<String>,
+    hostname: String,
+    /// The network namespace to join (`None` with `new_netns`: a fresh one).
+    netns: Option<fs::File>,
+    new_netns: bool,
+    /// Every device node the step may open is a bind of these; everything else is `nodev`.
+    nodev: bool,
+    uid: u32,
+    gid: u32,
+    groups: Vec<Gid>,
+    cwd: CString,
+    /// The command's candidates on the image's PATH, tried in order after pivot_root.
+    exe_candidates: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    bounding_drop: Vec<caps::Capability>,
+    permitted: caps::CapsHashSet,
+    effective: caps::CapsHashSet,
+    inheritable: caps::CapsHashSet,
+    filters: Vec<seccompiler::BpfProgram>,
+}
+
+fn cstring(s: &str) -> Result<CString, SandboxError> {
+    CString::new(s).map_err(|_| SandboxError(format!("{:?} contains a NUL byte", s)))
+}
+
+fn cap_set(set: &Option<oci_spec::runtime::Capabilities>) -> caps::CapsHashSet {
+    set.iter()
+        .flatten()
+        .filter_map(|c| format!("CAP_{}", c).parse::<caps::Capability>().ok())
+        .collect()
+}
+
+impl Prepared {
+    fn new(spec: &Spec, root: &RootMount) -> Result<Prepared, SandboxError> {
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| SandboxError("the spec has no process".into()))?;
+        let linux = spec.linux().clone().unwrap_or_default();
+        let args = process.args().clone().unwrap_or_default();
+        let first = args
+            .first()
+            .ok_or_else(|| SandboxError("empty command".into()))?;
+        let env: Vec<String> = process.env().clone().unwrap_or_default();
+        let path = env
+            .iter()
+            .rev()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or(crate::solver::run::DEFAULT_PATH);
+        let exe_candidates = if first.contains('/') {
+            vec![cstring(first)?]
+        } else {
+            path.split(':')
+                .filter(|d| d.starts_with('/'))
+                .map(|d| cstring(&format!("{}/{}", d.trim_end_matches('/'), first)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut mounts = Vec::new();
+        for m in spec.mounts().iter().flatten() {
+            let dest = m.destination().display().to_string();
+            let options = m.options().clone().unwrap_or_default();
+            let (flags, data, bind) = parse_options(&options);
+            let typ = m.typ().clone().unwrap_or_default();
+            let source = m.source().clone().unwrap_or_default();
+            if bind || typ == "bind" {
+                mounts.push(Planned::Bind {
+                    source,
+                    dest,
+                    flags,
+                });
+            } else {
+                mounts.push(Planned::Fs {
+                    typ,
+                    source: source.display().to_string(),
+                    dest,
+                    flags,
+                    data,
+                });
+            }
+        }
+        let mut netns = None;
+        let mut new_netns = false;
+        for ns in linux.namespaces().iter().flatten() {
+            if ns.typ() == LinuxNamespaceType::Network {
+                match ns.path() {
+                    Some(p) => {
+                        netns = Some(fs::File::open(p).map_err(|e| {
+                            SandboxError(format!("network namespace {}: {}", p.display(), e))
+                        })?)
+                    }
+                    None => new_netns = true,
+                }
+            }
+        }
+        let caps = process.capabilities().clone().unwrap_or_default();
+        let bounding = cap_set(caps.bounding());
+        let current =
+            caps::read(None, caps::CapSet::Bounding).map_err(serr("read capabilities"))?;
+        let filters = match linux.seccomp() {
+            Some(profile) => seccomp::compile(profile).map_err(|e| SandboxError(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let user = process.user();
+        Ok(Prepared {
+            root: root.clone(),
+            mounts,
+            masked: linux.masked_paths().clone().unwrap_or_default(),
+            readonly: linux.readonly_paths().clone().unwrap_or_default(),
+            hostname: spec.hostname().clone().unwrap_or_else(|| "builder".into()),
+            netns,
+            new_netns,
+            nodev: denies_devices(&linux),
+            uid: user.uid(),
+            gid: user.gid(),
+            groups: user
+                .additional_gids()
+                .iter()
+                .flatten()
+                .map(|g| Gid::from_raw(*g))
+                .collect(),
+            cwd: cstring(&process.cwd().display().to_string())?,
+            exe_candidates,
+            argv: args.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?,
+            envp: env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?,
+            bounding_drop: current.difference(&bounding).copied().collect(),
+            // Nothing beyond what builder holds (and this kernel knows) can be granted.
+            permitted: cap_set(caps.permitted())
+                .intersection(&current)
+                .copied()
+                .collect(),
+            effective: cap_set(caps.effective())
+                .intersection(&current)
+                .copied()
+                .collect(),
+            inheritable: cap_set(caps.inheritable())
+                .intersection(&current)
+                .copied()
+                .collect(),
+            filters,
+        })
+    }
+}
+
+/// Whether the spec's device rules deny every device, which the built-in executor (having
+/// no device cgroup of its own) enforces by mounting everything the step can write `nodev`.
+fn denies_devices(linux: &oci_spec::runtime::Linux) -> bool {
+    linux
+        .resources()
+        .as_ref()
+        .and_then(|r| r.devices().as_ref())
+        .is_some_and(|rules| {
+            rules.iter().any(|d| {
+                !d.allow()
+                    && d.major().is_none()
+                    && matches!(d.typ(), None | Some(oci_spec::runtime::LinuxDeviceType::A))
+            })
+        })
+}
+
+/// The first child: network namespace, the other namespaces, then PID 1.
+fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError> {
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    if let Some(ns) = &p.netns {
+        setns(ns, CloneFlags::CLONE_NEWNET).map_err(serr("join the step's network namespace"))?;
+    }
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if p.new_netns {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(serr("unshare namespaces (builder needs root for RUN)"))?;
+    match unsafe { fork() }.map_err(serr("fork"))? {
+        ForkResult::Child => exit_child(err.as_raw_fd(), init(p, out, err)),
+        ForkResult::Parent { child } => {
+            drop(out);
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+                    Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Ok(_) => continue,
+                    Err(e) => return Err(SandboxError(format!("wait: {}", e))),
+                }
+            }
+        }
+    }
+}
+
+fn mkdir_p(p: &Path) -> Result<(), SandboxError> {
+    fs::create_dir_all(p).map_err(|e| SandboxError(format!("mkdir {}: {}", p.display(), e)))
+}
+
+fn touch(p: &Path) -> Result<(), SandboxError> {
+    if fs::symlink_metadata(p).is_err() {
+        if let Some(d) = p.parent() {
+            mkdir_p(d)?;
+        }
+        fs::File::create(p).map_err(|e| SandboxError(format!("create {}: {}", p.display(), e)))?;
+    }
+    Ok(())
+}
+
+fn mnt(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), SandboxError> {
+    mount(src, target, fstype, flags, data).map_err(|e| {
+        SandboxError(format!(
+            "mount {} on {}: {}",
+            fstype.or(src).unwrap_or("?"),
+            target.display(),
+            e
+        ))
+    })
+}
+
+/// The per-mount flags a bind mount at `target` already carries; a remount must keep them
+/// (in a user namespace the kernel refuses to clear locked ones).
+fn current_flags(target: &Path) -> MsFlags {
+    let Ok(st) = nix::sys::statvfs::statvfs(target) else {
+        return MsFlags::empty();
+    };
+    use nix::sys::statvfs::FsFlags;
+    let f = st.flags();
+    let mut out = MsFlags::empty();
+    for (from, to) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(from) {
+            out |= to;
+        }
+    }
+    out
+}
+
+/// Bind `source` on `target`, then apply `flags` (read-only, nosuid, nodev, noexec).
+fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), SandboxError> {
+    let s = source.display().to_string();
+    mnt(
+        Some(&s),
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    if !flags.is_empty() {
+        let keep = current_flags(target);
+        mnt(
+            None,
+            target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags | keep,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// A path inside the new root, resolved so symlinks in the image cannot point mounts outside.
+fn inside(root: &Path, image_path: &str) -> Result<PathBuf, SandboxError> {
+    crate::oci::unpack::resolve_in_root(root, Path::new(image_path.trim_start_matches('/')))
+        .map_err(|e| SandboxError(format!("{}: {}", image_path, e)))
+}
+
+fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
+    let nodev = if p.nodev {
+        MsFlags::MS_NODEV
+    } else {
+        MsFlags::empty()
+    };
+    match p.root.overlay_options()? {
+        Some((data, base)) => {
+            chdir(base).map_err(serr("chdir to the snapshot directory"))?;
+            mnt(
+                Some("overlay"),
+                p.root.target(),
+                Some("overlay"),
+                nodev,
+                Some(&data),
+            )
+        }
+        None => {
+            let dir = p.root.target();
+            bind(dir, dir, nodev)
+        }
+    }
+}
+
+/// The standard device nodes and links of /dev, once its tmpfs is mounted.
+fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
+    for name in policy::DEVICES {
+        let t = dev.join(name);
+        touch(&t)?;
+        mnt(
+            Some(&format!("/dev/{}", name)),
+            &t,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, dev.join(link));
+    }
+    Ok(())
+}
+
+/// Perform one planned mount inside `root`.
+fn perform(root: &Path, m: &Planned, nodev: bool) -> Result<(), SandboxError> {
+    match m {
+        Planned::Bind {
+            source,
+            dest,
+            flags,
+        } => {
+            let t = inside(root, dest)?;
+            let md = fs::metadata(source)
+                .map_err(|e| SandboxError(format!("bind source {}: {}", source.display(), e)))?;
+            if md.is_dir() {
+                mkdir_p(&t)?;
+            } else if md.is_file() {
+                touch(&t)?;
+            } else {
+                return Err(SandboxError(format!(
+                    "bind source {} is not a regular file or directory",
+                    source.display()
+                )));
+            }
+            bind(source, &t, *flags)
+        }
+        Planned::Fs {
+            typ,
+            source,
+            dest,
+            flags,
+            data,
+        } => {
+            let t = inside(root, dest)?;
+            mkdir_p(&t)?;
+            let data = (!data.is_empty()).then_some(data.as_str());
+            // The device rule, enforced: nodes made in a writable tmpfs (/dev included, whose
+            // standard devices are binds of the host's) cannot be opened.
+            let flags = if nodev && typ == "tmpfs" {
+                *flags | MsFlags::MS_NODEV
+            } else {
+                *flags
+            };
+            match mount(Some(source.as_str()), &t, Some(typ.as_str()), flags, data) {
+                Ok(()) => {
+                    if typ == "tmpfs" && dest == "/dev" {
+                        populate_dev(&t)?;
+                    }
+                    Ok(())
+                }
+                // In a rootless user namespace sysfs may not be mountable: bind the host's,
+                // read-only, or go without it (documented).
+                Err(_) if typ == "sysfs" => {
+                    if bind(Path::new("/sys"), &t, flags | MsFlags::MS_RDONLY).is_err() {
+                        let _ = umount2(&t, MntFlags::MNT_DETACH);
+                    }
+                    Ok(())
+                }
+                // Optional file systems (devpts, mqueue) a user namespace may refuse.
+                Err(_) if typ == "devpts" || typ == "mqueue" => Ok(()),
+                Err(e) => Err(SandboxError(format!("mount {} on {}: {}", typ, dest, e))),
+            }
+        }
+    }
+}
+
+/// Hide masked paths and make read-only paths read-only (after /proc and /sys exist).
+fn restrict_paths(root: &Path, p: &Prepared) -> Result<(), SandboxError> {
+    for path in &p.masked {
+        let Ok(t) = inside(root, path) else { continue };
+        match fs::symlink_metadata(&t) {
+            Ok(md) if md.is_dir() => mnt(
+                Some("tmpfs"),
+                &t,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )?,
+            Ok(_) => mnt(Some("/dev/null"), &t, None, MsFlags::MS_BIND, None)?,
+            Err(_) => continue,
+        }
+    }
+    for path in &p.readonly {
+        let Ok(t) = inside(root, path) else { continue };
+        if fs::symlink_metadata(&t).is_err() {
+            continue;
+        }
+        bind(
+            &t,
+            &t,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        )?;
+    }
+    Ok(())
+}
+
+/// PID 1 of the step.
+fn init(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError> {
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    mount_root(p)?;
+    let root = p.root.target().to_path_buf();
+    for m in &p.mounts {
+        perform(&root, m, p.nodev)?;
+    }
+    restrict_paths(&root, p)?;
+    // Into the new root; the old root is detached and gone.
+    chdir(&root).map_err(serr("chdir to the new root"))?;
+    pivot_root(".", ".").map_err(serr("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(serr("detach the old root"))?;
+    chdir("/").map_err(serr("chdir /"))?;
+    sethostname(&p.hostname).map_err(serr("sethostname"))?;
+    if p.new_netns {
+        super::network::loopback_up();
+    }
+    match unsafe { fork() }.map_err(serr("fork"))? {
+        ForkResult::Child => {
+            let fd = out.as_raw_fd();
+            unsafe {
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+                let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                if devnull >= 0 {
+                    libc::dup2(devnull, 0);
+                }
+            }
+            drop(out);
+            match exec_command(p) {
+                // exec failed: the command's own failure, reported as the shell would.
+                Ok(errno) => {
+                    let name = p
+                        .argv
+                        .first()
+                        .map(|a| a.to_string_lossy())
+                        .unwrap_or_default();
+                    write_fd(
+                        2,
+                        &format!("builder sandbox: exec {}: {}\n", name, errno.desc()),
+                    );
+                    unsafe {
+                        libc::_exit(if errno == nix::errno::Errno::ENOENT {
+                            127
+                        } else {
+                            126
+                        })
+                    }
+                }
+                Err(e) => exit_child(err.as_raw_fd(), Err(e)),
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop(out);
+            reap_until(child)
+        }
+    }
+}
+
+/// Apply the spec's process settings and exec. Returns the errno of a failed exec, or a
+/// set-up error.
+fn exec_command(p: &Prepared) -> Result<nix::errno::Errno, SandboxError> {
+    use caps::CapSet;
+    for c in &p.bounding_drop {
+        caps::drop(None, CapSet::Bounding, *c).map_err(serr("drop a capability"))?;
+    }
+    caps::clear(None, CapSet::Ambient).map_err(serr("clear ambient capabilities"))?;
+    caps::set(None, CapSet::Inheritable, &p.inheritable)
+        .map_err(serr("inheritable capabilities"))?;
+    // While CAP_SYS_ADMIN is still held; the filter allows what follows.
+    seccomp::apply(&p.filters).map_err(|e| SandboxError(e.to_string()))?;
+    match setgroups(&p.groups) {
+        // A rootless user namespace denies setgroups: the step keeps no supplementary groups.
+        Err(nix::errno::Errno::EPERM) if crate::worker::rootless() => {}
+        Err(e) => return Err(SandboxError(format!("setgroups: {}", e))),
+        Ok(()) => {}
+    }
+    let unmapped = |what: &str, id: u32, e: nix::errno::Errno| {
+        if e == nix::errno::Errno::EINVAL && crate::worker::rootless() {
+            SandboxError(format!("{} {} is not available in rootless mode (only id 0 is mapped; run builder as root for USER with other ids)", what, id))
+        } else {
+            SandboxError(format!("{} {}: {}", what, id, e))
+        }
+    };
+    setgid(Gid::from_raw(p.gid)).map_err(|e| unmapped("group", p.gid, e))?;
+    setuid(Uid::from_raw(p.uid)).map_err(|e| unmapped("user", p.uid, e))?;
+    if p.uid == 0 {
+        // A non-root user lost permitted and effective capabilities with setuid already.
+        caps::set(None, CapSet::Effective, &p.effective).map_err(serr("effective capabilities"))?;
+        caps::set(None, CapSet::Permitted, &p.permitted).map_err(serr("permitted capabilities"))?;
+    }
+    if let Err(e) = nix::unistd::chdir(p.cwd.as_c_str()) {
+        return Err(SandboxError(format!(
+            "working directory {}: {}",
+            p.cwd.to_string_lossy(),
+            e
+        )));
+    }
+    unsafe {
+        libc::umask(0o022);
+    }
+    // execvpe's search, on the image's PATH rather than builder's.
+    let mut last = nix::errno::Errno::ENOENT;
+    for exe in &p.exe_candidates {
+        let Err(e) = nix::unistd::execve(exe, &p.argv, &p.envp);
+        match e {
+            nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR => {}
+            other => last = other,
+        }
+    }
+    Ok(last)
+}
+
+/// PID 1's duty: reap every child; return when the command itself exits.
+fn reap_until(cmd: Pid) -> Result<i32, SandboxError> {
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, c)) if pid == cmd => return Ok(c),
+            Ok(WaitStatus::Signaled(pid, s, _)) if pid == cmd => return Ok(128 + s as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError(format!("wait: {}", e))),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The RUN sandbox. A step is described once, as an OCI runtime spec ([`policy`]: Docker's
+//! default capabilities, seccomp profile, masked and read-only paths, namespaces, a minimal
+//! /dev), and run by one of two executors that both honour that spec:
+//! - [`builtin`]: builder forks, unshares the namespaces and applies the spec itself (caps
+//!   through the `caps` crate, seccomp compiled by `seccompiler`). No external program.
+//! - [`runtime`]: an OCI runtime (`--runtime runc|crun|runsc|PATH`) is handed a bundle whose
+//!   config.json is the same spec.
+//!
+//! The network ([`network`]): `default` is a network namespace of the step's own whose only
+//! way out is a user-mode stack (slirp4netns or pasta) that cannot reach the host's loopback;
+//! `none` has loopback only; `host` (gated by `--allow network.host`) shares the host's.
+//!
+//! When a step's PID 1 exits, the kernel kills every process left in its PID namespace and
+//! drops every mount of its mount namespace, so a finished, failed or killed step leaves
+//! nothing on the host. A sandbox that could not be set up is reported as a [`SandboxError`]
+//! through a channel of its own, never through the step's exit status.
+
+pub mod builtin;
+pub mod network;
+pub mod policy;
+pub mod runtime;
+pub mod seccomp;
+
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+
+/// How the step's root filesystem is provided.
+#[derive(Debug, Clone)]
+pub enum RootMount {
+    /// overlayfs: read-only lowers (top first), a fresh upper and work dir.
+    Overlay {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+        merged: PathBuf,
+        /// Lowers under it are named relative to it in the mount options.
+        base: PathBuf,
+    },
+    /// A private writable copy, bind-mounted onto itself.
+    Bind { dir: PathBuf },
+}
+
+impl RootMount {
+    /// For an overlay: the mount options, with lower dirs named relative to the directory
+    /// (also returned) that the mounting process must chdir into first.
+    pub fn overlay_options(&self) -> Result<Option<(String, &Path)>, SandboxError> {
+        let RootMount::Overlay {
+            lowers,
+            upper,
+            work,
+            base,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let lower = crate::worker::snapshots::lowerdir_option(lowers, base)
+            .map_err(|e| SandboxError(e.to_string()))?;
+        let data = format!(
+            "{},upperdir={},workdir={}",
+            lower,
+            upper.display(),
+            work.display()
+        );
+        Ok(Some((data, base.as_path())))
+    }
+
+    /// The directory that becomes the step's `/`.
+    pub fn target(&self) -> &Path {
+        match self {
+            RootMount::Overlay { merged, .. } => merged,
+            RootMount::Bind { dir } => dir,
+        }
+    }
+}
+
+/// One extra mount for the step (RUN --mount), resolved to host paths.
+#[derive(Debug, Clone)]
+pub enum ExtraMount {
+    /// Bind `source` at `target` (absolute in the image).
+    Bind {
+        source: PathBuf,
+        target: String,
+        readonly: bool,
+    },
+    Tmpfs {
+        target: String,
+        size: Option<u64>,
+    },
+}
+
+/// The step's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// Its own namespace, out through a user-mode stack (`--network=default`).
+    Private,
+    /// Its own namespace with loopback only (`--network=none`).
+    Loopback,
+    /// The host's namespace (`--network=host`, an entitlement).
+    Host,
+}
+
+/// Who runs the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Executor {
+    /// builder itself.
+    Builtin,
+    /// An OCI runtime binary (runc, crun, runsc or a path).
+    Runtime(PathBuf),
+}
+
+/// Everything the sandbox needs to run one command.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub root: RootMount,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub hostname: String,
+    pub network: NetworkMode,
+    /// `RUN --security=insecure`: every capability, no seccomp, no masked paths.
+    pub insecure: bool,
+    /// Host files bind-mounted read-only over /etc/resolv.conf, /etc/hosts, /etc/hostname.
+    pub etc_files: Vec<(PathBuf, String)>,
+    pub mounts: Vec<ExtraMount>,
+    pub executor: Executor,
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// A sandbox that could not start (as opposed to a command that failed).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SandboxError(pub String);
+
+pub(crate) fn serr<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> SandboxError + '_ {
+    move |e| SandboxError(format!("{}: {}", what, e))
+}
+
+/// Paths created in the root only to serve as mount points; the caller removes them from the
+/// step's diff.
+pub fn mount_points(spec: &RunSpec) -> Vec<String> {
+    let mut v: Vec<String> = vec!["/proc".into(), "/dev".into(), "/sys".into()];
+    for (_, t) in &spec.etc_files {
+        v.push(t.clone());
+    }
+    for m in &spec.mounts {
+        match m {
+            ExtraMount::Bind { target, .. } | ExtraMount::Tmpfs { target, .. } => {
+                v.push(target.clone())
+            }
+        }
+    }
+    v
+}
+
+/// Run the step; `on_line` receives its output (stdout and stderr merged) line by line.
+pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, SandboxError> {
+    let net = match spec.network {
+        NetworkMode::Private => Some(network::PrivateNetwork::start()?),
+        NetworkMode::Loopback | NetworkMode::Host => None,
+    };
+    let oci = policy::runtime_spec(spec, spec.root.target(), net.as_ref().map(|n| n.path()));
+    let result = match &spec.executor {
+        Executor::Builtin => builtin::run(&oci, &spec.root, on_line),
+        Executor::Runtime(binary) => runtime::run(binary, &oci, &spec.root, on_line),
+    };
+    drop(net);
+    result
+}
+
+/// Read a child's output pipe line by line until it closes.
+pub(crate) fn pump_lines(file: std::fs::File, on_line: &mut dyn FnMut(&str)) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(file);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                on_line(line.trim_end_matches('\n'));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+}
+
+/// Signal numbers as names for messages.
+pub fn signal_name(s: i32) -> String {
+    Signal::try_from(s)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {}", s))
+}

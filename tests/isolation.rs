@@ -1,0 +1,596 @@
+//! RUN isolation tried as an attacker would, against both executors (builder's own and runc):
+//! a statically linked probe (tests/isolation/probe.c) runs inside a step and tries to read the
+//! host file system through a bind mount, remount the read-only context mount and write the
+//! host's context, mount file systems, write /proc/sys, use device nodes, make namespaces,
+//! call keyctl/bpf/module syscalls, and reach a server on the host's loopback. Every attempt
+//! must fail. Also: Docker's capability set and seccomp mode as /proc reports them,
+//! entitlements for host network and insecure steps, outbound traffic through the user-mode
+//! stack to a test host in a network namespace, executors agreeing byte for byte on layers,
+//! poisoned and sparse base layers, and FIFOs as bind sources.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+
+/// Compile the probe statically (gcc and libc6-dev, which .ci/run installs).
+fn probe_binary(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/isolation/probe.c");
+    let out = dir.join("probe");
+    run_ok(
+        tool("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(&out)
+            .arg(&src),
+    );
+    out
+}
+
+/// A server on the host's 127.0.0.1 that counts the connections it accepts.
+struct HostServer {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HostServer {
+    fn start() -> HostServer {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if c.is_ok() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        HostServer { port, accepted }
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        busybox_base(&dir.path().join("root"), "busybox:test");
+        Env { dir }
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn ctx(&self, name: &str, buildfile: &str) -> PathBuf {
+        let ctx = self.dir.path().join(name);
+        write(&ctx.join("Buildfile"), buildfile);
+        ctx
+    }
+    fn build(&self, ctx: &Path, extra: &[&str]) -> std::process::Output {
+        run(builder()
+            .args(["build", "--progress", "plain", "--root"])
+            .arg(self.root())
+            .args(extra)
+            .arg(ctx))
+    }
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The probe's verdicts: (check, refused?, detail).
+fn checks(log: &str) -> Vec<(String, bool, String)> {
+    log.lines()
+        .filter_map(|l| l.split_once("CHECK "))
+        .filter_map(|(_, rest)| {
+            let mut it = rest.splitn(3, ' ');
+            let name = it.next()?.to_string();
+            let verdict = it.next()?;
+            Some((
+                name,
+                verdict == "refused",
+                it.next().unwrap_or("").to_string(),
+            ))
+        })
+        .collect()
+}
+
+const EXECUTORS: &[&[&str]] = &[&[], &["--runtime", "runc"]];
+
+#[test]
+fn every_escape_attempt_fails_under_both_executors() {
+    let e = Env::new();
+    let server = HostServer::start();
+    for (i, exec) in EXECUTORS.iter().enumerate() {
+        let ctx = e.ctx(
+            &format!("probe-{}", i),
+            &format!(
+                "FROM busybox:test\n\
+                 COPY probe /probe\n\
+                 RUN --mount=type=bind,target=/ctx /probe {port} /ctx\n\
+                 RUN grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|Seccomp|NoNewPrivs):' /proc/self/status\n\
+                 USER 1000\n\
+                 RUN grep -E '^(CapEff|CapBnd):' /proc/self/status | sed 's/^/user /'\n",
+                port = server.port
+            ),
+        );
+        fs::copy(probe_binary(e.dir.path()), ctx.join("probe")).unwrap();
+        let mut args = vec!["--no-cache"];
+        args.extend_from_slice(exec);
+        let out = e.build(&ctx, &args);
+        let log = stderr(&out);
+        assert!(out.status.success(), "{:?}: {log}", exec);
+        let found = checks(&log);
+        assert!(
+            found.len() >= 35,
+            "the probe ran every check ({:?}): {log}",
+            exec
+        );
+        let escaped: Vec<_> = found.iter().filter(|(_, refused, _)| !refused).collect();
+        assert!(escaped.is_empty(), "{:?}: escapes: {:?}", exec, escaped);
+        assert!(
+            !ctx.join("written-by-step").exists(),
+            "the step wrote into the host's build context"
+        );
+        // Docker's 14 default capabilities (0xa80425fb), nothing inheritable or ambient.
+        for want in [
+            "CapInh:\t0000000000000000",
+            "CapPrm:\t00000000a80425fb",
+            "CapEff:\t00000000a80425fb",
+            "CapBnd:\t00000000a80425fb",
+            "CapAmb:\t0000000000000000",
+            "Seccomp:\t2",
+            "NoNewPrivs:\t0",
+            "user CapEff:\t0000000000000000",
+            "user CapBnd:\t00000000a80425fb",
+        ] {
+            assert!(log.contains(want), "{:?}: want {:?} in {log}", exec, want);
+        }
+    }
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        0,
+        "a step reached the host's loopback"
+    );
+}
+
+#[test]
+fn the_probe_can_tell_an_escape_from_a_refusal() {
+    // Under the opt-in insecure mode the same probe must see the weakened sandbox; otherwise
+    // the test above could pass without the probe detecting anything.
+    let e = Env::new();
+    let ctx = e.ctx(
+        "insecure",
+        "FROM busybox:test\nCOPY probe /probe\nRUN --security=insecure /probe 1 /tmp\n",
+    );
+    fs::copy(probe_binary(e.dir.path()), ctx.join("probe")).unwrap();
+    let refused = e.build(&ctx, &[]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--allow security.insecure"),
+        "{}",
+        stderr(&refused)
+    );
+    let out = e.build(&ctx, &["--allow", "security.insecure"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    let found = checks(&log);
+    for name in ["mount_tmpfs", "unshare_net", "keyctl"] {
+        assert!(
+            found.iter().any(|(n, refused, _)| n == name && !refused),
+            "{name} works under --security=insecure: {log}"
+        );
+    }
+}
+
+#[test]
+fn host_network_needs_the_entitlement() {
+    let e = Env::new();
+    let ctx = e.ctx(
+        "host",
+        "FROM busybox:test\nRUN --network=host ls /sys/class/net > /dev/null\n",
+    );
+    let out = e.build(&ctx, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--allow network.host"),
+        "{}",
+        stderr(&out)
+    );
+    let out = e.build(&ctx, &["--network", "host", "--no-cache"]);
+    assert!(!out.status.success(), "the build-wide flag needs it too");
+    let out = e.build(&ctx, &["--allow", "network.host"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A test host: a network namespace of this test's own, joined to the host by a veth pair,
+/// with a TCP server on its address. Traffic goes nowhere else: the route is checked first.
+struct TestHost {
+    ns: String,
+    veth: String,
+    addr: String,
+    port: u16,
+}
+
+impl TestHost {
+    fn start(served: &'static str) -> TestHost {
+        let id = std::process::id() % 200 + 20;
+        let ns = format!("bt-iso-{}", std::process::id());
+        let veth = format!("bti{}", std::process::id() % 100000);
+        let host_addr = format!("10.199.{}.1", id);
+        let addr = format!("10.199.{}.2", id);
+        let ip = |args: &[&str]| run_ok(tool("ip").args(args));
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{}/30", host_addr), "dev", &veth]);
+        ip(&["link", "set", &veth, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/30", addr),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "route", "add", "default", "via", &host_addr]);
+        let route = ip(&["route", "get", &addr]);
+        assert!(
+            route.contains(&format!("dev {}", veth)),
+            "the test host's address must route to its veth, not elsewhere: {route}"
+        );
+        // The server: a thread that enters the namespace, so it needs no other program.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let nspath = format!("/run/netns/{}", ns);
+        let bind = addr.clone();
+        std::thread::spawn(move || {
+            let f = fs::File::open(&nspath).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = TcpListener::bind(format!("{}:0", bind)).unwrap();
+            tx.send(l.local_addr().unwrap().port()).unwrap();
+            for mut c in l.incoming().flatten() {
+                let mut req = [0u8; 256];
+                let _ = c.read(&mut req);
+                let _ = c.write_all(served.as_bytes());
+            }
+        });
+        let port = rx.recv().unwrap();
+        TestHost {
+            ns,
+            veth,
+            addr,
+            port,
+        }
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+    }
+}
+
+#[test]
+fn default_network_goes_out_through_the_user_mode_stack_but_never_to_host_loopback() {
+    let e = Env::new();
+    let server = HostServer::start();
+    let testhost = TestHost::start("hello-from-the-test-host\n");
+    {
+        let helper = "slirp4netns";
+        for (i, exec) in EXECUTORS.iter().enumerate() {
+            let ctx = e.ctx(
+                &format!("net-{}-{}", helper, i),
+                &format!(
+                    "FROM busybox:test\n\
+                     RUN ls /sys/class/net; echo GET / | nc {addr} {port}; \
+                     echo x | nc 127.0.0.1 {hp} && printf 'REACH%s\\n' ED-127; \
+                     echo x | nc 10.0.2.2 {hp} && printf 'REACH%s\\n' ED-GATEWAY; true\n",
+                    addr = testhost.addr,
+                    port = testhost.port,
+                    hp = server.port
+                ),
+            );
+            let mut args = vec!["--no-cache"];
+            args.extend_from_slice(exec);
+            let out = run(builder()
+                .args(["build", "--progress", "plain", "--root"])
+                .arg(e.root())
+                .args(&args)
+                .arg(&ctx));
+            let log = stderr(&out);
+            assert!(out.status.success(), "{helper} {:?}: {log}", exec);
+            assert!(
+                log.contains("hello-from-the-test-host"),
+                "{helper} {:?}: the step reaches a host outside: {log}",
+                exec
+            );
+            assert!(!log.contains("REACHED"), "{helper} {:?}: {log}", exec);
+            assert!(!log.contains("eth0"), "not the host's interfaces: {log}");
+        }
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_missing_network_helper_is_an_error_never_the_host_network() {
+    let e = Env::new();
+    let ctx = e.ctx("nohelper", "FROM busybox:test\nRUN true\n");
+    let empty = e.dir.path().join("empty-path");
+    fs::create_dir_all(&empty).unwrap();
+    let out = run(builder()
+        .env("PATH", &empty)
+        .args(["build", "--progress", "plain", "--root"])
+        .arg(e.root())
+        .arg(&ctx));
+    assert!(!out.status.success());
+    let log = stderr(&out);
+    assert!(
+        log.contains("slirp4netns") && log.contains("--network=none"),
+        "{log}"
+    );
+}
+
+#[test]
+fn both_executors_write_byte_identical_layers() {
+    let e = Env::new();
+    let buildfile = "FROM busybox:test\n\
+        RUN mkdir -p /a/b && echo one > /a/b/f && ln -s /a/b/f /link && rm /bin/ls && chmod 4755 /a/b/f\n\
+        RUN echo two >> /a/b/f && mkdir /tmp2 && touch /tmp2/x && rm -r /a/b\n";
+    let mut digests = Vec::new();
+    for (i, exec) in EXECUTORS.iter().enumerate() {
+        let ctx = e.ctx(&format!("same-{}", i), buildfile);
+        let mut args = vec!["--no-cache", "--source-date-epoch", "1000"];
+        args.extend_from_slice(exec);
+        digests.push(build(&e.root(), &ctx, &args));
+    }
+    assert_eq!(digests[0], digests[1], "builtin and runc agree");
+}
+
+#[test]
+fn a_missing_runtime_is_a_clear_error() {
+    let e = Env::new();
+    let ctx = e.ctx("noruntime", "FROM busybox:test\nRUN true\n");
+    let out = e.build(&ctx, &["--runtime", "no-such-runtime"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no-such-runtime"), "{}", stderr(&out));
+}
+
+#[test]
+fn debug_sandbox_prints_the_policy() {
+    let out = run_ok(builder().args(["debug", "sandbox"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
+    assert_eq!(caps.len(), 14);
+    assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+    assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+    let masked = v["linux"]["maskedPaths"].as_array().unwrap();
+    assert!(masked.iter().any(|p| p == "/proc/kcore"));
+    let ro = v["linux"]["readonlyPaths"].as_array().unwrap();
+    assert!(ro.iter().any(|p| p == "/proc/sys"));
+}
+
+#[test]
+fn a_fifo_as_bind_source_is_an_error_not_a_hang() {
+    let e = Env::new();
+    let ctx = e.ctx(
+        "fifo",
+        "FROM busybox:test\nRUN --mount=type=bind,source=pipe,target=/p,rw cat /p\n",
+    );
+    nix::unistd::mkfifo(
+        &ctx.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    let out = e.build(&ctx, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("pipe"), "{}", stderr(&out));
+    // In the context a COPY passes over it, and says so.
+    write(&ctx.join("Buildfile"), "FROM busybox:test\nCOPY . /c/\n");
+    let out = e.build(&ctx, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("skipped pipe (a FIFO)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// An OCI layout `dir` like `from`, but with layer `index` replaced by `tar` (gzipped here),
+/// and the config's diff_id for it set to `claimed` (None: the truth).
+fn relayer(from: &Path, dir: &Path, index: usize, tar: &[u8], claimed: Option<&str>) {
+    use sha2::Digest as _;
+    let hex = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    copy_dir(from, dir);
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index_json: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mdesc = index_json["manifests"][0].clone();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(mdesc["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let gz_digest = hex(&gz);
+    fs::write(blob(&gz_digest), &gz).unwrap();
+    manifest["layers"][index]["digest"] = format!("sha256:{}", gz_digest).into();
+    manifest["layers"][index]["size"] = gz.len().into();
+    let diff_id = claimed
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("sha256:{}", hex(tar)));
+    config["rootfs"]["diff_ids"][index] = diff_id.into();
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_digest = hex(&config_bytes);
+    fs::write(blob(&config_digest), &config_bytes).unwrap();
+    manifest["config"]["digest"] = format!("sha256:{}", config_digest).into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let manifest_digest = hex(&manifest_bytes);
+    fs::write(blob(&manifest_digest), &manifest_bytes).unwrap();
+    let mut index_json = index_json;
+    index_json["manifests"][0]["digest"] = format!("sha256:{}", manifest_digest).into();
+    index_json["manifests"][0]["size"] = manifest_bytes.len().into();
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index_json).unwrap(),
+    )
+    .unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in walkdir::WalkDir::new(from) {
+        let entry = entry.unwrap();
+        let dst = to.join(entry.path().strip_prefix(from).unwrap());
+        if entry.file_type().is_dir() {
+            fs::create_dir_all(&dst).unwrap();
+        } else {
+            fs::copy(entry.path(), &dst).unwrap();
+        }
+    }
+}
+
+fn tar_of(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, content).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// An honest layout: busybox plus one layer holding /f.txt.
+fn honest_layout(e: &Env) -> PathBuf {
+    let ctx = e.ctx("honest", "FROM busybox:test\nCOPY f.txt /f.txt\n");
+    fs::write(ctx.join("f.txt"), "honest\n").unwrap();
+    let layout = e.dir.path().join("honest-layout");
+    build(
+        &e.root(),
+        &ctx,
+        &["-o", &format!("oci:{}:t", layout.display())],
+    );
+    layout
+}
+
+#[test]
+fn a_layer_that_lies_about_its_diff_id_is_refused_and_poisons_nothing() {
+    let e = Env::new();
+    let honest = honest_layout(&e);
+    let config_diff_id = {
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(honest.join("index.json")).unwrap()).unwrap();
+        let blob = |d: &str| {
+            honest
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:"))
+        };
+        let m: serde_json::Value = serde_json::from_slice(
+            &fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        let c: serde_json::Value = serde_json::from_slice(
+            &fs::read(blob(m["config"]["digest"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        c["rootfs"]["diff_ids"][1].as_str().unwrap().to_string()
+    };
+    // The hostile image claims the honest layer's diff_id (so the same chain id) for other bytes.
+    let hostile = e.dir.path().join("hostile-layout");
+    relayer(
+        &honest,
+        &hostile,
+        1,
+        &tar_of("f.txt", b"hostile\n"),
+        Some(&config_diff_id),
+    );
+    let ctx = e.ctx(
+        "use-hostile",
+        &format!("FROM oci:{}:t\nRUN cat /f.txt\n", hostile.display()),
+    );
+    let out = e.build(&ctx, &[]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("diff_id"), "{}", stderr(&out));
+    // A later honest build with the same chain id sees the honest content.
+    let ctx = e.ctx(
+        "use-honest",
+        &format!("FROM oci:{}:t\nRUN cat /f.txt\n", honest.display()),
+    );
+    let out = e.build(&ctx, &[]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("honest") && !log.contains("hostile"), "{log}");
+    let fsck = run(builder().args(["fsck", "--root"]).arg(e.root()));
+    assert!(fsck.status.success(), "{}", stderr(&fsck));
+}
+
+#[test]
+fn a_sparse_layer_entry_becomes_a_hole_not_gigabytes_of_zeros() {
+    let e = Env::new();
+    let honest = honest_layout(&e);
+    // GNU tar writes the sparse map; 8 GiB apparent, one 4 KiB block of data.
+    let src = e.dir.path().join("sparse-src");
+    fs::create_dir_all(&src).unwrap();
+    let f = fs::File::create(src.join("big")).unwrap();
+    f.set_len(8 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_at(b"end", (8 << 30) - 3).unwrap();
+    let tarfile = e.dir.path().join("sparse.tar");
+    run_ok(
+        tool("tar")
+            .arg("--sparse")
+            .arg("-cf")
+            .arg(&tarfile)
+            .arg("-C")
+            .arg(&src)
+            .arg("big"),
+    );
+    let tar = fs::read(&tarfile).unwrap();
+    assert!(tar.len() < 1 << 20, "the archive itself is small");
+    let layout = e.dir.path().join("sparse-layout");
+    relayer(&honest, &layout, 1, &tar, None);
+    let ctx = e.ctx(
+        "use-sparse",
+        &format!(
+            "FROM oci:{}:t\nRUN du -k /big | sed 's/^/DU /'; tail -c 3 /big; echo\n",
+            layout.display()
+        ),
+    );
+    let out = e.build(&ctx, &[]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    let du: u64 = log
+        .lines()
+        .find_map(|l| {
+            l.split("DU ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("du output: {log}"));
+    assert!(du < 1024, "the 8 GiB file takes {du} KiB on disk");
+    assert!(log.contains("end"), "{log}");
+}
