@@ -42,44 +42,8 @@ fn has_glob(s: &str) -> bool {
 
 /// Go `filepath.Match` for one path segment (no `/` in name).
 pub fn segment_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some(('*', rest)) => (0..=n.len()).any(|k| go(rest, &n[k..])),
-            Some(('?', rest)) => !n.is_empty() && go(rest, &n[1..]),
-            Some(('\\', rest)) if !rest.is_empty() => {
-                n.first() == Some(&rest[0]) && go(&rest[1..], &n[1..])
-            }
-            Some(('[', rest)) => {
-                let Some(c) = n.first() else { return false };
-                let close = match rest.iter().skip(1).position(|x| *x == ']') {
-                    Some(i) => i + 1,
-                    None => return false,
-                };
-                let class = &rest[..close];
-                let (neg, class) = match class.first() {
-                    Some('^') => (true, &class[1..]),
-                    _ => (false, class),
-                };
-                let mut hit = false;
-                let mut i = 0;
-                while i < class.len() {
-                    if i + 2 < class.len() && class[i + 1] == '-' {
-                        hit |= class[i] <= *c && *c <= class[i + 2];
-                        i += 3;
-                    } else {
-                        hit |= class[i] == *c;
-                        i += 1;
-                    }
-                }
-                hit != neg && go(&rest[close + 1..], &n[1..])
-            }
-            Some((x, rest)) => n.first() == Some(x) && go(rest, &n[1..]),
-        }
-    }
-    let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    go(&p, &n)
+    crate::syntax::glob::segment(pattern).is_some_and(|g| g.matches(&n))
 }
 
 impl SourceRoot {

@@ -394,3 +394,123 @@ fn identical_steps_in_one_build_run_once() {
         "the second identical step reused the first one's result"
     );
 }
+
+#[test]
+fn prune_during_a_builds_commit_leaves_its_tag_and_outputs_whole() {
+    let (t, root, ctx) = setup();
+    for round in 0..3 {
+        let gate = t.path().join(format!("gate-{}", round));
+        let solved = t.path().join(format!("gate-{}.solved", round));
+        let layout = t.path().join(format!("out-{}", round));
+        write(&ctx.join("round"), &round.to_string());
+        let b = builder()
+            .env("BUILDER_TEST_RENDEZVOUS", &gate)
+            .args(["build", "--progress", "quiet", "--root"])
+            .arg(&root)
+            .args(["-t", &format!("raced:{}", round), "-o"])
+            .arg(format!("oci:{}:r", layout.display()))
+            .arg(&ctx)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The build has solved but committed nothing: a prune now must wait for it.
+        for _ in 0..600 {
+            if solved.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(solved.exists(), "the build reached its commit point");
+        let mut prune = builder()
+            .args(["cache", "prune", "--all", "--root"])
+            .arg(&root)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        fs::write(&gate, "").unwrap();
+        let out = b.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(prune.wait().unwrap().success());
+        run_ok(builder().args(["fsck", "--root"]).arg(&root));
+        run_ok(
+            tool("oci-image-tool")
+                .args(["validate", "--type", "image", "--ref", "name=r"])
+                .arg(&layout),
+        );
+        let exported = t.path().join(format!("again-{}", round));
+        run_ok(
+            builder()
+                .args(["export", "--root"])
+                .arg(&root)
+                .arg(format!("raced:{}", round))
+                .arg("-o")
+                .arg(format!("oci:{}:x", exported.display())),
+        );
+    }
+}
+
+#[test]
+fn scratch_of_a_killed_build_is_counted_and_removed_by_the_next_build() {
+    let (t, root, _) = setup();
+    let ctx = t.path().join("slow");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nRUN --network=none dd if=/dev/zero of=/big bs=1024 count=2048 && sleep 30\n",
+    );
+    let mut child = builder()
+        .args(["build", "--progress", "quiet", "--root"])
+        .arg(&root)
+        .arg(&ctx)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let tmp = root.join("tmp");
+    let owned = |p: u32| -> Vec<String> {
+        fs::read_dir(&tmp)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(&format!("-{}-", p)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Wait (bounded) until the step has written its big file into its scratch.
+    let mut big = false;
+    for _ in 0..200 {
+        big = walkdir::WalkDir::new(&tmp).into_iter().flatten().any(|e| {
+            e.file_name() == "big" && e.metadata().map(|m| m.len()).unwrap_or(0) >= 2 << 20
+        });
+        if big {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(big, "the step ran");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!owned(pid).is_empty(), "a killed build leaves scratch");
+    let du = run_ok(builder().args(["cache", "du", "--root"]).arg(&root));
+    let line = du
+        .lines()
+        .find(|l| l.starts_with("build scratch:"))
+        .unwrap_or("");
+    assert!(!line.ends_with(" 0B") && !line.is_empty(), "{du}");
+    // The next build removes what the dead one owned.
+    let quick = t.path().join("quick");
+    write(
+        &quick.join("Buildfile"),
+        "FROM busybox:test\nRUN --network=none true\n",
+    );
+    build_log(&root, &quick, &[]);
+    assert!(owned(pid).is_empty(), "left: {:?}", owned(pid));
+    run_ok(builder().args(["fsck", "--root"]).arg(&root));
+}

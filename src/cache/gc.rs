@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::Path;
 
 use fs2::FileExt;
 
@@ -64,6 +63,8 @@ pub struct Usage {
     pub cache_only_bytes: u64,
     pub image_bytes: u64,
     pub snapshot_bytes: u64,
+    /// Scratch under `tmp/`: running builds' and dead ones' leftovers.
+    pub scratch_bytes: u64,
 }
 
 /// The images names point at, loaded once.
@@ -92,16 +93,6 @@ fn size_of(store: &Store, d: &Digest) -> u64 {
         .unwrap_or(0)
 }
 
-fn dir_size(p: &Path) -> u64 {
-    walkdir::WalkDir::new(p)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
-}
-
 pub fn usage(store: &Store) -> Result<Usage, StoreError> {
     let index = CacheIndex::new(store.root(), &store.blobs);
     let tagged = blobs_of(&tagged_images(store)?);
@@ -118,7 +109,8 @@ pub fn usage(store: &Store) -> Result<Usage, StoreError> {
             .map(|d| size_of(store, d))
             .sum(),
         image_bytes: tagged.iter().map(|d| size_of(store, d)).sum(),
-        snapshot_bytes: dir_size(&store.root().join("snapshots")),
+        snapshot_bytes: crate::store::tree_size(&store.root().join("snapshots")),
+        scratch_bytes: crate::store::tree_size(&store.root().join("tmp")),
     })
 }
 
@@ -135,6 +127,8 @@ pub struct Pruned {
     pub blobs: usize,
     pub bytes: u64,
     pub snapshots: usize,
+    /// Bytes of scratch removed (leftovers of killed builds).
+    pub scratch_bytes: u64,
 }
 
 pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
@@ -194,6 +188,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
         blobs: 0,
         bytes: 0,
         snapshots: 0,
+        scratch_bytes: 0,
     };
     for &i in &remove {
         if fs::remove_file(&entries[i].0).is_ok() {
@@ -237,11 +232,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     // No build is running: leftovers of killed builds can go.
     if let Ok(rd) = fs::read_dir(store.root().join("tmp")) {
         for e in rd.flatten() {
-            let _ = if e.path().is_dir() {
-                fs::remove_dir_all(e.path())
-            } else {
-                fs::remove_file(e.path())
-            };
+            pruned.scratch_bytes += crate::store::remove_counting(&e.path());
         }
     }
     Ok(pruned)

@@ -137,7 +137,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     };
     let opts = PlanOptions {
         target: a.target.clone(),
-        build_args: parse_key_values(&a.build_args),
+        build_args: parse_key_values(&a.build_args)?,
         target_platform,
         build_platform: Platform::host(),
     };
@@ -203,6 +203,16 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         }
     }
     let store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
+    // Held until everything the build writes is committed (tags, pushes, the cache export,
+    // every output): `cache prune` waits for it, so it never takes what this build uses.
+    let _lease = crate::cache::gc::build_lease(&store)?;
+    let freed = store.clean_stale_scratch();
+    if freed > 0 {
+        reporter.log(
+            0,
+            &format!("removed {} bytes of scratch that killed builds left", freed),
+        );
+    }
     let registry = Arc::new(Client::from_config()?);
     let mut imported = Vec::new();
     for loc in &cache_from {
@@ -271,6 +281,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     } else {
         solver::build_recorded(&store, &req)?
     };
+    test_rendezvous();
     for t in tags.iter().chain(&image_names) {
         store.tag(t, &image.manifest_digest)?;
     }
@@ -311,6 +322,23 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     println!("{}", digest);
     Ok(())
+}
+
+/// For the prune-race test: with `BUILDER_TEST_RENDEZVOUS=PATH`, say `PATH.solved` once the
+/// graph is solved, then wait (30 s at most) for `PATH` before committing anything.
+fn test_rendezvous() {
+    let Some(p) = std::env::var_os("BUILDER_TEST_RENDEZVOUS").map(PathBuf::from) else {
+        return;
+    };
+    let mut solved = p.clone().into_os_string();
+    solved.push(".solved");
+    let _ = std::fs::write(&solved, b"");
+    for _ in 0..300 {
+        if p.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// The reporter for a `--progress` mode: `auto` draws live progress on a terminal and plain

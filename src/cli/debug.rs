@@ -208,7 +208,7 @@ pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
             let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
             let opts = PlanOptions {
                 target: a.target,
-                build_args: parse_key_values(&a.build_args),
+                build_args: parse_key_values(&a.build_args)?,
                 ..PlanOptions::default()
             };
             let g = plan::lower(&name, &text, doc.escape, &typed, &opts)?;

@@ -237,6 +237,7 @@ pub fn cache_du(root: &RootArg) -> Result<(), CliError> {
     println!("cache-only blobs:       {}", human(u.cache_only_bytes));
     println!("tagged image blobs:     {}", human(u.image_bytes));
     println!("unpacked snapshots:     {}", human(u.snapshot_bytes));
+    println!("build scratch:          {}", human(u.scratch_bytes));
     Ok(())
 }
 
@@ -280,11 +281,12 @@ pub fn cache_prune(
         },
     )?;
     println!(
-        "removed {} cache entries, {} blobs ({}), {} snapshots",
+        "removed {} cache entries, {} blobs ({}), {} snapshots, {} of build scratch",
         p.entries,
         p.blobs,
         human(p.bytes),
-        p.snapshots
+        p.snapshots,
+        human(p.scratch_bytes)
     );
     Ok(())
 }

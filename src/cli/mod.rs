@@ -195,28 +195,55 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 /// Read a build file; the returned name is how errors refer to it.
 pub fn read_build_file(path: &Path) -> Result<(String, String), CliError> {
     let bytes = std::fs::read(path).map_err(|e| CliError::io(path, e))?;
-    Ok((
-        path.display().to_string(),
-        String::from_utf8_lossy(&bytes).into_owned(),
-    ))
+    let name = path.display().to_string();
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok((name, text)),
+        // As BuildKit, a build file must be UTF-8: say where it is not, never guess.
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let before = &bytes[..at];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let line_start = before
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&before[line_start..])
+                .chars()
+                .count()
+                + 1;
+            Err(CliError::msg(format!(
+                "{}:{}:{}: invalid UTF-8 (byte 0x{:02x}): build files must be UTF-8",
+                name, line, column, bytes[at]
+            )))
+        }
+    }
 }
 
 /// `K=V` and bare `K` (value from the environment, skipped when unset), as `--build-arg` takes.
-pub fn parse_key_values(items: &[String]) -> BTreeMap<String, String> {
+/// A value from the environment that is not UTF-8 is an error, never silently empty.
+pub fn parse_key_values(items: &[String]) -> Result<BTreeMap<String, String>, CliError> {
     let mut m = BTreeMap::new();
     for item in items {
         match item.split_once('=') {
             Some((k, v)) => {
                 m.insert(k.to_string(), v.to_string());
             }
-            None => {
-                if let Ok(v) = std::env::var(item) {
+            None => match std::env::var(item) {
+                Ok(v) => {
                     m.insert(item.clone(), v);
                 }
-            }
+                Err(std::env::VarError::NotPresent) => {}
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(CliError::msg(format!(
+                        "--build-arg {}: the environment variable {} is not valid UTF-8",
+                        item, item
+                    )))
+                }
+            },
         }
     }
-    m
+    Ok(m)
 }
 
 /// The build file for a context: `-f` if given, else Buildfile, Dockerfile, Containerfile.

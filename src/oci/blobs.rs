@@ -37,6 +37,18 @@ pub struct BlobStore {
     tmp: PathBuf,
 }
 
+/// The start of a scratch name owned by this process: `WHAT-PID-` (see [`scratch_owner`]).
+pub fn scratch_prefix(what: &str) -> String {
+    format!("{}-{}-", what.trim_end_matches('-'), std::process::id())
+}
+
+/// The process that owns a scratch entry named by [`scratch_prefix`], if the name says.
+pub fn scratch_owner(name: &str) -> Option<i32> {
+    let (_, rest) = name.split_once('-')?;
+    let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
 impl BlobStore {
     /// Open (creating) the blob store in `root/blobs/sha256`, with temp files in `tmp`.
     pub fn open(root: &Path, tmp: &Path) -> Result<BlobStore, BlobError> {
@@ -61,7 +73,7 @@ impl BlobStore {
     /// A new temporary file for streaming a blob into; finish with [`BlobStore::commit`].
     pub fn temp_file(&self) -> Result<(PathBuf, File), BlobError> {
         for attempt in 0..100u32 {
-            let name = format!("blob-{}-{}-{}", std::process::id(), nanos(), attempt);
+            let name = format!("{}{}-{}", scratch_prefix("blob"), nanos(), attempt);
             let p = self.tmp.join(name);
             match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
                 Ok(f) => return Ok((p, f)),

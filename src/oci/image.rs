@@ -46,7 +46,13 @@ impl LayerRef {
 /// Everything an image is, between steps of a build.
 #[derive(Debug, Clone)]
 pub struct ImageState {
+    /// The config document but for its runtime part (always `None` here; see `runtime`).
     pub config: ImageConfiguration,
+    /// The runtime part, kept apart so a step changes it in place instead of cloning it;
+    /// its `Env` lives in `env`.
+    runtime: Config,
+    /// `Env` as ordered pairs (`None`: the config has no `Env`).
+    env: Option<Vec<(String, String)>>,
     /// Docker's extra `config` fields (`Healthcheck`, `OnBuild`, `Shell`), raw.
     pub extras: BTreeMap<String, Value>,
     pub layers: Vec<LayerRef>,
@@ -134,54 +140,38 @@ impl ImageState {
         let mut rootfs = RootFs::default();
         rootfs.set_diff_ids(Vec::new());
         config.set_rootfs(rootfs);
-        config.set_config(Some(Config::default()));
+        config.set_config(None);
         ImageState {
             config,
+            runtime: Config::default(),
+            env: None,
             extras: BTreeMap::new(),
             layers: Vec::new(),
         }
     }
 
     /// The runtime config part, for reading.
-    pub fn runtime(&self) -> Config {
-        self.config.config().clone().unwrap_or_default()
+    pub fn runtime(&self) -> &Config {
+        &self.runtime
     }
 
     /// Change the runtime config with `f`.
     pub fn with_runtime(&mut self, f: impl FnOnce(&mut Config)) {
-        let mut c = self.runtime();
-        f(&mut c);
-        self.config.set_config(Some(c));
+        f(&mut self.runtime);
     }
 
     /// The environment as ordered `(key, value)` pairs.
     pub fn env(&self) -> Vec<(String, String)> {
-        self.runtime()
-            .env()
-            .clone()
-            .unwrap_or_default()
-            .iter()
-            .map(|e| match e.split_once('=') {
-                Some((k, v)) => (k.to_string(), v.to_string()),
-                None => (e.clone(), String::new()),
-            })
-            .collect()
+        self.env.clone().unwrap_or_default()
     }
 
     /// Set one environment variable, replacing an existing one in place.
     pub fn set_env(&mut self, key: &str, value: &str) {
-        let mut env = self.env();
+        let env = self.env.get_or_insert_with(Vec::new);
         match env.iter_mut().find(|(k, _)| k == key) {
             Some(slot) => slot.1 = value.to_string(),
             None => env.push((key.to_string(), value.to_string())),
         }
-        let list: Vec<String> = env
-            .into_iter()
-            .map(|(k, v)| format!("{}={}", k, v))
-            .collect();
-        self.with_runtime(|c| {
-            c.set_env(Some(list));
-        });
     }
 
     /// Record a step in the history (and the layer, when it made one).
@@ -192,34 +182,47 @@ impl ImageState {
         h.set_comment(Some("builder".to_string()));
         match layer {
             Some(l) => {
-                let mut rootfs = self.config.rootfs().clone();
-                let mut ids = rootfs.diff_ids().clone();
-                ids.push(l.diff_id.to_string());
-                rootfs.set_diff_ids(ids);
-                self.config.set_rootfs(rootfs);
+                self.config
+                    .rootfs_mut()
+                    .diff_ids_mut()
+                    .push(l.diff_id.to_string());
                 self.layers.push(l);
             }
             None => {
                 h.set_empty_layer(Some(true));
             }
         }
-        let mut hist = self.config.history().clone();
-        hist.push(h);
-        self.config.set_history(hist);
+        self.config.history_mut().push(h);
+    }
+
+    /// The runtime part of the config document, Docker's extras included.
+    fn runtime_value(&self) -> Value {
+        let mut runtime = serde_json::to_value(&self.runtime).unwrap_or_else(|_| json!({}));
+        if let Some(r) = runtime.as_object_mut() {
+            if let Some(env) = &self.env {
+                let list: Vec<String> = env.iter().map(|(k, v)| format!("{}={}", k, v)).collect();
+                r.insert("Env".into(), json!(list));
+            }
+            for (k, x) in &self.extras {
+                r.insert(k.clone(), x.clone());
+            }
+        }
+        runtime
     }
 
     /// The config document.
     pub fn config_json(&self) -> Vec<u8> {
         let mut v = serde_json::to_value(&self.config).unwrap_or(Value::Null);
         if let Some(obj) = v.as_object_mut() {
-            let cfg = obj.entry("config").or_insert_with(|| json!({}));
-            if let Some(c) = cfg.as_object_mut() {
-                for (k, x) in &self.extras {
-                    c.insert(k.clone(), x.clone());
-                }
-            }
+            obj.insert("config".into(), self.runtime_value());
         }
         canonical_json(&v)
+    }
+
+    /// What metadata instructions set (the runtime config, its extras and the author),
+    /// without the history every step adds to: its size does not grow with the build file.
+    pub fn settings_json(&self) -> Vec<u8> {
+        canonical_json(&json!({"config": self.runtime_value(), "author": self.config.author()}))
     }
 
     /// Write config and manifest into `blobs`; returns the stored image.
@@ -278,8 +281,19 @@ pub fn state_from_config(
 ) -> Result<ImageState, ImageError> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(what, format!("config is not valid JSON: {}", e)))?;
-    let config: ImageConfiguration = serde_json::from_value(v.clone())
+    let mut config: ImageConfiguration = serde_json::from_value(v.clone())
         .map_err(|e| invalid(what, format!("config does not parse: {}", e)))?;
+    let mut runtime = config.config().clone().unwrap_or_default();
+    config.set_config(None);
+    let env = runtime.env().as_ref().map(|list| {
+        list.iter()
+            .map(|e| match e.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (e.clone(), String::new()),
+            })
+            .collect()
+    });
+    runtime.set_env(None);
     let mut extras = BTreeMap::new();
     if let Some(c) = v.get("config").and_then(Value::as_object) {
         for k in ["Healthcheck", "OnBuild", "Shell"] {
@@ -300,6 +314,8 @@ pub fn state_from_config(
     }
     Ok(ImageState {
         config,
+        runtime,
+        env,
         extras,
         layers,
     })

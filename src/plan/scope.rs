@@ -93,23 +93,45 @@ pub struct Scope {
     /// Declared ARGs with their values (a declared ARG without value is unset, not empty).
     pub args: BTreeMap<String, Option<String>>,
     /// The image's environment, in order.
-    pub env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    /// Where each ENV name sits in `env`: lookups stay O(1) however long the file.
+    index: std::collections::HashMap<String, usize>,
 }
 
 impl Scope {
+    /// A scope with these ARGs and this environment.
+    pub fn new(args: BTreeMap<String, Option<String>>, env: Vec<(String, String)>) -> Scope {
+        let mut s = Scope {
+            args,
+            ..Scope::default()
+        };
+        for (k, v) in env {
+            s.set_env(&k, &v);
+        }
+        s
+    }
+
+    /// The environment, in order.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     /// Look a name up: ENV wins over ARG.
     pub fn get(&self, name: &str) -> Option<String> {
-        if let Some((_, v)) = self.env.iter().rev().find(|(k, _)| k == name) {
-            return Some(v.clone());
+        if let Some(&i) = self.index.get(name) {
+            return Some(self.env[i].1.clone());
         }
         self.args.get(name).cloned().flatten()
     }
 
     /// Set or replace an ENV variable, keeping the first position.
     pub fn set_env(&mut self, key: &str, value: &str) {
-        match self.env.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) => slot.1 = value.to_string(),
-            None => self.env.push((key.to_string(), value.to_string())),
+        match self.index.get(key) {
+            Some(&i) => self.env[i].1 = value.to_string(),
+            None => {
+                self.index.insert(key.to_string(), self.env.len());
+                self.env.push((key.to_string(), value.to_string()));
+            }
         }
     }
 

@@ -139,11 +139,27 @@ impl std::fmt::Display for StepFailure {
             self.line,
             self.column,
             self.step,
-            self.text,
-            self.msg,
+            crate::syntax::error::abbreviate(&self.text, 120),
+            crate::syntax::error::abbreviate(&self.msg, 4000),
             caret(&self.source_line, self.column)
         )
     }
+}
+
+/// Chain the metadata steps applied since the last key (their texts, and the config they
+/// left) into `key`; nothing when there were none.
+fn key_metadata(key: CacheKey, pending: &mut Vec<String>, state: &ImageState) -> CacheKey {
+    if pending.is_empty() {
+        return key;
+    }
+    // The key before already covers the history; the texts and the settings they left
+    // cover what these steps did.
+    let settings = Digest::of(&state.settings_json());
+    let texts = std::mem::take(pending);
+    CacheKey::chain(
+        &key,
+        json!({"texts": texts, "settings": settings.to_string()}),
+    )
 }
 
 /// The offending line and a caret under `column`, as syntax errors show them.
@@ -151,7 +167,8 @@ fn caret(line: &str, column: usize) -> String {
     if line.is_empty() {
         return String::new();
     }
-    format!("\n  {}\n  {}^", line, " ".repeat(column.saturating_sub(1)))
+    let (shown, caret) = crate::syntax::error::window(line, column);
+    format!("\n  {}\n  {}^", shown, " ".repeat(caret))
 }
 
 struct StageResult {
@@ -205,8 +222,14 @@ impl<'a> std::ops::Deref for Ctx<'_, 'a> {
 /// Which stages are done, how many run, and the first failure.
 #[derive(Default)]
 struct Schedule {
-    done: std::collections::BTreeSet<usize>,
-    running: usize,
+    /// Stages whose inputs are all done, in build order.
+    ready: std::collections::VecDeque<usize>,
+    /// For each stage, how many of its inputs are not done yet.
+    waiting: BTreeMap<usize, usize>,
+    /// For each stage, the stages that read it.
+    dependents: BTreeMap<usize, Vec<usize>>,
+    /// Stages not finished yet.
+    left: usize,
     failed: Option<BuildError>,
 }
 
@@ -271,29 +294,47 @@ pub fn build_recorded(
         inflight_done: Condvar::new(),
         steps: Mutex::new(Vec::new()),
     };
-    // Stages run as soon as the stages they read are done, at most `jobs` at a time.
+    // Stages run as soon as the stages they read are done, on at most `jobs` worker threads
+    // that take ready stages from a queue (a thread per stage would wake every waiting stage
+    // on each completion: quadratic in the stage count).
     let jobs = req.jobs.max(1);
-    let schedule = Mutex::new(Schedule::default());
+    let in_build: std::collections::BTreeSet<usize> = req.graph.order.iter().copied().collect();
+    let mut schedule = Schedule::default();
+    for &i in &req.graph.order {
+        let deps: std::collections::BTreeSet<usize> = req.graph.stages[i]
+            .deps
+            .iter()
+            .map(|e| e.stage)
+            .filter(|d| in_build.contains(d) && *d != i)
+            .collect();
+        for d in &deps {
+            schedule.dependents.entry(*d).or_default().push(i);
+        }
+        if deps.is_empty() {
+            schedule.ready.push_back(i);
+        }
+        schedule.waiting.insert(i, deps.len());
+    }
+    schedule.left = req.graph.order.len();
+    let schedule = Mutex::new(schedule);
     let wake = Condvar::new();
     std::thread::scope(|s| {
-        for &i in &req.graph.order {
+        for _ in 0..jobs.min(req.graph.order.len().max(1)) {
             let (shared, schedule, wake) = (&shared, &schedule, &wake);
-            let deps: Vec<usize> = req.graph.stages[i].deps.iter().map(|e| e.stage).collect();
-            s.spawn(move || {
+            s.spawn(move || loop {
                 let Ok(mut g) = schedule.lock() else { return };
-                loop {
-                    if g.failed.is_some() {
+                let i = loop {
+                    if g.failed.is_some() || g.left == 0 {
                         return;
                     }
-                    if deps.iter().all(|d| g.done.contains(d)) && g.running < jobs {
-                        g.running += 1;
-                        break;
+                    if let Some(i) = g.ready.pop_front() {
+                        break i;
                     }
                     g = match wake.wait(g) {
                         Ok(g) => g,
                         Err(_) => return,
                     };
-                }
+                };
                 drop(g);
                 let mut cx = Ctx {
                     sh: shared,
@@ -303,13 +344,20 @@ pub fn build_recorded(
                 // What was hashed stays useful even when a step failed.
                 shared.hasher.save();
                 let Ok(mut g) = schedule.lock() else { return };
-                g.running -= 1;
+                g.left -= 1;
                 match r {
                     Ok(res) => {
                         if let Ok(mut results) = shared.results.lock() {
                             results.insert(i, res);
                         }
-                        g.done.insert(i);
+                        for d in g.dependents.remove(&i).unwrap_or_default() {
+                            if let Some(n) = g.waiting.get_mut(&d) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    g.ready.push_back(d);
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
                         if g.failed.is_none() {
@@ -420,10 +468,7 @@ impl Ctx<'_, '_> {
                 .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
 
         let mut view: Option<RootView> = None;
-        let mut scope = Scope {
-            args: BTreeMap::new(),
-            env: state.env(),
-        };
+        let mut scope = Scope::new(BTreeMap::new(), state.env());
         let mut cmd_set = false;
         // ONBUILD triggers of the base run first, then are cleared from the child.
         let triggers: Vec<String> = state
@@ -445,6 +490,7 @@ impl Ctx<'_, '_> {
         }
         self.total.fetch_add(work.len(), Ordering::Relaxed);
         work.extend(stage.instructions.iter().cloned());
+        let mut pending_meta: Vec<String> = Vec::new();
         for l in &work {
             self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
             self.req.reporter.step(
@@ -462,13 +508,15 @@ impl Ctx<'_, '_> {
                     | Instruction::Run(_)
             );
             if !layered {
-                // Metadata steps are cheap: apply, then key on the config they produced.
+                // Metadata steps are cheap: apply now; they enter the key, with the config
+                // they produced, at the next layer step or the stage's end (hashing the
+                // config once per run of them, not once each: linear in the build file).
                 self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
-                let config = Digest::of(&state.config_json());
-                key = CacheKey::chain(&key, json!({"text": l.text, "config": config.to_string()}));
+                pending_meta.push(l.text.clone());
                 self.req.reporter.done(self.step, started.elapsed(), false);
                 continue;
             }
+            key = key_metadata(key, &mut pending_meta, &state);
             let material = self.key_material(l, &state, &scope)?;
             key = CacheKey::chain(&key, material);
             if use_cache {
@@ -497,6 +545,7 @@ impl Ctx<'_, '_> {
             outcome?;
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
+        let key = key_metadata(key, &mut pending_meta, &state);
         Ok(StageResult { state, key, view })
     }
 
@@ -628,11 +677,10 @@ impl Ctx<'_, '_> {
                     pairs.push((k, v));
                 }
                 state.with_runtime(|c| {
-                    let mut labels = c.labels().clone().unwrap_or_default();
+                    let labels = c.labels_mut().get_or_insert_with(Default::default);
                     for (k, v) in pairs {
                         labels.insert(k, v);
                     }
-                    c.set_labels(Some(labels));
                 });
                 self.history(state, format!("LABEL {}", shown.join(" ")), None);
             }
@@ -1177,7 +1225,7 @@ impl Ctx<'_, '_> {
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect::<BTreeMap<_, _>>());
-                    m["env"] = json!(scope.env);
+                    m["env"] = json!(scope.env());
                 }
                 if sources.iter().any(|s| copy::is_url(s)) && c.checksum.is_none() {
                     // Remote content is unknown until fetched: never reuse such a step.

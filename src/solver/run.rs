@@ -381,7 +381,8 @@ impl Tail {
         if self.lines.len() == self.max {
             self.lines.pop_front();
         }
-        self.lines.push_back(l.to_string());
+        self.lines
+            .push_back(crate::syntax::error::abbreviate(l, 300).into_owned());
     }
     pub fn render(&self) -> String {
         self.lines.iter().map(|l| format!("\n  > {}", l)).collect()

@@ -105,9 +105,30 @@ impl Store {
         let base = self.root.join("tmp");
         fs::create_dir_all(&base).map_err(io_at(&base))?;
         tempfile::Builder::new()
-            .prefix(what)
+            .prefix(&crate::oci::blobs::scratch_prefix(what))
             .tempdir_in(&base)
             .map_err(io_at(&base))
+    }
+
+    /// Remove the scratch that builds which died left behind (entries of `tmp/` whose owning
+    /// process is gone); returns the bytes freed. Safe beside running builds: it never touches
+    /// what a live process owns.
+    pub fn clean_stale_scratch(&self) -> u64 {
+        let Ok(rd) = fs::read_dir(self.root.join("tmp")) else {
+            return 0;
+        };
+        let mut freed = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = crate::oci::blobs::scratch_owner(&name) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{}", pid)).exists() {
+                continue;
+            }
+            freed += remove_counting(&e.path());
+        }
+        freed
     }
 
     /// Take the store's exclusive lock.
@@ -252,6 +273,33 @@ impl Store {
             }
         }
         Ok(problems)
+    }
+}
+
+/// The size of what is under `p` (files' lengths), without following symlinks.
+pub fn tree_size(p: &Path) -> u64 {
+    walkdir::WalkDir::new(p)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Remove `p` (a file or a tree); returns the bytes it held.
+pub fn remove_counting(p: &Path) -> u64 {
+    let size = tree_size(p);
+    let removed = match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) => Err(e),
+    };
+    if removed.is_ok() {
+        size
+    } else {
+        0
     }
 }
 

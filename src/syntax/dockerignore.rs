@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use super::glob::{parse_class, Glob, Tok};
+
 /// An invalid pattern list, naming the offending pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IgnoreError(pub String);
@@ -15,23 +17,6 @@ impl std::fmt::Display for IgnoreError {
     }
 }
 impl std::error::Error for IgnoreError {}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Lit(char),
-    /// `*`: any run of characters but `/`.
-    Star,
-    /// `?`: one character but `/`.
-    One,
-    /// `**` followed by more pattern: any run of whole directories, possibly none.
-    Dirs,
-    /// `**` at the end: anything.
-    Rest,
-    Class {
-        negated: bool,
-        ranges: Vec<(char, char)>,
-    },
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum MatchType {
@@ -46,7 +31,7 @@ struct Pattern {
     cleaned: String,
     exclusion: bool,
     kind: MatchType,
-    toks: Vec<Tok>,
+    glob: Glob,
 }
 
 /// A compiled `.dockerignore`.
@@ -138,13 +123,13 @@ impl IgnoreMatcher {
                 }
                 p.remove(0);
             }
-            let (kind, toks) = compile(&p)
+            let (kind, glob) = compile(&p)
                 .map_err(|e| IgnoreError(format!("invalid pattern {:?}: {}", raw, e)))?;
             out.push(Pattern {
                 cleaned: p,
                 exclusion,
                 kind,
-                toks,
+                glob,
             });
         }
         Ok(IgnoreMatcher { patterns: out })
@@ -191,46 +176,15 @@ impl Pattern {
             }
             MatchType::Glob => {
                 let chars: Vec<char> = path.chars().collect();
-                glob_match(&self.toks, &chars)
+                self.glob.matches(&chars)
             }
         }
-    }
-}
-
-fn glob_match(t: &[Tok], s: &[char]) -> bool {
-    match t.split_first() {
-        None => s.is_empty(),
-        Some((Tok::Lit(c), rest)) => s.first() == Some(c) && glob_match(rest, &s[1..]),
-        Some((Tok::One, rest)) => s.first().is_some_and(|c| *c != '/') && glob_match(rest, &s[1..]),
-        Some((Tok::Star, rest)) => {
-            for k in 0..=s.len() {
-                if glob_match(rest, &s[k..]) {
-                    return true;
-                }
-                if s.get(k) == Some(&'/') {
-                    break;
-                }
-            }
-            false
-        }
-        Some((Tok::Rest, rest)) => (0..=s.len()).any(|k| glob_match(rest, &s[k..])),
-        Some((Tok::Dirs, rest)) => {
-            glob_match(rest, s)
-                || (0..s.len()).any(|k| s[k] == '/' && glob_match(rest, &s[k + 1..]))
-        }
-        Some((Tok::Class { negated, ranges }, rest)) => match s.first() {
-            Some(c) => {
-                let inside = ranges.iter().any(|(lo, hi)| lo <= c && c <= hi);
-                inside != *negated && glob_match(rest, &s[1..])
-            }
-            None => false,
-        },
     }
 }
 
 /// Compile a cleaned pattern the way patternmatcher does, keeping its match-type shortcuts
 /// (they change results, e.g. a leading `**` makes the rest a plain suffix).
-fn compile(p: &str) -> Result<(MatchType, Vec<Tok>), String> {
+fn compile(p: &str) -> Result<(MatchType, Glob), String> {
     let chars: Vec<char> = p.chars().collect();
     let mut toks = Vec::new();
     let mut kind = MatchType::Exact;
@@ -251,9 +205,9 @@ fn compile(p: &str) -> Result<(MatchType, Vec<Tok>), String> {
                     } else {
                         kind = MatchType::Glob;
                     }
-                    toks.push(Tok::Rest);
+                    toks.push(Tok::Star { slash: true });
                 } else {
-                    toks.push(Tok::Dirs);
+                    toks.extend(Glob::dirs());
                     kind = MatchType::Glob;
                 }
                 if step == 0 {
@@ -261,11 +215,11 @@ fn compile(p: &str) -> Result<(MatchType, Vec<Tok>), String> {
                 }
             }
             '*' => {
-                toks.push(Tok::Star);
+                toks.push(Tok::Star { slash: false });
                 kind = MatchType::Glob;
             }
             '?' => {
-                toks.push(Tok::One);
+                toks.push(Tok::One { slash: false });
                 kind = MatchType::Glob;
             }
             '\\' => match chars.get(i) {
@@ -286,48 +240,7 @@ fn compile(p: &str) -> Result<(MatchType, Vec<Tok>), String> {
         }
         step += 1;
     }
-    Ok((kind, toks))
-}
-
-/// A `[...]` class starting after the `[` at `i`; `[^` negates, `[!` does not.
-fn parse_class(chars: &[char], mut i: usize) -> Result<(Tok, usize), String> {
-    let negated = chars.get(i) == Some(&'^');
-    if negated {
-        i += 1;
-    }
-    let mut ranges = Vec::new();
-    loop {
-        match chars.get(i) {
-            Some(']') if !ranges.is_empty() => return Ok((Tok::Class { negated, ranges }, i + 1)),
-            None => return Err("unterminated character class".into()),
-            _ => {}
-        }
-        let (lo, n) = class_char(chars, i)?;
-        i = n;
-        let mut hi = lo;
-        if chars.get(i) == Some(&'-') {
-            let (h, n) = class_char(chars, i + 1)?;
-            hi = h;
-            i = n;
-        }
-        if hi < lo {
-            return Err(format!("invalid character class range {}-{}", lo, hi));
-        }
-        ranges.push((lo, hi));
-    }
-}
-
-fn class_char(chars: &[char], mut i: usize) -> Result<(char, usize), String> {
-    match chars.get(i) {
-        None | Some('-') | Some(']') => return Err("bad character class".into()),
-        Some('\\') => i += 1,
-        _ => {}
-    }
-    let c = *chars.get(i).ok_or("bad character class")?;
-    if i + 1 >= chars.len() {
-        return Err("unterminated character class".into());
-    }
-    Ok((c, i + 1))
+    Ok((kind, Glob::new(toks)))
 }
 
 /// The ignore file for a build: `<buildfile>.dockerignore` beside the build file wins over the

@@ -3,6 +3,8 @@
 //! Used for the instructions Docker expands (FROM, COPY, ADD, ENV, LABEL, ARG, WORKDIR, USER,
 //! EXPOSE, VOLUME, STOPSIGNAL and their flags) and for finding heredoc words.
 
+use super::glob::{Glob, Tok};
+
 /// How the lexer treats quotes, escapes and unset variables.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LexOptions {
@@ -58,9 +60,15 @@ impl Lexer {
             opts: self.options,
             raw_escapes: self.options.raw_escapes,
             env,
+            depth: 0,
         };
-        sw.stop_on(None, self.options.raw_escapes)
-            .map_err(|e| ExpandError(format!("failed to process \"{}\": {}", input, e.0)))
+        sw.stop_on(None, self.options.raw_escapes).map_err(|e| {
+            ExpandError(format!(
+                "failed to process \"{}\": {}",
+                super::error::abbreviate(input, 120),
+                e.0
+            ))
+        })
     }
 }
 
@@ -108,7 +116,13 @@ struct ShellWord<'a, 'e> {
     opts: LexOptions,
     raw_escapes: bool,
     env: &'a Lookup<'e>,
+    /// How many `${...}` words are open: bounded, so input cannot exhaust the stack.
+    depth: usize,
 }
+
+/// The deepest nesting of `${VAR:-${...}}` words accepted (BuildKit's own stack allows a few
+/// thousand; nothing real needs more than a handful).
+pub const MAX_NESTING: usize = 64;
 
 fn err<T>(m: impl Into<String>) -> Result<T, ExpandError> {
     Err(ExpandError(m.into()))
@@ -131,9 +145,17 @@ impl ShellWord<'_, '_> {
         stop: Option<char>,
         raw_escapes: bool,
     ) -> Result<(String, Vec<String>), ExpandError> {
+        if self.depth >= MAX_NESTING {
+            return err(format!(
+                "substitutions nested more than {} deep",
+                MAX_NESTING
+            ));
+        }
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
+        self.depth += 1;
         let r = self.stop_on_inner(stop);
+        self.depth -= 1;
         self.raw_escapes = saved;
         r
     }
@@ -410,16 +432,10 @@ impl ShellWord<'_, '_> {
     }
 }
 
-/// A shell pattern of `${VAR#pattern}` and friends: `*`, `?` and `\`-escaped literals.
+/// A shell pattern of `${VAR#pattern}` and friends: `*`, `?` and `\`-escaped literals,
+/// matched by the one linear-time matcher ([`Glob`]).
 #[derive(Debug)]
-struct Pattern(Vec<Tok>);
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Tok {
-    Star,
-    Any,
-    Lit(char),
-}
+struct Pattern(Glob);
 
 impl Pattern {
     fn compile(p: &str) -> Result<Pattern, ExpandError> {
@@ -428,8 +444,8 @@ impl Pattern {
         let mut i = 0;
         while i < chars.len() {
             match chars[i] {
-                '*' => toks.push(Tok::Star),
-                '?' => toks.push(Tok::Any),
+                '*' => toks.push(Tok::Star { slash: true }),
+                '?' => toks.push(Tok::One { slash: true }),
                 '\\' => match chars.get(i + 1) {
                     Some('}' | '/') => {}
                     Some(&c @ ('*' | '?' | '\\')) => {
@@ -453,51 +469,46 @@ impl Pattern {
             }
             i += 1;
         }
-        Ok(Pattern(toks))
-    }
-
-    /// Whether the whole of `s` matches.
-    fn matches(&self, s: &[char]) -> bool {
-        fn go(t: &[Tok], s: &[char]) -> bool {
-            match t.split_first() {
-                None => s.is_empty(),
-                Some((Tok::Star, rest)) => (0..=s.len()).any(|k| go(rest, &s[k..])),
-                Some((Tok::Any, rest)) => !s.is_empty() && go(rest, &s[1..]),
-                Some((Tok::Lit(c), rest)) => s.first() == Some(c) && go(rest, &s[1..]),
-            }
-        }
-        go(&self.0, s)
+        Ok(Pattern(Glob::new(toks)))
     }
 
     fn trim_prefix(&self, v: &str, greedy: bool) -> String {
         let chars: Vec<char> = v.chars().collect();
-        let mut lens: Vec<usize> = (0..=chars.len()).collect();
-        if greedy {
-            lens.reverse();
-        }
-        match lens.into_iter().find(|&n| self.matches(&chars[..n])) {
+        let hits = self.0.prefix_matches(&chars);
+        let n = if greedy {
+            hits.iter().rposition(|h| *h)
+        } else {
+            hits.iter().position(|h| *h)
+        };
+        match n {
             Some(n) => chars[n..].iter().collect(),
             None => v.to_string(),
         }
     }
 
     fn trim_suffix(&self, v: &str, greedy: bool) -> String {
-        let chars: Vec<char> = v.chars().collect();
-        let mut starts: Vec<usize> = (0..=chars.len()).rev().collect();
-        if greedy {
-            starts.reverse();
-        }
-        match starts.into_iter().find(|&s| self.matches(&chars[s..])) {
-            Some(s) => chars[..s].iter().collect(),
+        // Suffixes of v are prefixes of v reversed, matched by the pattern reversed.
+        let mut rev: Vec<char> = v.chars().collect();
+        rev.reverse();
+        let hits = self.0.reversed().prefix_matches(&rev);
+        let n = if greedy {
+            hits.iter().rposition(|h| *h)
+        } else {
+            hits.iter().position(|h| *h)
+        };
+        match n {
+            Some(n) => rev[n..].iter().rev().collect(),
             None => v.to_string(),
         }
     }
 
-    /// The longest match starting at `start`, if any.
+    /// The end of the longest match starting at `start`, if any.
     fn match_at(&self, chars: &[char], start: usize) -> Option<usize> {
-        (start..=chars.len())
-            .rev()
-            .find(|&e| self.matches(&chars[start..e]))
+        self.0
+            .prefix_matches(&chars[start..])
+            .iter()
+            .rposition(|h| *h)
+            .map(|n| start + n)
     }
 
     fn replace(&self, v: &str, repl: &str, all: bool) -> String {
@@ -587,6 +598,17 @@ mod tests {
         let l = Lexer::new('\\', LexOptions::default());
         assert_eq!(l.words("x${S}y", &env).unwrap(), vec!["xa", "by"]);
         assert_eq!(l.words("x\"${S}\"y", &env).unwrap(), vec!["xa  by"]);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = format!("{}x{}", "${a:-".repeat(3000), "}".repeat(3000));
+        let e = w(&deep).unwrap_err();
+        assert!(e.to_string().contains("nested more than"), "{e}");
+        let ok = format!("{}x{}", "${a:-".repeat(20), "}".repeat(20));
+        assert_eq!(w(&ok).unwrap(), "x");
+        let quoted = format!("{}x{}", "\"${a:-".repeat(3000), "}\"".repeat(3000));
+        assert!(w(&quoted).is_err());
     }
 
     #[test]

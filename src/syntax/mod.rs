@@ -4,6 +4,7 @@
 pub mod dockerignore;
 pub mod error;
 pub mod expand;
+pub mod glob;
 pub mod instruction;
 pub mod mount;
 pub mod parser;

@@ -107,6 +107,163 @@ pub fn lowerdir_option(lowers: &[PathBuf], base: &Path) -> Result<String, Snapsh
     Ok(data)
 }
 
+/// overlayfs's own limit on stacked lower directories (OVL_MAX_STACK).
+pub const MAX_LOWERS: usize = 500;
+
+/// Mount an overlay of `lowers` (top first) on `target`, writable when `upper_work` is given.
+/// The new mount API (`fsopen`/`fsconfig` with one `lowerdir+` per layer, Linux 6.8 and later)
+/// has no limit on the option string, so any number of layers up to overlayfs's own
+/// [`MAX_LOWERS`] mounts; older kernels get the classic `mount(2)` with the lower dirs named
+/// relative to `base`, which the process chdirs into (the caller restores its directory).
+pub fn mount_overlay(
+    lowers: &[PathBuf],
+    upper_work: Option<(&Path, &Path)>,
+    target: &Path,
+    readonly: bool,
+    nodev: bool,
+    base: &Path,
+) -> Result<(), SnapshotError> {
+    if lowers.len() > MAX_LOWERS {
+        return Err(SnapshotError::Mount {
+            what: format!(
+                "an overlay of {} layers (overlayfs stacks at most {})",
+                lowers.len(),
+                MAX_LOWERS
+            ),
+            errno: nix::errno::Errno::E2BIG,
+        });
+    }
+    match mount_overlay_fsconfig(lowers, upper_work, target, readonly, nodev) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {}
+        Err(errno) => {
+            return Err(SnapshotError::Mount {
+                what: format!(
+                    "an overlay of {} layers on {}",
+                    lowers.len(),
+                    target.display()
+                ),
+                errno,
+            })
+        }
+    }
+    let mut data = lowerdir_option(lowers, base)?;
+    if let Some((upper, work)) = upper_work {
+        data.push_str(&format!(
+            ",upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        ));
+    }
+    nix::unistd::chdir(base).map_err(|errno| SnapshotError::Mount {
+        what: format!("chdir to {}", base.display()),
+        errno,
+    })?;
+    let mut flags = MsFlags::empty();
+    if readonly {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    if nodev {
+        flags |= MsFlags::MS_NODEV;
+    }
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(|errno| SnapshotError::Mount {
+        what: format!("overlay on {}", target.display()),
+        errno,
+    })
+}
+
+/// The new mount API's way; `EINVAL` or `ENOSYS` mean this kernel does not have it.
+fn mount_overlay_fsconfig(
+    lowers: &[PathBuf],
+    upper_work: Option<(&Path, &Path)>,
+    target: &Path,
+    readonly: bool,
+    nodev: bool,
+) -> Result<(), nix::errno::Errno> {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let cstr = |s: &str| CString::new(s).map_err(|_| nix::errno::Errno::EINVAL);
+    let path = |p: &Path| cstr(&p.display().to_string());
+    let check = |rc: libc::c_long| -> Result<libc::c_long, nix::errno::Errno> {
+        if rc < 0 {
+            Err(nix::errno::Errno::last())
+        } else {
+            Ok(rc)
+        }
+    };
+    let fstype = cstr("overlay")?;
+    // SAFETY: plain syscalls on C strings that outlive them; descriptors are owned at once.
+    let fs = unsafe {
+        OwnedFd::from_raw_fd(check(libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), 1))? as i32)
+    };
+    let set = |key: &str, value: &CString| -> Result<(), nix::errno::Errno> {
+        let k = cstr(key)?;
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                std::os::fd::AsRawFd::as_raw_fd(&fs),
+                1, /* FSCONFIG_SET_STRING */
+                k.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        })
+        .map(|_| ())
+    };
+    for l in lowers {
+        set("lowerdir+", &path(l)?)?;
+    }
+    if let Some((upper, work)) = upper_work {
+        set("upperdir", &path(upper)?)?;
+        set("workdir", &path(work)?)?;
+    }
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            std::os::fd::AsRawFd::as_raw_fd(&fs),
+            6, /* FSCONFIG_CMD_CREATE */
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_char>(),
+            0,
+        )
+    })?;
+    let mut attrs: libc::c_ulong = 0;
+    if readonly {
+        attrs |= 0x1; /* MOUNT_ATTR_RDONLY */
+    }
+    if nodev {
+        attrs |= 0x4; /* MOUNT_ATTR_NODEV */
+    }
+    let mnt = unsafe {
+        OwnedFd::from_raw_fd(check(libc::syscall(
+            libc::SYS_fsmount,
+            std::os::fd::AsRawFd::as_raw_fd(&fs),
+            1, /* FSMOUNT_CLOEXEC */
+            attrs,
+        ))? as i32)
+    };
+    let empty = cstr("")?;
+    let to = path(target)?;
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            std::os::fd::AsRawFd::as_raw_fd(&mnt),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            4, /* MOVE_MOUNT_F_EMPTY_PATH */
+        )
+    })?;
+    Ok(())
+}
+
 /// The shared snapshot directory of a store.
 #[derive(Debug, Clone)]
 pub struct Snapshots {
@@ -139,7 +296,7 @@ impl Snapshots {
         }
         fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
         let staging = tempfile::Builder::new()
-            .prefix("snapshot-")
+            .prefix(&crate::oci::blobs::scratch_prefix("snapshot"))
             .tempdir_in(&self.tmp)
             .map_err(io_at(&self.tmp))?;
         fs::rename(dir, staging.path().join("fs")).map_err(io_at(dir))?;
@@ -176,7 +333,7 @@ impl Snapshots {
         fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
         fs::create_dir_all(&self.tmp).map_err(io_at(&self.tmp))?;
         let staging = tempfile::Builder::new()
-            .prefix("snapshot-")
+            .prefix(&crate::oci::blobs::scratch_prefix("snapshot"))
             .tempdir_in(&self.tmp)
             .map_err(io_at(&self.tmp))?;
         let fs_tmp = staging.path().join("fs");
@@ -218,11 +375,11 @@ impl RootView {
         layers: &[LayerRef],
     ) -> Result<RootView, SnapshotError> {
         let mountpoint = tempfile::Builder::new()
-            .prefix("view-")
+            .prefix(&crate::oci::blobs::scratch_prefix("view"))
             .tempdir_in(&snaps.tmp)
             .map_err(io_at(&snaps.tmp))?;
         let empty = tempfile::Builder::new()
-            .prefix("empty-")
+            .prefix(&crate::oci::blobs::scratch_prefix("empty"))
             .tempdir_in(&snaps.tmp)
             .map_err(io_at(&snaps.tmp))?;
         fs::create_dir_all(&snaps.dir).map_err(io_at(&snaps.dir))?;
@@ -332,23 +489,19 @@ impl RootView {
             // A read-only overlay needs two lower directories.
             lowers.push(self.empty.path().to_path_buf());
         }
-        let data = lowerdir_option(&lowers, &self.base)?;
         // The working directory is process-wide: one view mount at a time.
         let _cwd_guard = MOUNT_CWD.lock().unwrap_or_else(|e| e.into_inner());
         let cwd = std::env::current_dir().map_err(io_at(&self.base))?;
-        std::env::set_current_dir(&self.base).map_err(io_at(&self.base))?;
-        let r = mount(
-            Some("overlay"),
+        let r = mount_overlay(
+            &lowers,
+            None,
             self.mountpoint.path(),
-            Some("overlay"),
-            MsFlags::MS_RDONLY,
-            Some(data.as_str()),
+            true,
+            false,
+            &self.base,
         );
         std::env::set_current_dir(&cwd).map_err(io_at(&cwd))?;
-        r.map_err(|errno| SnapshotError::Mount {
-            what: format!("overlay view at {}", self.mountpoint.path().display()),
-            errno,
-        })?;
+        r?;
         self.mounted = true;
         Ok(())
     }

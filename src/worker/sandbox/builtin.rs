@@ -420,21 +420,23 @@ fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
     } else {
         MsFlags::empty()
     };
-    match p.root.overlay_options()? {
-        Some((data, base)) => {
-            chdir(base).map_err(serr("chdir to the snapshot directory"))?;
-            mnt(
-                Some("overlay"),
-                p.root.target(),
-                Some("overlay"),
-                nodev,
-                Some(&data),
-            )
-        }
-        None => {
-            let dir = p.root.target();
-            bind(dir, dir, nodev)
-        }
+    match &p.root {
+        RootMount::Overlay {
+            lowers,
+            upper,
+            work,
+            merged,
+            base,
+        } => crate::worker::snapshots::mount_overlay(
+            lowers,
+            Some((upper, work)),
+            merged,
+            false,
+            p.nodev,
+            base,
+        )
+        .map_err(|e| SandboxError(e.to_string())),
+        RootMount::Bind { dir } => bind(dir, dir, nodev),
     }
 }
 

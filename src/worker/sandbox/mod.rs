@@ -42,30 +42,6 @@ pub enum RootMount {
 }
 
 impl RootMount {
-    /// For an overlay: the mount options, with lower dirs named relative to the directory
-    /// (also returned) that the mounting process must chdir into first.
-    pub fn overlay_options(&self) -> Result<Option<(String, &Path)>, SandboxError> {
-        let RootMount::Overlay {
-            lowers,
-            upper,
-            work,
-            base,
-            ..
-        } = self
-        else {
-            return Ok(None);
-        };
-        let lower = crate::worker::snapshots::lowerdir_option(lowers, base)
-            .map_err(|e| SandboxError(e.to_string()))?;
-        let data = format!(
-            "{},upperdir={},workdir={}",
-            lower,
-            upper.display(),
-            work.display()
-        );
-        Ok(Some((data, base.as_path())))
-    }
-
     /// The directory that becomes the step's `/`.
     pub fn target(&self) -> &Path {
         match self {

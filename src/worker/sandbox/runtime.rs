@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 use oci_spec::runtime::Spec;
@@ -54,22 +54,28 @@ pub fn resolve(name: &Path) -> Result<PathBuf, SandboxError> {
 /// namespace). A forked child does it, since the lower dirs are named relative to a
 /// directory it must chdir into, and builder's other threads keep their working directory.
 fn mount_root(root: &RootMount) -> Result<bool, SandboxError> {
-    let Some((data, base)) = root.overlay_options()? else {
+    let RootMount::Overlay {
+        lowers,
+        upper,
+        work,
+        merged,
+        base,
+    } = root
+    else {
         return Ok(false);
     };
-    let merged = root.target();
-    // SAFETY: the child only changes directory, mounts and exits.
+    // SAFETY: the child only mounts (changing its own directory at most) and exits.
     match unsafe { fork() }.map_err(serr("fork"))? {
         ForkResult::Child => {
-            let ok = nix::unistd::chdir(base).is_ok()
-                && mount(
-                    Some("overlay"),
-                    merged,
-                    Some("overlay"),
-                    MsFlags::empty(),
-                    Some(data.as_str()),
-                )
-                .is_ok();
+            let ok = crate::worker::snapshots::mount_overlay(
+                lowers,
+                Some((upper, work)),
+                merged,
+                false,
+                false,
+                base,
+            )
+            .is_ok();
             unsafe { libc::_exit(if ok { 0 } else { 1 }) }
         }
         ForkResult::Parent { child } => match waitpid(child, None) {

@@ -1,0 +1,204 @@
+//! Bad input and big images: any number of layers, bounded nesting and messages, the step's
+//! own exit status kept apart from the sandbox's, and build files that are not UTF-8.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+
+fn env() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    busybox_base(&root, "busybox:test");
+    (t, root)
+}
+
+fn try_build(root: &Path, ctx: &Path, extra: &[&str]) -> std::process::Output {
+    run(builder()
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--network",
+            "none",
+            "--root",
+        ])
+        .arg(root)
+        .args(extra)
+        .arg(ctx))
+}
+
+#[test]
+fn a_150_step_build_and_a_130_layer_base_take_more_layers() {
+    let (t, root) = env();
+    let ctx = t.path().join("many");
+    let mut file = String::from("FROM busybox:test\n");
+    for i in 0..150 {
+        file.push_str(&format!("RUN echo {i} > /f{i}\n"));
+    }
+    write(&ctx.join("Buildfile"), &file);
+    let layout = t.path().join("many-layout");
+    let out = try_build(&root, &ctx, &["-o", &format!("oci:{}:t", layout.display())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run_ok(
+        tool("oci-image-tool")
+            .args(["validate", "--type", "image", "--ref", "name=t"])
+            .arg(&layout),
+    );
+    // That image (151 layers) as a base, with RUN and COPY on top.
+    let ctx2 = t.path().join("on-top");
+    write(&ctx2.join("extra.txt"), "extra\n");
+    write(
+        &ctx2.join("Buildfile"),
+        &format!(
+            "FROM oci:{}:t\nRUN cat /f0 /f149 > /both\nCOPY extra.txt /extra.txt\nRUN cat /both /extra.txt\n",
+            layout.display()
+        ),
+    );
+    let local = t.path().join("rootfs");
+    let out = try_build(&root, &ctx2, &["-o", &format!("local:{}", local.display())]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(fs::read_to_string(local.join("both")).unwrap(), "0\n149\n");
+    assert!(log.contains("extra"), "{log}");
+    assert!(!log.contains("copy snapshotter"), "no fallback: {log}");
+}
+
+#[test]
+fn a_step_exiting_125_is_the_steps_own_failure() {
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    write(&ctx.join("Buildfile"), "FROM busybox:test\nRUN exit 125\n");
+    let out = try_build(&root, &ctx, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("exit code 125"), "{err}");
+    assert!(!err.contains("could not start"), "{err}");
+}
+
+#[test]
+fn exec_form_finds_the_command_on_the_images_path() {
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nRUN [\"ls\", \"/bin/busybox\"]\nENV PATH=/nowhere\nRUN [\"/bin/ls\", \"/\"]\n",
+    );
+    let out = try_build(&root, &ctx, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn deep_nesting_is_an_error_with_a_position_and_a_bounded_message() {
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    let deep = format!("{}x{}", "${a:-".repeat(3000), "}".repeat(3000));
+    write(
+        &ctx.join("Buildfile"),
+        &format!("FROM busybox:test\nARG a\nENV X={deep}\n"),
+    );
+    let out = try_build(&root, &ctx, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "an error, not an abort");
+    assert!(
+        err.contains("Buildfile:3:1") && err.contains("nested more than"),
+        "{}",
+        &err[..err.len().min(2000)]
+    );
+    assert!(err.len() < 2000, "the message is {} bytes", err.len());
+}
+
+#[test]
+fn a_failing_200000_line_run_gives_a_short_error() {
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    let mut file = String::from("FROM busybox:test\nRUN false");
+    for i in 0..200_000 {
+        file.push_str(&format!(" \\\n  x{i}"));
+    }
+    file.push('\n');
+    write(&ctx.join("Buildfile"), &file);
+    let out = try_build(&root, &ctx, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let last = err.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+    assert!(
+        last.len() < 4000,
+        "the error is {} bytes: {}",
+        last.len(),
+        &last[..last.len().min(1000)]
+    );
+}
+
+#[test]
+fn a_build_file_that_is_not_utf8_is_an_error_at_its_position() {
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(
+        ctx.join("Buildfile"),
+        b"FROM busybox:test\nLABEL a=\"caf\xe9\"\n",
+    )
+    .unwrap();
+    let out = try_build(&root, &ctx, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("Buildfile:2:13") && err.contains("UTF-8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_build_arg_from_a_non_utf8_environment_variable_is_an_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nARG X\nRUN echo $X\n",
+    );
+    let out = run(builder()
+        .env("X", std::ffi::OsStr::from_bytes(b"caf\xe9"))
+        .args(["build", "--progress", "plain", "--build-arg", "X", "--root"])
+        .arg(&root)
+        .arg(&ctx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--build-arg X") && err.contains("UTF-8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ignore_patterns_that_backtrack_exponentially_elsewhere_match_at_once() {
+    // 2,000 files with long names against patterns that are exponential for a backtracking
+    // matcher: the whole build must still finish (the matcher's step bound is unit-tested).
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    for i in 0..2000 {
+        write(&ctx.join(format!("d/{}{}.txt", "a".repeat(60), i)), "x");
+    }
+    write(
+        &ctx.join(".dockerignore"),
+        "**/**/**/**/**/**/x*y*z*\na*a*a*a*a*a*a*a*a*b\n**/a*a*a*a*a*a*a*a*a*a*a*a*b*\n",
+    );
+    write(&ctx.join("Buildfile"), "FROM busybox:test\nCOPY . /c/\n");
+    let out = try_build(&root, &ctx, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
