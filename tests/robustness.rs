@@ -202,3 +202,76 @@ fn ignore_patterns_that_backtrack_exponentially_elsewhere_match_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A small tmpfs of this test's own, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn new(at: &Path) -> SmallDisk {
+        fs::create_dir_all(at).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=256k"),
+        )
+        .unwrap();
+        SmallDisk(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_during_an_export_names_the_output_and_leaves_nothing() {
+    let (t, root) = env();
+    let ctx = t.path().join("c");
+    let big: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(ctx.join("big.bin"), &big).unwrap();
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nCOPY big.bin /big.bin\n",
+    );
+    let disk = SmallDisk::new(&t.path().join("small"));
+    for output in [
+        format!("oci-archive:{}/out.tar", disk.0.display()),
+        format!("docker-archive:{}/out.tar", disk.0.display()),
+        format!("oci:{}/layout:t", disk.0.display()),
+    ] {
+        let out = try_build(&root, &ctx, &["-o", &output]);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{output}");
+        let err: String = log
+            .lines()
+            .filter(|l| l.starts_with("error") || l.contains("Caused by"))
+            .collect();
+        assert!(
+            err.contains(&disk.0.display().to_string()),
+            "{output}: the error names the output: {log}"
+        );
+        assert!(
+            !err.contains("big.bin") && !err.contains("/root/"),
+            "{output}: not the source: {err}"
+        );
+        let left: Vec<String> = walkdir::WalkDir::new(&disk.0)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{output}: temp files left: {left:?}");
+        assert!(
+            !disk.0.join("out.tar").exists(),
+            "{output}: no partial archive"
+        );
+    }
+}

@@ -217,9 +217,34 @@ pub fn place_blob(blobs: &BlobStore, dir: &Path, d: &Digest) -> Result<(), Expor
     if fs::hard_link(&src, &dest).is_ok() {
         return Ok(());
     }
-    let tmp = dest.with_extension("tmp");
-    fs::copy(&src, &tmp).map_err(io_at(&src))?;
-    fs::rename(&tmp, &dest).map_err(io_at(&dest))
+    let parent = dest.parent().unwrap_or(dir);
+    // Removed on every error path; a killed export's is removed by the next (see below).
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.tmp-{}-", d.hex(), std::process::id()))
+        .tempfile_in(parent)
+        .map_err(io_at(parent))?;
+    let mut from = fs::File::open(&src).map_err(io_at(&src))?;
+    // A write failure (a full disk) names the output, not the blob being read.
+    io::copy(&mut from, tmp.as_file_mut()).map_err(io_at(&dest))?;
+    tmp.as_file().sync_all().map_err(io_at(&dest))?;
+    tmp.persist(&dest).map_err(|e| io_at(&dest)(e.error))?;
+    Ok(())
+}
+
+/// Remove `.NAME.tmp-PID-…` files beside `file` that a killed export left (its pid is gone).
+fn remove_stale_temps(parent: &Path, name: &str) {
+    let prefix = format!(".{}.tmp-", name);
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if !pid.is_empty() && !Path::new(&format!("/proc/{}", pid)).exists() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Write (or add to) an OCI image layout at `dir`, naming the image `tag` in index.json.
@@ -275,14 +300,18 @@ fn tar_dir(dir: &Path, file: &Path, extra: &[(String, Vec<u8>)]) -> Result<(), E
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io_at(parent))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        file.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    remove_stale_temps(parent, &name);
+    // Removed on every error path (NamedTempFile); renamed into place only when complete.
+    let tmp_file = tempfile::Builder::new()
+        .prefix(&format!(".{}.tmp-{}-", name, std::process::id()))
+        .tempfile_in(parent)
+        .map_err(io_at(parent))?;
+    let tmp = tmp_file.path().to_path_buf();
+    let f = tmp_file.reopen().map_err(io_at(&tmp))?;
     let mut b = tar::Builder::new(io::BufWriter::new(f));
     let mut paths = Vec::new();
     for e in walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name() {
@@ -307,11 +336,12 @@ fn tar_dir(dir: &Path, file: &Path, extra: &[(String, Vec<u8>)]) -> Result<(), E
         if md.is_dir() {
             let mut h = header(0, true);
             b.append_data(&mut h, format!("{}/", rel.display()), io::empty())
-                .map_err(io_at(&p))?;
+                .map_err(io_at(file))?;
         } else {
             let mut h = header(md.len(), false);
             let f = fs::File::open(&p).map_err(io_at(&p))?;
-            b.append_data(&mut h, rel, f).map_err(io_at(&p))?;
+            // Reading the layout is local; what fails here is writing the archive.
+            b.append_data(&mut h, rel, f).map_err(io_at(file))?;
         }
     }
     for (name, data) in extra {
@@ -319,11 +349,12 @@ fn tar_dir(dir: &Path, file: &Path, extra: &[(String, Vec<u8>)]) -> Result<(), E
         b.append_data(&mut h, name, data.as_slice())
             .map_err(io_at(file))?;
     }
-    let mut w = b.into_inner().map_err(io_at(&tmp))?;
-    w.flush().map_err(io_at(&tmp))?;
-    w.get_ref().sync_all().map_err(io_at(&tmp))?;
+    let mut w = b.into_inner().map_err(io_at(file))?;
+    w.flush().map_err(io_at(file))?;
+    w.get_ref().sync_all().map_err(io_at(file))?;
     drop(w);
-    fs::rename(&tmp, file).map_err(io_at(file))
+    tmp_file.persist(file).map_err(|e| io_at(file)(e.error))?;
+    Ok(())
 }
 
 #[cfg(test)]

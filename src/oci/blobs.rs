@@ -215,11 +215,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         std::process::id(),
         nanos()
     ));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        // Nothing half-written stays behind (a full disk, a vanished directory).
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(dir);
     Ok(())
 }
