@@ -142,7 +142,7 @@ pub fn mount_points(spec: &RunSpec) -> Vec<String> {
 /// Run the step; `on_line` receives its output (stdout and stderr merged) line by line.
 pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, SandboxError> {
     let net = match spec.network {
-        NetworkMode::Private => Some(network::PrivateNetwork::start()?),
+        NetworkMode::Private => Some(network::acquire(spec.insecure)?),
         NetworkMode::Loopback | NetworkMode::Host => None,
     };
     let oci = policy::runtime_spec(spec, spec.root.target(), net.as_ref().map(|n| n.path()));

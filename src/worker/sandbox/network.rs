@@ -77,9 +77,20 @@ pub struct PrivateNetwork {
     /// Closing it ends slirp4netns (`--exit-fd`).
     exit: Option<OwnedFd>,
     path: PathBuf,
+    /// Whether a finished step may give it back for reuse.
+    poolable: bool,
 }
 
 impl PrivateNetwork {
+    /// Whether its holder and its stack still run.
+    fn alive(&mut self) -> bool {
+        let helper_running = self
+            .helper
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        helper_running && Path::new(&format!("/proc/{}", self.holder)).exists()
+    }
+
     /// Create the namespace and attach the stack; returns once the stack is ready.
     pub fn start() -> Result<PrivateNetwork, SandboxError> {
         let binary = find_slirp4netns()?;
@@ -113,6 +124,7 @@ impl PrivateNetwork {
             helper: None,
             exit: None,
             path: PathBuf::from(format!("/proc/{}/ns/net", holder)),
+            poolable: true,
         };
         let mut b = [0u8; 1];
         if !matches!(std::fs::File::from(ready_r).read(&mut b), Ok(1)) {
@@ -188,6 +200,48 @@ impl PrivateNetwork {
         self.helper = Some(child);
         Ok(())
     }
+}
+
+/// Namespaces a finished step gave back, for the next step of this build process: starting
+/// slirp4netns costs tens of milliseconds, so, as BuildKit pools its network namespaces, one
+/// is reused once its step is over. Nothing of a step outlives it there: its processes died
+/// with its PID namespace, its sockets with them, and without CAP_NET_ADMIN (and with
+/// /proc/sys read-only) it could change neither addresses, routes, firewall nor sysctls.
+static POOL: std::sync::Mutex<Vec<PrivateNetwork>> = std::sync::Mutex::new(Vec::new());
+
+/// A private network held by one step; given back to the pool when dropped.
+pub struct Leased(Option<PrivateNetwork>);
+
+impl Leased {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |n| n.path())
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take().filter(|n| n.poolable) {
+            if let Ok(mut pool) = POOL.lock() {
+                pool.push(n);
+            }
+        }
+    }
+}
+
+/// A private network for a step: a pooled one whose stack is still alive, or a new one. An
+/// insecure step holds CAP_NET_ADMIN and could change its namespace, so it gets a fresh one
+/// that is never pooled.
+pub fn acquire(insecure: bool) -> Result<Leased, SandboxError> {
+    if !insecure {
+        while let Some(mut n) = POOL.lock().ok().and_then(|mut p| p.pop()) {
+            if n.alive() {
+                return Ok(Leased(Some(n)));
+            }
+        }
+    }
+    let mut fresh = PrivateNetwork::start()?;
+    fresh.poolable = !insecure;
+    Ok(Leased(Some(fresh)))
 }
 
 impl Drop for PrivateNetwork {
