@@ -53,6 +53,8 @@ pub struct ImageState {
     runtime: Config,
     /// `Env` as ordered pairs (`None`: the config has no `Env`).
     env: Option<Vec<(String, String)>>,
+    /// Where each name sits in `env`, so setting one costs the same however many there are.
+    env_index: std::collections::HashMap<String, usize>,
     /// Docker's extra `config` fields (`Healthcheck`, `OnBuild`, `Shell`), raw.
     pub extras: BTreeMap<String, Value>,
     pub layers: Vec<LayerRef>,
@@ -145,6 +147,7 @@ impl ImageState {
             config,
             runtime: Config::default(),
             env: None,
+            env_index: Default::default(),
             extras: BTreeMap::new(),
             layers: Vec::new(),
         }
@@ -168,9 +171,12 @@ impl ImageState {
     /// Set one environment variable, replacing an existing one in place.
     pub fn set_env(&mut self, key: &str, value: &str) {
         let env = self.env.get_or_insert_with(Vec::new);
-        match env.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) => slot.1 = value.to_string(),
-            None => env.push((key.to_string(), value.to_string())),
+        match self.env_index.get(key) {
+            Some(&i) => env[i].1 = value.to_string(),
+            None => {
+                self.env_index.insert(key.to_string(), env.len());
+                env.push((key.to_string(), value.to_string()));
+            }
         }
     }
 
@@ -285,7 +291,7 @@ pub fn state_from_config(
         .map_err(|e| invalid(what, format!("config does not parse: {}", e)))?;
     let mut runtime = config.config().clone().unwrap_or_default();
     config.set_config(None);
-    let env = runtime.env().as_ref().map(|list| {
+    let env: Option<Vec<(String, String)>> = runtime.env().as_ref().map(|list| {
         list.iter()
             .map(|e| match e.split_once('=') {
                 Some((k, v)) => (k.to_string(), v.to_string()),
@@ -294,6 +300,11 @@ pub fn state_from_config(
             .collect()
     });
     runtime.set_env(None);
+    // First occurrence wins, as a lookup of a repeated name in `Env` does.
+    let mut env_index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, (k, _)) in env.iter().flatten().enumerate() {
+        env_index.entry(k.clone()).or_insert(i);
+    }
     let mut extras = BTreeMap::new();
     if let Some(c) = v.get("config").and_then(Value::as_object) {
         for k in ["Healthcheck", "OnBuild", "Shell"] {
@@ -316,6 +327,7 @@ pub fn state_from_config(
         config,
         runtime,
         env,
+        env_index,
         extras,
         layers,
     })
