@@ -71,6 +71,37 @@ fn a_150_step_build_and_a_130_layer_base_take_more_layers() {
 }
 
 #[test]
+fn past_overlayfs_stacking_limit_older_layers_are_flattened() {
+    let (t, root) = env();
+    let ctx = t.path().join("deep");
+    let mut file = String::from("FROM busybox:test\n");
+    for i in 0..505 {
+        file.push_str(&format!("RUN echo {i} > /f{i}\n"));
+    }
+    file.push_str("RUN rm /f3 && cat /f0 /f504 && ls / | wc -l\n");
+    write(&ctx.join("Buildfile"), &file);
+    let local = t.path().join("rootfs");
+    let out = try_build(&root, &ctx, &["-o", &format!("local:{}", local.display())]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    assert!(local.join("f504").is_file() && !local.join("f3").exists());
+    let flattened = fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("flat").is_dir())
+        .count();
+    assert!(
+        flattened >= 1,
+        "older layers were flattened into a cached snapshot"
+    );
+    run_ok(builder().args(["fsck", "--root"]).arg(&root));
+}
+
+#[test]
 fn a_step_exiting_125_is_the_steps_own_failure() {
     let (t, root) = env();
     let ctx = t.path().join("c");

@@ -110,6 +110,9 @@ pub fn lowerdir_option(lowers: &[PathBuf], base: &Path) -> Result<String, Snapsh
 /// overlayfs's own limit on stacked lower directories (OVL_MAX_STACK).
 pub const MAX_LOWERS: usize = 500;
 
+/// How many layers are flattened together once a stack passes [`MAX_LOWERS`].
+const FLATTEN_CHUNK: usize = 128;
+
 /// Mount an overlay of `lowers` (top first) on `target`, writable when `upper_work` is given.
 /// The new mount API (`fsopen`/`fsconfig` with one `lowerdir+` per layer, Linux 6.8 and later)
 /// has no limit on the option string, so any number of layers up to overlayfs's own
@@ -123,16 +126,8 @@ pub fn mount_overlay(
     nodev: bool,
     base: &Path,
 ) -> Result<(), SnapshotError> {
-    if lowers.len() > MAX_LOWERS {
-        return Err(SnapshotError::Mount {
-            what: format!(
-                "an overlay of {} layers (overlayfs stacks at most {})",
-                lowers.len(),
-                MAX_LOWERS
-            ),
-            errno: nix::errno::Errno::E2BIG,
-        });
-    }
+    let fitted = fit_lowers(lowers, base)?;
+    let lowers = fitted.as_slice();
     match mount_overlay_fsconfig(lowers, upper_work, target, readonly, nodev) {
         Ok(()) => return Ok(()),
         Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {}
@@ -177,6 +172,64 @@ pub fn mount_overlay(
         what: format!("overlay on {}", target.display()),
         errno,
     })
+}
+
+/// Lowers that one overlay can stack. Past [`MAX_LOWERS`], the bottom ones are flattened into
+/// one directory, their merged view copied once and cached beside the snapshot of the chain
+/// they end with (`snapshots/<chain>/flat`), so a stage may have any number of layers.
+/// `snapshots` is the shared snapshot directory the lowers live in.
+pub fn fit_lowers(lowers: &[PathBuf], snapshots: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+    if lowers.len() <= MAX_LOWERS {
+        return Ok(lowers.to_vec());
+    }
+    // Flatten the bottom-most layers in chunks of FLATTEN_CHUNK counted from the bottom, so
+    // the next steps of the stage find the same flattened chunk cached; keep the rest (a
+    // step's own skeleton among them) as they are.
+    let must = lowers.len() - (MAX_LOWERS - 1);
+    let chunk = must.div_ceil(FLATTEN_CHUNK) * FLATTEN_CHUNK;
+    let keep = lowers.len() - chunk;
+    let bottom = &lowers[keep..];
+    let Some(chain_dir) = bottom[0].parent().filter(|d| d.starts_with(snapshots)) else {
+        return Err(SnapshotError::Mount {
+            what: format!(
+                "an overlay of {} layers (overlayfs stacks at most {})",
+                lowers.len(),
+                MAX_LOWERS
+            ),
+            errno: nix::errno::Errno::E2BIG,
+        });
+    };
+    let flat = chain_dir.join("flat");
+    if !flat.is_dir() {
+        let under = fit_lowers(bottom, snapshots)?;
+        let tmp = snapshots.parent().unwrap_or(snapshots).join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        let view = tempfile::Builder::new()
+            .prefix(&crate::oci::blobs::scratch_prefix("flatten"))
+            .tempdir_in(&tmp)
+            .map_err(io_at(&tmp))?;
+        let (merged, staged) = (view.path().join("merged"), view.path().join("fs"));
+        fs::create_dir_all(&merged).map_err(io_at(&merged))?;
+        mount_overlay_fsconfig(&under, None, &merged, true, false).map_err(|errno| {
+            SnapshotError::Mount {
+                what: format!("a view of {} layers to flatten", under.len()),
+                errno,
+            }
+        })?;
+        let copied = crate::worker::copy_tree(&merged, &staged);
+        let _ = umount2(&merged, MntFlags::MNT_DETACH);
+        copied.map_err(|e| SnapshotError::Mount {
+            what: format!("flatten {} layers: {}", under.len(), e),
+            errno: nix::errno::Errno::EIO,
+        })?;
+        // Another build may have flattened the same chain first: the contents are the same.
+        if fs::rename(&staged, &flat).is_err() && !flat.is_dir() {
+            return Err(io_at(&flat)(std::io::Error::other("cannot publish")));
+        }
+    }
+    let mut out = lowers[..keep].to_vec();
+    out.push(flat);
+    Ok(out)
 }
 
 /// The new mount API's way; `EINVAL` or `ENOSYS` mean this kernel does not have it.
