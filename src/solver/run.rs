@@ -20,7 +20,7 @@ use super::users;
 /// Environment variables in order.
 pub type EnvList = Vec<(String, String)>;
 
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::oci::image::DEFAULT_PATH;
 
 /// Where a `--secret id=...` comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -185,7 +185,7 @@ impl Prepared {
             .iter()
             .rev()
             .find_map(|e| e.strip_prefix("PATH="))
-            .unwrap_or(crate::solver::run::DEFAULT_PATH);
+            .unwrap_or(crate::oci::image::DEFAULT_PATH);
         let exe_candidates = if first.contains('/') {
             vec![cstring(first)?]
         } else {
