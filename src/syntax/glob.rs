@@ -114,12 +114,12 @@ impl Glob {
         for (pos, &c) in s.iter().enumerate() {
             let mut next = vec![false; m + 1];
             let mut any = false;
-            for i in 0..m {
+            for (i, tok) in self.toks.iter().enumerate() {
                 if !cur[i] {
                     continue;
                 }
                 steps += 1;
-                let to = match &self.toks[i] {
+                let to = match tok {
                     Tok::Lit(x) => (*x == c).then_some(i + 1),
                     Tok::One { slash } => (*slash || c != '/').then_some(i + 1),
                     Tok::Star { slash } => (*slash || c != '/').then_some(i),
