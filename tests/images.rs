@@ -45,7 +45,14 @@ fn scratch_example_is_a_valid_layout_that_skopeo_and_umoci_read() {
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v["Digest"], digest.as_str());
     assert_eq!(v["Labels"]["org.opencontainers.image.title"], "hello");
-    assert_eq!(v["Env"], serde_json::json!(["GREETING=hello from builder"]));
+    // FROM scratch starts, as in BuildKit, with the default PATH (and WorkingDir /).
+    assert_eq!(
+        v["Env"],
+        serde_json::json!([
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "GREETING=hello from builder"
+        ])
+    );
 
     let bundle = umoci_unpack(&layout, "1.0", t.path());
     let rootfs = bundle.join("rootfs");
@@ -161,7 +168,10 @@ fn skopeo_copies_between_every_export_format() {
         run_ok(tool("skopeo").args(["copy", src, &dst]));
         assert_eq!(
             inspect(&dst)["Env"],
-            serde_json::json!(["GREETING=hello from builder"])
+            serde_json::json!([
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "GREETING=hello from builder"
+            ])
         );
     }
     // builder reads its own archives back as bases.
@@ -601,5 +611,27 @@ fn add_refuses_redirects_to_other_schemes_and_follows_http_ones() {
     assert_eq!(
         fs::read_to_string(local.join("dl/x")).unwrap(),
         "moved here\n"
+    );
+}
+
+#[test]
+fn from_scratch_starts_with_dockers_path_and_working_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("Buildfile"), "FROM scratch\nLABEL a=b\n");
+    build(&root, &ctx, &["-t", "s:1"]);
+    let out = run_ok(builder().args(["inspect", "--root"]).arg(&root).arg("s:1"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let config = v
+        .pointer("/config/config")
+        .or_else(|| v.pointer("/config"))
+        .cloned()
+        .unwrap_or_default();
+    let text = config.to_string();
+    assert!(
+        text.contains("\"WorkingDir\":\"/\"")
+            && text.contains("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        "{out}"
     );
 }

@@ -146,6 +146,19 @@ impl std::fmt::Display for StepFailure {
     }
 }
 
+/// `FROM scratch` as BuildKit makes it: working directory `/` and the default PATH (not on
+/// Windows, which sets its own).
+fn scratch_base(os: &str, arch: &str, variant: Option<&str>) -> ImageState {
+    let mut state = ImageState::scratch(os, arch, variant);
+    state.with_runtime(|c| {
+        c.set_working_dir(Some("/".into()));
+    });
+    if os != "windows" {
+        state.set_env("PATH", crate::oci::image::DEFAULT_PATH);
+    }
+    state
+}
+
 /// Chain the metadata steps applied since the last key (their texts, and the config they
 /// left) into `key`; nothing when there were none.
 fn key_metadata(key: CacheKey, pending: &mut Vec<String>, state: &ImageState) -> CacheKey {
@@ -431,7 +444,7 @@ impl Ctx<'_, '_> {
         let p = &self.req.platform;
         let (mut state, base_key) = match &stage.base {
             Base::Scratch => (
-                ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref()),
+                scratch_base(&p.os, &p.architecture, p.variant.as_deref()),
                 CacheKey::base(json!({"scratch": p.spec()})),
             ),
             Base::Stage(i) => {
