@@ -635,3 +635,28 @@ fn from_scratch_starts_with_dockers_path_and_working_directory() {
         "{out}"
     );
 }
+
+#[test]
+fn history_has_an_empty_layer_entry_per_arg_and_none_for_onbuild() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let ctx = t.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM scratch\nARG A=1\nARG B\nONBUILD RUN echo hi\nLABEL a=b\n",
+    );
+    // A --build-arg value never shows in the history: the default as written does.
+    build(&root, &ctx, &["-t", "h:1", "--build-arg", "A=9"]);
+    let out = run_ok(builder().args(["inspect", "--root"]).arg(&root).arg("h:1"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let history = v["config"]["history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let created: Vec<&str> = history
+        .iter()
+        .map(|h| h["created_by"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(created, ["ARG A=1", "ARG B", "LABEL a=b"], "{out}");
+    assert!(history.iter().all(|h| h["empty_layer"] == true));
+}

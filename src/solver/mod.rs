@@ -647,7 +647,14 @@ impl Ctx<'_, '_> {
         match &l.instruction {
             Instruction::From { .. } => return Err(self.fail(l, "FROM inside a stage")),
             Instruction::Arg(decls) => {
+                let mut shown = Vec::new();
                 for (name, default) in decls {
+                    // BuildKit's history names the ARG with the default the file gives
+                    // (expanded), never a --build-arg value.
+                    match default {
+                        Some(d) => shown.push(format!("{}={}", name, self.word(l, scope, d)?)),
+                        None => shown.push(name.clone()),
+                    }
                     let value = match self.req.build_args.get(name) {
                         Some(v) => Some(v.clone()),
                         None => match default {
@@ -667,7 +674,7 @@ impl Ctx<'_, '_> {
                     };
                     scope.args.insert(name.clone(), value);
                 }
-                // ARGs are not part of the image: no history entry, so unused ARGs never change it.
+                self.history(state, format!("ARG {}", shown.join(" ")), None);
             }
             Instruction::Env(kvs) => {
                 let mut shown = Vec::new();
@@ -887,7 +894,7 @@ impl Ctx<'_, '_> {
                     .unwrap_or_default();
                 list.push(t.clone());
                 state.extras.insert("OnBuild".into(), json!(list));
-                self.history(state, format!("ONBUILD {}", t), None);
+                // BuildKit records no history entry for ONBUILD.
             }
             Instruction::Run(r) => {
                 let view = view_slot
