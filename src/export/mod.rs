@@ -241,7 +241,10 @@ fn remove_stale_temps(parent: &Path, name: &str) {
             continue;
         };
         let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if !pid.is_empty() && !Path::new(&format!("/proc/{}", pid)).exists() {
+        if pid
+            .parse::<i32>()
+            .is_ok_and(|p| !crate::oci::blobs::process_exists(p))
+        {
             let _ = fs::remove_file(e.path());
         }
     }

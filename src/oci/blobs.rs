@@ -49,6 +49,11 @@ pub fn scratch_owner(name: &str) -> Option<i32> {
     pid.parse().ok().filter(|p| *p > 0)
 }
 
+/// Whether process `pid` still exists (the owner of scratch, a temp file or a container).
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{}", pid)).exists()
+}
+
 impl BlobStore {
     /// Open (creating) the blob store in `root/blobs/sha256`, with temp files in `tmp`.
     pub fn open(root: &Path, tmp: &Path) -> Result<BlobStore, BlobError> {

@@ -253,18 +253,7 @@ impl Stager<'_> {
 
     /// A file whose bytes are read from `source` when the layer is written.
     fn add_file(&mut self, dst: &Path, source: PathBuf, size: u64, mode: u32, mtime: i64) {
-        let (uid, gid) = self.owner.map(|o| (o.uid, o.gid)).unwrap_or((0, 0));
-        self.insert(
-            dst.to_path_buf(),
-            TreeNode {
-                kind: NodeKind::File { source, size },
-                mode,
-                uid,
-                gid,
-                mtime,
-                xattrs: Vec::new(),
-            },
-        );
+        self.insert_file(dst, NodeKind::File { source, size }, mode, mtime);
     }
 
     fn write_file(
@@ -274,11 +263,17 @@ impl Stager<'_> {
         mode: u32,
         mtime: i64,
     ) -> Result<(), CopyError> {
+        self.insert_file(dst, NodeKind::Data(data.to_vec()), mode, mtime);
+        Ok(())
+    }
+
+    /// A file node owned by the step's --chown owner (root by default).
+    fn insert_file(&mut self, dst: &Path, kind: NodeKind, mode: u32, mtime: i64) {
         let (uid, gid) = self.owner.map(|o| (o.uid, o.gid)).unwrap_or((0, 0));
         self.insert(
             dst.to_path_buf(),
             TreeNode {
-                kind: NodeKind::Data(data.to_vec()),
+                kind,
                 mode,
                 uid,
                 gid,
@@ -286,7 +281,6 @@ impl Stager<'_> {
                 xattrs: Vec::new(),
             },
         );
-        Ok(())
     }
 
     /// Give every directory no source provided the metadata the image already has for it

@@ -123,7 +123,7 @@ impl Store {
             let Some(pid) = crate::oci::blobs::scratch_owner(&name) else {
                 continue;
             };
-            if Path::new(&format!("/proc/{}", pid)).exists() {
+            if crate::oci::blobs::process_exists(pid) {
                 continue;
             }
             freed += remove_counting(&e.path());

@@ -432,6 +432,15 @@ impl ShellWord<'_, '_> {
     }
 }
 
+/// The longest (`greedy`) or shortest matching prefix length among `hits`.
+fn pick(hits: &[bool], greedy: bool) -> Option<usize> {
+    if greedy {
+        hits.iter().rposition(|h| *h)
+    } else {
+        hits.iter().position(|h| *h)
+    }
+}
+
 /// A shell pattern of `${VAR#pattern}` and friends: `*`, `?` and `\`-escaped literals,
 /// matched by the one linear-time matcher ([`Glob`]).
 #[derive(Debug)]
@@ -474,13 +483,7 @@ impl Pattern {
 
     fn trim_prefix(&self, v: &str, greedy: bool) -> String {
         let chars: Vec<char> = v.chars().collect();
-        let hits = self.0.prefix_matches(&chars);
-        let n = if greedy {
-            hits.iter().rposition(|h| *h)
-        } else {
-            hits.iter().position(|h| *h)
-        };
-        match n {
+        match pick(&self.0.prefix_matches(&chars), greedy) {
             Some(n) => chars[n..].iter().collect(),
             None => v.to_string(),
         }
@@ -490,13 +493,7 @@ impl Pattern {
         // Suffixes of v are prefixes of v reversed, matched by the pattern reversed.
         let mut rev: Vec<char> = v.chars().collect();
         rev.reverse();
-        let hits = self.0.reversed().prefix_matches(&rev);
-        let n = if greedy {
-            hits.iter().rposition(|h| *h)
-        } else {
-            hits.iter().position(|h| *h)
-        };
-        match n {
+        match pick(&self.0.reversed().prefix_matches(&rev), greedy) {
             Some(n) => rev[n..].iter().rev().collect(),
             None => v.to_string(),
         }

@@ -235,6 +235,10 @@ impl Prepared {
         let bounding = cap_set(caps.bounding());
         let current =
             caps::read(None, caps::CapSet::Bounding).map_err(serr("read capabilities"))?;
+        // Nothing beyond what builder holds (and this kernel knows) can be granted.
+        let granted = |set: &Option<oci_spec::runtime::Capabilities>| -> caps::CapsHashSet {
+            cap_set(set).intersection(&current).copied().collect()
+        };
         let filters = match linux.seccomp() {
             Some(profile) => seccomp::compile(profile).map_err(|e| SandboxError(e.to_string()))?,
             None => Vec::new(),
@@ -262,19 +266,9 @@ impl Prepared {
             argv: args.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?,
             envp: env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?,
             bounding_drop: current.difference(&bounding).copied().collect(),
-            // Nothing beyond what builder holds (and this kernel knows) can be granted.
-            permitted: cap_set(caps.permitted())
-                .intersection(&current)
-                .copied()
-                .collect(),
-            effective: cap_set(caps.effective())
-                .intersection(&current)
-                .copied()
-                .collect(),
-            inheritable: cap_set(caps.inheritable())
-                .intersection(&current)
-                .copied()
-                .collect(),
+            permitted: granted(caps.permitted()),
+            effective: granted(caps.effective()),
+            inheritable: granted(caps.inheritable()),
             filters,
         })
     }
@@ -415,11 +409,6 @@ fn inside(root: &Path, image_path: &str) -> Result<PathBuf, SandboxError> {
 }
 
 fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
-    let nodev = if p.nodev {
-        MsFlags::MS_NODEV
-    } else {
-        MsFlags::empty()
-    };
     match &p.root {
         RootMount::Overlay {
             lowers,
@@ -436,7 +425,14 @@ fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
             base,
         )
         .map_err(|e| SandboxError(e.to_string())),
-        RootMount::Bind { dir } => bind(dir, dir, nodev),
+        RootMount::Bind { dir } => {
+            let flags = if p.nodev {
+                MsFlags::MS_NODEV
+            } else {
+                MsFlags::empty()
+            };
+            bind(dir, dir, flags)
+        }
     }
 }
 

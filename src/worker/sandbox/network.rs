@@ -88,7 +88,7 @@ impl PrivateNetwork {
             .helper
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-        helper_running && Path::new(&format!("/proc/{}", self.holder)).exists()
+        helper_running && crate::oci::blobs::process_exists(self.holder.as_raw())
     }
 
     /// Create the namespace and attach the stack; returns once the stack is ready.

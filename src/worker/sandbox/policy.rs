@@ -218,22 +218,23 @@ pub fn runtime_spec(spec: &RunSpec, rootfs: &Path, netns: Option<&Path>) -> Spec
     root.set_path(rootfs.to_path_buf());
     root.set_readonly(Some(false));
 
-    let mut namespaces = Vec::new();
-    for typ in [
+    let namespace = |typ, path: Option<&Path>| {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(typ);
+        ns.set_path(path.map(Path::to_path_buf));
+        ns
+    };
+    let mut namespaces: Vec<LinuxNamespace> = [
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
-    ] {
-        let mut ns = LinuxNamespace::default();
-        ns.set_typ(typ);
-        namespaces.push(ns);
-    }
+    ]
+    .into_iter()
+    .map(|typ| namespace(typ, None))
+    .collect();
     if spec.network != NetworkMode::Host {
-        let mut ns = LinuxNamespace::default();
-        ns.set_typ(LinuxNamespaceType::Network);
-        ns.set_path(netns.map(Path::to_path_buf));
-        namespaces.push(ns);
+        namespaces.push(namespace(LinuxNamespaceType::Network, netns));
     }
 
     let mut linux = oci_spec::runtime::Linux::default();

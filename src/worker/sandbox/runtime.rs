@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,7 +99,7 @@ fn reap_stale(binary: &Path, state: &Path) {
         else {
             continue;
         };
-        if Path::new(&format!("/proc/{}", pid)).exists() {
+        if crate::oci::blobs::process_exists(pid) {
             continue;
         }
         let runtime = |args: &[&str]| {
@@ -196,7 +195,6 @@ pub fn run(
     let result = spawned
         .map_err(|e| SandboxError(format!("start {}: {}", binary.display(), e)))
         .and_then(|mut child| {
-            let _ = out_r.as_raw_fd();
             super::pump_lines(fs::File::from(out_r), on_line);
             let status = child.wait().map_err(serr("wait"))?;
             if let Some(e) = runtime_error(&log) {
