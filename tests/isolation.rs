@@ -61,9 +61,7 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        busybox_base(&dir.path().join("root"), "busybox:test");
-        Env { dir }
+        Env { dir: busybox_dir() }
     }
     fn root(&self) -> PathBuf {
         self.dir.path().join("root")

@@ -9,9 +9,8 @@ use std::path::Path;
 use common::*;
 
 fn env() -> (tempfile::TempDir, std::path::PathBuf) {
-    let t = tempfile::tempdir().unwrap();
+    let t = busybox_dir();
     let root = t.path().join("root");
-    busybox_base(&root, "busybox:test");
     (t, root)
 }
 

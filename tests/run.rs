@@ -19,9 +19,7 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        busybox_base(&dir.path().join("root"), "busybox:test");
-        Env { dir }
+        Env { dir: busybox_dir() }
     }
     fn root(&self) -> std::path::PathBuf {
         self.dir.path().join("root")

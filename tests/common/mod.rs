@@ -105,6 +105,13 @@ pub fn busybox_base(root: &Path, name: &str) {
     );
 }
 
+/// A scratch directory whose `root/` store holds the `busybox:test` base image.
+pub fn busybox_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_base(&dir.path().join("root"), "busybox:test");
+    dir
+}
+
 /// Unpack an OCI layout tag with umoci; returns the bundle directory.
 pub fn umoci_unpack(layout: &Path, tag: &str, into: &Path) -> PathBuf {
     let bundle = into.join("bundle");
