@@ -80,8 +80,14 @@ impl SourceRoot {
         Ok(if rel.is_empty() { ".".into() } else { rel })
     }
 
+    /// Whether `rel` is outside the context as `.dockerignore` shapes it (see
+    /// [`IgnoreMatcher::is_walked_out`]).
     fn ignored(&self, rel: &str) -> bool {
-        self.is_context && rel != "." && self.ignore.is_ignored(rel)
+        if !self.is_context || rel == "." || self.ignore.is_empty() {
+            return false;
+        }
+        let is_dir = fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| m.is_dir());
+        self.ignore.is_walked_out(rel, is_dir)
     }
 
     /// Resolve one cleaned relative path to disk, following symlinks inside the root; for the
@@ -186,9 +192,8 @@ impl SourceRoot {
             let path = self.locate(&rel, &rel)?;
             out.push(Source { rel, path });
         }
-        if out.is_empty() {
-            return Err(ContextError::NotFound(src.to_string()));
-        }
+        // A wildcard that matches nothing copies nothing; it is not an error (BuildKit's
+        // AllowEmptyWildcard).
         Ok(out)
     }
 

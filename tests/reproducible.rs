@@ -184,7 +184,7 @@ fn diff_reports_content_mode_deletion_and_config_precisely() {
     assert!(out.contains("merged removed /bin/wc"), "{out}");
     let (_, out) = diff("v:config");
     assert!(
-        out.contains("config config.Env[0]: \"MODE=a\" -> \"MODE=b\""),
+        out.contains("config config.Env[1]: \"MODE=a\" -> \"MODE=b\""),
         "{out}"
     );
     let json = run(builder()

@@ -15,18 +15,7 @@ fn env() -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fn try_build(root: &Path, ctx: &Path, extra: &[&str]) -> std::process::Output {
-    run(builder()
-        .args([
-            "build",
-            "--progress",
-            "plain",
-            "--network",
-            "none",
-            "--root",
-        ])
-        .arg(root)
-        .args(extra)
-        .arg(ctx))
+    run(build_cmd(root).args(extra).arg(ctx))
 }
 
 #[test]

@@ -174,6 +174,8 @@ pub enum NodeKind {
     },
     Data(Vec<u8>),
     Symlink(PathBuf),
+    /// A second name for the file at this layer path (written after it).
+    HardLink(PathBuf),
 }
 
 /// A layer described in memory (paths relative to the image root): COPY and ADD build one,
@@ -213,8 +215,12 @@ pub fn write_tar_tree<W: Write>(
                 name.push(b'/');
                 append(&mut b, h, &name, None, &node.xattrs, io::empty()).map_err(at)?;
             }
-            NodeKind::Symlink(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
+            NodeKind::Symlink(target) | NodeKind::HardLink(target) => {
+                h.set_entry_type(if matches!(node.kind, NodeKind::Symlink(_)) {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
                 append(
                     &mut b,
                     h,

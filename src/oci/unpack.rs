@@ -94,28 +94,46 @@ pub fn decompress(magic: &[u8], r: Box<dyn Read>) -> io::Result<Box<dyn Read>> {
 
 /// Whether the file starts like a compressed stream or a tar archive.
 pub fn is_archive(path: &Path) -> bool {
-    let Ok(mut f) = fs::File::open(path) else {
+    // As docker decides: whatever decompresses (or not) into something whose first block is
+    // a valid tar header. A gzip of plain text is a file to copy, not an archive.
+    let Ok(mut r) = open_layer(path) else {
         return false;
     };
     let mut head = [0u8; 512];
-    let n = read_fill(&mut f, &mut head).unwrap_or(0);
-    let head = &head[..n];
-    let compressed = matches!(
-        head,
-        [0x1f, 0x8b, ..]
-            | [0x28, 0xb5, 0x2f, 0xfd, ..]
-            | [b'B', b'Z', b'h', ..]
-            | [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..]
-    );
-    compressed || (n >= 262 && &head[257..262] == b"ustar")
+    match read_fill(&mut *r, &mut head) {
+        Ok(512) => is_tar_header(&head),
+        _ => false,
+    }
+}
+
+/// Whether a 512-byte block is a tar header: its checksum field matches its bytes.
+fn is_tar_header(block: &[u8; 512]) -> bool {
+    let field = &block[148..156];
+    let text: String = field
+        .iter()
+        .take_while(|b| **b != 0)
+        .map(|b| *b as char)
+        .collect();
+    let Ok(stored) = u32::from_str_radix(text.trim(), 8) else {
+        return false;
+    };
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                b' ' as u32
+            } else {
+                *b as u32
+            }
+        })
+        .sum();
+    sum == stored
 }
 
 /// Clean an entry name into safe relative components, or say why it is refused.
 fn clean_entry(name: &[u8]) -> Result<PathBuf, String> {
     let p = Path::new(OsStr::from_bytes(name));
-    if p.is_absolute() {
-        return Err("absolute path in a layer".into());
-    }
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {
@@ -126,9 +144,10 @@ fn clean_entry(name: &[u8]) -> Result<PathBuf, String> {
                     return Err("path climbs out of the layer root with '..'".into());
                 }
             }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("absolute path in a layer".into())
-            }
+            // An absolute name is relative to the target, as docker's and containerd's
+            // unpackers take it.
+            Component::RootDir => {}
+            Component::Prefix(_) => return Err("absolute path in a layer".into()),
         }
     }
     Ok(out)
@@ -319,6 +338,17 @@ fn unpack_entries(
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
     for e in archive.entries().map_err(io_e)? {
         let mut e = e.map_err(io_e)?;
+        // Metadata entries the tar reader leaves in the stream (a pax global header, as GNU
+        // tar and `git archive` write): never files, whatever name they carry.
+        if matches!(
+            e.header().entry_type(),
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            continue;
+        }
         let name = e.path_bytes().into_owned();
         let entry_name = String::from_utf8_lossy(&name).into_owned();
         let unsafe_e = |reason: String| UnpackError::Unsafe {
@@ -357,7 +387,17 @@ fn unpack_entries(
         let dest = parent.join(base);
         let h = e.header().clone();
         let mode = h.mode().unwrap_or(0o644) & 0o7777;
-        let mtime = h.mtime().unwrap_or(0) as i64;
+        // A PAX mtime (possibly fractional, "1485449953.5") wins over the header's field.
+        let pax_mtime = e.pax_extensions().ok().flatten().and_then(|exts| {
+            exts.flatten()
+                .find(|x| x.key() == Ok("mtime"))
+                .and_then(|x| x.value().ok().map(str::to_string))
+        });
+        let mtime = pax_mtime
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .map(|v| v.floor() as i64)
+            .unwrap_or_else(|| h.mtime().unwrap_or(0) as i64);
         let kind = h.entry_type();
         if !kind.is_dir() {
             if let Ok(md) = fs::symlink_metadata(&dest) {
@@ -529,16 +569,79 @@ mod tests {
     }
 
     #[test]
-    fn refuses_dotdot_and_absolute() {
+    fn pax_global_headers_are_skipped_and_fractional_mtimes_kept() {
+        use std::os::unix::fs::MetadataExt;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mut b = tar::Builder::new(f.reopen().unwrap());
+        let record = |k: &str, v: &str| {
+            let body = format!(" {}={}\n", k, v);
+            let mut n = body.len() + 1;
+            while format!("{}{}", n, body).len() != n {
+                n += 1;
+            }
+            format!("{}{}", n, body)
+        };
+        let global = record("comment", "written by git archive");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XGlobalHeader);
+        h.set_path("pax_global_header").unwrap();
+        h.set_size(global.len() as u64);
+        h.set_cksum();
+        b.append(&h, global.as_bytes()).unwrap();
+        let local = record("mtime", "1485449953.5");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("PaxHeaders/f").unwrap();
+        h.set_size(local.len() as u64);
+        h.set_cksum();
+        b.append(&h, local.as_bytes()).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("f").unwrap();
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_size(1);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        b.finish().unwrap();
+        let target = tempfile::tempdir().unwrap();
+        unpack_layer(f.path(), "test", target.path(), UnpackOptions::default()).unwrap();
+        assert!(!target.path().join("pax_global_header").exists());
+        let md = fs::symlink_metadata(target.path().join("f")).unwrap();
+        assert_eq!(md.mtime(), 1485449953);
+    }
+
+    #[test]
+    fn a_gzip_of_text_is_not_an_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("notes.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            fs::File::create(&p).unwrap(),
+            flate2::Compression::default(),
+        );
+        std::io::Write::write_all(&mut gz, &[b'x'; 600]).unwrap();
+        gz.finish().unwrap();
+        assert!(!is_archive(&p));
+        let t = layer(&[("a", tar::EntryType::Regular, b"a", None)]);
+        assert!(is_archive(t.path()));
+    }
+
+    #[test]
+    fn refuses_dotdot_and_keeps_absolute_names_inside() {
         let root = tempfile::tempdir().unwrap();
         let target = root.path().join("t");
         fs::create_dir(&target).unwrap();
-        for name in ["../evil", "/etc/evil", "a/../../evil"] {
+        for name in ["../evil", "a/../../evil"] {
             let l = layer(&[(name, tar::EntryType::Regular, b"x", None)]);
             let e = unpack_layer(l.path(), "test", &target, UnpackOptions::default()).unwrap_err();
             assert!(matches!(e, UnpackError::Unsafe { .. }), "{name}: {e}");
         }
         assert!(!root.path().join("evil").exists());
+        // As docker's and containerd's unpackers: an absolute name is relative to the target.
+        let l = layer(&[("/etc/evil", tar::EntryType::Regular, b"x", None)]);
+        unpack_layer(l.path(), "test", &target, UnpackOptions::default()).unwrap();
+        assert!(target.join("etc/evil").is_file());
+        assert!(!Path::new("/etc/evil").exists());
     }
 
     #[test]

@@ -92,6 +92,9 @@ impl Platform {
 pub struct Scope {
     /// Declared ARGs with their values (a declared ARG without value is unset, not empty).
     pub args: BTreeMap<String, Option<String>>,
+    /// ARG names in the order the stage declares them, repeats included (RUN's history
+    /// lists them so).
+    pub declared: Vec<String>,
     /// The image's environment, in order.
     env: Vec<(String, String)>,
     /// Where each ENV name sits in `env`: lookups stay O(1) however long the file.
@@ -109,6 +112,12 @@ impl Scope {
             s.set_env(&k, &v);
         }
         s
+    }
+
+    /// Declare an ARG with its value for this point on.
+    pub fn declare(&mut self, name: &str, value: Option<String>) {
+        self.args.insert(name.to_string(), value);
+        self.declared.push(name.to_string());
     }
 
     /// The environment, in order.

@@ -78,6 +78,8 @@ struct Stager<'a> {
     sourced_dirs: BTreeSet<PathBuf>,
     keep: Vec<tempfile::TempDir>,
     skipped: Vec<String>,
+    /// Files with more than one name, by (device, inode): where each name went.
+    linked: std::collections::BTreeMap<(u64, u64), Vec<(PathBuf, PathBuf)>>,
 }
 
 fn placeholder_dir() -> TreeNode {
@@ -178,7 +180,9 @@ impl Stager<'_> {
         let ft = md.file_type();
         let (uid, gid) = self.owner_for(&md, keep_owner);
         let mode = self.mode_for(&md)?;
-        let xattrs = if ft.is_symlink() {
+        // dockerd's context transfer carries no extended attributes, so a COPY from the
+        // context has none; files of stages and images keep theirs.
+        let xattrs = if ft.is_symlink() || root.is_context {
             Vec::new()
         } else {
             crate::oci::layer::read_xattrs(src)
@@ -229,6 +233,12 @@ impl Stager<'_> {
             let target = fs::read_link(src).map_err(io_at(src))?;
             self.insert(dst.to_path_buf(), node(NodeKind::Symlink(target)));
         } else if ft.is_file() {
+            if md.nlink() > 1 {
+                self.linked
+                    .entry((md.dev(), md.ino()))
+                    .or_default()
+                    .push((dst.to_path_buf(), src.to_path_buf()));
+            }
             self.insert(
                 dst.to_path_buf(),
                 node(NodeKind::File {
@@ -249,6 +259,31 @@ impl Stager<'_> {
             self.skipped.push(format!("{} ({})", rel, kind));
         }
         Ok(())
+    }
+
+    /// Names of one file stay one file, as BuildKit copies them: in each group the first
+    /// name in the layer's order keeps the bytes and the others become hard links to it.
+    fn link_groups(&mut self) {
+        for names in std::mem::take(&mut self.linked).into_values() {
+            let mut present: Vec<PathBuf> = names
+                .into_iter()
+                .filter(|(dst, src)| {
+                    matches!(self.tree.nodes.get(dst),
+                        Some(TreeNode { kind: NodeKind::File { source, .. }, .. }) if source == src)
+                })
+                .map(|(dst, _)| dst)
+                .collect();
+            present.sort();
+            present.dedup();
+            let Some((first, rest)) = present.split_first() else {
+                continue;
+            };
+            for name in rest {
+                if let Some(node) = self.tree.nodes.get_mut(name) {
+                    node.kind = NodeKind::HardLink(first.clone());
+                }
+            }
+        }
     }
 
     /// A file whose bytes are read from `source` when the layer is written.
@@ -286,12 +321,7 @@ impl Stager<'_> {
     /// Give every directory no source provided the metadata the image already has for it
     /// (so the layer does not change it), or 0755 root (the owner for the destination) for
     /// new ones.
-    fn settle_dirs(
-        &mut self,
-        rootfs: &Path,
-        dest_dir: Option<&Path>,
-        epoch: i64,
-    ) -> Result<(), CopyError> {
+    fn settle_dirs(&mut self, rootfs: &Path, epoch: i64) -> Result<(), CopyError> {
         let owner = self.owner;
         let sourced = self.sourced_dirs.clone();
         for (rel, node) in self.tree.nodes.iter_mut() {
@@ -310,11 +340,10 @@ impl Stager<'_> {
                     node.mtime = md.mtime();
                 }
                 None => {
+                    // Directories the step creates belong to its owner (--chown, or USER for
+                    // WORKDIR), as BuildKit creates them.
                     node.mode = 0o755;
-                    let (uid, gid) = match (owner, Some(rel.as_path()) == dest_dir) {
-                        (Some(o), true) => (o.uid, o.gid),
-                        _ => (0, 0),
-                    };
+                    let (uid, gid) = owner.map(|o| (o.uid, o.gid)).unwrap_or((0, 0));
                     node.uid = uid;
                     node.gid = gid;
                     node.mtime = epoch;
@@ -323,6 +352,47 @@ impl Stager<'_> {
         }
         Ok(())
     }
+}
+
+/// What a COPY's destination is at the point a source is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    Missing,
+    Dir,
+    File,
+}
+
+impl Dest {
+    /// Where a file named `name` goes, and what the destination is afterwards.
+    fn file_target(&mut self, dest: &str, name: &str) -> String {
+        match self {
+            Dest::Dir => format!("{}/{}", dest.trim_end_matches('/'), name),
+            _ => {
+                *self = Dest::File;
+                dest.to_string()
+            }
+        }
+    }
+}
+
+/// `dest` (absolute, trailing `/` kept) with the symlinks of `rootfs` along it followed.
+fn resolve_dest(rootfs: &Path, dest: &str) -> String {
+    let rel = dest.trim_start_matches('/').trim_end_matches('/');
+    if rel.is_empty() {
+        return dest.to_string();
+    }
+    let resolved = match unpack::resolve_in_root(rootfs, Path::new(rel)) {
+        Ok(p) => p,
+        Err(_) => return dest.to_string(),
+    };
+    let Ok(inside) = resolved.strip_prefix(rootfs) else {
+        return dest.to_string();
+    };
+    let mut out = format!("/{}", inside.to_string_lossy());
+    if (dest.ends_with('/') || dest.ends_with("/.")) && !out.ends_with('/') {
+        out.push('/');
+    }
+    out
 }
 
 /// Describe the layer of one COPY/ADD (or WORKDIR) as a tree.
@@ -336,15 +406,25 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         sourced_dirs: BTreeSet::new(),
         keep: Vec::new(),
         skipped: Vec::new(),
+        linked: Default::default(),
     };
-    let dest_abs = plan.dest.clone();
+    // The destination resolves through symlinks of the image, as BuildKit's does: `/link/x`
+    // with `/link -> target` writes `/target/x`, and the link stays.
+    let dest_abs = resolve_dest(plan.rootfs, &plan.dest);
     let dest_trailing = dest_abs.ends_with('/') || dest_abs.ends_with("/.") || dest_abs == "/";
-    let any_glob = plan.sources.iter().any(|s| s.contains(['*', '?', '[']));
-    let dest_exists_dir =
+    // As BuildKit copies each match in turn: into the destination when it ends in `/` or is
+    // a directory by then (an earlier directory source made it one), else onto it as a file
+    // (a later file replaces an earlier one).
+    let existing =
         unpack::resolve_in_root(plan.rootfs, Path::new(dest_abs.trim_start_matches('/')))
-            .map(|p| p.is_dir())
-            .unwrap_or(false);
-    let dest_is_dir = dest_trailing || plan.sources.len() > 1 || any_glob || dest_exists_dir;
+            .ok()
+            .and_then(|p| fs::metadata(p).ok());
+    let mut dest = match existing {
+        _ if dest_trailing => Dest::Dir,
+        Some(md) if md.is_dir() => Dest::Dir,
+        Some(_) => Dest::File,
+        None => Dest::Missing,
+    };
     let join = |base: &str, name: &str| format!("{}/{}", base.trim_end_matches('/'), name);
     if plan.sources.is_empty() {
         // WORKDIR: just the directory.
@@ -361,11 +441,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             } else {
                 doc.content.clone()
             };
-            let target = if dest_is_dir {
-                join(&dest_abs, &doc.name)
-            } else {
-                dest_abs.clone()
-            };
+            let target = dest.file_target(&dest_abs, &doc.name);
             let mode = match &plan.chmod {
                 Some(c) => apply_chmod(c, 0o644, false).map_err(CopyError::Other)?,
                 None => 0o644,
@@ -377,11 +453,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             let tmp = tempfile::tempdir()
                 .map_err(|e| CopyError::Other(format!("temporary directory: {}", e)))?;
             let (name, body, size) = fetch_url(src, plan.checksum.as_deref(), tmp.path())?;
-            let target = if dest_is_dir {
-                join(&dest_abs, &name)
-            } else {
-                dest_abs.clone()
-            };
+            let target = dest.file_target(&dest_abs, &name);
             let mode = match &plan.chmod {
                 Some(c) => apply_chmod(c, 0o600, false).map_err(CopyError::Other)?,
                 None => 0o600,
@@ -395,6 +467,28 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 "--checksum applies to URL sources only".into(),
             ));
         }
+        // --parents keeps each match's path; a `/./` in the source marks where the kept part
+        // starts (`./x/./y/a.txt` keeps `y/a.txt`).
+        let pivot: Option<String> = plan
+            .parents
+            .then(|| src.find("/./"))
+            .flatten()
+            .map(|i| {
+                crate::syntax::dockerignore::clean_path(&format!("/{}", &src[..i]))
+                    .trim_start_matches('/')
+                    .to_string()
+            })
+            .filter(|p| !p.is_empty());
+        let kept = |rel: &str| -> String {
+            match &pivot {
+                Some(p) if rel == p => ".".to_string(),
+                Some(p) => rel
+                    .strip_prefix(&format!("{}/", p))
+                    .unwrap_or(rel)
+                    .to_string(),
+                None => rel.to_string(),
+            }
+        };
         for m in plan.root.expand(src)? {
             let md = fs::metadata(&m.path).map_err(io_at(&m.path))?;
             let base_name = Path::new(&m.rel)
@@ -402,8 +496,15 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if md.is_dir() {
-                let target = if plan.parents && m.rel != "." {
-                    join(&dest_abs, &m.rel)
+                if dest == Dest::File && !plan.parents {
+                    return Err(CopyError::Other(format!(
+                        "cannot copy the directory {} to {}: it is not a directory",
+                        m.rel, plan.dest
+                    )));
+                }
+                dest = Dest::Dir;
+                let target = if plan.parents && kept(&m.rel) != "." {
+                    join(&dest_abs, &kept(&m.rel))
                 } else {
                     dest_abs.clone()
                 };
@@ -444,6 +545,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             let unpack_it =
                 plan.is_add && plan.unpack != Some(false) && unpack::is_archive(&m.path);
             if unpack_it {
+                dest = Dest::Dir;
                 // Extract (safely) to a private directory, then describe what came out.
                 let t = st.target(&dest_abs);
                 st.ensure_dir(&t);
@@ -467,6 +569,9 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                     .map(|e| e.file_name())
                     .collect();
                 names.sort();
+                // An archive's entries keep the owners it gives them: docker applies
+                // --chown to copied files, not to what an archive unpacks.
+                let owner = st.owner.take();
                 for n in names {
                     let name = n.to_string_lossy().into_owned();
                     st.copy_entry(
@@ -478,15 +583,14 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                         &name,
                     )?;
                 }
+                st.owner = owner;
                 st.keep.push(tmp);
                 continue;
             }
             let target = if plan.parents {
-                join(&dest_abs, &m.rel)
-            } else if dest_is_dir {
-                join(&dest_abs, &base_name)
+                join(&dest_abs, &kept(&m.rel))
             } else {
-                dest_abs.clone()
+                dest.file_target(&dest_abs, &base_name)
             };
             st.copy_entry(
                 &m.path,
@@ -498,12 +602,8 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             )?;
         }
     }
-    let dest_rel = st.target(&dest_abs);
-    st.settle_dirs(
-        plan.rootfs,
-        if dest_is_dir { Some(&dest_rel) } else { None },
-        plan.epoch,
-    )?;
+    st.link_groups();
+    st.settle_dirs(plan.rootfs, plan.epoch)?;
     Ok(Staged {
         tree: st.tree,
         keep: st.keep,

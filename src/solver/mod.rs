@@ -5,6 +5,7 @@
 //! when a step has to read it.
 
 pub mod copy;
+mod history;
 pub mod run;
 pub mod users;
 
@@ -189,6 +190,10 @@ struct StageResult {
     /// The key of the stage's last step: what `COPY --from` and `FROM <stage>` key on.
     key: CacheKey,
     view: Option<RootView>,
+    /// The ARG values in scope at the stage's end: a stage built on it sees them (BuildKit
+    /// keeps them in the state's environment), though neither its config nor its history
+    /// shows them.
+    args: BTreeMap<String, Option<String>>,
 }
 
 /// What all stages of one build share (stages run on their own threads).
@@ -442,17 +447,19 @@ impl Ctx<'_, '_> {
         );
         let started = Instant::now();
         let p = &self.req.platform;
+        let mut inherited_args = BTreeMap::new();
         let (mut state, base_key) = match &stage.base {
             Base::Scratch => (
                 scratch_base(&p.os, &p.architecture, p.variant.as_deref()),
                 CacheKey::base(json!({"scratch": p.spec()})),
             ),
             Base::Stage(i) => {
-                let parent = self
-                    .results
-                    .lock()
-                    .ok()
-                    .and_then(|r| r.get(i).map(|p| (p.state.clone(), p.key.clone())));
+                let parent = self.results.lock().ok().and_then(|r| {
+                    r.get(i).map(|p| {
+                        inherited_args = p.args.clone();
+                        (p.state.clone(), p.key.clone())
+                    })
+                });
                 parent.ok_or_else(|| {
                     BuildError::Other(format!("stage {} was not built before stage {}", i, index))
                 })?
@@ -461,8 +468,13 @@ impl Ctx<'_, '_> {
                 let img = self
                     .fetch_image(r)
                     .map_err(|e| self.fail_at(stage.span, &from_text, e.to_string()))?;
+                let mut state = img.state;
+                // BuildKit gives a base image without PATH the default one, as it does scratch.
+                if p.os != "windows" && !state.env().iter().any(|(k, _)| k == "PATH") {
+                    state.set_env("PATH", crate::oci::image::DEFAULT_PATH);
+                }
                 (
-                    img.state,
+                    state,
                     CacheKey::base(json!({"image": img.manifest_digest.to_string()})),
                 )
             }
@@ -481,7 +493,7 @@ impl Ctx<'_, '_> {
                 .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
 
         let mut view: Option<RootView> = None;
-        let mut scope = Scope::new(BTreeMap::new(), state.env());
+        let mut scope = Scope::new(inherited_args, state.env());
         let mut cmd_set = false;
         // ONBUILD triggers of the base run first, then are cleared from the child.
         let triggers: Vec<String> = state
@@ -559,7 +571,12 @@ impl Ctx<'_, '_> {
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
         let key = key_metadata(key, &mut pending_meta, &state);
-        Ok(StageResult { state, key, view })
+        Ok(StageResult {
+            state,
+            key,
+            view,
+            args: scope.args,
+        })
     }
 
     /// A cache hit for `key`, or `None` after marking it as being computed by this stage
@@ -672,7 +689,7 @@ impl Ctx<'_, '_> {
                                 }),
                         },
                     };
-                    scope.args.insert(name.clone(), value);
+                    scope.declare(name, value);
                 }
                 self.history(state, format!("ARG {}", shown.join(" ")), None);
             }
@@ -723,51 +740,58 @@ impl Ctx<'_, '_> {
                     .working_dir()
                     .clone()
                     .unwrap_or_else(|| "/".into());
+                // As BuildKit: an absolute path is kept as written (a trailing slash too), a
+                // relative one is joined to the current directory and cleaned.
                 let path = if w.starts_with('/') {
-                    clean_path(&w)
+                    w.clone()
                 } else {
-                    clean_path(&format!("{}/{}", cur, w))
+                    clean_path(&format!("/{}/{}", cur, w))
                 };
                 state.with_runtime(|c| {
                     c.set_working_dir(Some(path.clone()));
                 });
-                let exists =
-                    unpack::resolve_in_root(rootfs, Path::new(path.trim_start_matches('/')))
-                        .map(|p| p.is_dir())
-                        .unwrap_or(false);
-                let layer = if exists || path == "/" {
+                let dir = clean_path(&path);
+                // BuildKit makes the directory (and its parents, owned by USER) as a layer of
+                // its own, empty when the directory exists; only `/` makes none.
+                let layer = if dir == "/" {
                     None
                 } else {
-                    let owner = match state.runtime().user().clone().filter(|u| !u.is_empty()) {
-                        Some(u) => {
-                            Some(users::resolve_user(rootfs, &u).map_err(|e| self.fail(l, e))?)
-                        }
-                        None => None,
-                    };
-                    let plan_owner = owner;
-                    let stager_fix = copy::CopyPlan {
-                        sources: Vec::new(),
-                        dest: format!("{}/", path),
-                        root: &SourceRoot {
-                            root: rootfs.to_path_buf(),
-                            ignore: IgnoreMatcher::default(),
-                            is_context: false,
-                        },
-                        owner: plan_owner,
-                        chmod: None,
-                        parents: false,
-                        excludes: Vec::new(),
-                        heredocs: &[],
-                        is_add: false,
-                        unpack: None,
-                        checksum: None,
-                        rootfs,
-                        epoch: self.req.epoch,
-                        expand_heredoc: &|s| Ok(s.to_string()),
-                    };
-                    let staged =
-                        copy::stage(&stager_fix).map_err(|e| self.fail(l, e.to_string()))?;
-                    Some(self.commit_tree(l, &staged.tree)?)
+                    let exists =
+                        unpack::resolve_in_root(rootfs, Path::new(dir.trim_start_matches('/')))
+                            .map(|p| p.is_dir())
+                            .unwrap_or(false);
+                    if exists {
+                        Some(self.commit_tree(l, &crate::oci::layer::LayerTree::default())?)
+                    } else {
+                        let owner = match state.runtime().user().clone().filter(|u| !u.is_empty()) {
+                            Some(u) => {
+                                Some(users::resolve_user(rootfs, &u).map_err(|e| self.fail(l, e))?)
+                            }
+                            None => None,
+                        };
+                        let staged = copy::stage(&copy::CopyPlan {
+                            sources: Vec::new(),
+                            dest: format!("{}/", dir),
+                            root: &SourceRoot {
+                                root: rootfs.to_path_buf(),
+                                ignore: IgnoreMatcher::default(),
+                                is_context: false,
+                            },
+                            owner,
+                            chmod: None,
+                            parents: false,
+                            excludes: Vec::new(),
+                            heredocs: &[],
+                            is_add: false,
+                            unpack: None,
+                            checksum: None,
+                            rootfs,
+                            epoch: self.req.epoch,
+                            expand_heredoc: &|s| Ok(s.to_string()),
+                        })
+                        .map_err(|e| self.fail(l, e.to_string()))?;
+                        Some(self.commit_tree(l, &staged.tree)?)
+                    }
                 };
                 self.history(state, format!("WORKDIR {}", path), layer);
             }
@@ -788,17 +812,7 @@ impl Ctx<'_, '_> {
                     all.dedup();
                     c.set_exposed_ports(Some(all));
                 });
-                self.history(
-                    state,
-                    format!(
-                        "EXPOSE map[{}]",
-                        list.iter()
-                            .map(|p| format!("{}:{{}}", p))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    ),
-                    None,
-                );
+                self.history(state, format!("EXPOSE {}", history::port_map(&list)), None);
             }
             Instruction::Volume(vols) => {
                 let mut list = Vec::new();
@@ -816,7 +830,11 @@ impl Ctx<'_, '_> {
                     all.dedup();
                     c.set_volumes(Some(all));
                 });
-                self.history(state, format!("VOLUME {:?}", list), None);
+                self.history(
+                    state,
+                    format!("VOLUME {}", history::plain_list(&list)),
+                    None,
+                );
             }
             Instruction::Stopsignal(s) => {
                 let s = self.word(l, scope, s)?;
@@ -827,7 +845,7 @@ impl Ctx<'_, '_> {
             }
             Instruction::Shell(sh) => {
                 state.extras.insert("Shell".into(), json!(sh));
-                self.history(state, format!("SHELL {:?}", sh), None);
+                self.history(state, format!("SHELL {}", history::plain_list(sh)), None);
             }
             Instruction::Cmd(c) => {
                 let argv = self.argv(state, c);
@@ -835,7 +853,7 @@ impl Ctx<'_, '_> {
                     cfg.set_cmd(Some(argv.clone()));
                 });
                 *cmd_set = true;
-                self.history(state, format!("CMD {:?}", argv), None);
+                self.history(state, format!("CMD {}", history::quoted_list(&argv)), None);
             }
             Instruction::Entrypoint(c) => {
                 let argv = self.argv(state, c);
@@ -846,9 +864,14 @@ impl Ctx<'_, '_> {
                         cfg.set_cmd(None);
                     }
                 });
-                self.history(state, format!("ENTRYPOINT {:?}", argv), None);
+                self.history(
+                    state,
+                    format!("ENTRYPOINT {}", history::quoted_list(&argv)),
+                    None,
+                );
             }
             Instruction::Healthcheck(h) => {
+                let mut shown = history::healthcheck(&["NONE".to_string()], 0, 0, 0, 0);
                 let v = match h {
                     Healthcheck::None => json!({"Test": ["NONE"]}),
                     Healthcheck::Check {
@@ -865,6 +888,13 @@ impl Ctx<'_, '_> {
                                 .collect(),
                             Command::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
                         };
+                        shown = history::healthcheck(
+                            &t,
+                            interval.unwrap_or(0),
+                            timeout.unwrap_or(0),
+                            start_period.unwrap_or(0),
+                            retries.unwrap_or(0),
+                        );
                         let mut m = serde_json::Map::new();
                         m.insert("Test".into(), json!(t));
                         for (k, v) in [
@@ -884,7 +914,7 @@ impl Ctx<'_, '_> {
                     }
                 };
                 state.extras.insert("Healthcheck".into(), v.clone());
-                self.history(state, format!("HEALTHCHECK {}", v), None);
+                self.history(state, shown, None);
             }
             Instruction::Onbuild(t) => {
                 let mut list: Vec<String> = state
@@ -910,6 +940,13 @@ impl Ctx<'_, '_> {
                     sources.push(self.word(l, scope, s)?);
                 }
                 let dest_raw = self.word(l, scope, &c.dest)?;
+                // BuildKit's history: the instruction, its expanded sources and destination,
+                // no flags.
+                let mut shown = String::from(if is_add { "ADD" } else { "COPY" });
+                for s in sources.iter().chain(std::iter::once(&dest_raw)) {
+                    shown.push(' ');
+                    shown.push_str(s);
+                }
                 let workdir = state
                     .runtime()
                     .working_dir()
@@ -992,7 +1029,7 @@ impl Ctx<'_, '_> {
                     ));
                 }
                 let layer = self.commit_tree(l, &staged.tree)?;
-                self.history(state, format!("{} # builder", l.text), Some(layer));
+                self.history(state, format!("{} # builder", shown), Some(layer));
             }
         }
         Ok(())
@@ -1021,7 +1058,7 @@ impl Ctx<'_, '_> {
         let user = runtime.user().clone();
         let (uid, gid, groups, home) =
             run::resolve_step_user(rootfs, user.as_deref()).map_err(|e| self.fail(l, e))?;
-        let (mut env, used_args) = run::env_of(&state.env(), scope, &self.req.build_args, home);
+        let mut env = run::env_of(&state.env(), scope, &self.req.build_args, home);
         let cwd = runtime
             .working_dir()
             .clone()
@@ -1157,15 +1194,18 @@ impl Ctx<'_, '_> {
             }
         }
         let layer = self.commit_layer(l, &diff, view)?;
-        let args: String = if used_args.is_empty() {
+        // BuildKit lists every ARG the stage declared, in order, with its value now (empty
+        // when it has none).
+        let args: String = if scope.declared.is_empty() {
             String::new()
         } else {
             format!(
                 "|{} {} ",
-                used_args.len(),
-                used_args
+                scope.declared.len(),
+                scope
+                    .declared
                     .iter()
-                    .map(|(k, v)| format!("{}={}", k, v))
+                    .map(|k| format!("{}={}", k, scope.get(k).unwrap_or_default()))
                     .collect::<Vec<_>>()
                     .join(" ")
             )
@@ -1271,7 +1311,7 @@ impl Ctx<'_, '_> {
             Instruction::Run(r) => {
                 let shell: Vec<String> = shell_of(state);
                 let (argv, script) = run::argv_of(r, &shell);
-                let (env, _) = run::env_of(&state.env(), scope, &self.req.build_args, None);
+                let env = run::env_of(&state.env(), scope, &self.req.build_args, None);
                 m["argv"] = json!(argv);
                 m["script"] = json!(script);
                 m["env"] = json!(env);

@@ -96,14 +96,12 @@ pub fn env_of(
     scope: &Scope,
     build_args: &BTreeMap<String, String>,
     home: Option<String>,
-) -> (EnvList, EnvList) {
+) -> EnvList {
     let mut env: Vec<(String, String)> = image_env.to_vec();
-    let mut used_args = Vec::new();
     for (k, v) in &scope.args {
         if let Some(v) = v {
             if !env.iter().any(|(e, _)| e == k) {
                 env.push((k.clone(), v.clone()));
-                used_args.push((k.clone(), v.clone()));
             }
         }
     }
@@ -118,7 +116,7 @@ pub fn env_of(
     if !env.iter().any(|(k, _)| k == "HOME") {
         env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
     }
-    (env, used_args)
+    env
 }
 
 /// Resources a step's mounts hold until it finishes (locks, private copies).
@@ -164,7 +162,14 @@ pub fn resolve_mounts(
             MountType::Cache => {
                 let target = absolute(me.workdir, m.target.as_deref().unwrap_or("/"));
                 let id = m.id.clone().unwrap_or_else(|| target.clone());
-                let key = crate::oci::digest::Digest::of(id.as_bytes()).hex()[..32].to_string();
+                // BuildKit seeds a cache that names an owner or mode from its own base
+                // directory, so (id, uid, gid, mode) is what one cache is.
+                let identity = match (m.uid, m.gid, m.mode) {
+                    (None, None, None) => id.clone(),
+                    (u, g, md) => format!("{}\0{:?}\0{:?}\0{:?}", id, u, g, md),
+                };
+                let key =
+                    crate::oci::digest::Digest::of(identity.as_bytes()).hex()[..32].to_string();
                 let dir = me.store_root.join("cache-mounts").join(&key);
                 if !dir.exists() {
                     fs::create_dir_all(&dir).map_err(|e| format!("{}: {}", dir.display(), e))?;
@@ -398,11 +403,12 @@ pub fn resolve_step_user(
         None => Ok((0, 0, Vec::new(), users::home_of(rootfs, 0))),
         Some(u) => {
             let o = users::resolve_user(rootfs, u)?;
-            let name = u.split(':').next().unwrap_or(u);
-            let mut groups = users::supplementary_groups(rootfs, name);
-            if !groups.contains(&o.gid) {
-                groups.insert(0, o.gid);
-            }
+            // As docker: the groups of /etc/group that list the user (by name, a numeric
+            // USER too), none when USER names its group; the primary group is not repeated.
+            let groups = match users::name_of(rootfs, o.uid) {
+                Some(name) if !u.contains(':') => users::supplementary_groups(rootfs, &name),
+                _ => Vec::new(),
+            };
             Ok((o.uid, o.gid, groups, users::home_of(rootfs, o.uid)))
         }
     }

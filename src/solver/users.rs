@@ -173,15 +173,25 @@ pub fn supplementary_groups(rootfs: &Path, user: &str) -> Vec<u32> {
     out
 }
 
-/// The home directory of `uid` in /etc/passwd, if listed.
-pub fn home_of(rootfs: &Path, uid: u32) -> Option<String> {
+/// Field `index` of the /etc/passwd line of `uid`, if listed.
+fn passwd_field(rootfs: &Path, uid: u32, index: usize) -> Option<String> {
     let text = fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
     text.lines().find_map(|l| {
         let p: Vec<&str> = l.split(':').collect();
         (p.get(2)?.parse::<u32>().ok()? == uid)
-            .then(|| p.get(5).map(|h| h.to_string()))
+            .then(|| p.get(index).map(|h| h.to_string()))
             .flatten()
     })
+}
+
+/// The home directory of `uid` in /etc/passwd, if listed.
+pub fn home_of(rootfs: &Path, uid: u32) -> Option<String> {
+    passwd_field(rootfs, uid, 5)
+}
+
+/// The user name of `uid` in /etc/passwd, if listed.
+pub fn name_of(rootfs: &Path, uid: u32) -> Option<String> {
+    passwd_field(rootfs, uid, 0)
 }
 
 #[cfg(test)]

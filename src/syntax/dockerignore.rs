@@ -140,6 +140,33 @@ impl IgnoreMatcher {
         self.patterns.is_empty()
     }
 
+    /// Whether an exception pattern's text names something below `dir`: the context walker
+    /// of docker (fsutil) still enters an excluded directory then, and keeps it.
+    pub fn may_reinclude_below(&self, dir: &str) -> bool {
+        let prefix = format!("{}/", dir);
+        self.patterns
+            .iter()
+            .any(|p| p.exclusion && format!("{}/", p.cleaned).starts_with(&prefix))
+    }
+
+    /// Whether `path` is left out of the context as docker's walker leaves it out: an excluded
+    /// file is; an excluded directory is unless an exception may re-include something below
+    /// it; and everything below a directory the walker skipped is.
+    pub fn is_walked_out(&self, path: &str, is_dir: bool) -> bool {
+        if self.patterns.is_empty() {
+            return false;
+        }
+        let mut end = 0;
+        while let Some(i) = path[end..].find('/') {
+            let dir = &path[..end + i];
+            if self.is_ignored(dir) && !self.may_reinclude_below(dir) {
+                return true;
+            }
+            end += i + 1;
+        }
+        self.is_ignored(path) && !(is_dir && self.may_reinclude_below(path))
+    }
+
     /// Whether `path` (context-relative, `/`-separated) is excluded: the last pattern that
     /// matches it or one of its parent directories decides.
     pub fn is_ignored(&self, path: &str) -> bool {

@@ -10,9 +10,11 @@
 //!   xattrs) to build the same kind of diff directory.
 //!
 //! Mount points the sandbox needs (/proc, /dev, /sys, /etc/resolv.conf, RUN --mount targets)
-//! never show up in a diff: with overlay they come from a skeleton layered above the shared
-//! snapshots; with the copy snapshotter they are created in the private root before the step
-//! and removed after it.
+//! come from a skeleton layered above the shared snapshots (overlay), or are created in the
+//! private root before the step and removed after it (copy). What stays in the diff is what
+//! BuildKit in dockerd 20.10 leaves: the directories that had to be made for them (`/proc`,
+//! `/dev`, `/sys`, a mount target and its new parents), empty; never a file stub
+//! (/etc/hosts, a file bind) and nothing below `/proc`, `/dev` or `/sys`.
 
 pub mod sandbox;
 pub mod snapshots;
@@ -156,7 +158,7 @@ pub fn run_step(
         // Mount points come from a skeleton layered on top of the shared snapshots.
         let skeleton = scratch.join("skeleton");
         fs::create_dir_all(&skeleton).map_err(io_at(&skeleton))?;
-        make_skeleton(rootfs, &skeleton, &spec)?;
+        let created = make_skeleton(rootfs, &skeleton, &spec)?;
         let (upper, work, merged) = (
             scratch.join("upper"),
             scratch.join("work"),
@@ -165,7 +167,7 @@ pub fn run_step(
         for d in [&upper, &work, &merged] {
             fs::create_dir_all(d).map_err(io_at(d))?;
         }
-        let mut lowers = vec![skeleton];
+        let mut lowers = vec![skeleton.clone()];
         lowers.extend(view.lowers().iter().cloned());
         spec.root = sandbox::RootMount::Overlay {
             lowers,
@@ -175,6 +177,9 @@ pub fn run_step(
             base: view.base.clone(),
         };
         let exit = sandbox::run(&spec, on_line)?;
+        if exit == Exit::Code(0) {
+            keep_mount_dirs(&created, &skeleton, &upper)?;
+        }
         return Ok((exit, upper));
     }
     // Copy: the view is a private directory; mount points are made in it and removed after.
@@ -191,6 +196,13 @@ pub fn run_step(
         fs::create_dir_all(&diff).map_err(io_at(&diff))?;
         if exit == Exit::Code(0) {
             walk_diff(rootfs, &copy, &diff)?;
+            let dirs: Vec<PathBuf> = created
+                .created
+                .iter()
+                .filter(|p| p.is_dir())
+                .filter_map(|p| p.strip_prefix(rootfs).ok().map(Path::to_path_buf))
+                .collect();
+            keep_mount_dirs(&dirs, rootfs, &diff)?;
         }
         Ok((exit, diff))
     })();
@@ -198,9 +210,50 @@ pub fn run_step(
     result
 }
 
+/// Directories a step's mount points needed that the image lacked stay in its layer, as
+/// BuildKit (dockerd 20.10) leaves them: `/proc`, `/dev`, `/sys` and `RUN --mount` targets,
+/// but nothing below `/proc`, `/dev` or `/sys` (those live in the sandbox's own mounts) and
+/// no file stubs. `created` holds paths relative to `meta` (where their parents' metadata
+/// is mirrored); they are added to the diff directory `diff` in overlay format.
+fn keep_mount_dirs(created: &[PathBuf], meta: &Path, diff: &Path) -> Result<(), WorkerError> {
+    let under_special = |p: &Path| {
+        let mut c = p.components();
+        let first = c.next().map(|f| f.as_os_str().to_os_string());
+        c.next().is_some() && first.is_some_and(|f| f == "proc" || f == "dev" || f == "sys")
+    };
+    for rel in created.iter().filter(|p| !under_special(p)) {
+        let mut cur = PathBuf::new();
+        for c in rel.components() {
+            cur.push(c);
+            let dst = diff.join(&cur);
+            match fs::symlink_metadata(&dst) {
+                Ok(md) if md.is_dir() => continue,
+                // The step put something else there (a whiteout, a file): leave it.
+                Ok(_) => break,
+                Err(_) => {}
+            }
+            let md = fs::symlink_metadata(meta.join(&cur)).map_err(io_at(&dst))?;
+            fs::create_dir(&dst).map_err(io_at(&dst))?;
+            if &cur == rel {
+                fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
+                    .map_err(io_at(&dst))?;
+            } else {
+                copy_meta(&meta.join(&cur), &dst, &md);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Create the sandbox's mount points in `skeleton`, mirroring the metadata of every existing
 /// directory on the way (the topmost layer's metadata is what overlay shows and copies up).
-fn make_skeleton(view: &Path, skeleton: &Path, spec: &RunSpec) -> Result<(), WorkerError> {
+/// Returns the directories it made that the view does not have (relative paths).
+fn make_skeleton(
+    view: &Path,
+    skeleton: &Path,
+    spec: &RunSpec,
+) -> Result<Vec<PathBuf>, WorkerError> {
+    let mut created = Vec::new();
     let files: Vec<String> = spec
         .etc_files
         .iter()
@@ -241,7 +294,10 @@ fn make_skeleton(view: &Path, skeleton: &Path, spec: &RunSpec) -> Result<(), Wor
                 Err(_) if leaf && files.contains(&target) => {
                     fs::File::create(&dst).map_err(io_at(&dst))?;
                 }
-                Err(_) => fs::create_dir(&dst).map_err(io_at(&dst))?,
+                Err(_) => {
+                    fs::create_dir(&dst).map_err(io_at(&dst))?;
+                    created.push(cur.clone());
+                }
             }
         }
     }
@@ -266,7 +322,7 @@ fn make_skeleton(view: &Path, skeleton: &Path, spec: &RunSpec) -> Result<(), Wor
             }
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Mount points created in the lower root, to be removed again afterwards.

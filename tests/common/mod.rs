@@ -30,6 +30,21 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `builder build --progress plain --network none --root ROOT`, for more arguments.
+pub fn build_cmd(root: &Path) -> Command {
+    let mut c = builder();
+    c.args([
+        "build",
+        "--progress",
+        "plain",
+        "--network",
+        "none",
+        "--root",
+    ])
+    .arg(root);
+    c
+}
+
 /// The tool must be installed (`.ci/run` installs it); a missing tool fails the test.
 pub fn tool(name: &str) -> Command {
     let found = std::env::var_os("PATH")
