@@ -8,6 +8,7 @@ pub mod cli;
 pub mod context;
 pub mod epoch;
 pub mod export;
+pub mod frontend;
 pub mod oci;
 pub mod plan;
 pub mod progress;

@@ -15,6 +15,13 @@ pub trait Reporter: Send + Sync {
     fn log(&self, index: usize, line: &str);
     /// A warning the user should see.
     fn warn(&self, msg: &str);
+    /// A build check's finding in `file`.
+    fn check(&self, file: &str, f: &crate::frontend::checks::Finding) {
+        self.warn(&format!(
+            "{}:{}:{}: {}: {}",
+            file, f.line, f.column, f.rule, f.message
+        ));
+    }
 }
 
 /// `#3 [stage-0 2/5] COPY . /app` lines on stderr.
@@ -92,6 +99,13 @@ impl Reporter for JsonReporter {
         eprintln!(
             "{}",
             serde_json::json!({"event": "warning", "message": msg})
+        );
+    }
+    fn check(&self, file: &str, f: &crate::frontend::checks::Finding) {
+        eprintln!(
+            "{}",
+            serde_json::json!({"event": "check", "rule": f.rule, "file": file,
+                "line": f.line, "column": f.column, "message": f.message})
         );
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::cache::remote::{self, RemoteCache};
 use crate::epoch;
 use crate::export::{self, Output};
+use crate::frontend::checks::{self, BaseImages, CheckInput, CheckPolicy, Finding};
 use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
 use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter, TtyReporter};
@@ -117,6 +118,10 @@ pub struct BuildArgs {
     /// shuffled mtimes; succeed only when both give the same digest (else show the diff).
     #[arg(long)]
     pub verify: bool,
+    /// Evaluate the build checks (BuildKit's lint rules) and report, without building; fails
+    /// when any check finds something.
+    #[arg(long)]
+    pub check: bool,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -141,6 +146,43 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         target_platform,
         build_platform: Platform::host(),
     };
+    // The checks run on the parsed file before it is lowered, so that --check reports what
+    // planning would refuse too.
+    let check_context = a
+        .context
+        .canonicalize()
+        .map_err(|e| CliError::io(&a.context, e))?;
+    let (_, check_ignore) = dockerignore::load_for_build(&file, &check_context)?;
+    let check_store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
+    let policy = CheckPolicy::parse(doc.directives.check.as_deref())
+        .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?;
+    let findings = checks::run(
+        &CheckInput {
+            source: &text,
+            doc: &doc,
+            typed: &typed,
+            ignore: &check_ignore,
+            build_args: &opts.build_args,
+            target_platform: &opts.target_platform.spec(),
+            platform_args: &Platform::args(&opts.target_platform, &opts.build_platform),
+            bases: &StoreBases(&check_store),
+        },
+        &policy,
+    );
+    if a.check {
+        for f in &findings {
+            println!("{}", finding_line(&name, f));
+        }
+        if findings.is_empty() {
+            println!("Check complete, no warnings found.");
+            return Ok(());
+        }
+        return Err(CliError::msg(format!(
+            "check complete: {} warning{} found",
+            findings.len(),
+            if findings.len() == 1 { "" } else { "s" }
+        )));
+    }
     let graph = plan::lower(&name, &text, doc.escape, &typed, &opts)?;
     let reporter = reporter_for(a.progress);
     for w in &graph.unused_build_args {
@@ -203,6 +245,18 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         }
     }
     let store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
+    if policy.error && !findings.is_empty() {
+        for f in &findings {
+            reporter.check(&name, f);
+        }
+        let mut rules: Vec<&str> = findings.iter().map(|f| f.rule).collect();
+        rules.dedup();
+        return Err(CliError::msg(format!(
+            "{}: lint violation found for rules: {} (# check=error=true)",
+            name,
+            rules.join(", ")
+        )));
+    }
     // Held until everything the build writes is committed (tags, pushes, the cache export,
     // every output): `cache prune` waits for it, so it never takes what this build uses.
     let _lease = crate::cache::gc::build_lease(&store)?;
@@ -229,7 +283,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         }
     }
     let req = BuildRequest {
-        file_name: name,
+        file_name: name.clone(),
         source: text,
         escape: doc.escape,
         graph,
@@ -320,8 +374,39 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         std::fs::write(p, serde_json::to_vec_pretty(&v).unwrap_or_default())
             .map_err(|e| CliError::io(p, e))?;
     }
+    // As BuildKit: the checks' findings close the build's output.
+    for f in &findings {
+        reporter.check(&name, f);
+    }
     println!("{}", digest);
     Ok(())
+}
+
+/// `Buildfile:3:1: StageNameCasing: Stage name 'Builder' should be lowercase`.
+pub fn finding_line(file: &str, f: &Finding) -> String {
+    format!(
+        "{}:{}:{}: {}: {}",
+        file, f.line, f.column, f.rule, f.message
+    )
+}
+
+/// Base images as the local store knows them (nothing is pulled for a check).
+struct StoreBases<'a>(&'a Store);
+
+impl BaseImages for StoreBases<'_> {
+    fn env(&self, image: &str) -> Option<Vec<(String, String)>> {
+        self.0.image(image).ok().map(|i| i.state.env())
+    }
+    fn platform(&self, image: &str) -> Option<String> {
+        let i = self.0.image(image).ok()?;
+        let c = &i.state.config;
+        let mut p = format!("{}/{}", c.os(), c.architecture());
+        if let Some(v) = c.variant() {
+            p.push('/');
+            p.push_str(v);
+        }
+        Some(p)
+    }
 }
 
 /// For the prune-race test: with `BUILDER_TEST_RENDEZVOUS=PATH`, say `PATH.solved` once the

@@ -325,6 +325,41 @@ pub fn lower(
         )
     })?;
 
+    // FROM --platform: one build makes one platform, so a needed stage of another one is
+    // refused by name rather than silently built for the target.
+    for &s in &order {
+        let Some(p) = &stages[s].platform else {
+            continue;
+        };
+        let span = stages[s].span;
+        let parsed = Platform::parse(p).ok_or_else(|| {
+            at(
+                span,
+                format!(
+                    "FROM --platform={}: not a platform (want os/arch[/variant])",
+                    p
+                ),
+            )
+        })?;
+        let target = &opts.target_platform;
+        let same = parsed.os == target.os
+            && parsed.architecture == target.architecture
+            && (parsed.variant.is_none() || parsed.variant == target.variant);
+        if !same {
+            return Err(at(
+                span,
+                format!(
+                    "FROM --platform={}: this build targets {}, and a stage of another platform \
+                     is not supported yet; build it with --platform {}",
+                    p,
+                    target.spec(),
+                    parsed.spec()
+                ),
+            )
+            .into());
+        }
+    }
+
     let mut level_of = vec![0usize; count];
     let mut levels: Vec<Vec<usize>> = Vec::new();
     for &s in &order {

@@ -1,0 +1,132 @@
+//! Build checks: every rule of BuildKit's set fires on its positive case (exactly the lines
+//! of `expected`) and stays quiet on its negative one; `# check=error=true` fails a build with
+//! the rule's name; a normal build reports findings at its end, in JSON too.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// A store holding `arm:1` (an arm64 image) and `host:1` (one of this machine's platform).
+fn store_with_bases(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("root");
+    let ctx = dir.join("base-ctx");
+    write(&ctx.join("Buildfile"), "FROM scratch\nCOPY f /\n");
+    write(&ctx.join("f"), "f\n");
+    build(&root, &ctx, &["--platform", "linux/arm64", "-t", "arm:1"]);
+    build(&root, &ctx, &["-t", "host:1"]);
+    root
+}
+
+fn check(root: &Path, ctx: &Path) -> (Option<i32>, String) {
+    let out = run(builder()
+        .args(["build", "--check", "--root"])
+        .arg(root)
+        .arg(ctx));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn every_rule_fires_on_its_positive_case_only() {
+    let t = tempfile::tempdir().unwrap();
+    let root = store_with_bases(t.path());
+    let cases = testdata("checks");
+    let mut rules: Vec<String> = std::fs::read_dir(&cases)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    rules.sort();
+    assert_eq!(
+        rules.len(),
+        builder::frontend::checks::RULES.len(),
+        "one case directory per rule"
+    );
+    let bless = std::env::var_os("CHECKS_BLESS").is_some();
+    for rule in &rules {
+        let pos = cases.join(rule).join("positive");
+        let (code, out) = check(&root, &pos);
+        let out = out.replace(&format!("{}/", pos.display()), "");
+        if bless {
+            std::fs::write(pos.join("expected"), &out).unwrap();
+        }
+        let expected = std::fs::read_to_string(pos.join("expected")).unwrap();
+        assert_eq!(out, expected, "{rule}: positive case");
+        assert!(
+            out.lines().all(|l| l.contains(&format!(": {rule}: "))),
+            "{rule}: only its own rule fires: {out}"
+        );
+        assert!(!out.is_empty() && code == Some(1), "{rule}: --check fails");
+        let (code, out) = check(&root, &cases.join(rule).join("negative"));
+        assert_eq!(
+            (code, out.as_str()),
+            (Some(0), "Check complete, no warnings found.\n"),
+            "{rule}: negative case"
+        );
+    }
+}
+
+#[test]
+fn check_directive_skips_rules_or_makes_findings_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("f"), "f\n");
+    write(
+        &ctx.join("Buildfile"),
+        "# check=error=true\nFROM scratch\nMAINTAINER me\nCOPY f /\n",
+    );
+    let out = run(builder().args(["build", "--root"]).arg(&root).arg(&ctx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "error=true fails the build: {err}");
+    assert!(
+        err.contains("MaintainerDeprecated") && err.contains("Buildfile:3:1"),
+        "{err}"
+    );
+    write(
+        &ctx.join("Buildfile"),
+        "# check=skip=MaintainerDeprecated;error=true\nFROM scratch\nMAINTAINER me\nCOPY f /\n",
+    );
+    build(&root, &ctx, &[]);
+    write(
+        &ctx.join("Buildfile"),
+        "# check=skip=all;error=true\nFROM scratch AS Bad\nMAINTAINER me\nCOPY f /\n",
+    );
+    build(&root, &ctx, &[]);
+}
+
+#[test]
+fn a_build_reports_findings_at_its_end_in_plain_and_json() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("f"), "f\n");
+    write(&ctx.join("Buildfile"), "FROM scratch\nENV A 1\nCOPY f /\n");
+    let out = run(builder()
+        .args(["build", "--progress", "plain", "--root"])
+        .arg(&root)
+        .arg(&ctx));
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("Buildfile:2:1: LegacyKeyValueFormat:"),
+        "the finding closes the output: {err}"
+    );
+    let out = run(builder()
+        .args(["build", "--progress", "json", "--root"])
+        .arg(&root)
+        .arg(&ctx));
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let event: serde_json::Value = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "check")
+        .unwrap_or_else(|| panic!("no check event: {err}"));
+    assert_eq!(event["rule"], "LegacyKeyValueFormat");
+    assert_eq!(event["line"], 2);
+    assert_eq!(event["column"], 1);
+}
