@@ -164,3 +164,11 @@ impl CacheIndex {
         out
     }
 }
+
+/// A step that has a cache entry after a build: its stage and key (what a cache export
+/// writes).
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub stage: usize,
+    pub key: CacheKey,
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::StepRecord;
 use super::{CacheIndex, CacheKey};
 use crate::oci::blobs::{write_atomic, BlobStore};
 use crate::oci::digest::Digest;
@@ -21,7 +22,6 @@ use crate::oci::image::{
 use crate::registry::client::Client;
 use crate::registry::pull::{descriptor, fetch_blob, get_manifest, Descriptor};
 use crate::registry::{push, Reference, RegistryError};
-use crate::solver::StepRecord;
 use crate::store::Store;
 
 pub const CACHE_CONFIG: &str = "application/vnd.builder.cache.config.v1+json";
@@ -306,7 +306,7 @@ pub fn export(
     let manifest_digest = store.blobs.put(&manifest_bytes)?;
     match location {
         Location::Registry(r) => {
-            push::push(client, store, &manifest_digest, r)?;
+            push::push(client, &store.local(), &manifest_digest, r)?;
         }
         Location::Dir(dir) => {
             let io = |p: &Path, e: std::io::Error| bad(&p.display().to_string(), e);

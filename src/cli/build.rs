@@ -184,7 +184,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         )));
     }
     let graph = plan::lower(&name, &text, doc.escape, &typed, &opts)?;
-    let reporter = reporter_for(a.progress);
+    let reporter: Arc<dyn Reporter> = Arc::from(reporter_for(a.progress));
     for w in &graph.unused_build_args {
         reporter.warn(&format!("build-arg {} was not consumed by any ARG", w));
     }
@@ -267,7 +267,8 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             &format!("removed {} bytes of scratch that killed builds left", freed),
         );
     }
-    let registry = Arc::new(Client::from_config()?);
+    let notices = reporter.clone();
+    let registry = Arc::new(Client::from_config()?.with_notices(move |m| notices.warn(m)));
     let mut imported = Vec::new();
     for loc in &cache_from {
         match RemoteCache::load(loc, registry.clone(), &store) {

@@ -9,7 +9,7 @@ use super::images::RootArg;
 use super::CliError;
 use crate::plan::Platform;
 use crate::registry::auth::{self, Credential};
-use crate::registry::{pull, push, Client, Reference};
+use crate::registry::{push, Client, Reference};
 use crate::store::Store;
 
 #[derive(Debug, Args)]
@@ -84,11 +84,15 @@ pub fn pull(a: PullArgs) -> Result<(), CliError> {
     let store = a.root.open()?;
     let platform = parse_platform(a.platform.as_deref())?;
     let reference = Reference::parse(&a.reference)?;
-    let client = Client::from_config()?;
-    let p = pull::pull(&client, &store, &reference, &platform)?;
+    let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
+    let (p, name) = crate::store::sources::pull_named(&client, &store, &reference, &platform)
+        .map_err(|e| match e {
+            crate::store::sources::PullError::Registry(e) => CliError::from(e),
+            crate::store::sources::PullError::Store(e) => CliError::from(e),
+        })?;
     eprintln!(
         "pulled {} as {}: {} of {} blobs downloaded",
-        reference, p.name, p.blobs_fetched, p.blobs_total
+        reference, name, p.blobs_fetched, p.blobs_total
     );
     println!("{}", p.image.manifest_digest);
     Ok(())
@@ -102,7 +106,7 @@ pub fn push_image(
     dest: &Reference,
 ) -> Result<push::Pushed, CliError> {
     let digest = store.resolve(source)?;
-    let p = push::push(client, store, &digest, dest)?;
+    let p = push::push(client, &store.local(), &digest, dest)?;
     eprintln!(
         "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",
         dest,
@@ -122,7 +126,7 @@ pub fn push_image(
 pub fn push(a: PushArgs) -> Result<(), CliError> {
     let store = a.root.open()?;
     let dest = Reference::parse(a.destination.as_deref().unwrap_or(&a.source))?.with_default_tag();
-    let client = Client::from_config()?;
+    let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
     let p = push_image(&store, &client, &a.source, &dest)?;
     println!("{}", p.digest);
     Ok(())
@@ -157,7 +161,7 @@ pub fn login(a: LoginArgs) -> Result<(), CliError> {
         username,
         secret: password,
     };
-    let client = Arc::new(Client::from_config()?);
+    let client = Arc::new(Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m)));
     client.check_login(&registry, cred.clone())?;
     let place = auth::store(&registry, &cred)?;
     eprintln!(

@@ -307,9 +307,9 @@ impl Client {
         (self.notice)(msg)
     }
 
-    /// A client with the user's settings file that tells retries on stderr.
+    /// A client with the user's settings file; retries and resumes go to `with_notices`.
     pub fn from_config() -> Result<Client, RegistryError> {
-        Ok(Client::new(Settings::load()?).with_notices(|m| eprintln!("warning: {}", m)))
+        Ok(Client::new(Settings::load()?))
     }
 
     fn agent(&self, registry: &str, verify: bool) -> Result<ureq::Agent, RegistryError> {

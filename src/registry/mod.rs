@@ -16,8 +16,6 @@ use serde_json::Value;
 pub use client::Client;
 pub use reference::Reference;
 
-use crate::store::StoreError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
@@ -73,19 +71,22 @@ pub enum RegistryError {
         message: String,
     },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Blob(#[from] crate::oci::blobs::BlobError),
+    #[error(transparent)]
+    Image(#[from] crate::oci::image::ImageError),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
-impl From<crate::oci::blobs::BlobError> for RegistryError {
-    fn from(e: crate::oci::blobs::BlobError) -> Self {
-        RegistryError::Store(StoreError::Blob(e))
-    }
-}
-
-impl From<crate::oci::image::ImageError> for RegistryError {
-    fn from(e: crate::oci::image::ImageError) -> Self {
-        RegistryError::Store(StoreError::Image(e))
-    }
+/// The local side of a pull or push: the blob store, and the directory under which the
+/// registries each blob came from are remembered (for cross-repository mounts). The store
+/// module is what joins a named store to the registry.
+pub struct Local<'a> {
+    pub blobs: &'a crate::oci::blobs::BlobStore,
+    pub root: &'a std::path::Path,
 }
 
 /// Run `work` on every item with up to `workers` threads; stops taking new items after the

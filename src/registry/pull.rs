@@ -14,14 +14,13 @@ use sha2::{Digest as _, Sha256};
 
 use super::client::{backoff, scope, Body, Client, Endpoint};
 use super::reference::Reference;
-use super::RegistryError;
+use super::{Local, RegistryError};
 use crate::oci::blobs::BlobStore;
 use crate::oci::digest::Digest;
 use crate::oci::image::{
     self, StoredImage, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MEDIA_INDEX, MEDIA_MANIFEST,
 };
 use crate::plan::Platform;
-use crate::store::Store;
 
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -239,11 +238,9 @@ pub fn fetch_blob(
     let scopes = [scope(repository, "pull")];
     let (tmp, mut file) = blobs.temp_file()?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let io = |e: std::io::Error| {
-        RegistryError::Store(crate::store::StoreError::Io {
-            path: tmp.clone(),
-            source: e,
-        })
+    let io = |e: std::io::Error| RegistryError::Io {
+        path: tmp.clone(),
+        source: e,
     };
     let mut hasher = Sha256::new();
     let mut have = 0u64;
@@ -377,17 +374,15 @@ pub fn manifest_blobs(manifest: &Value, display: &str) -> Result<Vec<Descriptor>
 /// What a pull did.
 pub struct Pulled {
     pub image: StoredImage,
-    /// The name the store now knows it by (`alpine:3`, `127.0.0.1:5000/base:latest`).
-    pub name: String,
     pub blobs_fetched: usize,
     pub blobs_total: usize,
 }
 
-/// Pull `reference` for `platform` into the store and name it there. Mirrors configured for
-/// the registry are tried first.
+/// Pull `reference` for `platform` into the blob store (naming it is the caller's). Mirrors
+/// configured for the registry are tried first.
 pub fn pull(
     client: &Client,
-    store: &Store,
+    local: &Local,
     reference: &Reference,
     platform: &Platform,
 ) -> Result<Pulled, RegistryError> {
@@ -400,12 +395,12 @@ pub fn pull(
         .unwrap_or_default();
     let mut mirror_failures = Vec::new();
     for mirror in &mirrors {
-        match pull_from(client, store, mirror, &r, platform) {
+        match pull_from(client, local, mirror, &r, platform) {
             Ok(p) => return Ok(p),
             Err(e) => mirror_failures.push(format!("mirror {}: {}", mirror, e)),
         }
     }
-    pull_from(client, store, &r.registry, &r, platform).map_err(|e| {
+    pull_from(client, local, &r.registry, &r, platform).map_err(|e| {
         if mirror_failures.is_empty() {
             e
         } else {
@@ -416,7 +411,7 @@ pub fn pull(
 
 fn pull_from(
     client: &Client,
-    store: &Store,
+    local: &Local,
     registry: &str,
     r: &Reference,
     platform: &Platform,
@@ -466,12 +461,12 @@ fn pull_from(
     let manifest: Value = serde_json::from_slice(&top.bytes)
         .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
     let blobs = manifest_blobs(&manifest, &display)?;
-    let fetched = fetch_blobs(client, &ep, &store.blobs, &r.repository, &blobs)?;
+    let fetched = fetch_blobs(client, &ep, local.blobs, &r.repository, &blobs)?;
     for b in &blobs {
-        record_origin(store.root(), &b.digest, &r.registry, &r.repository);
+        record_origin(local.root, &b.digest, &r.registry, &r.repository);
     }
-    let stored = store.blobs.put(&top.bytes)?;
-    let image = image::load(&store.blobs, &stored)?;
+    let stored = local.blobs.put(&top.bytes)?;
+    let image = image::load(local.blobs, &stored)?;
     let (os, arch) = (
         image.state.config.os().to_string(),
         image.state.config.architecture().to_string(),
@@ -485,10 +480,8 @@ fn pull_from(
             platform.spec()
         ));
     }
-    let name = store.tag(&r.familiar(), &stored)?;
     Ok(Pulled {
         image,
-        name,
         blobs_fetched: fetched,
         blobs_total: blobs.len(),
     })

@@ -11,10 +11,9 @@ use serde_json::Value;
 use super::client::{backoff, scope, Body, Client, Endpoint};
 use super::pull::{manifest_blobs, origins, record_origin, Descriptor, MANIFEST_ACCEPT};
 use super::reference::Reference;
-use super::RegistryError;
+use super::{Local, RegistryError};
 use crate::oci::digest::Digest;
 use crate::oci::image::MEDIA_MANIFEST;
-use crate::store::Store;
 
 const PARALLEL_BLOBS: usize = 4;
 
@@ -97,24 +96,22 @@ fn session_error(e: RegistryError, accepted: u64) -> SessionError {
 fn push_blob(
     client: &Client,
     ep: &Endpoint,
-    store: &Store,
+    local: &Local,
     repository: &str,
     d: &Descriptor,
 ) -> Result<BlobOutcome, RegistryError> {
     let what = format!("blob {} for {}/{}", d.digest, ep.registry, repository);
     let push_scope = scope(repository, "pull,push");
     let head_target = format!("/v2/{}/blobs/{}", repository, d.digest);
-    let path = store.blobs.path(&d.digest);
+    let path = local.blobs.path(&d.digest);
     let size = std::fs::metadata(&path)
-        .map_err(|e| {
-            RegistryError::Store(crate::store::StoreError::Io {
-                path: path.clone(),
-                source: e,
-            })
+        .map_err(|e| RegistryError::Io {
+            path: path.clone(),
+            source: e,
         })?
         .len();
     let start_target = format!("/v2/{}/blobs/uploads/", repository);
-    let mut mount_from = origins(store.root(), &d.digest, &ep.registry)
+    let mut mount_from = origins(local.root, &d.digest, &ep.registry)
         .into_iter()
         .find(|r| r != repository);
     let mut last = String::new();
@@ -290,14 +287,14 @@ fn upload(
 /// Push the stored manifest `manifest_digest` (and everything it references) to `dest`.
 pub fn push(
     client: &Client,
-    store: &Store,
+    local: &Local,
     manifest_digest: &Digest,
     dest: &Reference,
 ) -> Result<Pushed, RegistryError> {
     let display = dest.familiar();
     let ep = client.endpoint(&dest.registry)?;
     let repository = &dest.repository;
-    let bytes = store.blobs.get(manifest_digest)?;
+    let bytes = local.blobs.get(manifest_digest)?;
     let manifest: Value = serde_json::from_slice(&bytes).map_err(|e| {
         RegistryError::Protocol(format!("stored manifest {}: {}", manifest_digest, e))
     })?;
@@ -312,13 +309,13 @@ pub fn push(
         AtomicUsize::new(0),
     ];
     super::for_each_parallel(&blobs, PARALLEL_BLOBS, |d| {
-        let i = match push_blob(client, &ep, store, repository, d)? {
+        let i = match push_blob(client, &ep, local, repository, d)? {
             BlobOutcome::Present => 0,
             BlobOutcome::Mounted => 1,
             BlobOutcome::Uploaded => 2,
         };
         counts[i].fetch_add(1, Ordering::Relaxed);
-        record_origin(store.root(), &d.digest, &ep.registry, repository);
+        record_origin(local.root, &d.digest, &ep.registry, repository);
         Ok(())
     })?;
     let reference = dest.tag.clone().unwrap_or_else(|| match &dest.digest {

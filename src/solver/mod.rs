@@ -101,12 +101,7 @@ impl Entitlements {
     }
 }
 
-/// A step that has a cache entry after the build: its stage and key.
-#[derive(Debug, Clone)]
-pub struct StepRecord {
-    pub stage: usize,
-    pub key: CacheKey,
-}
+pub use crate::cache::StepRecord;
 
 /// A failed build, located at the build file line of the failing step when there is one.
 #[derive(Debug, thiserror::Error)]

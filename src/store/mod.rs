@@ -96,6 +96,14 @@ impl Store {
         })
     }
 
+    /// The store as pulls and pushes see it: blobs, and where blob origins are kept.
+    pub fn local(&self) -> crate::registry::Local<'_> {
+        crate::registry::Local {
+            blobs: &self.blobs,
+            root: &self.root,
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -100,6 +100,31 @@ fn unpack_archive(store: &Store, file: &Path) -> Result<tempfile::TempDir, Store
     Ok(tmp)
 }
 
+/// A pull into the store that failed in the registry or in naming the image.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Pull `reference` into `store` and name it there; returns the pull and the name
+/// (`alpine:3`, `127.0.0.1:5000/base:latest`). The one place pulls meet store names.
+pub fn pull_named(
+    client: &registry::Client,
+    store: &Store,
+    reference: &Reference,
+    platform: &Platform,
+) -> Result<(registry::pull::Pulled, String), PullError> {
+    let p = registry::pull::pull(client, &store.local(), reference, platform)?;
+    let name = store.tag(
+        &reference.clone().with_default_tag().familiar(),
+        &p.image.manifest_digest,
+    )?;
+    Ok((p, name))
+}
+
 /// A named image: from the store, or pulled from its registry, as the policy says.
 fn named(
     store: &Store,
@@ -123,16 +148,18 @@ fn named(
     };
     let pull = || {
         (pulling.log)(&format!("pulling {}", reference));
-        match registry::pull::pull(pulling.client, store, &reference, platform) {
-            Ok(p) => {
+        match pull_named(pulling.client, store, &reference, platform) {
+            Ok((p, name)) => {
                 (pulling.log)(&format!(
                     "pulled {} as {} ({}; {} of {} blobs downloaded)",
-                    reference, p.name, p.image.manifest_digest, p.blobs_fetched, p.blobs_total
+                    reference, name, p.image.manifest_digest, p.blobs_fetched, p.blobs_total
                 ));
                 Ok(p.image)
             }
-            Err(RegistryError::Store(e)) => Err(e),
-            Err(e) => Err(StoreError::Pull(familiar.clone(), e.to_string())),
+            Err(PullError::Store(e)) => Err(e),
+            Err(PullError::Registry(RegistryError::Blob(e))) => Err(StoreError::Blob(e)),
+            Err(PullError::Registry(RegistryError::Image(e))) => Err(StoreError::Image(e)),
+            Err(PullError::Registry(e)) => Err(StoreError::Pull(familiar.clone(), e.to_string())),
         }
     };
     match pulling.policy {
