@@ -88,7 +88,10 @@ impl PrivateNetwork {
             .helper
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-        helper_running && crate::oci::blobs::process_exists(self.holder.as_raw())
+        // A holder that died but is not reaped yet still "exists"; its namespace does not.
+        helper_running
+            && crate::oci::blobs::process_exists(self.holder.as_raw())
+            && std::fs::metadata(&self.path).is_ok()
     }
 
     /// Create the namespace and attach the stack; returns once the stack is ready.
@@ -101,9 +104,9 @@ impl PrivateNetwork {
             ForkResult::Child => {
                 drop(ready_r);
                 drop(hold_w);
-                unsafe {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                }
+                // No PR_SET_PDEATHSIG: it fires when the forking *thread* ends, and stages
+                // run on threads that end while their namespaces sit in the pool. The hold
+                // pipe ends the holder when builder exits, however it exits.
                 let ok = unshare(CloneFlags::CLONE_NEWNET).is_ok();
                 if ok {
                     loopback_up();
@@ -159,10 +162,11 @@ impl PrivateNetwork {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: only dup2 and prctl between fork and exec.
+        // SAFETY: only dup2 between fork and exec. No PR_SET_PDEATHSIG (it follows the
+        // forking thread, see the holder): slirp4netns exits when --exit-fd closes, which
+        // happens when builder exits, however it exits.
         unsafe {
             cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::dup2(ready_fd, 3) < 0 || libc::dup2(exit_fd, 4) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
