@@ -46,6 +46,42 @@ impl LayerRef {
     }
 }
 
+/// Docker's fields of the runtime config that OCI's lacks, typed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DockerConfig {
+    #[serde(
+        rename = "Healthcheck",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub healthcheck: Option<HealthConfig>,
+    #[serde(rename = "OnBuild", default, skip_serializing_if = "Option::is_none")]
+    pub onbuild: Option<Vec<String>>,
+    #[serde(rename = "Shell", default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<Vec<String>>,
+}
+
+/// Docker's `HealthConfig`: durations in nanoseconds, zero fields left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthConfig {
+    #[serde(rename = "Test", default, skip_serializing_if = "Vec::is_empty")]
+    pub test: Vec<String>,
+    #[serde(rename = "Interval", default, skip_serializing_if = "is_zero")]
+    pub interval: u64,
+    #[serde(rename = "Timeout", default, skip_serializing_if = "is_zero")]
+    pub timeout: u64,
+    #[serde(rename = "StartPeriod", default, skip_serializing_if = "is_zero")]
+    pub start_period: u64,
+    #[serde(rename = "StartInterval", default, skip_serializing_if = "is_zero")]
+    pub start_interval: u64,
+    #[serde(rename = "Retries", default, skip_serializing_if = "is_zero")]
+    pub retries: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Everything an image is, between steps of a build.
 #[derive(Debug, Clone)]
 pub struct ImageState {
@@ -58,8 +94,8 @@ pub struct ImageState {
     env: Option<Vec<(String, String)>>,
     /// Where each name sits in `env`, so setting one costs the same however many there are.
     env_index: std::collections::HashMap<String, usize>,
-    /// Docker's extra `config` fields (`Healthcheck`, `OnBuild`, `Shell`), raw.
-    pub extras: BTreeMap<String, Value>,
+    /// Docker's `config` fields that the OCI runtime config lacks.
+    pub docker: DockerConfig,
     pub layers: Vec<LayerRef>,
 }
 
@@ -151,7 +187,7 @@ impl ImageState {
             runtime: Config::default(),
             env: None,
             env_index: Default::default(),
-            extras: BTreeMap::new(),
+            docker: DockerConfig::default(),
             layers: Vec::new(),
         }
     }
@@ -212,8 +248,8 @@ impl ImageState {
                 let list: Vec<String> = env.iter().map(|(k, v)| format!("{}={}", k, v)).collect();
                 r.insert("Env".into(), json!(list));
             }
-            for (k, x) in &self.extras {
-                r.insert(k.clone(), x.clone());
+            if let Ok(Value::Object(docker)) = serde_json::to_value(&self.docker) {
+                r.extend(docker);
             }
         }
         runtime
@@ -308,12 +344,20 @@ pub fn state_from_config(
     for (i, (k, _)) in env.iter().flatten().enumerate() {
         env_index.entry(k.clone()).or_insert(i);
     }
-    let mut extras = BTreeMap::new();
+    // A malformed Docker field is an error naming it, never silently a default.
+    let mut docker = DockerConfig::default();
     if let Some(c) = v.get("config").and_then(Value::as_object) {
-        for k in ["Healthcheck", "OnBuild", "Shell"] {
-            if let Some(x) = c.get(k).filter(|x| !x.is_null()) {
-                extras.insert(k.to_string(), x.clone());
-            }
+        let field = |k: &str| c.get(k).filter(|x| !x.is_null()).cloned();
+        let bad = |k: &str, e: serde_json::Error| invalid(what, format!("config.{}: {}", k, e));
+        if let Some(x) = field("Healthcheck") {
+            docker.healthcheck =
+                Some(serde_json::from_value(x).map_err(|e| bad("Healthcheck", e))?);
+        }
+        if let Some(x) = field("OnBuild") {
+            docker.onbuild = Some(serde_json::from_value(x).map_err(|e| bad("OnBuild", e))?);
+        }
+        if let Some(x) = field("Shell") {
+            docker.shell = Some(serde_json::from_value(x).map_err(|e| bad("Shell", e))?);
         }
     }
     if config.rootfs().diff_ids().len() != layers.len() {
@@ -331,7 +375,7 @@ pub fn state_from_config(
         runtime,
         env,
         env_index,
-        extras,
+        docker,
         layers,
     })
 }
@@ -416,14 +460,17 @@ mod tests {
         let mut s = ImageState::scratch("linux", "amd64", None);
         s.set_env("PATH", "/bin");
         s.set_env("PATH", "/usr/bin");
-        s.extras.insert("Shell".into(), json!(["/bin/bash", "-c"]));
+        s.docker.shell = Some(vec!["/bin/bash".into(), "-c".into()]);
         s.push_history("1970-01-01T00:00:00Z", "ENV PATH=/usr/bin", None);
         let back = state_from_config(&s.config_json(), Vec::new(), "test").unwrap();
         assert_eq!(
             back.env(),
             vec![("PATH".to_string(), "/usr/bin".to_string())]
         );
-        assert_eq!(back.extras["Shell"], json!(["/bin/bash", "-c"]));
+        assert_eq!(
+            back.docker.shell,
+            Some(vec!["/bin/bash".to_string(), "-c".to_string()])
+        );
         assert_eq!(back.config_json(), s.config_json());
     }
 }

@@ -7,6 +7,7 @@ pub mod digest;
 pub mod image;
 pub mod layer;
 pub mod pgzip;
+pub mod platform;
 pub mod unpack;
 
 pub use blobs::BlobStore;

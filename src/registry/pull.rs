@@ -20,7 +20,7 @@ use crate::oci::digest::Digest;
 use crate::oci::image::{
     self, StoredImage, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MEDIA_INDEX, MEDIA_MANIFEST,
 };
-use crate::plan::Platform;
+use crate::oci::platform::Platform;
 
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 

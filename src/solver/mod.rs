@@ -491,11 +491,7 @@ impl Ctx<'_, '_> {
         let mut scope = Scope::new(inherited_args, state.env());
         let mut cmd_set = false;
         // ONBUILD triggers of the base run first, then are cleared from the child.
-        let triggers: Vec<String> = state
-            .extras
-            .remove("OnBuild")
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
+        let triggers: Vec<String> = state.docker.onbuild.take().unwrap_or_default();
         let mut work: Vec<Located> = Vec::new();
         for t in triggers {
             let (_, typed) = crate::syntax::parse_instructions(
@@ -839,7 +835,7 @@ impl Ctx<'_, '_> {
                 self.history(state, format!("STOPSIGNAL {}", s), None);
             }
             Instruction::Shell(sh) => {
-                state.extras.insert("Shell".into(), json!(sh));
+                state.docker.shell = Some(sh.clone());
                 self.history(state, format!("SHELL {}", history::plain_list(sh)), None);
             }
             Instruction::Cmd(c) => {
@@ -866,9 +862,11 @@ impl Ctx<'_, '_> {
                 );
             }
             Instruction::Healthcheck(h) => {
-                let mut shown = history::healthcheck(&["NONE".to_string()], 0, 0, 0, 0);
-                let v = match h {
-                    Healthcheck::None => json!({"Test": ["NONE"]}),
+                let config = match h {
+                    Healthcheck::None => crate::oci::image::HealthConfig {
+                        test: vec!["NONE".into()],
+                        ..Default::default()
+                    },
                     Healthcheck::Check {
                         test,
                         interval,
@@ -876,49 +874,36 @@ impl Ctx<'_, '_> {
                         start_period,
                         start_interval,
                         retries,
-                    } => {
-                        let t: Vec<String> = match test {
+                    } => crate::oci::image::HealthConfig {
+                        test: match test {
                             Command::Exec(a) => std::iter::once("CMD".to_string())
                                 .chain(a.iter().cloned())
                                 .collect(),
                             Command::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
-                        };
-                        shown = history::healthcheck(
-                            &t,
-                            interval.unwrap_or(0),
-                            timeout.unwrap_or(0),
-                            start_period.unwrap_or(0),
-                            retries.unwrap_or(0),
-                        );
-                        let mut m = serde_json::Map::new();
-                        m.insert("Test".into(), json!(t));
-                        for (k, v) in [
-                            ("Interval", interval),
-                            ("Timeout", timeout),
-                            ("StartPeriod", start_period),
-                            ("StartInterval", start_interval),
-                        ] {
-                            if let Some(v) = v.filter(|v| *v > 0) {
-                                m.insert(k.into(), json!(v));
-                            }
-                        }
-                        if let Some(r) = retries.filter(|r| *r > 0) {
-                            m.insert("Retries".into(), json!(r));
-                        }
-                        Value::Object(m)
-                    }
+                        },
+                        interval: interval.unwrap_or(0),
+                        timeout: timeout.unwrap_or(0),
+                        start_period: start_period.unwrap_or(0),
+                        start_interval: start_interval.unwrap_or(0),
+                        retries: retries.unwrap_or(0),
+                    },
                 };
-                state.extras.insert("Healthcheck".into(), v.clone());
+                let shown = history::healthcheck(
+                    &config.test,
+                    config.interval,
+                    config.timeout,
+                    config.start_period,
+                    config.retries,
+                );
+                state.docker.healthcheck = Some(config);
                 self.history(state, shown, None);
             }
             Instruction::Onbuild(t) => {
-                let mut list: Vec<String> = state
-                    .extras
-                    .get("OnBuild")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or_default();
-                list.push(t.clone());
-                state.extras.insert("OnBuild".into(), json!(list));
+                state
+                    .docker
+                    .onbuild
+                    .get_or_insert_with(Vec::new)
+                    .push(t.clone());
                 // BuildKit records no history entry for ONBUILD.
             }
             Instruction::Run(r) => {
@@ -1526,9 +1511,10 @@ impl Ctx<'_, '_> {
 /// The image's SHELL, or docker's default.
 fn shell_of(state: &ImageState) -> Vec<String> {
     state
-        .extras
-        .get("Shell")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .docker
+        .shell
+        .clone()
+        .filter(|s| !s.is_empty())
         .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
 }
 

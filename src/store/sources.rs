@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::{Store, StoreError};
 use crate::oci::digest::Digest;
 use crate::oci::image::{self, LayerRef, StoredImage, DOCKER_MANIFEST_LIST, MEDIA_INDEX};
+use crate::oci::platform::Platform;
 use crate::oci::unpack::{self, UnpackOptions};
-use crate::plan::Platform;
 use crate::registry::{self, Client, PullPolicy, Reference, RegistryError};
 
 /// A parsed image reference.
