@@ -433,3 +433,26 @@ fn bind_and_tmpfs_mounts_are_visible_to_the_step_but_their_contents_not_in_the_l
     }
     assert!(!rootfs.join("from-stage").exists());
 }
+
+#[test]
+fn a_step_for_another_platform_never_hits_the_native_cache_nor_runs_unemulated() {
+    let e = Env::new();
+    let file = "FROM busybox:test\nRUN echo step > /step\n";
+    let ctx = e.ctx(file);
+    build(&e.root(), &ctx, &["--progress", "plain"]);
+    // s390x: a platform whose steps need QEMU here.
+    let out = run(build_cmd(&e.root())
+        .args(["--platform", "linux/s390x"])
+        .arg(&ctx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("CACHED"),
+        "a step of another platform reuses no native entry: {err}"
+    );
+    if !out.status.success() {
+        assert!(
+            err.contains("QEMU") && err.contains("binfmt_misc") && err.contains("Buildfile:2:1"),
+            "without an emulator the step is refused with how to register one: {err}"
+        );
+    }
+}

@@ -478,7 +478,12 @@ impl Ctx<'_, '_> {
         // Everything that shapes layer bytes and timestamps is part of the first key.
         let mut key = CacheKey::chain(
             &base_key,
-            json!({"epoch": self.req.epoch, "compression": format!("{:?}", self.req.compression)}),
+            json!({
+                "epoch": self.req.epoch,
+                "compression": format!("{:?}", self.req.compression),
+                // An arm64 step never hits an amd64 entry, whatever the base.
+                "platform": self.req.platform.spec(),
+            }),
         );
         let use_cache = !self.req.no_cache
             && !self
@@ -1026,6 +1031,9 @@ impl Ctx<'_, '_> {
     ) -> Result<(LayerRef, String), BuildError> {
         let rootfs_path = view.path().to_path_buf();
         let rootfs = rootfs_path.as_path();
+        if let Err(e) = worker::sandbox::emulation::check(&self.req.platform.architecture) {
+            return Err(self.fail(l, e));
+        }
         if !is_root() {
             return Err(self.fail(l, "RUN needs root or an unprivileged user namespace, and neither is available here (see the warning above)"));
         }

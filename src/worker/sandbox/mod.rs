@@ -16,6 +16,7 @@
 //! through a channel of its own, never through the step's exit status.
 
 pub mod builtin;
+pub mod emulation;
 pub mod network;
 pub mod policy;
 pub mod runtime;
