@@ -464,6 +464,29 @@ fn basic_auth_login_logout_and_helpers() {
     assert!(!out.status.success());
     let msg = stderr_of(&out);
     assert_mentions(&msg, &["401", "builder-test-realm"]);
+    assert!(
+        msg.contains(&format!(
+            "hint: the registry wants credentials: builder login {}",
+            reg.host()
+        )),
+        "a 401 says how to log in: {msg}"
+    );
+    // A build whose FROM needs the credentials says the same.
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        &ctx.path().join("Buildfile"),
+        &format!("FROM {}/private:1\n", reg.host()),
+    );
+    let out = run(user.on("build", root.path()).arg(ctx.path()));
+    let msg = stderr_of(&out);
+    assert!(!out.status.success());
+    assert!(
+        msg.contains(&format!(
+            "hint: the registry wants credentials: builder login {}",
+            reg.host()
+        )),
+        "{msg}"
+    );
     // A wrong password is refused and not saved.
     let out = run(user
         .builder()

@@ -34,21 +34,39 @@ impl CliError {
     }
 }
 
-impl<E: std::error::Error> From<E> for CliError {
+impl<E: std::error::Error + 'static> From<E> for CliError {
     fn from(e: E) -> Self {
         let mut causes = Vec::new();
-        let mut src = e.source();
-        while let Some(s) = src {
-            causes.push(s.to_string());
-            src = s.source();
+        let mut hint = None;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = cur {
+            if !std::ptr::addr_eq(err, &e as &dyn std::error::Error) {
+                causes.push(err.to_string());
+            }
+            hint = hint.or_else(|| hint_of(err));
+            cur = err.source();
         }
         CliError {
             message: e.to_string(),
             causes,
-            hint: None,
+            hint,
             exit_code: 1,
         }
     }
+}
+
+/// The hint a module's error carries, if any.
+fn hint_of(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(e) = e.downcast_ref::<crate::registry::RegistryError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<crate::solver::BuildError>() {
+        return e.hint();
+    }
+    None
 }
 
 #[derive(Debug, Parser)]

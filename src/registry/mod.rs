@@ -81,6 +81,29 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// What the user can do about it, when something can be said.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RegistryError::Unauthorized { host, .. }
+            | RegistryError::Status {
+                host, status: 401, ..
+            } => Some(format!(
+                "the registry wants credentials: builder login {}",
+                host
+            )),
+            RegistryError::Forbidden { host, .. }
+            | RegistryError::Status {
+                host, status: 403, ..
+            } => Some(format!(
+                "the credentials for {} may lack access to this repository: builder login {}",
+                host, host
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// The local side of a pull or push: the blob store, and the directory under which the
 /// registries each blob came from are remembered (for cross-repository mounts). The store
 /// module is what joins a named store to the registry.

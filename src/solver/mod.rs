@@ -114,6 +114,17 @@ pub enum BuildError {
     Other(String),
 }
 
+impl BuildError {
+    /// What the user can do about it, when something can be said.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Step(f) => f.hint.clone(),
+            BuildError::Store(e) => e.hint(),
+            BuildError::Other(_) => None,
+        }
+    }
+}
+
 /// Where and why a step failed.
 #[derive(Debug)]
 pub struct StepFailure {
@@ -124,6 +135,8 @@ pub struct StepFailure {
     pub text: String,
     pub msg: String,
     pub source_line: String,
+    /// What the user can do about it, when something can be said.
+    pub hint: Option<String>,
 }
 
 impl std::fmt::Display for StepFailure {
@@ -416,6 +429,7 @@ impl Ctx<'_, '_> {
             text: text.to_string(),
             msg: msg.into(),
             source_line: self.source_line(span.line),
+            hint: None,
         }))
     }
 
@@ -460,9 +474,16 @@ impl Ctx<'_, '_> {
                 })?
             }
             Base::Image(r) => {
-                let img = self
-                    .fetch_image(r)
-                    .map_err(|e| self.fail_at(stage.span, &from_text, e.to_string()))?;
+                let img = self.fetch_image(r).map_err(|e| {
+                    let hint = e.hint();
+                    match self.fail_at(stage.span, &from_text, e.to_string()) {
+                        BuildError::Step(mut f) => {
+                            f.hint = hint;
+                            BuildError::Step(f)
+                        }
+                        other => other,
+                    }
+                })?;
                 let mut state = img.state;
                 // BuildKit gives a base image without PATH the default one, as it does scratch.
                 if p.os != "windows" && !state.env().iter().any(|(k, _)| k == "PATH") {

@@ -31,7 +31,17 @@ pub enum StoreError {
     #[error("invalid image name {0:?}: {1}")]
     BadName(String, String),
     #[error("{0} is not in the store, and pulling it failed: {1}")]
-    Pull(String, String),
+    Pull(String, Box<crate::registry::RegistryError>),
+}
+
+impl StoreError {
+    /// What the user can do about it, when something can be said.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            StoreError::Pull(_, e) => e.hint(),
+            _ => None,
+        }
+    }
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {

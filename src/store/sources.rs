@@ -159,7 +159,7 @@ fn named(
             Err(PullError::Store(e)) => Err(e),
             Err(PullError::Registry(RegistryError::Blob(e))) => Err(StoreError::Blob(e)),
             Err(PullError::Registry(RegistryError::Image(e))) => Err(StoreError::Image(e)),
-            Err(PullError::Registry(e)) => Err(StoreError::Pull(familiar.clone(), e.to_string())),
+            Err(PullError::Registry(e)) => Err(StoreError::Pull(familiar.clone(), Box::new(e))),
         }
     };
     match pulling.policy {
