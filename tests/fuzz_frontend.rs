@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::Path;
 
+use builder::frontend::checks;
 use builder::plan::{self, PlanOptions};
 use builder::syntax::dockerignore::IgnoreMatcher;
 use builder::syntax::expand::{LexOptions, Lexer};
@@ -108,6 +109,27 @@ fn exercise(bytes: &[u8]) {
             &typed,
             &PlanOptions::default(),
         );
+        // The build checks read the same parse, and the directive's text.
+        let ignore = IgnoreMatcher::from_file_text(&text).unwrap_or_default();
+        let host = builder::plan::Platform::host();
+        let _ = checks::CheckPolicy::parse(doc.directives.check.as_deref());
+        let _ = checks::run(
+            &checks::CheckInput {
+                source: &text,
+                doc: &doc,
+                typed: &typed,
+                ignore: &ignore,
+                build_args: &Default::default(),
+                target_platform: &host.spec(),
+                platform_args: &builder::plan::Platform::args(&host, &host),
+                bases: &checks::NoBaseImages,
+            },
+            &checks::CheckPolicy::default(),
+        );
+    }
+    if let Ok(m) = IgnoreMatcher::from_file_text(&text) {
+        let _ = m.is_walked_out("a/b/c.txt", true);
+        let _ = m.may_reinclude_below("a/b");
     }
     let env = |n: &str| n.len().is_multiple_of(2).then(|| "a b".to_string());
     let lexer = Lexer::new('\\', LexOptions::default());
