@@ -456,3 +456,57 @@ fn a_step_for_another_platform_never_hits_the_native_cache_nor_runs_unemulated()
         );
     }
 }
+
+#[test]
+fn from_platform_builds_that_stage_for_its_platform() {
+    let e = Env::new();
+    // The cross-compile pattern: the build stage runs natively whatever the target; the
+    // final stage is the target's.
+    let ctx = e.ctx(
+        "FROM --platform=$BUILDPLATFORM busybox:test AS build\nARG TARGETARCH\nRUN uname -m > /built-on && echo $TARGETARCH > /built-for\nFROM scratch\nCOPY --from=build /built-on /built-for /\n",
+    );
+    let layout = e.dir.path().join("cross");
+    build(
+        &e.root(),
+        &ctx,
+        &[
+            "--platform",
+            "linux/s390x",
+            "-o",
+            &format!("oci:{}:t", layout.display()),
+        ],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&layout, "t", t.path()).join("rootfs");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("built-on")).unwrap(),
+        format!("{}\n", std::env::consts::ARCH)
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("built-for")).unwrap(),
+        "s390x\n"
+    );
+    let config = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--config"])
+            .arg(format!("oci:{}:t", layout.display())),
+    );
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["architecture"], "s390x", "the image is the target's");
+
+    // A stage of another platform than the build's says so in its config.
+    let ctx = e.ctx("FROM --platform=linux/arm64 scratch\nCOPY Buildfile /\n");
+    let layout = e.dir.path().join("arm");
+    build(
+        &e.root(),
+        &ctx,
+        &["-o", &format!("oci:{}:t", layout.display())],
+    );
+    let config = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--config"])
+            .arg(format!("oci:{}:t", layout.display())),
+    );
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["architecture"], "arm64");
+}

@@ -236,6 +236,8 @@ struct ExternalImage {
 struct Ctx<'s, 'a> {
     sh: &'s Shared<'a>,
     step: usize,
+    /// The platform this stage builds for: its `FROM --platform`, else the build's.
+    platform: Platform,
 }
 
 impl<'a> std::ops::Deref for Ctx<'_, 'a> {
@@ -365,6 +367,14 @@ pub fn build_recorded(
                 let mut cx = Ctx {
                     sh: shared,
                     step: 0,
+                    platform: shared
+                        .req
+                        .graph
+                        .stages
+                        .get(i)
+                        .and_then(|s| s.platform.as_deref())
+                        .and_then(Platform::parse)
+                        .unwrap_or_else(|| shared.req.platform.clone()),
                 };
                 let r = cx.run_stage(i);
                 // What was hashed stays useful even when a step failed.
@@ -455,7 +465,7 @@ impl Ctx<'_, '_> {
             &from_text,
         );
         let started = Instant::now();
-        let p = &self.req.platform;
+        let p = &self.platform.clone();
         let mut inherited_args = BTreeMap::new();
         let (mut state, base_key) = match &stage.base {
             Base::Scratch => (
@@ -503,7 +513,7 @@ impl Ctx<'_, '_> {
                 "epoch": self.req.epoch,
                 "compression": format!("{:?}", self.req.compression),
                 // An arm64 step never hits an amd64 entry, whatever the base.
-                "platform": self.req.platform.spec(),
+                "platform": self.platform.spec(),
             }),
         );
         let use_cache = !self.req.no_cache
@@ -632,7 +642,7 @@ impl Ctx<'_, '_> {
             client: &self.req.registry,
             log: &log,
         };
-        sources::fetch(self.store, reference, &self.req.platform, &pulling)
+        sources::fetch(self.store, reference, &self.platform, &pulling)
     }
 
     fn release(&self, key: &CacheKey) {
@@ -1052,7 +1062,7 @@ impl Ctx<'_, '_> {
     ) -> Result<(LayerRef, String), BuildError> {
         let rootfs_path = view.path().to_path_buf();
         let rootfs = rootfs_path.as_path();
-        if let Err(e) = worker::sandbox::emulation::check(&self.req.platform.architecture) {
+        if let Err(e) = worker::sandbox::emulation::check(&self.platform.architecture) {
             return Err(self.fail(l, e));
         }
         if !is_root() {
