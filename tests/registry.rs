@@ -1190,3 +1190,55 @@ fn mirrors_from_the_settings_file_are_tried_first() {
     assert!(!out.status.success());
     assert_mentions(&stderr_of(&out), &["registries.json", "not valid JSON"]);
 }
+
+#[test]
+fn a_multi_platform_index_pushes_whole_and_pulls_per_platform() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    let root = tempfile::tempdir().unwrap();
+    let ctx = context(&[
+        (
+            "Buildfile",
+            "FROM scratch\nARG TARGETARCH\nCOPY $TARGETARCH.txt /arch.txt\n".into(),
+        ),
+        ("amd64.txt", "amd64\n".into()),
+        ("arm64.txt", "arm64\n".into()),
+    ]);
+    let name = format!("{}/multi:1", reg.host());
+    let built = last_line(&run_ok(
+        user.on("build", root.path())
+            .args([
+                "--platform",
+                "linux/amd64,linux/arm64",
+                "-t",
+                &name,
+                "--push",
+            ])
+            .arg(ctx.path()),
+    ));
+    let raw = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{}", name)),
+    );
+    use sha2::Digest as _;
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(raw.as_bytes()))
+        ),
+        built,
+        "the registry holds the index byte for byte"
+    );
+    let index: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+    // Each platform's manifest is there by digest, and a pull takes the one asked for.
+    let b = tempfile::tempdir().unwrap();
+    run_ok(
+        user.on("pull", b.path())
+            .args(["--platform", "linux/arm64"])
+            .arg(&name),
+    );
+    let inspect = run_ok(user.on("inspect", b.path()).arg(&name));
+    assert!(inspect.contains("arm64"), "{inspect}");
+}

@@ -131,15 +131,29 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     let file = find_build_file(&a.context, a.file.as_ref())?;
     let (name, text) = read_build_file(&file)?;
     let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
-    let target_platform = match &a.platform {
-        Some(p) => Platform::parse(p).ok_or_else(|| {
-            CliError::msg(format!(
-                "invalid --platform {:?}: want os/arch[/variant]",
-                p
-            ))
-        })?,
-        None => Platform::host(),
+    // `--platform a,b`: one build per platform, joined in an image index.
+    let platforms: Vec<Platform> = match &a.platform {
+        Some(list) => {
+            let mut v: Vec<Platform> = Vec::new();
+            for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let parsed = Platform::parse(p).ok_or_else(|| {
+                    CliError::msg(format!(
+                        "invalid --platform {:?}: want os/arch[/variant][,...]",
+                        p
+                    ))
+                })?;
+                if !v.contains(&parsed) {
+                    v.push(parsed);
+                }
+            }
+            if v.is_empty() {
+                return Err(CliError::msg("--platform names no platform"));
+            }
+            v
+        }
+        None => vec![Platform::host()],
     };
+    let target_platform = platforms[0].clone();
     let opts = PlanOptions {
         target: a.target.clone(),
         build_args: parse_key_values(&a.build_args)?,
@@ -331,14 +345,62 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         registry: registry.clone(),
         cache_from: imported,
     };
-    let (image, steps) = if a.verify {
-        (verify(&store, &req, reporter.as_ref())?, Vec::new())
+    if platforms.len() > 1 {
+        if a.verify {
+            return Err(CliError::msg(
+                "--verify builds one platform at a time: give one --platform",
+            ));
+        }
+        if outputs
+            .iter()
+            .any(|o| matches!(o, Output::DockerArchive { .. }))
+        {
+            // Refused before anything is built.
+            return Err(CliError::msg(format!(
+                "a docker-archive output holds one platform, and --platform names {}; build \
+                 one platform for it, or write an oci: or oci-archive: output",
+                platforms.len()
+            )));
+        }
+    }
+    // One build per platform; several are joined in an index.
+    let mut images = Vec::new();
+    let mut steps = Vec::new();
+    for p in &platforms {
+        let mut one = req.clone();
+        if platforms.len() > 1 {
+            one.platform = p.clone();
+            one.graph = plan::lower(
+                &name,
+                &one.source,
+                doc.escape,
+                &typed,
+                &PlanOptions {
+                    target_platform: p.clone(),
+                    ..opts.clone()
+                },
+            )?;
+        }
+        let (image, s) = if a.verify {
+            (verify(&store, &one, reporter.as_ref())?, Vec::new())
+        } else {
+            solver::build_recorded(&store, &one)?
+        };
+        images.push(image);
+        steps.extend(s);
+    }
+    let built = if images.len() == 1 {
+        Built::Image(images.remove(0))
     } else {
-        solver::build_recorded(&store, &req)?
+        Built::Index(
+            crate::oci::image::commit_index(&store.blobs, &images)
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
     };
+    let digest = built.digest();
     test_rendezvous();
     for t in tags.iter().chain(&image_names) {
-        store.tag(t, &image.manifest_digest)?;
+        store.tag(t, &digest)?;
     }
     for (source, dest) in &push_to {
         super::registry::push_image(&store, &registry, source, dest)?;
@@ -353,25 +415,34 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     let scratch = store.scratch_dir("export-")?;
     for o in &outputs {
-        export::export(&store.blobs, &image, &tags, o, scratch.path())?;
+        match &built {
+            Built::Image(image) => export::export(&store.blobs, image, &tags, o, scratch.path())?,
+            Built::Index(index) => {
+                export::export_index(&store.blobs, index, &tags, o, scratch.path())?
+            }
+        }
     }
-    let digest = image.manifest_digest.to_string();
+    let digest = digest.to_string();
     if let Some(p) = &a.iidfile {
         std::fs::write(p, &digest).map_err(|e| CliError::io(p, e))?;
     }
     if let Some(p) = &a.metadata_file {
-        let layers: Vec<serde_json::Value> = image
-            .state
-            .layers
-            .iter()
-            .map(crate::oci::image::LayerRef::to_json)
-            .collect();
-        let v = serde_json::json!({
-            "containerimage.digest": digest,
-            "containerimage.config.digest": image.config_digest.to_string(),
-            "image.name": tags.join(","),
-            "layers": layers,
-        });
+        let v = match &built {
+            Built::Image(image) => serde_json::json!({
+                "containerimage.digest": digest,
+                "containerimage.config.digest": image.config_digest.to_string(),
+                "image.name": tags.join(","),
+                "layers": image.state.layers.iter().map(crate::oci::image::LayerRef::to_json).collect::<Vec<_>>(),
+            }),
+            Built::Index(index) => serde_json::json!({
+                "containerimage.digest": digest,
+                "image.name": tags.join(","),
+                "platforms": index.images.iter().map(|i| serde_json::json!({
+                    "platform": crate::oci::image::platform_of(i),
+                    "containerimage.digest": i.manifest_digest.to_string(),
+                })).collect::<Vec<_>>(),
+            }),
+        };
         std::fs::write(p, serde_json::to_vec_pretty(&v).unwrap_or_default())
             .map_err(|e| CliError::io(p, e))?;
     }
@@ -381,6 +452,21 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     println!("{}", digest);
     Ok(())
+}
+
+/// What a build made: one image, or an index of one image per platform.
+enum Built {
+    Image(crate::oci::image::StoredImage),
+    Index(crate::oci::image::StoredIndex),
+}
+
+impl Built {
+    fn digest(&self) -> crate::oci::digest::Digest {
+        match self {
+            Built::Image(i) => i.manifest_digest.clone(),
+            Built::Index(i) => i.digest.clone(),
+        }
+    }
 }
 
 /// `Buildfile:3:1: StageNameCasing: Stage name 'Builder' should be lowercase`.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::oci::blobs::{write_atomic, BlobStore};
 use crate::oci::digest::Digest;
-use crate::oci::image::{canonical_json, StoredImage, MEDIA_MANIFEST};
+use crate::oci::image::{canonical_json, StoredImage, StoredIndex};
 use crate::oci::unpack::{self, UnpackOptions};
 
 /// A requested output.
@@ -257,13 +257,49 @@ pub fn write_oci_layout(
     dir: &Path,
     tag: Option<&str>,
 ) -> Result<(), ExportError> {
+    place_image(blobs, image, dir)?;
+    let desc = crate::oci::image::platform_descriptor(image);
+    name_in_layout(dir, desc, &image.manifest_digest, tag)
+}
+
+/// Write (or add to) an OCI image layout at `dir` holding a multi-platform index, named `tag`.
+pub fn write_oci_index_layout(
+    blobs: &BlobStore,
+    index: &StoredIndex,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<(), ExportError> {
+    for image in &index.images {
+        place_image(blobs, image, dir)?;
+    }
+    place_blob(blobs, dir, &index.digest)?;
+    let desc = json!({
+        "mediaType": crate::oci::image::MEDIA_INDEX,
+        "digest": index.digest.to_string(),
+        "size": index.size,
+    });
+    name_in_layout(dir, desc, &index.digest, tag)
+}
+
+/// The blobs of one image (config, layers, manifest) in a layout.
+fn place_image(blobs: &BlobStore, image: &StoredImage, dir: &Path) -> Result<(), ExportError> {
     let bdir = dir.join("blobs/sha256");
     fs::create_dir_all(&bdir).map_err(io_at(&bdir))?;
     place_blob(blobs, dir, &image.config_digest)?;
     for l in &image.state.layers {
         place_blob(blobs, dir, &l.digest)?;
     }
-    place_blob(blobs, dir, &image.manifest_digest)?;
+    place_blob(blobs, dir, &image.manifest_digest)
+}
+
+/// Add `desc` to the layout's index.json (replacing what had the same tag, or the same
+/// untagged digest), and write oci-layout.
+fn name_in_layout(
+    dir: &Path,
+    mut desc: Value,
+    digest: &Digest,
+    tag: Option<&str>,
+) -> Result<(), ExportError> {
     let layout = dir.join("oci-layout");
     write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_at(&layout))?;
     let index_path = dir.join("index.json");
@@ -278,15 +314,9 @@ pub fn write_oci_layout(
     manifests.retain(|m| match tag {
         Some(t) => m["annotations"][ref_key].as_str() != Some(t),
         None => {
-            m["digest"].as_str() != Some(&image.manifest_digest.to_string())
+            m["digest"].as_str() != Some(&digest.to_string())
                 || m["annotations"][ref_key].is_string()
         }
-    });
-    let mut desc = json!({
-        "mediaType": MEDIA_MANIFEST,
-        "digest": image.manifest_digest.to_string(),
-        "size": image.manifest_size,
-        "platform": {"os": image.state.config.os().to_string(), "architecture": image.state.config.architecture().to_string()},
     });
     if let Some(t) = tag {
         desc["annotations"] = json!({ ref_key: t });
@@ -294,6 +324,47 @@ pub fn write_oci_layout(
     manifests.push(desc);
     let index = json!({"schemaVersion": 2, "mediaType": crate::oci::image::MEDIA_INDEX, "manifests": manifests});
     write_atomic(&index_path, &canonical_json(&index)).map_err(io_at(&index_path))
+}
+
+/// Export a multi-platform build to `out`: OCI layouts and archives hold the index; a local
+/// directory gets one subdirectory per platform (`linux_amd64/`, as BuildKit writes them); a
+/// docker archive holds one image, so it refuses.
+pub fn export_index(
+    blobs: &BlobStore,
+    index: &StoredIndex,
+    names: &[String],
+    out: &Output,
+    scratch: &Path,
+) -> Result<(), ExportError> {
+    let tag_of = |tag: &Option<String>| {
+        tag.clone().or(names
+            .first()
+            .and_then(|n| n.rsplit_once(':').map(|x| x.1.to_string())))
+    };
+    match out {
+        Output::OciDir { dir, tag } => {
+            write_oci_index_layout(blobs, index, dir, tag_of(tag).as_deref())
+        }
+        Output::OciArchive { file, tag } => {
+            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
+            write_oci_index_layout(blobs, index, tmp.path(), tag_of(tag).as_deref())?;
+            tar_dir(tmp.path(), file, &[])
+        }
+        Output::DockerArchive { file } => Err(ExportError::Other(format!(
+            "{}: a docker archive holds one platform, and this build made {}; build with one \
+             --platform, or write an oci: or oci-archive: output",
+            file.display(),
+            index.images.len()
+        ))),
+        Output::Local { dir } => {
+            for image in &index.images {
+                let sub = dir.join(crate::oci::image::platform_of(image).replace('/', "_"));
+                export(blobs, image, names, &Output::Local { dir: sub }, scratch)?;
+            }
+            Ok(())
+        }
+        Output::Image { .. } => Ok(()),
+    }
 }
 
 /// Write `dir` (plus extra in-memory files) as a deterministic tar at `file`.

@@ -303,6 +303,100 @@ impl ImageState {
     }
 }
 
+/// Several builds of one image, one per platform, under an OCI image index.
+#[derive(Debug, Clone)]
+pub struct StoredIndex {
+    pub digest: Digest,
+    pub size: u64,
+    pub images: Vec<StoredImage>,
+}
+
+/// `os/arch[/variant]` of a stored image, from its config.
+pub fn platform_of(image: &StoredImage) -> String {
+    let c = &image.state.config;
+    match c.variant() {
+        Some(v) => format!("{}/{}/{}", c.os(), c.architecture(), v),
+        None => format!("{}/{}", c.os(), c.architecture()),
+    }
+}
+
+/// The index descriptor of a stored image: its manifest with its platform.
+pub fn platform_descriptor(image: &StoredImage) -> Value {
+    let c = &image.state.config;
+    let mut platform =
+        json!({"os": c.os().to_string(), "architecture": c.architecture().to_string()});
+    if let Some(v) = c.variant() {
+        platform["variant"] = json!(v);
+    }
+    json!({
+        "mediaType": MEDIA_MANIFEST,
+        "digest": image.manifest_digest.to_string(),
+        "size": image.manifest_size,
+        "platform": platform,
+    })
+}
+
+/// Write the index of `images` (in that order) into `blobs`.
+pub fn commit_index(blobs: &BlobStore, images: &[StoredImage]) -> Result<StoredIndex, ImageError> {
+    let manifests: Vec<Value> = images.iter().map(platform_descriptor).collect();
+    let index = json!({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests});
+    let bytes = canonical_json(&index);
+    let digest = blobs.put(&bytes)?;
+    Ok(StoredIndex {
+        digest,
+        size: bytes.len() as u64,
+        images: images.to_vec(),
+    })
+}
+
+/// The manifests an index blob lists, with their platforms; `None` when it is no index.
+pub fn index_entries(bytes: &[u8]) -> Option<Vec<(Digest, String)>> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let media = v["mediaType"].as_str().unwrap_or("");
+    if media != MEDIA_INDEX
+        && media != "application/vnd.docker.distribution.manifest.list.v2+json"
+        && !(media.is_empty() && v["manifests"].is_array())
+    {
+        return None;
+    }
+    let mut out = Vec::new();
+    for m in v["manifests"].as_array()? {
+        let digest: Digest = m["digest"].as_str()?.parse().ok()?;
+        let p = &m["platform"];
+        let mut spec = format!(
+            "{}/{}",
+            p["os"].as_str().unwrap_or(""),
+            p["architecture"].as_str().unwrap_or("")
+        );
+        if let Some(v) = p["variant"].as_str() {
+            spec.push('/');
+            spec.push_str(v);
+        }
+        out.push((digest, spec));
+    }
+    Some(out)
+}
+
+/// Load the image at `digest`; when it is an index, the manifest for `platform`
+/// (`os/arch[/variant]`; a missing variant matches any), else its first.
+pub fn load_for(
+    blobs: &BlobStore,
+    digest: &Digest,
+    platform: &str,
+) -> Result<StoredImage, ImageError> {
+    let bytes = blobs.get(digest)?;
+    let Some(entries) = index_entries(&bytes) else {
+        return load(blobs, digest);
+    };
+    let matches = |spec: &str| spec == platform || spec.starts_with(&format!("{}/", platform));
+    let chosen = entries
+        .iter()
+        .find(|(_, spec)| matches(spec))
+        .or_else(|| entries.first())
+        .ok_or_else(|| invalid(digest.to_string(), "an index without manifests"))?;
+    load(blobs, &chosen.0)
+}
+
 /// The OCI name of a layer media type: a Docker schema 2 base image's layers are the same
 /// bytes, so an OCI manifest lists them under OCI types.
 pub fn oci_layer_type(media_type: &str) -> &str {

@@ -302,7 +302,37 @@ pub fn push(
         .as_str()
         .unwrap_or(MEDIA_MANIFEST)
         .to_string();
-    let blobs = manifest_blobs(&manifest, &display)?;
+    // An index: each manifest it lists goes first, by digest; then the index itself.
+    let is_index = super::pull::is_index(&media_type);
+    let mut children = Vec::new();
+    if is_index {
+        for m in manifest["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let child: Digest = m["digest"]
+                .as_str()
+                .and_then(|d| d.parse().ok())
+                .ok_or_else(|| {
+                    RegistryError::Protocol(format!(
+                        "stored index {}: a manifest without a digest",
+                        manifest_digest
+                    ))
+                })?;
+            let child_ref = Reference {
+                tag: None,
+                digest: Some(child.clone()),
+                ..dest.clone()
+            };
+            children.push(push(client, local, &child, &child_ref)?);
+        }
+    }
+    let blobs = if is_index {
+        Vec::new()
+    } else {
+        manifest_blobs(&manifest, &display)?
+    };
     let counts = [
         AtomicUsize::new(0),
         AtomicUsize::new(0),
@@ -363,9 +393,12 @@ pub fn push(
     }
     Ok(Pushed {
         digest: manifest_digest.to_string(),
-        present: counts[0].load(Ordering::Relaxed),
-        mounted: counts[1].load(Ordering::Relaxed),
-        uploaded: counts[2].load(Ordering::Relaxed),
+        present: counts[0].load(Ordering::Relaxed)
+            + children.iter().map(|c| c.present).sum::<usize>(),
+        mounted: counts[1].load(Ordering::Relaxed)
+            + children.iter().map(|c| c.mounted).sum::<usize>(),
+        uploaded: counts[2].load(Ordering::Relaxed)
+            + children.iter().map(|c| c.uploaded).sum::<usize>(),
         manifest_uploaded: !unchanged,
     })
 }

@@ -236,10 +236,15 @@ impl Store {
             .ok_or(StoreError::NotFound(name))
     }
 
-    /// Load a stored image by name or digest.
+    /// Load a stored image by name or digest (from an index, this machine's platform).
     pub fn image(&self, reference: &str) -> Result<StoredImage, StoreError> {
+        self.image_for(reference, &crate::oci::platform::Platform::host().spec())
+    }
+
+    /// Load a stored image by name or digest; from an index, the one for `platform`.
+    pub fn image_for(&self, reference: &str, platform: &str) -> Result<StoredImage, StoreError> {
         let d = self.resolve(reference)?;
-        Ok(image::load(&self.blobs, &d)?)
+        Ok(image::load_for(&self.blobs, &d, platform)?)
     }
 
     /// Check every blob's hash and every reference's image; returns the problems found.

@@ -136,11 +136,13 @@ fn named(
         .map_err(|e| StoreError::BadName(name.to_string(), e.reason))?
         .with_default_tag();
     let familiar = reference.familiar();
-    let local = || match store.image(&familiar) {
+    let local = || match store.image_for(&familiar, &platform.spec()) {
         Err(StoreError::NotFound(_)) if reference.tag.is_none() => {
             // A bare digest names the stored manifest itself.
             match &reference.digest {
-                Some(d) if store.blobs.contains(d) => Ok(image::load(&store.blobs, d)?),
+                Some(d) if store.blobs.contains(d) => {
+                    Ok(image::load_for(&store.blobs, d, &platform.spec())?)
+                }
                 _ => Err(StoreError::NotFound(familiar.clone())),
             }
         }
