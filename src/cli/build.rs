@@ -179,7 +179,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             build_args: &opts.build_args,
             target_platform: &opts.target_platform.spec(),
             platform_args: &Platform::args(&opts.target_platform, &opts.build_platform),
-            bases: &StoreBases(&check_store),
+            bases: &StoreBases(&check_store, opts.target_platform.spec()),
         },
         &policy,
     );
@@ -344,6 +344,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         pull: a.pull,
         registry: registry.clone(),
         cache_from: imported,
+        show_platform: false,
     };
     if platforms.len() > 1 {
         if a.verify {
@@ -370,6 +371,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         let mut one = req.clone();
         if platforms.len() > 1 {
             one.platform = p.clone();
+            one.show_platform = true;
             one.graph = plan::lower(
                 &name,
                 &one.source,
@@ -477,15 +479,16 @@ pub fn finding_line(file: &str, f: &Finding) -> String {
     )
 }
 
-/// Base images as the local store knows them (nothing is pulled for a check).
-struct StoreBases<'a>(&'a Store);
+/// Base images as the local store knows them, for the build's platform (nothing is pulled
+/// for a check).
+struct StoreBases<'a>(&'a Store, String);
 
 impl BaseImages for StoreBases<'_> {
     fn env(&self, image: &str) -> Option<Vec<(String, String)>> {
-        self.0.image(image).ok().map(|i| i.state.env())
+        self.0.image_for(image, &self.1).ok().map(|i| i.state.env())
     }
     fn platform(&self, image: &str) -> Option<String> {
-        let i = self.0.image(image).ok()?;
+        let i = self.0.image_for(image, &self.1).ok()?;
         let c = &i.state.config;
         let mut p = format!("{}/{}", c.os(), c.architecture());
         if let Some(v) = c.variant() {

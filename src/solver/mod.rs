@@ -70,6 +70,8 @@ pub struct BuildRequest<'a> {
     pub registry: Arc<Client>,
     /// Caches imported with `--cache-from`, asked when the local cache misses.
     pub cache_from: Vec<Arc<RemoteCache>>,
+    /// Name the platform in progress lines (one build of several platforms).
+    pub show_platform: bool,
 }
 
 /// BuildKit's entitlements: what a build may do that weakens the RUN sandbox.
@@ -455,7 +457,11 @@ impl Ctx<'_, '_> {
 
     fn run_stage(&mut self, index: usize) -> Result<StageResult, BuildError> {
         let stage = &self.req.graph.stages[index];
-        let label = format!("stage-{}", stage.label());
+        let label = if self.req.show_platform {
+            format!("{} stage-{}", self.platform.spec(), stage.label())
+        } else {
+            format!("stage-{}", stage.label())
+        };
         self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let from_text = self.source_line(stage.span.line).trim().to_string();
         self.req.reporter.step(
