@@ -274,19 +274,7 @@ fn prune_keeps_what_tagged_images_need() {
     );
     assert!(out.contains("removed 7 cache entries"), "{out}");
     run_ok(builder().args(["fsck", "--root"]).arg(&root));
-    let layout = t.path().join("exported");
-    run_ok(
-        builder()
-            .args(["export", "--root"])
-            .arg(&root)
-            .args(["keep:1", "-o"])
-            .arg(format!("oci:{}:k", layout.display())),
-    );
-    run_ok(
-        tool("oci-image-tool")
-            .args(["validate", "--type", "image", "--ref", "name=k"])
-            .arg(&layout),
-    );
+    export_valid_layout(&root, "keep:1", &t.path().join("exported"), "k");
     // The cache is gone, so the steps run again, and give the same image.
     let (again, cached, ran) = build_log(&root, &ctx, &[]);
     assert!(cached.is_empty() && ran.len() == 5);
@@ -513,4 +501,66 @@ fn scratch_of_a_killed_build_is_counted_and_removed_by_the_next_build() {
     build_log(&root, &quick, &[]);
     assert!(owned(pid).is_empty(), "left: {:?}", owned(pid));
     run_ok(builder().args(["fsck", "--root"]).arg(&root));
+}
+
+#[test]
+fn prune_keeps_every_platform_of_a_tagged_index() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("amd64.txt"), "amd64\n");
+    write(&ctx.join("arm64.txt"), "arm64\n");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM scratch\nARG TARGETARCH\nCOPY $TARGETARCH.txt /arch.txt\n",
+    );
+    let digest = build(
+        &root,
+        &ctx,
+        &["--platform", "linux/amd64,linux/arm64", "-t", "multi:1"],
+    );
+    run_ok(
+        builder()
+            .args(["cache", "prune", "--all", "--root"])
+            .arg(&root),
+    );
+    run_ok(builder().args(["fsck", "--root"]).arg(&root));
+    let layout = t.path().join("exported");
+    export_valid_layout(&root, "multi:1", &layout, "m");
+    let raw = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:m", layout.display())),
+    );
+    use sha2::Digest as _;
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(raw.as_bytes()))
+        ),
+        digest,
+        "the index, whole, after a prune"
+    );
+}
+
+/// `builder export NAME -o oci:LAYOUT:TAG`, and the layout validates.
+fn export_valid_layout(root: &Path, name: &str, layout: &Path, tag: &str) {
+    run_ok(
+        builder()
+            .args(["export", "--root"])
+            .arg(root)
+            .args([name, "-o"])
+            .arg(format!("oci:{}:{}", layout.display(), tag)),
+    );
+    run_ok(
+        tool("oci-image-tool")
+            .args([
+                "validate",
+                "--type",
+                "image",
+                "--ref",
+                &format!("name={tag}"),
+            ])
+            .arg(layout),
+    );
 }

@@ -1134,15 +1134,43 @@ fn pull_picks_the_platform_from_an_index() {
             .arg(format!("docker://{}/multi:1", reg.host())),
     );
 
+    let mut named = Vec::new();
     for (platform, want) in [("linux/amd64", &digests[0]), ("linux/arm64", &digests[1])] {
         let fresh = tempfile::tempdir().unwrap();
-        let got = last_line(&run_ok(
+        // The name stands for the registry's index; the image stored is the platform's.
+        named.push(last_line(&run_ok(
             user.on("pull", fresh.path())
                 .args(["--platform", platform])
                 .arg(format!("{}/multi:1", reg.host())),
-        ));
-        assert_eq!(&got, want, "{}", platform);
+        )));
+        let inspect: serde_json::Value = serde_json::from_str(&run_ok(
+            user.on("inspect", fresh.path())
+                .arg(format!("{}/multi:1", reg.host())),
+        ))
+        .unwrap();
+        assert_eq!(
+            inspect["digest"].as_str(),
+            Some(want.as_str()),
+            "{}",
+            platform
+        );
+        user.assert_fsck_clean(fresh.path());
     }
+    assert_eq!(named[0], named[1], "both pulls name the index");
+    let raw = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{}/multi:1", reg.host())),
+    );
+    use sha2::Digest as _;
+    assert_eq!(
+        named[0],
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(raw.as_bytes()))
+        ),
+        "the index digest, as the registry has it"
+    );
     // A platform the index lacks is named, with what it offers.
     let fresh = tempfile::tempdir().unwrap();
     let out = run(user
@@ -1234,11 +1262,33 @@ fn a_multi_platform_index_pushes_whole_and_pulls_per_platform() {
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
     // Each platform's manifest is there by digest, and a pull takes the one asked for.
     let b = tempfile::tempdir().unwrap();
-    run_ok(
+    let pulled = last_line(&run_ok(
         user.on("pull", b.path())
             .args(["--platform", "linux/arm64"])
             .arg(&name),
+    ));
+    assert_eq!(
+        pulled, built,
+        "push and pull back give the same index digest"
     );
     let inspect = run_ok(user.on("inspect", b.path()).arg(&name));
     assert!(inspect.contains("arm64"), "{inspect}");
+    user.assert_fsck_clean(b.path());
+    // A build for the platform the store lacks pulls it, under the same name.
+    let ctx = context(&[(
+        "Buildfile",
+        format!(
+            "FROM {}
+COPY --from={} /arch.txt /copied
+",
+            name, name
+        ),
+    )]);
+    run_ok(
+        user.on("build", b.path())
+            .args(["--platform", "linux/amd64", "-t", "uses:1"])
+            .arg(ctx.path()),
+    );
+    let inspect = run_ok(user.on("inspect", b.path()).arg("uses:1"));
+    assert!(inspect.contains("amd64"), "{inspect}");
 }

@@ -67,18 +67,23 @@ pub struct Usage {
     pub scratch_bytes: u64,
 }
 
-/// The images names point at, loaded once.
-fn tagged_images(store: &Store) -> Result<Vec<image::StoredImage>, StoreError> {
-    Ok(store
-        .refs()?
-        .values()
-        .filter_map(|d| image::load(&store.blobs, d).ok())
-        .collect())
+/// The images names point at (every stored platform of an index), loaded once, and the
+/// index blobs among them.
+fn tagged_images(store: &Store) -> Result<(Vec<image::StoredImage>, Vec<Digest>), StoreError> {
+    let mut images = Vec::new();
+    let mut indexes = Vec::new();
+    for d in store.refs()?.values() {
+        if let Ok((found, index)) = image::load_all(&store.blobs, d) {
+            images.extend(found);
+            indexes.extend(index);
+        }
+    }
+    Ok((images, indexes))
 }
 
 /// Every blob a tagged image needs.
-fn blobs_of(images: &[image::StoredImage]) -> BTreeSet<Digest> {
-    let mut live = BTreeSet::new();
+fn blobs_of((images, indexes): &(Vec<image::StoredImage>, Vec<Digest>)) -> BTreeSet<Digest> {
+    let mut live: BTreeSet<Digest> = indexes.iter().cloned().collect();
     for img in images {
         live.insert(img.manifest_digest.clone());
         live.insert(img.config_digest.clone());
@@ -140,6 +145,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     let index = CacheIndex::new(store.root(), &store.blobs);
     let images = tagged_images(store)?;
     let tagged = blobs_of(&images);
+    let images = images.0;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::cache::remote::{self, RemoteCache};
 use crate::epoch;
-use crate::export::{self, Output};
+use crate::export::{Built, Output};
 use crate::frontend::checks::{self, BaseImages, CheckInput, CheckPolicy, Finding};
 use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
@@ -417,12 +417,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     let scratch = store.scratch_dir("export-")?;
     for o in &outputs {
-        match &built {
-            Built::Image(image) => export::export(&store.blobs, image, &tags, o, scratch.path())?,
-            Built::Index(index) => {
-                export::export_index(&store.blobs, index, &tags, o, scratch.path())?
-            }
-        }
+        built.export(&store.blobs, &tags, o, scratch.path())?;
     }
     let digest = digest.to_string();
     if let Some(p) = &a.iidfile {
@@ -454,21 +449,6 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     println!("{}", digest);
     Ok(())
-}
-
-/// What a build made: one image, or an index of one image per platform.
-enum Built {
-    Image(crate::oci::image::StoredImage),
-    Index(crate::oci::image::StoredIndex),
-}
-
-impl Built {
-    fn digest(&self) -> crate::oci::digest::Digest {
-        match self {
-            Built::Image(i) => i.manifest_digest.clone(),
-            Built::Index(i) => i.digest.clone(),
-        }
-    }
 }
 
 /// `Buildfile:3:1: StageNameCasing: Stage name 'Builder' should be lowercase`.

@@ -98,8 +98,14 @@ pub fn list(root: &RootArg) -> Result<(), CliError> {
     let store = root.open()?;
     println!("{:<40} {:<20} SIZE", "NAME", "IMAGE ID");
     for (name, d) in store.refs()? {
-        let size: u64 = crate::oci::image::load(&store.blobs, &d)
-            .map(|i| i.state.layers.iter().map(|l| l.size).sum())
+        let size: u64 = crate::oci::image::load_all(&store.blobs, &d)
+            .map(|(images, _)| {
+                images
+                    .iter()
+                    .flat_map(|i| &i.state.layers)
+                    .map(|l| l.size)
+                    .sum()
+            })
             .unwrap_or(0);
         println!("{:<40} {:<20} {}", name, &d.hex()[..12], human(size));
     }
@@ -123,6 +129,10 @@ fn human(n: u64) -> String {
 
 /// Load an image from the store or any source builder reads.
 fn load_any(store: &Store, reference: &str) -> Result<crate::oci::image::StoredImage, CliError> {
+    // A stored name: from an index, this machine's platform, else the one the store has.
+    if store.resolve(reference).is_ok() {
+        return Ok(store.image(reference)?);
+    }
     let client = crate::registry::Client::new(crate::registry::Settings::default());
     let pulling = sources::Pulling {
         policy: crate::registry::PullPolicy::Never,
@@ -194,19 +204,29 @@ pub fn rm(root: &RootArg, names: &[String]) -> Result<(), CliError> {
 /// `builder export REF -o OUTPUT`.
 pub fn export_image(root: &RootArg, reference: &str, outputs: &[String]) -> Result<(), CliError> {
     let store = root.open()?;
-    let img = load_any(&store, reference)?;
     let names = normalize_name(reference)
         .map(|n| vec![n])
         .unwrap_or_default();
     let scratch = store.scratch_dir("export-")?;
+    // A name for an index exports the index when the store has all its platforms (a pull
+    // keeps only the one asked for; then that image is exported).
+    let complete_index = store.resolve(reference).ok().and_then(|d| {
+        let (images, digest) = crate::oci::image::load_all(&store.blobs, &d).ok()?;
+        let digest = digest?;
+        let bytes = store.blobs.get(&digest).ok()?;
+        let listed = crate::oci::image::index_entries(&bytes)?.len();
+        (listed == images.len()).then(|| crate::oci::image::StoredIndex {
+            digest,
+            size: bytes.len() as u64,
+            images,
+        })
+    });
+    let built = match complete_index {
+        Some(index) => export::Built::Index(index),
+        None => export::Built::Image(load_any(&store, reference)?),
+    };
     for o in outputs {
-        export::export(
-            &store.blobs,
-            &img,
-            &names,
-            &Output::parse(o)?,
-            scratch.path(),
-        )?;
+        built.export(&store.blobs, &names, &Output::parse(o)?, scratch.path())?;
     }
     Ok(())
 }

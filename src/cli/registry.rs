@@ -94,7 +94,8 @@ pub fn pull(a: PullArgs) -> Result<(), CliError> {
         "pulled {} as {}: {} of {} blobs downloaded",
         reference, name, p.blobs_fetched, p.blobs_total
     );
-    println!("{}", p.image.manifest_digest);
+    // The name's digest: the index's when the registry has one (as docker pull shows it).
+    println!("{}", p.index.as_ref().unwrap_or(&p.image.manifest_digest));
     Ok(())
 }
 

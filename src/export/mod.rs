@@ -326,6 +326,36 @@ fn name_in_layout(
     write_atomic(&index_path, &canonical_json(&index)).map_err(io_at(&index_path))
 }
 
+/// What a build made, or a name stands for: one image, or an index of one per platform.
+pub enum Built {
+    Image(StoredImage),
+    Index(StoredIndex),
+}
+
+impl Built {
+    /// The digest a name for it points at.
+    pub fn digest(&self) -> Digest {
+        match self {
+            Built::Image(i) => i.manifest_digest.clone(),
+            Built::Index(i) => i.digest.clone(),
+        }
+    }
+
+    /// Export it to `out` (see [`export`] and [`export_index`]).
+    pub fn export(
+        &self,
+        blobs: &BlobStore,
+        names: &[String],
+        out: &Output,
+        scratch: &Path,
+    ) -> Result<(), ExportError> {
+        match self {
+            Built::Image(i) => export(blobs, i, names, out, scratch),
+            Built::Index(i) => export_index(blobs, i, names, out, scratch),
+        }
+    }
+}
+
 /// Export a multi-platform build to `out`: OCI layouts and archives hold the index; a local
 /// directory gets one subdirectory per platform (`linux_amd64/`, as BuildKit writes them); a
 /// docker archive holds one image, so it refuses.

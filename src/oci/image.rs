@@ -377,6 +377,25 @@ pub fn index_entries(bytes: &[u8]) -> Option<Vec<(Digest, String)>> {
     Some(out)
 }
 
+/// Everything a name's digest holds: the images (every platform of an index that the store
+/// has), and the index blob itself when it is one.
+pub fn load_all(
+    blobs: &BlobStore,
+    digest: &Digest,
+) -> Result<(Vec<StoredImage>, Option<Digest>), ImageError> {
+    let bytes = blobs.get(digest)?;
+    match index_entries(&bytes) {
+        None => Ok((vec![load(blobs, digest)?], None)),
+        Some(entries) => {
+            let mut images = Vec::new();
+            for (d, _) in entries.iter().filter(|(d, _)| blobs.contains(d)) {
+                images.push(load(blobs, d)?);
+            }
+            Ok((images, Some(digest.clone())))
+        }
+    }
+}
+
 /// Load the image at `digest`; when it is an index, the manifest for `platform`
 /// (`os/arch[/variant]`; a missing variant matches any), else its first.
 pub fn load_for(
@@ -388,12 +407,20 @@ pub fn load_for(
     let Some(entries) = index_entries(&bytes) else {
         return load(blobs, digest);
     };
+    // A pulled index keeps only the platforms asked for: choose among those the store has.
+    let present: Vec<&(Digest, String)> =
+        entries.iter().filter(|(d, _)| blobs.contains(d)).collect();
     let matches = |spec: &str| spec == platform || spec.starts_with(&format!("{}/", platform));
-    let chosen = entries
+    let chosen = present
         .iter()
         .find(|(_, spec)| matches(spec))
-        .or_else(|| entries.first())
-        .ok_or_else(|| invalid(digest.to_string(), "an index without manifests"))?;
+        .or_else(|| present.first())
+        .ok_or_else(|| {
+            invalid(
+                digest.to_string(),
+                "an index none of whose manifests is stored",
+            )
+        })?;
     load(blobs, &chosen.0)
 }
 

@@ -374,6 +374,9 @@ pub fn manifest_blobs(manifest: &Value, display: &str) -> Result<Vec<Descriptor>
 /// What a pull did.
 pub struct Pulled {
     pub image: StoredImage,
+    /// The index the image was chosen from, stored byte for byte (its other platforms'
+    /// manifests are not fetched): the name then stands for the index, as at the registry.
+    pub index: Option<Digest>,
     pub blobs_fetched: usize,
     pub blobs_total: usize,
 }
@@ -433,7 +436,9 @@ fn pull_from(
             });
         }
     }
+    let mut index_bytes = None;
     if is_index(&top.media_type) {
+        index_bytes = Some(top.bytes.clone());
         let index: Value = serde_json::from_slice(&top.bytes)
             .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
         let chosen = choose_platform(&index, platform, &display)?;
@@ -467,6 +472,10 @@ fn pull_from(
     }
     let stored = local.blobs.put(&top.bytes)?;
     let image = image::load(local.blobs, &stored)?;
+    let index = match index_bytes {
+        Some(b) => Some(local.blobs.put(&b)?),
+        None => None,
+    };
     let (os, arch) = (
         image.state.config.os().to_string(),
         image.state.config.architecture().to_string(),
@@ -482,6 +491,7 @@ fn pull_from(
     }
     Ok(Pulled {
         image,
+        index,
         blobs_fetched: fetched,
         blobs_total: blobs.len(),
     })

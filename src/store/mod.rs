@@ -236,14 +236,37 @@ impl Store {
             .ok_or(StoreError::NotFound(name))
     }
 
-    /// Load a stored image by name or digest (from an index, this machine's platform).
+    /// Load a stored image by name or digest; from an index, this machine's platform, else
+    /// whichever platform the store has.
     pub fn image(&self, reference: &str) -> Result<StoredImage, StoreError> {
-        self.image_for(reference, &crate::oci::platform::Platform::host().spec())
+        let d = self.resolve(reference)?;
+        let host = crate::oci::platform::Platform::host().spec();
+        Ok(image::load_for(&self.blobs, &d, &host)?)
     }
 
-    /// Load a stored image by name or digest; from an index, the one for `platform`.
+    /// Load a stored image by name or digest for `platform`: from an index that lists the
+    /// platform but whose manifest for it is not stored (a pull took another), `NotFound`,
+    /// so that a build pulls it.
     pub fn image_for(&self, reference: &str, platform: &str) -> Result<StoredImage, StoreError> {
         let d = self.resolve(reference)?;
+        if let Some(entries) = self
+            .blobs
+            .get(&d)
+            .ok()
+            .and_then(|b| image::index_entries(&b))
+        {
+            let listed = entries
+                .iter()
+                .find(|(_, spec)| spec == platform || spec.starts_with(&format!("{}/", platform)));
+            if let Some((m, _)) = listed {
+                if !self.blobs.contains(m) {
+                    return Err(StoreError::NotFound(format!(
+                        "{} for {}",
+                        reference, platform
+                    )));
+                }
+            }
+        }
         Ok(image::load_for(&self.blobs, &d, platform)?)
     }
 
@@ -280,9 +303,13 @@ impl Store {
             }
         };
         for (name, d) in refs {
-            match image::load(&self.blobs, &d) {
-                Ok(img) => {
-                    for l in &img.state.layers {
+            match image::load_all(&self.blobs, &d) {
+                Ok((images, _)) if images.is_empty() => problems.push(format!(
+                    "{}: an index none of whose manifests is stored",
+                    name
+                )),
+                Ok((images, _)) => {
+                    for l in images.iter().flat_map(|i| &i.state.layers) {
                         if !self.blobs.contains(&l.digest) {
                             problems.push(format!("{}: layer {} is missing", name, l.digest));
                         } else if let Err(e) = self.verify_diff_id(l) {

@@ -120,7 +120,7 @@ pub fn pull_named(
     let p = registry::pull::pull(client, &store.local(), reference, platform)?;
     let name = store.tag(
         &reference.clone().with_default_tag().familiar(),
-        &p.image.manifest_digest,
+        p.index.as_ref().unwrap_or(&p.image.manifest_digest),
     )?;
     Ok((p, name))
 }
