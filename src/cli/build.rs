@@ -364,14 +364,15 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             )));
         }
     }
-    // One build per platform; several are joined in an index.
-    let mut images = Vec::new();
-    let mut steps = Vec::new();
+    // One build per platform; several run side by side (sharing --jobs) and are joined in
+    // an index.
+    let mut requests = Vec::new();
     for p in &platforms {
         let mut one = req.clone();
         if platforms.len() > 1 {
             one.platform = p.clone();
             one.show_platform = true;
+            one.jobs = (req.jobs / platforms.len()).max(1);
             one.graph = plan::lower(
                 &name,
                 &one.source,
@@ -383,11 +384,36 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
                 },
             )?;
         }
-        let (image, s) = if a.verify {
-            (verify(&store, &one, reporter.as_ref())?, Vec::new())
+        requests.push(one);
+    }
+    let build_one = |one: &BuildRequest| -> Result<_, CliError> {
+        Ok(if a.verify {
+            (verify(&store, one, reporter.as_ref())?, Vec::new())
         } else {
-            solver::build_recorded(&store, &one)?
-        };
+            solver::build_recorded(&store, one)?
+        })
+    };
+    let results: Vec<Result<_, CliError>> = if requests.len() == 1 {
+        requests.iter().map(build_one).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = requests
+                .iter()
+                .map(|one| scope.spawn(|| build_one(one)))
+                .collect();
+            running
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CliError::msg("a platform's build panicked")))
+                })
+                .collect()
+        })
+    };
+    let mut images = Vec::new();
+    let mut steps = Vec::new();
+    for r in results {
+        let (image, s) = r?;
         images.push(image);
         steps.extend(s);
     }

@@ -206,6 +206,11 @@ struct StageResult {
     args: BTreeMap<String, Option<String>>,
 }
 
+/// Keys of steps running right now in this process, whichever build runs them (the
+/// platforms of one build run side by side): an identical step elsewhere waits, then hits.
+static INFLIGHT: std::sync::LazyLock<(Mutex<std::collections::BTreeSet<String>>, Condvar)> =
+    std::sync::LazyLock::new(Default::default);
+
 /// What all stages of one build share (stages run on their own threads).
 struct Shared<'a> {
     store: &'a Store,
@@ -221,9 +226,6 @@ struct Shared<'a> {
     snaps: Snapshots,
     cache: CacheIndex,
     hasher: ContextHasher,
-    /// Keys of steps running right now: an identical step elsewhere waits, then hits.
-    inflight: Mutex<std::collections::BTreeSet<String>>,
-    inflight_done: Condvar,
     /// Layered steps with their keys, as they complete.
     steps: Mutex<Vec<StepRecord>>,
 }
@@ -320,8 +322,6 @@ pub fn build_recorded(
         snaps: Snapshots::new(store.root(), &store.blobs),
         cache: CacheIndex::new(store.root(), &store.blobs).with_remotes(req.cache_from.clone()),
         hasher: ContextHasher::open(store.root(), req.jobs),
-        inflight: Mutex::new(Default::default()),
-        inflight_done: Condvar::new(),
         steps: Mutex::new(Vec::new()),
     };
     // Stages run as soon as the stages they read are done, on at most `jobs` worker threads
@@ -616,7 +616,8 @@ impl Ctx<'_, '_> {
     /// (an identical step already running elsewhere is waited for, then hit).
     fn claim(&self, key: &CacheKey) -> Option<crate::cache::Hit> {
         let id = key.0.to_string();
-        let mut running = self.inflight.lock().ok()?;
+        let (inflight, done) = &*INFLIGHT;
+        let mut running = inflight.lock().ok()?;
         loop {
             if let Some(hit) = self.cache.get(key) {
                 return Some(hit);
@@ -625,7 +626,7 @@ impl Ctx<'_, '_> {
                 running.insert(id);
                 return None;
             }
-            running = self.inflight_done.wait(running).ok()?;
+            running = done.wait(running).ok()?;
         }
     }
 
@@ -652,10 +653,11 @@ impl Ctx<'_, '_> {
     }
 
     fn release(&self, key: &CacheKey) {
-        if let Ok(mut running) = self.inflight.lock() {
+        let (inflight, done) = &*INFLIGHT;
+        if let Ok(mut running) = inflight.lock() {
             running.remove(&key.0.to_string());
         }
-        self.inflight_done.notify_all();
+        done.notify_all();
     }
 
     /// Create or grow `view` to show `state`'s layers.
