@@ -17,10 +17,7 @@ pub trait Reporter: Send + Sync {
     fn warn(&self, msg: &str);
     /// A build check's finding in `file`.
     fn check(&self, file: &str, f: &crate::frontend::checks::Finding) {
-        self.warn(&format!(
-            "{}:{}:{}: {}: {}",
-            file, f.line, f.column, f.rule, f.message
-        ));
+        self.warn(&f.line_in(file));
     }
 }
 

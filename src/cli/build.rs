@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::cache::remote::{self, RemoteCache};
 use crate::epoch;
 use crate::export::{Built, Output};
-use crate::frontend::checks::{self, BaseImages, CheckInput, CheckPolicy, Finding};
+use crate::frontend::checks::{self, BaseImages, CheckInput, CheckPolicy};
 use crate::oci::layer::Compression;
 use crate::plan::{self, PlanOptions, Platform};
 use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter, TtyReporter};
@@ -185,7 +185,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     );
     if a.check {
         for f in &findings {
-            println!("{}", finding_line(&name, f));
+            println!("{}", f.line_in(&name));
         }
         if findings.is_empty() {
             println!("Check complete, no warnings found.");
@@ -475,14 +475,6 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     println!("{}", digest);
     Ok(())
-}
-
-/// `Buildfile:3:1: StageNameCasing: Stage name 'Builder' should be lowercase`.
-pub fn finding_line(file: &str, f: &Finding) -> String {
-    format!(
-        "{}:{}:{}: {}: {}",
-        file, f.line, f.column, f.rule, f.message
-    )
 }
 
 /// Base images as the local store knows them, for the build's platform (nothing is pulled

@@ -43,6 +43,16 @@ pub struct Finding {
     pub message: String,
 }
 
+impl Finding {
+    /// `Buildfile:3:1: StageNameCasing: Stage name 'Builder' should be lowercase`.
+    pub fn line_in(&self, file: &str) -> String {
+        format!(
+            "{}:{}:{}: {}: {}",
+            file, self.line, self.column, self.rule, self.message
+        )
+    }
+}
+
 /// What `# check=` asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckPolicy {
