@@ -8,17 +8,19 @@ mod common;
 use common::*;
 use std::path::Path;
 
-#[test]
-fn an_arm64_step_runs_under_emulation_in_the_sandbox() {
+/// The arm64 busybox `.ci/run` unpacked, once emulation is known to work; `None` (after a
+/// loud message) only when the kernel has no binfmt_misc at all.
+fn arm64_busybox(test: &str) -> Option<std::path::PathBuf> {
     let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
     if !binfmt.join("register").exists() {
         eprintln!(
-            "\n*** SKIPPED an_arm64_step_runs_under_emulation_in_the_sandbox: the kernel has no \
-             binfmt_misc mounted at {} (mount -t binfmt_misc binfmt_misc {}) ***\n",
+            "\n*** SKIPPED {}: the kernel has no binfmt_misc mounted at {} (mount -t binfmt_misc \
+             binfmt_misc {}) ***\n",
+            test,
             binfmt.display(),
             binfmt.display()
         );
-        return;
+        return None;
     }
     assert!(
         binfmt.join("qemu-aarch64").exists(),
@@ -32,6 +34,14 @@ fn an_arm64_step_runs_under_emulation_in_the_sandbox() {
         "{} is missing: run .ci/run (apt-get download busybox-static:arm64)",
         busybox.display()
     );
+    Some(busybox)
+}
+
+#[test]
+fn an_arm64_step_runs_under_emulation_in_the_sandbox() {
+    let Some(busybox) = arm64_busybox("an_arm64_step_runs_under_emulation_in_the_sandbox") else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("root");
     let base = t.path().join("base");
@@ -111,24 +121,9 @@ fn two_platform_base(root: &Path, dir: &Path, arm64_busybox: &Path) {
 
 #[test]
 fn one_build_makes_an_index_for_amd64_and_arm64() {
-    let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
-    if !binfmt.join("register").exists() {
-        eprintln!(
-            "\n*** SKIPPED one_build_makes_an_index_for_amd64_and_arm64: no binfmt_misc ***\n"
-        );
+    let Some(busybox) = arm64_busybox("one_build_makes_an_index_for_amd64_and_arm64") else {
         return;
-    }
-    assert!(
-        binfmt.join("qemu-aarch64").exists(),
-        "no qemu-aarch64 handler in binfmt_misc: run .ci/run"
-    );
-    let busybox =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-assets/arm64/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "{} is missing: run .ci/run",
-        busybox.display()
-    );
+    };
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("root");
     two_platform_base(&root, t.path(), &busybox);

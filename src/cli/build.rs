@@ -162,12 +162,12 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     };
     // The checks run on the parsed file before it is lowered, so that --check reports what
     // planning would refuse too.
-    let check_context = a
+    let context = a
         .context
         .canonicalize()
         .map_err(|e| CliError::io(&a.context, e))?;
-    let (_, check_ignore) = dockerignore::load_for_build(&file, &check_context)?;
-    let check_store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
+    let (_, ignore) = dockerignore::load_for_build(&file, &context)?;
+    let store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
     let policy = CheckPolicy::parse(doc.directives.check.as_deref())
         .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?;
     let findings = checks::run(
@@ -175,11 +175,11 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             source: &text,
             doc: &doc,
             typed: &typed,
-            ignore: &check_ignore,
+            ignore: &ignore,
             build_args: &opts.build_args,
             target_platform: &opts.target_platform.spec(),
             platform_args: &Platform::args(&opts.target_platform, &opts.build_platform),
-            bases: &StoreBases(&check_store, opts.target_platform.spec()),
+            bases: &StoreBases(&store, opts.target_platform.spec()),
         },
         &policy,
     );
@@ -212,11 +212,6 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         .iter()
         .map(|t| normalize_name(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let context = a
-        .context
-        .canonicalize()
-        .map_err(|e| CliError::io(&a.context, e))?;
-    let (_, ignore) = dockerignore::load_for_build(&file, &context)?;
     let (epoch, _) =
         epoch::resolve(a.source_date_epoch.as_deref(), Some(&context)).map_err(CliError::msg)?;
     let compression = match a.compression {
@@ -258,7 +253,6 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             }
         }
     }
-    let store = Store::open(&a.root.clone().unwrap_or_else(default_root))?;
     if policy.error && !findings.is_empty() {
         for f in &findings {
             reporter.check(&name, f);

@@ -263,11 +263,13 @@ pub fn run(input: &CheckInput, policy: &CheckPolicy) -> Vec<Finding> {
     let mut stage_names: BTreeMap<String, usize> = BTreeMap::new();
     let mut i = 0;
     let typed = input.typed;
-    let node_of = |l: &Located| -> Option<&Node> {
-        nodes
-            .iter()
-            .find(|n| n.span.line == l.span.line && n.span.column == l.span.column)
-    };
+    // Each typed instruction's parse node, by position: one lookup each, whatever the size.
+    let by_position: std::collections::HashMap<(usize, usize), &Node> = nodes
+        .iter()
+        .map(|n| ((n.span.line, n.span.column), n))
+        .collect();
+    let node_of =
+        |l: &Located| -> Option<&Node> { by_position.get(&(l.span.line, l.span.column)).copied() };
     while i < typed.len() {
         let Instruction::From {
             image,
