@@ -104,6 +104,11 @@ impl PrivateNetwork {
             ForkResult::Child => {
                 drop(ready_r);
                 drop(hold_w);
+                // The holder never execs, so it would keep every descriptor the other
+                // threads had open at the fork: among them the pipe through which a
+                // concurrent `Command::spawn` learns that its child exec'd, whose spawn would
+                // then wait for as long as the holder lives. It keeps only its two pipes.
+                close_all_but(&[ready_w.as_raw_fd(), hold_r.as_raw_fd()]);
                 // No PR_SET_PDEATHSIG: it fires when the forking *thread* ends, and stages
                 // run on threads that end while their namespaces sit in the pool. The hold
                 // pipe ends the holder when builder exits, however it exits.
@@ -283,6 +288,27 @@ pub fn private_resolv_conf(host: &str) -> String {
         out.push_str(&format!("nameserver {}\n", SLIRP_DNS));
     }
     out
+}
+
+/// Close every descriptor from 3 up except `keep`, in a child after fork (async-signal-safe:
+/// only close_range(2) and close(2)).
+fn close_all_but(keep: &[i32]) {
+    let mut keep: Vec<i32> = keep.iter().copied().filter(|&fd| fd > 2).collect();
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    for &fd in keep.iter().chain(std::iter::once(&i32::MAX)) {
+        let to = (fd as u32).saturating_sub(1);
+        if from <= to {
+            // SAFETY: closes descriptors of this process only; nothing here uses them.
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from, to, 0) };
+            if r != 0 {
+                for f in from..=to.min(65_535) {
+                    unsafe { libc::close(f as i32) };
+                }
+            }
+        }
+        from = (fd as u32).saturating_add(1);
+    }
 }
 
 #[cfg(test)]
