@@ -151,22 +151,36 @@ pub fn rfc3339(secs: i64) -> String {
 
 /// Canonical JSON: keys sorted at every level, no insignificant whitespace.
 pub fn canonical_json(v: &Value) -> Vec<u8> {
-    fn sorted(v: &Value) -> Value {
-        match v {
+    serde_json::to_vec(&Sorted(v)).unwrap_or_default()
+}
+
+/// A JSON value that serializes with every object's keys sorted, whatever order its map
+/// keeps (no copy is made).
+struct Sorted<'a>(&'a Value);
+
+impl serde::Serialize for Sorted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
             Value::Object(m) => {
                 let mut keys: Vec<&String> = m.keys().collect();
                 keys.sort();
-                let mut out = serde_json::Map::new();
+                let mut map = s.serialize_map(Some(keys.len()))?;
                 for k in keys {
-                    out.insert(k.clone(), sorted(&m[k]));
+                    map.serialize_entry(k, &Sorted(&m[k]))?;
                 }
-                Value::Object(out)
+                map.end()
             }
-            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
-            other => other.clone(),
+            Value::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for x in a {
+                    seq.serialize_element(&Sorted(x))?;
+                }
+                seq.end()
+            }
+            other => other.serialize(s),
         }
     }
-    serde_json::to_vec(&sorted(v)).unwrap_or_default()
 }
 
 impl ImageState {
