@@ -3,6 +3,7 @@
 //! The modules follow the pipeline: [`syntax`] (parse) -> [`plan`] (build graph) ->
 //! execution, store and cache -> export. `syntax` never imports from the stateful modules.
 
+pub mod attest;
 pub mod cache;
 pub mod cli;
 pub mod context;

@@ -803,7 +803,21 @@ fn faults_are_retried_or_reported_and_leave_nothing_partial() {
         "push through the faulty proxy: {}",
         stderr_of(&out)
     );
-    assert_eq!(skopeo_digest(&reg, "big:1", &["--tls-verify=false"]), built);
+    // The registry's tag names the index of the image and its attestations; the image in it
+    // is the one built.
+    let pushed = last_line(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        skopeo_digest(&reg, "big:1", &["--tls-verify=false"]),
+        pushed
+    );
+    let raw = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{}/big:1", reg.host())),
+    );
+    let index: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], built.as_str());
+    let built = pushed;
 
     let fresh = tempfile::tempdir().unwrap();
     let mut pull = user.builder();
@@ -1259,7 +1273,26 @@ fn a_multi_platform_index_pushes_whole_and_pulls_per_platform() {
         "the registry holds the index byte for byte"
     );
     let index: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+    let kinds: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["annotations"]["vnd.docker.reference.type"]
+                .as_str()
+                .unwrap_or_else(|| m["platform"]["architecture"].as_str().unwrap())
+        })
+        .collect();
+    // Each platform's image, then (BuildKit's layout) an attestation manifest for each.
+    assert_eq!(
+        kinds,
+        vec![
+            "amd64",
+            "arm64",
+            "attestation-manifest",
+            "attestation-manifest"
+        ]
+    );
     // Each platform's manifest is there by digest, and a pull takes the one asked for.
     let b = tempfile::tempdir().unwrap();
     let pulled = last_line(&run_ok(
@@ -1291,4 +1324,98 @@ COPY --from={} /arch.txt /copied
     );
     let inspect = run_ok(user.on("inspect", b.path()).arg("uses:1"));
     assert!(inspect.contains("amd64"), "{inspect}");
+}
+
+/// A build pushes its attestations in BuildKit's layout; a pull of one platform leaves them.
+#[test]
+fn a_pushed_image_carries_its_attestations_and_a_pull_ignores_them() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let ctx = app_context(&reg);
+    let a = tempfile::tempdir().unwrap();
+    let app = format!("{}/attested:1", reg.host());
+    let built = last_line(&run_ok(
+        user.on("build", a.path())
+            .args(["--progress", "plain"])
+            .args(["-t", &app, "--push"])
+            .arg(ctx.path()),
+    ));
+    let raw = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{}", app)),
+    );
+    use sha2::Digest as _;
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(raw.as_bytes()))
+        ),
+        built,
+        "the tag names the index the build printed"
+    );
+    let index: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 2, "{}", raw);
+    assert_eq!(manifests[0]["platform"]["architecture"], "amd64");
+    let att = &manifests[1];
+    assert_eq!(
+        att["annotations"]["vnd.docker.reference.type"],
+        "attestation-manifest"
+    );
+    assert_eq!(
+        att["annotations"]["vnd.docker.reference.digest"],
+        manifests[0]["digest"]
+    );
+    assert_eq!(att["platform"]["os"], "unknown");
+    // The attestation manifest and its statements are in the registry.
+    let att_digest = att["digest"].as_str().unwrap();
+    let att_raw = run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{}/attested@{}", reg.host(), att_digest)),
+    );
+    let att_manifest: serde_json::Value = serde_json::from_str(&att_raw).unwrap();
+    let predicates: Vec<&str> = att_manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["annotations"]["in-toto.io/predicate-type"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        predicates,
+        vec![
+            "https://slsa.dev/provenance/v1",
+            "https://spdx.dev/Document"
+        ]
+    );
+    // A pull takes the platform's image (never the attestation manifest as an image), and
+    // the image's attestations with it: the name can be pushed on whole.
+    let b = tempfile::tempdir().unwrap();
+    let pulled = last_line(&run_ok(user.on("pull", b.path()).arg(&app)));
+    assert_eq!(pulled, built);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&run_ok(user.on("inspect", b.path()).arg(&app))).unwrap();
+    assert_eq!(inspect["digest"], manifests[0]["digest"]);
+    let att_hex = att_digest.trim_start_matches("sha256:");
+    assert!(b.path().join("blobs/sha256").join(att_hex).exists());
+    user.assert_fsck_clean(b.path());
+    let again = run(user
+        .on("push", b.path())
+        .arg(&app)
+        .arg(format!("{}/again:1", reg.host())));
+    assert!(again.status.success(), "{}", stderr_of(&again));
+    // skopeo picks the image for its platform, too.
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        tool("skopeo")
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{}", app))
+            .arg(format!("oci:{}:x", out.path().join("l").display())),
+    );
 }

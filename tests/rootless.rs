@@ -60,7 +60,16 @@ fn rootless_build_with_run_matches_the_root_build() {
         as_nobody(
             &bin,
             &home,
-            &["build", "--progress", "plain", "--root", &s, &ctx_arg],
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--root",
+                &s,
+                "--metadata-file",
+                &format!("{}/meta.json", s),
+                &ctx_arg,
+            ],
         )
     };
     let out = as_nobody(
@@ -97,10 +106,24 @@ fn rootless_build_with_run_matches_the_root_build() {
             .arg(&rootfs)
             .args(["-t", "base:1"]),
     );
-    let root_digest = build(&root_store, &ctx, &[]);
+    let root_meta = t.path().join("root-meta.json");
+    let root_digest = build(
+        &root_store,
+        &ctx,
+        &["--metadata-file", root_meta.to_str().unwrap()],
+    );
     assert_eq!(
         rootless_digest, root_digest,
         "a rootless build gives the same image as a root build"
+    );
+    let attested = |p: &std::path::Path| -> String {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        v["attestations.index.digest"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        attested(&std::path::Path::new(&s).join("meta.json")),
+        attested(&root_meta),
+        "and the same attestations"
     );
     assert!(
         !fs::read_to_string("/proc/self/mountinfo")

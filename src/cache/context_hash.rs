@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::attest::trace::ContextLeaf;
 use crate::oci::blobs::write_atomic;
 use crate::oci::digest::HashingWriter;
 
@@ -115,10 +116,20 @@ impl ContextHasher {
         Ok(hex)
     }
 
-    /// The digest of a set of context entries (`rel` -> on-disk path) for a cache key: type,
-    /// mode, owner, size, link target, xattrs, content digest, and the mtime as it will appear
-    /// in the layer (clamped to `epoch`).
-    pub fn describe(&self, entries: &[(String, PathBuf)], epoch: i64) -> io::Result<String> {
+    /// The digest of a set of context entries (`rel` -> on-disk path) for a cache key, and
+    /// each entry as provenance records it: type, mode, owner, size, link target, xattrs,
+    /// content digest, and the mtime as it will appear in the layer (clamped to `epoch`).
+    ///
+    /// The key must be the same on any machine for the same context, so an owner is written
+    /// as `=` when it is `owner` (the context directory's: whoever checked it out), and
+    /// `security.selinux` (the host's labelling policy) is left out; a file whose owner was
+    /// changed still changes the key.
+    pub fn describe_leaves(
+        &self,
+        entries: &[(String, PathBuf)],
+        epoch: i64,
+        owner: (u32, u32),
+    ) -> io::Result<(String, Vec<ContextLeaf>)> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -159,6 +170,7 @@ impl ContextHasher {
         // the context walk, so neither byte can occur inside a field except in file names,
         // which are length-prefixed.
         let mut h = HashingWriter::new(io::sink());
+        let mut leaves = Vec::with_capacity(entries.len());
         for (i, (rel, p)) in entries.iter().enumerate() {
             let md = &metas[i];
             let ft = md.file_type();
@@ -178,15 +190,24 @@ impl ContextHasher {
             } else {
                 Vec::new()
             };
-            let xattrs = crate::oci::layer::read_xattrs(p);
+            let mut xattrs = crate::oci::layer::read_xattrs(p);
+            xattrs.retain(|(k, _)| k != "security.selinux");
             let mut rec: Vec<u8> = Vec::with_capacity(rel.len() + 128);
             rec.extend_from_slice(format!("{}:", rel.len()).as_bytes());
             rec.extend_from_slice(rel.as_bytes());
             let fields = [
                 kind.to_string(),
                 format!("{:o}", md.mode() & 0o7777),
-                md.uid().to_string(),
-                md.gid().to_string(),
+                if md.uid() == owner.0 {
+                    "=".into()
+                } else {
+                    md.uid().to_string()
+                },
+                if md.gid() == owner.1 {
+                    "=".into()
+                } else {
+                    md.gid().to_string()
+                },
                 if ft.is_file() {
                     md.len().to_string()
                 } else {
@@ -208,8 +229,22 @@ impl ContextHasher {
             }
             rec.push(0x1e);
             io::Write::write_all(&mut h, &rec)?;
+            leaves.push(ContextLeaf {
+                kind: match kind {
+                    'd' => "dir",
+                    'l' => "symlink",
+                    'f' => "file",
+                    _ => "other",
+                },
+                mode: md.mode() & 0o7777,
+                content: hashes[i].as_ref().map(|h| format!("sha256:{}", h)),
+                link: ft
+                    .is_symlink()
+                    .then(|| String::from_utf8_lossy(&link).into_owned()),
+                mtime: (md.mtime() < epoch).then_some(md.mtime()),
+            });
         }
         let (d, _, _) = h.finish();
-        Ok(d.to_string())
+        Ok((d.to_string(), leaves))
     }
 }

@@ -68,17 +68,39 @@ pub struct Usage {
 }
 
 /// The images names point at (every stored platform of an index), loaded once, and the
-/// index blobs among them.
+/// other blobs they keep: index blobs, and their attestation manifests with what those hold.
 fn tagged_images(store: &Store) -> Result<(Vec<image::StoredImage>, Vec<Digest>), StoreError> {
     let mut images = Vec::new();
     let mut indexes = Vec::new();
-    for d in store.refs()?.values() {
-        if let Ok((found, index)) = image::load_all(&store.blobs, d) {
-            images.extend(found);
-            indexes.extend(index);
+    for named in store.refs()?.values() {
+        // A name also keeps the index that carries its image with the build's attestations.
+        let attested = store.attested(named);
+        for d in std::iter::once(named).chain(attested.as_ref()) {
+            keep_image(store, d, &mut images, &mut indexes);
         }
     }
     Ok((images, indexes))
+}
+
+/// Add what `d` (an image or an index) holds to the images and the other blobs kept.
+fn keep_image(
+    store: &Store,
+    d: &Digest,
+    images: &mut Vec<image::StoredImage>,
+    indexes: &mut Vec<Digest>,
+) {
+    let Ok((found, index)) = image::load_all(&store.blobs, d) else {
+        return;
+    };
+    images.extend(found);
+    if let Some(index) = index {
+        for a in image::load_attestations(&store.blobs, &index) {
+            indexes.push(a.manifest_digest);
+            indexes.push(a.config_digest);
+            indexes.extend(a.statements.into_iter().map(|(l, _)| l.digest));
+        }
+        indexes.push(index);
+    }
 }
 
 /// Every blob a tagged image needs.

@@ -23,7 +23,9 @@ use crate::oci::image::{canonical_json, state_from_config, ImageState, LayerRef}
 pub struct CacheKey(pub Digest);
 
 /// Bump when the meaning of key material changes, so old entries stop matching.
-const KEY_VERSION: u32 = 1;
+/// 2: context owners are relative to the context directory's, and SELinux labels are left
+/// out, so a key is the same on any machine.
+const KEY_VERSION: u32 = 2;
 
 impl CacheKey {
     /// The key of a stage's starting point.

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 
 use std::sync::Arc;
 
+use crate::attest::{provenance, sbom};
 use crate::cache::remote::{self, RemoteCache};
 use crate::epoch;
 use crate::export::{Built, Output};
@@ -122,9 +123,156 @@ pub struct BuildArgs {
     /// when any check finds something.
     #[arg(long)]
     pub check: bool,
+    /// SLSA provenance beside the image: mode=max (default: inputs and every step),
+    /// mode=min (inputs only), or false.
+    #[arg(long, value_name = "mode=min|max|false")]
+    pub provenance: Option<String>,
+    /// An SPDX SBOM of the image's packages beside it: true (default) or false.
+    #[arg(long, value_name = "true|false")]
+    pub sbom: Option<String>,
+    /// Attestations in BuildKit's spelling: type=provenance[,mode=min|max][,disabled=true]
+    /// or type=sbom[,disabled=true] (repeatable).
+    #[arg(long = "attest", value_name = "type=...")]
+    pub attest: Vec<String>,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
+}
+
+/// Which attestations a build records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttestOptions {
+    pub provenance: Option<provenance::Mode>,
+    pub sbom: bool,
+    /// Asked for on the command line (not only the defaults): OCI layouts get them too.
+    pub explicit: bool,
+}
+
+impl AttestOptions {
+    /// From `--provenance`, `--sbom` and `--attest` (later flags win). Both are on by default;
+    /// `BUILDX_NO_DEFAULT_ATTESTATIONS=1` turns the defaults off, as it does for buildx.
+    pub fn parse(
+        provenance: Option<&str>,
+        sbom: Option<&str>,
+        attest: &[String],
+    ) -> Result<AttestOptions, CliError> {
+        let defaults = !std::env::var("BUILDX_NO_DEFAULT_ATTESTATIONS")
+            .is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+        let mut o = AttestOptions {
+            provenance: defaults.then_some(provenance::Mode::Max),
+            sbom: defaults,
+            explicit: false,
+        };
+        let mut asked = false;
+        let bool_of = |flag: &str, v: &str| -> Result<bool, CliError> {
+            match v.trim() {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                other => Err(CliError::msg(format!(
+                    "invalid {} {:?}: true or false",
+                    flag, other
+                ))),
+            }
+        };
+        // `mode=max`, `max`, `true`, `false`, `disabled=true`, comma-separated.
+        let provenance_of =
+            |flag: &str, fields: &[&str]| -> Result<Option<provenance::Mode>, CliError> {
+                let mut mode = Some(provenance::Mode::Max);
+                for f in fields {
+                    let (k, v) = f.split_once('=').unwrap_or(("", f));
+                    match (k.trim(), v.trim()) {
+                        ("" | "mode", "max") => mode = mode.map(|_| provenance::Mode::Max),
+                        ("" | "mode", "min") => mode = mode.map(|_| provenance::Mode::Min),
+                        ("", "true" | "1") => {}
+                        ("", "false" | "0") => mode = None,
+                        ("disabled", v) => {
+                            if bool_of(&format!("{} disabled", flag), v)? {
+                                mode = None;
+                            }
+                        }
+                        // BuildKit's options that do not change what builder records.
+                        ("builder-id" | "reproducible" | "version", _) => {}
+                        _ => {
+                            return Err(CliError::msg(format!(
+                                "invalid {} {:?}: mode=min, mode=max or false",
+                                flag, f
+                            )))
+                        }
+                    }
+                }
+                Ok(mode)
+            };
+        if let Some(p) = provenance {
+            let fields: Vec<&str> = p.split(',').filter(|f| !f.is_empty()).collect();
+            o.provenance = provenance_of("--provenance", &fields)?;
+            asked |= o.provenance.is_some();
+        }
+        if let Some(v) = sbom {
+            let fields: Vec<&str> = v.split(',').filter(|f| !f.is_empty()).collect();
+            o.sbom = true;
+            for f in fields {
+                match f.split_once('=') {
+                    None => o.sbom = bool_of("--sbom", f)?,
+                    Some(("disabled", v)) => o.sbom = !bool_of("--sbom disabled", v)?,
+                    Some(("generator", _)) => {
+                        return Err(CliError::msg(
+                            "--sbom generator=...: builder scans with its own scanner; give --sbom true",
+                        ))
+                    }
+                    Some(_) => {
+                        return Err(CliError::msg(format!("invalid --sbom {:?}: true or false", f)))
+                    }
+                }
+            }
+            asked |= o.sbom;
+        }
+        for a in attest {
+            let fields: Vec<&str> = a.split(',').filter(|f| !f.is_empty()).collect();
+            let kind = fields
+                .iter()
+                .find_map(|f| f.strip_prefix("type="))
+                .ok_or_else(|| {
+                    CliError::msg(format!("invalid --attest {:?}: type= is required", a))
+                })?;
+            let rest: Vec<&str> = fields
+                .iter()
+                .copied()
+                .filter(|f| !f.starts_with("type="))
+                .collect();
+            match kind {
+                "provenance" => {
+                    o.provenance = provenance_of("--attest type=provenance", &rest)?;
+                    asked |= o.provenance.is_some();
+                }
+                "sbom" => {
+                    o.sbom = true;
+                    for f in rest {
+                        match f.split_once('=') {
+                            Some(("disabled", v)) => o.sbom = !bool_of("--attest type=sbom disabled", v)?,
+                            Some(("generator", _)) => return Err(CliError::msg(
+                                "--attest type=sbom,generator=...: builder scans with its own scanner",
+                            )),
+                            _ => return Err(CliError::msg(format!(
+                                "invalid --attest {:?}: type=sbom[,disabled=true]",
+                                a
+                            ))),
+                        }
+                    }
+                    asked |= o.sbom;
+                }
+                other => {
+                    return Err(CliError::msg(format!(
+                        "invalid --attest type {:?}: provenance or sbom",
+                        other
+                    )))
+                }
+            }
+        }
+        // Only a flag that turns an attestation on asks for BuildKit's layout; one that turns
+        // something off does not.
+        o.explicit = asked && (o.provenance.is_some() || o.sbom);
+        Ok(o)
+    }
 }
 
 pub fn run(a: BuildArgs) -> Result<(), CliError> {
@@ -380,9 +528,34 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         }
         requests.push(one);
     }
+    let attest = AttestOptions::parse(a.provenance.as_deref(), a.sbom.as_deref(), &a.attest)?;
+    let file_bytes = std::fs::read(&file).map_err(|e| CliError::io(&file, e))?;
+    let build_file_in_context = file
+        .canonicalize()
+        .ok()
+        .and_then(|f| {
+            f.strip_prefix(&req.context)
+                .ok()
+                .map(|r| r.to_string_lossy().into_owned())
+        })
+        // Outside the context, its name alone: no absolute path goes into provenance.
+        .unwrap_or_else(|| {
+            file.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| name.clone())
+        });
+    let invocation = provenance::Invocation {
+        build_file: &build_file_in_context,
+        build_file_digest: crate::oci::digest::Digest::of(&file_bytes),
+        build_args: &opts.build_args,
+        target: a.target.as_deref(),
+        platforms: platforms.iter().map(Platform::spec).collect(),
+        epoch,
+        mode: attest.provenance.unwrap_or(provenance::Mode::Max),
+    };
     let build_one = |one: &BuildRequest| -> Result<_, CliError> {
         Ok(if a.verify {
-            (verify(&store, one, reporter.as_ref())?, Vec::new())
+            verify(&store, one, reporter.as_ref(), &invocation)?
         } else {
             solver::build_recorded(&store, one)?
         })
@@ -406,18 +579,45 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     };
     let mut images = Vec::new();
     let mut steps = Vec::new();
+    let mut attestations = Vec::new();
     for r in results {
-        let (image, s) = r?;
-        images.push(image);
-        steps.extend(s);
+        let outcome = r?;
+        let statements = attestations_for(&store, &invocation, attest, &outcome)?;
+        if !statements.is_empty() {
+            attestations.push(
+                crate::oci::image::commit_attestation(&store.blobs, &outcome.image, &statements)
+                    .map_err(|e| CliError::msg(e.to_string()))?,
+            );
+        }
+        images.push(outcome.image);
+        steps.extend(outcome.steps);
     }
-    let built = if images.len() == 1 {
+    // The index carrying the images with their attestations. Names and outputs get the
+    // images themselves unless attestations were asked for on the command line (then, as
+    // BuildKit, the index): tools that resolve a tag (umoci, oci-image-tool, a runtime) want
+    // an image. A push always sends the index.
+    let attested = if attestations.is_empty() {
+        None
+    } else {
+        Some(
+            crate::oci::image::commit_index(&store.blobs, &images, &attestations)
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
+    };
+    let plain = if images.len() == 1 {
         Built::Image(images.remove(0))
     } else {
         Built::Index(
-            crate::oci::image::commit_index(&store.blobs, &images)
+            crate::oci::image::commit_index(&store.blobs, &images, &[])
                 .map_err(|e| CliError::msg(e.to_string()))?,
         )
+    };
+    if let Some(x) = &attested {
+        store.set_attested(&plain.digest(), &x.digest)?;
+    }
+    let built = match &attested {
+        Some(x) if attest.explicit => Built::Index(x.clone()),
+        _ => plain,
     };
     let digest = built.digest();
     test_rendezvous();
@@ -437,8 +637,14 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     let scratch = store.scratch_dir("export-")?;
     for o in &outputs {
-        built.export(&store.blobs, &tags, o, scratch.path())?;
+        built.export(&store.blobs, &tags, o, scratch.path(), attested.as_ref())?;
     }
+    // What the build names: what the registry's tag names after a push (the index with the
+    // attestations), else what the store's names point at.
+    let digest = match &attested {
+        Some(x) if !push_to.is_empty() => x.digest.clone(),
+        _ => digest,
+    };
     let digest = digest.to_string();
     if let Some(p) = &a.iidfile {
         std::fs::write(p, &digest).map_err(|e| CliError::io(p, e))?;
@@ -460,6 +666,11 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
                 })).collect::<Vec<_>>(),
             }),
         };
+        let mut v = v;
+        if let Some(x) = &attested {
+            // The index a push sends: the images with their attestations.
+            v["attestations.index.digest"] = serde_json::json!(x.digest.to_string());
+        }
         std::fs::write(p, serde_json::to_vec_pretty(&v).unwrap_or_default())
             .map_err(|e| CliError::io(p, e))?;
     }
@@ -469,6 +680,49 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     println!("{}", digest);
     Ok(())
+}
+
+/// The statements a build's image gets: provenance and SBOM, as `attest` asks, in canonical
+/// JSON (each a function of the build's inputs alone).
+fn attestations_for(
+    store: &Store,
+    invocation: &provenance::Invocation,
+    attest: AttestOptions,
+    outcome: &solver::Outcome,
+) -> Result<Vec<(String, Vec<u8>)>, CliError> {
+    let image = &outcome.image;
+    let platform = crate::oci::image::platform_of(image);
+    let mut statements = Vec::new();
+    if let Some(mode) = attest.provenance {
+        let inv = provenance::Invocation {
+            mode,
+            platforms: invocation.platforms.clone(),
+            build_file_digest: invocation.build_file_digest.clone(),
+            ..*invocation
+        };
+        statements.push((
+            provenance::PREDICATE_TYPE.to_string(),
+            provenance::statement_bytes(&inv, &platform, &image.manifest_digest, &outcome.trace),
+        ));
+    }
+    if attest.sbom {
+        let cache = store.root().join("cache").join("sbom");
+        let mut scans = Vec::new();
+        for l in &image.state.layers {
+            scans.push(
+                sbom::scan_cached(&store.blobs, l, &cache)
+                    .map_err(|e| CliError::msg(format!("SBOM: layer {}: {}", l.digest, e)))?,
+            );
+        }
+        let (packages, os_id) = sbom::merge(&scans);
+        let doc = sbom::document(&packages, os_id.as_deref(), &platform, invocation.epoch);
+        let st = sbom::statement(doc, &platform, &image.manifest_digest);
+        statements.push((
+            sbom::PREDICATE_TYPE.to_string(),
+            crate::oci::image::canonical_json(&st),
+        ));
+    }
+    Ok(statements)
 }
 
 /// Base images as the local store knows them, for the build's platform (nothing is pulled
@@ -522,12 +776,14 @@ pub fn reporter_for(mode: ProgressMode) -> Box<dyn Reporter> {
     }
 }
 
-/// `--verify`: two clean builds must agree; the result then goes into `store`.
+/// `--verify`: two clean builds must agree; the result then goes into `store`. When they
+/// disagree, their provenance explains which layers differ and why.
 fn verify(
     store: &Store,
     req: &BuildRequest,
     reporter: &dyn Reporter,
-) -> Result<crate::oci::image::StoredImage, CliError> {
+    invocation: &provenance::Invocation,
+) -> Result<solver::Outcome, CliError> {
     let tmp = tempfile::Builder::new()
         .prefix("builder-verify-")
         .tempdir()
@@ -556,26 +812,44 @@ fn verify(
     let mut second = first.clone();
     second.context = ctx_b.canonicalize().map_err(|e| CliError::io(&ctx_b, e))?;
     reporter.log(0, "--verify: first clean build");
-    let a = solver::build(&stores[0], &first)?;
+    let a = solver::build_recorded(&stores[0], &first)?;
     reporter.log(
         0,
         "--verify: second clean build (context copy with shuffled mtimes)",
     );
-    let b = solver::build(&stores[1], &second)?;
-    if a.manifest_digest != b.manifest_digest {
-        let report = crate::oci::diff::diff_images(&stores[0].blobs, &a, &stores[1].blobs, &b)
-            .map_err(|e| CliError::msg(e.to_string()))?;
+    let b = solver::build_recorded(&stores[1], &second)?;
+    if a.image.manifest_digest != b.image.manifest_digest {
+        let report =
+            crate::oci::diff::diff_images(&stores[0].blobs, &a.image, &stores[1].blobs, &b.image)
+                .map_err(|e| CliError::msg(e.to_string()))?;
         eprint!("{}", crate::oci::diff::render(&report));
+        let recorded = |o: &solver::Outcome| {
+            let platform = crate::oci::image::platform_of(&o.image);
+            let st =
+                provenance::statement(invocation, &platform, &o.image.manifest_digest, &o.trace);
+            provenance::read(&st).unwrap_or_default()
+        };
+        let why = crate::attest::explain::explain(
+            &recorded(&a),
+            &a.image.state.layers,
+            &recorded(&b),
+            &b.image.state.layers,
+        );
+        eprint!("{}", crate::attest::explain::render(&why));
         return Err(CliError::msg(format!(
             "not reproducible: two clean builds gave {} and {} (differences above)",
-            a.manifest_digest, b.manifest_digest
+            a.image.manifest_digest, b.image.manifest_digest
         )));
     }
     reporter.log(
         0,
-        &format!("--verify: both clean builds gave {}", a.manifest_digest),
+        &format!(
+            "--verify: both clean builds gave {}",
+            a.image.manifest_digest
+        ),
     );
-    copy_image(&stores[0], store, &a)
+    let image = copy_image(&stores[0], store, &a.image)?;
+    Ok(solver::Outcome { image, ..a })
 }
 
 /// Copy the images a build names from the local store into `to` (FROM and --from).

@@ -208,25 +208,32 @@ pub fn export_image(root: &RootArg, reference: &str, outputs: &[String]) -> Resu
         .map(|n| vec![n])
         .unwrap_or_default();
     let scratch = store.scratch_dir("export-")?;
-    // A name for an index exports the index when the store has all its platforms (a pull
-    // keeps only the one asked for; then that image is exported).
+    // A name for an index exports the index when the store has everything it lists (a pull
+    // keeps only the platform asked for; then that image is exported).
     let complete_index = store.resolve(reference).ok().and_then(|d| {
-        let (images, digest) = crate::oci::image::load_all(&store.blobs, &d).ok()?;
-        let digest = digest?;
-        let bytes = store.blobs.get(&digest).ok()?;
-        let listed = crate::oci::image::index_entries(&bytes)?.len();
-        (listed == images.len()).then(|| crate::oci::image::StoredIndex {
-            digest,
-            size: bytes.len() as u64,
-            images,
-        })
+        let index = stored_index(&store, &d)?;
+        let bytes = store.blobs.get(&index.digest).ok()?;
+        let images = crate::oci::image::index_entries(&bytes)?.len();
+        let attestations = crate::oci::image::attestation_entries(&bytes).len();
+        let complete = images == index.images.len() && attestations == index.attestations.len();
+        complete.then_some(index)
     });
     let built = match complete_index {
         Some(index) => export::Built::Index(index),
         None => export::Built::Image(load_any(&store, reference)?),
     };
+    // The attestations a build recorded beside the image, for a local output's files.
+    let attested = store
+        .attested(&built.digest())
+        .and_then(|d| stored_index(&store, &d));
     for o in outputs {
-        built.export(&store.blobs, &names, &Output::parse(o)?, scratch.path())?;
+        built.export(
+            &store.blobs,
+            &names,
+            &Output::parse(o)?,
+            scratch.path(),
+            attested.as_ref(),
+        )?;
     }
     Ok(())
 }
@@ -311,19 +318,90 @@ pub fn cache_prune(
     Ok(())
 }
 
-/// `builder diff A B`: exit 0 when the manifests are identical, 1 when they differ.
-pub fn diff(root: &RootArg, a: &str, b: &str, json: bool) -> Result<(), CliError> {
+/// A stored index with every image and attestation it lists.
+fn stored_index(
+    store: &Store,
+    digest: &crate::oci::digest::Digest,
+) -> Option<crate::oci::image::StoredIndex> {
+    let (images, index) = crate::oci::image::load_all(&store.blobs, digest).ok()?;
+    let index = index?;
+    let bytes = store.blobs.get(&index).ok()?;
+    Some(crate::oci::image::StoredIndex {
+        attestations: crate::oci::image::load_attestations(&store.blobs, &index),
+        digest: index,
+        size: bytes.len() as u64,
+        images,
+    })
+}
+
+/// The provenance recorded for `image`: from the index `reference` names, else from the one
+/// its build recorded beside it.
+fn provenance_of(
+    store: &Store,
+    reference: &str,
+    image: &crate::oci::image::StoredImage,
+) -> Option<crate::attest::provenance::Recorded> {
+    let named = store.resolve(reference).ok();
+    let candidates = [
+        named.clone(),
+        named.and_then(|d| store.attested(&d)),
+        store.attested(&image.manifest_digest),
+    ];
+    let attestation = candidates.iter().flatten().find_map(|index| {
+        crate::oci::image::load_attestations(&store.blobs, index)
+            .into_iter()
+            .find(|a| a.subject == image.manifest_digest)
+    })?;
+    attestation
+        .statements
+        .iter()
+        .find_map(|(layer, predicate)| {
+            if predicate != crate::attest::provenance::PREDICATE_TYPE {
+                return None;
+            }
+            let bytes = store.blobs.get(&layer.digest).ok()?;
+            let statement: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            crate::attest::provenance::read(&statement)
+        })
+}
+
+/// `builder diff A B`: exit 0 when the manifests are identical, 1 when they differ. When
+/// both carry provenance, the report starts with why: the inputs that differ, and for each
+/// differing layer its step and the inputs of that step that changed.
+pub fn diff(root: &RootArg, a: &str, b: &str, format: &str) -> Result<(), CliError> {
+    let json = match format {
+        "json" => true,
+        "text" => false,
+        other => {
+            return Err(CliError::msg(format!(
+                "invalid --format {:?}: text or json",
+                other
+            )))
+        }
+    };
     let store = root.open()?;
     let ia = load_any(&store, a)?;
     let ib = load_any(&store, b)?;
-    let report = crate::oci::diff::diff_images(&store.blobs, &ia, &store.blobs, &ib)
+    let mut report = crate::oci::diff::diff_images(&store.blobs, &ia, &store.blobs, &ib)
         .map_err(|e| CliError::msg(e.to_string()))?;
+    let explanation = match (provenance_of(&store, a, &ia), provenance_of(&store, b, &ib)) {
+        (Some(pa), Some(pb)) if report["identical"].as_bool() != Some(true) => Some(
+            crate::attest::explain::explain(&pa, &ia.state.layers, &pb, &ib.state.layers),
+        ),
+        _ => None,
+    };
     if json {
+        if let Some(x) = &explanation {
+            report["explanation"] = x.clone();
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
+        if let Some(x) = &explanation {
+            print!("{}", crate::attest::explain::render(x));
+        }
         print!("{}", crate::oci::diff::render(&report));
     }
     if report["identical"].as_bool() == Some(true) {

@@ -198,7 +198,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Push(a) => registry::push(a),
         Command::Login(a) => registry::login(a),
         Command::Logout(a) => registry::logout(a),
-        Command::Diff { a, b, format, root } => images::diff(&root, &a, &b, format == "json"),
+        Command::Diff { a, b, format, root } => images::diff(&root, &a, &b, &format),
         Command::Cache(CacheCommand::Du(r)) => images::cache_du(&r),
         Command::Cache(CacheCommand::Prune {
             all,

@@ -106,7 +106,10 @@ pub fn push_image(
     source: &str,
     dest: &Reference,
 ) -> Result<push::Pushed, CliError> {
-    let digest = store.resolve(source)?;
+    let named = store.resolve(source)?;
+    // The registry gets the image with the attestations its build recorded (BuildKit's
+    // layout: an index of the image and its attestation manifest).
+    let digest = store.attested(&named).unwrap_or(named);
     let p = push::push(client, &store.local(), &digest, dest)?;
     eprintln!(
         "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",

@@ -262,7 +262,8 @@ pub fn write_oci_layout(
     name_in_layout(dir, desc, &image.manifest_digest, tag)
 }
 
-/// Write (or add to) an OCI image layout at `dir` holding a multi-platform index, named `tag`.
+/// Write (or add to) an OCI image layout at `dir` holding `index` (its images, and its
+/// attestation manifests as BuildKit writes them), named `tag`.
 pub fn write_oci_index_layout(
     blobs: &BlobStore,
     index: &StoredIndex,
@@ -272,6 +273,13 @@ pub fn write_oci_index_layout(
     for image in &index.images {
         place_image(blobs, image, dir)?;
     }
+    for a in &index.attestations {
+        place_blob(blobs, dir, &a.config_digest)?;
+        for (l, _) in &a.statements {
+            place_blob(blobs, dir, &l.digest)?;
+        }
+        place_blob(blobs, dir, &a.manifest_digest)?;
+    }
     place_blob(blobs, dir, &index.digest)?;
     let desc = json!({
         "mediaType": crate::oci::image::MEDIA_INDEX,
@@ -279,6 +287,16 @@ pub fn write_oci_index_layout(
         "size": index.size,
     });
     name_in_layout(dir, desc, &index.digest, tag)
+}
+
+fn read_layout_index(index_path: &Path) -> Vec<Value> {
+    match fs::read(index_path) {
+        Ok(b) => serde_json::from_slice::<Value>(&b)
+            .ok()
+            .and_then(|v| v["manifests"].as_array().cloned())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// The blobs of one image (config, layers, manifest) in a layout.
@@ -303,13 +321,7 @@ fn name_in_layout(
     let layout = dir.join("oci-layout");
     write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_at(&layout))?;
     let index_path = dir.join("index.json");
-    let mut manifests: Vec<Value> = match fs::read(&index_path) {
-        Ok(b) => serde_json::from_slice::<Value>(&b)
-            .ok()
-            .and_then(|v| v["manifests"].as_array().cloned())
-            .unwrap_or_default(),
-        Err(_) => Vec::new(),
-    };
+    let mut manifests = read_layout_index(&index_path);
     let ref_key = "org.opencontainers.image.ref.name";
     manifests.retain(|m| match tag {
         Some(t) => m["annotations"][ref_key].as_str() != Some(t),
@@ -341,17 +353,27 @@ impl Built {
         }
     }
 
-    /// Export it to `out` (see [`export`] and [`export_index`]).
+    /// Export it to `out` (see [`export`] and [`export_index`]). `attested`, the index
+    /// holding its images with their attestations, gives a `local:` output the attestation
+    /// files.
     pub fn export(
         &self,
         blobs: &BlobStore,
         names: &[String],
         out: &Output,
         scratch: &Path,
+        attested: Option<&StoredIndex>,
     ) -> Result<(), ExportError> {
-        match self {
-            Built::Image(i) => export(blobs, i, names, out, scratch),
-            Built::Index(i) => export_index(blobs, i, names, out, scratch),
+        match (self, out) {
+            (Built::Image(i), Output::Local { dir }) => {
+                export(blobs, i, names, out, scratch)?;
+                match attested {
+                    Some(x) => write_attestation_files(blobs, x, i, dir),
+                    None => Ok(()),
+                }
+            }
+            (Built::Image(i), _) => export(blobs, i, names, out, scratch),
+            (Built::Index(i), _) => export_index(blobs, i, names, out, scratch, attested),
         }
     }
 }
@@ -365,6 +387,7 @@ pub fn export_index(
     names: &[String],
     out: &Output,
     scratch: &Path,
+    attested: Option<&StoredIndex>,
 ) -> Result<(), ExportError> {
     let tag_of = |tag: &Option<String>| {
         tag.clone().or(names
@@ -380,6 +403,9 @@ pub fn export_index(
             write_oci_index_layout(blobs, index, tmp.path(), tag_of(tag).as_deref())?;
             tar_dir(tmp.path(), file, &[])
         }
+        Output::DockerArchive { .. } if index.images.len() == 1 => {
+            export(blobs, &index.images[0], names, out, scratch)
+        }
         Output::DockerArchive { file } => Err(ExportError::Other(format!(
             "{}: a docker archive holds one platform, and this build made {}; build with one \
              --platform, or write an oci: or oci-archive: output",
@@ -388,13 +414,72 @@ pub fn export_index(
         ))),
         Output::Local { dir } => {
             for image in &index.images {
-                let sub = dir.join(crate::oci::image::platform_of(image).replace('/', "_"));
-                export(blobs, image, names, &Output::Local { dir: sub }, scratch)?;
+                let sub = if index.images.len() == 1 {
+                    dir.clone()
+                } else {
+                    dir.join(crate::oci::image::platform_of(image).replace('/', "_"))
+                };
+                export(
+                    blobs,
+                    image,
+                    names,
+                    &Output::Local { dir: sub.clone() },
+                    scratch,
+                )?;
+                write_attestation_files(blobs, attested.unwrap_or(index), image, &sub)?;
             }
             Ok(())
         }
         Output::Image { .. } => Ok(()),
     }
+}
+
+/// The file a local output gets for a statement of `predicate_type`, and whether it holds
+/// the predicate alone (an SBOM file is the SPDX document that SPDX tools read) rather than
+/// the whole statement.
+fn attestation_file(predicate_type: &str) -> Option<(&'static str, bool)> {
+    if predicate_type.starts_with("https://slsa.dev/provenance/") {
+        Some(("provenance.json", false))
+    } else if predicate_type == "https://spdx.dev/Document" {
+        Some(("sbom.spdx.json", true))
+    } else {
+        None
+    }
+}
+
+/// Write `image`'s attestations beside its exported root filesystem in `dir`.
+fn write_attestation_files(
+    blobs: &BlobStore,
+    index: &StoredIndex,
+    image: &StoredImage,
+    dir: &Path,
+) -> Result<(), ExportError> {
+    for a in index
+        .attestations
+        .iter()
+        .filter(|a| a.subject == image.manifest_digest)
+    {
+        for (layer, predicate_type) in &a.statements {
+            let Some((name, predicate_only)) = attestation_file(predicate_type) else {
+                continue;
+            };
+            let bytes = blobs.get(&layer.digest)?;
+            let out = if predicate_only {
+                let statement: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    ExportError::Other(format!("attestation {}: {}", layer.digest, e))
+                })?;
+                let mut b = serde_json::to_vec_pretty(&statement["predicate"])
+                    .map_err(|e| ExportError::Other(e.to_string()))?;
+                b.push(b'\n');
+                b
+            } else {
+                bytes
+            };
+            let path = dir.join(name);
+            write_atomic(&path, &out).map_err(io_at(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// Write `dir` (plus extra in-memory files) as a deterministic tar at `file`.

@@ -317,12 +317,174 @@ impl ImageState {
     }
 }
 
-/// Several builds of one image, one per platform, under an OCI image index.
+/// Several builds of one image, one per platform, under an OCI image index, with the
+/// attestations about them.
 #[derive(Debug, Clone)]
 pub struct StoredIndex {
     pub digest: Digest,
     pub size: u64,
     pub images: Vec<StoredImage>,
+    pub attestations: Vec<StoredAttestation>,
+}
+
+/// The media type of an in-toto statement layer.
+pub const MEDIA_IN_TOTO: &str = "application/vnd.in-toto+json";
+/// BuildKit's index annotations that tie an attestation manifest to its image.
+pub const REFERENCE_TYPE: &str = "vnd.docker.reference.type";
+pub const REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
+pub const ATTESTATION_MANIFEST: &str = "attestation-manifest";
+/// The layer annotation naming a statement's predicate type.
+pub const PREDICATE_TYPE: &str = "in-toto.io/predicate-type";
+
+/// An attestation manifest, laid out as BuildKit lays it out: a manifest whose config says
+/// `unknown/unknown` and whose layers are in-toto statements about one image of the index.
+#[derive(Debug, Clone)]
+pub struct StoredAttestation {
+    pub manifest_digest: Digest,
+    pub manifest_size: u64,
+    pub config_digest: Digest,
+    /// The image manifest the statements are about.
+    pub subject: Digest,
+    /// Each statement layer with its predicate type.
+    pub statements: Vec<(LayerRef, String)>,
+}
+
+/// Write an attestation manifest about `subject` holding `statements` (predicate type,
+/// statement bytes), in that order.
+pub fn commit_attestation(
+    blobs: &BlobStore,
+    subject: &StoredImage,
+    statements: &[(String, Vec<u8>)],
+) -> Result<StoredAttestation, ImageError> {
+    let mut layers = Vec::new();
+    let mut descriptors = Vec::new();
+    for (predicate, bytes) in statements {
+        let digest = blobs.put(bytes)?;
+        descriptors.push(json!({
+            "mediaType": MEDIA_IN_TOTO,
+            "digest": digest.to_string(),
+            "size": bytes.len(),
+            "annotations": {PREDICATE_TYPE: predicate},
+        }));
+        layers.push((
+            LayerRef {
+                diff_id: digest.clone(),
+                digest,
+                size: bytes.len() as u64,
+                media_type: MEDIA_IN_TOTO.to_string(),
+            },
+            predicate.clone(),
+        ));
+    }
+    let diff_ids: Vec<String> = layers.iter().map(|(l, _)| l.diff_id.to_string()).collect();
+    let config = canonical_json(&json!({
+        "architecture": "unknown",
+        "os": "unknown",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }));
+    let config_digest = blobs.put(&config)?;
+    let manifest = canonical_json(&json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest.to_string(), "size": config.len()},
+        "layers": descriptors,
+    }));
+    let manifest_digest = blobs.put(&manifest)?;
+    Ok(StoredAttestation {
+        manifest_digest,
+        manifest_size: manifest.len() as u64,
+        config_digest,
+        subject: subject.manifest_digest.clone(),
+        statements: layers,
+    })
+}
+
+/// The index descriptor of an attestation manifest.
+pub fn attestation_descriptor(a: &StoredAttestation) -> Value {
+    json!({
+        "mediaType": MEDIA_MANIFEST,
+        "digest": a.manifest_digest.to_string(),
+        "size": a.manifest_size,
+        "platform": {"os": "unknown", "architecture": "unknown"},
+        "annotations": {
+            REFERENCE_DIGEST: a.subject.to_string(),
+            REFERENCE_TYPE: ATTESTATION_MANIFEST,
+        },
+    })
+}
+
+/// The attestation manifests an index blob lists: (manifest, the image it is about).
+pub fn attestation_entries(bytes: &[u8]) -> Vec<(Digest, Digest)> {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return Vec::new();
+    };
+    let Some(list) = v["manifests"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter(|m| m["annotations"][REFERENCE_TYPE].as_str() == Some(ATTESTATION_MANIFEST))
+        .filter_map(|m| {
+            Some((
+                m["digest"].as_str()?.parse().ok()?,
+                m["annotations"][REFERENCE_DIGEST].as_str()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Load a stored attestation manifest.
+pub fn load_attestation(
+    blobs: &BlobStore,
+    manifest_digest: &Digest,
+    subject: &Digest,
+) -> Result<StoredAttestation, ImageError> {
+    let what = manifest_digest.to_string();
+    let bytes = blobs.get(manifest_digest)?;
+    let m: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| invalid(&what, format!("manifest does not parse: {}", e)))?;
+    let parse = |v: &Value| -> Result<Digest, ImageError> {
+        v.as_str()
+            .ok_or_else(|| invalid(&what, "a descriptor without a digest"))?
+            .parse()
+            .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))
+    };
+    let config_digest = parse(&m["config"]["digest"])?;
+    let mut statements = Vec::new();
+    for l in m["layers"].as_array().into_iter().flatten() {
+        let digest = parse(&l["digest"])?;
+        statements.push((
+            LayerRef {
+                diff_id: digest.clone(),
+                digest,
+                size: l["size"].as_u64().unwrap_or(0),
+                media_type: l["mediaType"].as_str().unwrap_or("").to_string(),
+            },
+            l["annotations"][PREDICATE_TYPE]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ));
+    }
+    Ok(StoredAttestation {
+        manifest_digest: manifest_digest.clone(),
+        manifest_size: bytes.len() as u64,
+        config_digest,
+        subject: subject.clone(),
+        statements,
+    })
+}
+
+/// The attestations a stored index holds (those whose blobs are stored).
+pub fn load_attestations(blobs: &BlobStore, index: &Digest) -> Vec<StoredAttestation> {
+    let Ok(bytes) = blobs.get(index) else {
+        return Vec::new();
+    };
+    attestation_entries(&bytes)
+        .iter()
+        .filter(|(m, _)| blobs.contains(m))
+        .filter_map(|(m, s)| load_attestation(blobs, m, s).ok())
+        .collect()
 }
 
 /// `os/arch[/variant]` of a stored image, from its config.
@@ -350,20 +512,34 @@ pub fn platform_descriptor(image: &StoredImage) -> Value {
     })
 }
 
-/// Write the index of `images` (in that order) into `blobs`.
-pub fn commit_index(blobs: &BlobStore, images: &[StoredImage]) -> Result<StoredIndex, ImageError> {
-    let manifests: Vec<Value> = images.iter().map(platform_descriptor).collect();
-    let index = json!({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests});
-    let bytes = canonical_json(&index);
+/// The index of `images` (in that order), then their `attestations`, in canonical JSON.
+pub fn index_bytes(images: &[StoredImage], attestations: &[StoredAttestation]) -> Vec<u8> {
+    let manifests: Vec<Value> = images
+        .iter()
+        .map(platform_descriptor)
+        .chain(attestations.iter().map(attestation_descriptor))
+        .collect();
+    canonical_json(&json!({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests}))
+}
+
+/// Write the index of `images` (in that order), then their `attestations`, into `blobs`.
+pub fn commit_index(
+    blobs: &BlobStore,
+    images: &[StoredImage],
+    attestations: &[StoredAttestation],
+) -> Result<StoredIndex, ImageError> {
+    let bytes = index_bytes(images, attestations);
     let digest = blobs.put(&bytes)?;
     Ok(StoredIndex {
         digest,
         size: bytes.len() as u64,
         images: images.to_vec(),
+        attestations: attestations.to_vec(),
     })
 }
 
-/// The manifests an index blob lists, with their platforms; `None` when it is no index.
+/// The image manifests an index blob lists, with their platforms (attestation manifests
+/// left out); `None` when it is no index.
 pub fn index_entries(bytes: &[u8]) -> Option<Vec<(Digest, String)>> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
     let media = v["mediaType"].as_str().unwrap_or("");
@@ -375,6 +551,9 @@ pub fn index_entries(bytes: &[u8]) -> Option<Vec<(Digest, String)>> {
     }
     let mut out = Vec::new();
     for m in v["manifests"].as_array()? {
+        if m["annotations"][REFERENCE_TYPE].as_str() == Some(ATTESTATION_MANIFEST) {
+            continue;
+        }
         let digest: Digest = m["digest"].as_str()?.parse().ok()?;
         let p = &m["platform"];
         let mut spec = format!(

@@ -68,7 +68,8 @@ pub fn open_layer(path: &Path) -> io::Result<Box<dyn Read>> {
     decompress(&magic[..n], Box::new(f))
 }
 
-fn read_fill(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Read until `buf` is full or the stream ends; returns how much was read.
+pub fn read_fill(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..])? {

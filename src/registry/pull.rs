@@ -472,10 +472,26 @@ fn pull_from(
     }
     let stored = local.blobs.put(&top.bytes)?;
     let image = image::load(local.blobs, &stored)?;
-    let index = match index_bytes {
-        Some(b) => Some(local.blobs.put(&b)?),
+    let index = match &index_bytes {
+        Some(b) => Some(local.blobs.put(b)?),
         None => None,
     };
+    // The image's attestations come along (they are small, and a push of the name then
+    // sends the index whole); other platforms' stay at the registry. An attestation that
+    // cannot be fetched costs the pull nothing but a notice.
+    if let Some(b) = &index_bytes {
+        for (att, subject) in image::attestation_entries(b) {
+            if subject != image.manifest_digest || local.blobs.contains(&att) {
+                continue;
+            }
+            if let Err(e) = fetch_attestation(client, &ep, local, &r.repository, &att, &display) {
+                client.notice(&format!(
+                    "{}: the attestations of {} were not fetched: {}",
+                    display, subject, e
+                ));
+            }
+        }
+    }
     let (os, arch) = (
         image.state.config.os().to_string(),
         image.state.config.architecture().to_string(),
@@ -495,6 +511,24 @@ fn pull_from(
         blobs_fetched: fetched,
         blobs_total: blobs.len(),
     })
+}
+
+/// Fetch one attestation manifest and what it references.
+fn fetch_attestation(
+    client: &Client,
+    ep: &Endpoint,
+    local: &Local,
+    repository: &str,
+    digest: &Digest,
+    display: &str,
+) -> Result<(), RegistryError> {
+    let got = get_manifest(client, ep, repository, &digest.to_string(), display)?;
+    let manifest: Value = serde_json::from_slice(&got.bytes)
+        .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
+    let blobs = manifest_blobs(&manifest, display)?;
+    fetch_blobs(client, ep, local.blobs, repository, &blobs)?;
+    local.blobs.put(&got.bytes)?;
+    Ok(())
 }
 
 fn origins_path(root: &Path, d: &Digest) -> PathBuf {

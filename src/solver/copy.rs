@@ -68,6 +68,8 @@ pub struct Staged {
     /// Sources that are not files, directories or symlinks (FIFOs, sockets, devices), with
     /// what they are: never opened, never copied, and said in a warning.
     pub skipped: Vec<String>,
+    /// `ADD` URLs fetched, with the digest of what arrived.
+    pub fetched: Vec<(String, String)>,
 }
 
 struct Stager<'a> {
@@ -432,6 +434,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         st.ensure_dir(&d);
     }
 
+    let mut fetched = Vec::new();
     for src in &plan.sources {
         // Heredoc source: `COPY <<EOF /dest`.
         let heredoc_name = crate::syntax::parser::parse_heredoc_word(src).map(|(name, ..)| name);
@@ -452,7 +455,8 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         if plan.is_add && is_url(src) {
             let tmp = tempfile::tempdir()
                 .map_err(|e| CopyError::Other(format!("temporary directory: {}", e)))?;
-            let (name, body, size) = fetch_url(src, plan.checksum.as_deref(), tmp.path())?;
+            let (name, body, size, digest) = fetch_url(src, plan.checksum.as_deref(), tmp.path())?;
+            fetched.push((src.clone(), digest));
             let target = dest.file_target(&dest_abs, &name);
             let mode = match &plan.chmod {
                 Some(c) => apply_chmod(c, 0o600, false).map_err(CopyError::Other)?,
@@ -608,17 +612,18 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         tree: st.tree,
         keep: st.keep,
         skipped: st.skipped,
+        fetched,
     })
 }
 
 /// Download a URL for ADD into a file of `dir`, hashing as it streams and verifying
 /// `--checksum` (`sha256:<hex>`) when given. Returns the file's name for a directory
-/// destination, its path and its size.
+/// destination, its path, its size and its digest.
 fn fetch_url(
     url: &str,
     checksum: Option<&str>,
     dir: &Path,
-) -> Result<(String, PathBuf, u64), CopyError> {
+) -> Result<(String, PathBuf, u64, String), CopyError> {
     let fail = |e: String| CopyError::Other(format!("ADD {}: {}", url, e));
     let agent = ureq::AgentBuilder::new()
         .redirects(0)
@@ -664,5 +669,5 @@ fn fetch_url(
         .filter(|n| !n.is_empty())
         .unwrap_or("index.html")
         .to_string();
-    Ok((name, file_path, size))
+    Ok((name, file_path, size, got.to_string()))
 }

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::attest::trace::{BuildTrace, StepTrace};
 use crate::cache::context_hash::ContextHasher;
 use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
@@ -204,6 +205,8 @@ struct StageResult {
     /// keeps them in the state's environment), though neither its config nor its history
     /// shows them.
     args: BTreeMap<String, Option<String>>,
+    /// See `Ctx::volatile`.
+    volatile: bool,
 }
 
 /// Keys of steps running right now in this process, whichever build runs them (the
@@ -228,6 +231,8 @@ struct Shared<'a> {
     hasher: ContextHasher,
     /// Layered steps with their keys, as they complete.
     steps: Mutex<Vec<StepRecord>>,
+    /// What the build read and did, for provenance.
+    trace: Mutex<BuildTrace>,
 }
 
 /// An image a `--from` names.
@@ -242,6 +247,11 @@ struct Ctx<'s, 'a> {
     step: usize,
     /// The platform this stage builds for: its `FROM --platform`, else the build's.
     platform: Platform,
+    /// What the current step read, for its provenance record.
+    inputs: Vec<Value>,
+    /// Whether this stage's key chain holds a key that never repeats (an ADD of a URL
+    /// without `--checksum`): provenance then leaves the keys out, as they say nothing.
+    volatile: bool,
 }
 
 impl<'a> std::ops::Deref for Ctx<'_, 'a> {
@@ -293,14 +303,21 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
 
 /// Build the graph's target; returns the committed image.
 pub fn build(store: &Store, req: &BuildRequest) -> Result<StoredImage, BuildError> {
-    build_recorded(store, req).map(|(image, _)| image)
+    build_recorded(store, req).map(|o| o.image)
 }
 
-/// Build the graph's target; returns the committed image and the cache keys of its steps.
-pub fn build_recorded(
-    store: &Store,
-    req: &BuildRequest,
-) -> Result<(StoredImage, Vec<StepRecord>), BuildError> {
+/// What a build made, and how.
+pub struct Outcome {
+    pub image: StoredImage,
+    /// The cache keys of its steps (what `--cache-to` exports).
+    pub steps: Vec<StepRecord>,
+    /// What it read and did, for provenance.
+    pub trace: BuildTrace,
+}
+
+/// Build the graph's target; returns the committed image, the cache keys of its steps and
+/// its trace.
+pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, BuildError> {
     let total = req
         .graph
         .order
@@ -323,6 +340,7 @@ pub fn build_recorded(
         cache: CacheIndex::new(store.root(), &store.blobs).with_remotes(req.cache_from.clone()),
         hasher: ContextHasher::open(store.root(), req.jobs),
         steps: Mutex::new(Vec::new()),
+        trace: Mutex::new(BuildTrace::default()),
     };
     // Stages run as soon as the stages they read are done, on at most `jobs` worker threads
     // that take ready stages from a queue (a thread per stage would wake every waiting stage
@@ -377,6 +395,8 @@ pub fn build_recorded(
                         .and_then(|s| s.platform.as_deref())
                         .and_then(Platform::parse)
                         .unwrap_or_else(|| shared.req.platform.clone()),
+                    inputs: Vec::new(),
+                    volatile: false,
                 };
                 let r = cx.run_stage(i);
                 // What was hashed stays useful even when a step failed.
@@ -423,7 +443,15 @@ pub fn build_recorded(
         .commit(&store.blobs, &BTreeMap::new())
         .map_err(StoreError::from)?;
     let steps = shared.steps.into_inner().unwrap_or_default();
-    Ok((image, steps))
+    let mut trace = shared.trace.into_inner().unwrap_or_default();
+    // Stages finish in any order: the record is in build-file order.
+    trace.steps.sort_by_key(|s| (s.stage, s.step));
+    trace.target_stage = req.graph.target;
+    Ok(Outcome {
+        image,
+        steps,
+        trace,
+    })
 }
 
 impl Ctx<'_, '_> {
@@ -473,6 +501,7 @@ impl Ctx<'_, '_> {
         let started = Instant::now();
         let p = &self.platform.clone();
         let mut inherited_args = BTreeMap::new();
+        let mut parent_volatile = false;
         let (mut state, base_key) = match &stage.base {
             Base::Scratch => (
                 scratch_base(&p.os, &p.architecture, p.variant.as_deref()),
@@ -482,6 +511,7 @@ impl Ctx<'_, '_> {
                 let parent = self.results.lock().ok().and_then(|r| {
                     r.get(i).map(|p| {
                         inherited_args = p.args.clone();
+                        parent_volatile = p.volatile;
                         (p.state.clone(), p.key.clone())
                     })
                 });
@@ -500,6 +530,7 @@ impl Ctx<'_, '_> {
                         other => other,
                     }
                 })?;
+                self.trace_image(r, &img.manifest_digest.to_string());
                 let mut state = img.state;
                 // BuildKit gives a base image without PATH the default one, as it does scratch.
                 if p.os != "windows" && !state.env().iter().any(|(k, _)| k == "PATH") {
@@ -511,6 +542,15 @@ impl Ctx<'_, '_> {
                 )
             }
         };
+        self.volatile = parent_volatile;
+        let base_name = match &stage.base {
+            Base::Scratch => "scratch".to_string(),
+            Base::Stage(i) => format!("stage:{}", self.req.graph.stages[*i].label()),
+            Base::Image(r) => r.clone(),
+        };
+        if let Ok(mut t) = self.trace.lock() {
+            t.stages.insert(index, (stage.label(), base_name));
+        }
         self.req.reporter.done(self.step, started.elapsed(), false);
         // Everything that shapes layer bytes and timestamps is part of the first key.
         let mut key = CacheKey::chain(
@@ -549,7 +589,8 @@ impl Ctx<'_, '_> {
         self.total.fetch_add(work.len(), Ordering::Relaxed);
         work.extend(stage.instructions.iter().cloned());
         let mut pending_meta: Vec<String> = Vec::new();
-        for l in &work {
+        let stage_name = stage.label();
+        for (step_in_stage, l) in work.iter().enumerate() {
             self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
             self.req.reporter.step(
                 self.step,
@@ -575,12 +616,38 @@ impl Ctx<'_, '_> {
                 continue;
             }
             key = key_metadata(key, &mut pending_meta, &state);
+            self.inputs.clear();
             let material = self.key_material(l, &state, &scope)?;
             key = CacheKey::chain(&key, material);
+            let layers_before = state.layers.len();
+            let trace_step = |cx: &mut Self, state: &ImageState| {
+                let layer = (state.layers.len() > layers_before)
+                    .then(|| state.layers.last())
+                    .flatten()
+                    .map(|l| (l.digest.to_string(), l.diff_id.to_string()));
+                let record = StepTrace {
+                    stage: index,
+                    stage_name: stage_name.clone(),
+                    step: step_in_stage + 1,
+                    line: l.span.line,
+                    op: l.text.clone(),
+                    key: if cx.volatile {
+                        String::new()
+                    } else {
+                        key.0.to_string()
+                    },
+                    inputs: std::mem::take(&mut cx.inputs),
+                    layer,
+                };
+                if let Ok(mut t) = cx.trace.lock() {
+                    t.steps.push(record);
+                }
+            };
             if use_cache {
                 if let Some(hit) = self.claim(&key) {
                     state = hit.state;
                     self.record_step(index, &key);
+                    trace_step(self, &state);
                     self.req.reporter.done(self.step, started.elapsed(), true);
                     continue;
                 }
@@ -601,6 +668,7 @@ impl Ctx<'_, '_> {
                 self.release(&key);
             }
             outcome?;
+            trace_step(self, &state);
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
         let key = key_metadata(key, &mut pending_meta, &state);
@@ -609,6 +677,7 @@ impl Ctx<'_, '_> {
             key,
             view,
             args: scope.args,
+            volatile: self.volatile,
         })
     }
 
@@ -1046,6 +1115,11 @@ impl Ctx<'_, '_> {
                     expand_heredoc: &expand_heredoc,
                 };
                 let staged = copy::stage(&plan).map_err(|e| self.fail(l, e.to_string()))?;
+                if c.checksum.is_none() {
+                    for (url, digest) in &staged.fetched {
+                        self.trace_url(url, digest);
+                    }
+                }
                 for s in &staged.skipped {
                     self.req.reporter.warn(&format!(
                         "{}:{}: {}: skipped {}: only files, directories and symlinks are copied",
@@ -1334,11 +1408,24 @@ impl Ctx<'_, '_> {
                         m["context"] = json!(self.context_digest(l, &local, &excludes)?);
                     }
                 }
+                if let Some(sum) = &c.checksum {
+                    for u in sources.iter().filter(|s| copy::is_url(s)) {
+                        self.trace_url(u, sum);
+                    }
+                } else if sources.iter().any(|s| copy::is_url(s)) {
+                    self.volatile = true;
+                }
             }
             Instruction::Run(r) => {
                 let shell: Vec<String> = shell_of(state);
                 let (argv, script) = run::argv_of(r, &shell);
                 let env = run::env_of(&state.env(), scope, &self.req.build_args, None);
+                let args: BTreeMap<&String, &String> = scope
+                    .args
+                    .iter()
+                    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+                    .collect();
+                self.inputs.push(json!({ "args": args }));
                 m["argv"] = json!(argv);
                 m["script"] = json!(script);
                 m["env"] = json!(env);
@@ -1381,6 +1468,17 @@ impl Ctx<'_, '_> {
                 .lock()
                 .ok()
                 .and_then(|r| r.get(&i).map(|r| r.key.0.to_string()));
+            let from_volatile = self
+                .results
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&i).map(|r| r.volatile))
+                .unwrap_or(false);
+            self.volatile |= from_volatile;
+            if let Some(k) = &key {
+                let name = self.req.graph.stages[i].label();
+                self.inputs.push(json!({"stage": name, "key": k}));
+            }
             return key.map(|k| format!("stage:{}", k)).ok_or_else(|| {
                 self.fail(l, format!("stage {} is not built before this step", from))
             });
@@ -1390,6 +1488,9 @@ impl Ctx<'_, '_> {
             .get(from)
             .map(|x| x.image.manifest_digest.to_string())
             .unwrap_or_default();
+        drop(external);
+        self.trace_image(from, &digest);
+        self.inputs.push(json!({"image": from, "digest": digest}));
         Ok(format!("image:{}", digest))
     }
 
@@ -1479,20 +1580,68 @@ impl Ctx<'_, '_> {
         }
     }
 
-    /// The content digest of what reading `sources` from the context sees.
+    /// The content digest of what reading `sources` from the context sees. Each source's
+    /// entries, with a digest of them, go into the step's provenance record.
     fn context_digest(
-        &self,
+        &mut self,
         l: &Located,
         sources: &[String],
         excludes: &IgnoreMatcher,
     ) -> Result<String, BuildError> {
-        let entries = self
-            .context_root()
-            .enumerate(sources, excludes)
+        let root = self.context_root();
+        let mut entries = Vec::new();
+        let mut ends = Vec::new();
+        for src in sources {
+            let mut one = root
+                .enumerate(std::slice::from_ref(src), excludes)
+                .map_err(|e| self.fail(l, e.to_string()))?;
+            entries.append(&mut one);
+            ends.push(entries.len());
+        }
+        let (digest, leaves) = self
+            .hasher
+            .describe_leaves(&entries, self.req.epoch, self.context_owner())
             .map_err(|e| self.fail(l, e.to_string()))?;
-        self.hasher
-            .describe(&entries, self.req.epoch)
-            .map_err(|e| self.fail(l, e.to_string()))
+        let mut start = 0;
+        for (src, end) in sources.iter().zip(ends) {
+            let covered = entries[start..end]
+                .iter()
+                .map(|(rel, _)| rel)
+                .zip(&leaves[start..end]);
+            let d = crate::attest::trace::leaves_digest(covered);
+            self.inputs
+                .push(json!({"context": src, "digest": d.to_string()}));
+            start = end;
+        }
+        if let Ok(mut t) = self.trace.lock() {
+            for ((rel, _), leaf) in entries.into_iter().zip(leaves) {
+                t.context.insert(rel, leaf);
+            }
+        }
+        Ok(digest)
+    }
+
+    /// The owner of the context directory (whoever checked it out).
+    fn context_owner(&self) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&self.req.context)
+            .map(|m| (m.uid(), m.gid()))
+            .unwrap_or((0, 0))
+    }
+
+    /// Record that the step read `url`, whose content has `digest`.
+    fn trace_url(&mut self, url: &str, digest: &str) {
+        self.inputs.push(json!({"url": url, "digest": digest}));
+        if let Ok(mut t) = self.trace.lock() {
+            t.urls.insert(url.to_string(), digest.to_string());
+        }
+    }
+
+    /// Record that `reference` resolved to the image manifest `digest`.
+    fn trace_image(&self, reference: &str, digest: &str) {
+        if let Ok(mut t) = self.trace.lock() {
+            t.images.insert(reference.to_string(), digest.to_string());
+        }
     }
 
     /// A view of `layers` with this build's snapshotter.

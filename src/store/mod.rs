@@ -209,6 +209,27 @@ impl Store {
         Ok(name)
     }
 
+    fn attested_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("attested").join(digest.hex())
+    }
+
+    /// The index that holds `digest` (an image, or an index of images) together with the
+    /// attestations a build recorded for it, when there is one in the store.
+    pub fn attested(&self, digest: &Digest) -> Option<Digest> {
+        let text = fs::read_to_string(self.attested_path(digest)).ok()?;
+        let index: Digest = text.trim().parse().ok()?;
+        self.blobs.contains(&index).then_some(index)
+    }
+
+    /// Record that `index` holds `digest` with its attestations (see [`Store::attested`]).
+    pub fn set_attested(&self, digest: &Digest, index: &Digest) -> Result<(), StoreError> {
+        let p = self.attested_path(digest);
+        if let Some(dir) = p.parent() {
+            fs::create_dir_all(dir).map_err(io_at(dir))?;
+        }
+        write_atomic(&p, index.to_string().as_bytes()).map_err(io_at(&p))
+    }
+
     /// Remove a name; returns the digest it pointed at.
     pub fn untag(&self, name: &str) -> Result<Digest, StoreError> {
         let name = normalize_name(name)?;

@@ -1,0 +1,194 @@
+//! What a build read and did, as the solver records it while it runs: the plain data that
+//! provenance is made of. Nothing here depends on the cache being warm: a hit records the
+//! same inputs, key and layer as the run that filled the cache.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::oci::digest::Digest;
+
+/// One build of one platform.
+#[derive(Debug, Clone, Default)]
+pub struct BuildTrace {
+    /// Every context entry a COPY, ADD or bind mount read, by its path in the context
+    /// (`.dockerignore` applied).
+    pub context: BTreeMap<String, ContextLeaf>,
+    /// Base and `--from` images: the reference the build file gives, and the manifest
+    /// digest it resolved to.
+    pub images: BTreeMap<String, String>,
+    /// `ADD` URLs with the digest of what was fetched (or what `--checksum` pinned).
+    pub urls: BTreeMap<String, String>,
+    /// Layer-producing steps, in the order each stage ran them.
+    pub steps: Vec<StepTrace>,
+    /// Each stage that ran, by index: its name and what it starts from (`scratch`,
+    /// `stage:NAME`, or the image reference).
+    pub stages: BTreeMap<usize, (String, String)>,
+    /// The stage the image is.
+    pub target_stage: usize,
+}
+
+/// A context entry as the layer will show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextLeaf {
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: &'static str,
+    /// Permission bits.
+    pub mode: u32,
+    /// A file's content digest (`sha256:…`).
+    pub content: Option<String>,
+    /// A symlink's target.
+    pub link: Option<String>,
+    /// The mtime, only when it is older than the build's epoch (a later one is clamped to
+    /// the epoch, so it cannot reach the image).
+    pub mtime: Option<i64>,
+}
+
+impl ContextLeaf {
+    /// The leaf as provenance lists it.
+    pub fn to_json(&self, path: &str) -> Value {
+        let mut v = json!({"path": path, "type": self.kind, "mode": format!("{:o}", self.mode)});
+        if let Some(c) = &self.content {
+            v["digest"] = json!(c);
+        }
+        if let Some(l) = &self.link {
+            v["link"] = json!(l);
+        }
+        if let Some(t) = self.mtime {
+            v["mtime"] = json!(t);
+        }
+        v
+    }
+}
+
+/// The root of the context as the build saw it: sha256 over the canonical JSON of the
+/// leaves, sorted by path ([`leaves_json`]). Equal roots mean equal leaves; the leaves say
+/// which path differs.
+pub fn context_root(leaves: &BTreeMap<String, ContextLeaf>) -> Digest {
+    Digest::of(&leaves_json(leaves.iter()))
+}
+
+/// A digest over some of the leaves (what one COPY source covers).
+pub fn leaves_digest<'a>(leaves: impl Iterator<Item = (&'a String, &'a ContextLeaf)>) -> Digest {
+    Digest::of(&leaves_json(leaves))
+}
+
+/// The canonical JSON (sorted keys, no whitespace) of a list of leaves, the same bytes as
+/// `canonical_json` of their [`ContextLeaf::to_json`] values, written directly: a context
+/// has as many leaves as files, and this runs on every build.
+pub fn leaves_json<'a>(leaves: impl Iterator<Item = (&'a String, &'a ContextLeaf)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    out.push(b'[');
+    for (i, (path, l)) in leaves.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_leaf(&mut out, path, l);
+    }
+    out.push(b']');
+    out
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// One leaf, its keys in sorted order: digest, link, mode, mtime, path, type.
+fn write_leaf(out: &mut Vec<u8>, path: &str, l: &ContextLeaf) {
+    out.push(b'{');
+    if let Some(c) = &l.content {
+        out.extend_from_slice(b"\"digest\":");
+        write_str(out, c);
+        out.push(b',');
+    }
+    if let Some(t) = &l.link {
+        out.extend_from_slice(b"\"link\":");
+        write_str(out, t);
+        out.push(b',');
+    }
+    out.extend_from_slice(format!("\"mode\":\"{:o}\",", l.mode).as_bytes());
+    if let Some(t) = l.mtime {
+        out.extend_from_slice(format!("\"mtime\":{},", t).as_bytes());
+    }
+    out.extend_from_slice(b"\"path\":");
+    write_str(out, path);
+    out.extend_from_slice(b",\"type\":");
+    write_str(out, l.kind);
+    out.push(b'}');
+}
+
+/// One layer-producing step.
+#[derive(Debug, Clone)]
+pub struct StepTrace {
+    /// The stage's index in the build file, and its name (or index) as `--target` takes it.
+    pub stage: usize,
+    pub stage_name: String,
+    /// 1-based among the stage's instructions (ONBUILD triggers of the base first).
+    pub step: usize,
+    /// The build file line.
+    pub line: usize,
+    /// The instruction as written.
+    pub op: String,
+    /// The step's cache key, which covers its parent's.
+    pub key: String,
+    /// What the step read: context sources with their digests, stages and images by
+    /// identity, URLs, and for RUN the build args in its environment.
+    pub inputs: Vec<Value>,
+    /// The layer it produced: (digest, diff_id).
+    pub layer: Option<(String, String)>,
+}
+
+impl StepTrace {
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "stage": self.stage_name,
+            "stageIndex": self.stage,
+            "step": self.step,
+            "line": self.line,
+            "op": self.op,
+            "cacheKey": self.key,
+            "inputs": self.inputs,
+        });
+        if let Some((digest, diff_id)) = &self.layer {
+            v["layer"] = json!({"digest": digest, "diffID": diff_id});
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::image::canonical_json;
+
+    #[test]
+    fn leaves_json_is_the_canonical_json_of_the_leaves() {
+        let mut leaves = BTreeMap::new();
+        leaves.insert(
+            "a \"quoted\"\u{7f}\\name".to_string(),
+            ContextLeaf {
+                kind: "file",
+                mode: 0o644,
+                content: Some("sha256:00".into()),
+                link: None,
+                mtime: Some(-5),
+            },
+        );
+        leaves.insert(
+            "l".to_string(),
+            ContextLeaf {
+                kind: "symlink",
+                mode: 0o777,
+                content: None,
+                link: Some("../\u{1}x".into()),
+                mtime: None,
+            },
+        );
+        let values: Vec<Value> = leaves.iter().map(|(p, l)| l.to_json(p)).collect();
+        assert_eq!(
+            leaves_json(leaves.iter()),
+            canonical_json(&Value::Array(values))
+        );
+    }
+}
