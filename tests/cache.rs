@@ -564,3 +564,71 @@ fn export_valid_layout(root: &Path, name: &str, layout: &Path, tag: &str) {
             .arg(layout),
     );
 }
+
+/// The `layer …: N chunks, C compressed, R reused` events of a `--progress json` build, and
+/// its digest.
+fn chunk_events(root: &Path, ctx: &Path) -> (String, Vec<(usize, usize)>) {
+    let out = run(builder()
+        .args(["build", "--progress", "json", "--root"])
+        .arg(root)
+        .arg(ctx));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    let mut events = Vec::new();
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(text) = v["line"].as_str() else {
+            continue;
+        };
+        if let Some((_, counts)) = text.strip_prefix("layer ").and_then(|t| t.split_once(": ")) {
+            let nums: Vec<usize> = counts
+                .split(", ")
+                .filter_map(|p| p.split(' ').next()?.parse().ok())
+                .collect();
+            if let [chunks, compressed, _reused] = nums[..] {
+                events.push((chunks, compressed));
+            }
+        }
+    }
+    let digest = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    (digest, events)
+}
+
+#[test]
+fn an_edited_copy_recompresses_one_chunk_and_gives_the_cold_blob() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("Buildfile"), "FROM scratch\nCOPY src /src\n");
+    // About 5 MB in 1,200 files: several chunks.
+    for i in 0..1200 {
+        let body: String = (0..400)
+            .map(|k| format!("{} ", (i * 7919 + k * 31) % 10007))
+            .collect();
+        write(&ctx.join(format!("src/d{}/f{}.txt", i / 100, i)), &body);
+    }
+    let warm_root = t.path().join("warm");
+    let (_, cold_events) = chunk_events(&warm_root, &ctx);
+    let (chunks, compressed) = cold_events[0];
+    assert!(chunks >= 4, "{} chunks", chunks);
+    assert_eq!(compressed, chunks, "a cold build compresses every chunk");
+    // One file edited (and grown): one chunk is compressed again, the rest are reused.
+    let edited = ctx.join("src/d6/f654.txt");
+    let mut text = fs::read_to_string(&edited).unwrap();
+    text.push_str("an edit\n");
+    fs::write(&edited, text).unwrap();
+    let (warm, events) = chunk_events(&warm_root, &ctx);
+    assert_eq!(events.len(), 1, "{:?}", events);
+    assert_eq!(events[0].1, 1, "chunks compressed again: {:?}", events);
+    // A cold build of the edited context in a fresh store gives the same blob.
+    let (cold, _) = chunk_events(&t.path().join("cold"), &ctx);
+    assert_eq!(
+        warm, cold,
+        "the edit rebuild's image (and layer) is the cold build's"
+    );
+}

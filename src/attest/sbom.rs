@@ -17,7 +17,7 @@
 //! document namespace are derived from their content, and the only time is the epoch.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -118,6 +118,68 @@ fn classify(path: &str, mode: u32) -> Option<Declares> {
     None
 }
 
+/// What to do with an entry, by its path and type: whiteouts and links are recorded in
+/// `scan` here; a declaring file's kind is returned for its content to be read.
+fn judge(
+    scan: &mut LayerScan,
+    path: &str,
+    is_file: bool,
+    is_dir: bool,
+    mode: u32,
+) -> Option<Declares> {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    if name == ".wh..wh..opq" {
+        scan.opaque.push(dir.to_string());
+        return None;
+    }
+    if let Some(hidden) = name.strip_prefix(".wh.") {
+        scan.removed.push(if dir.is_empty() {
+            hidden.to_string()
+        } else {
+            format!("{}/{}", dir, hidden)
+        });
+        return None;
+    }
+    if is_dir {
+        // A directory hides nothing below it.
+        return None;
+    }
+    if !is_file {
+        // A link where a lower layer had a declaring file hides it.
+        if classify(path, 0).is_some() {
+            scan.removed.push(path.to_string());
+        }
+        return None;
+    }
+    classify(path, mode)
+}
+
+/// Record what the declaring file `path` (of `kind`) with content `bytes` declares.
+fn record(scan: &mut LayerScan, path: String, kind: Declares, bytes: &[u8]) {
+    let found = match kind {
+        Declares::Binary => binary_packages(bytes, &path),
+        Declares::Npm => npm_package(bytes, &path).into_iter().collect(),
+        _ => {
+            let text = String::from_utf8_lossy(bytes);
+            match kind {
+                Declares::Dpkg => dpkg_packages(&text, &path),
+                Declares::Apk => apk_packages(&text, &path),
+                Declares::Python => python_package(&text, &path).into_iter().collect(),
+                Declares::OsRelease => {
+                    scan.os_id = os_release_id(&text);
+                    Vec::new()
+                }
+                Declares::Binary | Declares::Npm => Vec::new(),
+            }
+        }
+    };
+    if found.is_empty() {
+        scan.removed.push(path);
+    } else {
+        scan.files.insert(path, found);
+    }
+}
+
 /// Scan one layer blob (any compression builder reads).
 pub fn scan_layer(path: &Path) -> io::Result<LayerScan> {
     let stream = crate::oci::unpack::open_layer(path)?;
@@ -130,35 +192,11 @@ pub fn scan_layer(path: &Path) -> io::Result<LayerScan> {
         let mut entry = entry?;
         let raw = entry.path()?.to_string_lossy().into_owned();
         let path = normalize(&raw);
-        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-        if name == ".wh..wh..opq" {
-            scan.opaque.push(dir.to_string());
-            continue;
-        }
-        if let Some(hidden) = name.strip_prefix(".wh.") {
-            scan.removed.push(if dir.is_empty() {
-                hidden.to_string()
-            } else {
-                format!("{}/{}", dir, hidden)
-            });
-            continue;
-        }
         let header = entry.header();
         let mode = header.mode().unwrap_or(0);
         let size = header.size().unwrap_or(0);
-        let entry_type = header.entry_type();
-        if entry_type.is_dir() {
-            // A directory hides nothing below it.
-            continue;
-        }
-        if !entry_type.is_file() {
-            // A link where a lower layer had a declaring file hides it.
-            if classify(&path, 0).is_some() {
-                scan.removed.push(path);
-            }
-            continue;
-        }
-        let Some(kind) = classify(&path, mode) else {
+        let t = header.entry_type();
+        let Some(kind) = judge(&mut scan, &path, t.is_file(), t.is_dir(), mode) else {
             continue;
         };
         if kind != Declares::Binary && size > MAX_METADATA {
@@ -172,41 +210,239 @@ pub fn scan_layer(path: &Path) -> io::Result<LayerScan> {
                 scan.removed.push(path);
                 continue;
             }
-            let found = if size <= MAX_BUFFERED_BINARY {
-                let mut bytes = magic.to_vec();
-                entry.read_to_end(&mut bytes)?;
-                binary_packages(&bytes, &path)
-            } else {
-                streamed_go_packages(&mut entry, &format!("/{}", path))?
-            };
-            if found.is_empty() {
-                scan.removed.push(path);
-            } else {
-                scan.files.insert(path, found);
+            if size > MAX_BUFFERED_BINARY {
+                let found = streamed_go_packages(&mut entry, &format!("/{}", path))?;
+                if found.is_empty() {
+                    scan.removed.push(path);
+                } else {
+                    scan.files.insert(path, found);
+                }
+                continue;
             }
+            let mut bytes = magic.to_vec();
+            entry.read_to_end(&mut bytes)?;
+            record(&mut scan, path, kind, &bytes);
             continue;
         }
         let mut bytes = Vec::with_capacity(size as usize);
         entry.read_to_end(&mut bytes)?;
-        let text = String::from_utf8_lossy(&bytes);
-        let found = match kind {
-            Declares::Dpkg => dpkg_packages(&text, &path),
-            Declares::Apk => apk_packages(&text, &path),
-            Declares::Python => python_package(&text, &path).into_iter().collect(),
-            Declares::Npm => npm_package(&bytes, &path).into_iter().collect(),
-            Declares::OsRelease => {
-                scan.os_id = os_release_id(&text);
-                Vec::new()
-            }
-            Declares::Binary => Vec::new(),
-        };
-        if found.is_empty() {
-            scan.removed.push(path);
-        } else {
-            scan.files.insert(path, found);
-        }
+        record(&mut scan, path, kind, &bytes);
     }
     Ok(scan)
+}
+
+/// What the stream scanner does with the data of the entry it is in.
+enum Capture {
+    /// Nothing: the bytes pass.
+    Skip,
+    /// A PAX extended header (its `path` names the next entry).
+    Pax(Vec<u8>),
+    /// A GNU long name.
+    LongName(Vec<u8>),
+    /// A declaring file's content.
+    Entry {
+        path: String,
+        kind: Declares,
+        bytes: Vec<u8>,
+    },
+}
+
+/// Scans a layer's tar as it is written (it sees the uncompressed stream), so that a layer
+/// builder writes never has to be decompressed again for the SBOM. Its result is
+/// [`scan_layer`]'s; when the stream holds what it does not take on (a binary too big to
+/// hold, a tar it cannot follow), it gives none and the blob is scanned instead.
+pub struct StreamScanner {
+    scan: LayerScan,
+    header: Vec<u8>,
+    /// Data bytes left in the current entry, then padding bytes to skip.
+    left: u64,
+    pad: u64,
+    capture: Capture,
+    next_path: Option<String>,
+    failed: bool,
+}
+
+impl Default for StreamScanner {
+    fn default() -> Self {
+        StreamScanner {
+            scan: LayerScan {
+                version: SCANNER_VERSION,
+                ..LayerScan::default()
+            },
+            header: Vec::with_capacity(512),
+            left: 0,
+            pad: 0,
+            capture: Capture::Skip,
+            next_path: None,
+            failed: false,
+        }
+    }
+}
+
+fn cstr(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+impl StreamScanner {
+    /// The scan, unless the stream held something it could not follow.
+    pub fn finish(self) -> Option<LayerScan> {
+        (!self.failed).then_some(self.scan)
+    }
+
+    fn on_header(&mut self) {
+        let h = std::mem::take(&mut self.header);
+        if h.iter().all(|&b| b == 0) {
+            return;
+        }
+        use crate::oci::layer::{tar_checksum_ok, tar_number};
+        let (Some(size), Some(mode)) = (tar_number(&h[124..136]), tar_number(&h[100..108])) else {
+            self.failed = true;
+            return;
+        };
+        if !tar_checksum_ok(&h) {
+            self.failed = true;
+            return;
+        }
+        self.left = size;
+        self.pad = (512 - size % 512) % 512;
+        let typeflag = h[156];
+        let path = match self.next_path.take() {
+            Some(p) => p,
+            None => {
+                let name = cstr(&h[0..100]);
+                let prefix = if &h[257..262] == b"ustar" {
+                    cstr(&h[345..500])
+                } else {
+                    String::new()
+                };
+                if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{}/{}", prefix, name)
+                }
+            }
+        };
+        self.capture = match typeflag {
+            b'x' if size <= MAX_METADATA => Capture::Pax(Vec::new()),
+            b'L' if size <= MAX_METADATA => Capture::LongName(Vec::new()),
+            b'x' | b'L' => {
+                self.failed = true;
+                Capture::Skip
+            }
+            b'g' => Capture::Skip,
+            _ => {
+                let path = normalize(&path);
+                let is_file = typeflag == b'0' || typeflag == 0 || typeflag == b'7';
+                match judge(
+                    &mut self.scan,
+                    &path,
+                    is_file,
+                    typeflag == b'5',
+                    mode as u32,
+                ) {
+                    None => Capture::Skip,
+                    Some(Declares::Binary) if size > MAX_BUFFERED_BINARY => {
+                        // Streaming search for Go build info is the blob scan's to do.
+                        self.failed = true;
+                        Capture::Skip
+                    }
+                    Some(kind) if kind != Declares::Binary && size > MAX_METADATA => {
+                        self.scan.removed.push(path);
+                        Capture::Skip
+                    }
+                    Some(kind) => Capture::Entry {
+                        path,
+                        kind,
+                        bytes: Vec::with_capacity(size.min(1 << 20) as usize),
+                    },
+                }
+            }
+        };
+        if size == 0 {
+            self.end_entry();
+        }
+    }
+
+    fn end_entry(&mut self) {
+        match std::mem::replace(&mut self.capture, Capture::Skip) {
+            Capture::Skip => {}
+            Capture::Pax(b) => {
+                let text = String::from_utf8_lossy(&b).into_owned();
+                // Records are "LEN key=value\n".
+                for rec in text.split('\n') {
+                    if let Some((_, kv)) = rec.split_once(' ') {
+                        if let Some(p) = kv.strip_prefix("path=") {
+                            self.next_path = Some(p.to_string());
+                        }
+                    }
+                }
+            }
+            Capture::LongName(b) => self.next_path = Some(cstr(&b)),
+            Capture::Entry { path, kind, bytes } => {
+                if kind == Declares::Binary && !bytes.starts_with(b"\x7fELF") {
+                    self.scan.removed.push(path);
+                } else {
+                    record(&mut self.scan, path, kind, &bytes);
+                }
+            }
+        }
+    }
+}
+
+impl Write for StreamScanner {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        while !rest.is_empty() && !self.failed {
+            if self.left > 0 {
+                let n = (self.left.min(rest.len() as u64)) as usize;
+                match &mut self.capture {
+                    Capture::Pax(b) | Capture::LongName(b) => b.extend_from_slice(&rest[..n]),
+                    Capture::Entry { bytes, .. } => bytes.extend_from_slice(&rest[..n]),
+                    Capture::Skip => {}
+                }
+                self.left -= n as u64;
+                rest = &rest[n..];
+                if self.left == 0 {
+                    self.end_entry();
+                }
+            } else if self.pad > 0 {
+                let n = (self.pad.min(rest.len() as u64)) as usize;
+                self.pad -= n as u64;
+                rest = &rest[n..];
+            } else {
+                let n = (512 - self.header.len()).min(rest.len());
+                self.header.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if self.header.len() == 512 {
+                    self.on_header();
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a store keeps layer scans.
+pub fn cache_dir(store_root: &Path) -> std::path::PathBuf {
+    store_root.join("cache").join("sbom")
+}
+
+/// Keep a layer's scan (made while it was written) for [`scan_cached`].
+pub fn store_scan(cache_dir: &Path, diff_id: &Digest, scan: &LayerScan) {
+    if std::fs::create_dir_all(cache_dir).is_ok() {
+        if let Ok(bytes) = serde_json::to_vec(scan) {
+            // A lost write only costs a rescan.
+            let _ = crate::oci::blobs::write_atomic(
+                &cache_dir.join(format!("{}.json", diff_id.hex())),
+                &bytes,
+            );
+        }
+    }
 }
 
 /// The scan of `layer`, from `cache_dir` when an earlier build scanned it.
@@ -224,12 +460,7 @@ pub fn scan_cached(
         return Ok(scan);
     }
     let scan = scan_layer(&blobs.path(&layer.digest))?;
-    if std::fs::create_dir_all(cache_dir).is_ok() {
-        if let Ok(bytes) = serde_json::to_vec(&scan) {
-            // A lost write only costs a rescan.
-            let _ = crate::oci::blobs::write_atomic(&cached, &bytes);
-        }
-    }
+    store_scan(cache_dir, &layer.diff_id, &scan);
     Ok(scan)
 }
 
@@ -840,6 +1071,49 @@ mod tests {
         for cut in [10, 63, 64, 100, elf.len() - 1] {
             let _ = binary_packages(&elf[..cut], "x");
         }
+    }
+
+    #[test]
+    fn the_stream_scanner_finds_what_the_blob_scan_finds() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, mode: u32, body: &[u8]| {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(body.len() as u64);
+            h.set_mode(mode);
+            h.set_entry_type(tar::EntryType::Regular);
+            // Long names go through PAX or GNU records, as layer writers make them.
+            b.append_data(&mut h, path, body).unwrap();
+        };
+        add(
+            "var/lib/dpkg/status",
+            0o644,
+            b"Package: a\nVersion: 1\n\nPackage: b\nVersion: 2\n",
+        );
+        add("lib/apk/db/installed", 0o644, b"P:musl\nV:1.2\n");
+        let deep = format!("app/{}/node_modules/x/package.json", "d/".repeat(60));
+        add(&deep, 0o644, br#"{"name":"x","version":"3"}"#);
+        add("usr/bin/tool", 0o755, b"#!/bin/sh\necho not elf\n");
+        add("srv/.wh.old", 0o644, b"");
+        add("opt/.wh..wh..opq", 0o644, b"");
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("layer.tar");
+        std::fs::write(&p, &tar).unwrap();
+        let from_blob = scan_layer(&p).unwrap();
+        for piece in [1usize, 511, 512, 4096] {
+            let mut s = StreamScanner::default();
+            for c in tar.chunks(piece) {
+                s.write_all(c).unwrap();
+            }
+            let streamed = s.finish().expect("the stream is followed");
+            assert_eq!(
+                serde_json::to_string(&streamed).unwrap(),
+                serde_json::to_string(&from_blob).unwrap(),
+                "written in pieces of {}",
+                piece
+            );
+        }
+        assert_eq!(from_blob.files.len(), 3, "{:?}", from_blob.files);
     }
 
     #[test]

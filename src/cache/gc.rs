@@ -237,6 +237,8 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
             }
         }
     }
+    // The chunk tables of removed layers go with them.
+    super::chunks::forget_missing(store.root(), &store.blobs);
     // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
     let mut live_chains = BTreeSet::new();
     for img in &images {

@@ -3,7 +3,9 @@
 //! step's result: the instruction after expansion and, for COPY/ADD/bind mounts, the content
 //! digest of exactly the files they read. An entry maps a key to the image state after the
 //! step (config blob + layers) and is written, atomically, only after its blobs are durable.
+//! Beside it, [`chunks`] keeps the compressed chunks a rewritten layer can reuse.
 
+pub mod chunks;
 pub mod context_hash;
 pub mod gc;
 pub mod remote;
@@ -25,7 +27,8 @@ pub struct CacheKey(pub Digest);
 /// Bump when the meaning of key material changes, so old entries stop matching.
 /// 2: context owners are relative to the context directory's, and SELinux labels are left
 /// out, so a key is the same on any machine.
-const KEY_VERSION: u32 = 2;
+/// 3: gzip layers are written in independent chunks (other bytes than before).
+const KEY_VERSION: u32 = 3;
 
 impl CacheKey {
     /// The key of a stage's starting point.

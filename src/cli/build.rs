@@ -706,7 +706,7 @@ fn attestations_for(
         ));
     }
     if attest.sbom {
-        let cache = store.root().join("cache").join("sbom");
+        let cache = sbom::cache_dir(store.root());
         let mut scans = Vec::new();
         for l in &image.state.layers {
             scans.push(

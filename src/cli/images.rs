@@ -76,6 +76,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
         LayerOptions {
             compression: Compression::Gzip(6),
             epoch: Some(epoch),
+            reuse: None,
         },
     )?;
     let p = Platform::host();

@@ -42,9 +42,14 @@ pub struct Layer {
     pub diff_id: Digest,
     pub size: u64,
     pub media_type: String,
+    /// A gzip layer's chunks (see [`super::pgzip`]); empty for zstd.
+    pub chunks: Vec<super::pgzip::ChunkInfo>,
+    /// How many of them came from the reuse source rather than the compressor.
+    pub reused: usize,
 }
 
 impl From<Layer> for super::image::LayerRef {
+    /// The layer as an image references it (its chunk table stays with the writer).
     fn from(l: Layer) -> Self {
         super::image::LayerRef {
             digest: l.digest,
@@ -71,18 +76,76 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
 }
 
 /// How to write a tree.
-#[derive(Debug, Clone, Copy)]
-pub struct LayerOptions {
+#[derive(Clone, Copy)]
+pub struct LayerOptions<'r> {
     pub compression: Compression,
     /// Clamp every mtime to at most this (the build's SOURCE_DATE_EPOCH).
     pub epoch: Option<i64>,
+    /// Compressed chunks of earlier layers that a gzip layer may reuse.
+    pub reuse: Option<&'r dyn super::pgzip::ChunkReuse>,
 }
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Write the tree under `dir` as a layer into `store`.
 pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<Layer, LayerError> {
-    write_layer_from(store, LayerSource::Dir(dir), opts)
+    write_layer_from(store, LayerSource::Dir(dir), opts, None)
+}
+
+/// A numeric field of a tar header: octal, or base-256 (high bit set) as tar writes sizes of
+/// 8 GiB and more; `None` when it is neither.
+pub fn tar_number(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        return Some(
+            field[1..]
+                .iter()
+                .fold(0u64, |v, b| v.saturating_mul(256).saturating_add(*b as u64)),
+        );
+    }
+    let s = std::str::from_utf8(field).ok()?;
+    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+/// Whether a 512-byte tar header's checksum field matches its bytes.
+pub fn tar_checksum_ok(header: &[u8]) -> bool {
+    if header.len() != 512 {
+        return false;
+    }
+    let sum: u64 = header
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                *b as u64
+            }
+        })
+        .sum();
+    tar_number(&header[148..156]) == Some(sum)
+}
+
+/// Writes to `main` and, as it goes, to `tee` (which sees the uncompressed tar).
+struct Tee<'t, W: Write> {
+    main: W,
+    tee: Option<&'t mut dyn Write>,
+}
+
+impl<W: Write> Write for Tee<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.main.write(buf)?;
+        if let Some(t) = self.tee.as_mut() {
+            t.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.main.flush()
+    }
 }
 
 /// What a layer is written from.
@@ -93,17 +156,21 @@ pub enum LayerSource<'a> {
     Tree(&'a LayerTree),
 }
 
-/// Write a layer from a directory or a tree into `store`.
+/// Write a layer from a directory or a tree into `store`; `tee` also sees the uncompressed
+/// tar as it is written (to scan it without reading the blob back).
 pub fn write_layer_from(
     store: &BlobStore,
     source: LayerSource,
     opts: LayerOptions,
+    tee: Option<&mut dyn Write>,
 ) -> Result<Layer, LayerError> {
     let dir: &Path = match &source {
         LayerSource::Dir(d) => d,
         LayerSource::Tree(_) => Path::new("."),
     };
     let (tmp_path, file) = store.temp_file()?;
+    let mut chunks = Vec::new();
+    let mut reused_chunks = 0;
     let result = (|| {
         let outer = HashingWriter::new(file);
         let (diff_id, outer) = match opts.compression {
@@ -111,17 +178,21 @@ pub fn write_layer_from(
                 let jobs = std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1);
-                let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs);
+                let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs, opts.reuse)
+                    .map_err(io_at(&tmp_path))?;
                 let inner = HashingWriter::new(gz);
-                let inner = write_source(&source, dir, inner, opts.epoch)?;
-                let (diff_id, _, gz) = inner.finish();
-                (diff_id, gz.finish().map_err(io_at(&tmp_path))?)
+                let inner = write_source(&source, dir, Tee { main: inner, tee }, opts.epoch)?;
+                let (diff_id, _, gz) = inner.main.finish();
+                let (outer, table, reused) = gz.finish().map_err(io_at(&tmp_path))?;
+                chunks = table;
+                reused_chunks = reused;
+                (diff_id, outer)
             }
             Compression::Zstd(level) => {
                 let z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
                 let inner = HashingWriter::new(z);
-                let inner = write_source(&source, dir, inner, opts.epoch)?;
-                let (diff_id, _, z) = inner.finish();
+                let inner = write_source(&source, dir, Tee { main: inner, tee }, opts.epoch)?;
+                let (diff_id, _, z) = inner.main.finish();
                 (diff_id, z.finish().map_err(io_at(&tmp_path))?)
             }
         };
@@ -132,6 +203,8 @@ pub fn write_layer_from(
             diff_id,
             size,
             media_type: opts.compression.media_type().to_string(),
+            chunks: std::mem::take(&mut chunks),
+            reused: reused_chunks,
         })
     })();
     if result.is_err() {
@@ -535,6 +608,7 @@ mod tests {
         let o = LayerOptions {
             compression: Compression::Gzip(6),
             epoch: Some(0),
+            reuse: None,
         };
         let l1 = write_layer(&s, t.path(), o).unwrap();
         let l2 = write_layer(&s, t.path(), o).unwrap();

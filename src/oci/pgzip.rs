@@ -1,132 +1,231 @@
-//! Parallel gzip, pigz-style: the input is cut into fixed 1 MiB chunks, each compressed on its
-//! own thread as raw deflate primed with the previous chunk's last 32 KiB (so the ratio stays
-//! close to a single stream), ended with a sync flush, and the pieces are joined into one gzip
-//! member. The bytes depend only on the chunk size and level, never on the number of threads,
-//! so layer digests stay reproducible on any machine.
+//! Parallel gzip in independent chunks, cut where the content says, so that a layer whose
+//! content barely changed costs only its changed chunks.
+//!
+//! - The tar stream is cut into chunks on entry boundaries: before a header whose name hashes
+//!   to a multiple of [`CUT_ONE_IN`], once the chunk holds at least [`MIN_CHUNK`] bytes;
+//!   and at [`MAX_CHUNK`] bytes inside big files. A cut depends only on the bytes since the
+//!   last cut, so an edit moves no boundary beyond the next one.
+//! - Each chunk is raw deflate on its own (no dictionary from the chunk before), ended with a
+//!   sync flush; the gzip member is the header, the chunks in order, an empty final block
+//!   and the CRC and size of the whole. Any gzip reader reads it as one stream.
+//! - A chunk whose uncompressed bytes an earlier layer held is not compressed again: its
+//!   compressed bytes come from a [`ChunkReuse`] (keyed by the sha256 of the uncompressed
+//!   chunk and the level), and are the same bytes a compression would give.
+//!
+//! So the output depends only on the content and the level, never on the number of threads
+//! or on what a cache held: a cold build and an edit rebuild of the same content give the
+//! same blob.
 
 use std::io::{self, Write};
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+use sha2::{Digest as _, Sha256};
 
-const CHUNK: usize = 1 << 20;
-const WINDOW: usize = 32 << 10;
+use super::digest::Digest;
 
-/// A gzip writer that compresses with up to `jobs` threads.
-pub struct ParallelGzWriter<W: Write> {
+/// A chunk is cut at an entry boundary only once it holds this much.
+pub const MIN_CHUNK: usize = 512 << 10;
+/// A chunk never holds more than this (big files are cut inside).
+pub const MAX_CHUNK: usize = 4 << 20;
+/// One entry boundary in this many (by the hash of the header's name) may end a chunk.
+pub const CUT_ONE_IN: u64 = 8;
+
+/// Where compressed chunks of earlier layers can be found.
+pub trait ChunkReuse: Sync {
+    /// The compressed form (raw deflate ending in a sync flush, at `level`) of the chunk
+    /// whose uncompressed bytes have the sha256 `digest`, if it is known.
+    fn compressed(&self, digest: &Digest, level: u32) -> Option<Vec<u8>>;
+}
+
+/// One chunk of a written gzip member: its uncompressed sha256, and where its compressed
+/// bytes sit in the member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkInfo {
+    pub digest: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Follows tar headers through the stream, to know where entries begin.
+struct TarTracker {
+    /// Where the next header starts (absolute offset); `u64::MAX` once the stream stops
+    /// looking like a tar (cuts then fall at `MAX_CHUNK` only).
+    next_header: u64,
+}
+
+impl TarTracker {
+    /// Where the header at `at` says the next one starts.
+    fn after(header: &[u8], at: u64) -> u64 {
+        use super::layer::{tar_checksum_ok, tar_number};
+        if !tar_checksum_ok(header) {
+            return u64::MAX;
+        }
+        let size = tar_number(&header[124..136]).unwrap_or(0);
+        at.saturating_add(512)
+            .saturating_add(size.div_ceil(512).saturating_mul(512))
+    }
+}
+
+/// Whether a chunk may end before the header `header` (by its name field).
+fn cuts_before(header: &[u8]) -> bool {
+    let h = Sha256::digest(&header[..100]);
+    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) % CUT_ONE_IN == 0
+}
+
+/// A gzip writer that compresses with up to `jobs` threads, reusing chunks from `reuse`.
+pub struct ParallelGzWriter<'r, W: Write> {
     inner: W,
     level: u32,
     jobs: usize,
     crc: Crc,
-    /// Full chunks not yet compressed; the last one may be the final chunk.
+    /// Bytes written to `inner` so far.
+    written: u64,
+    /// Closed chunks not yet compressed.
     pending: Vec<Vec<u8>>,
+    /// The chunk being filled, and where it starts in the uncompressed stream.
     current: Vec<u8>,
-    /// The dictionary for the next chunk to be compressed.
-    window: Vec<u8>,
-    header_written: bool,
+    start: u64,
+    tar: TarTracker,
+    reuse: Option<&'r dyn ChunkReuse>,
+    table: Vec<ChunkInfo>,
+    reused: usize,
 }
 
-impl<W: Write> ParallelGzWriter<W> {
-    pub fn new(inner: W, level: u32, jobs: usize) -> Self {
-        ParallelGzWriter {
+impl<'r, W: Write> ParallelGzWriter<'r, W> {
+    pub fn new(
+        mut inner: W,
+        level: u32,
+        jobs: usize,
+        reuse: Option<&'r dyn ChunkReuse>,
+    ) -> io::Result<Self> {
+        // No name, no mtime, no extra flags, OS "unknown": the same bytes everywhere.
+        inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+        Ok(ParallelGzWriter {
             inner,
             level: level.min(9),
             jobs: jobs.max(1),
             crc: Crc::new(),
+            written: 10,
             pending: Vec::new(),
-            current: Vec::with_capacity(CHUNK),
-            window: Vec::new(),
-            header_written: false,
-        }
+            current: Vec::with_capacity(MIN_CHUNK * 2),
+            start: 0,
+            tar: TarTracker { next_header: 0 },
+            reuse,
+            table: Vec::new(),
+            reused: 0,
+        })
     }
 
-    fn header(&mut self) -> io::Result<()> {
-        if !self.header_written {
-            // No name, no mtime, no extra flags, OS "unknown": the same bytes everywhere.
-            self.inner
-                .write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
-            self.header_written = true;
+    /// Close the current chunk at absolute offset `at`.
+    fn cut(&mut self, at: u64) -> io::Result<()> {
+        let rest = self.current.split_off((at - self.start) as usize);
+        self.pending
+            .push(std::mem::replace(&mut self.current, rest));
+        self.start = at;
+        if self.pending.len() >= self.jobs {
+            let chunks = std::mem::take(&mut self.pending);
+            self.compress(chunks)?;
         }
         Ok(())
     }
 
-    /// Compress `chunks` in parallel; only the very last chunk of the stream is `last`.
-    fn flush_chunks(&mut self, chunks: Vec<Vec<u8>>, last_is_final: bool) -> io::Result<()> {
-        self.header()?;
-        let n = chunks.len();
-        let mut dicts = Vec::with_capacity(n);
-        let mut prev = std::mem::take(&mut self.window);
-        for c in &chunks {
-            dicts.push(prev);
-            prev = c[c.len().saturating_sub(WINDOW)..].to_vec();
+    /// Make every cut the bytes received so far decide.
+    fn cut_what_is_decided(&mut self) -> io::Result<()> {
+        loop {
+            let end = self.start + self.current.len() as u64;
+            let header = self.tar.next_header;
+            let max_at = self.start + MAX_CHUNK as u64;
+            if max_at <= header && max_at <= end {
+                self.cut(max_at)?;
+                continue;
+            }
+            if header != u64::MAX && header.saturating_add(512) <= end {
+                let off = (header - self.start) as usize;
+                let h: [u8; 512] = self.current[off..off + 512]
+                    .try_into()
+                    .map_err(|_| io::Error::other("internal: a short tar header"))?;
+                self.tar.next_header = TarTracker::after(&h, header);
+                if off >= MIN_CHUNK && cuts_before(&h) {
+                    self.cut(header)?;
+                }
+                continue;
+            }
+            return Ok(());
         }
-        self.window = prev;
+    }
+
+    /// Compress (or reuse) `chunks` in parallel and write them out in order.
+    fn compress(&mut self, chunks: Vec<Vec<u8>>) -> io::Result<()> {
         let level = self.level;
-        let mut outputs: Vec<io::Result<Vec<u8>>> = (0..n).map(|_| Ok(Vec::new())).collect();
-        std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            for (i, (c, d)) in chunks.iter().zip(dicts.iter()).enumerate() {
-                let final_chunk = last_is_final && i + 1 == n;
-                handles.push(s.spawn(move || deflate(c, d, level, final_chunk)));
-            }
-            for (i, h) in handles.into_iter().enumerate() {
-                outputs[i] = h
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("compression thread panicked")));
-            }
+        let reuse = self.reuse;
+        let outputs: Vec<io::Result<(Digest, Vec<u8>, bool)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let digest = Digest::of(c);
+                        if let Some(z) = reuse.and_then(|r| r.compressed(&digest, level)) {
+                            return Ok((digest, z, true));
+                        }
+                        deflate(c, level).map(|z| (digest, z, false))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("compression thread panicked")))
+                })
+                .collect()
         });
         for o in outputs {
-            self.inner.write_all(&o?)?;
+            let (digest, z, reused) = o?;
+            self.inner.write_all(&z)?;
+            self.table.push(ChunkInfo {
+                digest: digest.hex().to_string(),
+                offset: self.written,
+                size: z.len() as u64,
+            });
+            self.written += z.len() as u64;
+            self.reused += reused as usize;
         }
         Ok(())
     }
 
-    /// Write everything out (with the gzip trailer) and return the inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    /// Write everything out (an empty final block, then the gzip trailer); returns the
+    /// inner writer, the chunk table and how many chunks were reused.
+    pub fn finish(mut self) -> io::Result<(W, Vec<ChunkInfo>, usize)> {
         let mut chunks = std::mem::take(&mut self.pending);
-        chunks.push(std::mem::take(&mut self.current));
-        for group_start in (0..chunks.len()).step_by(self.jobs) {
-            let end = (group_start + self.jobs).min(chunks.len());
-            let group: Vec<Vec<u8>> = chunks[group_start..end].to_vec();
-            self.flush_chunks(group, end == chunks.len())?;
+        if !self.current.is_empty() {
+            chunks.push(std::mem::take(&mut self.current));
         }
-        let crc = self.crc.sum();
-        let size = self.crc.amount();
-        self.inner.write_all(&crc.to_le_bytes())?;
-        self.inner.write_all(&size.to_le_bytes())?;
-        Ok(self.inner)
+        for group in chunks.chunks(self.jobs) {
+            self.compress(group.to_vec())?;
+        }
+        // The empty final block: BFINAL, fixed Huffman, end of block.
+        self.inner.write_all(&[0x03, 0x00])?;
+        self.inner.write_all(&self.crc.sum().to_le_bytes())?;
+        self.inner.write_all(&self.crc.amount().to_le_bytes())?;
+        Ok((self.inner, self.table, self.reused))
     }
 }
 
-impl<W: Write> Write for ParallelGzWriter<W> {
+impl<W: Write> Write for ParallelGzWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.crc.update(buf);
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let room = CHUNK - self.current.len();
-            let take = room.min(rest.len());
-            self.current.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.current.len() == CHUNK {
-                self.pending.push(std::mem::replace(
-                    &mut self.current,
-                    Vec::with_capacity(CHUNK),
-                ));
-                // Keep one full chunk back: it may turn out to be the last one.
-                if self.pending.len() > self.jobs {
-                    let group: Vec<Vec<u8>> = self.pending.drain(..self.jobs).collect();
-                    self.flush_chunks(group, false)?;
-                }
-            }
-        }
+        self.current.extend_from_slice(buf);
+        self.cut_what_is_decided()?;
         Ok(buf.len())
     }
+
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 
-/// Raw deflate of one chunk, primed with `dict`, ended by a sync flush (or the final block).
-fn deflate(data: &[u8], dict: &[u8], level: u32, last: bool) -> io::Result<Vec<u8>> {
+/// One chunk as raw deflate ending in a sync flush (never a final block).
+pub fn deflate(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
     // Already-compressed data (archives, media, random bytes) only costs time to deflate:
     // when a quick sample does not shrink, store the chunk. The choice depends only on the
     // chunk's bytes, so the output stays reproducible.
@@ -136,28 +235,20 @@ fn deflate(data: &[u8], dict: &[u8], level: u32, last: bool) -> io::Result<Vec<u
         level
     };
     let mut c = Compress::new(Compression::new(level), false);
-    if !dict.is_empty() {
-        c.set_dictionary(dict).map_err(io::Error::other)?;
-    }
     let mut out = Vec::with_capacity(data.len() / 2 + 4096);
-    let flush = if last {
-        FlushCompress::Finish
-    } else {
-        FlushCompress::Sync
-    };
     loop {
         if out.capacity() - out.len() < 4096 {
             out.reserve(out.capacity().max(64 << 10));
         }
         let consumed = c.total_in() as usize;
         let status = c
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
             .map_err(io::Error::other)?;
         let all_in = c.total_in() as usize == data.len();
         let room_left = out.capacity() - out.len() > 0;
         match status {
             Status::StreamEnd => break,
-            _ if all_in && room_left && !last => break,
+            _ if all_in && room_left => break,
             _ => {}
         }
     }
@@ -183,43 +274,113 @@ fn incompressible(data: &[u8]) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::io::Read;
+    use std::sync::Mutex;
 
-    fn roundtrip(data: &[u8], jobs: usize) -> Vec<u8> {
-        let mut w = ParallelGzWriter::new(Vec::new(), 6, jobs);
+    fn gzip(
+        data: &[u8],
+        jobs: usize,
+        reuse: Option<&dyn ChunkReuse>,
+    ) -> (Vec<u8>, Vec<ChunkInfo>, usize) {
+        let mut w = ParallelGzWriter::new(Vec::new(), 6, jobs, reuse).unwrap();
         for piece in data.chunks(7777) {
             w.write_all(piece).unwrap();
         }
-        let gz = w.finish().unwrap();
+        let (gz, table, reused) = w.finish().unwrap();
         let mut back = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, data);
-        gz
+        // Every chunk is where the table says.
+        for c in &table {
+            assert!(c.offset + c.size <= gz.len() as u64);
+        }
+        (gz, table, reused)
+    }
+
+    /// A tar of `n` files with pseudo-random content, one of them edited.
+    fn tar_of(n: usize, edited: Option<usize>) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..n {
+            let mut body: Vec<u8> = (0..3000).map(|k| ((i * 31 + k * 7) % 251) as u8).collect();
+            if edited == Some(i) {
+                body.extend_from_slice(b"an edit that changes the size");
+            }
+            let mut h = tar::Header::new_ustar();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("dir/file-{}", i), &body[..])
+                .unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// Chunks remembered from earlier outputs.
+    #[derive(Default)]
+    struct Remembered(Mutex<HashMap<String, Vec<u8>>>);
+
+    impl Remembered {
+        fn learn(&self, gz: &[u8], table: &[ChunkInfo]) {
+            let mut m = self.0.lock().unwrap();
+            for c in table {
+                m.insert(
+                    c.digest.clone(),
+                    gz[c.offset as usize..(c.offset + c.size) as usize].to_vec(),
+                );
+            }
+        }
+    }
+
+    impl ChunkReuse for Remembered {
+        fn compressed(&self, digest: &Digest, _level: u32) -> Option<Vec<u8>> {
+            self.0.lock().unwrap().get(digest.hex()).cloned()
+        }
     }
 
     #[test]
     fn decodes_and_is_independent_of_thread_count() {
-        let mut data = Vec::new();
-        for i in 0..(3 * CHUNK + 12345) {
-            data.push(((i * 7919) % 251) as u8 ^ (i / 1000) as u8);
-        }
-        let one = roundtrip(&data, 1);
-        let four = roundtrip(&data, 4);
+        let data = tar_of(2000, None);
+        let (one, t1, _) = gzip(&data, 1, None);
+        let (four, t4, _) = gzip(&data, 4, None);
         assert_eq!(one, four);
-        roundtrip(b"", 2);
-        // Incompressible chunks are stored, and still round-trip identically.
+        assert_eq!(t1, t4);
+        assert!(t1.len() > 3, "{} chunks", t1.len());
+        gzip(b"", 2, None);
+        // Not a tar, incompressible: cut at MAX_CHUNK, stored, still round-trips.
         let mut noise = Vec::new();
         let mut x: u64 = 0x2545f4914f6cdd1d;
-        for _ in 0..(2 * CHUNK + 999) {
+        for _ in 0..(2 * MAX_CHUNK + 999) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             noise.push(x as u8);
         }
-        assert_eq!(roundtrip(&noise, 1), roundtrip(&noise, 3));
-        roundtrip(&data[..CHUNK], 3);
-        roundtrip(&data[..2 * CHUNK], 2);
+        let (a, t, _) = gzip(&noise, 1, None);
+        assert_eq!(t.len(), 3);
+        assert_eq!(a, gzip(&noise, 3, None).0);
+    }
+
+    #[test]
+    fn an_edit_recompresses_one_chunk_and_gives_the_cold_bytes() {
+        let before = tar_of(3000, None);
+        let after = tar_of(3000, Some(1700));
+        let seen = Remembered::default();
+        let (gz_before, table_before, _) = gzip(&before, 2, None);
+        seen.learn(&gz_before, &table_before);
+        let (warm, table, reused) = gzip(&after, 2, Some(&seen));
+        let (cold, _, _) = gzip(&after, 2, None);
+        assert_eq!(
+            warm, cold,
+            "a reused chunk is the bytes a compression gives"
+        );
+        assert_eq!(
+            table.len() - reused,
+            1,
+            "one chunk of {} compressed again",
+            table.len()
+        );
     }
 }

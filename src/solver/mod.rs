@@ -26,7 +26,7 @@ use crate::cache::{CacheIndex, CacheKey};
 use crate::context::SourceRoot;
 use crate::oci::digest::Digest;
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
-use crate::oci::layer::{write_layer, Compression, LayerOptions};
+use crate::oci::layer::{Compression, LayerOptions};
 use crate::oci::unpack;
 use crate::plan::{Base, BuildGraph, Platform, Scope};
 use crate::progress::Reporter;
@@ -1657,15 +1657,7 @@ impl Ctx<'_, '_> {
         l: &Located,
         tree: &crate::oci::layer::LayerTree,
     ) -> Result<LayerRef, BuildError> {
-        let layer = crate::oci::layer::write_layer_from(
-            &self.store.blobs,
-            crate::oci::layer::LayerSource::Tree(tree),
-            LayerOptions {
-                compression: self.req.compression,
-                epoch: Some(self.req.epoch),
-            },
-        )
-        .map_err(|e| self.fail(l, e.to_string()))?;
+        let layer = self.write_step_layer(l, crate::oci::layer::LayerSource::Tree(tree))?;
         Ok(layer.into())
     }
 
@@ -1677,18 +1669,60 @@ impl Ctx<'_, '_> {
         staging: &Path,
         view: &mut RootView,
     ) -> Result<LayerRef, BuildError> {
-        let layer = write_layer(
-            &self.store.blobs,
-            staging,
-            LayerOptions {
-                compression: self.req.compression,
-                epoch: Some(self.req.epoch),
-            },
-        )
-        .map_err(|e| self.fail(l, e.to_string()))?;
+        let layer = self.write_step_layer(l, crate::oci::layer::LayerSource::Dir(staging))?;
         let layer: LayerRef = layer.into();
         view.add_layer_from_dir(&self.snaps, &layer, staging)
             .map_err(|e| self.fail(l, e.to_string()))?;
+        Ok(layer)
+    }
+
+    /// Write the layer of step `l`. A gzip layer reuses the compressed chunks that the last
+    /// layer of the same step (platform and instruction) shares with it, and says how many
+    /// it compressed.
+    fn write_step_layer(
+        &self,
+        l: &Located,
+        source: crate::oci::layer::LayerSource,
+    ) -> Result<crate::oci::layer::Layer, BuildError> {
+        let identity = format!("{}\0{}", self.platform.spec(), l.text);
+        let root = self.store.root();
+        let previous =
+            crate::cache::chunks::PreviousChunks::of_step(root, &self.store.blobs, &identity);
+        // The SBOM's look at this layer is taken as it is written.
+        let mut scanner = crate::attest::sbom::StreamScanner::default();
+        let layer = crate::oci::layer::write_layer_from(
+            &self.store.blobs,
+            source,
+            LayerOptions {
+                compression: self.req.compression,
+                epoch: Some(self.req.epoch),
+                reuse: previous
+                    .as_ref()
+                    .map(|p| p as &dyn crate::oci::pgzip::ChunkReuse),
+            },
+            Some(&mut scanner),
+        )
+        .map_err(|e| self.fail(l, e.to_string()))?;
+        if let Some(scan) = scanner.finish() {
+            crate::attest::sbom::store_scan(
+                &crate::attest::sbom::cache_dir(root),
+                &layer.diff_id,
+                &scan,
+            );
+        }
+        if let Compression::Gzip(level) = self.req.compression {
+            crate::cache::chunks::remember(root, &identity, &layer, level);
+            self.req.reporter.log(
+                self.step,
+                &format!(
+                    "layer {}: {} chunks, {} compressed, {} reused",
+                    layer.digest,
+                    layer.chunks.len(),
+                    layer.chunks.len() - layer.reused,
+                    layer.reused
+                ),
+            );
+        }
         Ok(layer)
     }
 

@@ -1,0 +1,122 @@
+//! Compressed chunks of earlier layers, for a step that writes a layer again (an edited COPY,
+//! a RUN whose output barely changed). Each gzip layer's chunk table (`tables/<blob>`: the
+//! sha256 of each chunk's uncompressed bytes and where its compressed bytes sit in the blob)
+//! is kept, and each step (by platform and instruction) remembers its last layer
+//! (`steps/<id>`). A rewrite reads unchanged chunks straight from that blob: nothing is
+//! copied, and a blob that is gone only means compressing again.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use crate::oci::blobs::{write_atomic, BlobStore};
+use crate::oci::digest::Digest;
+use crate::oci::layer::Layer;
+use crate::oci::pgzip::{ChunkInfo, ChunkReuse};
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Table {
+    level: u32,
+    chunks: Vec<ChunkInfo>,
+}
+
+fn dir(store_root: &Path) -> PathBuf {
+    store_root.join("cache").join("chunks")
+}
+
+fn step_path(store_root: &Path, step: &str) -> PathBuf {
+    dir(store_root)
+        .join("steps")
+        .join(Digest::of(step.as_bytes()).hex())
+}
+
+fn table_path(store_root: &Path, blob: &Digest) -> PathBuf {
+    dir(store_root).join("tables").join(blob.hex())
+}
+
+/// The chunks of the last layer `step` wrote, when it is still stored.
+pub struct PreviousChunks {
+    blob: PathBuf,
+    level: u32,
+    /// Uncompressed sha256 (hex) -> (offset, size) in `blob`.
+    index: HashMap<String, (u64, u64)>,
+}
+
+impl PreviousChunks {
+    pub fn of_step(store_root: &Path, blobs: &BlobStore, step: &str) -> Option<PreviousChunks> {
+        let text = fs::read_to_string(step_path(store_root, step)).ok()?;
+        let blob: Digest = text.trim().parse().ok()?;
+        if !blobs.contains(&blob) {
+            return None;
+        }
+        let table: Table =
+            serde_json::from_slice(&fs::read(table_path(store_root, &blob)).ok()?).ok()?;
+        let index = table
+            .chunks
+            .into_iter()
+            .map(|c| (c.digest, (c.offset, c.size)))
+            .collect();
+        Some(PreviousChunks {
+            blob: blobs.path(&blob),
+            level: table.level,
+            index,
+        })
+    }
+}
+
+impl ChunkReuse for PreviousChunks {
+    fn compressed(&self, digest: &Digest, level: u32) -> Option<Vec<u8>> {
+        if level != self.level {
+            return None;
+        }
+        let &(offset, size) = self.index.get(digest.hex())?;
+        let mut f = fs::File::open(&self.blob).ok()?;
+        f.seek(SeekFrom::Start(offset)).ok()?;
+        let mut out = vec![0u8; usize::try_from(size).ok()?];
+        f.read_exact(&mut out).ok()?;
+        Some(out)
+    }
+}
+
+/// Remember `layer` (gzip at `level`) as what `step` wrote last. Losing this only costs a
+/// later rewrite its reuse, so failures are ignored.
+pub fn remember(store_root: &Path, step: &str, layer: &Layer, level: u32) {
+    if layer.chunks.is_empty() {
+        return;
+    }
+    let table = Table {
+        level,
+        chunks: layer.chunks.clone(),
+    };
+    let tp = table_path(store_root, &layer.digest);
+    let sp = step_path(store_root, step);
+    for p in [&tp, &sp] {
+        if let Some(parent) = p.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+    }
+    if !tp.exists() {
+        if let Ok(bytes) = serde_json::to_vec(&table) {
+            let _ = write_atomic(&tp, &bytes);
+        }
+    }
+    let _ = write_atomic(&sp, layer.digest.to_string().as_bytes());
+}
+
+/// Remove the tables of blobs that are gone (what `cache prune` calls after removing blobs).
+pub fn forget_missing(store_root: &Path, blobs: &BlobStore) {
+    let Ok(rd) = fs::read_dir(dir(store_root).join("tables")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let gone = format!("sha256:{}", name)
+            .parse::<Digest>()
+            .map(|d| !blobs.contains(&d))
+            .unwrap_or(true);
+        if gone {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
