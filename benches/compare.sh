@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# builder, docker's BuildKit and buildah side by side, in one run, on the same inputs:
+# cold builds, no-op rebuilds and one-file-edit rebuilds of issue 17's scenarios, plus a
+# 200k-file context (no-op, and builder's peak RSS). Medians of RUNS runs, in seconds, with
+# the ratio builder/docker. A report, not a test.
+#
+# builder writes a gzip OCI layout (-o oci:); docker builds into its daemon's store (no
+# layer compression); buildah builds with --layers into its storage. A cold build is a fresh
+# builder store, and `--no-cache` for docker and buildah (their base image stays, as
+# builder's does).
+#
+# Usage: benches/compare.sh [scenario ...]   (needs root, docker.io and buildah)
+#   scenarios: copy-many incremental copy-big run-steps multi-stage huge (default: all)
+# Environment: BENCH_DIR (default /var/tmp/builder-compare), RUNS (3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q
+bin=$PWD/target/release/builder
+work=${BENCH_DIR:-/var/tmp/builder-compare}
+runs=${RUNS:-3}
+scenarios=("$@")
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(copy-many incremental copy-big run-steps multi-stage huge)
+for tool in docker dockerd buildah busybox; do
+  command -v $tool >/dev/null || { echo "$tool is not installed (apt-get install docker.io buildah busybox-static)"; exit 1; }
+done
+mkdir -p "$work"
+stamp=$(date +%s)
+
+# dockerd off the host network, with its own roots (DEVELOPERS' rule).
+dk=$work/dockerd
+mkdir -p "$dk"
+dockerd --iptables=false --ip6tables=false --bridge=none --data-root "$dk/data" \
+  --exec-root "$dk/exec" --pidfile "$dk/pid" -H "unix://$dk/sock" >"$dk/log" 2>&1 &
+trap 'kill "$(cat "$dk/pid" 2>/dev/null)" 2>/dev/null || true' EXIT
+export DOCKER_HOST=unix://$dk/sock DOCKER_BUILDKIT=1
+for _ in $(seq 100); do /usr/bin/docker info >/dev/null 2>&1 && break; sleep 0.2; done
+docker() { /usr/bin/docker "$@"; }
+
+# One busybox base for everyone: imported into builder, loaded into docker and buildah.
+base=$work/base
+if [ ! -f "$base/busybox.tar" ]; then
+  mkdir -p "$base/rootfs/bin" && cp "$(command -v busybox)" "$base/rootfs/bin/"
+  for a in sh cat echo ls sleep true; do ln -sf busybox "$base/rootfs/bin/$a"; done
+  "$bin" import --root "$base/store" "$base/rootfs" -t localhost/busybox:bench >/dev/null
+  "$bin" export --root "$base/store" localhost/busybox:bench -o "docker-archive:$base/busybox.tar"
+fi
+# The name every build file uses: local to each tool, never pulled.
+loaded=$(docker load -q -i "$base/busybox.tar" | sed -n 's/^Loaded image[^:]*: //p' | tail -n 1)
+docker tag "$loaded" localhost/busybox:bench
+id=$(buildah pull -q "docker-archive:$base/busybox.tar")
+buildah tag "$id" localhost/busybox:bench
+
+gen() { # scenario -> context dir (made once, kept between runs)
+  local s=$1 ctx=$work/ctx-$1
+  if [ ! -d "$ctx" ]; then
+    mkdir -p "$ctx"
+    case $s in
+      copy-many|incremental|huge)
+        local n=20000 size=5000
+        [ "$s" = incremental ] && n=5000
+        [ "$s" = huge ] && { n=200000; size=500; }
+        python3 - "$ctx" "$n" "$size" <<'PY'
+import os, sys
+ctx, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    d = os.path.join(ctx, "src", "m%04d" % (i // 200))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "f%06d.txt" % i), "wb") as f:
+        f.write((("%d " % i) * size).encode()[:size])
+PY
+        ;;
+      copy-big) for i in 1 2 3 4 5; do head -c $((100*1024*1024)) /dev/urandom > "$ctx/blob$i.bin"; done ;;
+      run-steps) echo x > "$ctx/x" ;;
+      multi-stage) for p in a b c; do mkdir -p "$ctx/$p"; for i in $(seq 1 2000); do echo "$p $i" > "$ctx/$p/$i.txt"; done; done ;;
+    esac
+  fi
+  case $s in
+    copy-many|huge) printf 'FROM scratch\nCOPY src/ /app/src/\n' ;;
+    incremental) printf 'FROM localhost/busybox:bench\nCOPY src/ /app/src/\nRUN ls -R /app/src > /app/list\n' ;;
+    copy-big) printf 'FROM scratch\nCOPY blob1.bin blob2.bin /data/\nCOPY blob3.bin blob4.bin blob5.bin /data/\n' ;;
+    run-steps) printf 'FROM localhost/busybox:bench\n'; for i in 1 2 3 4 5 6 7 8; do printf 'RUN echo %d > /s%d\n' $i $i; done ;;
+    multi-stage) printf 'FROM localhost/busybox:bench AS a\nCOPY a/ /a/\nRUN ls /a > /a.list\nFROM localhost/busybox:bench AS b\nCOPY b/ /b/\nRUN ls /b > /b.list\nFROM localhost/busybox:bench AS c\nCOPY c/ /c/\nFROM scratch\nCOPY --from=a /a.list /a.list\nCOPY --from=b /b.list /b.list\nCOPY --from=c /c /c\n' ;;
+  esac > "$ctx/Buildfile"
+  echo "$ctx"
+}
+
+edit_one() {
+  case $1 in
+    copy-many|huge|incremental) echo "edit $(date +%s%N)" >> "$2/src/m0010/f002001.txt" 2>/dev/null \
+        || echo "edit $(date +%s%N)" >> "$(find "$2/src" -type f | sort | sed -n 2001p)" ;;
+  esac
+}
+
+# Seconds and peak RSS (KiB) of one command (a function of this script, or a program).
+timed() {
+  local out
+  out=$( { /usr/bin/time -f '%e %M' bash -c '"$@"' timed "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -n 1)
+  echo "$out"
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+build_builder() { # ctx root
+  "$bin" build --progress quiet --network none --root "$2" -o "oci:$2-layout:latest" "$1"
+}
+build_docker() { docker build -q -f "$1/Buildfile" "${@:2}" "$1"; }
+build_buildah() { buildah bud -q --layers --isolation chroot -f "$1/Buildfile" "${@:2}" "$1"; }
+
+export bin
+export -f docker build_builder build_docker build_buildah
+
+warm() { find "$1" -type f -exec cat {} + >/dev/null 2>&1 || true; }
+
+printf '| scenario | phase | builder | docker (BuildKit) | buildah | builder/docker |\n'
+printf '|---|---|---|---|---|---|\n'
+row() { # scenario phase b d h
+  local ratio="-"
+  if [ "$4" != "-" ] && [ "$3" != "-" ]; then ratio=$(awk -v b="$3" -v d="$4" 'BEGIN { if (d > 0) printf "%.2f", b / d; else print "-" }'); fi
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" "$ratio"
+}
+
+rss_note=""
+for s in "${scenarios[@]}"; do
+  ctx=$(gen "$s")
+  warm "$ctx"
+  phases=(cold no-op)
+  case $s in copy-many|incremental) phases+=(edit) ;; esac
+  [ "$s" = huge ] && phases=(no-op)
+  declare -A t=()
+  root_base=$work/runs/$stamp/$s
+  mkdir -p "$root_base"
+  # A store that holds the base image, for warm phases.
+  warm_root=$root_base/warm
+  cp -a "$base/store" "$warm_root"
+  build_builder "$ctx" "$warm_root" >/dev/null
+  build_docker "$ctx" >/dev/null
+  build_buildah "$ctx" >/dev/null
+  for phase in "${phases[@]}"; do
+    for tool in builder docker buildah; do
+      samples=()
+      for r in $(seq "$runs"); do
+        case $phase in
+          cold)
+            case $tool in
+              builder) fresh=$root_base/cold-$r; cp -a "$base/store" "$fresh"; res=$(timed build_builder "$ctx" "$fresh") ;;
+              docker) res=$(timed build_docker "$ctx" --no-cache) ;;
+              buildah) res=$(timed build_buildah "$ctx" --no-cache) ;;
+            esac ;;
+          no-op)
+            case $tool in
+              builder) res=$(timed build_builder "$ctx" "$warm_root") ;;
+              docker) res=$(timed build_docker "$ctx") ;;
+              buildah) res=$(timed build_buildah "$ctx") ;;
+            esac ;;
+          edit)
+            # Each tool sees a fresh edit of the same file.
+            edit_one "$s" "$ctx"
+            case $tool in
+              builder) res=$(timed build_builder "$ctx" "$warm_root") ;;
+              docker) res=$(timed build_docker "$ctx") ;;
+              buildah) res=$(timed build_buildah "$ctx") ;;
+            esac ;;
+        esac
+        samples+=("${res%% *}")
+        if [ "$tool" = builder ] && [ "$s" = huge ]; then rss_note="builder peak RSS on the 200k-file no-op: $(( ${res##* } / 1024 )) MB"; fi
+      done
+      t[$tool]=$(printf '%s\n' "${samples[@]}" | median)
+    done
+    row "$s" "$phase" "${t[builder]}" "${t[docker]}" "${t[buildah]}"
+  done
+  unset t
+done
+[ -n "$rss_note" ] && echo && echo "$rss_note"
+# The zstd floor for copy-big: builder with --compression zstd against zstd -3 -T0.
+if printf '%s\n' "${scenarios[@]}" | grep -qx copy-big && command -v zstd >/dev/null; then
+  ctx=$work/ctx-copy-big
+  fresh=$work/runs/$stamp/zstd
+  mkdir -p "$fresh"
+  b=$( { /usr/bin/time -f '%e' "$bin" build --progress quiet --root "$fresh/store" --compression zstd -o "oci:$fresh/layout:z" "$ctx" >/dev/null 2>/dev/null; } 2>&1 | tail -n1)
+  z=$( { /usr/bin/time -f '%e' sh -c "cat $ctx/blob*.bin | zstd -3 -T0 -q -c > /dev/null"; } 2>&1 | tail -n1)
+  echo
+  echo "copy-big cold with --compression zstd: ${b}s; zstd -3 -T0 of the same bytes: ${z}s (ratio $(awk -v b="$b" -v z="$z" 'BEGIN{printf "%.2f", b/z}'))"
+fi
