@@ -32,6 +32,17 @@ struct StatEntry {
     sha256: String,
 }
 
+/// What one context entry is, as [`ContextHasher::describe_leaves`] reads it.
+struct Probe {
+    md: fs::Metadata,
+    /// A symlink's target.
+    link: Vec<u8>,
+    /// Its xattrs but `security.selinux` (the host's labelling policy).
+    xattrs: Vec<(String, Vec<u8>)>,
+    /// Its content hash, when the stat cache (or this build) already knows it.
+    cached: Option<String>,
+}
+
 /// Hashes context files, remembering results in `cache/stat.json` under the store.
 pub struct ContextHasher {
     path: PathBuf,
@@ -116,6 +127,59 @@ impl ContextHasher {
         Ok(hex)
     }
 
+    fn probe(&self, path: &Path, now: i64) -> io::Result<Probe> {
+        let md = fs::symlink_metadata(path)?;
+        let link = if md.file_type().is_symlink() {
+            fs::read_link(path)
+                .map(|l| l.as_os_str().as_bytes().to_vec())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut xattrs = crate::oci::layer::read_xattrs(path);
+        xattrs.retain(|(k, _)| k != "security.selinux");
+        let cached = if md.is_file() {
+            self.cached(path, &md, now)
+        } else {
+            None
+        };
+        Ok(Probe {
+            md,
+            link,
+            xattrs,
+            cached,
+        })
+    }
+
+    /// [`probe`](Self::probe) every entry, on up to `jobs` threads, in order.
+    fn probe_all(&self, entries: &[(String, PathBuf)], now: i64) -> io::Result<Vec<Probe>> {
+        // Below this, threads cost more than they save.
+        const PER_THREAD: usize = 512;
+        let threads = self.jobs.min(entries.len() / PER_THREAD).max(1);
+        if threads == 1 {
+            return entries.iter().map(|(_, p)| self.probe(p, now)).collect();
+        }
+        let size = entries.len().div_ceil(threads);
+        let parts: Vec<io::Result<Vec<Probe>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = entries
+                .chunks(size)
+                .map(|part| s.spawn(move || part.iter().map(|(_, p)| self.probe(p, now)).collect()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a hashing thread panicked")))
+                })
+                .collect()
+        });
+        let mut out = Vec::with_capacity(entries.len());
+        for part in parts {
+            out.extend(part?);
+        }
+        Ok(out)
+    }
+
     /// The digest of a set of context entries (`rel` -> on-disk path) for a cache key, and
     /// each entry as provenance records it: type, mode, owner, size, link target, xattrs,
     /// content digest, and the mtime as it will appear in the layer (clamped to `epoch`).
@@ -134,19 +198,16 @@ impl ContextHasher {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let mut metas = Vec::with_capacity(entries.len());
-        let mut todo: Vec<usize> = Vec::new();
-        let mut hashes: Vec<Option<String>> = vec![None; entries.len()];
-        for (i, (_, p)) in entries.iter().enumerate() {
-            let md = fs::symlink_metadata(p)?;
-            if md.is_file() {
-                match self.cached(p, &md, now) {
-                    Some(h) => hashes[i] = Some(h),
-                    None => todo.push(i),
-                }
-            }
-            metas.push(md);
-        }
+        // Every entry's metadata, link target and xattrs, and the stat cache's answer, in
+        // parallel over contiguous slices (a no-op build of a large context is these calls).
+        let probes = self.probe_all(entries, now)?;
+        let mut hashes: Vec<Option<String>> = probes.iter().map(|p| p.cached.clone()).collect();
+        let todo: Vec<usize> = probes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.md.is_file() && p.cached.is_none())
+            .map(|(i, _)| i)
+            .collect();
         // Hash the rest in parallel.
         let results: Mutex<Vec<(usize, io::Result<String>)>> = Mutex::new(Vec::new());
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -155,7 +216,7 @@ impl ContextHasher {
                 s.spawn(|| loop {
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = todo.get(k) else { break };
-                    let r = self.hash_file(&entries[i].1, &metas[i]);
+                    let r = self.hash_file(&entries[i].1, &probes[i].md);
                     if let Ok(mut v) = results.lock() {
                         v.push((i, r));
                     }
@@ -171,8 +232,8 @@ impl ContextHasher {
         // which are length-prefixed.
         let mut h = HashingWriter::new(io::sink());
         let mut leaves = Vec::with_capacity(entries.len());
-        for (i, (rel, p)) in entries.iter().enumerate() {
-            let md = &metas[i];
+        for (i, ((rel, _), probe)) in entries.iter().zip(&probes).enumerate() {
+            let md = &probe.md;
             let ft = md.file_type();
             let kind = if ft.is_dir() {
                 'd'
@@ -183,15 +244,7 @@ impl ContextHasher {
             } else {
                 'o'
             };
-            let link = if ft.is_symlink() {
-                fs::read_link(p)
-                    .map(|l| l.as_os_str().as_bytes().to_vec())
-                    .unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            let mut xattrs = crate::oci::layer::read_xattrs(p);
-            xattrs.retain(|(k, _)| k != "security.selinux");
+            let link = &probe.link;
             let mut rec: Vec<u8> = Vec::with_capacity(rel.len() + 128);
             rec.extend_from_slice(format!("{}:", rel.len()).as_bytes());
             rec.extend_from_slice(rel.as_bytes());
@@ -213,7 +266,7 @@ impl ContextHasher {
                 } else {
                     "0".into()
                 },
-                format!("{}:{}", link.len(), String::from_utf8_lossy(&link)),
+                format!("{}:{}", link.len(), String::from_utf8_lossy(link)),
                 hashes[i].clone().unwrap_or_default(),
                 md.mtime().min(epoch).to_string(),
             ];
@@ -221,7 +274,7 @@ impl ContextHasher {
                 rec.push(0x1f);
                 rec.extend_from_slice(f.as_bytes());
             }
-            for (k, v) in xattrs {
+            for (k, v) in &probe.xattrs {
                 rec.push(0x1f);
                 rec.extend_from_slice(format!("x{}:", k.len()).as_bytes());
                 rec.extend_from_slice(k.as_bytes());
@@ -240,7 +293,7 @@ impl ContextHasher {
                 content: hashes[i].as_ref().map(|h| format!("sha256:{}", h)),
                 link: ft
                     .is_symlink()
-                    .then(|| String::from_utf8_lossy(&link).into_owned()),
+                    .then(|| String::from_utf8_lossy(link).into_owned()),
                 mtime: (md.mtime() < epoch).then_some(md.mtime()),
             });
         }

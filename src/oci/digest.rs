@@ -94,6 +94,84 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// [`HashingWriter`] on a thread of its own: writes are gathered into 1 MiB buffers that a
+/// worker hashes and passes to `inner`, so hashing overlaps with the producer's work.
+pub struct ThreadedHashingWriter<W: Write + Send + 'static> {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<io::Result<(Digest, u64, W)>>>,
+}
+
+const THREADED_BUFFER: usize = 1 << 20;
+
+impl<W: Write + Send + 'static> ThreadedHashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        // A few buffers in flight at most: memory stays bounded.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || {
+            let mut w = HashingWriter::new(inner);
+            for b in rx {
+                w.write_all(&b)?;
+            }
+            Ok(w.finish())
+        });
+        ThreadedHashingWriter {
+            buf: Vec::with_capacity(THREADED_BUFFER),
+            tx: Some(tx),
+            worker: Some(worker),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(THREADED_BUFFER));
+        let sent = self.tx.as_ref().map(|tx| tx.send(full).is_ok());
+        if sent == Some(true) {
+            Ok(())
+        } else {
+            // The worker stopped: its error comes out of `finish`.
+            Err(self.join_err())
+        }
+    }
+
+    fn join_err(&mut self) -> io::Error {
+        self.tx = None;
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => e,
+            _ => io::Error::other("the hashing thread stopped"),
+        }
+    }
+
+    /// The digest and byte count of everything written, and the inner writer.
+    pub fn finish(mut self) -> io::Result<(Digest, u64, W)> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        self.tx = None;
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(io::Error::other("the hashing thread panicked")),
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Write for ThreadedHashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let n = (THREADED_BUFFER - self.buf.len()).min(rest.len());
+            self.buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if self.buf.len() == THREADED_BUFFER {
+                self.send()?;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Passes reads through from `inner` while hashing and counting them.
 pub struct HashingReader<R> {
     inner: R,
@@ -128,6 +206,20 @@ impl<R: Read> Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_threaded_hasher_agrees_with_the_inline_one() {
+        let data: Vec<u8> = (0..(3 * THREADED_BUFFER + 777))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut t = ThreadedHashingWriter::new(Vec::new());
+        for piece in data.chunks(10_007) {
+            t.write_all(piece).unwrap();
+        }
+        let (d, n, back) = t.finish().unwrap();
+        assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
+        assert_eq!(back, data);
+    }
 
     #[test]
     fn parses_and_prints() {

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::blobs::{BlobError, BlobStore};
-use super::digest::{Digest, HashingWriter};
+use super::digest::{Digest, ThreadedHashingWriter};
 
 /// Layer compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,22 +129,34 @@ pub fn tar_checksum_ok(header: &[u8]) -> bool {
     tar_number(&header[148..156]) == Some(sum)
 }
 
-/// Writes to `main` and, as it goes, to `tee` (which sees the uncompressed tar).
-struct Tee<'t, W: Write> {
-    main: W,
+/// Where a layer's tar goes: the compressor, the diff_id's hashing thread, and `tee`.
+struct TarSink<'t, W: Write> {
+    out: W,
+    diff_id: ThreadedHashingWriter<io::Sink>,
     tee: Option<&'t mut dyn Write>,
 }
 
-impl<W: Write> Write for Tee<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.main.write(buf)?;
-        if let Some(t) = self.tee.as_mut() {
-            t.write_all(&buf[..n])?;
+impl<'t, W: Write> TarSink<'t, W> {
+    fn new(out: W, tee: Option<&'t mut dyn Write>) -> Self {
+        TarSink {
+            out,
+            diff_id: ThreadedHashingWriter::new(io::sink()),
+            tee,
         }
-        Ok(n)
+    }
+}
+
+impl<W: Write> Write for TarSink<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write_all(buf)?;
+        self.diff_id.write_all(buf)?;
+        if let Some(t) = self.tee.as_mut() {
+            t.write_all(buf)?;
+        }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.main.flush()
+        self.out.flush()
     }
 }
 
@@ -172,7 +184,9 @@ pub fn write_layer_from(
     let mut chunks = Vec::new();
     let mut reused_chunks = 0;
     let result = (|| {
-        let outer = HashingWriter::new(file);
+        // The blob is hashed, and the diff_id computed, on threads of their own, beside
+        // the tar writer and the compressors.
+        let outer = ThreadedHashingWriter::new(file);
         let (diff_id, outer) = match opts.compression {
             Compression::Gzip(level) => {
                 let jobs = std::thread::available_parallelism()
@@ -180,23 +194,27 @@ pub fn write_layer_from(
                     .unwrap_or(1);
                 let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs, opts.reuse)
                     .map_err(io_at(&tmp_path))?;
-                let inner = HashingWriter::new(gz);
-                let inner = write_source(&source, dir, Tee { main: inner, tee }, opts.epoch)?;
-                let (diff_id, _, gz) = inner.main.finish();
-                let (outer, table, reused) = gz.finish().map_err(io_at(&tmp_path))?;
+                let done = write_source(&source, dir, TarSink::new(gz, tee), opts.epoch)?;
+                let (diff_id, _, _) = done.diff_id.finish().map_err(io_at(&tmp_path))?;
+                let (outer, table, reused) = done.out.finish().map_err(io_at(&tmp_path))?;
                 chunks = table;
                 reused_chunks = reused;
                 (diff_id, outer)
             }
             Compression::Zstd(level) => {
-                let z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
-                let inner = HashingWriter::new(z);
-                let inner = write_source(&source, dir, Tee { main: inner, tee }, opts.epoch)?;
-                let (diff_id, _, z) = inner.main.finish();
-                (diff_id, z.finish().map_err(io_at(&tmp_path))?)
+                let mut z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
+                // zstd's workers give the same frame whatever their number (at least one),
+                // so the blob stays the same on any machine.
+                let jobs = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                z.multithread(jobs as u32).map_err(io_at(&tmp_path))?;
+                let done = write_source(&source, dir, TarSink::new(z, tee), opts.epoch)?;
+                let (diff_id, _, _) = done.diff_id.finish().map_err(io_at(&tmp_path))?;
+                (diff_id, done.out.finish().map_err(io_at(&tmp_path))?)
             }
         };
-        let (digest, size, file) = outer.finish();
+        let (digest, size, file) = outer.finish().map_err(io_at(&tmp_path))?;
         store.commit(&tmp_path, file, &digest)?;
         Ok(Layer {
             digest,
@@ -597,6 +615,27 @@ mod tests {
         );
         assert!(es.iter().all(|e| e.2 == 1000));
         assert_eq!(es[4].1, b'1', "second name of an inode is a hardlink");
+    }
+
+    #[test]
+    fn zstd_frames_do_not_depend_on_the_number_of_workers() {
+        let mut data = Vec::new();
+        let mut x: u64 = 7;
+        for i in 0..(24 << 20) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.push(if i % 3 == 0 { x as u8 } else { (i % 251) as u8 });
+        }
+        let frame = |workers: u32| {
+            let mut z = zstd::Encoder::new(Vec::new(), 3).unwrap();
+            z.multithread(workers).unwrap();
+            z.write_all(&data).unwrap();
+            z.finish().unwrap()
+        };
+        let one = frame(1);
+        assert_eq!(one, frame(2));
+        assert_eq!(one, frame(7));
     }
 
     #[test]

@@ -158,16 +158,19 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
     fn compress(&mut self, chunks: Vec<Vec<u8>>) -> io::Result<()> {
         let level = self.level;
         let reuse = self.reuse;
-        let outputs: Vec<io::Result<(Digest, Vec<u8>, bool)>> = std::thread::scope(|s| {
+        type Done = (Digest, Crc, Vec<u8>, bool);
+        let outputs: Vec<io::Result<Done>> = std::thread::scope(|s| {
             let handles: Vec<_> = chunks
                 .iter()
                 .map(|c| {
                     s.spawn(move || {
                         let digest = Digest::of(c);
+                        let mut crc = Crc::new();
+                        crc.update(c);
                         if let Some(z) = reuse.and_then(|r| r.compressed(&digest, level)) {
-                            return Ok((digest, z, true));
+                            return Ok((digest, crc, z, true));
                         }
-                        deflate(c, level).map(|z| (digest, z, false))
+                        deflate(c, level).map(|z| (digest, crc, z, false))
                     })
                 })
                 .collect();
@@ -180,7 +183,8 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
                 .collect()
         });
         for o in outputs {
-            let (digest, z, reused) = o?;
+            let (digest, crc, z, reused) = o?;
+            self.crc.combine(&crc);
             self.inner.write_all(&z)?;
             self.table.push(ChunkInfo {
                 digest: digest.hex().to_string(),
@@ -213,7 +217,6 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
 
 impl<W: Write> Write for ParallelGzWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.crc.update(buf);
         self.current.extend_from_slice(buf);
         self.cut_what_is_decided()?;
         Ok(buf.len())
