@@ -93,9 +93,8 @@ edit_one() {
 
 # Seconds and peak RSS (KiB) of one command (a function of this script, or a program).
 timed() {
-  local out
-  out=$( { /usr/bin/time -f '%e %M' bash -c '"$@"' timed "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -n 1)
-  echo "$out"
+  /usr/bin/time -f '%e %M' -o "$work/.time" bash -c '"$@"' timed "$@" >/dev/null 2>&1 || true
+  tail -n 1 "$work/.time"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -103,7 +102,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 build_builder() { # ctx root
   "$bin" build --progress quiet --network none --root "$2" -o "oci:$2-layout:latest" "$1"
 }
-build_docker() { docker build -q -f "$1/Buildfile" "${@:2}" "$1"; }
+build_docker() { docker build -q --network none -f "$1/Buildfile" "${@:2}" "$1"; }
 build_buildah() { buildah bud -q --layers --isolation chroot -f "$1/Buildfile" "${@:2}" "$1"; }
 
 export bin
@@ -176,8 +175,10 @@ if printf '%s\n' "${scenarios[@]}" | grep -qx copy-big && command -v zstd >/dev/
   ctx=$work/ctx-copy-big
   fresh=$work/runs/$stamp/zstd
   mkdir -p "$fresh"
-  b=$( { /usr/bin/time -f '%e' "$bin" build --progress quiet --root "$fresh/store" --compression zstd -o "oci:$fresh/layout:z" "$ctx" >/dev/null 2>/dev/null; } 2>&1 | tail -n1)
-  z=$( { /usr/bin/time -f '%e' sh -c "cat $ctx/blob*.bin | zstd -3 -T0 -q -c > /dev/null"; } 2>&1 | tail -n1)
+  b=$(timed "$bin" build --progress quiet --root "$fresh/store" --compression zstd -o "oci:$fresh/layout:z" "$ctx")
+  b=${b%% *}
+  z=$(timed sh -c "cat $ctx/blob*.bin | zstd -3 -T0 -q -c > /dev/null")
+  z=${z%% *}
   echo
   echo "copy-big cold with --compression zstd: ${b}s; zstd -3 -T0 of the same bytes: ${z}s (ratio $(awk -v b="$b" -v z="$z" 'BEGIN{printf "%.2f", b/z}'))"
 fi
