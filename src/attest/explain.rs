@@ -292,24 +292,22 @@ impl<'x> Compare<'x> {
                     }
                     out.push(why);
                 }
-            } else if let Some(image) = x["image"].as_str() {
-                let before = find(&ia, "image", &x["image"]);
+            } else if let Some((kind, label)) = ["image", "url"]
+                .into_iter()
+                .find_map(|k| x[k].as_str().map(|v| (k, v)))
+            {
+                // An image or URL read by digest: named with both digests when it changed.
+                let before = find(&ia, kind, &x[kind]);
                 let was = before.as_ref().and_then(|y| y["digest"].as_str());
                 if was != x["digest"].as_str() {
-                    out.push(format!(
-                        "image {} changed ({} -> {})",
-                        image,
-                        was.unwrap_or("absent"),
-                        x["digest"].as_str().unwrap_or("")
-                    ));
-                }
-            } else if let Some(url) = x["url"].as_str() {
-                let before = find(&ia, "url", &x["url"]);
-                let was = before.as_ref().and_then(|y| y["digest"].as_str());
-                if was != x["digest"].as_str() {
+                    let what = if kind == "image" {
+                        format!("image {}", label)
+                    } else {
+                        label.to_string()
+                    };
                     out.push(format!(
                         "{} changed ({} -> {})",
-                        url,
+                        what,
                         was.unwrap_or("absent"),
                         x["digest"].as_str().unwrap_or("")
                     ));
