@@ -3,6 +3,7 @@
 //! same inputs, key and layer as the run that filled the cache.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use serde_json::{json, Value};
 
@@ -68,9 +69,12 @@ pub fn context_root(leaves: &BTreeMap<String, ContextLeaf>) -> Digest {
     Digest::of(&leaves_json(leaves.iter()))
 }
 
-/// A digest over some of the leaves (what one COPY source covers).
+/// A digest over some of the leaves (what one COPY source covers), hashed as they are
+/// written (a large context's list is tens of MB).
 pub fn leaves_digest<'a>(leaves: impl Iterator<Item = (&'a String, &'a ContextLeaf)>) -> Digest {
-    Digest::of(&leaves_json(leaves))
+    let mut h = crate::oci::digest::HashingWriter::new(std::io::sink());
+    write_leaves(&mut h, leaves);
+    h.finish().0
 }
 
 /// The canonical JSON (sorted keys, no whitespace) of a list of leaves, the same bytes as
@@ -78,44 +82,52 @@ pub fn leaves_digest<'a>(leaves: impl Iterator<Item = (&'a String, &'a ContextLe
 /// has as many leaves as files, and this runs on every build.
 pub fn leaves_json<'a>(leaves: impl Iterator<Item = (&'a String, &'a ContextLeaf)>) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096);
-    out.push(b'[');
-    for (i, (path, l)) in leaves.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_leaf(&mut out, path, l);
-    }
-    out.push(b']');
+    write_leaves(&mut out, leaves);
     out
 }
 
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a string into a Vec cannot fail.
+/// [`leaves_json`] into any writer. Writing into memory or a hasher cannot fail, so write
+/// errors are not reported.
+fn write_leaves<'a>(
+    out: &mut impl Write,
+    leaves: impl Iterator<Item = (&'a String, &'a ContextLeaf)>,
+) {
+    let _ = out.write_all(b"[");
+    for (i, (path, l)) in leaves.enumerate() {
+        if i > 0 {
+            let _ = out.write_all(b",");
+        }
+        write_leaf(out, path, l);
+    }
+    let _ = out.write_all(b"]");
+}
+
+fn write_str(out: &mut impl Write, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// One leaf, its keys in sorted order: digest, link, mode, mtime, path, type.
-fn write_leaf(out: &mut Vec<u8>, path: &str, l: &ContextLeaf) {
-    out.push(b'{');
+fn write_leaf(out: &mut impl Write, path: &str, l: &ContextLeaf) {
+    let _ = out.write_all(b"{");
     if let Some(c) = &l.content {
-        out.extend_from_slice(b"\"digest\":");
+        let _ = out.write_all(b"\"digest\":");
         write_str(out, c);
-        out.push(b',');
+        let _ = out.write_all(b",");
     }
     if let Some(t) = &l.link {
-        out.extend_from_slice(b"\"link\":");
+        let _ = out.write_all(b"\"link\":");
         write_str(out, t);
-        out.push(b',');
+        let _ = out.write_all(b",");
     }
-    out.extend_from_slice(format!("\"mode\":\"{:o}\",", l.mode).as_bytes());
+    let _ = write!(out, "\"mode\":\"{:o}\",", l.mode);
     if let Some(t) = l.mtime {
-        out.extend_from_slice(format!("\"mtime\":{},", t).as_bytes());
+        let _ = write!(out, "\"mtime\":{},", t);
     }
-    out.extend_from_slice(b"\"path\":");
+    let _ = out.write_all(b"\"path\":");
     write_str(out, path);
-    out.extend_from_slice(b",\"type\":");
+    let _ = out.write_all(b",\"type\":");
     write_str(out, l.kind);
-    out.push(b'}');
+    let _ = out.write_all(b"}");
 }
 
 /// One layer-producing step.

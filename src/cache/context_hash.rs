@@ -32,9 +32,42 @@ struct StatEntry {
     sha256: String,
 }
 
+/// The metadata of a context entry that its record needs (a context has as many entries as
+/// files: this is kept small).
+struct Stat {
+    kind: char,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    len: u64,
+    mtime: i64,
+}
+
+impl Stat {
+    fn of(md: &fs::Metadata) -> Stat {
+        let ft = md.file_type();
+        Stat {
+            kind: if ft.is_dir() {
+                'd'
+            } else if ft.is_symlink() {
+                'l'
+            } else if ft.is_file() {
+                'f'
+            } else {
+                'o'
+            },
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            len: md.len(),
+            mtime: md.mtime(),
+        }
+    }
+}
+
 /// What one context entry is, as [`ContextHasher::describe_leaves`] reads it.
 struct Probe {
-    md: fs::Metadata,
+    md: Stat,
     /// A symlink's target.
     link: Vec<u8>,
     /// Its xattrs but `security.selinux` (the host's labelling policy).
@@ -55,9 +88,11 @@ pub struct ContextHasher {
 impl ContextHasher {
     pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
         let path = store_root.join("cache").join("stat.json");
-        let stat = fs::read(&path)
+        // Parsed as it is read: for a large context the file is tens of MB, and holding its
+        // text beside the parsed map would double the peak memory of every build.
+        let stat = fs::File::open(&path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|f| serde_json::from_reader(io::BufReader::with_capacity(1 << 20, f)).ok())
             .unwrap_or_default();
         ContextHasher {
             path,
@@ -144,7 +179,7 @@ impl ContextHasher {
             None
         };
         Ok(Probe {
-            md,
+            md: Stat::of(&md),
             link,
             xattrs,
             cached,
@@ -200,12 +235,12 @@ impl ContextHasher {
             .unwrap_or(0);
         // Every entry's metadata, link target and xattrs, and the stat cache's answer, in
         // parallel over contiguous slices (a no-op build of a large context is these calls).
-        let probes = self.probe_all(entries, now)?;
-        let mut hashes: Vec<Option<String>> = probes.iter().map(|p| p.cached.clone()).collect();
+        let mut probes = self.probe_all(entries, now)?;
+        let mut hashes: Vec<Option<String>> = probes.iter_mut().map(|p| p.cached.take()).collect();
         let todo: Vec<usize> = probes
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.md.is_file() && p.cached.is_none())
+            .filter(|(i, p)| p.md.kind == 'f' && hashes[*i].is_none())
             .map(|(i, _)| i)
             .collect();
         // Hash the rest in parallel.
@@ -216,7 +251,9 @@ impl ContextHasher {
                 s.spawn(|| loop {
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = todo.get(k) else { break };
-                    let r = self.hash_file(&entries[i].1, &probes[i].md);
+                    // Only files to hash are stat'ed again, for the stat cache's record.
+                    let r = fs::symlink_metadata(&entries[i].1)
+                        .and_then(|md| self.hash_file(&entries[i].1, &md));
                     if let Ok(mut v) = results.lock() {
                         v.push((i, r));
                     }
@@ -234,41 +271,32 @@ impl ContextHasher {
         let mut leaves = Vec::with_capacity(entries.len());
         for (i, ((rel, _), probe)) in entries.iter().zip(&probes).enumerate() {
             let md = &probe.md;
-            let ft = md.file_type();
-            let kind = if ft.is_dir() {
-                'd'
-            } else if ft.is_symlink() {
-                'l'
-            } else if ft.is_file() {
-                'f'
-            } else {
-                'o'
-            };
+            let kind = md.kind;
             let link = &probe.link;
             let mut rec: Vec<u8> = Vec::with_capacity(rel.len() + 128);
             rec.extend_from_slice(format!("{}:", rel.len()).as_bytes());
             rec.extend_from_slice(rel.as_bytes());
             let fields = [
                 kind.to_string(),
-                format!("{:o}", md.mode() & 0o7777),
-                if md.uid() == owner.0 {
+                format!("{:o}", md.mode & 0o7777),
+                if md.uid == owner.0 {
                     "=".into()
                 } else {
-                    md.uid().to_string()
+                    md.uid.to_string()
                 },
-                if md.gid() == owner.1 {
+                if md.gid == owner.1 {
                     "=".into()
                 } else {
-                    md.gid().to_string()
+                    md.gid.to_string()
                 },
-                if ft.is_file() {
-                    md.len().to_string()
+                if kind == 'f' {
+                    md.len.to_string()
                 } else {
                     "0".into()
                 },
                 format!("{}:{}", link.len(), String::from_utf8_lossy(link)),
-                hashes[i].clone().unwrap_or_default(),
-                md.mtime().min(epoch).to_string(),
+                hashes[i].as_deref().unwrap_or_default().to_string(),
+                md.mtime.min(epoch).to_string(),
             ];
             for f in fields {
                 rec.push(0x1f);
@@ -289,12 +317,11 @@ impl ContextHasher {
                     'f' => "file",
                     _ => "other",
                 },
-                mode: md.mode() & 0o7777,
-                content: hashes[i].as_ref().map(|h| format!("sha256:{}", h)),
-                link: ft
-                    .is_symlink()
-                    .then(|| String::from_utf8_lossy(link).into_owned()),
-                mtime: (md.mtime() < epoch).then_some(md.mtime()),
+                mode: md.mode & 0o7777,
+                // Taken, not copied: a large context's hashes are freed as they are recorded.
+                content: hashes[i].take().map(|h| format!("sha256:{}", h)),
+                link: (kind == 'l').then(|| String::from_utf8_lossy(link).into_owned()),
+                mtime: (md.mtime < epoch).then_some(md.mtime),
             });
         }
         let (d, _, _) = h.finish();
