@@ -30,6 +30,10 @@ struct StatEntry {
     ino: u64,
     dev: u64,
     sha256: String,
+    /// The file had no xattrs (but SELinux's) when it was hashed. Setting one changes the
+    /// ctime, so while the entry matches, they need not be listed again.
+    #[serde(default)]
+    bare: bool,
 }
 
 /// The metadata of a context entry that its record needs (a context has as many entries as
@@ -63,6 +67,13 @@ impl Stat {
             mtime: md.mtime(),
         }
     }
+}
+
+/// A path's xattrs but `security.selinux` (the host's labelling policy, not content).
+fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut xattrs = crate::oci::layer::read_xattrs(path);
+    xattrs.retain(|(k, _)| k != "security.selinux");
+    xattrs
 }
 
 /// What one context entry is, as [`ContextHasher::describe_leaves`] reads it.
@@ -115,9 +126,11 @@ impl ContextHasher {
         }
     }
 
-    fn cached(&self, path: &Path, md: &fs::Metadata, now: i64) -> Option<String> {
+    /// The file's content hash if it is known (from this build, or a stat-cache entry that
+    /// still matches), and whether the entry says it has no xattrs.
+    fn cached(&self, path: &Path, md: &fs::Metadata, now: i64) -> Option<(String, bool)> {
         if let Some(h) = self.this_build.lock().ok()?.get(path) {
-            return Some(h.clone());
+            return Some((h.clone(), false));
         }
         if now - md.ctime() < RACY_SECONDS {
             return None;
@@ -131,7 +144,7 @@ impl ContextHasher {
             && e.ctime_ns == md.ctime_nsec()
             && e.ino == md.ino()
             && e.dev == md.dev();
-        same.then(|| e.sha256.clone())
+        same.then(|| (e.sha256.clone(), e.bare))
     }
 
     fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
@@ -155,6 +168,7 @@ impl ContextHasher {
                     ino: md.ino(),
                     dev: md.dev(),
                     sha256: hex.clone(),
+                    bare: xattrs_of(path).is_empty(),
                 },
             );
         }
@@ -171,13 +185,16 @@ impl ContextHasher {
         } else {
             Vec::new()
         };
-        let mut xattrs = crate::oci::layer::read_xattrs(path);
-        xattrs.retain(|(k, _)| k != "security.selinux");
         let cached = if md.is_file() {
             self.cached(path, &md, now)
         } else {
             None
         };
+        let xattrs = match &cached {
+            Some((_, true)) => Vec::new(),
+            _ => xattrs_of(path),
+        };
+        let cached = cached.map(|(h, _)| h);
         Ok(Probe {
             md: Stat::of(&md),
             link,
