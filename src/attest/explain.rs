@@ -344,10 +344,12 @@ impl<'x> Compare<'x> {
             .steps
             .iter()
             .filter(|s| s["stage"].as_str() == Some(name))
-            .find(|s| {
-                self.same_step(self.a, s).map(|t| &t["layer"]["diffID"])
-                    != Some(&s["layer"]["diffID"])
-            })
+            .find(|s| self.layer_changed(s))
+    }
+
+    /// Whether step `s` of b made another layer than the same step of a (or a lacks it).
+    fn layer_changed(&self, s: &Value) -> bool {
+        self.same_step(self.a, s).map(|t| &t["layer"]["diffID"]) != Some(&s["layer"]["diffID"])
     }
 
     /// The causes behind a step whose own instruction and inputs are unchanged: an earlier
@@ -366,10 +368,7 @@ impl<'x> Compare<'x> {
                 .filter(|s| s["stageIndex"].as_u64() == Some(si))
                 .filter(|s| s["step"].as_u64().unwrap_or(0) < before)
                 .rev()
-                .find(|s| {
-                    self.same_step(self.a, s).map(|t| &t["layer"]["diffID"])
-                        != Some(&s["layer"]["diffID"])
-                });
+                .find(|s| self.layer_changed(s));
             if let Some(s) = changed {
                 let mut out = vec![format!(
                     "the layer of an earlier step changed (stage {}, step {}: {})",

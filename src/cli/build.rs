@@ -207,23 +207,32 @@ impl AttestOptions {
             o.provenance = provenance_of("--provenance", &fields)?;
             asked |= o.provenance.is_some();
         }
-        if let Some(v) = sbom {
-            let fields: Vec<&str> = v.split(',').filter(|f| !f.is_empty()).collect();
-            o.sbom = true;
+        // `true`, `false`, `disabled=true`, comma-separated; the generator is ours.
+        let sbom_of = |flag: &str, fields: &[&str]| -> Result<bool, CliError> {
+            let mut on = true;
             for f in fields {
                 match f.split_once('=') {
-                    None => o.sbom = bool_of("--sbom", f)?,
-                    Some(("disabled", v)) => o.sbom = !bool_of("--sbom disabled", v)?,
+                    None => on = bool_of(flag, f)?,
+                    Some(("disabled", v)) => on = !bool_of(&format!("{} disabled", flag), v)?,
                     Some(("generator", _)) => {
-                        return Err(CliError::msg(
-                            "--sbom generator=...: builder scans with its own scanner; give --sbom true",
-                        ))
+                        return Err(CliError::msg(format!(
+                            "{} generator=...: builder scans with its own scanner",
+                            flag
+                        )))
                     }
                     Some(_) => {
-                        return Err(CliError::msg(format!("invalid --sbom {:?}: true or false", f)))
+                        return Err(CliError::msg(format!(
+                            "invalid {} {:?}: true, false or disabled=true",
+                            flag, f
+                        )))
                     }
                 }
             }
+            Ok(on)
+        };
+        if let Some(v) = sbom {
+            let fields: Vec<&str> = v.split(',').filter(|f| !f.is_empty()).collect();
+            o.sbom = sbom_of("--sbom", &fields)?;
             asked |= o.sbom;
         }
         for a in attest {
@@ -245,19 +254,7 @@ impl AttestOptions {
                     asked |= o.provenance.is_some();
                 }
                 "sbom" => {
-                    o.sbom = true;
-                    for f in rest {
-                        match f.split_once('=') {
-                            Some(("disabled", v)) => o.sbom = !bool_of("--attest type=sbom disabled", v)?,
-                            Some(("generator", _)) => return Err(CliError::msg(
-                                "--attest type=sbom,generator=...: builder scans with its own scanner",
-                            )),
-                            _ => return Err(CliError::msg(format!(
-                                "invalid --attest {:?}: type=sbom[,disabled=true]",
-                                a
-                            ))),
-                        }
-                    }
+                    o.sbom = sbom_of("--attest type=sbom", &rest)?;
                     asked |= o.sbom;
                 }
                 other => {

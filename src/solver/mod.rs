@@ -1463,18 +1463,13 @@ impl Ctx<'_, '_> {
     /// What a `--from` stands for in a key: a stage's result key, or an image's digest.
     fn identity_of_from(&mut self, l: &Located, from: &str) -> Result<String, BuildError> {
         if let Some(i) = self.stage_index(from) {
-            let key = self
+            let found = self
                 .results
                 .lock()
                 .ok()
-                .and_then(|r| r.get(&i).map(|r| r.key.0.to_string()));
-            let from_volatile = self
-                .results
-                .lock()
-                .ok()
-                .and_then(|r| r.get(&i).map(|r| r.volatile))
-                .unwrap_or(false);
-            self.volatile |= from_volatile;
+                .and_then(|r| r.get(&i).map(|r| (r.key.0.to_string(), r.volatile)));
+            self.volatile |= found.as_ref().is_some_and(|(_, v)| *v);
+            let key = found.map(|(k, _)| k);
             if let Some(k) = &key {
                 let name = self.req.graph.stages[i].label();
                 self.inputs.push(json!({"stage": name, "key": k}));
