@@ -6,7 +6,9 @@ use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
+/// The context's filter (`.dockerignore`, `--exclude`) and path cleaning, for the modules
+/// that read the context.
+pub use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {

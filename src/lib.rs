@@ -1,7 +1,9 @@
 //! builder: a daemonless, Dockerfile-compatible OCI image builder.
 //!
-//! The modules follow the pipeline: [`syntax`] (parse) -> [`plan`] (build graph) ->
-//! execution, store and cache -> export. `syntax` never imports from the stateful modules.
+//! The modules follow the pipeline: [`syntax`] (parse) -> [`frontend`] (stages, then typed
+//! ops) -> [`plan`] (the op graph, plain data) -> [`solver`] (schedule, cache, run through
+//! the [`worker`]) -> [`store`] and [`export`]. `syntax`, `plan` and `oci` are pure; the
+//! solver imports neither `syntax` nor `frontend`.
 
 pub mod attest;
 pub mod cache;
@@ -17,4 +19,5 @@ pub mod registry;
 pub mod solver;
 pub mod store;
 pub mod syntax;
+pub mod text;
 pub mod worker;

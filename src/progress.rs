@@ -43,7 +43,7 @@ impl Default for PlainReporter {
 impl Reporter for PlainReporter {
     fn step(&self, index: usize, total: usize, stage: &str, text: &str) {
         if let Ok(mut o) = self.out.lock() {
-            let text = crate::syntax::error::abbreviate(text, 300);
+            let text = crate::text::abbreviate(text, 300);
             let _ = writeln!(o, "#{} [{} {}/{}] {}", index, stage, index, total, text);
         }
     }
@@ -149,7 +149,7 @@ impl Default for TtyReporter {
 impl Reporter for TtyReporter {
     fn step(&self, index: usize, total: usize, stage: &str, text: &str) {
         let pb = self.bars.add(indicatif::ProgressBar::new_spinner());
-        let text = &*crate::syntax::error::abbreviate(text, 200);
+        let text = &*crate::text::abbreviate(text, 200);
         let style = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed:>4}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
         pb.set_style(style);

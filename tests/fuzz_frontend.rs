@@ -7,7 +7,8 @@ use std::fs;
 use std::path::Path;
 
 use builder::frontend::checks;
-use builder::plan::{self, PlanOptions};
+use builder::frontend::{self, BaseResolver, LowerOptions, PlanOptions};
+use builder::oci::platform::Platform;
 use builder::syntax::dockerignore::IgnoreMatcher;
 use builder::syntax::expand::{LexOptions, Lexer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -98,20 +99,57 @@ fn mutate(rng: &mut StdRng, input: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Every base image is an empty one that sets a few things lowering reads.
+struct AnyImage;
+
+impl BaseResolver for AnyImage {
+    fn resolve(
+        &self,
+        _: &str,
+        p: &Platform,
+    ) -> Result<builder::oci::image::StoredImage, Box<dyn std::error::Error + Send + Sync>> {
+        let mut state =
+            builder::oci::image::ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref());
+        state.set_env("A", "$B");
+        state.docker.onbuild = Some(vec!["RUN echo ${A:-x}".into(), "ENV X=1".into()]);
+        let d = builder::oci::digest::Digest::of(b"any");
+        Ok(builder::oci::image::StoredImage {
+            manifest_digest: d.clone(),
+            manifest_size: 0,
+            config_digest: d,
+            state,
+        })
+    }
+}
+
 fn exercise(bytes: &[u8]) {
     let text = String::from_utf8_lossy(bytes);
     if let Ok((doc, typed)) = builder::syntax::parse_instructions("Buildfile", &text) {
         let _ = doc.dump();
-        let _ = plan::lower(
+        if let Ok(graph) = frontend::lower_graph(
             "Buildfile",
             &text,
             doc.escape,
             &typed,
             &PlanOptions::default(),
-        );
+        ) {
+            // Lowering to ops walks every instruction with its scope.
+            let _ = frontend::lower_ops(
+                &graph,
+                &LowerOptions {
+                    file: "Buildfile",
+                    source: &text,
+                    escape: doc.escape,
+                    build_args: &Default::default(),
+                    platform: Platform::host(),
+                    network: builder::plan::Network::Sandbox,
+                },
+                &AnyImage,
+            );
+        }
         // The build checks read the same parse, and the directive's text.
         let ignore = IgnoreMatcher::from_file_text(&text).unwrap_or_default();
-        let host = builder::plan::Platform::host();
+        let host = Platform::host();
         let _ = checks::CheckPolicy::parse(doc.directives.check.as_deref());
         let _ = checks::run(
             &checks::CheckInput {
@@ -121,7 +159,7 @@ fn exercise(bytes: &[u8]) {
                 ignore: &ignore,
                 build_args: &Default::default(),
                 target_platform: &host.spec(),
-                platform_args: &builder::plan::Platform::args(&host, &host),
+                platform_args: &Platform::args(&host, &host),
                 bases: &checks::NoBaseImages,
             },
             &checks::CheckPolicy::default(),

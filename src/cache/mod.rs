@@ -1,7 +1,8 @@
 //! The layer cache. A step's key is the sha256 of a canonical JSON document (sorted keys, no
 //! whitespace; never Rust's `Hash`) holding its parent's key and everything that changes the
-//! step's result: the instruction after expansion and, for COPY/ADD/bind mounts, the content
-//! digest of exactly the files they read. An entry maps a key to the image state after the
+//! step's result: the op's own key (`plan::Op::cache_key`) and what its inputs hold now (the
+//! content digest of exactly the context files it reads, the keys of the stages and the
+//! digests of the images it reads). An entry maps a key to the image state after the
 //! step (config blob + layers) and is written, atomically, only after its blobs are durable.
 //! Beside it, [`chunks`] keeps the compressed chunks a rewritten layer can reuse.
 
@@ -28,7 +29,9 @@ pub struct CacheKey(pub Digest);
 /// 2: context owners are relative to the context directory's, and SELinux labels are left
 /// out, so a key is the same on any machine.
 /// 3: gzip layers are written in independent chunks (other bytes than before).
-const KEY_VERSION: u32 = 3;
+/// 4: steps are keyed by their typed op (`plan::Op::cache_key`) and its inputs, not by
+/// instruction text.
+const KEY_VERSION: u32 = 4;
 
 impl CacheKey {
     /// The key of a stage's starting point.

@@ -11,15 +11,16 @@ use crate::cache::remote::{self, RemoteCache};
 use crate::epoch;
 use crate::export::{Built, Output};
 use crate::frontend::checks::{self, BaseImages, CheckInput, CheckPolicy};
+use crate::frontend::{self, BaseResolver, LowerOptions, PlanOptions};
 use crate::oci::layer::Compression;
-use crate::plan::{self, PlanOptions, Platform};
+use crate::oci::platform::Platform;
+use crate::plan::{self, OpGraph};
 use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter, TtyReporter};
 use crate::registry::{Client, PullPolicy, Reference};
 use crate::solver::run::parse_secret;
 use crate::solver::{self, BuildRequest};
 use crate::store::{default_root, normalize_name, Store};
 use crate::syntax::dockerignore;
-use crate::syntax::instruction::Network;
 
 use super::{find_build_file, parse_key_values, read_build_file, CliError};
 
@@ -342,7 +343,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             if findings.len() == 1 { "" } else { "s" }
         )));
     }
-    let graph = plan::lower(&name, &text, doc.escape, &typed, &opts)?;
+    let graph = frontend::lower_graph(&name, &text, doc.escape, &typed, &opts)?;
     let reporter: Arc<dyn Reporter> = Arc::from(reporter_for(a.progress));
     for w in &graph.unused_build_args {
         reporter.warn(&format!("build-arg {} was not consumed by any ARG", w));
@@ -436,14 +437,47 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             )),
         }
     }
+    let network = match a.network.as_str() {
+        "default" => plan::Network::Sandbox,
+        "host" => plan::Network::Host,
+        "none" => plan::Network::None,
+        other => {
+            return Err(CliError::msg(format!(
+                "invalid --network {:?}: default, none or host",
+                other
+            )))
+        }
+    };
+    let resolver = StoreResolver {
+        store: &store,
+        client: &registry,
+        policy: a.pull,
+        reporter: reporter.as_ref(),
+    };
+    // The frontend lowers the stages for one platform, resolving base images (pulled as
+    // --pull says) to read their configs.
+    let build_args = opts.build_args.clone();
+    let lower_for =
+        |platform: &Platform, graph: &frontend::BuildGraph| -> Result<OpGraph, CliError> {
+            Ok(frontend::lower_ops(
+                graph,
+                &LowerOptions {
+                    file: &name,
+                    source: &text,
+                    escape: doc.escape,
+                    build_args: &build_args,
+                    platform: platform.clone(),
+                    network,
+                },
+                &resolver,
+            )?)
+        };
     let req = BuildRequest {
         file_name: name.clone(),
-        source: text,
-        escape: doc.escape,
-        graph,
+        source: text.clone(),
+        graph: lower_for(&opts.target_platform, &graph)?,
         context,
         ignore,
-        build_args: opts.build_args.clone(),
         epoch,
         compression,
         platform: opts.target_platform.clone(),
@@ -455,17 +489,6 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
                 crate::worker::sandbox::runtime::resolve(r)
                     .map_err(|e| CliError::msg(e.to_string()))?,
             ),
-        },
-        network: match a.network.as_str() {
-            "default" => Network::Default,
-            "host" => Network::Host,
-            "none" => Network::None,
-            other => {
-                return Err(CliError::msg(format!(
-                    "invalid --network {:?}: default, none or host",
-                    other
-                )))
-            }
         },
         no_cache: a.no_cache,
         no_cache_filter: a.no_cache_filter.clone(),
@@ -512,16 +535,19 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
             one.platform = p.clone();
             one.show_platform = true;
             one.jobs = (req.jobs / platforms.len()).max(1);
-            one.graph = plan::lower(
-                &name,
-                &one.source,
-                doc.escape,
-                &typed,
-                &PlanOptions {
-                    target_platform: p.clone(),
-                    ..opts.clone()
-                },
-            )?;
+            if *p != opts.target_platform {
+                let graph = frontend::lower_graph(
+                    &name,
+                    &text,
+                    doc.escape,
+                    &typed,
+                    &PlanOptions {
+                        target_platform: p.clone(),
+                        ..opts.clone()
+                    },
+                )?;
+                one.graph = lower_for(p, &graph)?;
+            }
         }
         requests.push(one);
     }
@@ -742,6 +768,33 @@ impl BaseImages for StoreBases<'_> {
     }
 }
 
+/// Base images from the store, pulled as `--pull` says; pulls are logged.
+pub(super) struct StoreResolver<'a> {
+    pub store: &'a Store,
+    pub client: &'a crate::registry::Client,
+    pub policy: crate::registry::PullPolicy,
+    pub reporter: &'a dyn Reporter,
+}
+
+impl BaseResolver for StoreResolver<'_> {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<crate::oci::image::StoredImage, Box<dyn std::error::Error + Send + Sync>> {
+        let reporter = self.reporter;
+        let log = move |m: &str| reporter.log(0, m);
+        let pulling = crate::store::sources::Pulling {
+            policy: self.policy,
+            client: self.client,
+            log: &log,
+        };
+        Ok(crate::store::sources::fetch(
+            self.store, reference, platform, &pulling,
+        )?)
+    }
+}
+
 /// For the prune-race test: with `BUILDER_TEST_RENDEZVOUS=PATH`, say `PATH.solved` once the
 /// graph is solved, then wait (30 s at most) for `PATH` before committing anything.
 fn test_rendezvous() {
@@ -850,13 +903,10 @@ fn verify(
 }
 
 /// Copy the images a build names from the local store into `to` (FROM and --from).
-fn copy_base_images(from: &Store, to: &Store, graph: &plan::BuildGraph) -> Result<(), CliError> {
+fn copy_base_images(from: &Store, to: &Store, graph: &OpGraph) -> Result<(), CliError> {
     let mut names: Vec<String> = Vec::new();
     for s in &graph.stages {
-        if let plan::Base::Image(r) = &s.base {
-            names.push(r.clone());
-        }
-        names.extend(s.image_refs.iter().cloned());
+        names.extend(s.images());
     }
     for n in names {
         if let crate::store::sources::ImageSource::Store(name) =

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::plan::{self, PlanOptions};
+use crate::frontend::{self, LowerOptions, PlanOptions};
+use crate::oci::platform::Platform;
 use crate::syntax::dockerignore::IgnoreMatcher;
 use crate::syntax::expand::{LexOptions, Lexer};
 
@@ -20,6 +21,9 @@ pub enum DebugCommand {
     IgnoreMatch { ignore_file: PathBuf, path: String },
     /// Print the pruned stage graph of a build file.
     Graph(GraphArgs),
+    /// Print the op graph a build file lowers to, each op with its cache key (as
+    /// `buildctl debug dump-llb` does). Base images come from the store, pulled if missing.
+    Ops(OpsArgs),
     /// Print the OCI runtime spec a RUN step gets (the sandbox policy), as both executors
     /// run it.
     Sandbox(SandboxArgs),
@@ -77,6 +81,105 @@ pub struct GraphArgs {
     #[arg(long = "build-arg", value_name = "K[=V]")]
     build_args: Vec<String>,
     file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct OpsArgs {
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long = "build-arg", value_name = "K[=V]")]
+    build_args: Vec<String>,
+    /// The target platform (default: this machine's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// The default network of RUN steps: default, none or host.
+    #[arg(long, default_value = "default")]
+    network: String,
+    /// Print the ops as JSON instead of the listing.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    root: super::images::RootArg,
+    file: PathBuf,
+}
+
+fn print_ops(a: OpsArgs) -> Result<(), CliError> {
+    let (name, text) = read_build_file(&a.file)?;
+    let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
+    let platform = match &a.platform {
+        Some(p) => Platform::parse(p)
+            .ok_or_else(|| CliError::msg(format!("invalid --platform {:?}", p)))?,
+        None => Platform::host(),
+    };
+    let opts = PlanOptions {
+        target: a.target.clone(),
+        build_args: parse_key_values(&a.build_args)?,
+        target_platform: platform.clone(),
+        build_platform: Platform::host(),
+    };
+    let graph = frontend::lower_graph(&name, &text, doc.escape, &typed, &opts)?;
+    let network = match a.network.as_str() {
+        "default" => crate::plan::Network::Sandbox,
+        "none" => crate::plan::Network::None,
+        "host" => crate::plan::Network::Host,
+        other => {
+            return Err(CliError::msg(format!(
+                "invalid --network {:?}: default, none or host",
+                other
+            )))
+        }
+    };
+    let store = a.root.open()?;
+    let registry = crate::registry::Client::from_config()?;
+    let reporter = crate::progress::QuietReporter;
+    let resolver = super::build::StoreResolver {
+        store: &store,
+        client: &registry,
+        policy: crate::registry::PullPolicy::Missing,
+        reporter: &reporter,
+    };
+    let ops = frontend::lower_ops(
+        &graph,
+        &LowerOptions {
+            file: &name,
+            source: &text,
+            escape: doc.escape,
+            build_args: &opts.build_args,
+            platform,
+            network,
+        },
+        &resolver,
+    )?;
+    if a.json {
+        let stages: Vec<serde_json::Value> = ops
+            .stages
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "index": s.index,
+                    "name": s.name,
+                    "platform": s.platform.spec(),
+                    "source": s.source.identity(&s.platform),
+                    "base_edits": s.base_edits,
+                    "ops": s.ops.iter().map(|op| serde_json::json!({
+                        "line": op.origin.line,
+                        "column": op.origin.column,
+                        "text": op.origin.text,
+                        "key": op.cache_key().to_string(),
+                        "op": op,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"target": ops.target, "stages": stages});
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| CliError::msg(e.to_string()))?
+        );
+    } else {
+        print!("{}", ops.listing());
+    }
+    Ok(())
 }
 
 fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
@@ -203,6 +306,7 @@ pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
                 }
             );
         }
+        DebugCommand::Ops(a) => print_ops(a)?,
         DebugCommand::Graph(a) => {
             let (name, text) = read_build_file(&a.file)?;
             let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
@@ -211,7 +315,7 @@ pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
                 build_args: parse_key_values(&a.build_args)?,
                 ..PlanOptions::default()
             };
-            let g = plan::lower(&name, &text, doc.escape, &typed, &opts)?;
+            let g = frontend::lower_graph(&name, &text, doc.escape, &typed, &opts)?;
             for w in &g.unused_build_args {
                 eprintln!("warning: build-arg {} was not consumed by any ARG", w);
             }

@@ -9,8 +9,8 @@ use crate::epoch;
 use crate::export::{self, Output};
 use crate::oci::image::{rfc3339, ImageState};
 use crate::oci::layer::{write_layer, Compression, LayerOptions};
+use crate::oci::platform::Platform;
 use crate::oci::unpack::{self, UnpackOptions};
-use crate::plan::Platform;
 use crate::store::{default_root, normalize_name, sources, Store};
 
 use super::CliError;

@@ -66,6 +66,9 @@ fn hint_of(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     if let Some(e) = e.downcast_ref::<crate::solver::BuildError>() {
         return e.hint();
     }
+    if let Some(e) = e.downcast_ref::<crate::frontend::LowerError>() {
+        return e.cause().and_then(hint_of);
+    }
     None
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::images::RootArg;
 use super::CliError;
-use crate::plan::Platform;
+use crate::oci::platform::Platform;
 use crate::registry::auth::{self, Credential};
 use crate::registry::{push, Client, Reference};
 use crate::store::Store;

@@ -472,7 +472,7 @@ pub fn run(input: &CheckInput, policy: &CheckPolicy) -> Vec<Finding> {
             let (line, col) = (l.span.line, l.span.column);
             let known = |n: &str| {
                 declared.contains(n)
-                    || crate::plan::PROXY_ARGS.contains(&n)
+                    || super::scope::PROXY_ARGS.contains(&n)
                     || input.platform_args.contains_key(n)
                     || env_known.as_ref().is_none_or(|e| e.contains(n))
             };

@@ -31,6 +31,14 @@ impl Compression {
             Compression::Zstd(_) => "application/vnd.oci.image.layer.v1.tar+zstd",
         }
     }
+
+    /// The algorithm and level, as a cache key names them (`gzip:6`, `zstd:3`).
+    pub fn key(&self) -> String {
+        match self {
+            Compression::Gzip(l) => format!("gzip:{}", l),
+            Compression::Zstd(l) => format!("zstd:{}", l),
+        }
+    }
 }
 
 /// A layer written to the store.

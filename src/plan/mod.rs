@@ -1,501 +1,562 @@
-//! The build graph: a build file's stages as nodes, `FROM <stage>`, `COPY --from` and
-//! `RUN --mount=from=` as edges. Lowering resolves global ARGs for FROM lines, names stages,
-//! prunes what `--target` does not need, rejects unknown stages and cycles with the line that
-//! caused them, and groups the remaining stages into levels that can run in parallel.
+//! The op graph: what a build does, as typed and fully resolved operations, one list per
+//! stage. The frontend makes it from a build file; the solver runs it and knows nothing of
+//! build-file text. Every field is a value (variables expanded, paths absolute, defaults
+//! filled in); the only things left to the run are what needs the image's files (user and
+//! group names, whether a directory exists) and the content of inputs (the context, other
+//! stages, images).
+//!
+//! An op's [`Op::cache_key`] is a canonical JSON encoding of its semantic fields, versioned
+//! by [`OP_KEY_VERSION`]; its [`Origin`] (line, column, text) is left out. The solver chains
+//! it with the keys and digests of the op's inputs.
 
-pub mod scope;
+use serde::Serialize;
+use serde_json::{json, Value};
 
-use std::collections::{BTreeMap, BTreeSet};
+use crate::oci::digest::Digest;
+use crate::oci::image::{canonical_json, HealthConfig, ImageState, StoredImage, DEFAULT_PATH};
+use crate::oci::platform::Platform;
 
-use crate::syntax::mount::Mount;
-use crate::syntax::{Instruction, Located, Span, SyntaxError};
-pub use scope::{Platform, Scope, PROXY_ARGS};
+/// Bumped whenever an op's encoding, or what running it means, changes: older keys then
+/// miss instead of hitting wrongly.
+pub const OP_KEY_VERSION: u32 = 1;
+
+/// Where a RUN's heredoc script with a shebang is provided inside the step (on /dev's tmpfs,
+/// never in a layer).
+pub const HEREDOC_SCRIPT_PATH: &str = "/dev/.builder-heredoc-script";
+
+/// Where an op comes from in the build file: for errors and progress, never for keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    pub line: usize,
+    pub column: usize,
+    /// The instruction as written (an ONBUILD trigger's own text).
+    pub text: String,
+}
+
+/// A change to the image config, applied in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "edit", rename_all = "snake_case")]
+pub enum ConfigEdit {
+    /// Set or replace environment variables (first position kept).
+    Env {
+        vars: Vec<(String, String)>,
+    },
+    /// Set a variable the image does not have (a base image's default PATH).
+    DefaultEnv {
+        key: String,
+        value: String,
+    },
+    Labels {
+        labels: Vec<(String, String)>,
+    },
+    Author {
+        name: String,
+    },
+    User {
+        user: String,
+    },
+    WorkingDir {
+        dir: String,
+    },
+    /// Add exposed ports (`80/tcp` form); the set stays sorted.
+    ExposePorts {
+        ports: Vec<String>,
+    },
+    /// Add volumes; the set stays sorted.
+    Volumes {
+        paths: Vec<String>,
+    },
+    StopSignal {
+        signal: String,
+    },
+    Shell {
+        argv: Vec<String>,
+    },
+    Cmd {
+        argv: Vec<String>,
+    },
+    /// Set the entrypoint; without `keep_cmd` (no CMD earlier in the stage) the CMD is
+    /// cleared.
+    Entrypoint {
+        argv: Vec<String>,
+        keep_cmd: bool,
+    },
+    Healthcheck {
+        config: HealthConfig,
+    },
+    OnBuild {
+        trigger: String,
+    },
+    /// Drop the inherited ONBUILD triggers (they ran at the start of this stage).
+    ClearOnBuild,
+}
+
+impl ConfigEdit {
+    /// Apply to `state`.
+    pub fn apply(&self, state: &mut ImageState) {
+        match self {
+            ConfigEdit::Env { vars } => {
+                for (k, v) in vars {
+                    state.set_env(k, v);
+                }
+            }
+            ConfigEdit::DefaultEnv { key, value } => {
+                if !state.env().iter().any(|(k, _)| k == key) {
+                    state.set_env(key, value);
+                }
+            }
+            ConfigEdit::Labels { labels } => state.with_runtime(|c| {
+                let all = c.labels_mut().get_or_insert_with(Default::default);
+                for (k, v) in labels {
+                    all.insert(k.clone(), v.clone());
+                }
+            }),
+            ConfigEdit::Author { name } => {
+                state.config.set_author(Some(name.clone()));
+            }
+            ConfigEdit::User { user } => state.with_runtime(|c| {
+                c.set_user(Some(user.clone()));
+            }),
+            ConfigEdit::WorkingDir { dir } => state.with_runtime(|c| {
+                c.set_working_dir(Some(dir.clone()));
+            }),
+            ConfigEdit::ExposePorts { ports } => state.with_runtime(|c| {
+                let mut all = c.exposed_ports().clone().unwrap_or_default();
+                all.extend(ports.iter().cloned());
+                all.sort();
+                all.dedup();
+                c.set_exposed_ports(Some(all));
+            }),
+            ConfigEdit::Volumes { paths } => state.with_runtime(|c| {
+                let mut all = c.volumes().clone().unwrap_or_default();
+                all.extend(paths.iter().cloned());
+                all.sort();
+                all.dedup();
+                c.set_volumes(Some(all));
+            }),
+            ConfigEdit::StopSignal { signal } => state.with_runtime(|c| {
+                c.set_stop_signal(Some(signal.clone()));
+            }),
+            ConfigEdit::Shell { argv } => state.docker.shell = Some(argv.clone()),
+            ConfigEdit::Cmd { argv } => state.with_runtime(|c| {
+                c.set_cmd(Some(argv.clone()));
+            }),
+            ConfigEdit::Entrypoint { argv, keep_cmd } => state.with_runtime(|c| {
+                c.set_entrypoint(Some(argv.clone()));
+                if !keep_cmd {
+                    c.set_cmd(None);
+                }
+            }),
+            ConfigEdit::Healthcheck { config } => state.docker.healthcheck = Some(config.clone()),
+            ConfigEdit::OnBuild { trigger } => state
+                .docker
+                .onbuild
+                .get_or_insert_with(Vec::new)
+                .push(trigger.clone()),
+            ConfigEdit::ClearOnBuild => state.docker.onbuild = None,
+        }
+    }
+}
+
+/// Where an op reads files from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Input {
+    /// The build context (`.dockerignore` applied).
+    Context,
+    /// An earlier stage's result, by index.
+    Stage(usize),
+    /// An image, by reference (fetched when the op runs).
+    Image(String),
+}
+
+/// One source of a COPY or ADD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopySource {
+    /// A path or glob in the op's input.
+    Path(String),
+    /// A URL (ADD only).
+    Url(String),
+    /// A heredoc file, its body expanded where the delimiter was unquoted.
+    Heredoc { name: String, content: String },
+}
+
+/// COPY and ADD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CopyOp {
+    pub is_add: bool,
+    pub sources: Vec<CopySource>,
+    pub from: Input,
+    /// Absolute destination; a trailing `/` means "into this directory".
+    pub dest: String,
+    /// `--chown`, resolved against the image's passwd and group files when it runs.
+    pub chown: Option<String>,
+    pub chmod: Option<String>,
+    pub link: bool,
+    pub parents: bool,
+    pub excludes: Vec<String>,
+    pub checksum: Option<String>,
+    pub unpack: Option<bool>,
+    pub keep_git_dir: bool,
+}
+
+impl CopyOp {
+    /// The context paths it reads (what its key digests).
+    pub fn paths(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                CopySource::Path(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether it fetches a URL whose content is unknown until fetched (no `--checksum`).
+    pub fn fetches_unpinned(&self) -> bool {
+        self.checksum.is_none() && self.urls().next().is_some()
+    }
+
+    pub fn urls(&self) -> impl Iterator<Item = &String> {
+        self.sources.iter().filter_map(|s| match s {
+            CopySource::Url(u) => Some(u),
+            _ => None,
+        })
+    }
+}
+
+/// The kind of a RUN mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountKind {
+    Bind,
+    Cache,
+    Tmpfs,
+    Secret,
+}
+
+/// Who may use a cache mount at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    Shared,
+    Private,
+    Locked,
+}
+
+/// One `RUN --mount`, resolved: targets are absolute, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunMount {
+    pub kind: MountKind,
+    /// Absolute; `None` only for a secret given as an environment variable alone.
+    pub target: Option<String>,
+    pub source: Option<String>,
+    /// A bind's files: the context unless it names a stage or image.
+    pub from: Input,
+    pub id: Option<String>,
+    pub readonly: bool,
+    pub sharing: Sharing,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub required: bool,
+    pub env: Option<String>,
+    pub size: Option<u64>,
+}
+
+/// A RUN step's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Its own network namespace with user-mode networking.
+    Sandbox,
+    /// Loopback only.
+    None,
+    /// The host's network (needs `--allow network.host`).
+    Host,
+}
+
+/// RUN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecOp {
+    pub argv: Vec<String>,
+    /// A heredoc script with a shebang, provided at [`HEREDOC_SCRIPT_PATH`].
+    pub script: Option<String>,
+    /// The environment but HOME, which comes from the user's passwd entry when unset.
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    /// The USER in effect, resolved against the image's passwd file when it runs.
+    pub user: Option<String>,
+    pub mounts: Vec<RunMount>,
+    pub network: Network,
+    pub insecure: bool,
+    /// The build args in scope with a value (provenance names them).
+    pub args: Vec<(String, String)>,
+}
+
+/// WORKDIR's layer: the directory, made with its missing parents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MkdirOp {
+    /// Absolute and clean.
+    pub dir: String,
+    /// The USER that owns created directories.
+    pub owner: Option<String>,
+}
+
+/// What an op does to the filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Action {
+    /// Nothing: the op changes the config (and history) only.
+    Config,
+    Mkdir(MkdirOp),
+    Copy(CopyOp),
+    Exec(ExecOp),
+}
+
+/// One step of a stage: config edits, then an action, then a history entry (with the
+/// action's layer, if it makes one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Op {
+    #[serde(skip)]
+    pub origin: Origin,
+    pub edits: Vec<ConfigEdit>,
+    pub action: Action,
+    /// `None`: no history entry (ONBUILD records none).
+    pub history: Option<String>,
+}
+
+impl Op {
+    /// Whether the op writes a layer (and so is cached on its own).
+    pub fn is_layered(&self) -> bool {
+        !matches!(self.action, Action::Config)
+    }
+
+    /// The op's own key: its semantic fields, canonically encoded and versioned.
+    pub fn cache_key(&self) -> Digest {
+        Digest::of(&canonical_json(&self.key_material()))
+    }
+
+    /// What [`Op::cache_key`] hashes.
+    pub fn key_material(&self) -> Value {
+        json!({"v": OP_KEY_VERSION, "op": self})
+    }
+}
 
 /// What a stage starts from.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Base {
+#[derive(Debug, Clone)]
+pub enum Source {
     Scratch,
-    /// An image reference, after ARG expansion.
-    Image(String),
-    /// An earlier stage, by index.
+    /// An image, resolved (its config is what the frontend lowered against).
+    Image {
+        reference: String,
+        image: Box<StoredImage>,
+    },
+    /// An earlier stage's result.
     Stage(usize),
 }
 
-/// Why one stage depends on another.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Edge {
-    pub stage: usize,
-    pub line: usize,
+impl Source {
+    /// What the source stands for in a key, and in listings.
+    pub fn identity(&self, platform: &Platform) -> Value {
+        match self {
+            Source::Scratch => json!({"scratch": platform.spec()}),
+            Source::Image { image, .. } => {
+                json!({"image": image.manifest_digest.to_string()})
+            }
+            Source::Stage(i) => json!({ "stage": i }),
+        }
+    }
 }
 
-/// One stage of the build.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Stage {
+/// One stage, lowered.
+#[derive(Debug, Clone)]
+pub struct StagePlan {
     pub index: usize,
     /// The `AS` name, lowercased.
     pub name: Option<String>,
-    pub base: Base,
-    /// `FROM --platform`, expanded.
-    pub platform: Option<String>,
+    pub platform: Platform,
+    pub source: Source,
     /// The FROM line.
-    pub span: Span,
-    /// The instructions after FROM.
-    pub instructions: Vec<Located>,
-    /// Stages whose results this stage reads (base stage included).
-    pub deps: Vec<Edge>,
-    /// Images (not stages) named by `COPY --from` or `RUN --mount=from=`.
-    pub image_refs: Vec<String>,
+    pub origin: Origin,
+    /// Applied to the source's config before the first op (a default PATH, ONBUILD triggers
+    /// cleared).
+    pub base_edits: Vec<ConfigEdit>,
+    pub ops: Vec<Op>,
+    /// Stages whose results this stage reads.
+    pub deps: Vec<usize>,
 }
 
-impl Stage {
+impl StagePlan {
     /// `name` if it has one, else its index: how users refer to it.
     pub fn label(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.index.to_string())
     }
+
+    /// Images the stage reads (its source and every `--from` image).
+    pub fn images(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Source::Image { reference, .. } = &self.source {
+            out.push(reference.clone());
+        }
+        for op in &self.ops {
+            let inputs: Vec<&Input> = match &op.action {
+                Action::Copy(c) => vec![&c.from],
+                Action::Exec(e) => e.mounts.iter().map(|m| &m.from).collect(),
+                _ => Vec::new(),
+            };
+            for i in inputs {
+                if let Input::Image(r) = i {
+                    out.push(r.clone());
+                }
+            }
+        }
+        out
+    }
 }
 
-/// What the planner needs from the command line.
+/// A build, lowered for one platform.
 #[derive(Debug, Clone)]
-pub struct PlanOptions {
-    pub target: Option<String>,
-    pub build_args: BTreeMap<String, String>,
-    pub target_platform: Platform,
-    pub build_platform: Platform,
-}
-
-impl Default for PlanOptions {
-    fn default() -> Self {
-        PlanOptions {
-            target: None,
-            build_args: BTreeMap::new(),
-            target_platform: Platform::host(),
-            build_platform: Platform::host(),
-        }
-    }
-}
-
-/// The lowered build.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BuildGraph {
-    /// Every stage of the file, in order.
-    pub stages: Vec<Stage>,
-    /// The stage the build produces.
-    pub target: usize,
+pub struct OpGraph {
     /// The stages the target needs, in dependency order (target last).
-    pub order: Vec<usize>,
-    /// `order` grouped into levels: stages in one level do not depend on each other.
-    pub levels: Vec<Vec<usize>>,
-    /// Global ARGs (before the first FROM) with their values.
-    pub global_args: BTreeMap<String, Option<String>>,
-    /// `--build-arg`s no ARG consumes (a warning, as in docker).
-    pub unused_build_args: Vec<String>,
+    pub stages: Vec<StagePlan>,
+    /// The target stage's index.
+    pub target: usize,
 }
 
-/// A planning failure. Location-bearing failures are [`SyntaxError`]s.
-#[derive(Debug, thiserror::Error)]
-pub enum PlanError {
-    #[error(transparent)]
-    Syntax(#[from] SyntaxError),
-    #[error("target stage {0:?} could not be found (stages: {1})")]
-    UnknownTarget(String, String),
-}
-
-/// Lower typed instructions into a build graph.
-pub fn lower(
-    file: &str,
-    source: &str,
-    escape: char,
-    instructions: &[Located],
-    opts: &PlanOptions,
-) -> Result<BuildGraph, PlanError> {
-    let at = |span: Span, msg: String| SyntaxError::at(file, source, span.line, span.column, msg);
-    let platform_args = Platform::args(&opts.target_platform, &opts.build_platform);
-
-    // Global ARGs: visible to FROM lines only (until a stage redeclares them).
-    let mut global = Scope::default();
-    let mut consumed: BTreeSet<String> = BTreeSet::new();
-    let mut idx = 0;
-    for (k, v) in &platform_args {
-        global.args.insert(k.clone(), Some(v.clone()));
-    }
-    let mut global_args = BTreeMap::new();
-    while let Some(l) = instructions.get(idx) {
-        match &l.instruction {
-            Instruction::Arg(decls) => {
-                for (name, default) in decls {
-                    let value = match opts.build_args.get(name) {
-                        Some(v) => Some(v.clone()),
-                        None => match default {
-                            Some(d) => Some(global.word(escape, d).map_err(|e| at(l.span, e.0))?),
-                            None => None,
-                        },
-                    };
-                    consumed.insert(name.clone());
-                    global.args.insert(name.clone(), value.clone());
-                    global_args.insert(name.clone(), value);
-                }
-            }
-            Instruction::From { .. } => break,
-            other => {
-                let _ = other;
-                return Err(at(l.span, "no build stage in current context: a build file must start with FROM (only ARG may come before it)".into()).into());
-            }
-        }
-        idx += 1;
+impl OpGraph {
+    pub fn stage(&self, index: usize) -> Option<&StagePlan> {
+        self.stages.iter().find(|s| s.index == index)
     }
 
-    // Split stages.
-    let mut stages: Vec<Stage> = Vec::new();
-    let mut names: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for l in &instructions[idx..] {
-        if let Instruction::From {
-            image,
-            alias,
-            platform,
-        } = &l.instruction
-        {
-            let image = global.word(escape, image).map_err(|e| at(l.span, e.0))?;
-            if image.is_empty() {
-                return Err(at(
-                    l.span,
-                    "FROM names an empty image (check the ARG it uses)".into(),
-                )
-                .into());
-            }
-            let platform = match platform {
-                Some(p) => Some(global.word(escape, p).map_err(|e| at(l.span, e.0))?),
-                None => None,
-            };
-            let index = stages.len();
-            if let Some(name) = alias {
-                if let Some((_, line)) = names.get(name) {
-                    return Err(at(
-                        l.span,
-                        format!(
-                            "duplicate stage name {:?}, first defined on line {}",
-                            name, line
-                        ),
-                    )
-                    .into());
-                }
-                names.insert(name.clone(), (index, l.span.line));
-            }
-            let lower_image = image.to_lowercase();
-            let mut deps = Vec::new();
-            let base = if lower_image == "scratch" {
-                Base::Scratch
-            } else if let Some((i, _)) = names.get(&lower_image).filter(|(i, _)| *i != index) {
-                deps.push(Edge {
-                    stage: *i,
-                    line: l.span.line,
-                });
-                Base::Stage(*i)
+    /// The listing `builder debug ops` prints: each stage, then each op with its line, its
+    /// key and its fields.
+    pub fn listing(&self) -> String {
+        let mut out = String::new();
+        for s in &self.stages {
+            let target = if s.index == self.target {
+                " (target)"
             } else {
-                Base::Image(image)
+                ""
             };
-            stages.push(Stage {
-                index,
-                name: alias.clone(),
-                base,
-                platform,
-                span: l.span,
-                instructions: Vec::new(),
-                deps,
-                image_refs: Vec::new(),
-            });
-        } else if let Some(stage) = stages.last_mut() {
-            stage.instructions.push(l.clone());
-        }
-    }
-
-    // Edges from COPY --from and RUN --mount=from, expanded with the stage's ARGs and ENV.
-    let count = stages.len();
-    for stage in stages.iter_mut() {
-        let mut scope = Scope::default();
-        for l in &stage.instructions {
-            let mut refs: Vec<String> = Vec::new();
-            match &l.instruction {
-                Instruction::Arg(decls) => {
-                    for (name, default) in decls {
-                        consumed.insert(name.clone());
-                        let value = match opts.build_args.get(name) {
-                            Some(v) => Some(v.clone()),
-                            None => match default {
-                                Some(d) => {
-                                    Some(scope.word(escape, d).map_err(|e| at(l.span, e.0))?)
-                                }
-                                None => global.args.get(name).cloned().flatten(),
-                            },
-                        };
-                        scope.args.insert(name.clone(), value);
-                    }
-                }
-                Instruction::Env(kvs) => {
-                    for (k, v) in kvs {
-                        let k = scope.word(escape, k).map_err(|e| at(l.span, e.0))?;
-                        let v = scope.word(escape, v).map_err(|e| at(l.span, e.0))?;
-                        scope.set_env(&k, &v);
-                    }
-                }
-                Instruction::Copy(c) => {
-                    if let Some(f) = &c.from {
-                        refs.push(scope.word(escape, f).map_err(|e| at(l.span, e.0))?);
-                    }
-                }
-                Instruction::Run(r) => {
-                    for m in &r.mounts {
-                        let spec = scope.word(escape, m).map_err(|e| at(l.span, e.0))?;
-                        let mount = Mount::parse(&spec).map_err(|e| at(l.span, e))?;
-                        if let Some(f) = mount.from {
-                            refs.push(f);
-                        }
-                    }
-                }
-                _ => {}
+            let name = s
+                .name
+                .as_ref()
+                .map(|n| format!(" {}", n))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "stage {}{}{}: {} from {}\n",
+                s.index,
+                name,
+                target,
+                s.platform.spec(),
+                compact(&s.source.identity(&s.platform)),
+            ));
+            for e in &s.base_edits {
+                out.push_str(&format!("  base {}\n", compact(&json!(e))));
             }
-            for r in refs {
-                let lower = r.to_lowercase();
-                if let Ok(i) = r.parse::<usize>() {
-                    if i >= count {
-                        return Err(at(
-                            l.span,
-                            format!(
-                                "--from={} names stage index {} but the file has {} stages",
-                                r, i, count
-                            ),
-                        )
-                        .into());
-                    }
-                    stage.deps.push(Edge {
-                        stage: i,
-                        line: l.span.line,
-                    });
-                } else if let Some((i, _)) = names.get(&lower) {
-                    stage.deps.push(Edge {
-                        stage: *i,
-                        line: l.span.line,
-                    });
-                } else {
-                    stage.image_refs.push(r);
-                }
-            }
-        }
-    }
-
-    // Target and pruning.
-    let target = match &opts.target {
-        None => count
-            .checked_sub(1)
-            .ok_or_else(|| at(Span::default(), "the file has no stage".into()))?,
-        Some(t) => match names.get(&t.to_lowercase()) {
-            Some((i, _)) => *i,
-            None => {
-                let all: Vec<String> = stages.iter().filter_map(|s| s.name.clone()).collect();
-                return Err(PlanError::UnknownTarget(
-                    t.clone(),
-                    if all.is_empty() {
-                        "none named".into()
-                    } else {
-                        all.join(", ")
-                    },
+            for op in &s.ops {
+                let key = op.cache_key().hex()[..16].to_string();
+                let mut fields = json!(op);
+                let action = fields["action"].take();
+                out.push_str(&format!(
+                    "  {}:{} {} key={}\n",
+                    op.origin.line,
+                    op.origin.column,
+                    action["op"].as_str().unwrap_or("?"),
+                    key
                 ));
-            }
-        },
-    };
-    let mut order = Vec::new();
-    let mut state = vec![0u8; count]; // 0 new, 1 visiting, 2 done
-    visit(target, &stages, &mut state, &mut order, &mut Vec::new()).map_err(|(line, path)| {
-        let span = Span {
-            line,
-            column: 1,
-            end_line: line,
-        };
-        let col = source
-            .lines()
-            .nth(line.saturating_sub(1))
-            .map(|l| l.len() - l.trim_start().len() + 1)
-            .unwrap_or(1);
-        at(
-            Span {
-                column: col,
-                ..span
-            },
-            format!("circular dependency between stages: {}", path),
-        )
-    })?;
-
-    // FROM --platform: the stage builds for that platform (the cross-compile pattern); it
-    // must name one.
-    for &s in &order {
-        if let Some(p) = &stages[s].platform {
-            if Platform::parse(p).is_none() {
-                return Err(at(
-                    stages[s].span,
-                    format!(
-                        "FROM --platform={}: not a platform (want os/arch[/variant])",
-                        p
-                    ),
-                )
-                .into());
+                if let Value::Object(mut a) = action {
+                    a.remove("op");
+                    if !a.is_empty() {
+                        out.push_str(&format!("    {}\n", compact(&Value::Object(a))));
+                    }
+                }
+                for e in &op.edits {
+                    out.push_str(&format!("    edit {}\n", compact(&json!(e))));
+                }
+                if let Some(h) = &op.history {
+                    out.push_str(&format!("    history {}\n", compact(&json!(h))));
+                }
             }
         }
+        out
     }
-
-    let mut level_of = vec![0usize; count];
-    let mut levels: Vec<Vec<usize>> = Vec::new();
-    for &s in &order {
-        let l = stages[s]
-            .deps
-            .iter()
-            .map(|e| level_of[e.stage] + 1)
-            .max()
-            .unwrap_or(0);
-        level_of[s] = l;
-        if levels.len() <= l {
-            levels.resize(l + 1, Vec::new());
-        }
-        levels[l].push(s);
-    }
-
-    let unused_build_args = opts
-        .build_args
-        .keys()
-        .filter(|k| !consumed.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    Ok(BuildGraph {
-        stages,
-        target,
-        order,
-        levels,
-        global_args,
-        unused_build_args,
-    })
 }
 
-/// Depth-first post-order; on a cycle returns the line of the closing edge and the path.
-fn visit(
-    s: usize,
-    stages: &[Stage],
-    state: &mut Vec<u8>,
-    order: &mut Vec<usize>,
-    path: &mut Vec<usize>,
-) -> Result<(), (usize, String)> {
-    state[s] = 1;
-    path.push(s);
-    let mut deps: Vec<&Edge> = stages[s].deps.iter().collect();
-    deps.sort_by_key(|e| e.stage);
-    deps.dedup_by_key(|e| e.stage);
-    for e in deps {
-        match state[e.stage] {
-            0 => visit(e.stage, stages, state, order, path)?,
-            1 => {
-                let start = path.iter().position(|&p| p == e.stage).unwrap_or(0);
-                let mut names: Vec<String> =
-                    path[start..].iter().map(|&p| stages[p].label()).collect();
-                names.push(stages[e.stage].label());
-                return Err((e.line, names.join(" -> ")));
-            }
-            _ => {}
-        }
+/// One-line canonical JSON.
+fn compact(v: &Value) -> String {
+    String::from_utf8_lossy(&canonical_json(v)).into_owned()
+}
+
+/// The default PATH a base without one gets.
+pub fn default_path_edit() -> ConfigEdit {
+    ConfigEdit::DefaultEnv {
+        key: "PATH".into(),
+        value: DEFAULT_PATH.into(),
     }
-    path.pop();
-    state[s] = 2;
-    order.push(s);
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syntax::parse_instructions;
 
-    fn graph(
-        text: &str,
-        target: Option<&str>,
-        args: &[(&str, &str)],
-    ) -> Result<BuildGraph, PlanError> {
-        let (doc, ins) = parse_instructions("Buildfile", text)?;
-        let opts = PlanOptions {
-            target: target.map(str::to_string),
-            build_args: args
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..PlanOptions::default()
+    fn op(action: Action, line: usize) -> Op {
+        Op {
+            origin: Origin {
+                line,
+                column: 1,
+                text: format!("line {}", line),
+            },
+            edits: Vec::new(),
+            action,
+            history: Some("X".into()),
+        }
+    }
+
+    #[test]
+    fn key_ignores_origin_and_sees_fields() {
+        let mk = MkdirOp {
+            dir: "/a".into(),
+            owner: None,
         };
-        lower("Buildfile", text, doc.escape, &ins, &opts)
-    }
-
-    const MULTI: &str = "FROM scratch AS a\nCOPY x /x\nFROM scratch AS b\nCOPY y /y\nFROM a AS c\nCOPY --from=b /y /y\nFROM scratch AS unused\n";
-
-    #[test]
-    fn prunes_and_levels() {
-        let g = graph(MULTI, Some("c"), &[]).unwrap();
-        assert_eq!(g.order, vec![0, 1, 2]);
-        assert_eq!(g.levels, vec![vec![0, 1], vec![2]]);
-        assert_eq!(g.stages[2].base, Base::Stage(0));
-    }
-
-    #[test]
-    fn global_args_reach_from_only() {
-        let g = graph(
-            "ARG V=3.19\nFROM alpine:${V}\nRUN echo $V\n",
-            None,
-            &[("V", "3.20")],
-        )
-        .unwrap();
-        assert_eq!(g.stages[0].base, Base::Image("alpine:3.20".into()));
-        assert!(g.unused_build_args.is_empty());
-    }
-
-    #[test]
-    fn warns_about_unconsumed_build_args() {
-        let g = graph(
-            "FROM scratch\n",
-            None,
-            &[("NOPE", "1"), ("HTTP_PROXY", "x")],
-        )
-        .unwrap();
-        assert_eq!(g.unused_build_args, vec!["NOPE".to_string()]);
-    }
-
-    #[test]
-    fn errors_point_at_lines() {
-        let e = graph("FROM scratch AS a\nFROM scratch AS A\n", None, &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("Buildfile:2:1: duplicate stage name \"a\""),
-            "{e}"
+        let a = op(Action::Mkdir(mk.clone()), 1);
+        let b = op(Action::Mkdir(mk.clone()), 9);
+        assert_eq!(a.cache_key(), b.cache_key());
+        let c = op(
+            Action::Mkdir(MkdirOp {
+                owner: Some("app".into()),
+                ..mk
+            }),
+            1,
         );
-        let e = graph(
-            "FROM scratch AS a\nCOPY --from=b / /\nFROM scratch AS b\nCOPY --from=a / /\n",
-            None,
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("circular dependency"), "{e}");
-        assert!(matches!(
-            graph(MULTI, Some("nope"), &[]),
-            Err(PlanError::UnknownTarget(..))
-        ));
-        let e = graph("RUN x\nFROM scratch\n", None, &[])
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("Buildfile:1:1: no build stage"), "{e}");
+        assert_ne!(a.cache_key(), c.cache_key());
+        assert_eq!(a.key_material()["v"], json!(OP_KEY_VERSION));
     }
 
     #[test]
-    fn copy_from_unknown_name_is_an_image() {
-        let g = graph(
-            "FROM scratch\nCOPY --from=busybox:latest /bin/sh /sh\n",
-            None,
-            &[],
-        )
-        .unwrap();
-        assert_eq!(g.stages[0].image_refs, vec!["busybox:latest".to_string()]);
+    fn edits_apply_in_order() {
+        let mut s = ImageState::scratch("linux", "amd64", None);
+        ConfigEdit::Cmd {
+            argv: vec!["a".into()],
+        }
+        .apply(&mut s);
+        ConfigEdit::Entrypoint {
+            argv: vec!["e".into()],
+            keep_cmd: false,
+        }
+        .apply(&mut s);
+        assert!(s.runtime().cmd().is_none());
+        default_path_edit().apply(&mut s);
+        ConfigEdit::DefaultEnv {
+            key: "PATH".into(),
+            value: "/x".into(),
+        }
+        .apply(&mut s);
+        assert_eq!(
+            s.env(),
+            vec![("PATH".to_string(), DEFAULT_PATH.to_string())]
+        );
     }
 }

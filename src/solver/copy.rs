@@ -8,18 +8,18 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::context::{clean_path, IgnoreMatcher};
 use crate::context::{ContextError, SourceRoot};
 use crate::oci::digest::HashingWriter;
 use crate::oci::layer::{LayerTree, NodeKind, TreeNode};
 use crate::oci::unpack::{self, UnpackOptions};
-use crate::syntax::dockerignore::IgnoreMatcher;
-use crate::syntax::parser::Heredoc;
+use crate::plan::CopySource;
 
 use super::users::{apply_chmod, Owner};
 
 /// What one COPY/ADD does, after expansion.
 pub struct CopyPlan<'a> {
-    pub sources: Vec<String>,
+    pub sources: Vec<CopySource>,
     /// Absolute destination in the image (trailing `/` kept).
     pub dest: String,
     pub root: &'a SourceRoot,
@@ -27,15 +27,12 @@ pub struct CopyPlan<'a> {
     pub chmod: Option<String>,
     pub parents: bool,
     pub excludes: Vec<String>,
-    pub heredocs: &'a [Heredoc],
     pub is_add: bool,
     pub unpack: Option<bool>,
     pub checksum: Option<String>,
     /// The image's root filesystem before this step (for "does the destination exist").
     pub rootfs: &'a Path,
     pub epoch: i64,
-    /// Expands heredoc bodies whose delimiter was not quoted.
-    pub expand_heredoc: &'a dyn Fn(&str) -> Result<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +50,6 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Whether an ADD source is a remote URL.
-pub fn is_url(s: &str) -> bool {
-    s.starts_with("http://") || s.starts_with("https://")
 }
 
 /// The result of staging: the layer as a tree, and temporary directories its file sources
@@ -435,37 +427,35 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
     }
 
     let mut fetched = Vec::new();
-    for src in &plan.sources {
-        // Heredoc source: `COPY <<EOF /dest`.
-        let heredoc_name = crate::syntax::parser::parse_heredoc_word(src).map(|(name, ..)| name);
-        if let Some(doc) = heredoc_name.and_then(|n| plan.heredocs.iter().find(|h| h.name == n)) {
-            let body = if doc.expand {
-                (plan.expand_heredoc)(&doc.content).map_err(CopyError::Other)?
-            } else {
-                doc.content.clone()
-            };
-            let target = dest.file_target(&dest_abs, &doc.name);
-            let mode = match &plan.chmod {
-                Some(c) => apply_chmod(c, 0o644, false).map_err(CopyError::Other)?,
-                None => 0o644,
-            };
-            st.write_file(&st.target(&target), body.as_bytes(), mode, plan.epoch)?;
-            continue;
-        }
-        if plan.is_add && is_url(src) {
-            let tmp = tempfile::tempdir()
-                .map_err(|e| CopyError::Other(format!("temporary directory: {}", e)))?;
-            let (name, body, size, digest) = fetch_url(src, plan.checksum.as_deref(), tmp.path())?;
-            fetched.push((src.clone(), digest));
-            let target = dest.file_target(&dest_abs, &name);
-            let mode = match &plan.chmod {
-                Some(c) => apply_chmod(c, 0o600, false).map_err(CopyError::Other)?,
-                None => 0o600,
-            };
-            st.add_file(&st.target(&target), body, size, mode, plan.epoch);
-            st.keep.push(tmp);
-            continue;
-        }
+    for source in &plan.sources {
+        let src = match source {
+            // Heredoc source: `COPY <<EOF /dest`.
+            CopySource::Heredoc { name, content } => {
+                let target = dest.file_target(&dest_abs, name);
+                let mode = match &plan.chmod {
+                    Some(c) => apply_chmod(c, 0o644, false).map_err(CopyError::Other)?,
+                    None => 0o644,
+                };
+                st.write_file(&st.target(&target), content.as_bytes(), mode, plan.epoch)?;
+                continue;
+            }
+            CopySource::Url(url) => {
+                let tmp = tempfile::tempdir()
+                    .map_err(|e| CopyError::Other(format!("temporary directory: {}", e)))?;
+                let (name, body, size, digest) =
+                    fetch_url(url, plan.checksum.as_deref(), tmp.path())?;
+                fetched.push((url.clone(), digest));
+                let target = dest.file_target(&dest_abs, &name);
+                let mode = match &plan.chmod {
+                    Some(c) => apply_chmod(c, 0o600, false).map_err(CopyError::Other)?,
+                    None => 0o600,
+                };
+                st.add_file(&st.target(&target), body, size, mode, plan.epoch);
+                st.keep.push(tmp);
+                continue;
+            }
+            CopySource::Path(p) => p,
+        };
         if plan.checksum.is_some() {
             return Err(CopyError::Other(
                 "--checksum applies to URL sources only".into(),
@@ -478,7 +468,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             .then(|| src.find("/./"))
             .flatten()
             .map(|i| {
-                crate::syntax::dockerignore::clean_path(&format!("/{}", &src[..i]))
+                clean_path(&format!("/{}", &src[..i]))
                     .trim_start_matches('/')
                     .to_string()
             })

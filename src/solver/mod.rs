@@ -1,11 +1,11 @@
-//! The solver: runs the build graph's stages (concurrently where they are independent),
-//! applies each instruction to an [`ImageState`], asks the cache before every layer-producing
-//! step, writes the layers COPY, ADD, WORKDIR and RUN produce, and commits the target stage as
-//! an image. A stage's filesystem is a [`RootView`] of shared layer snapshots, created only
-//! when a step has to read it.
+//! The solver: runs an op graph's stages (concurrently where they are independent), applies
+//! each op to an [`ImageState`], asks the cache before every layer-producing op, writes the
+//! layers mkdir, copy and exec ops produce, and commits the target stage as an image. A
+//! stage's filesystem is a [`RootView`] of shared layer snapshots, created only when an op
+//! has to read it. It knows nothing of build-file text: the ops come resolved from the
+//! frontend.
 
 pub mod copy;
-mod history;
 pub mod run;
 pub mod users;
 
@@ -23,37 +23,33 @@ use crate::attest::trace::{BuildTrace, StepTrace};
 use crate::cache::context_hash::ContextHasher;
 use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
-use crate::context::SourceRoot;
-use crate::oci::digest::Digest;
+use crate::context::{IgnoreMatcher, SourceRoot};
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
 use crate::oci::layer::{Compression, LayerOptions};
+use crate::oci::platform::Platform;
 use crate::oci::unpack;
-use crate::plan::{Base, BuildGraph, Platform, Scope};
+use crate::plan::{
+    Action, CopyOp, ExecOp, Input, MkdirOp, MountKind, Network, Op, OpGraph, Origin, Source,
+};
 use crate::progress::Reporter;
 use crate::registry::{Client, PullPolicy};
 use crate::store::{sources, Store, StoreError};
-use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
-use crate::syntax::instruction::{Command, Healthcheck, Network};
-use crate::syntax::{Instruction, Located, Span};
 use crate::worker::snapshots::{RootView, Snapshots};
 use crate::worker::{self, Exit, Snapshotter};
 
 /// Everything a build needs besides the store.
 #[derive(Clone)]
 pub struct BuildRequest<'a> {
+    /// The build file's name and text, for locating errors.
     pub file_name: String,
     pub source: String,
-    pub escape: char,
-    pub graph: BuildGraph,
+    pub graph: OpGraph,
     pub context: PathBuf,
     pub ignore: IgnoreMatcher,
-    pub build_args: BTreeMap<String, String>,
     pub epoch: i64,
     pub compression: Compression,
     pub platform: Platform,
     pub reporter: &'a dyn Reporter,
-    /// The default network for RUN (`--network`).
-    pub network: Network,
     /// What the build may weaken in the sandbox (`--allow`).
     pub entitlements: Entitlements,
     /// Who runs RUN steps (`--runtime`).
@@ -66,7 +62,7 @@ pub struct BuildRequest<'a> {
     pub no_cache_filter: Vec<String>,
     /// Parallelism for stages and for hashing.
     pub jobs: usize,
-    /// When FROM and --from pull named images from their registry.
+    /// When `--from` pulls named images from their registry.
     pub pull: PullPolicy,
     pub registry: Arc<Client>,
     /// Caches imported with `--cache-from`, asked when the local cache misses.
@@ -151,40 +147,20 @@ impl std::fmt::Display for StepFailure {
             self.line,
             self.column,
             self.step,
-            crate::syntax::error::abbreviate(&self.text, 120),
-            crate::syntax::error::abbreviate(&self.msg, 4000),
+            crate::text::abbreviate(&self.text, 120),
+            crate::text::abbreviate(&self.msg, 4000),
             caret(&self.source_line, self.column)
         )
     }
 }
 
-/// `FROM scratch` as BuildKit makes it: working directory `/` and the default PATH (not on
-/// Windows, which sets its own).
-fn scratch_base(os: &str, arch: &str, variant: Option<&str>) -> ImageState {
-    let mut state = ImageState::scratch(os, arch, variant);
-    state.with_runtime(|c| {
-        c.set_working_dir(Some("/".into()));
-    });
-    if os != "windows" {
-        state.set_env("PATH", crate::oci::image::DEFAULT_PATH);
-    }
-    state
-}
-
-/// Chain the metadata steps applied since the last key (their texts, and the config they
-/// left) into `key`; nothing when there were none.
-fn key_metadata(key: CacheKey, pending: &mut Vec<String>, state: &ImageState) -> CacheKey {
+/// Chain the config-only ops met since the last key into `key`; nothing when there were
+/// none. Their edits are typed, so their keys say all they did.
+fn key_config_ops(key: CacheKey, pending: &mut Vec<String>) -> CacheKey {
     if pending.is_empty() {
         return key;
     }
-    // The key before already covers the history; the texts and the settings they left
-    // cover what these steps did.
-    let settings = Digest::of(&state.settings_json());
-    let texts = std::mem::take(pending);
-    CacheKey::chain(
-        &key,
-        json!({"texts": texts, "settings": settings.to_string()}),
-    )
+    CacheKey::chain(&key, json!({ "config_ops": std::mem::take(pending) }))
 }
 
 /// The offending line and a caret under `column`, as syntax errors show them.
@@ -192,7 +168,7 @@ fn caret(line: &str, column: usize) -> String {
     if line.is_empty() {
         return String::new();
     }
-    let (shown, caret) = crate::syntax::error::window(line, column);
+    let (shown, caret) = crate::text::window(line, column);
     format!("\n  {}\n  {}^", shown, " ".repeat(caret))
 }
 
@@ -201,10 +177,6 @@ struct StageResult {
     /// The key of the stage's last step: what `COPY --from` and `FROM <stage>` key on.
     key: CacheKey,
     view: Option<RootView>,
-    /// The ARG values in scope at the stage's end: a stage built on it sees them (BuildKit
-    /// keeps them in the state's environment), though neither its config nor its history
-    /// shows them.
-    args: BTreeMap<String, Option<String>>,
     /// See `Ctx::volatile`.
     volatile: bool,
 }
@@ -318,12 +290,7 @@ pub struct Outcome {
 /// Build the graph's target; returns the committed image, the cache keys of its steps and
 /// its trace.
 pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, BuildError> {
-    let total = req
-        .graph
-        .order
-        .iter()
-        .map(|&i| req.graph.stages[i].instructions.len() + 1)
-        .sum();
+    let total = req.graph.stages.iter().map(|s| s.ops.len() + 1).sum();
     // Held for the whole build so `cache prune` never removes what this build is writing.
     let _lease = crate::cache::gc::build_lease(store)?;
     let snapshotter = choose_snapshotter(store, req.reporter)?;
@@ -346,28 +313,29 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
     // that take ready stages from a queue (a thread per stage would wake every waiting stage
     // on each completion: quadratic in the stage count).
     let jobs = req.jobs.max(1);
-    let in_build: std::collections::BTreeSet<usize> = req.graph.order.iter().copied().collect();
+    let in_build: std::collections::BTreeSet<usize> =
+        req.graph.stages.iter().map(|s| s.index).collect();
     let mut schedule = Schedule::default();
-    for &i in &req.graph.order {
-        let deps: std::collections::BTreeSet<usize> = req.graph.stages[i]
+    for stage in &req.graph.stages {
+        let deps: Vec<usize> = stage
             .deps
             .iter()
-            .map(|e| e.stage)
-            .filter(|d| in_build.contains(d) && *d != i)
+            .copied()
+            .filter(|d| in_build.contains(d))
             .collect();
         for d in &deps {
-            schedule.dependents.entry(*d).or_default().push(i);
+            schedule.dependents.entry(*d).or_default().push(stage.index);
         }
         if deps.is_empty() {
-            schedule.ready.push_back(i);
+            schedule.ready.push_back(stage.index);
         }
-        schedule.waiting.insert(i, deps.len());
+        schedule.waiting.insert(stage.index, deps.len());
     }
-    schedule.left = req.graph.order.len();
+    schedule.left = req.graph.stages.len();
     let schedule = Mutex::new(schedule);
     let wake = Condvar::new();
     std::thread::scope(|s| {
-        for _ in 0..jobs.min(req.graph.order.len().max(1)) {
+        for _ in 0..jobs.min(req.graph.stages.len().max(1)) {
             let (shared, schedule, wake) = (&shared, &schedule, &wake);
             s.spawn(move || loop {
                 let Ok(mut g) = schedule.lock() else { return };
@@ -390,10 +358,8 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
                     platform: shared
                         .req
                         .graph
-                        .stages
-                        .get(i)
-                        .and_then(|s| s.platform.as_deref())
-                        .and_then(Platform::parse)
+                        .stage(i)
+                        .map(|s| s.platform.clone())
                         .unwrap_or_else(|| shared.req.platform.clone()),
                     inputs: Vec::new(),
                     volatile: false,
@@ -455,20 +421,16 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
 }
 
 impl Ctx<'_, '_> {
-    fn fail(&self, l: &Located, msg: impl Into<String>) -> BuildError {
-        self.fail_at(l.span, &l.text, msg)
-    }
-
-    /// A failure of the current step, located at `span` of the build file.
-    fn fail_at(&self, span: Span, text: &str, msg: impl Into<String>) -> BuildError {
+    /// A failure of the current step, located at the op's line of the build file.
+    fn fail(&self, origin: &Origin, msg: impl Into<String>) -> BuildError {
         BuildError::Step(Box::new(StepFailure {
             file: self.req.file_name.clone(),
-            line: span.line,
-            column: span.column,
+            line: origin.line,
+            column: origin.column,
             step: format!("{}/{}", self.step, self.total.load(Ordering::Relaxed)),
-            text: text.to_string(),
+            text: origin.text.clone(),
             msg: msg.into(),
-            source_line: self.source_line(span.line),
+            source_line: self.source_line(origin.line),
             hint: None,
         }))
     }
@@ -484,33 +446,35 @@ impl Ctx<'_, '_> {
     }
 
     fn run_stage(&mut self, index: usize) -> Result<StageResult, BuildError> {
-        let stage = &self.req.graph.stages[index];
+        let stage =
+            self.req.graph.stage(index).ok_or_else(|| {
+                BuildError::Other(format!("stage {} is not in the op graph", index))
+            })?;
         let label = if self.req.show_platform {
             format!("{} stage-{}", self.platform.spec(), stage.label())
         } else {
             format!("stage-{}", stage.label())
         };
         self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let from_text = self.source_line(stage.span.line).trim().to_string();
         self.req.reporter.step(
             self.step,
             self.total.load(Ordering::Relaxed),
             &label,
-            &from_text,
+            &stage.origin.text,
         );
         let started = Instant::now();
-        let p = &self.platform.clone();
-        let mut inherited_args = BTreeMap::new();
         let mut parent_volatile = false;
-        let (mut state, base_key) = match &stage.base {
-            Base::Scratch => (
-                scratch_base(&p.os, &p.architecture, p.variant.as_deref()),
-                CacheKey::base(json!({"scratch": p.spec()})),
-            ),
-            Base::Stage(i) => {
+        let (mut state, base_key) = match &stage.source {
+            Source::Scratch => {
+                let p = &self.platform;
+                (
+                    ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref()),
+                    CacheKey::base(stage.source.identity(p)),
+                )
+            }
+            Source::Stage(i) => {
                 let parent = self.results.lock().ok().and_then(|r| {
                     r.get(i).map(|p| {
-                        inherited_args = p.args.clone();
                         parent_volatile = p.volatile;
                         (p.state.clone(), p.key.clone())
                     })
@@ -519,34 +483,29 @@ impl Ctx<'_, '_> {
                     BuildError::Other(format!("stage {} was not built before stage {}", i, index))
                 })?
             }
-            Base::Image(r) => {
-                let img = self.fetch_image(r).map_err(|e| {
-                    let hint = e.hint();
-                    match self.fail_at(stage.span, &from_text, e.to_string()) {
-                        BuildError::Step(mut f) => {
-                            f.hint = hint;
-                            BuildError::Step(f)
-                        }
-                        other => other,
-                    }
-                })?;
-                self.trace_image(r, &img.manifest_digest.to_string());
-                let mut state = img.state;
-                // BuildKit gives a base image without PATH the default one, as it does scratch.
-                if p.os != "windows" && !state.env().iter().any(|(k, _)| k == "PATH") {
-                    state.set_env("PATH", crate::oci::image::DEFAULT_PATH);
-                }
+            Source::Image { reference, image } => {
+                self.trace_image(reference, &image.manifest_digest.to_string());
                 (
-                    state,
-                    CacheKey::base(json!({"image": img.manifest_digest.to_string()})),
+                    image.state.clone(),
+                    CacheKey::base(stage.source.identity(&self.platform)),
                 )
             }
         };
+        for e in &stage.base_edits {
+            e.apply(&mut state);
+        }
         self.volatile = parent_volatile;
-        let base_name = match &stage.base {
-            Base::Scratch => "scratch".to_string(),
-            Base::Stage(i) => format!("stage:{}", self.req.graph.stages[*i].label()),
-            Base::Image(r) => r.clone(),
+        let base_name = match &stage.source {
+            Source::Scratch => "scratch".to_string(),
+            Source::Stage(i) => format!(
+                "stage:{}",
+                self.req
+                    .graph
+                    .stage(*i)
+                    .map(|s| s.label())
+                    .unwrap_or_else(|| i.to_string())
+            ),
+            Source::Image { reference, .. } => reference.clone(),
         };
         if let Ok(mut t) = self.trace.lock() {
             t.stages.insert(index, (stage.label(), base_name));
@@ -556,10 +515,12 @@ impl Ctx<'_, '_> {
         let mut key = CacheKey::chain(
             &base_key,
             json!({
+                "ops": crate::plan::OP_KEY_VERSION,
                 "epoch": self.req.epoch,
-                "compression": format!("{:?}", self.req.compression),
+                "compression": self.req.compression.key(),
                 // An arm64 step never hits an amd64 entry, whatever the base.
                 "platform": self.platform.spec(),
+                "base_edits": stage.base_edits,
             }),
         );
         let use_cache = !self.req.no_cache
@@ -570,55 +531,32 @@ impl Ctx<'_, '_> {
                 .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
 
         let mut view: Option<RootView> = None;
-        let mut scope = Scope::new(inherited_args, state.env());
-        let mut cmd_set = false;
-        // ONBUILD triggers of the base run first, then are cleared from the child.
-        let triggers: Vec<String> = state.docker.onbuild.take().unwrap_or_default();
-        let mut work: Vec<Located> = Vec::new();
-        for t in triggers {
-            let (_, typed) = crate::syntax::parse_instructions(
-                &format!("{} (ONBUILD of the base image)", self.req.file_name),
-                &t,
-            )
-            .map_err(|e| BuildError::Other(e.to_string()))?;
-            for mut l in typed {
-                l.span = stage.span;
-                work.push(l);
-            }
-        }
-        self.total.fetch_add(work.len(), Ordering::Relaxed);
-        work.extend(stage.instructions.iter().cloned());
-        let mut pending_meta: Vec<String> = Vec::new();
+        let mut pending: Vec<String> = Vec::new();
         let stage_name = stage.label();
-        for (step_in_stage, l) in work.iter().enumerate() {
+        for (step_in_stage, op) in stage.ops.iter().enumerate() {
             self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
             self.req.reporter.step(
                 self.step,
                 self.total.load(Ordering::Relaxed),
                 &label,
-                &l.text,
+                &op.origin.text,
             );
             let started = Instant::now();
-            let layered = matches!(
-                l.instruction,
-                Instruction::Workdir(_)
-                    | Instruction::Copy(_)
-                    | Instruction::Add(_)
-                    | Instruction::Run(_)
-            );
-            if !layered {
-                // Metadata steps are cheap: apply now; they enter the key, with the config
-                // they produced, at the next layer step or the stage's end (hashing the
-                // config once per run of them, not once each: linear in the build file).
-                self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set)?;
-                pending_meta.push(l.text.clone());
+            if !op.is_layered() {
+                // Config ops are cheap: apply now; they enter the key at the next layer
+                // op or the stage's end.
+                self.apply(op, &mut state, &mut view)?;
+                pending.push(op.cache_key().to_string());
                 self.req.reporter.done(self.step, started.elapsed(), false);
                 continue;
             }
-            key = key_metadata(key, &mut pending_meta, &state);
+            key = key_config_ops(key, &mut pending);
             self.inputs.clear();
-            let material = self.key_material(l, &state, &scope)?;
-            key = CacheKey::chain(&key, material);
+            let inputs = self.inputs_of(op)?;
+            key = CacheKey::chain(
+                &key,
+                json!({"op": op.cache_key().to_string(), "inputs": inputs}),
+            );
             let layers_before = state.layers.len();
             let trace_step = |cx: &mut Self, state: &ImageState| {
                 let layer = (state.layers.len() > layers_before)
@@ -629,8 +567,8 @@ impl Ctx<'_, '_> {
                     stage: index,
                     stage_name: stage_name.clone(),
                     step: step_in_stage + 1,
-                    line: l.span.line,
-                    op: l.text.clone(),
+                    line: op.origin.line,
+                    op: op.origin.text.clone(),
                     key: if cx.volatile {
                         String::new()
                     } else {
@@ -654,7 +592,7 @@ impl Ctx<'_, '_> {
             }
             let outcome = self
                 .sync_view(&mut view, &state)
-                .and_then(|_| self.apply(l, &mut state, &mut scope, &mut view, &mut cmd_set));
+                .and_then(|_| self.apply(op, &mut state, &mut view));
             if outcome.is_ok() {
                 match self.cache.put(&key, &state) {
                     Ok(()) => self.record_step(index, &key),
@@ -671,12 +609,11 @@ impl Ctx<'_, '_> {
             trace_step(self, &state);
             self.req.reporter.done(self.step, started.elapsed(), false);
         }
-        let key = key_metadata(key, &mut pending_meta, &state);
+        let key = key_config_ops(key, &mut pending);
         Ok(StageResult {
             state,
             key,
             view,
-            args: scope.args,
             volatile: self.volatile,
         })
     }
@@ -742,435 +679,145 @@ impl Ctx<'_, '_> {
         }
     }
 
-    fn word(&self, l: &Located, scope: &Scope, s: &str) -> Result<String, BuildError> {
-        scope
-            .word(self.req.escape, s)
-            .map_err(|e| self.fail(l, e.0))
+    fn history(&self, state: &mut ImageState, op: &Op, layer: Option<LayerRef>) {
+        if let Some(created_by) = &op.history {
+            state.push_history(&self.created, created_by, layer);
+        }
     }
 
-    fn history(&self, state: &mut ImageState, created_by: String, layer: Option<LayerRef>) {
-        state.push_history(&self.created, &created_by, layer);
-    }
-
+    /// Apply `op` to `state`: its config edits, its action, its history entry.
     fn apply(
         &mut self,
-        l: &Located,
+        op: &Op,
         state: &mut ImageState,
-        scope: &mut Scope,
         view_slot: &mut Option<RootView>,
-        cmd_set: &mut bool,
     ) -> Result<(), BuildError> {
-        let rootfs_path = view_slot
-            .as_ref()
-            .map(|v| v.path().to_path_buf())
-            .unwrap_or_default();
-        let rootfs = rootfs_path.as_path();
-        match &l.instruction {
-            Instruction::From { .. } => return Err(self.fail(l, "FROM inside a stage")),
-            Instruction::Arg(decls) => {
-                let mut shown = Vec::new();
-                for (name, default) in decls {
-                    // BuildKit's history names the ARG with the default the file gives
-                    // (expanded), never a --build-arg value.
-                    match default {
-                        Some(d) => shown.push(format!("{}={}", name, self.word(l, scope, d)?)),
-                        None => shown.push(name.clone()),
-                    }
-                    let value = match self.req.build_args.get(name) {
-                        Some(v) => Some(v.clone()),
-                        None => match default {
-                            Some(d) => Some(self.word(l, scope, d)?),
-                            None => self
-                                .req
-                                .graph
-                                .global_args
-                                .get(name)
-                                .cloned()
-                                .flatten()
-                                .or_else(|| {
-                                    let pa = Platform::args(&self.req.platform, &Platform::host());
-                                    pa.get(name).cloned()
-                                }),
-                        },
-                    };
-                    scope.declare(name, value);
-                }
-                self.history(state, format!("ARG {}", shown.join(" ")), None);
+        for e in &op.edits {
+            e.apply(state);
+        }
+        let layer = match &op.action {
+            Action::Config => None,
+            Action::Mkdir(m) => {
+                let rootfs = view_path(view_slot);
+                Some(self.mkdir(op, m, &rootfs)?)
             }
-            Instruction::Env(kvs) => {
-                let mut shown = Vec::new();
-                for (k, v) in kvs {
-                    let k = self.word(l, scope, k)?;
-                    let v = self.word(l, scope, v)?;
-                    scope.set_env(&k, &v);
-                    state.set_env(&k, &v);
-                    shown.push(format!("{}={}", k, v));
-                }
-                self.history(state, format!("ENV {}", shown.join(" ")), None);
+            Action::Copy(c) => {
+                let rootfs = view_path(view_slot);
+                Some(self.copy(op, c, &rootfs)?)
             }
-            Instruction::Label(kvs) => {
-                let mut shown = Vec::new();
-                let mut pairs = Vec::new();
-                for (k, v) in kvs {
-                    let k = self.word(l, scope, k)?;
-                    let v = self.word(l, scope, v)?;
-                    shown.push(format!("{}={}", k, v));
-                    pairs.push((k, v));
-                }
-                state.with_runtime(|c| {
-                    let labels = c.labels_mut().get_or_insert_with(Default::default);
-                    for (k, v) in pairs {
-                        labels.insert(k, v);
-                    }
-                });
-                self.history(state, format!("LABEL {}", shown.join(" ")), None);
-            }
-            Instruction::Maintainer(m) => {
-                let m = self.word(l, scope, m)?;
-                state.config.set_author(Some(m.clone()));
-                self.history(state, format!("MAINTAINER {}", m), None);
-            }
-            Instruction::User(u) => {
-                let u = self.word(l, scope, u)?;
-                state.with_runtime(|c| {
-                    c.set_user(Some(u.clone()));
-                });
-                self.history(state, format!("USER {}", u), None);
-            }
-            Instruction::Workdir(w) => {
-                let w = self.word(l, scope, w)?;
-                let cur = state
-                    .runtime()
-                    .working_dir()
-                    .clone()
-                    .unwrap_or_else(|| "/".into());
-                // As BuildKit: an absolute path is kept as written (a trailing slash too), a
-                // relative one is joined to the current directory and cleaned.
-                let path = if w.starts_with('/') {
-                    w.clone()
-                } else {
-                    clean_path(&format!("/{}/{}", cur, w))
-                };
-                state.with_runtime(|c| {
-                    c.set_working_dir(Some(path.clone()));
-                });
-                let dir = clean_path(&path);
-                // BuildKit makes the directory (and its parents, owned by USER) as a layer of
-                // its own, empty when the directory exists; only `/` makes none.
-                let layer = if dir == "/" {
-                    None
-                } else {
-                    let exists =
-                        unpack::resolve_in_root(rootfs, Path::new(dir.trim_start_matches('/')))
-                            .map(|p| p.is_dir())
-                            .unwrap_or(false);
-                    if exists {
-                        Some(self.commit_tree(l, &crate::oci::layer::LayerTree::default())?)
-                    } else {
-                        let owner = match state.runtime().user().clone().filter(|u| !u.is_empty()) {
-                            Some(u) => {
-                                Some(users::resolve_user(rootfs, &u).map_err(|e| self.fail(l, e))?)
-                            }
-                            None => None,
-                        };
-                        let staged = copy::stage(&copy::CopyPlan {
-                            sources: Vec::new(),
-                            dest: format!("{}/", dir),
-                            root: &SourceRoot {
-                                root: rootfs.to_path_buf(),
-                                ignore: IgnoreMatcher::default(),
-                                is_context: false,
-                            },
-                            owner,
-                            chmod: None,
-                            parents: false,
-                            excludes: Vec::new(),
-                            heredocs: &[],
-                            is_add: false,
-                            unpack: None,
-                            checksum: None,
-                            rootfs,
-                            epoch: self.req.epoch,
-                            expand_heredoc: &|s| Ok(s.to_string()),
-                        })
-                        .map_err(|e| self.fail(l, e.to_string()))?;
-                        Some(self.commit_tree(l, &staged.tree)?)
-                    }
-                };
-                self.history(state, format!("WORKDIR {}", path), layer);
-            }
-            Instruction::Expose(ports) => {
-                let mut list = Vec::new();
-                for p in ports {
-                    for w in scope
-                        .words(self.req.escape, p)
-                        .map_err(|e| self.fail(l, e.0))?
-                    {
-                        list.extend(expand_port(&w).map_err(|e| self.fail(l, e))?);
-                    }
-                }
-                state.with_runtime(|c| {
-                    let mut all = c.exposed_ports().clone().unwrap_or_default();
-                    all.extend(list.iter().cloned());
-                    all.sort();
-                    all.dedup();
-                    c.set_exposed_ports(Some(all));
-                });
-                self.history(state, format!("EXPOSE {}", history::port_map(&list)), None);
-            }
-            Instruction::Volume(vols) => {
-                let mut list = Vec::new();
-                for v in vols {
-                    let v = self.word(l, scope, v)?;
-                    if v.trim().is_empty() {
-                        return Err(self.fail(l, "VOLUME specified can not be an empty string"));
-                    }
-                    list.push(v);
-                }
-                state.with_runtime(|c| {
-                    let mut all = c.volumes().clone().unwrap_or_default();
-                    all.extend(list.iter().cloned());
-                    all.sort();
-                    all.dedup();
-                    c.set_volumes(Some(all));
-                });
-                self.history(
-                    state,
-                    format!("VOLUME {}", history::plain_list(&list)),
-                    None,
-                );
-            }
-            Instruction::Stopsignal(s) => {
-                let s = self.word(l, scope, s)?;
-                state.with_runtime(|c| {
-                    c.set_stop_signal(Some(s.clone()));
-                });
-                self.history(state, format!("STOPSIGNAL {}", s), None);
-            }
-            Instruction::Shell(sh) => {
-                state.docker.shell = Some(sh.clone());
-                self.history(state, format!("SHELL {}", history::plain_list(sh)), None);
-            }
-            Instruction::Cmd(c) => {
-                let argv = self.argv(state, c);
-                state.with_runtime(|cfg| {
-                    cfg.set_cmd(Some(argv.clone()));
-                });
-                *cmd_set = true;
-                self.history(state, format!("CMD {}", history::quoted_list(&argv)), None);
-            }
-            Instruction::Entrypoint(c) => {
-                let argv = self.argv(state, c);
-                let keep_cmd = *cmd_set;
-                state.with_runtime(|cfg| {
-                    cfg.set_entrypoint(Some(argv.clone()));
-                    if !keep_cmd {
-                        cfg.set_cmd(None);
-                    }
-                });
-                self.history(
-                    state,
-                    format!("ENTRYPOINT {}", history::quoted_list(&argv)),
-                    None,
-                );
-            }
-            Instruction::Healthcheck(h) => {
-                let config = match h {
-                    Healthcheck::None => crate::oci::image::HealthConfig {
-                        test: vec!["NONE".into()],
-                        ..Default::default()
-                    },
-                    Healthcheck::Check {
-                        test,
-                        interval,
-                        timeout,
-                        start_period,
-                        start_interval,
-                        retries,
-                    } => crate::oci::image::HealthConfig {
-                        test: match test {
-                            Command::Exec(a) => std::iter::once("CMD".to_string())
-                                .chain(a.iter().cloned())
-                                .collect(),
-                            Command::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
-                        },
-                        interval: interval.unwrap_or(0),
-                        timeout: timeout.unwrap_or(0),
-                        start_period: start_period.unwrap_or(0),
-                        start_interval: start_interval.unwrap_or(0),
-                        retries: retries.unwrap_or(0),
-                    },
-                };
-                let shown = history::healthcheck(
-                    &config.test,
-                    config.interval,
-                    config.timeout,
-                    config.start_period,
-                    config.retries,
-                );
-                state.docker.healthcheck = Some(config);
-                self.history(state, shown, None);
-            }
-            Instruction::Onbuild(t) => {
-                state
-                    .docker
-                    .onbuild
-                    .get_or_insert_with(Vec::new)
-                    .push(t.clone());
-                // BuildKit records no history entry for ONBUILD.
-            }
-            Instruction::Run(r) => {
+            Action::Exec(e) => {
                 let view = view_slot
                     .as_mut()
                     .ok_or_else(|| BuildError::Other("internal: RUN without a root view".into()))?;
-                let (layer, created_by) = self.run_step(l, r, state, scope, view)?;
-                self.history(state, created_by, Some(layer));
+                Some(self.exec(op, e, view)?)
             }
-            Instruction::Copy(c) | Instruction::Add(c) => {
-                let is_add = matches!(l.instruction, Instruction::Add(_));
-                let mut sources = Vec::new();
-                for s in &c.sources {
-                    sources.push(self.word(l, scope, s)?);
-                }
-                let dest_raw = self.word(l, scope, &c.dest)?;
-                // BuildKit's history: the instruction, its expanded sources and destination,
-                // no flags.
-                let mut shown = String::from(if is_add { "ADD" } else { "COPY" });
-                for s in sources.iter().chain(std::iter::once(&dest_raw)) {
-                    shown.push(' ');
-                    shown.push_str(s);
-                }
-                let workdir = state
-                    .runtime()
-                    .working_dir()
-                    .clone()
-                    .unwrap_or_else(|| "/".into());
-                let trailing =
-                    dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == ".";
-                let mut dest = if dest_raw.starts_with('/') {
-                    clean_path(&dest_raw)
-                } else {
-                    clean_path(&format!("{}/{}", workdir, dest_raw))
-                };
-                if trailing && !dest.ends_with('/') {
-                    dest.push('/');
-                }
-                let owner = match &c.chown {
-                    Some(spec) => Some(
-                        users::resolve_chown(rootfs, &self.word(l, scope, spec)?)
-                            .map_err(|e| self.fail(l, e))?,
-                    ),
-                    None => None,
-                };
-                let chmod = match &c.chmod {
-                    Some(m) => Some(self.word(l, scope, m)?),
-                    None => None,
-                };
-                let ctx_root;
-                let root: &SourceRoot = match &c.from {
-                    None => {
-                        ctx_root = self.context_root();
-                        &ctx_root
-                    }
-                    Some(f) => {
-                        let f = self.word(l, scope, f)?;
-                        let dir = self.source_for(l, &f)?;
-                        ctx_root = SourceRoot {
-                            root: dir,
-                            ignore: IgnoreMatcher::default(),
-                            is_context: false,
-                        };
-                        &ctx_root
-                    }
-                };
-                let escape = self.req.escape;
-                let scope_for_heredoc = scope.clone();
-                let expand_heredoc = move |s: &str| -> Result<String, String> {
-                    let lexer = crate::syntax::expand::Lexer::new(
-                        escape,
-                        crate::syntax::expand::LexOptions {
-                            raw_quotes: true,
-                            raw_escapes: true,
-                            skip_unset: false,
-                        },
-                    );
-                    lexer
-                        .word(s, &|n| scope_for_heredoc.get(n))
-                        .map_err(|e| e.0)
-                };
-                let plan = copy::CopyPlan {
-                    sources,
-                    dest,
-                    root,
-                    owner,
-                    chmod,
-                    parents: c.parents,
-                    excludes: c.excludes.clone(),
-                    heredocs: &c.heredocs,
-                    is_add,
-                    unpack: c.unpack,
-                    checksum: c.checksum.clone(),
-                    rootfs,
-                    epoch: self.req.epoch,
-                    expand_heredoc: &expand_heredoc,
-                };
-                let staged = copy::stage(&plan).map_err(|e| self.fail(l, e.to_string()))?;
-                if c.checksum.is_none() {
-                    for (url, digest) in &staged.fetched {
-                        self.trace_url(url, digest);
-                    }
-                }
-                for s in &staged.skipped {
-                    self.req.reporter.warn(&format!(
-                        "{}:{}: {}: skipped {}: only files, directories and symlinks are copied",
-                        self.req.file_name, l.span.line, l.text, s
-                    ));
-                }
-                let layer = self.commit_tree(l, &staged.tree)?;
-                self.history(state, format!("{} # builder", shown), Some(layer));
-            }
-        }
+        };
+        self.history(state, op, layer);
         Ok(())
     }
 
-    /// Run one RUN step in the sandbox; returns its layer and history text.
-    fn run_step(
-        &mut self,
-        l: &Located,
-        r: &crate::syntax::instruction::Run,
-        state: &ImageState,
-        scope: &Scope,
-        view: &mut RootView,
-    ) -> Result<(LayerRef, String), BuildError> {
+    /// WORKDIR's layer: empty when the directory exists, else the directory and its missing
+    /// parents, owned by the op's user.
+    fn mkdir(&self, op: &Op, m: &MkdirOp, rootfs: &Path) -> Result<LayerRef, BuildError> {
+        let exists = unpack::resolve_in_root(rootfs, Path::new(m.dir.trim_start_matches('/')))
+            .map(|p| p.is_dir())
+            .unwrap_or(false);
+        if exists {
+            return self.commit_tree(op, &crate::oci::layer::LayerTree::default());
+        }
+        let owner = match &m.owner {
+            Some(u) => Some(users::resolve_user(rootfs, u).map_err(|e| self.fail(&op.origin, e))?),
+            None => None,
+        };
+        let staged = copy::stage(&copy::CopyPlan {
+            sources: Vec::new(),
+            dest: format!("{}/", m.dir),
+            root: &SourceRoot {
+                root: rootfs.to_path_buf(),
+                ignore: IgnoreMatcher::default(),
+                is_context: false,
+            },
+            owner,
+            chmod: None,
+            parents: false,
+            excludes: Vec::new(),
+            is_add: false,
+            unpack: None,
+            checksum: None,
+            rootfs,
+            epoch: self.req.epoch,
+        })
+        .map_err(|e| self.fail(&op.origin, e.to_string()))?;
+        self.commit_tree(op, &staged.tree)
+    }
+
+    fn copy(&mut self, op: &Op, c: &CopyOp, rootfs: &Path) -> Result<LayerRef, BuildError> {
+        let owner = match &c.chown {
+            Some(spec) => {
+                Some(users::resolve_chown(rootfs, spec).map_err(|e| self.fail(&op.origin, e))?)
+            }
+            None => None,
+        };
+        let root = match &c.from {
+            Input::Context => self.context_root(),
+            from => SourceRoot {
+                root: self.source_for(&op.origin, from)?,
+                ignore: IgnoreMatcher::default(),
+                is_context: false,
+            },
+        };
+        let plan = copy::CopyPlan {
+            sources: c.sources.clone(),
+            dest: c.dest.clone(),
+            root: &root,
+            owner,
+            chmod: c.chmod.clone(),
+            parents: c.parents,
+            excludes: c.excludes.clone(),
+            is_add: c.is_add,
+            unpack: c.unpack,
+            checksum: c.checksum.clone(),
+            rootfs,
+            epoch: self.req.epoch,
+        };
+        let staged = copy::stage(&plan).map_err(|e| self.fail(&op.origin, e.to_string()))?;
+        if c.checksum.is_none() {
+            for (url, digest) in &staged.fetched {
+                self.trace_url(url, digest);
+            }
+        }
+        for s in &staged.skipped {
+            self.req.reporter.warn(&format!(
+                "{}:{}: {}: skipped {}: only files, directories and symlinks are copied",
+                self.req.file_name, op.origin.line, op.origin.text, s
+            ));
+        }
+        self.commit_tree(op, &staged.tree)
+    }
+
+    /// Run one exec op in the sandbox; returns its layer.
+    fn exec(&mut self, op: &Op, e: &ExecOp, view: &mut RootView) -> Result<LayerRef, BuildError> {
+        let origin = &op.origin;
         let rootfs_path = view.path().to_path_buf();
         let rootfs = rootfs_path.as_path();
         if let Err(e) = worker::sandbox::emulation::check(&self.platform.architecture) {
-            return Err(self.fail(l, e));
+            return Err(self.fail(origin, e));
         }
         if !is_root() {
-            return Err(self.fail(l, "RUN needs root or an unprivileged user namespace, and neither is available here (see the warning above)"));
+            return Err(self.fail(origin, "RUN needs root or an unprivileged user namespace, and neither is available here (see the warning above)"));
         }
-        let shell: Vec<String> = shell_of(state);
-        let (argv, script) = run::argv_of(r, &shell);
-        if argv.is_empty() {
-            return Err(self.fail(l, "RUN has an empty command"));
-        }
-        let runtime = state.runtime();
-        let user = runtime.user().clone();
         let (uid, gid, groups, home) =
-            run::resolve_step_user(rootfs, user.as_deref()).map_err(|e| self.fail(l, e))?;
-        let mut env = run::env_of(&state.env(), scope, &self.req.build_args, home);
-        let cwd = runtime
-            .working_dir()
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into());
-        let (network, insecure) = self.sandbox_of(l, r)?;
+            run::resolve_step_user(rootfs, e.user.as_deref()).map_err(|m| self.fail(origin, m))?;
+        let mut env = e.env.clone();
+        if !env.iter().any(|(k, _)| k == "HOME") {
+            env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
+        }
+        let (network, insecure) = self.sandbox_of(origin, e)?;
         let scratch = self.store.scratch_dir("run-")?;
 
         // /etc files provided for the step, never captured.
         let etc = scratch.path().join("etc");
-        fs::create_dir_all(&etc).map_err(|e| self.fail(l, e.to_string()))?;
+        fs::create_dir_all(&etc).map_err(|e| self.fail(origin, e.to_string()))?;
         let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let resolv = match network {
             worker::sandbox::NetworkMode::Private => {
@@ -1191,26 +838,21 @@ impl Ctx<'_, '_> {
         let mut etc_files = Vec::new();
         for (name, data) in files {
             let p = etc.join(name);
-            fs::write(&p, data).map_err(|e| self.fail(l, e.to_string()))?;
+            fs::write(&p, data).map_err(|e| self.fail(origin, e.to_string()))?;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
-                .map_err(|e| self.fail(l, e.to_string()))?;
+                .map_err(|e| self.fail(origin, e.to_string()))?;
             etc_files.push((p, format!("/etc/{}", name)));
         }
 
         // RUN --mount.
-        let mut parsed = Vec::new();
-        for m in &r.mounts {
-            let spec = self.word(l, scope, m)?;
-            parsed.push(crate::syntax::mount::Mount::parse(&spec).map_err(|e| self.fail(l, e))?);
-        }
         let ctx_root = self.context_root();
         let mut guards = run::MountGuards::default();
         let mut from_err = None;
         let store_root = self.store.root().to_path_buf();
         let secrets = self.req.secrets.clone();
         let (mut mounts, secret_env) = {
-            let mut lookup = |f: &str| -> Result<PathBuf, String> {
-                match self.source_for(l, f) {
+            let mut lookup = |f: &Input| -> Result<PathBuf, String> {
+                match self.source_for(origin, f) {
                     Ok(p) => Ok(p),
                     Err(e) => {
                         let m = e.to_string();
@@ -1225,22 +867,21 @@ impl Ctx<'_, '_> {
                 context: &ctx_root,
                 secrets: &secrets,
                 from_root: &mut lookup,
-                workdir: &cwd,
             };
-            match run::resolve_mounts(&parsed, &mut me, &mut guards) {
+            match run::resolve_mounts(&e.mounts, &mut me, &mut guards) {
                 Ok(x) => x,
-                Err(e) => return Err(from_err.unwrap_or_else(|| self.fail(l, e))),
+                Err(m) => return Err(from_err.unwrap_or_else(|| self.fail(origin, m))),
             }
         };
         env.extend(secret_env);
-        if let Some(body) = script {
+        if let Some(body) = &e.script {
             let p = scratch.path().join("script");
-            fs::write(&p, body).map_err(|e| self.fail(l, e.to_string()))?;
+            fs::write(&p, body).map_err(|e| self.fail(origin, e.to_string()))?;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
-                .map_err(|e| self.fail(l, e.to_string()))?;
+                .map_err(|e| self.fail(origin, e.to_string()))?;
             mounts.push(worker::ExtraMount::Bind {
                 source: p,
-                target: run::SCRIPT_PATH.into(),
+                target: crate::plan::HEREDOC_SCRIPT_PATH.into(),
                 readonly: true,
             });
         }
@@ -1249,9 +890,9 @@ impl Ctx<'_, '_> {
             root: worker::sandbox::RootMount::Bind {
                 dir: PathBuf::new(),
             },
-            argv: argv.clone(),
+            argv: e.argv.clone(),
             env,
-            cwd,
+            cwd: e.cwd.clone(),
             uid,
             gid,
             groups,
@@ -1263,7 +904,7 @@ impl Ctx<'_, '_> {
             executor: self.req.executor.clone(),
         };
         let step_dir = scratch.path().join("step");
-        fs::create_dir_all(&step_dir).map_err(|e| self.fail(l, e.to_string()))?;
+        fs::create_dir_all(&step_dir).map_err(|e| self.fail(origin, e.to_string()))?;
         let mut tail = run::Tail::new(12);
         let reporter = self.req.reporter;
         let step = self.step;
@@ -1278,14 +919,16 @@ impl Ctx<'_, '_> {
                 tail.push(line);
             },
         )
-        .map_err(|e| self.fail(l, e.to_string()))?;
+        .map_err(|e| self.fail(origin, e.to_string()))?;
         drop(guards);
         match exit {
             Exit::Code(0) => {}
-            Exit::Code(c) => return Err(self.fail(l, format!("exit code {}{}", c, tail.render()))),
+            Exit::Code(c) => {
+                return Err(self.fail(origin, format!("exit code {}{}", c, tail.render())))
+            }
             Exit::Signal(s) => {
                 return Err(self.fail(
-                    l,
+                    origin,
                     format!(
                         "killed by {}{}",
                         worker::sandbox::signal_name(s),
@@ -1294,205 +937,148 @@ impl Ctx<'_, '_> {
                 ))
             }
         }
-        let layer = self.commit_layer(l, &diff, view)?;
-        // BuildKit lists every ARG the stage declared, in order, with its value now (empty
-        // when it has none).
-        let args: String = if scope.declared.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "|{} {} ",
-                scope.declared.len(),
-                scope
-                    .declared
-                    .iter()
-                    .map(|k| format!("{}={}", k, scope.get(k).unwrap_or_default()))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )
-        };
-        Ok((layer, format!("RUN {}{} # builder", args, argv.join(" "))))
+        self.commit_layer(op, &diff, view)
     }
 
     /// The step's network and whether it runs insecure, refused unless the build holds the
     /// entitlement (checked for cached steps too, as BuildKit checks the whole definition).
     fn sandbox_of(
         &self,
-        l: &Located,
-        r: &crate::syntax::instruction::Run,
+        origin: &Origin,
+        e: &ExecOp,
     ) -> Result<(worker::sandbox::NetworkMode, bool), BuildError> {
         use worker::sandbox::NetworkMode;
-        let network = match r.network.unwrap_or(self.req.network) {
-            Network::Default => NetworkMode::Private,
+        let network = match e.network {
+            Network::Sandbox => NetworkMode::Private,
             Network::None => NetworkMode::Loopback,
             Network::Host => {
                 if !self.req.entitlements.network_host {
                     return Err(self.fail(
-                        l,
+                        origin,
                         "network host is not allowed: start the build with --allow network.host",
                     ));
                 }
                 NetworkMode::Host
             }
         };
-        let insecure = r.security.as_deref() == Some("insecure");
-        if insecure && !self.req.entitlements.security_insecure {
+        if e.insecure && !self.req.entitlements.security_insecure {
             return Err(self.fail(
-                l,
+                origin,
                 "--security=insecure is not allowed: start the build with --allow security.insecure",
             ));
         }
-        Ok((network, insecure))
+        Ok((network, e.insecure))
     }
 
-    /// Everything that decides a layer-producing step's result, after expansion.
-    fn key_material(
-        &mut self,
-        l: &Located,
-        state: &ImageState,
-        scope: &Scope,
-    ) -> Result<Value, BuildError> {
-        let runtime = state.runtime();
-        let workdir = runtime.working_dir().clone().unwrap_or_else(|| "/".into());
-        let user = runtime.user().clone().unwrap_or_default();
-        let mut m = json!({"text": l.text, "workdir": workdir, "user": user});
-        match &l.instruction {
-            Instruction::Workdir(w) => {
-                m["path"] = json!(self.word(l, scope, w)?);
-            }
-            Instruction::Copy(c) | Instruction::Add(c) => {
-                let mut sources = Vec::new();
-                for src in &c.sources {
-                    sources.push(self.word(l, scope, src)?);
-                }
-                let opt = |v: &Option<String>| -> Result<Option<String>, BuildError> {
-                    v.as_ref().map(|x| self.word(l, scope, x)).transpose()
-                };
-                m["sources"] = json!(sources);
-                m["dest"] = json!(self.word(l, scope, &c.dest)?);
-                m["chown"] = json!(opt(&c.chown)?);
-                m["chmod"] = json!(opt(&c.chmod)?);
-                m["flags"] = json!({"link": c.link, "parents": c.parents, "excludes": c.excludes, "checksum": c.checksum, "unpack": c.unpack, "keep_git_dir": c.keep_git_dir});
-                let docs: Vec<Value> = c
-                    .heredocs
-                    .iter()
-                    .map(|h| json!([h.name, h.content, h.expand]))
-                    .collect();
-                m["heredocs"] = json!(docs);
-                if !c.heredocs.is_empty() {
-                    // Heredoc bodies may expand variables: key on the values in scope.
-                    m["scope"] = json!(scope
-                        .args
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect::<BTreeMap<_, _>>());
-                    m["env"] = json!(scope.env());
-                }
-                if sources.iter().any(|s| copy::is_url(s)) && c.checksum.is_none() {
-                    // Remote content is unknown until fetched: never reuse such a step.
-                    m["uncacheable"] = json!(format!("{:?}", std::time::SystemTime::now()));
-                }
-                match opt(&c.from)? {
-                    Some(f) => m["from"] = json!(self.identity_of_from(l, &f)?),
-                    None => {
-                        let local: Vec<String> = sources
-                            .iter()
-                            .filter(|s| {
-                                !copy::is_url(s)
-                                    && crate::syntax::parser::parse_heredoc_word(s).is_none()
-                            })
-                            .cloned()
-                            .collect();
+    /// What a layer op reads, as it stands now: the digest of the context files it reads,
+    /// the keys of the stages and the digests of the images it copies or mounts from. With
+    /// the op's own key this decides its result.
+    fn inputs_of(&mut self, op: &Op) -> Result<Value, BuildError> {
+        let origin = &op.origin;
+        let mut m = json!({});
+        match &op.action {
+            Action::Copy(c) => {
+                match &c.from {
+                    Input::Context => {
                         let excludes = IgnoreMatcher::new(&c.excludes)
-                            .map_err(|e| self.fail(l, format!("--exclude: {}", e)))?;
-                        m["context"] = json!(self.context_digest(l, &local, &excludes)?);
+                            .map_err(|e| self.fail(origin, format!("--exclude: {}", e)))?;
+                        m["context"] = json!(self.context_digest(origin, &c.paths(), &excludes)?);
                     }
+                    from => m["from"] = json!(self.identity_of(origin, from)?),
                 }
                 if let Some(sum) = &c.checksum {
-                    for u in sources.iter().filter(|s| copy::is_url(s)) {
-                        self.trace_url(u, sum);
+                    let urls: Vec<String> = c.urls().cloned().collect();
+                    for u in urls {
+                        self.trace_url(&u, sum);
                     }
-                } else if sources.iter().any(|s| copy::is_url(s)) {
+                } else if c.fetches_unpinned() {
+                    // Remote content is unknown until fetched: never reuse such a step.
                     self.volatile = true;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or_default();
+                    m["uncacheable"] = json!(now.to_string());
                 }
             }
-            Instruction::Run(r) => {
-                let shell: Vec<String> = shell_of(state);
-                let (argv, script) = run::argv_of(r, &shell);
-                let env = run::env_of(&state.env(), scope, &self.req.build_args, None);
-                let args: BTreeMap<&String, &String> = scope
-                    .args
-                    .iter()
-                    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
-                    .collect();
+            Action::Exec(e) => {
+                let args: BTreeMap<&String, &String> = e.args.iter().map(|(k, v)| (k, v)).collect();
                 self.inputs.push(json!({ "args": args }));
-                m["argv"] = json!(argv);
-                m["script"] = json!(script);
-                m["env"] = json!(env);
-                let (network, insecure) = self.sandbox_of(l, r)?;
-                m["network"] = json!(format!("{:?}", network));
-                m["security"] = json!(insecure);
+                self.sandbox_of(origin, e)?;
                 let mut mounts = Vec::new();
-                for spec in &r.mounts {
-                    let spec = self.word(l, scope, spec)?;
-                    let mount =
-                        crate::syntax::mount::Mount::parse(&spec).map_err(|e| self.fail(l, e))?;
-                    let mut entry = json!({"spec": spec});
-                    if mount.kind == crate::syntax::mount::MountType::Bind {
+                for mount in &e.mounts {
+                    let mut entry = json!({});
+                    if mount.kind == MountKind::Bind {
                         match &mount.from {
-                            Some(f) => entry["from"] = json!(self.identity_of_from(l, f)?),
-                            None => {
+                            Input::Context => {
                                 let src = mount.source.clone().unwrap_or_else(|| ".".into());
                                 entry["context"] = json!(self.context_digest(
-                                    l,
+                                    origin,
                                     &[src],
                                     &IgnoreMatcher::default()
                                 )?);
                             }
+                            from => entry["from"] = json!(self.identity_of(origin, from)?),
                         }
                     }
                     mounts.push(entry);
                 }
                 m["mounts"] = json!(mounts);
             }
-            _ => {}
+            Action::Mkdir(_) | Action::Config => {}
         }
         Ok(m)
     }
 
     /// What a `--from` stands for in a key: a stage's result key, or an image's digest.
-    fn identity_of_from(&mut self, l: &Located, from: &str) -> Result<String, BuildError> {
-        if let Some(i) = self.stage_index(from) {
-            let found = self
-                .results
-                .lock()
-                .ok()
-                .and_then(|r| r.get(&i).map(|r| (r.key.0.to_string(), r.volatile)));
-            self.volatile |= found.as_ref().is_some_and(|(_, v)| *v);
-            let key = found.map(|(k, _)| k);
-            if let Some(k) = &key {
-                let name = self.req.graph.stages[i].label();
-                self.inputs.push(json!({"stage": name, "key": k}));
+    fn identity_of(&mut self, origin: &Origin, from: &Input) -> Result<String, BuildError> {
+        match from {
+            Input::Context => Ok("context".into()),
+            Input::Stage(i) => {
+                let found = self
+                    .results
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(i).map(|r| (r.key.0.to_string(), r.volatile)));
+                self.volatile |= found.as_ref().is_some_and(|(_, v)| *v);
+                let key = found.map(|(k, _)| k);
+                let name = self.stage_label(*i);
+                if let Some(k) = &key {
+                    self.inputs.push(json!({"stage": name, "key": k}));
+                }
+                key.map(|k| format!("stage:{}", k)).ok_or_else(|| {
+                    self.fail(
+                        origin,
+                        format!("stage {} is not built before this step", name),
+                    )
+                })
             }
-            return key.map(|k| format!("stage:{}", k)).ok_or_else(|| {
-                self.fail(l, format!("stage {} is not built before this step", from))
-            });
+            Input::Image(r) => {
+                let external = self.external_image(origin, r)?;
+                let digest = external
+                    .get(r)
+                    .map(|x| x.image.manifest_digest.to_string())
+                    .unwrap_or_default();
+                drop(external);
+                self.trace_image(r, &digest);
+                self.inputs.push(json!({"image": r, "digest": digest}));
+                Ok(format!("image:{}", digest))
+            }
         }
-        let external = self.external_image(l, from)?;
-        let digest = external
-            .get(from)
-            .map(|x| x.image.manifest_digest.to_string())
-            .unwrap_or_default();
-        drop(external);
-        self.trace_image(from, &digest);
-        self.inputs.push(json!({"image": from, "digest": digest}));
-        Ok(format!("image:{}", digest))
+    }
+
+    fn stage_label(&self, index: usize) -> String {
+        self.req
+            .graph
+            .stage(index)
+            .map(|s| s.label())
+            .unwrap_or_else(|| index.to_string())
     }
 
     /// The external images, with `from` fetched (once per build).
     fn external_image(
         &self,
-        l: &Located,
+        origin: &Origin,
         from: &str,
     ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, ExternalImage>>, BuildError> {
         let mut external = self
@@ -1502,68 +1088,65 @@ impl Ctx<'_, '_> {
         if !external.contains_key(from) {
             let image = self
                 .fetch_image(from)
-                .map_err(|e| self.fail(l, e.to_string()))?;
+                .map_err(|e| self.fail(origin, e.to_string()))?;
             external.insert(from.to_string(), ExternalImage { image, view: None });
         }
         Ok(external)
     }
 
-    /// The stage a `--from` value names, if it names one.
-    fn stage_index(&self, from: &str) -> Option<usize> {
-        let stages = &self.req.graph.stages;
-        from.parse::<usize>()
-            .ok()
-            .filter(|i| *i < stages.len())
-            .or_else(|| {
-                stages
-                    .iter()
-                    .position(|s| s.name.as_deref() == Some(&from.to_lowercase()))
-            })
-    }
-
-    /// The files a `--from` names: an earlier stage's root filesystem, or an image's.
-    fn source_for(&mut self, l: &Located, from: &str) -> Result<PathBuf, BuildError> {
-        if let Some(i) = self.stage_index(from) {
-            // A finished stage's root, viewed (and brought up to date) on first use.
-            let mut results = self
-                .results
-                .lock()
-                .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
-            let Some(r) = results.get_mut(&i) else {
+    /// The files an input names: the context, an earlier stage's root filesystem, or an
+    /// image's.
+    fn source_for(&mut self, origin: &Origin, from: &Input) -> Result<PathBuf, BuildError> {
+        match from {
+            Input::Context => Ok(self.req.context.clone()),
+            Input::Stage(i) => {
+                // A finished stage's root, viewed (and brought up to date) on first use.
+                let mut results = self
+                    .results
+                    .lock()
+                    .map_err(|_| BuildError::Other("a stage thread panicked".into()))?;
+                let Some(r) = results.get_mut(i) else {
+                    drop(results);
+                    let name = self.stage_label(*i);
+                    return Err(self.fail(
+                        origin,
+                        format!("stage {} is not built before this step", name),
+                    ));
+                };
+                let outcome = match r.view.as_mut() {
+                    Some(v) => v
+                        .sync(&self.snaps, &r.state.layers)
+                        .map(|_| v.path().to_path_buf())
+                        .map_err(|e| e.to_string()),
+                    None => match RootView::new(&self.snaps, self.snapshotter, &r.state.layers) {
+                        Ok(v) => {
+                            let p = v.path().to_path_buf();
+                            r.view = Some(v);
+                            Ok(p)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
                 drop(results);
-                return Err(self.fail(l, format!("stage {} is not built before this step", from)));
-            };
-            let outcome = match r.view.as_mut() {
-                Some(v) => v
-                    .sync(&self.snaps, &r.state.layers)
-                    .map(|_| v.path().to_path_buf())
-                    .map_err(|e| e.to_string()),
-                None => match RootView::new(&self.snaps, self.snapshotter, &r.state.layers) {
-                    Ok(v) => {
-                        let p = v.path().to_path_buf();
-                        r.view = Some(v);
-                        Ok(p)
-                    }
-                    Err(e) => Err(e.to_string()),
-                },
-            };
-            drop(results);
-            return outcome.map_err(|e| self.fail(l, e));
+                outcome.map_err(|e| self.fail(origin, e))
+            }
+            Input::Image(r) => {
+                let mut external = self.external_image(origin, r)?;
+                let Some(x) = external.get_mut(r) else {
+                    return Err(BuildError::Other(format!(
+                        "internal: image {} was not fetched",
+                        r
+                    )));
+                };
+                if x.view.is_none() {
+                    x.view = Some(self.view(&x.image.state.layers)?);
+                }
+                Ok(x.view
+                    .as_ref()
+                    .map(|v| v.path().to_path_buf())
+                    .unwrap_or_default())
+            }
         }
-        let mut external = self.external_image(l, from)?;
-        let Some(x) = external.get_mut(from) else {
-            return Err(BuildError::Other(format!(
-                "internal: image {} was not fetched",
-                from
-            )));
-        };
-        if x.view.is_none() {
-            x.view = Some(self.view(&x.image.state.layers)?);
-        }
-        Ok(x.view
-            .as_ref()
-            .map(|v| v.path().to_path_buf())
-            .unwrap_or_default())
     }
 
     /// The build context as COPY, ADD and bind mounts read it.
@@ -1579,7 +1162,7 @@ impl Ctx<'_, '_> {
     /// entries, with a digest of them, go into the step's provenance record.
     fn context_digest(
         &mut self,
-        l: &Located,
+        origin: &Origin,
         sources: &[String],
         excludes: &IgnoreMatcher,
     ) -> Result<String, BuildError> {
@@ -1589,14 +1172,14 @@ impl Ctx<'_, '_> {
         for src in sources {
             let mut one = root
                 .enumerate(std::slice::from_ref(src), excludes)
-                .map_err(|e| self.fail(l, e.to_string()))?;
+                .map_err(|e| self.fail(origin, e.to_string()))?;
             entries.append(&mut one);
             ends.push(entries.len());
         }
         let (digest, leaves) = self
             .hasher
             .describe_leaves(&entries, self.req.epoch, self.context_owner())
-            .map_err(|e| self.fail(l, e.to_string()))?;
+            .map_err(|e| self.fail(origin, e.to_string()))?;
         let mut start = 0;
         for (src, end) in sources.iter().zip(ends) {
             let covered = entries[start..end]
@@ -1649,10 +1232,10 @@ impl Ctx<'_, '_> {
     /// later step needs the filesystem.
     fn commit_tree(
         &self,
-        l: &Located,
+        op: &Op,
         tree: &crate::oci::layer::LayerTree,
     ) -> Result<LayerRef, BuildError> {
-        let layer = self.write_step_layer(l, crate::oci::layer::LayerSource::Tree(tree))?;
+        let layer = self.write_step_layer(op, crate::oci::layer::LayerSource::Tree(tree))?;
         Ok(layer.into())
     }
 
@@ -1660,26 +1243,27 @@ impl Ctx<'_, '_> {
     /// becomes the layer's snapshot.
     fn commit_layer(
         &self,
-        l: &Located,
+        op: &Op,
         staging: &Path,
         view: &mut RootView,
     ) -> Result<LayerRef, BuildError> {
-        let layer = self.write_step_layer(l, crate::oci::layer::LayerSource::Dir(staging))?;
+        let layer = self.write_step_layer(op, crate::oci::layer::LayerSource::Dir(staging))?;
         let layer: LayerRef = layer.into();
         view.add_layer_from_dir(&self.snaps, &layer, staging)
-            .map_err(|e| self.fail(l, e.to_string()))?;
+            .map_err(|e| self.fail(&op.origin, e.to_string()))?;
         Ok(layer)
     }
 
-    /// Write the layer of step `l`. A gzip layer reuses the compressed chunks that the last
-    /// layer of the same step (platform and instruction) shares with it, and says how many
-    /// it compressed.
+    /// Write the layer of `op`. A gzip layer reuses the compressed chunks that the last
+    /// layer of the same step (platform and instruction text) shares with it, and says how
+    /// many it compressed.
     fn write_step_layer(
         &self,
-        l: &Located,
+        op: &Op,
         source: crate::oci::layer::LayerSource,
     ) -> Result<crate::oci::layer::Layer, BuildError> {
-        let identity = format!("{}\0{}", self.platform.spec(), l.text);
+        // Only a hint of which earlier blob to look in: reused chunks are matched by content.
+        let identity = format!("{}\0{}", self.platform.spec(), op.origin.text);
         let root = self.store.root();
         let previous =
             crate::cache::chunks::PreviousChunks::of_step(root, &self.store.blobs, &identity);
@@ -1697,7 +1281,7 @@ impl Ctx<'_, '_> {
             },
             Some(&mut scanner),
         )
-        .map_err(|e| self.fail(l, e.to_string()))?;
+        .map_err(|e| self.fail(&op.origin, e.to_string()))?;
         if let Some(scan) = scanner.finish() {
             crate::attest::sbom::store_scan(
                 &crate::attest::sbom::cache_dir(root),
@@ -1720,50 +1304,11 @@ impl Ctx<'_, '_> {
         }
         Ok(layer)
     }
-
-    fn argv(&self, state: &ImageState, c: &Command) -> Vec<String> {
-        match c {
-            Command::Exec(a) => a.clone(),
-            Command::Shell(s) => {
-                let mut shell = shell_of(state);
-                shell.push(s.clone());
-                shell
-            }
-        }
-    }
 }
 
-/// The image's SHELL, or docker's default.
-fn shell_of(state: &ImageState) -> Vec<String> {
-    state
-        .docker
-        .shell
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
-}
-
-/// `80`, `80/udp`, `8000-8002/tcp` -> `["80/tcp"]`, ...
-fn expand_port(p: &str) -> Result<Vec<String>, String> {
-    let (ports, proto) = match p.split_once('/') {
-        Some((a, b)) => (a, b.to_lowercase()),
-        None => (p, "tcp".to_string()),
-    };
-    if !["tcp", "udp", "sctp"].contains(&proto.as_str()) {
-        return Err(format!("invalid protocol {:?} in EXPOSE {}", proto, p));
-    }
-    let (lo, hi) = match ports.split_once('-') {
-        Some((a, b)) => (a, b),
-        None => (ports, ports),
-    };
-    let lo: u16 = lo
-        .parse()
-        .map_err(|_| format!("invalid port {:?} in EXPOSE", p))?;
-    let hi: u16 = hi
-        .parse()
-        .map_err(|_| format!("invalid port {:?} in EXPOSE", p))?;
-    if hi < lo {
-        return Err(format!("invalid port range {:?} in EXPOSE", p));
-    }
-    Ok((lo..=hi).map(|n| format!("{}/{}", n, proto)).collect())
+/// The path of a stage's view (empty before one exists: a first op on scratch sees nothing).
+fn view_path(view: &Option<RootView>) -> PathBuf {
+    view.as_ref()
+        .map(|v| v.path().to_path_buf())
+        .unwrap_or_default()
 }

@@ -1,5 +1,6 @@
-//! RUN: the command line (shell form, exec form, heredoc scripts), the step's environment and
-//! user, its mounts (`RUN --mount`), and the sandboxed execution whose diff becomes a layer.
+//! An exec op's run-time parts: the step's user (from the image's passwd file), its mounts
+//! (`RUN --mount`: cache directories, binds, tmpfs, secrets) and `--secret` sources, and the
+//! tail of its output an error shows. The argv and environment come resolved in the op.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
@@ -9,10 +10,7 @@ use std::path::{Path, PathBuf};
 use fs2::FileExt;
 
 use crate::context::SourceRoot;
-use crate::plan::{Scope, PROXY_ARGS};
-use crate::syntax::instruction::{Command, Run};
-use crate::syntax::mount::{Mount, MountType, Sharing};
-use crate::syntax::parser::{parse_heredoc_word, Heredoc};
+use crate::plan::{Input, MountKind, RunMount, Sharing};
 use crate::worker::ExtraMount;
 
 use super::users;
@@ -52,73 +50,6 @@ pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
     Ok((id, src))
 }
 
-/// The argv of a RUN, and a script file to provide when a heredoc has a shebang.
-pub fn argv_of(run: &Run, shell: &[String]) -> (Vec<String>, Option<String>) {
-    match &run.command {
-        Command::Exec(a) => (a.clone(), None),
-        Command::Shell(s) => {
-            let with_shell = |body: String| -> Vec<String> {
-                shell.iter().cloned().chain(std::iter::once(body)).collect()
-            };
-            if run.heredocs.is_empty() {
-                return (with_shell(s.clone()), None);
-            }
-            let only_heredoc = run.heredocs.len() == 1 && parse_heredoc_word(s.trim()).is_some();
-            if only_heredoc {
-                let doc = &run.heredocs[0];
-                if doc.content.starts_with("#!") {
-                    return (vec![SCRIPT_PATH.to_string()], Some(doc.content.clone()));
-                }
-                return (with_shell(doc.content.clone()), None);
-            }
-            (with_shell(script_with_heredocs(s, &run.heredocs)), None)
-        }
-    }
-}
-
-/// Where a shebang heredoc is provided inside the step (on /dev's tmpfs, never in a layer).
-pub const SCRIPT_PATH: &str = "/dev/.builder-heredoc-script";
-
-fn script_with_heredocs(line: &str, docs: &[Heredoc]) -> String {
-    let mut s = line.to_string();
-    for d in docs {
-        s.push('\n');
-        s.push_str(&d.content);
-        s.push_str(&d.name);
-    }
-    s
-}
-
-/// The step's environment: the image's ENV, then ARGs in scope that ENV does not set, then
-/// proxy build args, then a default PATH and HOME.
-pub fn env_of(
-    image_env: &[(String, String)],
-    scope: &Scope,
-    build_args: &BTreeMap<String, String>,
-    home: Option<String>,
-) -> EnvList {
-    let mut env: Vec<(String, String)> = image_env.to_vec();
-    for (k, v) in &scope.args {
-        if let Some(v) = v {
-            if !env.iter().any(|(e, _)| e == k) {
-                env.push((k.clone(), v.clone()));
-            }
-        }
-    }
-    for (k, v) in build_args {
-        if PROXY_ARGS.contains(&k.as_str()) && !env.iter().any(|(e, _)| e == k) {
-            env.push((k.clone(), v.clone()));
-        }
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    if !env.iter().any(|(k, _)| k == "HOME") {
-        env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
-    }
-    env
-}
-
 /// Resources a step's mounts hold until it finishes (locks, private copies).
 #[derive(Default)]
 pub struct MountGuards {
@@ -133,21 +64,12 @@ pub struct MountEnv<'a> {
     pub context: &'a SourceRoot,
     pub secrets: &'a BTreeMap<String, SecretSource>,
     /// Finds the root filesystem of a stage or image named by `from=`.
-    pub from_root: &'a mut dyn FnMut(&str) -> Result<PathBuf, String>,
-    pub workdir: &'a str,
-}
-
-fn absolute(workdir: &str, target: &str) -> String {
-    if target.starts_with('/') {
-        target.to_string()
-    } else {
-        format!("{}/{}", workdir.trim_end_matches('/'), target)
-    }
+    pub from_root: &'a mut dyn FnMut(&Input) -> Result<PathBuf, String>,
 }
 
 /// Turn parsed mounts into sandbox mounts plus extra environment (secret `env=`).
 pub fn resolve_mounts(
-    mounts: &[Mount],
+    mounts: &[RunMount],
     me: &mut MountEnv,
     guards: &mut MountGuards,
 ) -> Result<(Vec<ExtraMount>, EnvList), String> {
@@ -155,12 +77,12 @@ pub fn resolve_mounts(
     let mut env = Vec::new();
     for m in mounts {
         match m.kind {
-            MountType::Tmpfs => out.push(ExtraMount::Tmpfs {
-                target: absolute(me.workdir, m.target.as_deref().unwrap_or("/tmp")),
+            MountKind::Tmpfs => out.push(ExtraMount::Tmpfs {
+                target: m.target.clone().unwrap_or_else(|| "/tmp".into()),
                 size: m.size,
             }),
-            MountType::Cache => {
-                let target = absolute(me.workdir, m.target.as_deref().unwrap_or("/"));
+            MountKind::Cache => {
+                let target = m.target.clone().unwrap_or_else(|| "/".into());
                 let id = m.id.clone().unwrap_or_else(|| target.clone());
                 // BuildKit seeds a cache that names an owner or mode from its own base
                 // directory, so (id, uid, gid, mode) is what one cache is.
@@ -201,11 +123,11 @@ pub fn resolve_mounts(
                     readonly: m.readonly,
                 });
             }
-            MountType::Bind => {
-                let target = absolute(me.workdir, m.target.as_deref().unwrap_or("/"));
+            MountKind::Bind => {
+                let target = m.target.clone().unwrap_or_else(|| "/".into());
                 let src_rel = m.source.clone().unwrap_or_else(|| "/".into());
                 let source = match &m.from {
-                    Some(f) => {
+                    f @ (Input::Stage(_) | Input::Image(_)) => {
                         let root = (me.from_root)(f)?;
                         crate::oci::unpack::resolve_in_root(
                             &root,
@@ -213,7 +135,7 @@ pub fn resolve_mounts(
                         )
                         .map_err(|e| e.to_string())?
                     }
-                    None => {
+                    Input::Context => {
                         let found = me.context.expand(&src_rel).map_err(|e| e.to_string())?;
                         let first = found.into_iter().next().ok_or_else(|| {
                             format!("{}: not found in the build context", src_rel)
@@ -252,17 +174,8 @@ pub fn resolve_mounts(
                     readonly: m.readonly,
                 });
             }
-            MountType::Secret => {
-                let id =
-                    m.id.clone()
-                        .or_else(|| {
-                            m.target.as_ref().and_then(|t| {
-                                Path::new(t)
-                                    .file_name()
-                                    .map(|n| n.to_string_lossy().into_owned())
-                            })
-                        })
-                        .unwrap_or_default();
+            MountKind::Secret => {
+                let id = m.id.clone().unwrap_or_default();
                 let value = match me.secrets.get(&id) {
                     Some(SecretSource::File(p)) => Some(
                         fs::read(p)
@@ -284,10 +197,10 @@ pub fn resolve_mounts(
                 };
                 if let Some(var) = &m.env {
                     env.push((var.clone(), String::from_utf8_lossy(&value).into_owned()));
-                    if m.target.is_none() {
-                        continue;
-                    }
                 }
+                let Some(target) = m.target.clone() else {
+                    continue;
+                };
                 // Secrets live outside the store, in a private directory removed after the step.
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                 let file = dir.path().join("secret");
@@ -299,12 +212,6 @@ pub fn resolve_mounts(
                     Some(m.uid.unwrap_or(0).into()),
                     Some(m.gid.unwrap_or(0).into()),
                 );
-                let target = absolute(
-                    me.workdir,
-                    m.target
-                        .as_deref()
-                        .unwrap_or(&format!("/run/secrets/{}", id)),
-                );
                 guards.dirs.push(dir);
                 out.push(ExtraMount::Bind {
                     source: file,
@@ -312,7 +219,6 @@ pub fn resolve_mounts(
                     readonly: true,
                 });
             }
-            MountType::Ssh => return Err("RUN --mount=type=ssh is not supported yet".into()),
         }
     }
     Ok((out, env))
@@ -387,7 +293,7 @@ impl Tail {
             self.lines.pop_front();
         }
         self.lines
-            .push_back(crate::syntax::error::abbreviate(l, 300).into_owned());
+            .push_back(crate::text::abbreviate(l, 300).into_owned());
     }
     pub fn render(&self) -> String {
         self.lines.iter().map(|l| format!("\n  > {}", l)).collect()

@@ -1,5 +1,6 @@
-//! The front end, kept pure (no I/O but reading the file it is given): the parser with its
-//! spans and errors, typed instructions, word expansion and `.dockerignore` matching.
+//! Build-file syntax, kept pure (no I/O but reading the file it is given): the parser with
+//! its spans and errors, typed instructions, word expansion and `.dockerignore` patterns.
+//! What the instructions mean is the frontend's.
 
 pub mod dockerignore;
 pub mod error;
