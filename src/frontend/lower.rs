@@ -593,14 +593,11 @@ impl StageWalk<'_> {
             let m = Mount::parse(&spec).map_err(|e| self.fail(l, e))?;
             mounts.push(self.run_mount(l, m, &cwd)?);
         }
-        let network = match r.network.unwrap_or(match self.opts.network {
-            Network::Sandbox => instruction::Network::Default,
-            Network::None => instruction::Network::None,
-            Network::Host => instruction::Network::Host,
-        }) {
-            instruction::Network::Default => Network::Sandbox,
-            instruction::Network::None => Network::None,
-            instruction::Network::Host => Network::Host,
+        let network = match r.network {
+            None => self.opts.network,
+            Some(instruction::Network::Default) => Network::Sandbox,
+            Some(instruction::Network::None) => Network::None,
+            Some(instruction::Network::Host) => Network::Host,
         };
         let args: Vec<(String, String)> = self
             .scope
@@ -714,10 +711,10 @@ impl StageWalk<'_> {
             kind,
             target,
             source: m.source,
-            from: match (&m.from, kind) {
-                (Some(f), _) => self.input_of(f),
-                (None, _) => Input::Context,
-            },
+            from: m
+                .from
+                .as_deref()
+                .map_or(Input::Context, |f| self.input_of(f)),
             id,
             readonly: m.readonly,
             sharing: match m.sharing {
