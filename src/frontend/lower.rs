@@ -384,12 +384,7 @@ impl StageWalk<'_> {
             }
             Instruction::Workdir(w) => {
                 let w = self.word(l, w)?;
-                let cur = self
-                    .state
-                    .runtime()
-                    .working_dir()
-                    .clone()
-                    .unwrap_or_else(|| "/".into());
+                let cur = self.workdir();
                 // As BuildKit: an absolute path is kept as written (a trailing slash too), a
                 // relative one is joined to the current directory and cleaned.
                 let path = if w.starts_with('/') {
