@@ -51,7 +51,7 @@ impl Registry {
         let d = dir.path();
         let port = free_port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{}\n",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{}\n",
             d.join("data").display(),
             port
         );
@@ -140,11 +140,19 @@ impl Registry {
             }
         }
         write(&d.join("config.yml"), &config);
+        // Its access log (one line a request), for the tests that count what moved.
+        let log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.join("access.log"))
+                .unwrap()
+        };
         let child = tool("docker-registry")
             .arg("serve")
             .arg(d.join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log())
+            .stderr(log())
             .spawn()
             .unwrap();
         let reg = Registry { child, port, dir };
@@ -162,6 +170,21 @@ impl Registry {
 
     fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.crt")
+    }
+
+    /// The requests the registry has logged so far, as `METHOD PATH` (the request line
+    /// without its protocol).
+    fn requests(&self) -> Vec<String> {
+        let log = std::fs::read(self.dir.path().join("access.log")).unwrap_or_default();
+        String::from_utf8_lossy(&log)
+            .lines()
+            .filter_map(|l| {
+                let start = l.find("\"")? + 1;
+                let line = &l[start..];
+                let line = &line[..line.find('"')?];
+                Some(line.trim_end_matches(" HTTP/1.1").to_string())
+            })
+            .collect()
     }
 }
 
@@ -646,6 +669,120 @@ fn remote_cache_through_a_registry_and_a_directory() {
     let (steps, digest, _) = build_fresh(&user, ctx.path(), &from_max);
     assert!(steps.iter().all(|s| s == "CACHED"));
     assert_eq!(digest, built);
+}
+
+/// The `layer blobs downloaded: N` a build log ends with.
+fn layers_downloaded(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("layer blobs downloaded: ").map(|(_, n)| n))
+        .unwrap_or_else(|| panic!("the build does not say what it downloaded:\n{}", log));
+    line.split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_cached_ci_build_pushing_to_the_same_registry_moves_no_layer_bytes() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let ctx = cache_context(&reg);
+    let cache = format!("type=registry,ref={}/cache:ci", reg.host());
+    // The first CI job: an empty store. The base image's layer is fetched because a RUN
+    // reads it; the cache and the image go to the registry.
+    let (steps, built, log) = build_fresh(
+        &user,
+        ctx.path(),
+        &[
+            "--cache-to".into(),
+            format!("{},mode=max", cache),
+            "-t".into(),
+            format!("{}/app:1", reg.host()),
+            "--push".into(),
+        ],
+    );
+    assert!(steps.iter().all(|s| s == "DONE"), "{:?}", steps);
+    assert_eq!(layers_downloaded(&log), 1, "only the base layer: {}", log);
+
+    // The next job, on a fresh machine: every step hits the imported cache, and the image
+    // (SBOM and provenance included) is pushed to another repository of the registry.
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("metadata.json");
+    let before = reg.requests().len();
+    let out = run(user
+        .on("build", root.path())
+        .args(["--progress", "plain", "--cache-from", &cache])
+        .arg("--metadata-file")
+        .arg(&meta)
+        .args(["-t", &format!("{}/deploy:1", reg.host()), "--push"])
+        .arg(ctx.path()));
+    let log = stderr_of(&out);
+    assert!(out.status.success(), "{}", log);
+    assert_eq!(last_line(&String::from_utf8_lossy(&out.stdout)), built);
+    let steps = run_steps(&log);
+    assert!(
+        steps.len() == 3 && steps.iter().all(|s| s == "CACHED"),
+        "{:?}\n{}",
+        steps,
+        log
+    );
+    // Counted by builder...
+    assert_eq!(layers_downloaded(&log), 0, "{}", log);
+    // ...and by the registry: no layer was read, and each was mounted, not uploaded.
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let layers: Vec<String> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    // The base layer, COPY --from, RUN, COPY, RUN.
+    assert_eq!(layers.len(), 5, "{}", m);
+    let requests = reg.requests()[before..].to_vec();
+    for l in &layers {
+        let touching: Vec<&String> = requests.iter().filter(|r| r.contains(l.as_str())).collect();
+        assert!(
+            touching
+                .iter()
+                .all(|r| r.starts_with("HEAD ") || r.contains("?mount=")),
+            "layer {} moved: {:?}",
+            l,
+            touching
+        );
+        assert!(
+            touching.iter().any(|r| r.contains("?mount=")),
+            "layer {} was not mounted: {:?}",
+            l,
+            requests
+        );
+    }
+    assert_eq!(
+        skopeo_digest(&reg, "deploy:1", &["--tls-verify=false"]),
+        built
+    );
+
+    // The layers left at the registry come in when something reads them: an export of the
+    // image from that store is whole, and the store stays consistent.
+    let layout = root.path().join("layout");
+    run_ok(
+        user.on("export", root.path())
+            .arg(format!("{}/deploy:1", reg.host()))
+            .arg("-o")
+            .arg(format!("oci:{}", layout.display())),
+    );
+    let after = reg.requests();
+    for l in &layers {
+        assert!(
+            after
+                .iter()
+                .any(|r| r.starts_with("GET ") && r.contains(l.as_str())),
+            "the export did not fetch {}",
+            l
+        );
+        let hex = l.trim_start_matches("sha256:");
+        assert!(layout.join("blobs/sha256").join(hex).is_file());
+    }
+    user.assert_fsck_clean(root.path());
 }
 
 /// Build `ctx` into a new, empty store with `flags`; returns the outcome (DONE or CACHED) of

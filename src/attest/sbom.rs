@@ -445,21 +445,35 @@ pub fn store_scan(cache_dir: &Path, diff_id: &Digest, scan: &LayerScan) {
     }
 }
 
+/// The scan of the layer `diff_id` an earlier build kept in `cache_dir`, if this scanner's.
+pub fn cached_scan(cache_dir: &Path, diff_id: &Digest) -> Option<LayerScan> {
+    let cached = cache_dir.join(format!("{}.json", diff_id.hex()));
+    std::fs::read(cached)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LayerScan>(&b).ok())
+        .filter(LayerScan::is_current)
+}
+
+impl LayerScan {
+    /// Whether this scanner version made it (an older one's is scanned again).
+    pub fn is_current(&self) -> bool {
+        self.version == SCANNER_VERSION
+    }
+}
+
 /// The scan of `layer`, from `cache_dir` when an earlier build scanned it.
 pub fn scan_cached(
     blobs: &crate::oci::blobs::BlobStore,
     layer: &LayerRef,
     cache_dir: &Path,
 ) -> io::Result<LayerScan> {
-    let cached = cache_dir.join(format!("{}.json", layer.diff_id.hex()));
-    if let Some(scan) = std::fs::read(&cached)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<LayerScan>(&b).ok())
-        .filter(|s| s.version == SCANNER_VERSION)
-    {
+    if let Some(scan) = cached_scan(cache_dir, &layer.diff_id) {
         return Ok(scan);
     }
-    let scan = scan_layer(&blobs.path(&layer.digest))?;
+    let path = blobs
+        .ensure(&layer.digest)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let scan = scan_layer(&path)?;
     store_scan(cache_dir, &layer.diff_id, &scan);
     Ok(scan)
 }

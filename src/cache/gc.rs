@@ -239,6 +239,8 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     }
     // The chunk tables of removed layers go with them.
     super::chunks::forget_missing(store.root(), &store.blobs);
+    // So do the records of layers left at registries that nothing needs any more.
+    crate::registry::lazy::forget_except(store.root(), &live);
     // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
     let mut live_chains = BTreeSet::new();
     for img in &images {

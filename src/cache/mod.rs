@@ -122,7 +122,7 @@ impl CacheIndex {
 
     fn get_local(&self, key: &CacheKey) -> Option<Hit> {
         let (config, layers) = self.entry(key)?;
-        if layers.iter().any(|l| !self.blobs.contains(&l.digest)) {
+        if layers.iter().any(|l| !self.blobs.available(&l.digest)) {
             return None;
         }
         let config_bytes = self.blobs.get(&config).ok()?;

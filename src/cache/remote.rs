@@ -2,8 +2,8 @@
 //! an image manifest whose config (media type [`CACHE_CONFIG`]) lists records, each a step's
 //! cache key with the image config and layers after that step, and whose layers are those
 //! layers' blobs. It lives in a registry (`type=registry,ref=REF`) or an OCI layout directory
-//! (`type=local,dest=DIR` / `src=DIR`). Importing reads only the record list; a layer is
-//! downloaded when a step actually hits.
+//! (`type=local,dest=DIR` / `src=DIR`). Importing reads only the record list. A hit's layers
+//! are copied from a directory; a registry's stay there until something reads their bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::StepRecord;
 use super::{CacheIndex, CacheKey};
+use crate::attest::sbom;
 use crate::oci::blobs::{write_atomic, BlobStore};
 use crate::oci::digest::Digest;
 use crate::oci::image::{
@@ -113,12 +114,57 @@ struct Record {
 /// An imported cache: its records, and where to fetch their layers.
 pub struct RemoteCache {
     location: Location,
-    client: Arc<Client>,
+    /// The store's root, where layers left at the registry are remembered.
+    root: PathBuf,
     records: HashMap<String, Record>,
 }
 
 fn bad(what: &str, msg: impl std::fmt::Display) -> RegistryError {
     RegistryError::Protocol(format!("cache {}: {}", what, msg))
+}
+
+/// Keep the SBOM scans a cache carries (by diff_id) where this store's SBOMs read them, so a
+/// build that hits the cache writes its SBOM without fetching the layers. A scan already
+/// here, or one of another scanner version, is left alone.
+fn import_scans(doc: &Value, root: &Path) {
+    let Some(scans) = doc["scans"].as_object() else {
+        return;
+    };
+    let dir = sbom::cache_dir(root);
+    for (hex, scan) in scans {
+        let Ok(diff_id) = format!("sha256:{}", hex).parse::<Digest>() else {
+            continue;
+        };
+        if dir.join(format!("{}.json", diff_id.hex())).is_file() {
+            continue;
+        }
+        if let Ok(scan) = serde_json::from_value::<sbom::LayerScan>(scan.clone()) {
+            if scan.is_current() {
+                sbom::store_scan(&dir, &diff_id, &scan);
+            }
+        }
+    }
+}
+
+/// The SBOM scans of `layers` this store has (scanning a layer whose bytes are here), by
+/// diff_id; a layer still at its registry is not fetched for it.
+fn export_scans(layers: &[LayerRef], store: &Store) -> serde_json::Map<String, Value> {
+    let dir = sbom::cache_dir(store.root());
+    let mut out = serde_json::Map::new();
+    for l in layers {
+        if out.contains_key(l.diff_id.hex()) {
+            continue;
+        }
+        let scan = if store.blobs.contains(&l.digest) {
+            sbom::scan_cached(&store.blobs, l, &dir).ok()
+        } else {
+            sbom::cached_scan(&dir, &l.diff_id)
+        };
+        if let Some(v) = scan.and_then(|s| serde_json::to_value(s).ok()) {
+            out.insert(l.diff_id.hex().to_string(), v);
+        }
+    }
+    out
 }
 
 fn read_records(doc: &[u8], what: &str) -> Result<HashMap<String, Record>, RegistryError> {
@@ -171,7 +217,12 @@ impl RemoteCache {
                     ));
                 }
                 fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
-                read_records(&store.blobs.get(&config.digest)?, &what)?
+                let doc = store.blobs.get(&config.digest)?;
+                import_scans(
+                    &serde_json::from_slice(&doc).unwrap_or(Value::Null),
+                    store.root(),
+                );
+                read_records(&doc, &what)?
             }
             Location::Dir(dir) => {
                 let what = dir.display().to_string();
@@ -192,12 +243,17 @@ impl RemoteCache {
                 let manifest: Value = serde_json::from_slice(&read_verified(dir, &md.digest)?)
                     .map_err(|e| bad(&what, e))?;
                 let config = descriptor(&manifest["config"], &what)?;
-                read_records(&read_verified(dir, &config.digest)?, &what)?
+                let doc = read_verified(dir, &config.digest)?;
+                import_scans(
+                    &serde_json::from_slice(&doc).unwrap_or(Value::Null),
+                    store.root(),
+                );
+                read_records(&doc, &what)?
             }
         };
         Ok(Some(RemoteCache {
             location: location.clone(),
-            client,
+            root: store.root().to_path_buf(),
             records,
         }))
     }
@@ -210,8 +266,9 @@ impl RemoteCache {
         self.records.is_empty()
     }
 
-    /// The state after the step `key`, with its layers brought into `blobs`; `None` when the
-    /// cache lacks the key or a layer cannot be fetched (the step then simply runs).
+    /// The state after the step `key`, with its layers available to `blobs` (copied from a
+    /// directory; from a registry, fetched when first read); `None` when the cache lacks the
+    /// key or a layer cannot be had (the step then simply runs).
     pub fn materialize(&self, key: &CacheKey, blobs: &BlobStore) -> Option<ImageState> {
         let record = self.records.get(key.0.hex())?;
         for l in &record.layers {
@@ -224,9 +281,10 @@ impl RemoteCache {
                 media_type: l.media_type.clone(),
             };
             match &self.location {
+                // Left at the registry: fetched if a later step or an output reads it, and
+                // mounted by a push to the same registry.
                 Location::Registry(r) => {
-                    let ep = self.client.endpoint(&r.registry).ok()?;
-                    fetch_blob(&self.client, &ep, blobs, &r.repository, &d).ok()?;
+                    crate::registry::lazy::remember(&self.root, &d, &r.registry, &r.repository);
                 }
                 Location::Dir(dir) => {
                     let bytes = read_verified(dir, &d.digest).ok()?;
@@ -293,7 +351,9 @@ pub fn export(
     // Sorted, so the same cache content always makes the same artifact.
     records.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
     layers.sort_by_key(|l| l.digest.to_string());
-    let doc = canonical_json(&json!({"records": records}));
+    // The layers' SBOM scans travel with them: an importing build that hits needs no bytes.
+    let scans = export_scans(&layers, store);
+    let doc = canonical_json(&json!({"records": records, "scans": scans}));
     let config_digest = store.blobs.put(&doc)?;
     let manifest = json!({
         "schemaVersion": 2,

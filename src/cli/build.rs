@@ -423,6 +423,14 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     }
     let notices = reporter.clone();
     let registry = Arc::new(Client::from_config()?.with_notices(move |m| notices.warn(m)));
+    // Layers left at registries (base images', imported caches') come through this client,
+    // so the build counts what it downloads.
+    store
+        .blobs
+        .set_source(Arc::new(crate::registry::lazy::RegistryBlobs::new(
+            store.root(),
+            registry.clone(),
+        )));
     let mut imported = Vec::new();
     for loc in &cache_from {
         match RemoteCache::load(loc, registry.clone(), &store) {
@@ -662,6 +670,15 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     for o in &outputs {
         built.export(&store.blobs, &tags, o, scratch.path(), attested.as_ref())?;
     }
+    // What the registries cost: a build whose steps all hit, pushed to the registry that
+    // holds its layers, downloads none.
+    let (layers, bytes) = registry.layer_downloads();
+    if layers > 0 || !cache_from.is_empty() || !push_to.is_empty() {
+        reporter.log(
+            0,
+            &format!("layer blobs downloaded: {} ({} bytes)", layers, bytes),
+        );
+    }
     // What the build names: what the registry's tag names after a push (the index with the
     // attestations), else what the store's names point at.
     let digest = match &attested {
@@ -788,6 +805,7 @@ impl BaseResolver for StoreResolver<'_> {
             policy: self.policy,
             client: self.client,
             log: &log,
+            layers: crate::registry::pull::Layers::WhenNeeded,
         };
         Ok(crate::store::sources::fetch(
             self.store, reference, platform, &pulling,
@@ -933,7 +951,7 @@ fn copy_image(
         if to.blobs.contains(&d) {
             continue;
         }
-        let p = from.blobs.path(&d);
+        let p = from.blobs.ensure(&d)?;
         let mut f = std::fs::File::open(&p).map_err(|e| CliError::io(&p, e))?;
         let (got, _) = to.blobs.put_reader(&mut f)?;
         if got != d {

@@ -24,10 +24,20 @@ pub struct RootArg {
 }
 
 impl RootArg {
+    /// Open the store; layers it left at registries are fetched, when a command reads them,
+    /// with the user's registry settings.
     pub fn open(&self) -> Result<Store, CliError> {
-        Ok(Store::open(
-            &self.root.clone().unwrap_or_else(default_root),
-        )?)
+        let store = Store::open(&self.root.clone().unwrap_or_else(default_root))?;
+        if let Ok(client) = crate::registry::Client::from_config() {
+            let client = client.with_notices(|m| eprintln!("warning: {}", m));
+            store.blobs.set_source(std::sync::Arc::new(
+                crate::registry::lazy::RegistryBlobs::new(
+                    store.root(),
+                    std::sync::Arc::new(client),
+                ),
+            ));
+        }
+        Ok(store)
     }
 }
 
@@ -139,6 +149,7 @@ fn load_any(store: &Store, reference: &str) -> Result<crate::oci::image::StoredI
         policy: crate::registry::PullPolicy::Never,
         client: &client,
         log: &|_| {},
+        layers: crate::registry::pull::Layers::Download,
     };
     Ok(sources::fetch(
         store,

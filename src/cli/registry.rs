@@ -85,11 +85,17 @@ pub fn pull(a: PullArgs) -> Result<(), CliError> {
     let platform = parse_platform(a.platform.as_deref())?;
     let reference = Reference::parse(&a.reference)?;
     let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
-    let (p, name) = crate::store::sources::pull_named(&client, &store, &reference, &platform)
-        .map_err(|e| match e {
-            crate::store::sources::PullError::Registry(e) => CliError::from(e),
-            crate::store::sources::PullError::Store(e) => CliError::from(e),
-        })?;
+    let (p, name) = crate::store::sources::pull_named(
+        &client,
+        &store,
+        &reference,
+        &platform,
+        crate::registry::pull::Layers::Download,
+    )
+    .map_err(|e| match e {
+        crate::store::sources::PullError::Registry(e) => CliError::from(e),
+        crate::store::sources::PullError::Store(e) => CliError::from(e),
+    })?;
     eprintln!(
         "pulled {} as {}: {} of {} blobs downloaded",
         reference, name, p.blobs_fetched, p.blobs_total

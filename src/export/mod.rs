@@ -192,7 +192,7 @@ pub fn export(
             };
             for l in &image.state.layers {
                 unpack::unpack_verified(
-                    &blobs.path(&l.digest),
+                    &blobs.ensure(&l.digest)?,
                     &l.digest.to_string(),
                     dir,
                     opts,
@@ -213,7 +213,7 @@ pub fn place_blob(blobs: &BlobStore, dir: &Path, d: &Digest) -> Result<(), Expor
     if dest.is_file() {
         return Ok(());
     }
-    let src = blobs.path(d);
+    let src = blobs.ensure(d)?;
     if fs::hard_link(&src, &dest).is_ok() {
         return Ok(());
     }

@@ -1,10 +1,15 @@
 //! A content-addressed blob directory (`blobs/sha256/<hex>`, the OCI layout shape). Writes go
 //! to a temporary file in the same filesystem, are synced, then renamed into place, so a blob
 //! is either absent or complete. Reads verify the content against its name.
+//!
+//! A blob can also be known without being here: a layer a registry holds, which a build
+//! that hits its cache never reads. [`BlobStore::ensure`] brings such a blob in (through the
+//! store's [`BlobSource`]) the first time its bytes are needed.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use super::digest::{Digest, HashingWriter};
 
@@ -15,6 +20,8 @@ pub enum BlobError {
     Io { path: PathBuf, source: io::Error },
     #[error("blob {0} is not in the store")]
     Missing(Digest),
+    #[error("blob {digest} could not be fetched: {msg}")]
+    Fetch { digest: Digest, msg: String },
     #[error("blob {expected} is corrupted: its content hashes to {found} ({path})")]
     Corrupted {
         expected: Digest,
@@ -30,11 +37,30 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
     }
 }
 
+/// Where blobs that are known but not downloaded come from (a registry, for the layers of
+/// base images and imported caches).
+pub trait BlobSource: Send + Sync {
+    /// Whether `d` can be fetched from here.
+    fn knows(&self, d: &Digest) -> bool;
+    /// Bring `d` into `into`, verified against its digest.
+    fn fetch(&self, d: &Digest, into: &BlobStore) -> Result<(), BlobError>;
+}
+
+type SharedSource = Arc<RwLock<Option<Arc<dyn BlobSource>>>>;
+
 /// A `blobs/sha256` directory with a temp directory beside it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BlobStore {
     dir: PathBuf,
     tmp: PathBuf,
+    /// Shared by every clone: set once the store knows how to reach registries.
+    source: SharedSource,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").field("dir", &self.dir).finish()
+    }
 }
 
 /// The start of a scratch name owned by this process: `WHAT-PID-` (see [`scratch_owner`]).
@@ -63,6 +89,77 @@ impl BlobStore {
         Ok(BlobStore {
             dir,
             tmp: tmp.to_path_buf(),
+            source: SharedSource::default(),
+        })
+    }
+
+    /// Fetch blobs this store lacks from `source` when they are needed.
+    pub fn set_source(&self, source: Arc<dyn BlobSource>) {
+        if let Ok(mut s) = self.source.write() {
+            *s = Some(source);
+        }
+    }
+
+    fn source(&self) -> Option<Arc<dyn BlobSource>> {
+        self.source.read().ok().and_then(|s| s.clone())
+    }
+
+    /// Whether blob `d` is here, or can be fetched when needed.
+    pub fn available(&self, d: &Digest) -> bool {
+        self.contains(d) || self.source().is_some_and(|s| s.knows(d))
+    }
+
+    /// Whether blob `d` is known but not here (it is fetched when its bytes are needed).
+    pub fn is_lazy(&self, d: &Digest) -> bool {
+        !self.contains(d) && self.source().is_some_and(|s| s.knows(d))
+    }
+
+    /// The path of blob `d`, fetching it first if it is known but not here.
+    pub fn ensure(&self, d: &Digest) -> Result<PathBuf, BlobError> {
+        let p = self.path(d);
+        if p.is_file() {
+            return Ok(p);
+        }
+        match self.source() {
+            Some(s) if s.knows(d) => {
+                s.fetch(d, self)?;
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(BlobError::Missing(d.clone()))
+                }
+            }
+            _ => Err(BlobError::Missing(d.clone())),
+        }
+    }
+
+    /// [`BlobStore::ensure`] for several blobs, up to four fetched side by side.
+    pub fn ensure_all(&self, digests: &[Digest]) -> Result<(), BlobError> {
+        let lazy: Vec<&Digest> = digests.iter().filter(|d| !self.contains(d)).collect();
+        if lazy.len() <= 1 {
+            return lazy.into_iter().try_for_each(|d| self.ensure(d).map(drop));
+        }
+        let queue = std::sync::Mutex::new(lazy.into_iter());
+        let next = || queue.lock().ok().and_then(|mut q| q.next());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| -> Result<(), BlobError> {
+                        while let Some(d) = next() {
+                            self.ensure(d)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(BlobError::Io {
+                        path: self.dir.clone(),
+                        source: io::Error::other("a blob fetch panicked"),
+                    })
+                })
+            })
         })
     }
 
@@ -131,9 +228,9 @@ impl BlobStore {
         Ok((d, size))
     }
 
-    /// Read a whole blob, verifying it.
+    /// Read a whole blob (fetching it if it is known but not here), verifying it.
     pub fn get(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
-        let p = self.path(d);
+        let p = self.ensure(d)?;
         let bytes = fs::read(&p).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 BlobError::Missing(d.clone())
@@ -250,5 +347,57 @@ mod tests {
         let e = s.get(&d).unwrap_err().to_string();
         assert!(e.contains("is corrupted"), "{e}");
         assert!(matches!(s.verify(&d), Err(BlobError::Corrupted { .. })));
+    }
+
+    /// A source holding some blobs' bytes, counting its fetches.
+    struct Remote {
+        held: Vec<Vec<u8>>,
+        fetches: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlobSource for Remote {
+        fn knows(&self, d: &Digest) -> bool {
+            self.held.iter().any(|b| &Digest::of(b) == d)
+        }
+        fn fetch(&self, d: &Digest, into: &BlobStore) -> Result<(), BlobError> {
+            self.fetches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let b = self.held.iter().find(|b| &Digest::of(b) == d);
+            into.put(b.ok_or_else(|| BlobError::Missing(d.clone()))?)?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn known_blobs_are_fetched_once_when_first_needed() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path(), &t.path().join("tmp")).unwrap();
+        let held: Vec<Vec<u8>> = (0..5)
+            .map(|i| format!("layer {}", i).into_bytes())
+            .collect();
+        let digests: Vec<Digest> = held.iter().map(|b| Digest::of(b)).collect();
+        let unknown = Digest::of(b"nobody has this");
+        let remote = Arc::new(Remote {
+            held,
+            fetches: Default::default(),
+        });
+        assert!(!s.available(&digests[0]), "no source yet");
+        // A clone made before the source is set sees it too.
+        let clone = s.clone();
+        s.set_source(remote.clone());
+        assert!(clone.available(&digests[0]) && clone.is_lazy(&digests[0]));
+        assert!(!s.contains(&digests[0]));
+        assert!(!s.available(&unknown));
+        assert!(matches!(s.ensure(&unknown), Err(BlobError::Missing(_))));
+        assert_eq!(s.get(&digests[0]).unwrap(), b"layer 0");
+        assert!(s.contains(&digests[0]) && !s.is_lazy(&digests[0]));
+        s.ensure_all(&digests).unwrap();
+        assert!(digests.iter().all(|d| s.contains(d)));
+        s.ensure_all(&digests).unwrap();
+        assert_eq!(
+            remote.fetches.load(std::sync::atomic::Ordering::Relaxed),
+            5,
+            "each blob is fetched once"
+        );
     }
 }

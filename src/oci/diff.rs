@@ -43,7 +43,10 @@ pub fn list_layer(blobs: &BlobStore, digest: &Digest) -> Result<LayerListing, Di
         layer: digest.to_string(),
         source,
     };
-    let mut a = tar::Archive::new(open_layer(&blobs.path(digest)).map_err(io_e)?);
+    let path = blobs
+        .ensure(digest)
+        .map_err(|e| io_e(std::io::Error::other(e.to_string())))?;
+    let mut a = tar::Archive::new(open_layer(&path).map_err(io_e)?);
     let mut out = BTreeMap::new();
     for e in a.entries().map_err(io_e)? {
         let mut e = e.map_err(io_e)?;

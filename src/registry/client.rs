@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -111,6 +112,15 @@ pub struct Client {
     tokens: Mutex<HashMap<String, String>>,
     /// Where retries and resumptions are told.
     notice: Box<dyn Fn(&str) + Send + Sync>,
+    /// The layer blobs this client downloaded, and their bytes.
+    layers_downloaded: AtomicU64,
+    layer_bytes_downloaded: AtomicU64,
+}
+
+/// Whether a descriptor's media type is a layer's (OCI or docker), not a config's or a
+/// manifest's.
+pub fn is_layer_media_type(media_type: &str) -> bool {
+    media_type.contains(".layer.") || media_type.contains(".rootfs.diff.")
 }
 
 /// A `repository:NAME:ACTIONS` token scope.
@@ -294,7 +304,24 @@ impl Client {
             endpoints: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             notice: Box::new(|_| {}),
+            layers_downloaded: AtomicU64::new(0),
+            layer_bytes_downloaded: AtomicU64::new(0),
         }
+    }
+
+    /// Count a layer blob downloaded whole.
+    pub fn count_layer_download(&self, bytes: u64) {
+        self.layers_downloaded.fetch_add(1, Ordering::Relaxed);
+        self.layer_bytes_downloaded
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// How many layer blobs this client downloaded, and their bytes.
+    pub fn layer_downloads(&self) -> (u64, u64) {
+        (
+            self.layers_downloaded.load(Ordering::Relaxed),
+            self.layer_bytes_downloaded.load(Ordering::Relaxed),
+        )
     }
 
     /// Report retries and resumed downloads through `notice`.

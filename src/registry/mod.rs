@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod lazy;
 pub mod pull;
 pub mod push;
 pub mod redirect;

@@ -341,6 +341,9 @@ pub fn fetch_blob(
     file.flush().map_err(io)?;
     blobs.commit(&tmp, file, &d.digest)?;
     guard.0 = None;
+    if super::client::is_layer_media_type(&d.media_type) {
+        client.count_layer_download(d.size);
+    }
     Ok(true)
 }
 
@@ -379,6 +382,18 @@ pub struct Pulled {
     pub index: Option<Digest>,
     pub blobs_fetched: usize,
     pub blobs_total: usize,
+    /// Layers left at the registry until their bytes are needed.
+    pub blobs_later: usize,
+}
+
+/// What a pull does with an image's layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layers {
+    /// Download them (`builder pull`).
+    Download,
+    /// Remember where they are, and download each when its bytes are first needed (a
+    /// build's base image: a build whose steps all hit never reads them).
+    WhenNeeded,
 }
 
 /// Pull `reference` for `platform` into the blob store (naming it is the caller's). Mirrors
@@ -388,6 +403,7 @@ pub fn pull(
     local: &Local,
     reference: &Reference,
     platform: &Platform,
+    layers: Layers,
 ) -> Result<Pulled, RegistryError> {
     let r = reference.clone().with_default_tag();
     let mirrors = client
@@ -398,12 +414,12 @@ pub fn pull(
         .unwrap_or_default();
     let mut mirror_failures = Vec::new();
     for mirror in &mirrors {
-        match pull_from(client, local, mirror, &r, platform) {
+        match pull_from(client, local, mirror, &r, platform, layers) {
             Ok(p) => return Ok(p),
             Err(e) => mirror_failures.push(format!("mirror {}: {}", mirror, e)),
         }
     }
-    pull_from(client, local, &r.registry, &r, platform).map_err(|e| {
+    pull_from(client, local, &r.registry, &r, platform, layers).map_err(|e| {
         if mirror_failures.is_empty() {
             e
         } else {
@@ -418,6 +434,7 @@ fn pull_from(
     registry: &str,
     r: &Reference,
     platform: &Platform,
+    layers: Layers,
 ) -> Result<Pulled, RegistryError> {
     let display = r.familiar();
     let ep = client.endpoint(registry)?;
@@ -466,7 +483,15 @@ fn pull_from(
     let manifest: Value = serde_json::from_slice(&top.bytes)
         .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
     let blobs = manifest_blobs(&manifest, &display)?;
-    let fetched = fetch_blobs(client, &ep, local.blobs, &r.repository, &blobs)?;
+    let (now, later): (Vec<Descriptor>, Vec<Descriptor>) = blobs.iter().cloned().partition(|b| {
+        layers == Layers::Download
+            || !super::client::is_layer_media_type(&b.media_type)
+            || local.blobs.contains(&b.digest)
+    });
+    let fetched = fetch_blobs(client, &ep, local.blobs, &r.repository, &now)?;
+    for b in &later {
+        super::lazy::remember(local.root, b, registry, &r.repository);
+    }
     for b in &blobs {
         record_origin(local.root, &b.digest, &r.registry, &r.repository);
     }
@@ -510,6 +535,7 @@ fn pull_from(
         index,
         blobs_fetched: fetched,
         blobs_total: blobs.len(),
+        blobs_later: later.len(),
     })
 }
 
@@ -551,6 +577,13 @@ pub fn record_origin(root: &Path, d: &Digest, registry: &str, repository: &str) 
         let _ = fs::create_dir_all(dir);
     }
     let _ = crate::oci::blobs::write_atomic(&p, (lines.join("\n") + "\n").as_bytes());
+}
+
+/// Every `registry/repository` known to hold blob `d`, first remembered first.
+pub fn origins_all(root: &Path, d: &Digest) -> Vec<String> {
+    fs::read_to_string(origins_path(root, d))
+        .map(|s| s.lines().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Repositories of `registry` known to hold blob `d`.

@@ -1,6 +1,6 @@
 //! Push: every blob the manifest references, then the manifest. A blob the repository has
-//! (HEAD) is skipped; one another repository of the registry has is mounted; the rest are
-//! uploaded monolithically, or in chunks when larger than the chunk size. A failed upload
+//! (HEAD) is skipped; one another repository of the registry has is mounted (so a layer a
+//! build left at that registry is never downloaded); the rest are uploaded monolithically, or in chunks when larger than the chunk size. A failed upload
 //! session is started again, a bounded number of times. A tag already naming the same manifest
 //! is left alone, so pushing an unchanged image uploads nothing.
 
@@ -103,13 +103,6 @@ fn push_blob(
     let what = format!("blob {} for {}/{}", d.digest, ep.registry, repository);
     let push_scope = scope(repository, "pull,push");
     let head_target = format!("/v2/{}/blobs/{}", repository, d.digest);
-    let path = local.blobs.path(&d.digest);
-    let size = std::fs::metadata(&path)
-        .map_err(|e| RegistryError::Io {
-            path: path.clone(),
-            source: e,
-        })?
-        .len();
     let start_target = format!("/v2/{}/blobs/uploads/", repository);
     let mut mount_from = origins(local.root, &d.digest, &ep.registry)
         .into_iter()
@@ -168,6 +161,14 @@ fn push_blob(
         // A mount the registry declined still opened an ordinary upload session.
         mount_from = None;
         let session = location(ep, &response)?;
+        // Only now are the bytes needed: a layer left at another registry comes in here.
+        let path = local.blobs.ensure(&d.digest)?;
+        let size = std::fs::metadata(&path)
+            .map_err(|e| RegistryError::Io {
+                path: path.clone(),
+                source: e,
+            })?
+            .len();
         match upload(client, ep, &session, &path, size, &d.digest, &push_scope) {
             Ok(()) => return Ok(BlobOutcome::Uploaded),
             Err(SessionError::Fatal(e)) => return Err(e),

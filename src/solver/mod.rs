@@ -654,6 +654,7 @@ impl Ctx<'_, '_> {
             policy: self.req.pull,
             client: &self.req.registry,
             log: &log,
+            layers: crate::registry::pull::Layers::WhenNeeded,
         };
         sources::fetch(self.store, reference, &self.platform, &pulling)
     }

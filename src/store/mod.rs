@@ -331,6 +331,10 @@ impl Store {
                 )),
                 Ok((images, _)) => {
                     for l in images.iter().flat_map(|i| &i.state.layers) {
+                        if self.blobs.is_lazy(&l.digest) {
+                            // At its registry, and verified when it is fetched.
+                            continue;
+                        }
                         if !self.blobs.contains(&l.digest) {
                             problems.push(format!("{}: layer {} is missing", name, l.digest));
                         } else if let Err(e) = self.verify_diff_id(l) {

@@ -64,6 +64,7 @@ pub struct Pulling<'a> {
     pub policy: PullPolicy,
     pub client: &'a Client,
     pub log: &'a (dyn Fn(&str) + Sync),
+    pub layers: registry::pull::Layers,
 }
 
 /// Bring the image `reference` into the store (if foreign) and load it.
@@ -116,8 +117,9 @@ pub fn pull_named(
     store: &Store,
     reference: &Reference,
     platform: &Platform,
+    layers: registry::pull::Layers,
 ) -> Result<(registry::pull::Pulled, String), PullError> {
-    let p = registry::pull::pull(client, &store.local(), reference, platform)?;
+    let p = registry::pull::pull(client, &store.local(), reference, platform, layers)?;
     let name = store.tag(
         &reference.clone().with_default_tag().familiar(),
         p.index.as_ref().unwrap_or(&p.image.manifest_digest),
@@ -150,11 +152,15 @@ fn named(
     };
     let pull = || {
         (pulling.log)(&format!("pulling {}", reference));
-        match pull_named(pulling.client, store, &reference, platform) {
+        match pull_named(pulling.client, store, &reference, platform, pulling.layers) {
             Ok((p, name)) => {
+                let later = match p.blobs_later {
+                    0 => String::new(),
+                    n => format!("; {} layers fetched when needed", n),
+                };
                 (pulling.log)(&format!(
-                    "pulled {} as {} ({}; {} of {} blobs downloaded)",
-                    reference, name, p.image.manifest_digest, p.blobs_fetched, p.blobs_total
+                    "pulled {} as {} ({}; {} of {} blobs downloaded{})",
+                    reference, name, p.image.manifest_digest, p.blobs_fetched, p.blobs_total, later
                 ));
                 Ok(p.image)
             }

@@ -24,6 +24,8 @@ pub enum SnapshotError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Unpack(#[from] unpack::UnpackError),
+    #[error(transparent)]
+    Blob(#[from] crate::oci::blobs::BlobError),
     #[error("mount {what}: {errno}")]
     Mount {
         what: String,
@@ -397,7 +399,7 @@ impl Snapshots {
             overlay_format: true,
         };
         unpack::unpack_verified(
-            &self.blobs.path(&layer.digest),
+            &self.blobs.ensure(&layer.digest)?,
             &layer.digest.to_string(),
             &fs_tmp,
             opts,
@@ -436,6 +438,16 @@ impl RootView {
             .tempdir_in(&snaps.tmp)
             .map_err(io_at(&snaps.tmp))?;
         fs::create_dir_all(&snaps.dir).map_err(io_at(&snaps.dir))?;
+        // Layers left at a registry come in side by side, before the first is unpacked.
+        let unpacked: Vec<Digest> = layers
+            .iter()
+            .zip(chain_ids(layers))
+            .filter(|(_, chain)| {
+                mode == Snapshotter::Copy || !snaps.dir.join(chain.hex()).join("fs").is_dir()
+            })
+            .map(|(l, _)| l.digest.clone())
+            .collect();
+        snaps.blobs.ensure_all(&unpacked)?;
         let mut v = RootView {
             mode,
             lowers: Vec::new(),
@@ -482,7 +494,7 @@ impl RootView {
                     overlay_format: false,
                 };
                 unpack::unpack_verified(
-                    &snaps.blobs.path(&layer.digest),
+                    &snaps.blobs.ensure(&layer.digest)?,
                     &layer.digest.to_string(),
                     self.mountpoint.path(),
                     opts,
