@@ -671,3 +671,118 @@ fn history_has_an_empty_layer_entry_per_arg_and_none_for_onbuild() {
     assert_eq!(created, ["ARG A=1", "ARG B", "LABEL a=b"], "{out}");
     assert!(history.iter().all(|h| h["empty_layer"] == true));
 }
+
+/// The layers (media type, digest, diff_id) of the image tagged `tag` in an OCI layout.
+fn layout_layers(layout: &Path, tag: &str) -> Vec<(String, String, String)> {
+    let read = |d: &str| -> serde_json::Value {
+        let p = layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap();
+    let manifest = read(entry["digest"].as_str().unwrap());
+    let config = read(manifest["config"]["digest"].as_str().unwrap());
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(config["rootfs"]["diff_ids"].as_array().unwrap())
+        .map(|(l, d)| {
+            (
+                l["mediaType"].as_str().unwrap().to_string(),
+                l["digest"].as_str().unwrap().to_string(),
+                d.as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn force_compression_recompresses_inherited_layers_with_the_same_content() {
+    let base = busybox_dir();
+    let root = base.path().join("root");
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("a.txt"), "zstd me\n");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nCOPY a.txt /a.txt\n",
+    );
+    let layout = t.path().join("layout");
+    let zstd = ["--compression", "zstd"];
+    // Without the flag, the base's gzip layer stays as it is; the step's layer is zstd.
+    build(
+        &root,
+        &ctx,
+        &[
+            &zstd[..],
+            &["-o", &format!("oci:{}:kept", layout.display())],
+        ]
+        .concat(),
+    );
+    let kept = layout_layers(&layout, "kept");
+    assert_eq!(kept.len(), 2);
+    assert!(kept[0].0.ends_with("tar+gzip"), "{:?}", kept);
+    assert!(kept[1].0.ends_with("tar+zstd"), "{:?}", kept);
+
+    let forced_out = format!("oci:{}:forced", layout.display());
+    let forced_args = [&zstd[..], &["--force-compression", "-o", &forced_out]].concat();
+    let out = run(build_cmd(&root).args(&forced_args).arg(&ctx));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}", log);
+    assert!(log.contains("compressed again as"), "{}", log);
+    let forced = layout_layers(&layout, "forced");
+    assert!(
+        forced.iter().all(|l| l.0.ends_with("tar+zstd")),
+        "{:?}",
+        forced
+    );
+    // The same tars inside: the diff_ids are the base's, and only the base blob changed.
+    assert_eq!(
+        forced.iter().map(|l| &l.2).collect::<Vec<_>>(),
+        kept.iter().map(|l| &l.2).collect::<Vec<_>>()
+    );
+    assert_ne!(forced[0].1, kept[0].1);
+    assert_eq!(forced[1].1, kept[1].1);
+    // oci-image-tool 1.0.0-rc1 and umoci predate zstd layers: skopeo decompresses them
+    // (checking each blob's digest) into a gzip copy, which umoci unpacks.
+    let gzip_copy = t.path().join("gzip-copy");
+    run_ok(
+        tool("skopeo")
+            .args(["copy", "--dest-compress", "--dest-compress-format", "gzip"])
+            .arg(format!("oci:{}:forced", layout.display()))
+            .arg(format!("oci:{}:forced", gzip_copy.display())),
+    );
+    let bundle = umoci_unpack(&gzip_copy, "forced", t.path());
+    assert_eq!(
+        fs::read_to_string(bundle.join("rootfs/a.txt")).unwrap(),
+        "zstd me\n"
+    );
+    assert!(bundle.join("rootfs/bin/busybox").is_file());
+
+    // A rebuild gives the same image without compressing the base again.
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let again = run(build_cmd(&root).args(&forced_args).arg(&ctx));
+    let log = String::from_utf8_lossy(&again.stderr).into_owned();
+    assert!(again.status.success(), "{}", log);
+    assert!(!log.contains("compressed again as"), "{}", log);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+        first
+    );
+}

@@ -89,6 +89,10 @@ pub struct BuildArgs {
     /// Compression level (gzip 0-9, zstd 1-19).
     #[arg(long)]
     pub compression_level: Option<i32>,
+    /// Compress every layer of the image as --compression says, the base image's too
+    /// (BuildKit's force-compression=true); otherwise inherited layers keep theirs.
+    #[arg(long)]
+    pub force_compression: bool,
     /// Default network for RUN: default (a namespace of its own, out through slirp4netns or
     /// pasta), none (loopback only), or host (needs --allow network.host).
     #[arg(long, default_value = "default")]
@@ -488,6 +492,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
         ignore,
         epoch,
         compression,
+        force_compression: a.force_compression,
         platform: opts.target_platform.clone(),
         reporter: reporter.as_ref(),
         entitlements: solver::Entitlements::parse(&a.allow).map_err(CliError::msg)?,

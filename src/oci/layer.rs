@@ -174,6 +174,8 @@ pub enum LayerSource<'a> {
     Dir(&'a Path),
     /// An in-memory description whose file contents are read from their sources.
     Tree(&'a LayerTree),
+    /// The tar inside a layer blob (gzip, zstd or plain), copied as it is.
+    Blob(&'a Path),
 }
 
 /// Write a layer from a directory or a tree into `store`; `tee` also sees the uncompressed
@@ -185,7 +187,7 @@ pub fn write_layer_from(
     tee: Option<&mut dyn Write>,
 ) -> Result<Layer, LayerError> {
     let dir: &Path = match &source {
-        LayerSource::Dir(d) => d,
+        LayerSource::Dir(d) | LayerSource::Blob(d) => d,
         LayerSource::Tree(_) => Path::new("."),
     };
     let (tmp_path, file) = store.temp_file()?;
@@ -248,6 +250,46 @@ fn write_source<W: Write>(
     match source {
         LayerSource::Dir(_) => write_tar(dir, w, epoch),
         LayerSource::Tree(t) => write_tar_tree(t, w, epoch),
+        LayerSource::Blob(p) => {
+            let mut w = w;
+            let mut r = super::unpack::open_layer(p).map_err(io_at(p))?;
+            io::copy(&mut r, &mut w).map_err(io_at(p))?;
+            Ok(w)
+        }
+    }
+}
+
+/// The layer `layer` (whose blob is at `blob`) compressed as `compression` says, with the
+/// same tar inside: the same diff_id, checked.
+pub fn recompress(
+    store: &BlobStore,
+    layer: &super::image::LayerRef,
+    blob: &Path,
+    compression: Compression,
+) -> Result<super::image::LayerRef, LayerError> {
+    let opts = LayerOptions {
+        compression,
+        epoch: None,
+        reuse: None,
+    };
+    let out = write_layer_from(store, LayerSource::Blob(blob), opts, None)?;
+    if out.diff_id != layer.diff_id {
+        return Err(LayerError::Io {
+            path: blob.to_path_buf(),
+            source: io::Error::other(format!(
+                "layer {} holds a tar with diff_id {}, but its image says {}",
+                layer.digest, out.diff_id, layer.diff_id
+            )),
+        });
+    }
+    Ok(out.into())
+}
+
+/// Whether a layer of media type `media_type` is compressed as `compression` would.
+pub fn compressed_as(media_type: &str, compression: Compression) -> bool {
+    match compression {
+        Compression::Gzip(_) => media_type.ends_with("gzip"),
+        Compression::Zstd(_) => media_type.ends_with("zstd"),
     }
 }
 

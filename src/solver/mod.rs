@@ -48,6 +48,9 @@ pub struct BuildRequest<'a> {
     pub ignore: IgnoreMatcher,
     pub epoch: i64,
     pub compression: Compression,
+    /// `--force-compression`: the image's inherited layers too are compressed as
+    /// `compression` says (not only the layers the build writes).
+    pub force_compression: bool,
     pub platform: Platform,
     pub reporter: &'a dyn Reporter,
     /// What the build may weaken in the sandbox (`--allow`).
@@ -405,6 +408,9 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
         .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
     let mut state = target.state;
     state.config.set_created(Some(shared.created.clone()));
+    if req.force_compression {
+        state.layers = force_compression(store, &state.layers, req.compression, req.reporter)?;
+    }
     let image = state
         .commit(&store.blobs, &BTreeMap::new())
         .map_err(StoreError::from)?;
@@ -418,6 +424,56 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
         steps,
         trace,
     })
+}
+
+/// `layers`, each compressed as `compression` says: a layer compressed otherwise (a base
+/// image's) is decompressed and compressed again, its diff_id checked. A conversion is
+/// remembered by the source digest and the compression, so a rebuild does not repeat it.
+fn force_compression(
+    store: &Store,
+    layers: &[LayerRef],
+    compression: Compression,
+    reporter: &dyn Reporter,
+) -> Result<Vec<LayerRef>, BuildError> {
+    let memo_dir = store.root().join("converted");
+    let mut out = Vec::with_capacity(layers.len());
+    for l in layers {
+        if crate::oci::layer::compressed_as(&l.media_type, compression) {
+            out.push(l.clone());
+            continue;
+        }
+        let memo = memo_dir.join(format!("{}-{}", l.digest.hex(), compression.key()));
+        let remembered = std::fs::read(&memo)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| LayerRef::from_json(&v))
+            .filter(|c| c.diff_id == l.diff_id && store.blobs.available(&c.digest));
+        let converted = match remembered {
+            Some(c) => c,
+            None => {
+                let blob = store.blobs.ensure(&l.digest).map_err(StoreError::from)?;
+                let c = crate::oci::layer::recompress(&store.blobs, l, &blob, compression)
+                    .map_err(|e| BuildError::Other(e.to_string()))?;
+                reporter.log(
+                    0,
+                    &format!(
+                        "layer {} ({}) compressed again as {}: {}",
+                        l.digest,
+                        l.media_type,
+                        compression.media_type(),
+                        c.digest
+                    ),
+                );
+                let _ = crate::oci::blobs::write_atomic(
+                    &memo,
+                    &crate::oci::image::canonical_json(&c.to_json()),
+                );
+                c
+            }
+        };
+        out.push(converted);
+    }
+    Ok(out)
 }
 
 impl Ctx<'_, '_> {
