@@ -124,18 +124,24 @@ fn bad(what: &str, msg: impl std::fmt::Display) -> RegistryError {
 }
 
 /// Keep the SBOM scans a cache carries (by diff_id) where this store's SBOMs read them, so a
-/// build that hits the cache writes its SBOM without fetching the layers. A scan already
-/// here, or one of another scanner version, is left alone.
-fn import_scans(doc: &Value, root: &Path) {
+/// build that hits the cache writes its SBOM without fetching the layers. Only scans of
+/// layers the records hold are taken; a scan already here, or one of another scanner
+/// version, is left alone.
+fn import_scans(doc: &[u8], records: &HashMap<String, Record>, root: &Path) {
+    let doc: Value = serde_json::from_slice(doc).unwrap_or(Value::Null);
     let Some(scans) = doc["scans"].as_object() else {
         return;
     };
+    let held: BTreeSet<&Digest> = records
+        .values()
+        .flat_map(|r| r.layers.iter().map(|l| &l.diff_id))
+        .collect();
     let dir = sbom::cache_dir(root);
     for (hex, scan) in scans {
         let Ok(diff_id) = format!("sha256:{}", hex).parse::<Digest>() else {
             continue;
         };
-        if dir.join(format!("{}.json", diff_id.hex())).is_file() {
+        if !held.contains(&diff_id) || dir.join(format!("{}.json", diff_id.hex())).is_file() {
             continue;
         }
         if let Ok(scan) = serde_json::from_value::<sbom::LayerScan>(scan.clone()) {
@@ -218,11 +224,9 @@ impl RemoteCache {
                 }
                 fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
                 let doc = store.blobs.get(&config.digest)?;
-                import_scans(
-                    &serde_json::from_slice(&doc).unwrap_or(Value::Null),
-                    store.root(),
-                );
-                read_records(&doc, &what)?
+                let records = read_records(&doc, &what)?;
+                import_scans(&doc, &records, store.root());
+                records
             }
             Location::Dir(dir) => {
                 let what = dir.display().to_string();
@@ -244,11 +248,9 @@ impl RemoteCache {
                     .map_err(|e| bad(&what, e))?;
                 let config = descriptor(&manifest["config"], &what)?;
                 let doc = read_verified(dir, &config.digest)?;
-                import_scans(
-                    &serde_json::from_slice(&doc).unwrap_or(Value::Null),
-                    store.root(),
-                );
-                read_records(&doc, &what)?
+                let records = read_records(&doc, &what)?;
+                import_scans(&doc, &records, store.root());
+                records
             }
         };
         Ok(Some(RemoteCache {

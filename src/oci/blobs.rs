@@ -121,14 +121,13 @@ impl BlobStore {
             return Ok(p);
         }
         match self.source() {
-            Some(s) if s.knows(d) => {
-                s.fetch(d, self)?;
-                if p.is_file() {
-                    Ok(p)
-                } else {
-                    Err(BlobError::Missing(d.clone()))
-                }
-            }
+            Some(s) if s.knows(d) => match s.fetch(d, self) {
+                Ok(()) if p.is_file() => Ok(p),
+                Ok(()) => Err(BlobError::Missing(d.clone())),
+                // Another build fetched it meanwhile.
+                Err(_) if p.is_file() => Ok(p),
+                Err(e) => Err(e),
+            },
             _ => Err(BlobError::Missing(d.clone())),
         }
     }
