@@ -213,21 +213,7 @@ impl SourceRoot {
                 if !m.path.is_dir() {
                     continue;
                 }
-                for e in walkdir::WalkDir::new(&m.path)
-                    .min_depth(1)
-                    .follow_links(false)
-                    .sort_by_file_name()
-                {
-                    let e = e.map_err(|e| ContextError::Io {
-                        path: m.path.clone(),
-                        source: io::Error::other(e.to_string()),
-                    })?;
-                    let sub = e
-                        .path()
-                        .strip_prefix(&m.path)
-                        .unwrap_or(e.path())
-                        .to_string_lossy()
-                        .into_owned();
+                for (sub, path) in walk_sorted(&m.path)? {
                     let rel = if m.rel == "." {
                         sub.clone()
                     } else {
@@ -236,7 +222,7 @@ impl SourceRoot {
                     if self.excluded(&rel) || (!excludes.is_empty() && excludes.is_ignored(&sub)) {
                         continue;
                     }
-                    out.push((rel, e.path().to_path_buf()));
+                    out.push((rel, path));
                 }
             }
         }
@@ -249,9 +235,83 @@ impl SourceRoot {
     }
 }
 
+/// Everything below `dir` (not `dir` itself) as (path relative to `dir`, path): depth first,
+/// a directory before what it holds, each directory's entries in the byte order of their
+/// names; symlinks are not followed. An explicit stack, so depth costs no recursion.
+fn walk_sorted(dir: &Path) -> Result<Vec<(String, PathBuf)>, ContextError> {
+    let list = |d: &Path| -> Result<std::vec::IntoIter<(std::ffi::OsString, bool)>, ContextError> {
+        let io_err = |source| ContextError::Io {
+            path: d.to_path_buf(),
+            source,
+        };
+        let mut names = Vec::new();
+        for e in fs::read_dir(d).map_err(io_err)? {
+            let e = e.map_err(io_err)?;
+            // The type readdir gives (no stat); a symlink is never a directory here.
+            let is_dir = e.file_type().map_err(io_err)?.is_dir();
+            names.push((e.file_name(), is_dir));
+        }
+        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(names.into_iter())
+    };
+    let mut out = Vec::new();
+    // (directory, its path relative to `dir`, its entries still to visit)
+    let mut stack = vec![(dir.to_path_buf(), String::new(), list(dir)?)];
+    while let Some((d, prefix, entries)) = stack.last_mut() {
+        let Some((name, is_dir)) = entries.next() else {
+            stack.pop();
+            continue;
+        };
+        let path = d.join(&name);
+        let name = name.to_string_lossy();
+        let sub = if prefix.is_empty() {
+            name.into_owned()
+        } else {
+            format!("{}/{}", prefix, name)
+        };
+        out.push((sub.clone(), path.clone()));
+        if is_dir {
+            let entries = list(&path)?;
+            stack.push((path, sub, entries));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_walk_is_walkdirs_sorted_preorder() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["a/b/c", "a-b", "a.b", "B", "z/y"] {
+            fs::create_dir_all(r.join(d)).unwrap();
+        }
+        for f in ["a/b/c/f", "a/b/0", "a/x", "a-b/1", "B/é", "top", "z/y/deep"] {
+            fs::write(r.join(f), f).unwrap();
+        }
+        std::os::unix::fs::symlink("a", r.join("link-to-dir")).unwrap();
+        let reference: Vec<(String, PathBuf)> = walkdir::WalkDir::new(r)
+            .min_depth(1)
+            .follow_links(false)
+            .sort_by_file_name()
+            .into_iter()
+            .map(|e| {
+                let e = e.unwrap();
+                let sub = e
+                    .path()
+                    .strip_prefix(r)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                (sub, e.path().to_path_buf())
+            })
+            .collect();
+        assert_eq!(walk_sorted(r).unwrap(), reference);
+        assert!(walk_sorted(&r.join("missing")).is_err());
+    }
 
     fn ctx(dir: &Path, ignore: &str) -> SourceRoot {
         SourceRoot {

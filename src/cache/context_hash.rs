@@ -4,7 +4,7 @@
 //! trusted for a file changed within the last seconds (its ctime could still move without a
 //! visible change). Each file is hashed at most once per build.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -20,7 +20,7 @@ use crate::oci::digest::HashingWriter;
 /// Seconds a file's ctime must be in the past before its stat-cache entry is trusted.
 const RACY_SECONDS: i64 = 2;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct StatEntry {
     size: u64,
     mtime: i64,
@@ -29,11 +29,92 @@ struct StatEntry {
     ctime_ns: i64,
     ino: u64,
     dev: u64,
-    sha256: String,
+    sha256: [u8; 32],
     /// The file had no xattrs (but SELinux's) when it was hashed. Setting one changes the
     /// ctime, so while the entry matches, they need not be listed again.
-    #[serde(default)]
     bare: bool,
+}
+
+/// The stat cache file: this magic, an entry count, then per entry the path's length and
+/// bytes and the fixed fields (little-endian), the sha256 and the `bare` flag. A file that
+/// does not parse is an empty cache (every file is hashed again).
+const STAT_MAGIC: &[u8; 8] = b"bstat01\n";
+/// A path longer than this is no path (a damaged file).
+const STAT_MAX_PATH: usize = 1 << 16;
+
+fn read_stat_cache(r: &mut impl io::Read) -> io::Result<HashMap<String, StatEntry>> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != STAT_MAGIC {
+        return Err(io::Error::other("not a stat cache"));
+    }
+    let mut word = [0u8; 8];
+    let mut u64_of = |r: &mut dyn io::Read| -> io::Result<u64> {
+        r.read_exact(&mut word)?;
+        Ok(u64::from_le_bytes(word))
+    };
+    let count = u64_of(r)?;
+    // Grown as entries arrive: a damaged count cannot reserve memory.
+    let mut map = HashMap::new();
+    for _ in 0..count {
+        let len = u64_of(r)? as usize;
+        if len > STAT_MAX_PATH {
+            return Err(io::Error::other("damaged stat cache"));
+        }
+        let mut path = vec![0u8; len];
+        r.read_exact(&mut path)?;
+        let path = String::from_utf8(path).map_err(io::Error::other)?;
+        let size = u64_of(r)?;
+        let mtime = u64_of(r)? as i64;
+        let mtime_ns = u64_of(r)? as i64;
+        let ctime = u64_of(r)? as i64;
+        let ctime_ns = u64_of(r)? as i64;
+        let ino = u64_of(r)?;
+        let dev = u64_of(r)?;
+        let mut sha256 = [0u8; 32];
+        r.read_exact(&mut sha256)?;
+        let mut bare = [0u8; 1];
+        r.read_exact(&mut bare)?;
+        map.insert(
+            path,
+            StatEntry {
+                size,
+                mtime,
+                mtime_ns,
+                ctime,
+                ctime_ns,
+                ino,
+                dev,
+                sha256,
+                bare: bare[0] == 1,
+            },
+        );
+    }
+    Ok(map)
+}
+
+fn write_stat_cache(map: &HashMap<String, StatEntry>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + map.len() * 128);
+    out.extend_from_slice(STAT_MAGIC);
+    out.extend_from_slice(&(map.len() as u64).to_le_bytes());
+    for (path, e) in map {
+        out.extend_from_slice(&(path.len() as u64).to_le_bytes());
+        out.extend_from_slice(path.as_bytes());
+        for v in [
+            e.size,
+            e.mtime as u64,
+            e.mtime_ns as u64,
+            e.ctime as u64,
+            e.ctime_ns as u64,
+            e.ino,
+            e.dev,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&e.sha256);
+        out.push(e.bare as u8);
+    }
+    out
 }
 
 /// The metadata of a context entry that its record needs (a context has as many entries as
@@ -87,10 +168,10 @@ struct Probe {
     cached: Option<String>,
 }
 
-/// Hashes context files, remembering results in `cache/stat.json` under the store.
+/// Hashes context files, remembering results in `cache/stat.bin` under the store.
 pub struct ContextHasher {
     path: PathBuf,
-    stat: Mutex<BTreeMap<String, StatEntry>>,
+    stat: Mutex<HashMap<String, StatEntry>>,
     this_build: Mutex<BTreeMap<PathBuf, String>>,
     dirty: AtomicBool,
     jobs: usize,
@@ -98,12 +179,12 @@ pub struct ContextHasher {
 
 impl ContextHasher {
     pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
-        let path = store_root.join("cache").join("stat.json");
+        let path = store_root.join("cache").join("stat.bin");
         // Parsed as it is read: for a large context the file is tens of MB, and holding its
-        // text beside the parsed map would double the peak memory of every build.
+        // bytes beside the parsed map would double the peak memory of every build.
         let stat = fs::File::open(&path)
             .ok()
-            .and_then(|f| serde_json::from_reader(io::BufReader::with_capacity(1 << 20, f)).ok())
+            .and_then(|f| read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f)).ok())
             .unwrap_or_default();
         ContextHasher {
             path,
@@ -120,9 +201,9 @@ impl ContextHasher {
             return;
         }
         if let Ok(stat) = self.stat.lock() {
-            if let Ok(bytes) = serde_json::to_vec(&*stat) {
-                let _ = write_atomic(&self.path, &bytes);
-            }
+            let _ = write_atomic(&self.path, &write_stat_cache(&stat));
+            // The JSON file earlier versions kept.
+            let _ = fs::remove_file(self.path.with_file_name("stat.json"));
         }
     }
 
@@ -135,8 +216,9 @@ impl ContextHasher {
         if now - md.ctime() < RACY_SECONDS {
             return None;
         }
+        let key = path.to_string_lossy();
         let stat = self.stat.lock().ok()?;
-        let e = stat.get(&path.to_string_lossy().into_owned())?;
+        let e = stat.get(key.as_ref())?;
         let same = e.size == md.len()
             && e.mtime == md.mtime()
             && e.mtime_ns == md.mtime_nsec()
@@ -144,7 +226,7 @@ impl ContextHasher {
             && e.ctime_ns == md.ctime_nsec()
             && e.ino == md.ino()
             && e.dev == md.dev();
-        same.then(|| (e.sha256.clone(), e.bare))
+        same.then(|| (hex::encode(e.sha256), e.bare))
     }
 
     fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
@@ -153,6 +235,10 @@ impl ContextHasher {
         io::copy(&mut f, &mut w)?;
         let (d, _, _) = w.finish();
         let hex = d.hex().to_string();
+        let mut sha256 = [0u8; 32];
+        if hex::decode_to_slice(&hex, &mut sha256).is_err() {
+            return Ok(hex);
+        }
         if let Ok(mut tb) = self.this_build.lock() {
             tb.insert(path.to_path_buf(), hex.clone());
         }
@@ -167,7 +253,7 @@ impl ContextHasher {
                     ctime_ns: md.ctime_nsec(),
                     ino: md.ino(),
                     dev: md.dev(),
-                    sha256: hex.clone(),
+                    sha256,
                     bare: xattrs_of(path).is_empty(),
                 },
             );
@@ -343,5 +429,50 @@ impl ContextHasher {
         }
         let (d, _, _) = h.finish();
         Ok((d.to_string(), leaves))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stat_cache_round_trips_and_a_damaged_one_is_empty() {
+        let mut map = HashMap::new();
+        map.insert(
+            "/ctx/src/a.txt".to_string(),
+            StatEntry {
+                size: 5,
+                mtime: -3,
+                mtime_ns: 999_999_999,
+                ctime: 1_700_000_000,
+                ctime_ns: 1,
+                ino: u64::MAX,
+                dev: 66306,
+                sha256: [7; 32],
+                bare: true,
+            },
+        );
+        map.insert(
+            "/ctx/é".to_string(),
+            StatEntry {
+                bare: false,
+                ..map["/ctx/src/a.txt"].clone()
+            },
+        );
+        let bytes = write_stat_cache(&map);
+        assert_eq!(read_stat_cache(&mut &bytes[..]).unwrap(), map);
+        // Cut anywhere, or with a huge path length, it is refused (the build re-hashes).
+        for cut in [0, 7, 8, 20, bytes.len() - 1] {
+            assert!(
+                read_stat_cache(&mut &bytes[..cut]).is_err(),
+                "cut at {}",
+                cut
+            );
+        }
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(read_stat_cache(&mut &huge[..]).is_err());
+        assert!(read_stat_cache(&mut &b"{\"a\": 1}"[..]).is_err());
     }
 }
