@@ -42,7 +42,11 @@ const STAT_MAGIC: &[u8; 8] = b"bstat01\n";
 /// A path longer than this is no path (a damaged file).
 const STAT_MAX_PATH: usize = 1 << 16;
 
-fn read_stat_cache(r: &mut impl io::Read) -> io::Result<HashMap<String, StatEntry>> {
+/// The fewest bytes an entry of the file takes (an empty path).
+const STAT_MIN_ENTRY: u64 = 8 + 7 * 8 + 32 + 1;
+
+/// Read a stat cache of `file_len` bytes.
+fn read_stat_cache(r: &mut impl io::Read, file_len: u64) -> io::Result<HashMap<String, StatEntry>> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != STAT_MAGIC {
@@ -54,8 +58,9 @@ fn read_stat_cache(r: &mut impl io::Read) -> io::Result<HashMap<String, StatEntr
         Ok(u64::from_le_bytes(word))
     };
     let count = u64_of(r)?;
-    // Grown as entries arrive: a damaged count cannot reserve memory.
-    let mut map = HashMap::new();
+    // Sized once (no rehashing, whose old and new tables would coexist), but never beyond
+    // what the file can hold: a damaged count cannot reserve memory.
+    let mut map = HashMap::with_capacity(count.min(file_len / STAT_MIN_ENTRY) as usize);
     for _ in 0..count {
         let len = u64_of(r)? as usize;
         if len > STAT_MAX_PATH {
@@ -184,7 +189,10 @@ impl ContextHasher {
         // bytes beside the parsed map would double the peak memory of every build.
         let stat = fs::File::open(&path)
             .ok()
-            .and_then(|f| read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f)).ok())
+            .and_then(|f| {
+                let len = f.metadata().ok()?.len();
+                read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
+            })
             .unwrap_or_default();
         ContextHasher {
             path,
@@ -461,18 +469,21 @@ mod tests {
             },
         );
         let bytes = write_stat_cache(&map);
-        assert_eq!(read_stat_cache(&mut &bytes[..]).unwrap(), map);
+        assert_eq!(
+            read_stat_cache(&mut &bytes[..], bytes.len() as u64).unwrap(),
+            map
+        );
         // Cut anywhere, or with a huge path length, it is refused (the build re-hashes).
         for cut in [0, 7, 8, 20, bytes.len() - 1] {
             assert!(
-                read_stat_cache(&mut &bytes[..cut]).is_err(),
+                read_stat_cache(&mut &bytes[..cut], cut as u64).is_err(),
                 "cut at {}",
                 cut
             );
         }
         let mut huge = bytes.clone();
         huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(read_stat_cache(&mut &huge[..]).is_err());
-        assert!(read_stat_cache(&mut &b"{\"a\": 1}"[..]).is_err());
+        assert!(read_stat_cache(&mut &huge[..], huge.len() as u64).is_err());
+        assert!(read_stat_cache(&mut &b"{\"a\": 1}"[..], 8).is_err());
     }
 }
