@@ -138,10 +138,11 @@ impl BlobStore {
         if lazy.len() <= 1 {
             return lazy.into_iter().try_for_each(|d| self.ensure(d).map(drop));
         }
+        let lazy_count = lazy.len();
         let queue = std::sync::Mutex::new(lazy.into_iter());
         let next = || queue.lock().ok().and_then(|mut q| q.next());
         std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..4)
+            let workers: Vec<_> = (0..lazy_count.min(4))
                 .map(|_| {
                     scope.spawn(|| -> Result<(), BlobError> {
                         while let Some(d) = next() {
