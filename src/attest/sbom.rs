@@ -433,22 +433,23 @@ pub fn cache_dir(store_root: &Path) -> std::path::PathBuf {
 }
 
 /// Keep a layer's scan (made while it was written) for [`scan_cached`].
+/// Where the scan of the layer `diff_id` is kept in `cache_dir`.
+pub fn scan_path(cache_dir: &Path, diff_id: &Digest) -> std::path::PathBuf {
+    cache_dir.join(format!("{}.json", diff_id.hex()))
+}
+
 pub fn store_scan(cache_dir: &Path, diff_id: &Digest, scan: &LayerScan) {
     if std::fs::create_dir_all(cache_dir).is_ok() {
         if let Ok(bytes) = serde_json::to_vec(scan) {
             // A lost write only costs a rescan.
-            let _ = crate::oci::blobs::write_atomic(
-                &cache_dir.join(format!("{}.json", diff_id.hex())),
-                &bytes,
-            );
+            let _ = crate::oci::blobs::write_atomic(&scan_path(cache_dir, diff_id), &bytes);
         }
     }
 }
 
 /// The scan of the layer `diff_id` an earlier build kept in `cache_dir`, if this scanner's.
 pub fn cached_scan(cache_dir: &Path, diff_id: &Digest) -> Option<LayerScan> {
-    let cached = cache_dir.join(format!("{}.json", diff_id.hex()));
-    std::fs::read(cached)
+    std::fs::read(scan_path(cache_dir, diff_id))
         .ok()
         .and_then(|b| serde_json::from_slice::<LayerScan>(&b).ok())
         .filter(LayerScan::is_current)

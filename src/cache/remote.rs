@@ -141,7 +141,7 @@ fn import_scans(doc: &[u8], records: &HashMap<String, Record>, root: &Path) {
         let Ok(diff_id) = format!("sha256:{}", hex).parse::<Digest>() else {
             continue;
         };
-        if !held.contains(&diff_id) || dir.join(format!("{}.json", diff_id.hex())).is_file() {
+        if !held.contains(&diff_id) || sbom::scan_path(&dir, &diff_id).is_file() {
             continue;
         }
         if let Ok(scan) = serde_json::from_value::<sbom::LayerScan>(scan.clone()) {
