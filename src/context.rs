@@ -213,16 +213,28 @@ impl SourceRoot {
                 if !m.path.is_dir() {
                     continue;
                 }
-                for (sub, path) in walk_sorted(&m.path)? {
-                    let rel = if m.rel == "." {
-                        sub.clone()
+                let prefix = if m.rel == "." { "" } else { m.rel.as_str() };
+                let before = out.len();
+                walk_sorted_into(&m.path, prefix, &mut out)?;
+                if self.is_context && !self.ignore.is_empty() || !excludes.is_empty() {
+                    // `sub` is the part below the copied directory, which --exclude matches.
+                    let skip = if prefix.is_empty() {
+                        0
                     } else {
-                        format!("{}/{}", m.rel, sub)
+                        prefix.len() + 1
                     };
-                    if self.excluded(&rel) || (!excludes.is_empty() && excludes.is_ignored(&sub)) {
-                        continue;
+                    let mut kept = before;
+                    for i in before..out.len() {
+                        let (rel, _) = &out[i];
+                        if self.excluded(rel)
+                            || (!excludes.is_empty() && excludes.is_ignored(&rel[skip..]))
+                        {
+                            continue;
+                        }
+                        out.swap(kept, i);
+                        kept += 1;
                     }
-                    out.push((rel, path));
+                    out.truncate(kept);
                 }
             }
         }
@@ -238,7 +250,19 @@ impl SourceRoot {
 /// Everything below `dir` (not `dir` itself) as (path relative to `dir`, path): depth first,
 /// a directory before what it holds, each directory's entries in the byte order of their
 /// names; symlinks are not followed. An explicit stack, so depth costs no recursion.
+#[cfg(test)]
 fn walk_sorted(dir: &Path) -> Result<Vec<(String, PathBuf)>, ContextError> {
+    let mut out = Vec::new();
+    walk_sorted_into(dir, "", &mut out)?;
+    Ok(out)
+}
+
+/// [`walk_sorted`] appended to `out`, each relative path under `prefix` (none when empty).
+fn walk_sorted_into(
+    dir: &Path,
+    prefix: &str,
+    out: &mut Vec<(String, PathBuf)>,
+) -> Result<(), ContextError> {
     let list = |d: &Path| -> Result<std::vec::IntoIter<(std::ffi::OsString, bool)>, ContextError> {
         let io_err = |source| ContextError::Io {
             path: d.to_path_buf(),
@@ -254,9 +278,8 @@ fn walk_sorted(dir: &Path) -> Result<Vec<(String, PathBuf)>, ContextError> {
         names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(names.into_iter())
     };
-    let mut out = Vec::new();
-    // (directory, its path relative to `dir`, its entries still to visit)
-    let mut stack = vec![(dir.to_path_buf(), String::new(), list(dir)?)];
+    // (directory, its relative path, its entries still to visit)
+    let mut stack = vec![(dir.to_path_buf(), prefix.to_string(), list(dir)?)];
     while let Some((d, prefix, entries)) = stack.last_mut() {
         let Some((name, is_dir)) = entries.next() else {
             stack.pop();
@@ -264,18 +287,21 @@ fn walk_sorted(dir: &Path) -> Result<Vec<(String, PathBuf)>, ContextError> {
         };
         let path = d.join(&name);
         let name = name.to_string_lossy();
-        let sub = if prefix.is_empty() {
-            name.into_owned()
-        } else {
-            format!("{}/{}", prefix, name)
-        };
-        out.push((sub.clone(), path.clone()));
+        let mut sub = String::with_capacity(prefix.len() + 1 + name.len());
+        if !prefix.is_empty() {
+            sub.push_str(prefix);
+            sub.push('/');
+        }
+        sub.push_str(&name);
         if is_dir {
             let entries = list(&path)?;
+            out.push((sub.clone(), path.clone()));
             stack.push((path, sub, entries));
+        } else {
+            out.push((sub, path));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,14 +4,14 @@
 //! trusted for a file changed within the last seconds (its ctime could still move without a
 //! visible change). Each file is hashed at most once per build.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use crate::attest::trace::ContextLeaf;
 use crate::oci::blobs::write_atomic;
@@ -45,8 +45,11 @@ const STAT_MAX_PATH: usize = 1 << 16;
 /// The fewest bytes an entry of the file takes (an empty path).
 const STAT_MIN_ENTRY: u64 = 8 + 7 * 8 + 32 + 1;
 
+/// The stat cache in memory, keyed by the bytes of each file's absolute path.
+type StatMap = HashMap<Vec<u8>, StatEntry>;
+
 /// Read a stat cache of `file_len` bytes.
-fn read_stat_cache(r: &mut impl io::Read, file_len: u64) -> io::Result<HashMap<String, StatEntry>> {
+fn read_stat_cache(r: &mut impl io::Read, file_len: u64) -> io::Result<StatMap> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != STAT_MAGIC {
@@ -68,7 +71,6 @@ fn read_stat_cache(r: &mut impl io::Read, file_len: u64) -> io::Result<HashMap<S
         }
         let mut path = vec![0u8; len];
         r.read_exact(&mut path)?;
-        let path = String::from_utf8(path).map_err(io::Error::other)?;
         let size = u64_of(r)?;
         let mtime = u64_of(r)? as i64;
         let mtime_ns = u64_of(r)? as i64;
@@ -98,13 +100,13 @@ fn read_stat_cache(r: &mut impl io::Read, file_len: u64) -> io::Result<HashMap<S
     Ok(map)
 }
 
-fn write_stat_cache(map: &HashMap<String, StatEntry>) -> Vec<u8> {
+fn write_stat_cache(map: &StatMap) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + map.len() * 128);
     out.extend_from_slice(STAT_MAGIC);
     out.extend_from_slice(&(map.len() as u64).to_le_bytes());
     for (path, e) in map {
         out.extend_from_slice(&(path.len() as u64).to_le_bytes());
-        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(path);
         for v in [
             e.size,
             e.mtime as u64,
@@ -133,25 +135,99 @@ struct Stat {
     mtime: i64,
 }
 
-impl Stat {
-    fn of(md: &fs::Metadata) -> Stat {
-        let ft = md.file_type();
-        Stat {
-            kind: if ft.is_dir() {
-                'd'
-            } else if ft.is_symlink() {
-                'l'
-            } else if ft.is_file() {
-                'f'
-            } else {
-                'o'
-            },
-            mode: md.mode(),
-            uid: md.uid(),
-            gid: md.gid(),
-            len: md.len(),
+/// What a stat-cache entry is matched on: size, times to the nanosecond, inode and device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    size: u64,
+    mtime: i64,
+    mtime_ns: i64,
+    ctime: i64,
+    ctime_ns: i64,
+    ino: u64,
+    dev: u64,
+}
+
+impl Fingerprint {
+    fn of_metadata(md: &fs::Metadata) -> Fingerprint {
+        Fingerprint {
+            size: md.len(),
             mtime: md.mtime(),
+            mtime_ns: md.mtime_nsec(),
+            ctime: md.ctime(),
+            ctime_ns: md.ctime_nsec(),
+            ino: md.ino(),
+            dev: md.dev(),
         }
+    }
+
+    fn of_stat(st: &nix::sys::stat::FileStat) -> Fingerprint {
+        Fingerprint {
+            size: st.st_size as u64,
+            mtime: st.st_mtime,
+            mtime_ns: st.st_mtime_nsec,
+            ctime: st.st_ctime,
+            ctime_ns: st.st_ctime_nsec,
+            ino: st.st_ino,
+            dev: st.st_dev,
+        }
+    }
+
+    fn matches(&self, e: &StatEntry) -> bool {
+        e.size == self.size
+            && e.mtime == self.mtime
+            && e.mtime_ns == self.mtime_ns
+            && e.ctime == self.ctime
+            && e.ctime_ns == self.ctime_ns
+            && e.ino == self.ino
+            && e.dev == self.dev
+    }
+}
+
+impl Stat {
+    fn of_stat(st: &nix::sys::stat::FileStat) -> Stat {
+        let mode = st.st_mode;
+        Stat {
+            kind: match mode & libc::S_IFMT {
+                libc::S_IFDIR => 'd',
+                libc::S_IFLNK => 'l',
+                libc::S_IFREG => 'f',
+                _ => 'o',
+            },
+            mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            len: st.st_size as u64,
+            mtime: st.st_mtime,
+        }
+    }
+}
+
+/// `lstat` of a context path, relative to an open handle on its directory: a walk stats
+/// directory by directory, and this spares the kernel a lookup of every leading component.
+struct DirStat {
+    dir: Option<(PathBuf, std::os::fd::OwnedFd)>,
+}
+
+impl DirStat {
+    fn lstat(&mut self, path: &Path) -> io::Result<nix::sys::stat::FileStat> {
+        use nix::fcntl::{AtFlags, OFlag};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return nix::sys::stat::lstat(path).map_err(io::Error::from);
+        };
+        if self.dir.as_ref().map(|(p, _)| p.as_path()) != Some(parent) {
+            let fd = nix::fcntl::open(
+                parent,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(io::Error::from)?;
+            // SAFETY: `open` returned this descriptor, and nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            self.dir = Some((parent.to_path_buf(), fd));
+        }
+        let fd = self.dir.as_ref().map(|(_, fd)| fd.as_raw_fd());
+        nix::sys::stat::fstatat(fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io::Error::from)
     }
 }
 
@@ -169,15 +245,15 @@ struct Probe {
     link: Vec<u8>,
     /// Its xattrs but `security.selinux` (the host's labelling policy).
     xattrs: Vec<(String, Vec<u8>)>,
-    /// Its content hash, when the stat cache (or this build) already knows it.
+    /// Its content hash (hex), when the stat cache (or this build) already knows it.
     cached: Option<String>,
 }
 
 /// Hashes context files, remembering results in `cache/stat.bin` under the store.
 pub struct ContextHasher {
     path: PathBuf,
-    stat: Mutex<HashMap<String, StatEntry>>,
-    this_build: Mutex<BTreeMap<PathBuf, String>>,
+    stat: RwLock<StatMap>,
+    this_build: RwLock<HashMap<PathBuf, String>>,
     dirty: AtomicBool,
     jobs: usize,
 }
@@ -196,8 +272,8 @@ impl ContextHasher {
             .unwrap_or_default();
         ContextHasher {
             path,
-            stat: Mutex::new(stat),
-            this_build: Mutex::new(BTreeMap::new()),
+            stat: RwLock::new(stat),
+            this_build: RwLock::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             jobs: jobs.max(1),
         }
@@ -208,33 +284,11 @@ impl ContextHasher {
         if !self.dirty.load(Ordering::Relaxed) {
             return;
         }
-        if let Ok(stat) = self.stat.lock() {
+        if let Ok(stat) = self.stat.read() {
             let _ = write_atomic(&self.path, &write_stat_cache(&stat));
             // The JSON file earlier versions kept.
             let _ = fs::remove_file(self.path.with_file_name("stat.json"));
         }
-    }
-
-    /// The file's content hash if it is known (from this build, or a stat-cache entry that
-    /// still matches), and whether the entry says it has no xattrs.
-    fn cached(&self, path: &Path, md: &fs::Metadata, now: i64) -> Option<(String, bool)> {
-        if let Some(h) = self.this_build.lock().ok()?.get(path) {
-            return Some((h.clone(), false));
-        }
-        if now - md.ctime() < RACY_SECONDS {
-            return None;
-        }
-        let key = path.to_string_lossy();
-        let stat = self.stat.lock().ok()?;
-        let e = stat.get(key.as_ref())?;
-        let same = e.size == md.len()
-            && e.mtime == md.mtime()
-            && e.mtime_ns == md.mtime_nsec()
-            && e.ctime == md.ctime()
-            && e.ctime_ns == md.ctime_nsec()
-            && e.ino == md.ino()
-            && e.dev == md.dev();
-        same.then(|| (hex::encode(e.sha256), e.bare))
     }
 
     fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
@@ -247,20 +301,21 @@ impl ContextHasher {
         if hex::decode_to_slice(&hex, &mut sha256).is_err() {
             return Ok(hex);
         }
-        if let Ok(mut tb) = self.this_build.lock() {
+        if let Ok(mut tb) = self.this_build.write() {
             tb.insert(path.to_path_buf(), hex.clone());
         }
-        if let Ok(mut stat) = self.stat.lock() {
+        let fp = Fingerprint::of_metadata(md);
+        if let Ok(mut stat) = self.stat.write() {
             stat.insert(
-                path.to_string_lossy().into_owned(),
+                path.as_os_str().as_bytes().to_vec(),
                 StatEntry {
-                    size: md.len(),
-                    mtime: md.mtime(),
-                    mtime_ns: md.mtime_nsec(),
-                    ctime: md.ctime(),
-                    ctime_ns: md.ctime_nsec(),
-                    ino: md.ino(),
-                    dev: md.dev(),
+                    size: fp.size,
+                    mtime: fp.mtime,
+                    mtime_ns: fp.mtime_ns,
+                    ctime: fp.ctime,
+                    ctime_ns: fp.ctime_ns,
+                    ino: fp.ino,
+                    dev: fp.dev,
                     sha256,
                     bare: xattrs_of(path).is_empty(),
                 },
@@ -270,46 +325,73 @@ impl ContextHasher {
         Ok(hex)
     }
 
-    fn probe(&self, path: &Path, now: i64) -> io::Result<Probe> {
-        let md = fs::symlink_metadata(path)?;
-        let link = if md.file_type().is_symlink() {
-            fs::read_link(path)
-                .map(|l| l.as_os_str().as_bytes().to_vec())
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let cached = if md.is_file() {
-            self.cached(path, &md, now)
-        } else {
-            None
-        };
-        let xattrs = match &cached {
-            Some((_, true)) => Vec::new(),
-            _ => xattrs_of(path),
-        };
-        let cached = cached.map(|(h, _)| h);
-        Ok(Probe {
-            md: Stat::of(&md),
-            link,
-            xattrs,
-            cached,
-        })
+    /// [`ContextHasher::probe_all`] of one contiguous slice, on one thread.
+    fn probe_slice(&self, part: &[(String, PathBuf)], now: i64) -> io::Result<Vec<Probe>> {
+        // Read once per slice: hashing (which writes) only starts after every probe.
+        let stat = self
+            .stat
+            .read()
+            .map_err(|_| io::Error::other("the stat cache lock is poisoned"))?;
+        let this_build = self
+            .this_build
+            .read()
+            .map_err(|_| io::Error::other("the stat cache lock is poisoned"))?;
+        let mut dirs = DirStat { dir: None };
+        let mut out = Vec::with_capacity(part.len());
+        for (_, path) in part {
+            let st = dirs.lstat(path)?;
+            let md = Stat::of_stat(&st);
+            let link = if md.kind == 'l' {
+                fs::read_link(path)
+                    .map(|l| l.as_os_str().as_bytes().to_vec())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            // The file's content hash if it is known (from this build, or a stat-cache entry
+            // that still matches), and whether the entry says it has no xattrs.
+            let cached = if md.kind != 'f' {
+                None
+            } else if let Some(h) = (!this_build.is_empty())
+                .then(|| this_build.get(path))
+                .flatten()
+            {
+                Some((h.clone(), false))
+            } else if now - st.st_ctime < RACY_SECONDS {
+                None
+            } else {
+                stat.get(path.as_os_str().as_bytes())
+                    .filter(|e| Fingerprint::of_stat(&st).matches(e))
+                    .map(|e| (hex::encode(e.sha256), e.bare))
+            };
+            let xattrs = match &cached {
+                Some((_, true)) => Vec::new(),
+                _ => xattrs_of(path),
+            };
+            out.push(Probe {
+                md,
+                link,
+                xattrs,
+                cached: cached.map(|(h, _)| h),
+            });
+        }
+        Ok(out)
     }
 
-    /// [`probe`](Self::probe) every entry, on up to `jobs` threads, in order.
+    /// Every entry's metadata, link target, xattrs and known content hash, on up to `jobs`
+    /// threads over contiguous slices, in order.
     fn probe_all(&self, entries: &[(String, PathBuf)], now: i64) -> io::Result<Vec<Probe>> {
         // Below this, threads cost more than they save.
         const PER_THREAD: usize = 512;
         let threads = self.jobs.min(entries.len() / PER_THREAD).max(1);
         if threads == 1 {
-            return entries.iter().map(|(_, p)| self.probe(p, now)).collect();
+            return self.probe_slice(entries, now);
         }
         let size = entries.len().div_ceil(threads);
         let parts: Vec<io::Result<Vec<Probe>>> = std::thread::scope(|s| {
             let handles: Vec<_> = entries
                 .chunks(size)
-                .map(|part| s.spawn(move || part.iter().map(|(_, p)| self.probe(p, now)).collect()))
+                .map(|part| s.spawn(move || self.probe_slice(part, now)))
                 .collect();
             handles
                 .into_iter()
@@ -358,7 +440,7 @@ impl ContextHasher {
         let results: Mutex<Vec<(usize, io::Result<String>)>> = Mutex::new(Vec::new());
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..self.jobs.min(todo.len().max(1)) {
+            for _ in 0..self.jobs.min(todo.len()) {
                 s.spawn(|| loop {
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = todo.get(k) else { break };
@@ -380,43 +462,48 @@ impl ContextHasher {
         // which are length-prefixed.
         let mut h = HashingWriter::new(io::sink());
         let mut leaves = Vec::with_capacity(entries.len());
+        let mut rec: Vec<u8> = Vec::with_capacity(512);
         for (i, ((rel, _), probe)) in entries.iter().zip(&probes).enumerate() {
+            use std::io::Write as _;
             let md = &probe.md;
             let kind = md.kind;
             let link = &probe.link;
-            let mut rec: Vec<u8> = Vec::with_capacity(rel.len() + 128);
-            rec.extend_from_slice(format!("{}:", rel.len()).as_bytes());
-            rec.extend_from_slice(rel.as_bytes());
-            let fields = [
-                kind.to_string(),
-                format!("{:o}", md.mode & 0o7777),
-                if md.uid == owner.0 {
-                    "=".into()
-                } else {
-                    md.uid.to_string()
-                },
-                if md.gid == owner.1 {
-                    "=".into()
-                } else {
-                    md.gid.to_string()
-                },
-                if kind == 'f' {
-                    md.len.to_string()
-                } else {
-                    "0".into()
-                },
-                format!("{}:{}", link.len(), String::from_utf8_lossy(link)),
-                hashes[i].as_deref().unwrap_or_default().to_string(),
-                md.mtime.min(epoch).to_string(),
-            ];
-            for f in fields {
-                rec.push(0x1f);
-                rec.extend_from_slice(f.as_bytes());
-            }
+            // Into memory: these writes cannot fail.
+            rec.clear();
+            let _ = write!(
+                rec,
+                "{}:{}\x1f{}\x1f{:o}\x1f",
+                rel.len(),
+                rel,
+                kind,
+                md.mode & 0o7777
+            );
+            let _ = if md.uid == owner.0 {
+                write!(rec, "=\x1f")
+            } else {
+                write!(rec, "{}\x1f", md.uid)
+            };
+            let _ = if md.gid == owner.1 {
+                write!(rec, "=\x1f")
+            } else {
+                write!(rec, "{}\x1f", md.gid)
+            };
+            let _ = write!(
+                rec,
+                "{}\x1f{}:",
+                if kind == 'f' { md.len } else { 0 },
+                link.len()
+            );
+            rec.extend_from_slice(String::from_utf8_lossy(link).as_bytes());
+            let _ = write!(
+                rec,
+                "\x1f{}\x1f{}",
+                hashes[i].as_deref().unwrap_or_default(),
+                md.mtime.min(epoch)
+            );
             for (k, v) in &probe.xattrs {
                 rec.push(0x1f);
-                rec.extend_from_slice(format!("x{}:", k.len()).as_bytes());
-                rec.extend_from_slice(k.as_bytes());
+                let _ = write!(rec, "x{}:{}", k.len(), k);
                 rec.extend_from_slice(hex::encode(v).as_bytes());
             }
             rec.push(0x1e);
@@ -448,7 +535,7 @@ mod tests {
     fn the_stat_cache_round_trips_and_a_damaged_one_is_empty() {
         let mut map = HashMap::new();
         map.insert(
-            "/ctx/src/a.txt".to_string(),
+            b"/ctx/src/a.txt".to_vec(),
             StatEntry {
                 size: 5,
                 mtime: -3,
@@ -462,10 +549,10 @@ mod tests {
             },
         );
         map.insert(
-            "/ctx/é".to_string(),
+            "/ctx/é".as_bytes().to_vec(),
             StatEntry {
                 bare: false,
-                ..map["/ctx/src/a.txt"].clone()
+                ..map[&b"/ctx/src/a.txt".to_vec()].clone()
             },
         );
         let bytes = write_stat_cache(&map);

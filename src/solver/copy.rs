@@ -74,6 +74,9 @@ struct Stager<'a> {
     skipped: Vec<String>,
     /// Files with more than one name, by (device, inode): where each name went.
     linked: std::collections::BTreeMap<(u64, u64), Vec<(PathBuf, PathBuf)>>,
+    /// The directory whose ancestors are known to be directories in the tree: files of one
+    /// directory arrive together, and their parents need checking once.
+    parents_done: Option<PathBuf>,
 }
 
 fn placeholder_dir() -> TreeNode {
@@ -112,6 +115,10 @@ impl Stager<'_> {
 
     /// Make every ancestor of `rel` a directory in the tree.
     fn ensure_parents(&mut self, rel: &Path) {
+        let parent = rel.parent();
+        if parent.is_some() && parent == self.parents_done.as_deref() {
+            return;
+        }
         let mut cur = PathBuf::new();
         let comps: Vec<_> = rel.components().collect();
         for c in comps.iter().take(comps.len().saturating_sub(1)) {
@@ -123,6 +130,7 @@ impl Stager<'_> {
                 }
             }
         }
+        self.parents_done = parent.map(Path::to_path_buf);
     }
 
     /// Put a node in the tree; a non-directory replaces whatever was below its path.
@@ -132,6 +140,14 @@ impl Stager<'_> {
         }
         let is_dir = matches!(node.kind, NodeKind::Dir);
         if !is_dir {
+            // A non-directory replaces what was at its path and below it.
+            if self
+                .parents_done
+                .as_ref()
+                .is_some_and(|done| done.starts_with(&rel))
+            {
+                self.parents_done = None;
+            }
             let below: Vec<PathBuf> = self
                 .tree
                 .nodes
@@ -401,6 +417,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         keep: Vec::new(),
         skipped: Vec::new(),
         linked: Default::default(),
+        parents_done: None,
     };
     // The destination resolves through symlinks of the image, as BuildKit's does: `/link/x`
     // with `/link -> target` writes `/target/x`, and the link stays.
