@@ -324,7 +324,75 @@ pub enum NodeKind {
 /// order (component-wise) is the depth-first, name-sorted order of the tar.
 #[derive(Debug, Default)]
 pub struct LayerTree {
-    pub nodes: std::collections::BTreeMap<PathBuf, TreeNode>,
+    pub nodes: std::collections::BTreeMap<TreeKey, TreeNode>,
+}
+
+/// A path of a [`LayerTree`] (relative, normalised), ordered as `Path` orders it, component
+/// by component. For normal paths that is byte order with `/` below every other byte, which
+/// compares at memory speed: a COPY of many files inserts every one into the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TreeKey(PathBuf);
+
+impl TreeKey {
+    /// The key of `path`, its components kept (`a//b/./c/` is `a/b/c`).
+    pub fn new(path: impl Into<PathBuf>) -> TreeKey {
+        let path: PathBuf = path.into();
+        let bytes = path.as_os_str().as_bytes();
+        let clean = !bytes.starts_with(b"/")
+            && !bytes.starts_with(b"./")
+            && !bytes.ends_with(b"/")
+            && !bytes.windows(2).any(|w| w == b"//")
+            && !bytes.windows(3).any(|w| w == b"/./")
+            && !bytes.ends_with(b"/.");
+        if clean && bytes != b"." {
+            return TreeKey(path);
+        }
+        TreeKey(
+            path.components()
+                .filter(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::Normal(_) | std::path::Component::ParentDir
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TreeKey {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Ord for TreeKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let (a, b) = (
+            self.0.as_os_str().as_bytes(),
+            other.0.as_os_str().as_bytes(),
+        );
+        let n = a.len().min(b.len());
+        let at = a[..n]
+            .iter()
+            .zip(&b[..n])
+            .position(|(x, y)| x != y)
+            .unwrap_or(n);
+        // Where they part: an end sorts first, then `/` (a component ends), then any byte.
+        let rank = |s: &[u8]| s.get(at).map(|&c| if c == b'/' { 0 } else { c as u16 + 1 });
+        rank(a).cmp(&rank(b))
+    }
+}
+
+impl PartialOrd for TreeKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// Write the tar stream of a [`LayerTree`] into `w`.
@@ -333,10 +401,77 @@ pub fn write_tar_tree<W: Write>(
     w: W,
     epoch: Option<i64>,
 ) -> Result<W, LayerError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH_FILES);
+    std::thread::scope(|s| {
+        // The reader stops when the writer drops `rx` (done, or failed).
+        s.spawn(move || prefetch_files(tree, tx));
+        write_tar_tree_in_order(tree, w, epoch, rx)
+    })
+}
+
+/// How many files [`prefetch_files`] reads ahead of the writer.
+const PREFETCH_FILES: usize = 256;
+/// Files up to this size are read ahead into memory (so at most `PREFETCH_FILES` times this
+/// is held); bigger ones are opened, and the kernel told to start reading them.
+const PREFETCH_IN_MEMORY: u64 = 256 << 10;
+/// Nor is reading ahead asked for beyond this size (a huge file is read as it streams).
+const PREFETCH_ADVISE_MAX: u64 = 64 << 20;
+
+/// One source file of a tree, as the reader ahead found it.
+enum Prefetched {
+    Bytes(Vec<u8>),
+    Opened(fs::File),
+    Failed(io::Error),
+}
+
+/// Read the tree's source files, in the writer's order, on a thread of their own: the
+/// writer then frames and hashes while this one waits on the disk, and a tree whose files
+/// are not in the page cache is read with requests in flight instead of one at a time.
+fn prefetch_files(tree: &LayerTree, tx: std::sync::mpsc::SyncSender<Prefetched>) {
+    use std::os::fd::AsRawFd;
+    let mut files = super::at::DirCursor::default();
+    for node in tree.nodes.values() {
+        let NodeKind::File { source, size } = &node.kind else {
+            continue;
+        };
+        let got = match files.open_file(source) {
+            Err(e) => Prefetched::Failed(e),
+            Ok(f) if *size <= PREFETCH_IN_MEMORY => {
+                let mut bytes = Vec::with_capacity(*size as usize);
+                match io::Read::read_to_end(&mut f.take(*size), &mut bytes) {
+                    Ok(_) => Prefetched::Bytes(bytes),
+                    Err(e) => Prefetched::Failed(e),
+                }
+            }
+            Ok(f) => {
+                if *size <= PREFETCH_ADVISE_MAX {
+                    let _ = nix::fcntl::posix_fadvise(
+                        f.as_raw_fd(),
+                        0,
+                        0,
+                        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                    );
+                }
+                Prefetched::Opened(f)
+            }
+        };
+        if tx.send(got).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_tar_tree_in_order<W: Write>(
+    tree: &LayerTree,
+    w: W,
+    epoch: Option<i64>,
+    ahead: std::sync::mpsc::Receiver<Prefetched>,
+) -> Result<W, LayerError> {
     let mut b = tar::Builder::new(w);
+    let mut files = super::at::DirCursor::default();
     for (rel, node) in &tree.nodes {
         let at = |e: io::Error| LayerError::Io {
-            path: rel.clone(),
+            path: rel.as_path().to_path_buf(),
             source: e,
         };
         let mut h = tar::Header::new_ustar();
@@ -380,17 +515,28 @@ pub fn write_tar_tree<W: Write>(
             NodeKind::File { source, size } => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(*size);
-                let f = fs::File::open(source).map_err(io_at(source))?;
+                let as_io = |e| LayerError::Io {
+                    path: source.clone(),
+                    source: e,
+                };
+                let f = match ahead.recv() {
+                    Ok(Prefetched::Bytes(bytes)) => {
+                        if (bytes.len() as u64) < *size {
+                            return Err(as_io(changed_size()));
+                        }
+                        append(&mut b, h, &name, None, &node.xattrs, &bytes[..]).map_err(as_io)?;
+                        continue;
+                    }
+                    Ok(Prefetched::Opened(f)) => f,
+                    Ok(Prefetched::Failed(e)) => return Err(as_io(e)),
+                    // The reader is gone (it cannot be, short of a panic): read here.
+                    Err(_) => files.open_file(source).map_err(as_io)?,
+                };
                 let mut exact = ExactReader {
                     inner: f.take(*size),
                     left: *size,
                 };
-                append(&mut b, h, &name, None, &node.xattrs, &mut exact).map_err(|e| {
-                    LayerError::Io {
-                        path: source.clone(),
-                        source: e,
-                    }
-                })?;
+                append(&mut b, h, &name, None, &node.xattrs, &mut exact).map_err(as_io)?;
             }
         }
     }
@@ -402,6 +548,13 @@ pub fn write_tar_tree<W: Write>(
 
 /// Reads exactly `left` bytes or fails: a file that shrank while being copied is an error,
 /// never a short entry.
+fn changed_size() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the file changed size while it was being copied",
+    )
+}
+
 struct ExactReader<R> {
     inner: R,
     left: u64,
@@ -411,10 +564,7 @@ impl<R: io::Read> io::Read for ExactReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && self.left > 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the file changed size while it was being copied",
-            ));
+            return Err(changed_size());
         }
         self.left -= n as u64;
         Ok(n)
@@ -665,6 +815,25 @@ mod tests {
         );
         assert!(es.iter().all(|e| e.2 == 1000));
         assert_eq!(es[4].1, b'1', "second name of an inode is a hardlink");
+    }
+
+    #[test]
+    fn tree_keys_order_and_compare_as_paths_do() {
+        let names = [
+            "a", "a/b", "a/b/c", "a.b", "a-b", "a/b.c", "a/bc", "ab", "b", "a/b/", "a//b", "a/./b",
+            "é", "a/é", "A", "a/B", "z/y", "a0", "a/0", "\u{1}", "a\u{1}b",
+        ];
+        for x in names {
+            for y in names {
+                let (px, py) = (Path::new(x), Path::new(y));
+                let (kx, ky) = (TreeKey::new(x), TreeKey::new(y));
+                assert_eq!(kx.cmp(&ky), px.cmp(py), "{:?} vs {:?}", x, y);
+                assert_eq!(kx == ky, px == py, "{:?} == {:?}", x, y);
+            }
+        }
+        // A layer path has no leading `./` or `/`.
+        assert_eq!(TreeKey::new("./a/"), TreeKey::new("a"));
+        assert_eq!(TreeKey::new("/a//b"), TreeKey::new("a/b"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! OCI building blocks, free of build logic: digests, the blob store, layer writing and safe
 //! unpacking, image documents and layouts.
 
+pub mod at;
 pub mod blobs;
 pub mod diff;
 pub mod digest;

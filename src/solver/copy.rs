@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use crate::context::{clean_path, IgnoreMatcher};
 use crate::context::{ContextError, SourceRoot};
 use crate::oci::digest::HashingWriter;
-use crate::oci::layer::{LayerTree, NodeKind, TreeNode};
+use crate::oci::layer::{LayerTree, NodeKind, TreeKey, TreeNode};
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::plan::CopySource;
+use nix::sys::stat::FileStat;
 
 use super::users::{apply_chmod, Owner};
 
@@ -77,6 +78,8 @@ struct Stager<'a> {
     /// The directory whose ancestors are known to be directories in the tree: files of one
     /// directory arrive together, and their parents need checking once.
     parents_done: Option<PathBuf>,
+    /// Sources are stat'ed through their directory's handle.
+    files: crate::oci::at::DirCursor,
 }
 
 fn placeholder_dir() -> TreeNode {
@@ -96,19 +99,20 @@ impl Stager<'_> {
         PathBuf::from(image_path.trim_start_matches('/').trim_end_matches('/'))
     }
 
-    fn mode_for(&self, md: &fs::Metadata) -> Result<u32, CopyError> {
+    fn mode_for(&self, st: &FileStat) -> Result<u32, CopyError> {
+        let kind = st.st_mode & libc::S_IFMT;
         match self.chmod {
-            Some(spec) if !md.file_type().is_symlink() => {
-                apply_chmod(spec, md.mode(), md.is_dir()).map_err(CopyError::Other)
+            Some(spec) if kind != libc::S_IFLNK => {
+                apply_chmod(spec, st.st_mode, kind == libc::S_IFDIR).map_err(CopyError::Other)
             }
-            _ => Ok(md.mode() & 0o7777),
+            _ => Ok(st.st_mode & 0o7777),
         }
     }
 
-    fn owner_for(&self, md: &fs::Metadata, keep_owner: bool) -> (u32, u32) {
+    fn owner_for(&self, st: &FileStat, keep_owner: bool) -> (u32, u32) {
         match self.owner {
             Some(o) => (o.uid, o.gid),
-            None if keep_owner => (md.uid(), md.gid()),
+            None if keep_owner => (st.st_uid, st.st_gid),
             None => (0, 0),
         }
     }
@@ -123,10 +127,11 @@ impl Stager<'_> {
         let comps: Vec<_> = rel.components().collect();
         for c in comps.iter().take(comps.len().saturating_sub(1)) {
             cur.push(c);
-            match self.tree.nodes.get(&cur) {
+            let key = TreeKey::new(cur.clone());
+            match self.tree.nodes.get(&key) {
                 Some(n) if matches!(n.kind, NodeKind::Dir) => {}
                 _ => {
-                    self.tree.nodes.insert(cur.clone(), placeholder_dir());
+                    self.tree.nodes.insert(key, placeholder_dir());
                 }
             }
         }
@@ -148,28 +153,29 @@ impl Stager<'_> {
             {
                 self.parents_done = None;
             }
-            let below: Vec<PathBuf> = self
+            let key = TreeKey::new(rel.clone());
+            let below: Vec<TreeKey> = self
                 .tree
                 .nodes
-                .range(rel.clone()..)
+                .range(key.clone()..)
                 .map(|(k, _)| k.clone())
                 .take_while(|k| k.starts_with(&rel))
-                .filter(|k| k != &rel)
+                .filter(|k| k.as_path() != rel)
                 .collect();
             for k in below {
                 self.tree.nodes.remove(&k);
-                self.sourced_dirs.remove(&k);
+                self.sourced_dirs.remove(k.as_path());
             }
         }
         self.ensure_parents(&rel);
-        self.tree.nodes.insert(rel, node);
+        self.tree.nodes.insert(TreeKey::new(rel), node);
     }
 
     fn ensure_dir(&mut self, rel: &Path) {
         if rel.as_os_str().is_empty() {
             return;
         }
-        match self.tree.nodes.get(rel) {
+        match self.tree.nodes.get(&TreeKey::new(rel)) {
             Some(n) if matches!(n.kind, NodeKind::Dir) => {}
             _ => self.insert(rel.to_path_buf(), placeholder_dir()),
         }
@@ -185,14 +191,14 @@ impl Stager<'_> {
         excludes: &IgnoreMatcher,
         sub: &str,
     ) -> Result<(), CopyError> {
-        let md = fs::symlink_metadata(src).map_err(io_at(src))?;
+        let md = self.files.lstat(src).map_err(io_at(src))?;
         let keep_owner = !root.is_context;
-        let ft = md.file_type();
+        let kind = md.st_mode & libc::S_IFMT;
         let (uid, gid) = self.owner_for(&md, keep_owner);
         let mode = self.mode_for(&md)?;
         // dockerd's context transfer carries no extended attributes, so a COPY from the
         // context has none; files of stages and images keep theirs.
-        let xattrs = if ft.is_symlink() || root.is_context {
+        let xattrs = if kind == libc::S_IFLNK || root.is_context {
             Vec::new()
         } else {
             crate::oci::layer::read_xattrs(src)
@@ -202,10 +208,10 @@ impl Stager<'_> {
             mode,
             uid,
             gid,
-            mtime: md.mtime(),
+            mtime: md.st_mtime,
             xattrs: xattrs.clone(),
         };
-        if ft.is_dir() {
+        if kind == libc::S_IFDIR {
             self.insert(dst.to_path_buf(), node(NodeKind::Dir));
             self.sourced_dirs.insert(dst.to_path_buf());
             let mut names: Vec<_> = fs::read_dir(src)
@@ -239,13 +245,13 @@ impl Stager<'_> {
                     &child_sub,
                 )?;
             }
-        } else if ft.is_symlink() {
+        } else if kind == libc::S_IFLNK {
             let target = fs::read_link(src).map_err(io_at(src))?;
             self.insert(dst.to_path_buf(), node(NodeKind::Symlink(target)));
-        } else if ft.is_file() {
-            if md.nlink() > 1 {
+        } else if kind == libc::S_IFREG {
+            if md.st_nlink > 1 {
                 self.linked
-                    .entry((md.dev(), md.ino()))
+                    .entry((md.st_dev, md.st_ino))
                     .or_default()
                     .push((dst.to_path_buf(), src.to_path_buf()));
             }
@@ -253,15 +259,14 @@ impl Stager<'_> {
                 dst.to_path_buf(),
                 node(NodeKind::File {
                     source: src.to_path_buf(),
-                    size: md.len(),
+                    size: md.st_size as u64,
                 }),
             );
         } else {
             // Devices, sockets and FIFOs are not copied (opening a FIFO would block).
-            use std::os::unix::fs::FileTypeExt;
-            let kind = if ft.is_fifo() {
+            let kind = if kind == libc::S_IFIFO {
                 "a FIFO"
-            } else if ft.is_socket() {
+            } else if kind == libc::S_IFSOCK {
                 "a socket"
             } else {
                 "a device"
@@ -278,7 +283,7 @@ impl Stager<'_> {
             let mut present: Vec<PathBuf> = names
                 .into_iter()
                 .filter(|(dst, src)| {
-                    matches!(self.tree.nodes.get(dst),
+                    matches!(self.tree.nodes.get(&TreeKey::new(dst.clone())),
                         Some(TreeNode { kind: NodeKind::File { source, .. }, .. }) if source == src)
                 })
                 .map(|(dst, _)| dst)
@@ -289,7 +294,7 @@ impl Stager<'_> {
                 continue;
             };
             for name in rest {
-                if let Some(node) = self.tree.nodes.get_mut(name) {
+                if let Some(node) = self.tree.nodes.get_mut(&TreeKey::new(name.clone())) {
                     node.kind = NodeKind::HardLink(first.clone());
                 }
             }
@@ -335,7 +340,7 @@ impl Stager<'_> {
         let owner = self.owner;
         let sourced = self.sourced_dirs.clone();
         for (rel, node) in self.tree.nodes.iter_mut() {
-            if !matches!(node.kind, NodeKind::Dir) || sourced.contains(rel) {
+            if !matches!(node.kind, NodeKind::Dir) || sourced.contains(rel.as_path()) {
                 continue;
             }
             let existing = unpack::resolve_in_root(rootfs, rel)
@@ -418,6 +423,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         skipped: Vec::new(),
         linked: Default::default(),
         parents_done: None,
+        files: Default::default(),
     };
     // The destination resolves through symlinks of the image, as BuildKit's does: `/link/x`
     // with `/link -> target` writes `/target/x`, and the link stays.
