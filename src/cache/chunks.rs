@@ -1,6 +1,7 @@
 //! Compressed chunks of earlier layers, for a step that writes a layer again (an edited COPY,
 //! a RUN whose output barely changed). Each gzip layer's chunk table (`tables/<blob>`: the
-//! sha256 of each chunk's uncompressed bytes and where its compressed bytes sit in the blob)
+//! key and CRC of each chunk's uncompressed bytes and where its compressed bytes sit in the
+//! blob)
 //! is kept, and each step (by platform and instruction) remembers its last layer
 //! (`steps/<id>`). A rewrite reads unchanged chunks straight from that blob: nothing is
 //! copied, and a blob that is gone only means compressing again.
@@ -17,9 +18,16 @@ use crate::oci::pgzip::{ChunkInfo, ChunkReuse};
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Table {
+    /// How chunks are keyed ([`KEYED_BY`]); a table written otherwise (or before) is not
+    /// read.
+    #[serde(default)]
+    keyed: String,
     level: u32,
     chunks: Vec<ChunkInfo>,
 }
+
+/// The hash of [`crate::oci::pgzip::chunk_key`].
+const KEYED_BY: &str = "blake3";
 
 fn dir(store_root: &Path) -> PathBuf {
     store_root.join("cache").join("chunks")
@@ -39,8 +47,8 @@ fn table_path(store_root: &Path, blob: &Digest) -> PathBuf {
 pub struct PreviousChunks {
     blob: PathBuf,
     level: u32,
-    /// Uncompressed sha256 (hex) -> (offset, size) in `blob`.
-    index: HashMap<String, (u64, u64)>,
+    /// Chunk key -> (offset, size) in `blob`, and the CRC of the uncompressed bytes.
+    index: HashMap<String, (u64, u64, u32)>,
 }
 
 impl PreviousChunks {
@@ -52,10 +60,13 @@ impl PreviousChunks {
         }
         let table: Table =
             serde_json::from_slice(&fs::read(table_path(store_root, &blob)).ok()?).ok()?;
+        if table.keyed != KEYED_BY {
+            return None;
+        }
         let index = table
             .chunks
             .into_iter()
-            .map(|c| (c.digest, (c.offset, c.size)))
+            .map(|c| (c.key, (c.offset, c.size, c.crc)))
             .collect();
         Some(PreviousChunks {
             blob: blobs.path(&blob),
@@ -66,16 +77,16 @@ impl PreviousChunks {
 }
 
 impl ChunkReuse for PreviousChunks {
-    fn compressed(&self, digest: &Digest, level: u32) -> Option<Vec<u8>> {
+    fn compressed(&self, key: &str, level: u32) -> Option<(Vec<u8>, u32)> {
         if level != self.level {
             return None;
         }
-        let &(offset, size) = self.index.get(digest.hex())?;
+        let &(offset, size, crc) = self.index.get(key)?;
         let mut f = fs::File::open(&self.blob).ok()?;
         f.seek(SeekFrom::Start(offset)).ok()?;
         let mut out = vec![0u8; usize::try_from(size).ok()?];
         f.read_exact(&mut out).ok()?;
-        Some(out)
+        Some((out, crc))
     }
 }
 
@@ -86,6 +97,7 @@ pub fn remember(store_root: &Path, step: &str, layer: &Layer, level: u32) {
         return;
     }
     let table = Table {
+        keyed: KEYED_BY.to_string(),
         level,
         chunks: layer.chunks.clone(),
     };

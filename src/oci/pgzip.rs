@@ -9,8 +9,10 @@
 //!   sync flush; the gzip member is the header, the chunks in order, an empty final block
 //!   and the CRC and size of the whole. Any gzip reader reads it as one stream.
 //! - A chunk whose uncompressed bytes an earlier layer held is not compressed again: its
-//!   compressed bytes come from a [`ChunkReuse`] (keyed by the sha256 of the uncompressed
-//!   chunk and the level), and are the same bytes a compression would give.
+//!   compressed bytes (and CRC) come from a [`ChunkReuse`], keyed by the BLAKE3 hash of the
+//!   uncompressed chunk and the level, and are the same bytes a compression would give.
+//!   BLAKE3, not sha256: the key is internal, every byte of a rewritten layer is keyed, and
+//!   BLAKE3 is several times faster (the layer's diff_id and digest stay sha256).
 //!
 //! So the output depends only on the content and the level, never on the number of threads
 //! or on what a cache held: a cold build and an edit rebuild of the same content give the
@@ -18,10 +20,9 @@
 
 use std::io::{self, Write};
 
-use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+use crc32fast::Hasher as Crc;
+use flate2::{Compress, Compression, FlushCompress, Status};
 use sha2::{Digest as _, Sha256};
-
-use super::digest::Digest;
 
 /// A chunk is cut at an entry boundary only once it holds this much.
 pub const MIN_CHUNK: usize = 512 << 10;
@@ -33,15 +34,22 @@ pub const CUT_ONE_IN: u64 = 8;
 /// Where compressed chunks of earlier layers can be found.
 pub trait ChunkReuse: Sync {
     /// The compressed form (raw deflate ending in a sync flush, at `level`) of the chunk
-    /// whose uncompressed bytes have the sha256 `digest`, if it is known.
-    fn compressed(&self, digest: &Digest, level: u32) -> Option<Vec<u8>>;
+    /// whose uncompressed bytes have the key `key`, with the CRC-32 of those bytes, if it
+    /// is known.
+    fn compressed(&self, key: &str, level: u32) -> Option<(Vec<u8>, u32)>;
 }
 
-/// One chunk of a written gzip member: its uncompressed sha256, and where its compressed
-/// bytes sit in the member.
+/// The key of a chunk: the BLAKE3 hash (hex) of its uncompressed bytes.
+pub fn chunk_key(uncompressed: &[u8]) -> String {
+    blake3::hash(uncompressed).to_hex().to_string()
+}
+
+/// One chunk of a written gzip member: the key and CRC-32 of its uncompressed bytes, and
+/// where its compressed bytes sit in the member.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkInfo {
-    pub digest: String,
+    pub key: String,
+    pub crc: u32,
     pub offset: u64,
     pub size: u64,
 }
@@ -78,6 +86,8 @@ pub struct ParallelGzWriter<'r, W: Write> {
     level: u32,
     jobs: usize,
     crc: Crc,
+    /// Uncompressed bytes so far (the gzip trailer's size).
+    plain: u64,
     /// Bytes written to `inner` so far.
     written: u64,
     /// Closed chunks not yet compressed.
@@ -105,6 +115,7 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             level: level.min(9),
             jobs: jobs.max(1),
             crc: Crc::new(),
+            plain: 0,
             written: 10,
             pending: Vec::new(),
             current: Vec::with_capacity(MIN_CHUNK * 2),
@@ -158,19 +169,20 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
     fn compress(&mut self, chunks: Vec<Vec<u8>>) -> io::Result<()> {
         let level = self.level;
         let reuse = self.reuse;
-        type Done = (Digest, Crc, Vec<u8>, bool);
+        type Done = (String, u32, u64, Vec<u8>, bool);
         let outputs: Vec<io::Result<Done>> = std::thread::scope(|s| {
             let handles: Vec<_> = chunks
                 .iter()
                 .map(|c| {
                     s.spawn(move || {
-                        let digest = Digest::of(c);
+                        let key = chunk_key(c);
+                        let len = c.len() as u64;
+                        if let Some((z, crc)) = reuse.and_then(|r| r.compressed(&key, level)) {
+                            return Ok((key, crc, len, z, true));
+                        }
                         let mut crc = Crc::new();
                         crc.update(c);
-                        if let Some(z) = reuse.and_then(|r| r.compressed(&digest, level)) {
-                            return Ok((digest, crc, z, true));
-                        }
-                        deflate(c, level).map(|z| (digest, crc, z, false))
+                        deflate(c, level).map(|z| (key, crc.finalize(), len, z, false))
                     })
                 })
                 .collect();
@@ -183,11 +195,13 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
                 .collect()
         });
         for o in outputs {
-            let (digest, crc, z, reused) = o?;
-            self.crc.combine(&crc);
+            let (key, crc, len, z, reused) = o?;
+            self.crc.combine(&Crc::new_with_initial_len(crc, len));
+            self.plain += len;
             self.inner.write_all(&z)?;
             self.table.push(ChunkInfo {
-                digest: digest.hex().to_string(),
+                key,
+                crc,
                 offset: self.written,
                 size: z.len() as u64,
             });
@@ -209,8 +223,10 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
         }
         // The empty final block: BFINAL, fixed Huffman, end of block.
         self.inner.write_all(&[0x03, 0x00])?;
-        self.inner.write_all(&self.crc.sum().to_le_bytes())?;
-        self.inner.write_all(&self.crc.amount().to_le_bytes())?;
+        self.inner
+            .write_all(&self.crc.clone().finalize().to_le_bytes())?;
+        // ISIZE: the uncompressed size modulo 2^32.
+        self.inner.write_all(&(self.plain as u32).to_le_bytes())?;
         Ok((self.inner, self.table, self.reused))
     }
 }
@@ -323,23 +339,26 @@ mod tests {
 
     /// Chunks remembered from earlier outputs.
     #[derive(Default)]
-    struct Remembered(Mutex<HashMap<String, Vec<u8>>>);
+    struct Remembered(Mutex<HashMap<String, (Vec<u8>, u32)>>);
 
     impl Remembered {
         fn learn(&self, gz: &[u8], table: &[ChunkInfo]) {
             let mut m = self.0.lock().unwrap();
             for c in table {
                 m.insert(
-                    c.digest.clone(),
-                    gz[c.offset as usize..(c.offset + c.size) as usize].to_vec(),
+                    c.key.clone(),
+                    (
+                        gz[c.offset as usize..(c.offset + c.size) as usize].to_vec(),
+                        c.crc,
+                    ),
                 );
             }
         }
     }
 
     impl ChunkReuse for Remembered {
-        fn compressed(&self, digest: &Digest, _level: u32) -> Option<Vec<u8>> {
-            self.0.lock().unwrap().get(digest.hex()).cloned()
+        fn compressed(&self, key: &str, _level: u32) -> Option<(Vec<u8>, u32)> {
+            self.0.lock().unwrap().get(key).cloned()
         }
     }
 
