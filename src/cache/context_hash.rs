@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::attest::trace::ContextLeaf;
-use crate::oci::blobs::write_atomic;
+use crate::oci::blobs::replace_unsynced;
 use crate::oci::digest::HashingWriter;
 
 /// Seconds a file's ctime must be in the past before its stat-cache entry is trusted.
@@ -22,13 +22,8 @@ const RACY_SECONDS: i64 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StatEntry {
-    size: u64,
-    mtime: i64,
-    mtime_ns: i64,
-    ctime: i64,
-    ctime_ns: i64,
-    ino: u64,
-    dev: u64,
+    /// The file's metadata when it was hashed.
+    seen: Fingerprint,
     sha256: [u8; 32],
     /// The file had no xattrs (but SELinux's) when it was hashed. Setting one changes the
     /// ctime, so while the entry matches, they need not be listed again.
@@ -56,48 +51,70 @@ fn read_stat_cache(r: &mut impl io::Read, file_len: u64) -> io::Result<StatMap> 
         return Err(io::Error::other("not a stat cache"));
     }
     let mut word = [0u8; 8];
-    let mut u64_of = |r: &mut dyn io::Read| -> io::Result<u64> {
-        r.read_exact(&mut word)?;
-        Ok(u64::from_le_bytes(word))
-    };
-    let count = u64_of(r)?;
+    r.read_exact(&mut word)?;
+    let count = u64::from_le_bytes(word);
     // Sized once (no rehashing, whose old and new tables would coexist), but never beyond
     // what the file can hold: a damaged count cannot reserve memory.
     let mut map = HashMap::with_capacity(count.min(file_len / STAT_MIN_ENTRY) as usize);
     for _ in 0..count {
-        let len = u64_of(r)? as usize;
-        if len > STAT_MAX_PATH {
-            return Err(io::Error::other("damaged stat cache"));
-        }
-        let mut path = vec![0u8; len];
-        r.read_exact(&mut path)?;
-        let size = u64_of(r)?;
-        let mtime = u64_of(r)? as i64;
-        let mtime_ns = u64_of(r)? as i64;
-        let ctime = u64_of(r)? as i64;
-        let ctime_ns = u64_of(r)? as i64;
-        let ino = u64_of(r)?;
-        let dev = u64_of(r)?;
-        let mut sha256 = [0u8; 32];
-        r.read_exact(&mut sha256)?;
-        let mut bare = [0u8; 1];
-        r.read_exact(&mut bare)?;
-        map.insert(
-            path,
-            StatEntry {
-                size,
-                mtime,
-                mtime_ns,
-                ctime,
-                ctime_ns,
-                ino,
-                dev,
-                sha256,
-                bare: bare[0] == 1,
-            },
-        );
+        let (path, e) = read_stat_entry(r)?;
+        map.insert(path, e);
     }
     Ok(map)
+}
+
+/// One entry: the path's length and bytes, the fixed fields, the sha256 and `bare`.
+fn read_stat_entry(r: &mut impl io::Read) -> io::Result<(Vec<u8>, StatEntry)> {
+    let mut word = [0u8; 8];
+    let mut u64_of = |r: &mut dyn io::Read| -> io::Result<u64> {
+        r.read_exact(&mut word)?;
+        Ok(u64::from_le_bytes(word))
+    };
+    let len = u64_of(r)? as usize;
+    if len > STAT_MAX_PATH {
+        return Err(io::Error::other("damaged stat cache"));
+    }
+    let mut path = vec![0u8; len];
+    r.read_exact(&mut path)?;
+    let seen = Fingerprint {
+        size: u64_of(r)?,
+        mtime: u64_of(r)? as i64,
+        mtime_ns: u64_of(r)? as i64,
+        ctime: u64_of(r)? as i64,
+        ctime_ns: u64_of(r)? as i64,
+        ino: u64_of(r)?,
+        dev: u64_of(r)?,
+    };
+    let mut sha256 = [0u8; 32];
+    r.read_exact(&mut sha256)?;
+    let mut bare = [0u8; 1];
+    r.read_exact(&mut bare)?;
+    Ok((
+        path,
+        StatEntry {
+            seen,
+            sha256,
+            bare: bare[0] == 1,
+        },
+    ))
+}
+
+fn write_stat_entry(out: &mut Vec<u8>, path: &[u8], e: &StatEntry) {
+    out.extend_from_slice(&(path.len() as u64).to_le_bytes());
+    out.extend_from_slice(path);
+    for v in [
+        e.seen.size,
+        e.seen.mtime as u64,
+        e.seen.mtime_ns as u64,
+        e.seen.ctime as u64,
+        e.seen.ctime_ns as u64,
+        e.seen.ino,
+        e.seen.dev,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&e.sha256);
+    out.push(e.bare as u8);
 }
 
 fn write_stat_cache(map: &StatMap) -> Vec<u8> {
@@ -105,23 +122,21 @@ fn write_stat_cache(map: &StatMap) -> Vec<u8> {
     out.extend_from_slice(STAT_MAGIC);
     out.extend_from_slice(&(map.len() as u64).to_le_bytes());
     for (path, e) in map {
-        out.extend_from_slice(&(path.len() as u64).to_le_bytes());
-        out.extend_from_slice(path);
-        for v in [
-            e.size,
-            e.mtime as u64,
-            e.mtime_ns as u64,
-            e.ctime as u64,
-            e.ctime_ns as u64,
-            e.ino,
-            e.dev,
-        ] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.extend_from_slice(&e.sha256);
-        out.push(e.bare as u8);
+        write_stat_entry(&mut out, path, e);
     }
     out
+}
+
+/// Apply the journal beside the stat cache (entries appended since it was last written, in
+/// the entry format, newest last) to `map`; returns how many it held. A torn or damaged
+/// tail ends the journal there.
+fn read_stat_journal(r: &mut impl io::Read, map: &mut StatMap) -> usize {
+    let mut n = 0;
+    while let Ok((path, e)) = read_stat_entry(r) {
+        map.insert(path, e);
+        n += 1;
+    }
+    n
 }
 
 /// The metadata of a context entry that its record needs (a context has as many entries as
@@ -171,16 +186,6 @@ impl Fingerprint {
             dev: st.st_dev,
         }
     }
-
-    fn matches(&self, e: &StatEntry) -> bool {
-        e.size == self.size
-            && e.mtime == self.mtime
-            && e.mtime_ns == self.mtime_ns
-            && e.ctime == self.ctime
-            && e.ctime_ns == self.ctime_ns
-            && e.ino == self.ino
-            && e.dev == self.dev
-    }
 }
 
 impl Stat {
@@ -199,35 +204,6 @@ impl Stat {
             len: st.st_size as u64,
             mtime: st.st_mtime,
         }
-    }
-}
-
-/// `lstat` of a context path, relative to an open handle on its directory: a walk stats
-/// directory by directory, and this spares the kernel a lookup of every leading component.
-struct DirStat {
-    dir: Option<(PathBuf, std::os::fd::OwnedFd)>,
-}
-
-impl DirStat {
-    fn lstat(&mut self, path: &Path) -> io::Result<nix::sys::stat::FileStat> {
-        use nix::fcntl::{AtFlags, OFlag};
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-            return nix::sys::stat::lstat(path).map_err(io::Error::from);
-        };
-        if self.dir.as_ref().map(|(p, _)| p.as_path()) != Some(parent) {
-            let fd = nix::fcntl::open(
-                parent,
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
-            .map_err(io::Error::from)?;
-            // SAFETY: `open` returned this descriptor, and nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            self.dir = Some((parent.to_path_buf(), fd));
-        }
-        let fd = self.dir.as_ref().map(|(_, fd)| fd.as_raw_fd());
-        nix::sys::stat::fstatat(fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io::Error::from)
     }
 }
 
@@ -253,6 +229,11 @@ struct Probe {
 pub struct ContextHasher {
     path: PathBuf,
     stat: RwLock<StatMap>,
+    /// Whether `stat.bin` was read, and how many entries its journal (`stat.log`) held.
+    loaded: AtomicBool,
+    journaled: std::sync::atomic::AtomicUsize,
+    /// Files hashed by this build not yet saved.
+    fresh: Mutex<Vec<Vec<u8>>>,
     this_build: RwLock<HashMap<PathBuf, String>>,
     dirty: AtomicBool,
     jobs: usize,
@@ -263,32 +244,70 @@ impl ContextHasher {
         let path = store_root.join("cache").join("stat.bin");
         // Parsed as it is read: for a large context the file is tens of MB, and holding its
         // bytes beside the parsed map would double the peak memory of every build.
-        let stat = fs::File::open(&path)
-            .ok()
-            .and_then(|f| {
-                let len = f.metadata().ok()?.len();
-                read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
-            })
-            .unwrap_or_default();
+        let stat = fs::File::open(&path).ok().and_then(|f| {
+            let len = f.metadata().ok()?.len();
+            read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
+        });
+        let loaded = stat.is_some();
+        let mut stat = stat.unwrap_or_default();
+        let journaled = match fs::File::open(path.with_file_name("stat.log")) {
+            Ok(f) if loaded => {
+                read_stat_journal(&mut io::BufReader::with_capacity(1 << 16, f), &mut stat)
+            }
+            _ => 0,
+        };
         ContextHasher {
             path,
             stat: RwLock::new(stat),
+            loaded: AtomicBool::new(loaded),
+            journaled: journaled.into(),
+            fresh: Mutex::new(Vec::new()),
             this_build: RwLock::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             jobs: jobs.max(1),
         }
     }
 
-    /// Save the stat cache (atomically; a lost update only costs re-hashing).
+    /// Save what this build hashed (a lost update only costs re-hashing). A few files are
+    /// appended to the journal; many, or a journal grown to an eighth of the cache, rewrite
+    /// the cache whole (atomically, and the journal is dropped).
     pub fn save(&self) {
-        if !self.dirty.load(Ordering::Relaxed) {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
-        if let Ok(stat) = self.stat.read() {
-            let _ = write_atomic(&self.path, &write_stat_cache(&stat));
+        let (Ok(stat), Ok(mut fresh)) = (self.stat.read(), self.fresh.lock()) else {
+            return;
+        };
+        let journal = self.path.with_file_name("stat.log");
+        let journaled = self.journaled.load(Ordering::Relaxed) + fresh.len();
+        let appended =
+            (self.loaded.load(Ordering::Relaxed) && journaled * 8 <= stat.len()).then(|| {
+                let mut out = Vec::new();
+                for path in fresh.iter() {
+                    if let Some(e) = stat.get(path) {
+                        write_stat_entry(&mut out, path, e);
+                    }
+                }
+                // One write: concurrent builds appending interleave whole entries.
+                fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&journal)
+                    .and_then(|mut f| io::Write::write_all(&mut f, &out))
+            });
+        if matches!(appended, Some(Ok(()))) {
+            self.journaled.store(journaled, Ordering::Relaxed);
+        } else {
+            // A damaged file reads as empty.
+            if replace_unsynced(&self.path, &write_stat_cache(&stat)).is_ok() {
+                let _ = fs::remove_file(&journal);
+                self.loaded.store(true, Ordering::Relaxed);
+                self.journaled.store(0, Ordering::Relaxed);
+            }
             // The JSON file earlier versions kept.
             let _ = fs::remove_file(self.path.with_file_name("stat.json"));
         }
+        fresh.clear();
     }
 
     fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
@@ -305,17 +324,14 @@ impl ContextHasher {
             tb.insert(path.to_path_buf(), hex.clone());
         }
         let fp = Fingerprint::of_metadata(md);
+        if let Ok(mut fresh) = self.fresh.lock() {
+            fresh.push(path.as_os_str().as_bytes().to_vec());
+        }
         if let Ok(mut stat) = self.stat.write() {
             stat.insert(
                 path.as_os_str().as_bytes().to_vec(),
                 StatEntry {
-                    size: fp.size,
-                    mtime: fp.mtime,
-                    mtime_ns: fp.mtime_ns,
-                    ctime: fp.ctime,
-                    ctime_ns: fp.ctime_ns,
-                    ino: fp.ino,
-                    dev: fp.dev,
+                    seen: fp,
                     sha256,
                     bare: xattrs_of(path).is_empty(),
                 },
@@ -336,7 +352,7 @@ impl ContextHasher {
             .this_build
             .read()
             .map_err(|_| io::Error::other("the stat cache lock is poisoned"))?;
-        let mut dirs = DirStat { dir: None };
+        let mut dirs = crate::oci::at::DirCursor::default();
         let mut out = Vec::with_capacity(part.len());
         for (_, path) in part {
             let st = dirs.lstat(path)?;
@@ -361,7 +377,7 @@ impl ContextHasher {
                 None
             } else {
                 stat.get(path.as_os_str().as_bytes())
-                    .filter(|e| Fingerprint::of_stat(&st).matches(e))
+                    .filter(|e| e.seen == Fingerprint::of_stat(&st))
                     .map(|e| (hex::encode(e.sha256), e.bare))
             };
             let xattrs = match &cached {
@@ -532,18 +548,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_few_new_hashes_are_journaled_and_read_back_with_the_cache() {
+        let store = tempfile::tempdir().unwrap();
+        let ctx = tempfile::tempdir().unwrap();
+        let entries: Vec<(String, PathBuf)> = (0..20)
+            .map(|i| {
+                let p = ctx.path().join(format!("f{}", i));
+                fs::write(&p, format!("file {}", i)).unwrap();
+                (format!("f{}", i), p)
+            })
+            .collect();
+        let journal = store.path().join("cache/stat.log");
+        let h = ContextHasher::open(store.path(), 2);
+        h.describe_leaves(&entries[..19], 0, (0, 0)).unwrap();
+        h.save();
+        assert!(!journal.exists(), "the first save writes the cache whole");
+        // Entries of files changed in the last seconds are not trusted (so hashed again).
+        std::thread::sleep(std::time::Duration::from_secs_f64(
+            RACY_SECONDS as f64 + 0.1,
+        ));
+        let h = ContextHasher::open(store.path(), 2);
+        assert_eq!(h.stat.read().unwrap().len(), 19);
+        h.describe_leaves(&entries, 0, (0, 0)).unwrap();
+        h.save();
+        let appended = fs::metadata(&journal).unwrap().len();
+        assert!(
+            appended > 0 && appended < 200,
+            "one entry appended: {} bytes",
+            appended
+        );
+        let h = ContextHasher::open(store.path(), 2);
+        assert_eq!(h.stat.read().unwrap().len(), 20);
+        // A torn last entry is ignored; what came before it still counts.
+        let mut torn = fs::read(&journal).unwrap();
+        torn.extend_from_slice(&torn.clone()[..40]);
+        fs::write(&journal, &torn).unwrap();
+        let h = ContextHasher::open(store.path(), 2);
+        assert_eq!(h.stat.read().unwrap().len(), 20);
+        assert_eq!(h.journaled.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn the_stat_cache_round_trips_and_a_damaged_one_is_empty() {
         let mut map = HashMap::new();
         map.insert(
             b"/ctx/src/a.txt".to_vec(),
             StatEntry {
-                size: 5,
-                mtime: -3,
-                mtime_ns: 999_999_999,
-                ctime: 1_700_000_000,
-                ctime_ns: 1,
-                ino: u64::MAX,
-                dev: 66306,
+                seen: Fingerprint {
+                    size: 5,
+                    mtime: -3,
+                    mtime_ns: 999_999_999,
+                    ctime: 1_700_000_000,
+                    ctime_ns: 1,
+                    ino: u64::MAX,
+                    dev: 66306,
+                },
                 sha256: [7; 32],
                 bare: true,
             },

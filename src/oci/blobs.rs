@@ -300,6 +300,33 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
+/// A name for a temporary file in `dir` (the directory of `path`) that no other writer
+/// picks.
+fn temp_beside(path: &Path, dir: &Path) -> PathBuf {
+    dir.join(format!(
+        ".{}.tmp-{}-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id(),
+        nanos()
+    ))
+}
+
+/// Replace `path` with `bytes` (temp file beside it, rename) without syncing: for a cache
+/// whose reader refuses a damaged file, so that a crash costs at most its contents. Readers
+/// never see it half-written.
+pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let tmp = temp_beside(path, dir);
+    let written = fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Write `bytes` to `path` atomically (temp file beside it, sync, rename), unless it already
 /// holds exactly them.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -309,14 +336,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id(),
-        nanos()
-    ));
+    let tmp = temp_beside(path, dir);
     let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
