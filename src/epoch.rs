@@ -68,6 +68,14 @@ pub fn resolve(flag: Option<&str>, context: Option<&Path>) -> Result<(i64, Epoch
 }
 
 fn git_head_time(context: &Path) -> Option<i64> {
+    // Outside a work tree git only fails: not starting it saves every such build a process.
+    let repo_named = ["GIT_DIR", "GIT_WORK_TREE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    let abs = std::path::absolute(context).ok()?;
+    if !repo_named && !abs.ancestors().any(|d| d.join(".git").exists()) {
+        return None;
+    }
     let out = Command::new("git")
         .arg("-C")
         .arg(context)
@@ -78,4 +86,44 @@ fn git_head_time(context: &Path) -> Option<i64> {
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_time_of_head_is_found_from_anywhere_in_the_work_tree_and_only_there() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("repo");
+        fs_create(&repo.join("sub/dir"));
+        let git = |args: &[&str]| {
+            let ok = Command::new("git")
+                .arg("-C")
+                .arg(&repo)
+                .args(args)
+                .env("GIT_COMMITTER_DATE", "@1700000000 +0000")
+                .env("GIT_AUTHOR_DATE", "@1700000000 +0000")
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@t")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@t")
+                .status()
+                .expect("git must be installed (apt-get install git)");
+            assert!(ok.success(), "git {:?}", args);
+        };
+        git(&["init", "-q"]);
+        std::fs::write(repo.join("sub/dir/f"), "x").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "one"]);
+        assert_eq!(git_head_time(&repo), Some(1_700_000_000));
+        assert_eq!(git_head_time(&repo.join("sub/dir")), Some(1_700_000_000));
+        let outside = t.path().join("outside");
+        fs_create(&outside);
+        assert_eq!(git_head_time(&outside), None);
+    }
+
+    fn fs_create(p: &Path) {
+        std::fs::create_dir_all(p).unwrap();
+    }
 }

@@ -207,6 +207,18 @@ impl Stat {
     }
 }
 
+/// `sha256:` and the hex of `sha256` (one allocation: this runs for every context file).
+fn sha256_digest_string(sha256: &[u8; 32]) -> String {
+    let mut out = [0u8; 7 + 64];
+    out[..7].copy_from_slice(b"sha256:");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in sha256.iter().enumerate() {
+        out[7 + 2 * i] = HEX[(b >> 4) as usize];
+        out[8 + 2 * i] = HEX[(b & 0xf) as usize];
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A path's xattrs but `security.selinux` (the host's labelling policy, not content).
 fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
     let mut xattrs = crate::oci::layer::read_xattrs(path);
@@ -221,7 +233,7 @@ struct Probe {
     link: Vec<u8>,
     /// Its xattrs but `security.selinux` (the host's labelling policy).
     xattrs: Vec<(String, Vec<u8>)>,
-    /// Its content hash (hex), when the stat cache (or this build) already knows it.
+    /// Its content digest (`sha256:<hex>`), when the stat cache (or this build) knows it.
     cached: Option<String>,
 }
 
@@ -372,13 +384,13 @@ impl ContextHasher {
                 .then(|| this_build.get(path))
                 .flatten()
             {
-                Some((h.clone(), false))
+                Some((format!("sha256:{}", h), false))
             } else if now - st.st_ctime < RACY_SECONDS {
                 None
             } else {
                 stat.get(path.as_os_str().as_bytes())
                     .filter(|e| e.seen == Fingerprint::of_stat(&st))
-                    .map(|e| (hex::encode(e.sha256), e.bare))
+                    .map(|e| (sha256_digest_string(&e.sha256), e.bare))
             };
             let xattrs = match &cached {
                 Some((_, true)) => Vec::new(),
@@ -470,7 +482,7 @@ impl ContextHasher {
             }
         });
         for (i, r) in results.into_inner().unwrap_or_default() {
-            hashes[i] = Some(r?);
+            hashes[i] = Some(format!("sha256:{}", r?));
         }
         // Explicit encoding, one record per entry, straight into the hash: a field separator
         // (0x1f) between fields and a record separator (0x1e) after each; paths are UTF-8 from
@@ -514,7 +526,10 @@ impl ContextHasher {
             let _ = write!(
                 rec,
                 "\x1f{}\x1f{}",
-                hashes[i].as_deref().unwrap_or_default(),
+                hashes[i]
+                    .as_deref()
+                    .and_then(|h| h.strip_prefix("sha256:"))
+                    .unwrap_or_default(),
                 md.mtime.min(epoch)
             );
             for (k, v) in &probe.xattrs {
@@ -533,7 +548,7 @@ impl ContextHasher {
                 },
                 mode: md.mode & 0o7777,
                 // Taken, not copied: a large context's hashes are freed as they are recorded.
-                content: hashes[i].take().map(|h| format!("sha256:{}", h)),
+                content: hashes[i].take(),
                 link: (kind == 'l').then(|| String::from_utf8_lossy(link).into_owned()),
                 mtime: (md.mtime < epoch).then_some(md.mtime),
             });
@@ -546,6 +561,15 @@ impl ContextHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_strings_are_the_sha256_hex() {
+        let sha: [u8; 32] = std::array::from_fn(|i| (i * 37 + 5) as u8);
+        assert_eq!(
+            sha256_digest_string(&sha),
+            format!("sha256:{}", hex::encode(sha))
+        );
+    }
 
     #[test]
     fn a_few_new_hashes_are_journaled_and_read_back_with_the_cache() {

@@ -268,12 +268,34 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
     }
     worker::snapshots::enter_private_mount_namespace()
         .map_err(|e| BuildError::Other(e.to_string()))?;
+    // Whether overlayfs mounts here only changes with the kernel or the store's filesystem:
+    // a success is remembered for this boot and device, and the probe (a process that
+    // mounts) is not run again.
+    let seen_key = overlay_probe_key(store);
+    let seen_path = store.root().join("cache").join("overlay-probe");
+    if std::env::var("BUILDER_SNAPSHOTTER").as_deref() != Ok("copy")
+        && seen_key.is_some()
+        && fs::read_to_string(&seen_path).ok() == seen_key
+    {
+        return Ok(Snapshotter::Overlay);
+    }
     let probe = store.scratch_dir("overlay-probe-")?;
     let s = worker::detect(probe.path());
+    if let (Snapshotter::Overlay, Some(key)) = (s, &seen_key) {
+        let _ = crate::oci::blobs::replace_unsynced(&seen_path, key.as_bytes());
+    }
     if s == Snapshotter::Copy {
         reporter.warn("overlayfs is not available here: using the copy snapshotter (each RUN copies the root filesystem)");
     }
     Ok(s)
+}
+
+/// What an overlay probe's success is remembered by: this boot, and the store's device.
+fn overlay_probe_key(store: &Store) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let dev = fs::metadata(store.root()).ok()?.dev();
+    Some(format!("{} {}\n", boot.trim(), dev))
 }
 
 /// Build the graph's target; returns the committed image.
