@@ -103,7 +103,15 @@ fn write_leaves<'a>(
 }
 
 fn write_str(out: &mut impl Write, s: &str) {
-    let _ = serde_json::to_writer(&mut *out, s);
+    // Most paths and digests need no escaping: those are written as they are (the bytes
+    // serde_json writes for them), the rest by serde_json.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        let _ = out.write_all(b"\"");
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.write_all(b"\"");
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 /// One leaf, its keys in sorted order: digest, link, mode, mtime, path, type.
@@ -194,6 +202,17 @@ mod tests {
                 mode: 0o777,
                 content: None,
                 link: Some("../\u{1}x".into()),
+                mtime: None,
+            },
+        );
+        // Written as it is (nothing to escape), DEL and non-ASCII included.
+        leaves.insert(
+            "src/é plain\u{7f}.txt".to_string(),
+            ContextLeaf {
+                kind: "file",
+                mode: 0o600,
+                content: Some("sha256:ff".into()),
+                link: None,
                 mtime: None,
             },
         );

@@ -246,6 +246,9 @@ pub struct ContextHasher {
     journaled: std::sync::atomic::AtomicUsize,
     /// Files hashed by this build not yet saved.
     fresh: Mutex<Vec<Vec<u8>>>,
+    /// The cache being read, on a thread of its own while the build starts (walking the
+    /// context, resolving the base image); [`ContextHasher::loaded_stat`] waits for it.
+    loading: Mutex<Option<std::thread::JoinHandle<(StatMap, bool, usize)>>>,
     this_build: RwLock<HashMap<PathBuf, String>>,
     dirty: AtomicBool,
     jobs: usize,
@@ -254,30 +257,49 @@ pub struct ContextHasher {
 impl ContextHasher {
     pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
         let path = store_root.join("cache").join("stat.bin");
-        // Parsed as it is read: for a large context the file is tens of MB, and holding its
-        // bytes beside the parsed map would double the peak memory of every build.
-        let stat = fs::File::open(&path).ok().and_then(|f| {
-            let len = f.metadata().ok()?.len();
-            read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
+        let reading = path.clone();
+        let loading = std::thread::spawn(move || {
+            // Parsed as it is read: for a large context the file is tens of MB, and holding
+            // its bytes beside the parsed map would double the peak memory of every build.
+            let stat = fs::File::open(&reading).ok().and_then(|f| {
+                let len = f.metadata().ok()?.len();
+                read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
+            });
+            let loaded = stat.is_some();
+            let mut stat = stat.unwrap_or_default();
+            let journaled = match fs::File::open(reading.with_file_name("stat.log")) {
+                Ok(f) if loaded => {
+                    read_stat_journal(&mut io::BufReader::with_capacity(1 << 16, f), &mut stat)
+                }
+                _ => 0,
+            };
+            (stat, loaded, journaled)
         });
-        let loaded = stat.is_some();
-        let mut stat = stat.unwrap_or_default();
-        let journaled = match fs::File::open(path.with_file_name("stat.log")) {
-            Ok(f) if loaded => {
-                read_stat_journal(&mut io::BufReader::with_capacity(1 << 16, f), &mut stat)
-            }
-            _ => 0,
-        };
         ContextHasher {
             path,
-            stat: RwLock::new(stat),
-            loaded: AtomicBool::new(loaded),
-            journaled: journaled.into(),
+            stat: RwLock::new(StatMap::new()),
+            loaded: AtomicBool::new(false),
+            journaled: 0.into(),
             fresh: Mutex::new(Vec::new()),
+            loading: Mutex::new(Some(loading)),
             this_build: RwLock::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             jobs: jobs.max(1),
         }
+    }
+
+    /// The stat cache, once it is read (an unreadable one is empty).
+    fn loaded_stat(&self) -> &RwLock<StatMap> {
+        if let Ok(mut loading) = self.loading.lock() {
+            if let Some(Ok((map, loaded, journaled))) = loading.take().map(|h| h.join()) {
+                if let Ok(mut stat) = self.stat.write() {
+                    *stat = map;
+                }
+                self.loaded.store(loaded, Ordering::Relaxed);
+                self.journaled.store(journaled, Ordering::Relaxed);
+            }
+        }
+        &self.stat
     }
 
     /// Save what this build hashed (a lost update only costs re-hashing). A few files are
@@ -287,7 +309,7 @@ impl ContextHasher {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
-        let (Ok(stat), Ok(mut fresh)) = (self.stat.read(), self.fresh.lock()) else {
+        let (Ok(stat), Ok(mut fresh)) = (self.loaded_stat().read(), self.fresh.lock()) else {
             return;
         };
         let journal = self.path.with_file_name("stat.log");
@@ -339,7 +361,7 @@ impl ContextHasher {
         if let Ok(mut fresh) = self.fresh.lock() {
             fresh.push(path.as_os_str().as_bytes().to_vec());
         }
-        if let Ok(mut stat) = self.stat.write() {
+        if let Ok(mut stat) = self.loaded_stat().write() {
             stat.insert(
                 path.as_os_str().as_bytes().to_vec(),
                 StatEntry {
@@ -357,7 +379,7 @@ impl ContextHasher {
     fn probe_slice(&self, part: &[(String, PathBuf)], now: i64) -> io::Result<Vec<Probe>> {
         // Read once per slice: hashing (which writes) only starts after every probe.
         let stat = self
-            .stat
+            .loaded_stat()
             .read()
             .map_err(|_| io::Error::other("the stat cache lock is poisoned"))?;
         let this_build = self
@@ -592,7 +614,7 @@ mod tests {
             RACY_SECONDS as f64 + 0.1,
         ));
         let h = ContextHasher::open(store.path(), 2);
-        assert_eq!(h.stat.read().unwrap().len(), 19);
+        assert_eq!(h.loaded_stat().read().unwrap().len(), 19);
         h.describe_leaves(&entries, 0, (0, 0)).unwrap();
         h.save();
         let appended = fs::metadata(&journal).unwrap().len();
@@ -602,13 +624,13 @@ mod tests {
             appended
         );
         let h = ContextHasher::open(store.path(), 2);
-        assert_eq!(h.stat.read().unwrap().len(), 20);
+        assert_eq!(h.loaded_stat().read().unwrap().len(), 20);
         // A torn last entry is ignored; what came before it still counts.
         let mut torn = fs::read(&journal).unwrap();
         torn.extend_from_slice(&torn.clone()[..40]);
         fs::write(&journal, &torn).unwrap();
         let h = ContextHasher::open(store.path(), 2);
-        assert_eq!(h.stat.read().unwrap().len(), 20);
+        assert_eq!(h.loaded_stat().read().unwrap().len(), 20);
         assert_eq!(h.journaled.load(Ordering::Relaxed), 1);
     }
 

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::attest::trace::{BuildTrace, StepTrace};
+use crate::attest::trace::{BuildTrace, ContextLeaf, StepTrace};
 use crate::cache::context_hash::ContextHasher;
 use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
@@ -1270,10 +1270,25 @@ impl Ctx<'_, '_> {
                 .push(json!({"context": src, "digest": d.to_string()}));
             start = end;
         }
-        if let Ok(mut t) = self.trace.lock() {
-            for ((rel, _), leaf) in entries.into_iter().zip(leaves) {
-                t.context.insert(rel, leaf);
+        // Sorted here and merged in one pass (a large context's leaves, inserted one by one,
+        // cost a tree descent each); where a path is listed twice, the later listing wins,
+        // as it would by insertion.
+        let mut listed: Vec<(String, ContextLeaf)> = entries
+            .into_iter()
+            .map(|(rel, _)| rel)
+            .zip(leaves)
+            .collect();
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        listed.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
             }
+            same
+        });
+        let mut listed: BTreeMap<String, ContextLeaf> = listed.into_iter().collect();
+        if let Ok(mut t) = self.trace.lock() {
+            t.context.append(&mut listed);
         }
         Ok(digest)
     }
