@@ -71,6 +71,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
             devices: nix::unistd::geteuid().is_root(),
             ownership: nix::unistd::geteuid().is_root(),
             overlay_format: false,
+            metadata_only: false,
         };
         unpack::unpack_layer(
             &a.source,

@@ -189,6 +189,7 @@ pub fn export(
                 devices: false,
                 ownership: nix::unistd::geteuid().is_root(),
                 overlay_format: false,
+                metadata_only: false,
             };
             for l in &image.state.layers {
                 unpack::unpack_verified(

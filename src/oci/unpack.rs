@@ -48,7 +48,15 @@ pub struct UnpackOptions {
     /// Unpack into an empty directory in overlayfs format: whiteouts become 0/0 character
     /// devices and opaque markers the `trusted.overlay.opaque` xattr, instead of deleting.
     pub overlay_format: bool,
+    /// Create regular files empty (but small ones, and those under `etc/`: a COPY --chown or
+    /// a WORKDIR reads users and groups): a tree with every name, type, mode, owner, time
+    /// and link of the layer, for steps that look up paths but read no big file. The layer
+    /// is still verified whole.
+    pub metadata_only: bool,
 }
+
+/// Files up to this size keep their content in a [`UnpackOptions::metadata_only`] unpack.
+const KEPT_IN_SKELETON: u64 = 64 << 10;
 
 /// Statistics of one unpack, for the messages a caller prints.
 #[derive(Debug, Default)]
@@ -422,7 +430,10 @@ fn unpack_entries(
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut f = fs::File::create(&dest).map_err(io_e)?;
-                write_sparse(&mut e, &mut f).map_err(io_e)?;
+                // Skipped content is still read (and hashed) as the next entry is reached.
+                if !opts.metadata_only || rel.starts_with("etc") || e.size() <= KEPT_IN_SKELETON {
+                    write_sparse(&mut e, &mut f).map_err(io_e)?;
+                }
                 drop(f);
                 fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_e)?;
             }

@@ -572,6 +572,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                     devices: false,
                     ownership: nix::unistd::geteuid().is_root(),
                     overlay_format: false,
+                    metadata_only: false,
                 };
                 unpack::unpack_layer(&m.path, &m.rel, tmp.path(), opts)
                     .map_err(|e| CopyError::Other(e.to_string()))?;

@@ -34,7 +34,7 @@ use crate::plan::{
 use crate::progress::Reporter;
 use crate::registry::{Client, PullPolicy};
 use crate::store::{sources, Store, StoreError};
-use crate::worker::snapshots::{RootView, Snapshots};
+use crate::worker::snapshots::{RootView, Snapshots, ViewNeed};
 use crate::worker::{self, Exit, Snapshotter};
 
 /// Everything a build needs besides the store.
@@ -668,8 +668,13 @@ impl Ctx<'_, '_> {
                     continue;
                 }
             }
+            // Only RUN reads file contents of its root; COPY and WORKDIR look up paths.
+            let need = match op.action {
+                Action::Exec(_) => ViewNeed::Full,
+                _ => ViewNeed::Metadata,
+            };
             let outcome = self
-                .sync_view(&mut view, &state)
+                .sync_view(&mut view, &state, need)
                 .and_then(|_| self.apply(op, &mut state, &mut view));
             if outcome.is_ok() {
                 match self.cache.put(&key, &state) {
@@ -745,14 +750,22 @@ impl Ctx<'_, '_> {
         done.notify_all();
     }
 
-    /// Create or grow `view` to show `state`'s layers.
-    fn sync_view(&self, view: &mut Option<RootView>, state: &ImageState) -> Result<(), BuildError> {
+    /// Create or grow `view` to show `state`'s layers, as much of them as `need` says.
+    fn sync_view(
+        &self,
+        view: &mut Option<RootView>,
+        state: &ImageState,
+        need: ViewNeed,
+    ) -> Result<(), BuildError> {
         match view {
             Some(v) => v
-                .sync(&self.snaps, &state.layers)
+                .sync_for(&self.snaps, &state.layers, need)
                 .map_err(|e| BuildError::Other(e.to_string())),
             None => {
-                *view = Some(self.view(&state.layers)?);
+                *view = Some(
+                    RootView::for_need(&self.snaps, self.snapshotter, &state.layers, need)
+                        .map_err(|e| BuildError::Other(e.to_string()))?,
+                );
                 Ok(())
             }
         }

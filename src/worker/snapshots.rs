@@ -355,48 +355,70 @@ impl Snapshots {
             .tempdir_in(&self.tmp)
             .map_err(io_at(&self.tmp))?;
         fs::rename(dir, staging.path().join("fs")).map_err(io_at(dir))?;
-        self.publish(staging, &final_dir)
+        self.publish(staging, &final_dir, "fs")
     }
 
-    /// Rename a finished `staging/fs` into place as `final_dir/fs`. A concurrent builder may
-    /// have published the same chain first, which is fine: the contents are the same.
+    /// Rename a finished `staging/<name>` into place as `final_dir/<name>` (`fs`, or `meta`
+    /// for a skeleton). A concurrent builder may have published the same first, which is
+    /// fine: the contents are the same; the chain's directory may hold the other kind.
     fn publish(
         &self,
         staging: tempfile::TempDir,
         final_dir: &Path,
+        name: &str,
     ) -> Result<PathBuf, SnapshotError> {
-        let fs_dir = final_dir.join("fs");
+        let target = final_dir.join(name);
         let staged = staging.keep();
-        match fs::rename(&staged, final_dir) {
-            Ok(()) => {}
-            Err(_) if fs_dir.is_dir() => {
-                let _ = fs::remove_dir_all(&staged);
-            }
-            Err(e) => return Err(io_at(final_dir)(e)),
+        let placed = match fs::rename(&staged, final_dir) {
+            Ok(()) => Ok(()),
+            Err(_) if target.is_dir() => Ok(()),
+            Err(_) if final_dir.is_dir() => match fs::rename(staged.join(name), &target) {
+                Err(_) if target.is_dir() => Ok(()),
+                other => other,
+            },
+            Err(e) => Err(e),
+        };
+        if staged.exists() {
+            let _ = fs::remove_dir_all(&staged);
         }
+        placed.map_err(io_at(final_dir))?;
         crate::oci::blobs::sync_dir(&self.dir);
-        Ok(fs_dir)
+        Ok(target)
     }
 
-    /// The overlay-format directory of `layer` on top of the chain `chain`, unpacking it once.
-    pub fn layer_dir(&self, chain: &Digest, layer: &LayerRef) -> Result<PathBuf, SnapshotError> {
+    /// A skeleton of `layer` on top of `chain` ([`UnpackOptions::metadata_only`], overlay
+    /// format), made once; the full snapshot when there is one (it serves as well).
+    pub fn skeleton_dir(&self, chain: &Digest, layer: &LayerRef) -> Result<PathBuf, SnapshotError> {
         let final_dir = self.dir.join(chain.hex());
-        let fs_dir = final_dir.join("fs");
-        if fs_dir.is_dir() {
-            return Ok(fs_dir);
+        for kind in ["fs", "meta"] {
+            if final_dir.join(kind).is_dir() {
+                return Ok(final_dir.join(kind));
+            }
         }
+        self.unpack_into(chain, layer, "meta")
+    }
+
+    /// Unpack `layer` (verified) into the chain's `name` directory.
+    fn unpack_into(
+        &self,
+        chain: &Digest,
+        layer: &LayerRef,
+        name: &str,
+    ) -> Result<PathBuf, SnapshotError> {
+        let final_dir = self.dir.join(chain.hex());
         fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
         fs::create_dir_all(&self.tmp).map_err(io_at(&self.tmp))?;
         let staging = tempfile::Builder::new()
             .prefix(&crate::oci::blobs::scratch_prefix("snapshot"))
             .tempdir_in(&self.tmp)
             .map_err(io_at(&self.tmp))?;
-        let fs_tmp = staging.path().join("fs");
+        let fs_tmp = staging.path().join(name);
         fs::create_dir(&fs_tmp).map_err(io_at(&fs_tmp))?;
         let opts = UnpackOptions {
             devices: false,
             ownership: true,
             overlay_format: true,
+            metadata_only: name == "meta",
         };
         unpack::unpack_verified(
             &self.blobs.ensure(&layer.digest)?,
@@ -405,8 +427,27 @@ impl Snapshots {
             opts,
             &layer.diff_id,
         )?;
-        self.publish(staging, &final_dir)
+        self.publish(staging, &final_dir, name)
     }
+
+    /// The overlay-format directory of `layer` on top of the chain `chain`, unpacking it once.
+    pub fn layer_dir(&self, chain: &Digest, layer: &LayerRef) -> Result<PathBuf, SnapshotError> {
+        let fs_dir = self.dir.join(chain.hex()).join("fs");
+        if fs_dir.is_dir() {
+            return Ok(fs_dir);
+        }
+        self.unpack_into(chain, layer, "fs")
+    }
+}
+
+/// What a step reads of its root filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewNeed {
+    /// Names, types, modes, owners, links and small files: COPY, ADD and WORKDIR resolve
+    /// their destination and users in it. Layers nobody has run on are unpacked as skeletons.
+    Metadata,
+    /// Every byte: RUN, COPY --from, bind mounts.
+    Full,
 }
 
 /// A stage's root filesystem, read-only, as the solver reads it.
@@ -415,6 +456,8 @@ pub struct RootView {
     /// Overlay: the layer snapshot dirs, top first.
     lowers: Vec<PathBuf>,
     chains: Vec<Digest>,
+    /// Some lower is a skeleton ([`ViewNeed::Metadata`]).
+    skeletal: bool,
     mountpoint: tempfile::TempDir,
     mounted: bool,
     empty: tempfile::TempDir,
@@ -428,6 +471,16 @@ impl RootView {
         snaps: &Snapshots,
         mode: Snapshotter,
         layers: &[LayerRef],
+    ) -> Result<RootView, SnapshotError> {
+        RootView::for_need(snaps, mode, layers, ViewNeed::Full)
+    }
+
+    /// A view of `layers` that shows at least what `need` says.
+    pub fn for_need(
+        snaps: &Snapshots,
+        mode: Snapshotter,
+        layers: &[LayerRef],
+        need: ViewNeed,
     ) -> Result<RootView, SnapshotError> {
         let mountpoint = tempfile::Builder::new()
             .prefix(&crate::oci::blobs::scratch_prefix("view"))
@@ -443,7 +496,10 @@ impl RootView {
             .iter()
             .zip(chain_ids(layers))
             .filter(|(_, chain)| {
-                mode == Snapshotter::Copy || !snaps.dir.join(chain.hex()).join("fs").is_dir()
+                let dir = snaps.dir.join(chain.hex());
+                mode == Snapshotter::Copy
+                    || !(dir.join("fs").is_dir()
+                        || need == ViewNeed::Metadata && dir.join("meta").is_dir())
             })
             .map(|(l, _)| l.digest.clone())
             .collect();
@@ -452,13 +508,14 @@ impl RootView {
             mode,
             lowers: Vec::new(),
             chains: Vec::new(),
+            skeletal: false,
             mountpoint,
             mounted: false,
             empty,
             base: snaps.dir.clone(),
         };
         for l in layers {
-            v.push(snaps, l)?;
+            v.push(snaps, l, need)?;
         }
         v.remount()?;
         Ok(v)
@@ -478,13 +535,22 @@ impl RootView {
         self.mode
     }
 
-    fn push(&mut self, snaps: &Snapshots, layer: &LayerRef) -> Result<(), SnapshotError> {
+    fn push(
+        &mut self,
+        snaps: &Snapshots,
+        layer: &LayerRef,
+        need: ViewNeed,
+    ) -> Result<(), SnapshotError> {
         let mut chain = self.chains.clone();
         let next = next_chain(chain.last(), &layer.diff_id);
         chain.push(next.clone());
         match self.mode {
             Snapshotter::Overlay => {
-                let dir = snaps.layer_dir(&next, layer)?;
+                let dir = match need {
+                    ViewNeed::Full => snaps.layer_dir(&next, layer)?,
+                    ViewNeed::Metadata => snaps.skeleton_dir(&next, layer)?,
+                };
+                self.skeletal |= !dir.ends_with("fs");
                 self.lowers.insert(0, dir);
             }
             Snapshotter::Copy => {
@@ -492,6 +558,7 @@ impl RootView {
                     devices: false,
                     ownership: nix::unistd::geteuid().is_root(),
                     overlay_format: false,
+                    metadata_only: false,
                 };
                 unpack::unpack_verified(
                     &snaps.blobs.ensure(&layer.digest)?,
@@ -508,15 +575,34 @@ impl RootView {
 
     /// Bring the view up to `layers` (a view only ever grows by the layers its stage adds).
     pub fn sync(&mut self, snaps: &Snapshots, layers: &[LayerRef]) -> Result<(), SnapshotError> {
+        self.sync_for(snaps, layers, ViewNeed::Full)
+    }
+
+    /// [`RootView::sync`] for a step that needs `need`: a skeletal view a step needs in full
+    /// is made again from full snapshots.
+    pub fn sync_for(
+        &mut self,
+        snaps: &Snapshots,
+        layers: &[LayerRef],
+        need: ViewNeed,
+    ) -> Result<(), SnapshotError> {
         let chains = chain_ids(layers);
-        if chains.len() < self.chains.len() || chains[..self.chains.len()] != self.chains[..] {
-            *self = RootView::new(snaps, self.mode, layers)?;
+        if chains.len() < self.chains.len()
+            || chains[..self.chains.len()] != self.chains[..]
+            || (need == ViewNeed::Full && self.skeletal)
+        {
+            *self = RootView::for_need(snaps, self.mode, layers, need)?;
             return Ok(());
         }
-        for l in &layers[self.chains.len()..] {
-            self.add_layer(snaps, l)?;
+        let new = &layers[self.chains.len()..];
+        if new.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.unmount();
+        for l in new {
+            self.push(snaps, l, need)?;
+        }
+        self.remount()
     }
 
     /// Put one more layer on top whose content is already laid out in `dir` (which is
@@ -541,7 +627,7 @@ impl RootView {
     /// Put one more layer on top.
     pub fn add_layer(&mut self, snaps: &Snapshots, layer: &LayerRef) -> Result<(), SnapshotError> {
         self.unmount();
-        self.push(snaps, layer)?;
+        self.push(snaps, layer, ViewNeed::Full)?;
         self.remount()
     }
 
