@@ -91,10 +91,16 @@ edit_one() {
   esac
 }
 
-# Seconds and peak RSS (KiB) of one command (a function of this script, or a program).
+# Seconds (to the millisecond: a no-op takes a few) and peak RSS (KiB) of one command (a
+# function of this script, or a program). The clock runs inside the shell that runs it, so
+# the shell's own start is not counted.
 timed() {
-  /usr/bin/time -f '%e %M' -o "$work/.time" bash -c '"$@"' timed "$@" >/dev/null 2>&1 || true
-  tail -n 1 "$work/.time"
+  /usr/bin/time -f '%M' -o "$work/.time" bash -c \
+    's=$EPOCHREALTIME; "${@:2}" >/dev/null 2>&1; e=$EPOCHREALTIME; echo "$s $e" > "$1"' \
+    timed "$work/.clock" "$@" >/dev/null 2>&1 || true
+  local s e
+  read -r s e < "$work/.clock"
+  awk -v s="$s" -v e="$e" -v m="$(tail -n 1 "$work/.time")" 'BEGIN { printf "%.3f %s\n", e - s, m }'
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
