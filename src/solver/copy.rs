@@ -143,32 +143,39 @@ impl Stager<'_> {
         if rel.as_os_str().is_empty() {
             return;
         }
-        let is_dir = matches!(node.kind, NodeKind::Dir);
-        if !is_dir {
+        let key = TreeKey::new(rel);
+        if !matches!(node.kind, NodeKind::Dir) {
             // A non-directory replaces what was at its path and below it.
             if self
                 .parents_done
                 .as_ref()
-                .is_some_and(|done| done.starts_with(&rel))
+                .is_some_and(|done| done.starts_with(key.as_path()))
             {
                 self.parents_done = None;
             }
-            let key = TreeKey::new(rel.clone());
-            let below: Vec<TreeKey> = self
+            // Sources arrive in order: a path beyond every one in the tree has nothing below.
+            let beyond_all = self
                 .tree
                 .nodes
-                .range(key.clone()..)
-                .map(|(k, _)| k.clone())
-                .take_while(|k| k.starts_with(&rel))
-                .filter(|k| k.as_path() != rel)
-                .collect();
-            for k in below {
-                self.tree.nodes.remove(&k);
-                self.sourced_dirs.remove(k.as_path());
+                .last_key_value()
+                .is_none_or(|(last, _)| *last < key);
+            if !beyond_all {
+                let below: Vec<TreeKey> = self
+                    .tree
+                    .nodes
+                    .range(key.clone()..)
+                    .map(|(k, _)| k.clone())
+                    .take_while(|k| k.starts_with(key.as_path()))
+                    .filter(|k| *k != key)
+                    .collect();
+                for k in below {
+                    self.tree.nodes.remove(&k);
+                    self.sourced_dirs.remove(k.as_path());
+                }
             }
         }
-        self.ensure_parents(&rel);
-        self.tree.nodes.insert(TreeKey::new(rel), node);
+        self.ensure_parents(key.as_path());
+        self.tree.nodes.insert(key, node);
     }
 
     fn ensure_dir(&mut self, rel: &Path) {
