@@ -706,3 +706,52 @@ fn a_copy_after_a_copy_unpacks_no_big_file_and_a_later_run_sees_every_byte() {
     );
     assert_eq!(fs::read(rootfs.join("data/big.bin")).unwrap(), big);
 }
+
+#[test]
+fn a_rebuild_after_edits_copies_each_file_as_it_is_now() {
+    let dir = busybox_dir();
+    let root = dir.path().join("root");
+    let ctx = dir.path().join("ctx");
+    for i in 0..50 {
+        write(
+            &ctx.join(format!("src/f{}.txt", i)),
+            &format!("file {}\n", i),
+        );
+    }
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nCOPY src/ /src/\n",
+    );
+    build(&root, &ctx, &[]);
+    // Content, size and mode change; a file appears; the rebuild takes what it hashed.
+    write(&ctx.join("src/f7.txt"), "edited, and longer than before\n");
+    fs::set_permissions(ctx.join("src/f9.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    write(&ctx.join("src/new.txt"), "new\n");
+    let layout = dir.path().join("layout");
+    run_ok(
+        builder()
+            .args(["build", "--root"])
+            .arg(&root)
+            .arg("-o")
+            .arg(format!("oci:{}:t", layout.display()))
+            .arg(&ctx),
+    );
+    let rootfs = umoci_unpack(&layout, "t", &dir.path().join("bundle")).join("rootfs");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("src/f7.txt")).unwrap(),
+        "edited, and longer than before\n"
+    );
+    let mode = fs::metadata(rootfs.join("src/f9.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        fs::read_to_string(rootfs.join("src/new.txt")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("src/f3.txt")).unwrap(),
+        "file 3\n"
+    );
+}

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::attest::trace::ContextLeaf;
+use crate::oci::at::SourceStat;
 use crate::oci::blobs::replace_unsynced;
 use crate::oci::digest::HashingWriter;
 
@@ -139,17 +140,6 @@ fn read_stat_journal(r: &mut impl io::Read, map: &mut StatMap) -> usize {
     n
 }
 
-/// The metadata of a context entry that its record needs (a context has as many entries as
-/// files: this is kept small).
-struct Stat {
-    kind: char,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    len: u64,
-    mtime: i64,
-}
-
 /// What a stat-cache entry is matched on: size, times to the nanosecond, inode and device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
@@ -188,22 +178,13 @@ impl Fingerprint {
     }
 }
 
-impl Stat {
-    fn of_stat(st: &nix::sys::stat::FileStat) -> Stat {
-        let mode = st.st_mode;
-        Stat {
-            kind: match mode & libc::S_IFMT {
-                libc::S_IFDIR => 'd',
-                libc::S_IFLNK => 'l',
-                libc::S_IFREG => 'f',
-                _ => 'o',
-            },
-            mode,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            len: st.st_size as u64,
-            mtime: st.st_mtime,
-        }
+/// A probed entry's kind, as its record names it.
+fn kind_char(st: &SourceStat) -> char {
+    match st.kind() {
+        libc::S_IFDIR => 'd',
+        libc::S_IFLNK => 'l',
+        libc::S_IFREG => 'f',
+        _ => 'o',
     }
 }
 
@@ -228,7 +209,7 @@ fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// What one context entry is, as [`ContextHasher::describe_leaves`] reads it.
 struct Probe {
-    md: Stat,
+    md: SourceStat,
     /// A symlink's target.
     link: Vec<u8>,
     /// Its xattrs but `security.selinux` (the host's labelling policy).
@@ -390,8 +371,8 @@ impl ContextHasher {
         let mut out = Vec::with_capacity(part.len());
         for (_, path) in part {
             let st = dirs.lstat(path)?;
-            let md = Stat::of_stat(&st);
-            let link = if md.kind == 'l' {
+            let md = SourceStat::of(&st);
+            let link = if kind_char(&md) == 'l' {
                 fs::read_link(path)
                     .map(|l| l.as_os_str().as_bytes().to_vec())
                     .unwrap_or_default()
@@ -400,7 +381,7 @@ impl ContextHasher {
             };
             // The file's content hash if it is known (from this build, or a stat-cache entry
             // that still matches), and whether the entry says it has no xattrs.
-            let cached = if md.kind != 'f' {
+            let cached = if kind_char(&md) != 'f' {
                 None
             } else if let Some(h) = (!this_build.is_empty())
                 .then(|| this_build.get(path))
@@ -466,12 +447,15 @@ impl ContextHasher {
     /// as `=` when it is `owner` (the context directory's: whoever checked it out), and
     /// `security.selinux` (the host's labelling policy) is left out; a file whose owner was
     /// changed still changes the key.
+    ///
+    /// When a file had to be hashed (something changed: the step will likely run), each
+    /// entry's `lstat` comes back too, so the step need not stat the files again.
     pub fn describe_leaves(
         &self,
         entries: &[(String, PathBuf)],
         epoch: i64,
         owner: (u32, u32),
-    ) -> io::Result<(String, Vec<ContextLeaf>)> {
+    ) -> io::Result<(String, Vec<ContextLeaf>, Option<Vec<SourceStat>>)> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -483,7 +467,7 @@ impl ContextHasher {
         let todo: Vec<usize> = probes
             .iter()
             .enumerate()
-            .filter(|(i, p)| p.md.kind == 'f' && hashes[*i].is_none())
+            .filter(|(i, p)| kind_char(&p.md) == 'f' && hashes[*i].is_none())
             .map(|(i, _)| i)
             .collect();
         // Hash the rest in parallel.
@@ -516,7 +500,7 @@ impl ContextHasher {
         for (i, ((rel, _), probe)) in entries.iter().zip(&probes).enumerate() {
             use std::io::Write as _;
             let md = &probe.md;
-            let kind = md.kind;
+            let kind = kind_char(md);
             let link = &probe.link;
             // Into memory: these writes cannot fail.
             rec.clear();
@@ -541,7 +525,7 @@ impl ContextHasher {
             let _ = write!(
                 rec,
                 "{}\x1f{}:",
-                if kind == 'f' { md.len } else { 0 },
+                if kind == 'f' { md.size } else { 0 },
                 link.len()
             );
             rec.extend_from_slice(String::from_utf8_lossy(link).as_bytes());
@@ -576,7 +560,8 @@ impl ContextHasher {
             });
         }
         let (d, _, _) = h.finish();
-        Ok((d.to_string(), leaves))
+        let stats = (!todo.is_empty()).then(|| probes.iter().map(|p| p.md).collect());
+        Ok((d.to_string(), leaves, stats))
     }
 }
 

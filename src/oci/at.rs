@@ -10,6 +10,40 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode};
 
+/// What a walk keeps of a file's `lstat` (a context has as many as files: this is small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceStat {
+    /// Type and permission bits (`st_mode`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub nlink: u64,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl SourceStat {
+    pub fn of(st: &FileStat) -> SourceStat {
+        SourceStat {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: st.st_mtime,
+            nlink: st.st_nlink,
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+
+    /// The type bits (`S_IFREG`, `S_IFDIR`, ...).
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
 /// The directory last used, kept open for the next path in it.
 #[derive(Default)]
 pub struct DirCursor {

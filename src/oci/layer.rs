@@ -411,9 +411,9 @@ pub fn write_tar_tree<W: Write>(
 
 /// How many files [`prefetch_files`] reads ahead of the writer.
 const PREFETCH_FILES: usize = 256;
-/// Files up to this size are read ahead into memory (so at most `PREFETCH_FILES` times this
-/// is held); bigger ones are opened, and the kernel told to start reading them.
-const PREFETCH_IN_MEMORY: u64 = 256 << 10;
+/// Files up to this size are read ahead into memory (so at most `PREFETCH_FILES` times this,
+/// 16 MiB, is held); bigger ones are opened, and the kernel told to start reading them.
+const PREFETCH_IN_MEMORY: u64 = 64 << 10;
 /// Nor is reading ahead asked for beyond this size (a huge file is read as it streams).
 const PREFETCH_ADVISE_MAX: u64 = 64 << 20;
 

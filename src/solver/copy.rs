@@ -2,7 +2,7 @@
 //! directory contents, trailing slashes, destination creation, globs, `--parents`,
 //! `--exclude`, `--chown`, `--chmod`, heredoc sources, local archives (ADD) and URLs (ADD).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use crate::context::{clean_path, IgnoreMatcher};
 use crate::context::{ContextError, SourceRoot};
+use crate::oci::at::SourceStat;
 use crate::oci::digest::HashingWriter;
 use crate::oci::layer::{LayerTree, NodeKind, TreeKey, TreeNode};
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::plan::CopySource;
-use nix::sys::stat::FileStat;
 
 use super::users::{apply_chmod, Owner};
 
@@ -34,6 +34,8 @@ pub struct CopyPlan<'a> {
     /// The image's root filesystem before this step (for "does the destination exist").
     pub rootfs: &'a Path,
     pub epoch: i64,
+    /// Sources' `lstat`, where the step's key already took them (see `Ctx::source_stats`).
+    pub known: Option<&'a HashMap<PathBuf, SourceStat>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +80,9 @@ struct Stager<'a> {
     /// The directory whose ancestors are known to be directories in the tree: files of one
     /// directory arrive together, and their parents need checking once.
     parents_done: Option<PathBuf>,
-    /// Sources are stat'ed through their directory's handle.
+    /// Sources are stat'ed through their directory's handle, unless their `lstat` is known.
     files: crate::oci::at::DirCursor,
+    known: Option<&'a HashMap<PathBuf, SourceStat>>,
 }
 
 fn placeholder_dir() -> TreeNode {
@@ -99,20 +102,20 @@ impl Stager<'_> {
         PathBuf::from(image_path.trim_start_matches('/').trim_end_matches('/'))
     }
 
-    fn mode_for(&self, st: &FileStat) -> Result<u32, CopyError> {
-        let kind = st.st_mode & libc::S_IFMT;
+    fn mode_for(&self, st: &SourceStat) -> Result<u32, CopyError> {
+        let kind = st.kind();
         match self.chmod {
             Some(spec) if kind != libc::S_IFLNK => {
-                apply_chmod(spec, st.st_mode, kind == libc::S_IFDIR).map_err(CopyError::Other)
+                apply_chmod(spec, st.mode, kind == libc::S_IFDIR).map_err(CopyError::Other)
             }
-            _ => Ok(st.st_mode & 0o7777),
+            _ => Ok(st.mode & 0o7777),
         }
     }
 
-    fn owner_for(&self, st: &FileStat, keep_owner: bool) -> (u32, u32) {
+    fn owner_for(&self, st: &SourceStat, keep_owner: bool) -> (u32, u32) {
         match self.owner {
             Some(o) => (o.uid, o.gid),
-            None if keep_owner => (st.st_uid, st.st_gid),
+            None if keep_owner => (st.uid, st.gid),
             None => (0, 0),
         }
     }
@@ -198,9 +201,12 @@ impl Stager<'_> {
         excludes: &IgnoreMatcher,
         sub: &str,
     ) -> Result<(), CopyError> {
-        let md = self.files.lstat(src).map_err(io_at(src))?;
+        let md = match self.known.and_then(|k| k.get(src)) {
+            Some(st) => *st,
+            None => SourceStat::of(&self.files.lstat(src).map_err(io_at(src))?),
+        };
         let keep_owner = !root.is_context;
-        let kind = md.st_mode & libc::S_IFMT;
+        let kind = md.kind();
         let (uid, gid) = self.owner_for(&md, keep_owner);
         let mode = self.mode_for(&md)?;
         // dockerd's context transfer carries no extended attributes, so a COPY from the
@@ -215,7 +221,7 @@ impl Stager<'_> {
             mode,
             uid,
             gid,
-            mtime: md.st_mtime,
+            mtime: md.mtime,
             xattrs: xattrs.clone(),
         };
         if kind == libc::S_IFDIR {
@@ -256,9 +262,9 @@ impl Stager<'_> {
             let target = fs::read_link(src).map_err(io_at(src))?;
             self.insert(dst.to_path_buf(), node(NodeKind::Symlink(target)));
         } else if kind == libc::S_IFREG {
-            if md.st_nlink > 1 {
+            if md.nlink > 1 {
                 self.linked
-                    .entry((md.st_dev, md.st_ino))
+                    .entry((md.dev, md.ino))
                     .or_default()
                     .push((dst.to_path_buf(), src.to_path_buf()));
             }
@@ -266,7 +272,7 @@ impl Stager<'_> {
                 dst.to_path_buf(),
                 node(NodeKind::File {
                     source: src.to_path_buf(),
-                    size: md.st_size as u64,
+                    size: md.size,
                 }),
             );
         } else {
@@ -431,6 +437,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
         linked: Default::default(),
         parents_done: None,
         files: Default::default(),
+        known: plan.known,
     };
     // The destination resolves through symlinks of the image, as BuildKit's does: `/link/x`
     // with `/link -> target` writes `/target/x`, and the link stays.

@@ -9,7 +9,7 @@ pub mod copy;
 pub mod run;
 pub mod users;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use crate::cache::context_hash::ContextHasher;
 use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
 use crate::context::{IgnoreMatcher, SourceRoot};
+use crate::oci::at::SourceStat;
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
 use crate::oci::layer::{Compression, LayerOptions};
 use crate::oci::platform::Platform;
@@ -227,6 +228,10 @@ struct Ctx<'s, 'a> {
     /// Whether this stage's key chain holds a key that never repeats (an ADD of a URL
     /// without `--checksum`): provenance then leaves the keys out, as they say nothing.
     volatile: bool,
+    /// The `lstat` of each context file the current step's key was computed from, when
+    /// one had changed (the step will likely run): its COPY takes them instead of stating
+    /// every file again.
+    source_stats: Option<HashMap<PathBuf, SourceStat>>,
 }
 
 impl<'a> std::ops::Deref for Ctx<'_, 'a> {
@@ -388,6 +393,7 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
                         .unwrap_or_else(|| shared.req.platform.clone()),
                     inputs: Vec::new(),
                     volatile: false,
+                    source_stats: None,
                 };
                 let r = cx.run_stage(i);
                 // What was hashed stays useful even when a step failed.
@@ -630,6 +636,7 @@ impl Ctx<'_, '_> {
             }
             key = key_config_ops(key, &mut pending);
             self.inputs.clear();
+            self.source_stats = None;
             let inputs = self.inputs_of(op)?;
             key = CacheKey::chain(
                 &key,
@@ -838,6 +845,7 @@ impl Ctx<'_, '_> {
             checksum: None,
             rootfs,
             epoch: self.req.epoch,
+            known: None,
         })
         .map_err(|e| self.fail(&op.origin, e.to_string()))?;
         self.commit_tree(op, &staged.tree)
@@ -871,6 +879,10 @@ impl Ctx<'_, '_> {
             checksum: c.checksum.clone(),
             rootfs,
             epoch: self.req.epoch,
+            known: match c.from {
+                Input::Context => self.source_stats.as_ref(),
+                _ => None,
+            },
         };
         let staged = copy::stage(&plan).map_err(|e| self.fail(&op.origin, e.to_string()))?;
         if c.checksum.is_none() {
@@ -1268,7 +1280,7 @@ impl Ctx<'_, '_> {
             entries.append(&mut one);
             ends.push(entries.len());
         }
-        let (digest, leaves) = self
+        let (digest, leaves, stats) = self
             .hasher
             .describe_leaves(&entries, self.req.epoch, self.context_owner())
             .map_err(|e| self.fail(origin, e.to_string()))?;
@@ -1286,11 +1298,22 @@ impl Ctx<'_, '_> {
         // Sorted here and merged in one pass (a large context's leaves, inserted one by one,
         // cost a tree descent each); where a path is listed twice, the later listing wins,
         // as it would by insertion.
+        let mut paths = Vec::new();
         let mut listed: Vec<(String, ContextLeaf)> = entries
             .into_iter()
-            .map(|(rel, _)| rel)
+            .map(|(rel, path)| {
+                if stats.is_some() {
+                    paths.push(path);
+                }
+                rel
+            })
             .zip(leaves)
             .collect();
+        if let Some(stats) = stats {
+            self.source_stats
+                .get_or_insert_with(HashMap::new)
+                .extend(paths.into_iter().zip(stats));
+        }
         listed.sort_by(|a, b| a.0.cmp(&b.0));
         listed.dedup_by(|later, kept| {
             let same = later.0 == kept.0;
