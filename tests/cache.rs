@@ -633,6 +633,21 @@ fn an_edited_copy_recompresses_one_chunk_and_gives_the_cold_blob() {
     );
 }
 
+/// Build `ctx` into an OCI layout under `scratch` and unpack it with umoci; returns the
+/// root filesystem.
+fn build_and_unpack(root: &Path, ctx: &Path, scratch: &Path) -> std::path::PathBuf {
+    let layout = scratch.join("layout");
+    run_ok(
+        builder()
+            .args(["build", "--root"])
+            .arg(root)
+            .arg("-o")
+            .arg(format!("oci:{}:t", layout.display()))
+            .arg(ctx),
+    );
+    umoci_unpack(&layout, "t", &scratch.join("bundle")).join("rootfs")
+}
+
 /// The snapshot directories (`fs` full, `meta` skeleton) of a store, and the total size of
 /// the regular files in them.
 fn snapshot_kinds(root: &Path) -> (usize, usize, u64) {
@@ -685,17 +700,7 @@ fn a_copy_after_a_copy_unpacks_no_big_file_and_a_later_run_sees_every_byte() {
         "FROM busybox:test\nCOPY data/ /data/\nCOPY --chown=app small.txt /data/\n\
          RUN wc -c /data/big.bin > /size && stat -c %u /data/small.txt > /owner\n",
     );
-    let layout = dir.path().join("layout");
-    run_ok(
-        builder()
-            .args(["build", "--root"])
-            .arg(&root)
-            .arg("-o")
-            .arg(format!("oci:{}:t", layout.display()))
-            .arg(&ctx),
-    );
-    let bundle = umoci_unpack(&layout, "t", &dir.path().join("bundle"));
-    let rootfs = bundle.join("rootfs");
+    let rootfs = build_and_unpack(&root, &ctx, dir.path());
     assert_eq!(
         fs::read_to_string(rootfs.join("size")).unwrap().trim(),
         "3000000 /data/big.bin"
@@ -727,16 +732,7 @@ fn a_rebuild_after_edits_copies_each_file_as_it_is_now() {
     write(&ctx.join("src/f7.txt"), "edited, and longer than before\n");
     fs::set_permissions(ctx.join("src/f9.txt"), fs::Permissions::from_mode(0o600)).unwrap();
     write(&ctx.join("src/new.txt"), "new\n");
-    let layout = dir.path().join("layout");
-    run_ok(
-        builder()
-            .args(["build", "--root"])
-            .arg(&root)
-            .arg("-o")
-            .arg(format!("oci:{}:t", layout.display()))
-            .arg(&ctx),
-    );
-    let rootfs = umoci_unpack(&layout, "t", &dir.path().join("bundle")).join("rootfs");
+    let rootfs = build_and_unpack(&root, &ctx, dir.path());
     assert_eq!(
         fs::read_to_string(rootfs.join("src/f7.txt")).unwrap(),
         "edited, and longer than before\n"
