@@ -785,4 +785,14 @@ fn force_compression_recompresses_inherited_layers_with_the_same_content() {
             .unwrap(),
         first
     );
+    // The conversion's memo lives as long as its blob: a prune that removes the blob
+    // removes the memo.
+    let memos = || fs::read_dir(root.join("converted")).map_or(0, |d| d.count());
+    assert_eq!(memos(), 1);
+    run_ok(
+        builder()
+            .args(["cache", "prune", "--all", "--root"])
+            .arg(&root),
+    );
+    assert_eq!(memos(), 0);
 }

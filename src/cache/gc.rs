@@ -241,6 +241,8 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     super::chunks::forget_missing(store.root(), &store.blobs);
     // So do the records of layers left at registries that nothing needs any more.
     crate::registry::lazy::forget_except(store.root(), &live);
+    // And the memos of --force-compression conversions whose result is gone.
+    forget_conversions(store);
     // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
     let mut live_chains = BTreeSet::new();
     for img in &images {
@@ -268,6 +270,24 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
         }
     }
     Ok(pruned)
+}
+
+/// Remove the memos of `converted/` (a layer compressed again, by source and compression)
+/// whose converted blob the store no longer holds, or that do not parse.
+fn forget_conversions(store: &Store) {
+    let Ok(rd) = fs::read_dir(store.root().join("converted")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let still = fs::read(e.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| crate::oci::image::LayerRef::from_json(&v))
+            .is_some_and(|c| store.blobs.available(&c.digest));
+        if !still {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 #[cfg(test)]
