@@ -214,28 +214,18 @@ impl SourceRoot {
                     continue;
                 }
                 let prefix = if m.rel == "." { "" } else { m.rel.as_str() };
-                let before = out.len();
-                walk_sorted_into(&m.path, prefix, &mut out)?;
-                if self.is_context && !self.ignore.is_empty() || !excludes.is_empty() {
-                    // `sub` is the part below the copied directory, which --exclude matches.
-                    let skip = if prefix.is_empty() {
-                        0
-                    } else {
-                        prefix.len() + 1
-                    };
-                    let mut kept = before;
-                    for i in before..out.len() {
-                        let (rel, _) = &out[i];
-                        if self.excluded(rel)
-                            || (!excludes.is_empty() && excludes.is_ignored(&rel[skip..]))
-                        {
-                            continue;
-                        }
-                        out.swap(kept, i);
-                        kept += 1;
-                    }
-                    out.truncate(kept);
-                }
+                let mut walked = walk_sorted(&m.path, prefix)?;
+                // --exclude matches the part below the copied directory.
+                let below = if prefix.is_empty() {
+                    0
+                } else {
+                    prefix.len() + 1
+                };
+                walked.retain(|(rel, _)| {
+                    !(self.excluded(rel)
+                        || (!excludes.is_empty() && excludes.is_ignored(&rel[below..])))
+                });
+                out.append(&mut walked);
             }
         }
         Ok(out)
@@ -249,20 +239,10 @@ impl SourceRoot {
 
 /// Everything below `dir` (not `dir` itself) as (path relative to `dir`, path): depth first,
 /// a directory before what it holds, each directory's entries in the byte order of their
-/// names; symlinks are not followed. An explicit stack, so depth costs no recursion.
-#[cfg(test)]
-fn walk_sorted(dir: &Path) -> Result<Vec<(String, PathBuf)>, ContextError> {
+/// names; symlinks are not followed. An explicit stack, so depth costs no recursion. Each
+/// relative path is under `prefix` (none when it is empty).
+fn walk_sorted(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>, ContextError> {
     let mut out = Vec::new();
-    walk_sorted_into(dir, "", &mut out)?;
-    Ok(out)
-}
-
-/// [`walk_sorted`] appended to `out`, each relative path under `prefix` (none when empty).
-fn walk_sorted_into(
-    dir: &Path,
-    prefix: &str,
-    out: &mut Vec<(String, PathBuf)>,
-) -> Result<(), ContextError> {
     let list = |d: &Path| -> Result<std::vec::IntoIter<(std::ffi::OsString, bool)>, ContextError> {
         let io_err = |source| ContextError::Io {
             path: d.to_path_buf(),
@@ -301,7 +281,7 @@ fn walk_sorted_into(
             out.push((sub, path));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -335,8 +315,8 @@ mod tests {
                 (sub, e.path().to_path_buf())
             })
             .collect();
-        assert_eq!(walk_sorted(r).unwrap(), reference);
-        assert!(walk_sorted(&r.join("missing")).is_err());
+        assert_eq!(walk_sorted(r, "").unwrap(), reference);
+        assert!(walk_sorted(&r.join("missing"), "").is_err());
     }
 
     fn ctx(dir: &Path, ignore: &str) -> SourceRoot {

@@ -325,18 +325,19 @@ impl ContextHasher {
         fresh.clear();
     }
 
+    /// Hash `path` (whose metadata is `md`) and remember it; returns `sha256:<hex>`.
     fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
         let mut f = fs::File::open(path)?;
         let mut w = HashingWriter::new(io::sink());
         io::copy(&mut f, &mut w)?;
         let (d, _, _) = w.finish();
-        let hex = d.hex().to_string();
+        let digest = d.to_string();
         let mut sha256 = [0u8; 32];
-        if hex::decode_to_slice(&hex, &mut sha256).is_err() {
-            return Ok(hex);
+        if hex::decode_to_slice(d.hex(), &mut sha256).is_err() {
+            return Ok(digest);
         }
         if let Ok(mut tb) = self.this_build.write() {
-            tb.insert(path.to_path_buf(), hex.clone());
+            tb.insert(path.to_path_buf(), digest.clone());
         }
         let fp = Fingerprint::of_metadata(md);
         if let Ok(mut fresh) = self.fresh.lock() {
@@ -353,7 +354,7 @@ impl ContextHasher {
             );
         }
         self.dirty.store(true, Ordering::Relaxed);
-        Ok(hex)
+        Ok(digest)
     }
 
     /// [`ContextHasher::probe_all`] of one contiguous slice, on one thread.
@@ -387,7 +388,7 @@ impl ContextHasher {
                 .then(|| this_build.get(path))
                 .flatten()
             {
-                Some((format!("sha256:{}", h), false))
+                Some((h.clone(), false))
             } else if now - st.st_ctime < RACY_SECONDS {
                 None
             } else {
@@ -488,7 +489,7 @@ impl ContextHasher {
             }
         });
         for (i, r) in results.into_inner().unwrap_or_default() {
-            hashes[i] = Some(format!("sha256:{}", r?));
+            hashes[i] = Some(r?);
         }
         // Explicit encoding, one record per entry, straight into the hash: a field separator
         // (0x1f) between fields and a record separator (0x1e) after each; paths are UTF-8 from

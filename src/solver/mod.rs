@@ -279,8 +279,9 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
     let seen_key = overlay_probe_key(store);
     let seen_path = store.root().join("cache").join("overlay-probe");
     if std::env::var("BUILDER_SNAPSHOTTER").as_deref() != Ok("copy")
-        && seen_key.is_some()
-        && fs::read_to_string(&seen_path).ok() == seen_key
+        && seen_key
+            .as_ref()
+            .is_some_and(|k| fs::read_to_string(&seen_path).is_ok_and(|s| &s == k))
     {
         return Ok(Snapshotter::Overlay);
     }
@@ -769,10 +770,7 @@ impl Ctx<'_, '_> {
                 .sync_for(&self.snaps, &state.layers, need)
                 .map_err(|e| BuildError::Other(e.to_string())),
             None => {
-                *view = Some(
-                    RootView::for_need(&self.snaps, self.snapshotter, &state.layers, need)
-                        .map_err(|e| BuildError::Other(e.to_string()))?,
-                );
+                *view = Some(self.view(&state.layers, need)?);
                 Ok(())
             }
         }
@@ -1243,7 +1241,7 @@ impl Ctx<'_, '_> {
                     )));
                 };
                 if x.view.is_none() {
-                    x.view = Some(self.view(&x.image.state.layers)?);
+                    x.view = Some(self.view(&x.image.state.layers, ViewNeed::Full)?);
                 }
                 Ok(x.view
                     .as_ref()
@@ -1298,22 +1296,13 @@ impl Ctx<'_, '_> {
         // Sorted here and merged in one pass (a large context's leaves, inserted one by one,
         // cost a tree descent each); where a path is listed twice, the later listing wins,
         // as it would by insertion.
-        let mut paths = Vec::new();
-        let mut listed: Vec<(String, ContextLeaf)> = entries
-            .into_iter()
-            .map(|(rel, path)| {
-                if stats.is_some() {
-                    paths.push(path);
-                }
-                rel
-            })
-            .zip(leaves)
-            .collect();
+        let (rels, paths): (Vec<String>, Vec<PathBuf>) = entries.into_iter().unzip();
         if let Some(stats) = stats {
             self.source_stats
                 .get_or_insert_with(HashMap::new)
                 .extend(paths.into_iter().zip(stats));
         }
+        let mut listed: Vec<(String, ContextLeaf)> = rels.into_iter().zip(leaves).collect();
         listed.sort_by(|a, b| a.0.cmp(&b.0));
         listed.dedup_by(|later, kept| {
             let same = later.0 == kept.0;
@@ -1352,9 +1341,9 @@ impl Ctx<'_, '_> {
         }
     }
 
-    /// A view of `layers` with this build's snapshotter.
-    fn view(&self, layers: &[LayerRef]) -> Result<RootView, BuildError> {
-        RootView::new(&self.snaps, self.snapshotter, layers)
+    /// A view of `layers` with this build's snapshotter, showing what `need` says.
+    fn view(&self, layers: &[LayerRef], need: ViewNeed) -> Result<RootView, BuildError> {
+        RootView::for_need(&self.snaps, self.snapshotter, layers, need)
             .map_err(|e| BuildError::Other(e.to_string()))
     }
 
