@@ -214,7 +214,7 @@ impl SourceRoot {
                     continue;
                 }
                 let prefix = if m.rel == "." { "" } else { m.rel.as_str() };
-                let mut walked = walk_sorted(&m.path, prefix)?;
+                let mut walked = walk_sorted_parallel(&m.path, prefix)?;
                 // --exclude matches the part below the copied directory.
                 let below = if prefix.is_empty() {
                     0
@@ -237,27 +237,132 @@ impl SourceRoot {
     }
 }
 
+/// [`walk_sorted`], its subtrees walked on a thread per CPU: the tree is split where it
+/// first has several directories, and the parts are joined in order (the same list).
+fn walk_sorted_parallel(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>, ContextError> {
+    enum Part {
+        Listed(Vec<(String, PathBuf)>),
+        Below(PathBuf, String),
+    }
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if jobs == 1 {
+        return walk_sorted(dir, prefix);
+    }
+    // Split until there are enough subtrees to share (or a few levels down, whatever the
+    // tree is: a deep chain of single directories is walked as one).
+    let mut parts = vec![Part::Below(dir.to_path_buf(), prefix.to_string())];
+    for _ in 0..3 {
+        let subtrees = parts
+            .iter()
+            .filter(|p| matches!(p, Part::Below(..)))
+            .count();
+        if subtrees == 0 || subtrees >= 4 * jobs {
+            break;
+        }
+        let mut next = Vec::with_capacity(parts.len());
+        for p in parts {
+            let (d, rel) = match p {
+                Part::Below(d, rel) => (d, rel),
+                listed => {
+                    next.push(listed);
+                    continue;
+                }
+            };
+            for (name, is_dir) in list_sorted(&d)? {
+                let path = d.join(&name);
+                let sub = join_rel(&rel, &name.to_string_lossy());
+                next.push(Part::Listed(vec![(sub.clone(), path.clone())]));
+                if is_dir {
+                    next.push(Part::Below(path, sub));
+                }
+            }
+        }
+        parts = next;
+    }
+    let below: Vec<(usize, &PathBuf, &String)> = parts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Part::Below(d, rel) => Some((i, d, rel)),
+            Part::Listed(_) => None,
+        })
+        .collect();
+    let walked: Vec<std::sync::Mutex<Option<Result<Vec<(String, PathBuf)>, ContextError>>>> =
+        below.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(below.len()) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((_, d, rel)) = below.get(k) else {
+                    break;
+                };
+                let r = walk_sorted(d, rel);
+                if let Ok(mut slot) = walked[k].lock() {
+                    *slot = Some(r);
+                }
+            });
+        }
+    });
+    let mut walked = walked.into_iter();
+    let mut out = Vec::new();
+    for p in parts {
+        match p {
+            Part::Listed(mut v) => out.append(&mut v),
+            Part::Below(d, _) => {
+                let r = walked
+                    .next()
+                    .and_then(|m| m.into_inner().ok().flatten())
+                    .unwrap_or_else(|| {
+                        Err(ContextError::Io {
+                            path: d.clone(),
+                            source: std::io::Error::other("a walking thread panicked"),
+                        })
+                    });
+                out.append(&mut r?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A directory's entries (name, whether a directory, by the type readdir gives: no stat, and
+/// a symlink is never a directory), in the byte order of their names.
+fn list_sorted(d: &Path) -> Result<Vec<(std::ffi::OsString, bool)>, ContextError> {
+    let io_err = |source| ContextError::Io {
+        path: d.to_path_buf(),
+        source,
+    };
+    let mut names = Vec::new();
+    for e in fs::read_dir(d).map_err(io_err)? {
+        let e = e.map_err(io_err)?;
+        let is_dir = e.file_type().map_err(io_err)?.is_dir();
+        names.push((e.file_name(), is_dir));
+    }
+    names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(names)
+}
+
+/// `name` under the relative path `prefix` (none when it is empty).
+fn join_rel(prefix: &str, name: &str) -> String {
+    let mut sub = String::with_capacity(prefix.len() + 1 + name.len());
+    if !prefix.is_empty() {
+        sub.push_str(prefix);
+        sub.push('/');
+    }
+    sub.push_str(name);
+    sub
+}
+
 /// Everything below `dir` (not `dir` itself) as (path relative to `dir`, path): depth first,
 /// a directory before what it holds, each directory's entries in the byte order of their
 /// names; symlinks are not followed. An explicit stack, so depth costs no recursion. Each
 /// relative path is under `prefix` (none when it is empty).
 fn walk_sorted(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>, ContextError> {
     let mut out = Vec::new();
-    let list = |d: &Path| -> Result<std::vec::IntoIter<(std::ffi::OsString, bool)>, ContextError> {
-        let io_err = |source| ContextError::Io {
-            path: d.to_path_buf(),
-            source,
-        };
-        let mut names = Vec::new();
-        for e in fs::read_dir(d).map_err(io_err)? {
-            let e = e.map_err(io_err)?;
-            // The type readdir gives (no stat); a symlink is never a directory here.
-            let is_dir = e.file_type().map_err(io_err)?.is_dir();
-            names.push((e.file_name(), is_dir));
-        }
-        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        Ok(names.into_iter())
-    };
+    let list = |d: &Path| list_sorted(d).map(Vec::into_iter);
     // (directory, its relative path, its entries still to visit)
     let mut stack = vec![(dir.to_path_buf(), prefix.to_string(), list(dir)?)];
     while let Some((d, prefix, entries)) = stack.last_mut() {
@@ -266,13 +371,7 @@ fn walk_sorted(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>, Conte
             continue;
         };
         let path = d.join(&name);
-        let name = name.to_string_lossy();
-        let mut sub = String::with_capacity(prefix.len() + 1 + name.len());
-        if !prefix.is_empty() {
-            sub.push_str(prefix);
-            sub.push('/');
-        }
-        sub.push_str(&name);
+        let sub = join_rel(prefix, &name.to_string_lossy());
         if is_dir {
             let entries = list(&path)?;
             out.push((sub.clone(), path.clone()));
@@ -317,6 +416,18 @@ mod tests {
             .collect();
         assert_eq!(walk_sorted(r, "").unwrap(), reference);
         assert!(walk_sorted(&r.join("missing"), "").is_err());
+        // Split into subtrees walked on threads, joined: the same list.
+        assert_eq!(walk_sorted_parallel(r, "").unwrap(), reference);
+        assert!(walk_sorted_parallel(&r.join("missing"), "").is_err());
+        // Many subtrees, a few levels down, under a prefix.
+        for i in 0..40 {
+            fs::create_dir_all(r.join(format!("z/y/d{}/e{}", i % 7, i))).unwrap();
+            fs::write(r.join(format!("z/y/d{}/f{}", i % 7, i)), "x").unwrap();
+        }
+        assert_eq!(
+            walk_sorted_parallel(&r.join("z"), "p/z").unwrap(),
+            walk_sorted(&r.join("z"), "p/z").unwrap()
+        );
     }
 
     fn ctx(dir: &Path, ignore: &str) -> SourceRoot {
