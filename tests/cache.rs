@@ -751,3 +751,50 @@ fn a_rebuild_after_edits_copies_each_file_as_it_is_now() {
         "file 3\n"
     );
 }
+
+/// The attestation index a build names (its provenance included), from `--metadata-file`.
+fn attested_index(root: &Path, ctx: &Path, meta: &Path) -> String {
+    build_log(root, ctx, &["--metadata-file", meta.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+    v["attestations.index.digest"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_no_op_takes_the_last_listing_and_records_what_a_fresh_store_records() {
+    let (t, root, ctx) = setup();
+    let meta = t.path().join("meta.json");
+    let listings = root.join("cache/listings");
+    let first = attested_index(&root, &ctx, &meta);
+    // Files written within the last seconds are never trusted unchanged: nothing is kept.
+    assert!(fs::read_dir(&listings).map_or(true, |d| d.count() == 0));
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(attested_index(&root, &ctx, &meta), first);
+    let kept: Vec<_> = fs::read_dir(&listings).unwrap().flatten().collect();
+    // One per COPY's sources.
+    assert_eq!(kept.len(), 3, "{:?}", kept);
+    let written = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+    let before: Vec<_> = kept.iter().map(|e| written(&e.path())).collect();
+    // A no-op reads the listings, writes none, and records the same provenance.
+    assert_eq!(attested_index(&root, &ctx, &meta), first);
+    let after: Vec<_> = kept.iter().map(|e| written(&e.path())).collect();
+    assert_eq!(before, after, "a no-op rewrote a listing");
+    let fresh = t.path().join("fresh");
+    busybox_base(&fresh, "busybox:test");
+    assert_eq!(attested_index(&fresh, &ctx, &meta), first);
+    // An edit that keeps the size and the mtime is still seen (the ctime moved).
+    let b = ctx.join("b.txt");
+    let mtime = fs::metadata(&b).unwrap().modified().unwrap();
+    fs::write(&b, "B").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2200));
+    let (_, _, ran) = build_log(&root, &ctx, &[]);
+    assert_eq!(ran, [COPY_B, RUN_USED, COPY_ALL]);
+    let edited = attested_index(&root, &ctx, &meta);
+    assert_ne!(edited, first);
+    assert_eq!(attested_index(&fresh, &ctx, &meta), edited);
+}

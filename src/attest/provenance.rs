@@ -69,12 +69,28 @@ pub fn statement_bytes(
     manifest: &Digest,
     trace: &BuildTrace,
 ) -> Vec<u8> {
-    let files = super::trace::leaves_json(trace.context.iter());
-    let root = Digest::of(&files);
+    let (doc, files) = statement_parts(inv, platform, manifest, trace);
+    splice_files(&doc, &files)
+}
+
+/// The statement as canonical JSON with a placeholder where the context's files go, and
+/// those files' JSON. The first holds the files' digest, so it alone says what the whole
+/// statement is: a build whose context did not change need not write the files again.
+pub fn statement_parts<'t>(
+    inv: &Invocation,
+    platform: &str,
+    manifest: &Digest,
+    trace: &'t BuildTrace,
+) -> (Vec<u8>, std::borrow::Cow<'t, [u8]>) {
+    let (files, root) = super::trace::context_files(&trace.context);
     let doc =
         crate::oci::image::canonical_json(&statement_with(inv, platform, manifest, trace, &root));
-    // The context's leaves (as many as its files) are written straight as canonical JSON,
-    // where the placeholder string sits.
+    (doc, files)
+}
+
+/// The whole statement from [`statement_parts`]. The context's leaves (as many as its
+/// files) are written straight as canonical JSON, where the placeholder string sits.
+pub fn splice_files(doc: &[u8], files: &[u8]) -> Vec<u8> {
     let marker = crate::oci::image::canonical_json(&json!(FILES_PLACEHOLDER));
     match doc
         .windows(marker.len())
@@ -83,11 +99,11 @@ pub fn statement_bytes(
         Some(at) => {
             let mut out = Vec::with_capacity(doc.len() + files.len());
             out.extend_from_slice(&doc[..at]);
-            out.extend_from_slice(&files);
+            out.extend_from_slice(files);
             out.extend_from_slice(&doc[at + marker.len()..]);
             out
         }
-        None => doc,
+        None => doc.to_vec(),
     }
 }
 
@@ -253,13 +269,14 @@ pub fn read(statement: &Value) -> Option<Recorded> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attest::trace::ContextLeaf;
+    use crate::attest::trace::{ContextLeaf, ContextListing};
 
     #[test]
     fn the_spliced_statement_is_canonical_json_of_the_whole() {
         let mut trace = BuildTrace::default();
+        let mut leaves = BTreeMap::new();
         for p in ["b", "a/x", "c \"q\""] {
-            trace.context.insert(
+            leaves.insert(
                 p.to_string(),
                 ContextLeaf {
                     kind: "file",
@@ -270,6 +287,7 @@ mod tests {
                 },
             );
         }
+        trace.context.push(ContextListing::of(&leaves));
         trace.images.insert("busybox".into(), "sha256:cd".into());
         let args = BTreeMap::new();
         let inv = Invocation {

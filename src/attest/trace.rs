@@ -2,8 +2,10 @@
 //! provenance is made of. Nothing here depends on the cache being warm: a hit records the
 //! same inputs, key and layer as the run that filled the cache.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -13,8 +15,8 @@ use crate::oci::digest::Digest;
 #[derive(Debug, Clone, Default)]
 pub struct BuildTrace {
     /// Every context entry a COPY, ADD or bind mount read, by its path in the context
-    /// (`.dockerignore` applied).
-    pub context: BTreeMap<String, ContextLeaf>,
+    /// (`.dockerignore` applied): one listing per read, in the order they were recorded.
+    pub context: Vec<ContextListing>,
     /// Base and `--from` images: the reference the build file gives, and the manifest
     /// digest it resolved to.
     pub images: BTreeMap<String, String>,
@@ -46,6 +48,24 @@ pub struct ContextLeaf {
 }
 
 impl ContextLeaf {
+    /// A leaf as provenance lists it, and its path.
+    fn from_json(v: &Value) -> Option<(String, ContextLeaf)> {
+        let kind = match v["type"].as_str()? {
+            "file" => "file",
+            "dir" => "dir",
+            "symlink" => "symlink",
+            _ => "other",
+        };
+        let leaf = ContextLeaf {
+            kind,
+            mode: u32::from_str_radix(v["mode"].as_str()?, 8).ok()?,
+            content: v["digest"].as_str().map(str::to_string),
+            link: v["link"].as_str().map(str::to_string),
+            mtime: v["mtime"].as_i64(),
+        };
+        Some((v["path"].as_str()?.to_string(), leaf))
+    }
+
     /// The leaf as provenance lists it.
     pub fn to_json(&self, path: &str) -> Value {
         let mut v = json!({"path": path, "type": self.kind, "mode": format!("{:o}", self.mode)});
@@ -62,11 +82,76 @@ impl ContextLeaf {
     }
 }
 
-/// The root of the context as the build saw it: sha256 over the canonical JSON of the
-/// leaves, sorted by path ([`leaves_json`]). Equal roots mean equal leaves; the leaves say
-/// which path differs.
-pub fn context_root(leaves: &BTreeMap<String, ContextLeaf>) -> Digest {
-    Digest::of(&leaves_json(leaves.iter()))
+/// The leaves one context read saw, kept as their canonical JSON ([`leaves_json`], sorted by
+/// path): a large context has hundreds of thousands, and a build whose context did not
+/// change takes this listing whole from the last build that read it.
+#[derive(Debug, Clone)]
+pub struct ContextListing {
+    pub json: Arc<Vec<u8>>,
+    /// sha256 of `json`.
+    pub digest: Digest,
+    /// The first and last path listed (empty when nothing is).
+    pub first: String,
+    pub last: String,
+}
+
+impl ContextListing {
+    pub fn of(leaves: &BTreeMap<String, ContextLeaf>) -> ContextListing {
+        let json = leaves_json(leaves.iter());
+        let first = leaves.keys().next().cloned().unwrap_or_default();
+        let last = leaves.keys().next_back().cloned().unwrap_or_default();
+        ContextListing {
+            digest: Digest::of(&json),
+            json: Arc::new(json),
+            first,
+            last,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.json.as_slice() == b"[]"
+    }
+
+    /// The leaves back from the JSON (`None` if it is not a listing).
+    fn leaves(&self) -> Option<Vec<(String, ContextLeaf)>> {
+        let values: Vec<Value> = serde_json::from_slice(&self.json).ok()?;
+        values.iter().map(ContextLeaf::from_json).collect()
+    }
+}
+
+/// The context as the whole build read it: the canonical JSON of every leaf, sorted by path
+/// (where two reads list a path, the later's leaf), and its sha256, the context's root.
+/// Equal roots mean equal leaves; the leaves say which path differs.
+pub fn context_files(listings: &[ContextListing]) -> (Cow<'_, [u8]>, Digest) {
+    let mut parts: Vec<&ContextListing> = listings.iter().filter(|l| !l.is_empty()).collect();
+    if let [one] = parts.as_slice() {
+        return (Cow::Borrowed(one.json.as_slice()), one.digest.clone());
+    }
+    // Reads of disjoint path ranges (the usual case: different sources) are joined as they
+    // are; overlapping ones are merged leaf by leaf.
+    let in_order = parts.clone();
+    parts.sort_by(|a, b| a.first.cmp(&b.first));
+    let disjoint = parts.windows(2).all(|w| w[0].last < w[1].first);
+    let json = if disjoint {
+        let mut out = Vec::with_capacity(parts.iter().map(|l| l.json.len()).sum::<usize>() + 2);
+        out.push(b'[');
+        for (i, l) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&l.json[1..l.json.len() - 1]);
+        }
+        out.push(b']');
+        out
+    } else {
+        let mut merged = BTreeMap::new();
+        for l in in_order {
+            merged.extend(l.leaves().unwrap_or_default());
+        }
+        leaves_json(merged.iter())
+    };
+    let digest = Digest::of(&json);
+    (Cow::Owned(json), digest)
 }
 
 /// A digest over some of the leaves (what one COPY source covers), hashed as they are
@@ -221,5 +306,65 @@ mod tests {
             leaves_json(leaves.iter()),
             canonical_json(&Value::Array(values))
         );
+        let back = ContextListing::of(&leaves).leaves().unwrap();
+        assert_eq!(back, leaves.into_iter().collect::<Vec<_>>());
+    }
+
+    fn listing(paths: &[(&str, &str)]) -> ContextListing {
+        let leaves = paths
+            .iter()
+            .map(|(p, d)| {
+                let leaf = ContextLeaf {
+                    kind: "file",
+                    mode: 0o644,
+                    content: Some(d.to_string()),
+                    link: None,
+                    mtime: None,
+                };
+                (p.to_string(), leaf)
+            })
+            .collect();
+        ContextListing::of(&leaves)
+    }
+
+    #[test]
+    fn the_context_files_are_the_listings_merged_the_later_leaf_winning() {
+        let a = listing(&[("a/1", "sha256:01"), ("a/2", "sha256:02")]);
+        let b = listing(&[("b/1", "sha256:03")]);
+        let again = listing(&[("a/2", "sha256:09"), ("c", "sha256:04")]);
+        let empty = listing(&[]);
+        let want = |paths: &[(&str, &str)]| {
+            let l = listing(paths);
+            ((*l.json).clone(), l.digest)
+        };
+        let got = |ls: &[ContextListing]| {
+            let (json, digest) = context_files(ls);
+            (json.into_owned(), digest)
+        };
+        assert_eq!(
+            got(&[a.clone()]),
+            want(&[("a/1", "sha256:01"), ("a/2", "sha256:02")])
+        );
+        // Disjoint reads, in any order, join.
+        assert_eq!(
+            got(&[b.clone(), empty.clone(), a.clone()]),
+            want(&[
+                ("a/1", "sha256:01"),
+                ("a/2", "sha256:02"),
+                ("b/1", "sha256:03")
+            ])
+        );
+        // Overlapping ones merge, the later read's leaf winning.
+        assert_eq!(
+            got(&[a.clone(), b.clone(), again.clone()]),
+            want(&[
+                ("a/1", "sha256:01"),
+                ("a/2", "sha256:09"),
+                ("b/1", "sha256:03"),
+                ("c", "sha256:04")
+            ])
+        );
+        assert_eq!(got(&[]), want(&[]));
+        assert_eq!(got(&[empty]), want(&[]));
     }
 }

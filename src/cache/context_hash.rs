@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use crate::attest::trace::ContextLeaf;
+use nix::sys::stat::FileStat;
+
+use crate::attest::trace::{ContextLeaf, ContextListing};
 use crate::oci::at::SourceStat;
 use crate::oci::blobs::replace_unsynced;
 use crate::oci::digest::HashingWriter;
@@ -207,6 +209,155 @@ fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
     xattrs
 }
 
+/// Entries are stat'ed, and their part of the listing key hashed, in blocks of this many, on
+/// up to `jobs` threads (the key does not depend on the number of threads).
+const STAT_BLOCK: usize = 2048;
+
+/// Every context entry's `lstat`, with what a build that changed nothing finds its last
+/// listing by.
+pub struct Statted {
+    pub stats: Vec<FileStat>,
+    /// BLAKE3 of each block's paths and their whole `lstat` but the atime.
+    blocks: Vec<[u8; 32]>,
+    /// Some entry changed within [`RACY_SECONDS`]: it could still change unseen.
+    racy: bool,
+}
+
+/// The wall clock in seconds, as ctimes are compared with it.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// One block of [`ContextHasher::stat_all`].
+fn stat_block(part: &[(String, PathBuf)], now: i64) -> io::Result<(Vec<FileStat>, [u8; 32], bool)> {
+    let mut dirs = crate::oci::at::DirCursor::default();
+    let mut stats = Vec::with_capacity(part.len());
+    // Gathered, then hashed at once (BLAKE3 is fast on long inputs, slow on many short ones).
+    let mut seen = Vec::with_capacity(part.len() * 160);
+    let mut racy = false;
+    for (rel, path) in part {
+        let st = dirs.lstat(path)?;
+        let path = path.as_os_str().as_bytes();
+        seen.extend_from_slice(&(rel.len() as u64).to_le_bytes());
+        seen.extend_from_slice(rel.as_bytes());
+        seen.extend_from_slice(&(path.len() as u64).to_le_bytes());
+        seen.extend_from_slice(path);
+        for v in [
+            st.st_dev,
+            st.st_ino,
+            st.st_mode as u64,
+            st.st_uid as u64,
+            st.st_gid as u64,
+            st.st_rdev,
+            st.st_size as u64,
+            st.st_mtime as u64,
+            st.st_mtime_nsec as u64,
+            st.st_ctime as u64,
+            st.st_ctime_nsec as u64,
+        ] {
+            seen.extend_from_slice(&v.to_le_bytes());
+        }
+        racy |= now - st.st_ctime < RACY_SECONDS;
+        stats.push(st);
+    }
+    Ok((stats, *blake3::hash(&seen).as_bytes(), racy))
+}
+
+/// What a context read recorded, kept for the next build that reads the same unchanged
+/// entries (`cache/listings/<slot>`): the build then skips describing them leaf by leaf.
+#[derive(Debug, Clone)]
+pub struct Remembered {
+    /// The content digest [`ContextHasher::describe_leaves`] gave.
+    pub digest: String,
+    /// Each source's leaves digest, in order.
+    pub sources: Vec<String>,
+    pub listing: ContextListing,
+}
+
+/// A listing file: this magic, the key, the fields length-prefixed, and BLAKE3 of all that
+/// before it (a torn or damaged file is no listing).
+const LISTING_MAGIC: &[u8; 10] = b"blisting1\n";
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn take_bytes<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, rest) = input.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+    if len > rest.len() {
+        return None;
+    }
+    let (b, rest) = rest.split_at(len);
+    *input = rest;
+    Some(b)
+}
+
+fn take_string(input: &mut &[u8]) -> Option<String> {
+    take_bytes(input).and_then(|b| String::from_utf8(b.to_vec()).ok())
+}
+
+fn encode_listing(key: &[u8; 32], r: &Remembered) -> Vec<u8> {
+    let mut out = Vec::with_capacity(r.listing.json.len() + 1024);
+    out.extend_from_slice(LISTING_MAGIC);
+    out.extend_from_slice(key);
+    put_bytes(&mut out, r.digest.as_bytes());
+    out.extend_from_slice(&(r.sources.len() as u64).to_le_bytes());
+    for d in &r.sources {
+        put_bytes(&mut out, d.as_bytes());
+    }
+    put_bytes(&mut out, r.listing.digest.to_string().as_bytes());
+    put_bytes(&mut out, r.listing.first.as_bytes());
+    put_bytes(&mut out, r.listing.last.as_bytes());
+    put_bytes(&mut out, &r.listing.json);
+    let check = blake3::hash(&out);
+    out.extend_from_slice(check.as_bytes());
+    out
+}
+
+/// The listing in `bytes` if it is whole and recorded under `key` (its JSON, last, is kept
+/// in place: it can be tens of MB).
+fn decode_listing(mut bytes: Vec<u8>, key: &[u8; 32]) -> Option<Remembered> {
+    let (body, check) = bytes.split_last_chunk::<32>()?;
+    let rest = body.strip_prefix(LISTING_MAGIC.as_slice())?;
+    let (stored, mut rest) = rest.split_first_chunk::<32>()?;
+    if stored != key || blake3::hash(body).as_bytes() != check {
+        return None;
+    }
+    let digest = take_string(&mut rest)?;
+    let (count, tail) = rest.split_first_chunk::<8>()?;
+    rest = tail;
+    let count = u64::from_le_bytes(*count);
+    let mut sources = Vec::new();
+    for _ in 0..count {
+        sources.push(take_string(&mut rest)?);
+    }
+    let listing_digest = take_string(&mut rest)?.parse().ok()?;
+    let first = take_string(&mut rest)?;
+    let last = take_string(&mut rest)?;
+    let json_len = take_bytes(&mut rest)?.len();
+    if !rest.is_empty() {
+        return None;
+    }
+    let json_end = bytes.len() - 32;
+    bytes.truncate(json_end);
+    bytes.drain(..json_end - json_len);
+    Some(Remembered {
+        digest,
+        sources,
+        listing: ContextListing {
+            json: std::sync::Arc::new(bytes),
+            digest: listing_digest,
+            first,
+            last,
+        },
+    })
+}
+
 /// What one context entry is, as [`ContextHasher::describe_leaves`] reads it.
 struct Probe {
     md: SourceStat,
@@ -235,11 +386,25 @@ pub struct ContextHasher {
     jobs: usize,
 }
 
+impl Drop for ContextHasher {
+    fn drop(&mut self) {
+        let loading = self.loading.get_mut().ok().and_then(|l| l.take());
+        let stat = self.stat.get_mut().map(std::mem::take).unwrap_or_default();
+        super::free_aside((loading, stat));
+    }
+}
+
 impl ContextHasher {
     pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
         let path = store_root.join("cache").join("stat.bin");
         let reading = path.clone();
         let loading = std::thread::spawn(move || {
+            // Behind the build's own threads: a build whose context did not change never
+            // reads the cache, and its stat threads should have the cores.
+            // SAFETY: setpriority on this thread's id changes only this thread's niceness.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+            }
             // Parsed as it is read: for a large context the file is tens of MB, and holding
             // its bytes beside the parsed map would double the peak memory of every build.
             let stat = fs::File::open(&reading).ok().and_then(|f| {
@@ -358,7 +523,12 @@ impl ContextHasher {
     }
 
     /// [`ContextHasher::probe_all`] of one contiguous slice, on one thread.
-    fn probe_slice(&self, part: &[(String, PathBuf)], now: i64) -> io::Result<Vec<Probe>> {
+    fn probe_slice(
+        &self,
+        part: &[(String, PathBuf)],
+        stats: &[FileStat],
+        now: i64,
+    ) -> io::Result<Vec<Probe>> {
         // Read once per slice: hashing (which writes) only starts after every probe.
         let stat = self
             .loaded_stat()
@@ -368,11 +538,9 @@ impl ContextHasher {
             .this_build
             .read()
             .map_err(|_| io::Error::other("the stat cache lock is poisoned"))?;
-        let mut dirs = crate::oci::at::DirCursor::default();
         let mut out = Vec::with_capacity(part.len());
-        for (_, path) in part {
-            let st = dirs.lstat(path)?;
-            let md = SourceStat::of(&st);
+        for ((_, path), st) in part.iter().zip(stats) {
+            let md = SourceStat::of(st);
             let link = if kind_char(&md) == 'l' {
                 fs::read_link(path)
                     .map(|l| l.as_os_str().as_bytes().to_vec())
@@ -393,7 +561,7 @@ impl ContextHasher {
                 None
             } else {
                 stat.get(path.as_os_str().as_bytes())
-                    .filter(|e| e.seen == Fingerprint::of_stat(&st))
+                    .filter(|e| e.seen == Fingerprint::of_stat(st))
                     .map(|e| (sha256_digest_string(&e.sha256), e.bare))
             };
             let xattrs = match &cached {
@@ -412,18 +580,24 @@ impl ContextHasher {
 
     /// Every entry's metadata, link target, xattrs and known content hash, on up to `jobs`
     /// threads over contiguous slices, in order.
-    fn probe_all(&self, entries: &[(String, PathBuf)], now: i64) -> io::Result<Vec<Probe>> {
+    fn probe_all(
+        &self,
+        entries: &[(String, PathBuf)],
+        stats: &[FileStat],
+        now: i64,
+    ) -> io::Result<Vec<Probe>> {
         // Below this, threads cost more than they save.
         const PER_THREAD: usize = 512;
         let threads = self.jobs.min(entries.len() / PER_THREAD).max(1);
         if threads == 1 {
-            return self.probe_slice(entries, now);
+            return self.probe_slice(entries, stats, now);
         }
         let size = entries.len().div_ceil(threads);
         let parts: Vec<io::Result<Vec<Probe>>> = std::thread::scope(|s| {
             let handles: Vec<_> = entries
                 .chunks(size)
-                .map(|part| s.spawn(move || self.probe_slice(part, now)))
+                .zip(stats.chunks(size))
+                .map(|(part, st)| s.spawn(move || self.probe_slice(part, st, now)))
                 .collect();
             handles
                 .into_iter()
@@ -440,6 +614,95 @@ impl ContextHasher {
         Ok(out)
     }
 
+    /// `lstat` of every entry (`rel` -> on-disk path), in parallel: all that a build whose
+    /// context did not change reads of it.
+    pub fn stat_all(&self, entries: &[(String, PathBuf)]) -> io::Result<Statted> {
+        let now = now_secs();
+        let blocks: Vec<&[(String, PathBuf)]> = entries.chunks(STAT_BLOCK).collect();
+        let done: Vec<Mutex<Option<io::Result<(Vec<FileStat>, [u8; 32], bool)>>>> =
+            blocks.iter().map(|_| Mutex::new(None)).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = blocks.get(i) else { break };
+            let r = stat_block(part, now);
+            if let Ok(mut slot) = done[i].lock() {
+                *slot = Some(r);
+            }
+        };
+        let threads = self.jobs.min(blocks.len());
+        if threads <= 1 {
+            work();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(work);
+                }
+            });
+        }
+        let mut out = Statted {
+            stats: Vec::with_capacity(entries.len()),
+            blocks: Vec::with_capacity(blocks.len()),
+            racy: false,
+        };
+        for d in done {
+            let (stats, hash, racy) = d
+                .into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Err(io::Error::other("a stat thread panicked")))?;
+            out.stats.extend(stats);
+            out.blocks.push(hash);
+            out.racy |= racy;
+        }
+        Ok(out)
+    }
+
+    /// The key the listing of `statted` entries is remembered under: what names the read
+    /// (`slot`: the context, its sources, the epoch...), where each source's entries end,
+    /// and every entry's path and metadata. `None` when an entry changed too recently to be
+    /// trusted unchanged (as the stat cache: same inode, size, mtime and ctime, same
+    /// content, link target and xattrs).
+    pub fn listing_key(&self, statted: &Statted, slot: &[u8], ends: &[usize]) -> Option<[u8; 32]> {
+        if statted.racy {
+            return None;
+        }
+        let mut h = blake3::Hasher::new();
+        // What a listing holds is what the keys are made of: it goes with their version.
+        h.update(b"builder context listing v1\0");
+        h.update(&super::KEY_VERSION.to_le_bytes());
+        h.update(&(slot.len() as u64).to_le_bytes());
+        h.update(slot);
+        for e in ends {
+            h.update(&(*e as u64).to_le_bytes());
+        }
+        for b in &statted.blocks {
+            h.update(b);
+        }
+        Some(*h.finalize().as_bytes())
+    }
+
+    fn listing_path(&self, slot: &[u8]) -> PathBuf {
+        self.path
+            .with_file_name("listings")
+            .join(blake3::hash(slot).to_hex().as_str())
+    }
+
+    /// What the last read of `slot` recorded, if it was of entries with this `key`.
+    pub fn recall(&self, slot: &[u8], key: &[u8; 32]) -> Option<Remembered> {
+        decode_listing(fs::read(self.listing_path(slot)).ok()?, key)
+    }
+
+    /// Keep what a read of `slot` recorded for the next build (a lost write only costs
+    /// describing the entries again).
+    pub fn remember(&self, slot: &[u8], key: &[u8; 32], r: &Remembered) {
+        let path = self.listing_path(slot);
+        if let Some(dir) = path.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = replace_unsynced(&path, &encode_listing(key, r));
+    }
+
     /// The digest of a set of context entries (`rel` -> on-disk path) for a cache key, and
     /// each entry as provenance records it: type, mode, owner, size, link target, xattrs,
     /// content digest, and the mtime as it will appear in the layer (clamped to `epoch`).
@@ -454,16 +717,14 @@ impl ContextHasher {
     pub fn describe_leaves(
         &self,
         entries: &[(String, PathBuf)],
+        stats: &[FileStat],
         epoch: i64,
         owner: (u32, u32),
     ) -> io::Result<(String, Vec<ContextLeaf>, Option<Vec<SourceStat>>)> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = now_secs();
         // Every entry's metadata, link target and xattrs, and the stat cache's answer, in
         // parallel over contiguous slices (a no-op build of a large context is these calls).
-        let mut probes = self.probe_all(entries, now)?;
+        let mut probes = self.probe_all(entries, stats, now)?;
         let mut hashes: Vec<Option<String>> = probes.iter_mut().map(|p| p.cached.take()).collect();
         let todo: Vec<usize> = probes
             .iter()
@@ -562,6 +823,8 @@ impl ContextHasher {
         }
         let (d, _, _) = h.finish();
         let stats = (!todo.is_empty()).then(|| probes.iter().map(|p| p.md).collect());
+        drop(probes);
+        drop(hashes);
         Ok((d.to_string(), leaves, stats))
     }
 }
@@ -592,7 +855,8 @@ mod tests {
             .collect();
         let journal = store.path().join("cache/stat.log");
         let h = ContextHasher::open(store.path(), 2);
-        h.describe_leaves(&entries[..19], 0, (0, 0)).unwrap();
+        let st = h.stat_all(&entries[..19]).unwrap().stats;
+        h.describe_leaves(&entries[..19], &st, 0, (0, 0)).unwrap();
         h.save();
         assert!(!journal.exists(), "the first save writes the cache whole");
         // Entries of files changed in the last seconds are not trusted (so hashed again).
@@ -601,7 +865,8 @@ mod tests {
         ));
         let h = ContextHasher::open(store.path(), 2);
         assert_eq!(h.loaded_stat().read().unwrap().len(), 19);
-        h.describe_leaves(&entries, 0, (0, 0)).unwrap();
+        let st = h.stat_all(&entries).unwrap().stats;
+        h.describe_leaves(&entries, &st, 0, (0, 0)).unwrap();
         h.save();
         let appended = fs::metadata(&journal).unwrap().len();
         assert!(
@@ -618,6 +883,73 @@ mod tests {
         let h = ContextHasher::open(store.path(), 2);
         assert_eq!(h.loaded_stat().read().unwrap().len(), 20);
         assert_eq!(h.journaled.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_listing_is_recalled_by_its_key_until_an_entry_changes() {
+        let store = tempfile::tempdir().unwrap();
+        let ctx = tempfile::tempdir().unwrap();
+        let entries: Vec<(String, PathBuf)> = (0..3 * STAT_BLOCK + 7)
+            .map(|i| (format!("f{}", i), ctx.path().join(format!("f{}", i))))
+            .collect();
+        for (_, p) in &entries {
+            fs::write(p, "x").unwrap();
+        }
+        let h = ContextHasher::open(store.path(), 2);
+        let key_now = |h: &ContextHasher| {
+            let st = h.stat_all(&entries).unwrap();
+            assert_eq!(st.stats.len(), entries.len());
+            assert_eq!(st.stats[STAT_BLOCK + 1].st_size, 1);
+            h.listing_key(&st, b"slot", &[entries.len()])
+        };
+        assert_eq!(key_now(&h), None, "just written: too recent to trust");
+        std::thread::sleep(std::time::Duration::from_secs_f64(
+            RACY_SECONDS as f64 + 0.1,
+        ));
+        let key = key_now(&h).unwrap();
+        let single = ContextHasher::open(store.path(), 1);
+        assert_eq!(
+            key_now(&single),
+            Some(key),
+            "the key does not depend on threads"
+        );
+        let mut leaves = std::collections::BTreeMap::new();
+        leaves.insert(
+            "f0".to_string(),
+            ContextLeaf {
+                kind: "file",
+                mode: 0o644,
+                content: Some("sha256:00".into()),
+                link: None,
+                mtime: None,
+            },
+        );
+        let r = Remembered {
+            digest: "sha256:11".into(),
+            sources: vec!["sha256:22".into()],
+            listing: ContextListing::of(&leaves),
+        };
+        h.remember(b"slot", &key, &r);
+        let back = h.recall(b"slot", &key).unwrap();
+        assert_eq!((&back.digest, &back.sources), (&r.digest, &r.sources));
+        assert_eq!(back.listing.json, r.listing.json);
+        assert_eq!(back.listing.digest, r.listing.digest);
+        assert_eq!(back.listing.last, "f0");
+        assert!(h.recall(b"other slot", &key).is_none());
+        // A damaged file is no listing.
+        let file = h.listing_path(b"slot");
+        let mut bytes = fs::read(&file).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        assert!(h.recall(b"slot", &key).is_none());
+        // Any change to an entry's metadata (here its mode) is another key.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&entries[5].1, fs::Permissions::from_mode(0o600)).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs_f64(
+            RACY_SECONDS as f64 + 0.1,
+        ));
+        assert_ne!(key_now(&h), Some(key));
     }
 
     #[test]

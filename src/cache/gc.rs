@@ -241,8 +241,14 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     super::chunks::forget_missing(store.root(), &store.blobs);
     // So do the records of layers left at registries that nothing needs any more.
     crate::registry::lazy::forget_except(store.root(), &live);
-    // And the memos of --force-compression conversions whose result is gone.
+    // And the memos of --force-compression conversions and of provenance statements whose
+    // result is gone.
     forget_conversions(store);
+    forget_statements(store);
+    // The context listings no-op builds take are kept for the next build, unless all goes.
+    if opts.all {
+        let _ = fs::remove_dir_all(store.root().join("cache").join("listings"));
+    }
     // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
     let mut live_chains = BTreeSet::new();
     for img in &images {
@@ -284,6 +290,23 @@ fn forget_conversions(store: &Store) {
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| crate::oci::image::LayerRef::from_json(&v))
             .is_some_and(|c| store.blobs.available(&c.digest));
+        if !still {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Remove the memos of `cache/statements/` (a provenance statement's digest and size, by
+/// what it was made of) whose statement the store no longer holds, or that do not parse.
+fn forget_statements(store: &Store) {
+    let Ok(rd) = fs::read_dir(store.root().join("cache").join("statements")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let still = fs::read_to_string(e.path())
+            .ok()
+            .and_then(|s| s.split_once(' ')?.0.parse::<Digest>().ok())
+            .is_some_and(|d| store.blobs.contains(&d));
         if !still {
             let _ = fs::remove_file(e.path());
         }

@@ -21,6 +21,14 @@ use crate::oci::blobs::{write_atomic, BlobStore};
 use crate::oci::digest::Digest;
 use crate::oci::image::{canonical_json, state_from_config, ImageState, LayerRef};
 
+/// Drop `v` on a thread of its own: a large context's entries (and its stat cache) are
+/// hundreds of thousands of allocations, and freeing them one by one need not hold up the
+/// build.
+pub fn free_aside<T: Send + 'static>(v: T) {
+    // Should no thread start, `v` is dropped here.
+    let _ = std::thread::Builder::new().spawn(move || drop(v));
+}
+
 /// A step's cache key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey(pub Digest);
@@ -31,7 +39,7 @@ pub struct CacheKey(pub Digest);
 /// 3: gzip layers are written in independent chunks (other bytes than before).
 /// 4: steps are keyed by their typed op (`plan::Op::cache_key`) and its inputs, not by
 /// instruction text.
-const KEY_VERSION: u32 = 4;
+pub(crate) const KEY_VERSION: u32 = 4;
 
 impl CacheKey {
     /// The key of a stage's starting point.

@@ -12,6 +12,7 @@ use crate::epoch;
 use crate::export::{Built, Output};
 use crate::frontend::checks::{self, BaseImages, CheckInput, CheckPolicy};
 use crate::frontend::{self, BaseResolver, LowerOptions, PlanOptions};
+use crate::oci::digest::Digest;
 use crate::oci::layer::Compression;
 use crate::oci::platform::Platform;
 use crate::plan::{self, OpGraph};
@@ -728,13 +729,14 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
 }
 
 /// The statements a build's image gets: provenance and SBOM, as `attest` asks, in canonical
-/// JSON (each a function of the build's inputs alone).
+/// JSON (each a function of the build's inputs alone), stored as blobs: their predicate
+/// types, digests and sizes.
 fn attestations_for(
     store: &Store,
     invocation: &provenance::Invocation,
     attest: AttestOptions,
     outcome: &solver::Outcome,
-) -> Result<Vec<(String, Vec<u8>)>, CliError> {
+) -> Result<Vec<(String, Digest, u64)>, CliError> {
     let image = &outcome.image;
     let platform = crate::oci::image::platform_of(image);
     let mut statements = Vec::new();
@@ -745,10 +747,10 @@ fn attestations_for(
             build_file_digest: invocation.build_file_digest.clone(),
             ..*invocation
         };
-        statements.push((
-            provenance::PREDICATE_TYPE.to_string(),
-            provenance::statement_bytes(&inv, &platform, &image.manifest_digest, &outcome.trace),
-        ));
+        let (doc, files) =
+            provenance::statement_parts(&inv, &platform, &image.manifest_digest, &outcome.trace);
+        let (digest, size) = put_statement(store, &doc, &files)?;
+        statements.push((provenance::PREDICATE_TYPE.to_string(), digest, size));
     }
     if attest.sbom {
         let cache = sbom::cache_dir(store.root());
@@ -762,12 +764,49 @@ fn attestations_for(
         let (packages, os_id) = sbom::merge(&scans);
         let doc = sbom::document(&packages, os_id.as_deref(), &platform, invocation.epoch);
         let st = sbom::statement(doc, &platform, &image.manifest_digest);
-        statements.push((
-            sbom::PREDICATE_TYPE.to_string(),
-            crate::oci::image::canonical_json(&st),
-        ));
+        let bytes = crate::oci::image::canonical_json(&st);
+        let digest = store
+            .blobs
+            .put(&bytes)
+            .map_err(|e| CliError::msg(e.to_string()))?;
+        statements.push((sbom::PREDICATE_TYPE.to_string(), digest, bytes.len() as u64));
     }
     Ok(statements)
+}
+
+/// Store the provenance statement whose parts are `doc` and `files` (see
+/// [`provenance::statement_parts`]). The digest and size of the statement a `doc` made are
+/// remembered (`cache/statements/`): `doc` names the files by their digest, so while that
+/// blob is in the store, a build whose inputs did not change neither writes nor hashes its
+/// context's files again.
+fn put_statement(store: &Store, doc: &[u8], files: &[u8]) -> Result<(Digest, u64), CliError> {
+    let memo = store
+        .root()
+        .join("cache")
+        .join("statements")
+        .join(Digest::of(doc).hex());
+    let remembered = std::fs::read_to_string(&memo).ok().and_then(|s| {
+        let (d, size) = s.trim().split_once(' ')?;
+        Some((d.parse::<Digest>().ok()?, size.parse::<u64>().ok()?))
+    });
+    if let Some((d, size)) = remembered {
+        if store.blobs.contains(&d) {
+            return Ok((d, size));
+        }
+    }
+    let bytes = provenance::splice_files(doc, files);
+    let digest = store
+        .blobs
+        .put(&bytes)
+        .map_err(|e| CliError::msg(e.to_string()))?;
+    if let Some(dir) = memo.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = crate::oci::blobs::replace_unsynced(
+        &memo,
+        format!("{} {}\n", digest, bytes.len()).as_bytes(),
+    );
+    Ok((digest, bytes.len() as u64))
 }
 
 /// Base images as the local store knows them, for the build's platform (nothing is pulled

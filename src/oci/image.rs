@@ -349,28 +349,27 @@ pub struct StoredAttestation {
     pub statements: Vec<(LayerRef, String)>,
 }
 
-/// Write an attestation manifest about `subject` holding `statements` (predicate type,
-/// statement bytes), in that order.
+/// Write an attestation manifest about `subject` holding `statements` (predicate type, and
+/// the digest and size of the statement blob, already stored), in that order.
 pub fn commit_attestation(
     blobs: &BlobStore,
     subject: &StoredImage,
-    statements: &[(String, Vec<u8>)],
+    statements: &[(String, Digest, u64)],
 ) -> Result<StoredAttestation, ImageError> {
     let mut layers = Vec::new();
     let mut descriptors = Vec::new();
-    for (predicate, bytes) in statements {
-        let digest = blobs.put(bytes)?;
+    for (predicate, digest, size) in statements {
         descriptors.push(json!({
             "mediaType": MEDIA_IN_TOTO,
             "digest": digest.to_string(),
-            "size": bytes.len(),
+            "size": size,
             "annotations": {PREDICATE_TYPE: predicate},
         }));
         layers.push((
             LayerRef {
                 diff_id: digest.clone(),
-                digest,
-                size: bytes.len() as u64,
+                digest: digest.clone(),
+                size: *size,
                 media_type: MEDIA_IN_TOTO.to_string(),
             },
             predicate.clone(),

@@ -1278,19 +1278,48 @@ impl Ctx<'_, '_> {
             entries.append(&mut one);
             ends.push(entries.len());
         }
+        let statted = self
+            .hasher
+            .stat_all(&entries)
+            .map_err(|e| self.fail(origin, e.to_string()))?;
+        // A read of entries that all look as they did when this read last ran takes what it
+        // recorded then.
+        let owner = self.context_owner();
+        let mut slot =
+            std::os::unix::ffi::OsStrExt::as_bytes(self.req.context.as_os_str()).to_vec();
+        for src in sources {
+            slot.push(0);
+            slot.extend_from_slice(src.as_bytes());
+        }
+        slot.extend_from_slice(format!("\0{}\0{}:{}", self.req.epoch, owner.0, owner.1).as_bytes());
+        let key = self.hasher.listing_key(&statted, &slot, &ends);
+        if let Some(r) = key.as_ref().and_then(|k| self.hasher.recall(&slot, k)) {
+            if r.sources.len() == sources.len() {
+                for (src, d) in sources.iter().zip(&r.sources) {
+                    self.inputs.push(json!({"context": src, "digest": d}));
+                }
+                if let Ok(mut t) = self.trace.lock() {
+                    t.context.push(r.listing);
+                }
+                crate::cache::free_aside((entries, statted));
+                return Ok(r.digest);
+            }
+        }
         let (digest, leaves, stats) = self
             .hasher
-            .describe_leaves(&entries, self.req.epoch, self.context_owner())
+            .describe_leaves(&entries, &statted.stats, self.req.epoch, owner)
             .map_err(|e| self.fail(origin, e.to_string()))?;
+        drop(statted);
+        let mut source_digests = Vec::with_capacity(sources.len());
         let mut start = 0;
         for (src, end) in sources.iter().zip(ends) {
             let covered = entries[start..end]
                 .iter()
                 .map(|(rel, _)| rel)
                 .zip(&leaves[start..end]);
-            let d = crate::attest::trace::leaves_digest(covered);
-            self.inputs
-                .push(json!({"context": src, "digest": d.to_string()}));
+            let d = crate::attest::trace::leaves_digest(covered).to_string();
+            self.inputs.push(json!({"context": src, "digest": d}));
+            source_digests.push(d);
             start = end;
         }
         // Sorted here and merged in one pass (a large context's leaves, inserted one by one,
@@ -1311,9 +1340,19 @@ impl Ctx<'_, '_> {
             }
             same
         });
-        let mut listed: BTreeMap<String, ContextLeaf> = listed.into_iter().collect();
+        let listed: BTreeMap<String, ContextLeaf> = listed.into_iter().collect();
+        let listing = crate::attest::trace::ContextListing::of(&listed);
+        drop(listed);
+        if let Some(key) = &key {
+            let r = crate::cache::context_hash::Remembered {
+                digest: digest.clone(),
+                sources: source_digests,
+                listing: listing.clone(),
+            };
+            self.hasher.remember(&slot, key, &r);
+        }
         if let Ok(mut t) = self.trace.lock() {
-            t.context.append(&mut listed);
+            t.context.push(listing);
         }
         Ok(digest)
     }
