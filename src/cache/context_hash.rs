@@ -286,13 +286,18 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+fn take_u64(input: &mut &[u8]) -> Option<u64> {
+    let (word, rest) = input.split_first_chunk::<8>()?;
+    *input = rest;
+    Some(u64::from_le_bytes(*word))
+}
+
 fn take_bytes<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let (len, rest) = input.split_first_chunk::<8>()?;
-    let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
-    if len > rest.len() {
+    let len = usize::try_from(take_u64(input)?).ok()?;
+    if len > input.len() {
         return None;
     }
-    let (b, rest) = rest.split_at(len);
+    let (b, rest) = input.split_at(len);
     *input = rest;
     Some(b)
 }
@@ -329,9 +334,7 @@ fn decode_listing(mut bytes: Vec<u8>, key: &[u8; 32]) -> Option<Remembered> {
         return None;
     }
     let digest = take_string(&mut rest)?;
-    let (count, tail) = rest.split_first_chunk::<8>()?;
-    rest = tail;
-    let count = u64::from_le_bytes(*count);
+    let count = take_u64(&mut rest)?;
     let mut sources = Vec::new();
     for _ in 0..count {
         sources.push(take_string(&mut rest)?);
