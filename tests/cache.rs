@@ -713,6 +713,40 @@ fn a_copy_after_a_copy_unpacks_no_big_file_and_a_later_run_sees_every_byte() {
 }
 
 #[test]
+fn snapshots_made_as_layers_are_written_give_what_snapshots_unpacked_from_blobs_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    let big: Vec<u8> = (0..500_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    fs::create_dir_all(ctx.join("data/sub")).unwrap();
+    fs::write(ctx.join("data/big.bin"), &big).unwrap();
+    fs::write(ctx.join("data/sub/a.txt"), "a\n").unwrap();
+    std::os::unix::fs::symlink("sub/a.txt", ctx.join("data/link")).unwrap();
+    write(&ctx.join("small.txt"), "small\n");
+    let copies = "FROM busybox:test\nCOPY data/ /data/\nWORKDIR /data/sub\n\
+                  COPY --chown=app --chmod=600 small.txt ./\n";
+    let with_run = format!(
+        "{}RUN ls -lnR --full-time /data > /list && wc -c /data/big.bin >> /list \
+         && cat /data/link /data/sub/small.txt >> /list\n",
+        copies
+    );
+    // Cold: each step's snapshot for the next comes from its layer's own stream.
+    let cold = dir.path().join("cold");
+    busybox_base(&cold.join("root"), "busybox:test");
+    write(&ctx.join("Buildfile"), &with_run);
+    let cold_digest = build(&cold.join("root"), &ctx, &[]);
+    // Step by step: the COPY layers come from the cache, their snapshots from the blobs.
+    let stepped = dir.path().join("stepped");
+    busybox_base(&stepped.join("root"), "busybox:test");
+    write(&ctx.join("Buildfile"), copies);
+    build(&stepped.join("root"), &ctx, &[]);
+    fs::remove_dir_all(stepped.join("root/snapshots")).unwrap();
+    write(&ctx.join("Buildfile"), &with_run);
+    let (stepped_digest, _, ran) = build_log(&stepped.join("root"), &ctx, &[]);
+    assert_eq!(ran.len(), 1, "only the RUN runs: {:?}", ran);
+    assert_eq!(stepped_digest, cold_digest);
+}
+
+#[test]
 fn a_rebuild_after_edits_copies_each_file_as_it_is_now() {
     let dir = busybox_dir();
     let root = dir.path().join("root");

@@ -280,11 +280,11 @@ fn apply_whiteouts(layer_path: &Path, layer_name: &str, target: &Path) -> Result
         layer: layer_name.to_string(),
         source,
     };
-    let mut archive = tar::Archive::new(open_layer(layer_path).map_err(io_e)?);
+    let mut archive = tar::Archive::new(open_layer(layer_path).map_err(&io_e)?);
     let mut opaque = Vec::new();
     let mut whiteouts = Vec::new();
-    for e in archive.entries().map_err(io_e)? {
-        let e = e.map_err(io_e)?;
+    for e in archive.entries().map_err(&io_e)? {
+        let e = e.map_err(&io_e)?;
         let name = e.path_bytes().into_owned();
         let unsafe_e = |reason: String| UnpackError::Unsafe {
             layer: layer_name.to_string(),
@@ -303,21 +303,39 @@ fn apply_whiteouts(layer_path: &Path, layer_name: &str, target: &Path) -> Result
         }
     }
     for dir in opaque {
-        let d = resolve_in_root(target, &dir).map_err(io_e)?;
+        let d = resolve_in_root(target, &dir).map_err(&io_e)?;
         if let Ok(rd) = fs::read_dir(&d) {
             for child in rd.flatten() {
-                remove_any(&child.path()).map_err(io_e)?;
+                remove_any(&child.path()).map_err(&io_e)?;
             }
         }
     }
     for w in whiteouts {
-        let parent = resolve_in_root(target, w.parent().unwrap_or(Path::new(""))).map_err(io_e)?;
+        let parent = resolve_in_root(target, w.parent().unwrap_or(Path::new(""))).map_err(&io_e)?;
         if let Some(name) = w.file_name() {
-            remove_any(&parent.join(name)).map_err(io_e)?;
+            remove_any(&parent.join(name)).map_err(&io_e)?;
         }
     }
 
     Ok(())
+}
+
+/// An I/O error while unpacking `layer_name` into `target` (running out of space says so).
+fn unpack_io_error(layer_name: &str, target: &Path) -> impl Fn(io::Error) -> UnpackError {
+    let (layer, target) = (layer_name.to_string(), target.to_path_buf());
+    move |source: io::Error| {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            UnpackError::NoSpace {
+                layer: layer.clone(),
+                target: target.clone(),
+            }
+        } else {
+            UnpackError::Io {
+                layer: layer.clone(),
+                source,
+            }
+        }
+    }
 }
 
 /// Write the layer's entries (not its whiteouts, unless in overlay format) into `target`.
@@ -328,25 +346,189 @@ fn unpack_entries(
     opts: UnpackOptions,
     diff_id: Option<&Digest>,
 ) -> Result<UnpackReport, UnpackError> {
-    let io_e = |source: io::Error| {
-        if source.raw_os_error() == Some(libc::ENOSPC) {
-            UnpackError::NoSpace {
-                layer: layer_name.to_string(),
-                target: target.to_path_buf(),
-            }
-        } else {
-            UnpackError::Io {
-                layer: layer_name.to_string(),
-                source,
+    let io_e = unpack_io_error(layer_name, target);
+    let stream = open_layer(layer_path).map_err(&io_e)?;
+    let Some(expected) = diff_id else {
+        let (report, dir_times) = unpack_tar(stream, layer_name, target, opts)?;
+        set_dir_times(dir_times);
+        return Ok(report);
+    };
+    let mut hashed = HashingReader::new(stream);
+    let (report, dir_times) = unpack_tar(&mut hashed, layer_name, target, opts)?;
+    // The whole uncompressed stream, end-of-archive blocks included, is what diff_id names.
+    let (found, _) = hashed.finish().map_err(&io_e)?;
+    if &found != expected {
+        return Err(UnpackError::DiffIdMismatch {
+            layer: layer_name.to_string(),
+            expected: expected.clone(),
+            found,
+        });
+    }
+    set_dir_times(dir_times);
+    Ok(report)
+}
+
+/// Unpack, in overlay format into an empty `target`, a tar this process writes itself and
+/// whose diff_id it computes as it writes (so it is not hashed again here): a layer's
+/// snapshot made from the layer's own stream, as the layer is written.
+pub fn unpack_own_tar(
+    tar: impl Read,
+    layer_name: &str,
+    target: &Path,
+    opts: UnpackOptions,
+) -> Result<UnpackReport, UnpackError> {
+    if !opts.overlay_format {
+        return Err(unpack_io_error(layer_name, target)(io::Error::other(
+            "a layer's own stream is unpacked in overlay format only",
+        )));
+    }
+    let (report, dir_times) = unpack_tar(tar, layer_name, target, opts)?;
+    set_dir_times(dir_times);
+    Ok(report)
+}
+
+/// A writer that unpacks what it is given ([`unpack_own_tar`]) on a thread of its own: the
+/// tee of a layer being written, so that its snapshot needs no second read of the blob.
+/// Writing never fails: if the unpack stops, the rest is dropped and [`finish`] says why.
+///
+/// [`finish`]: StreamUnpacker::finish
+pub struct StreamUnpacker {
+    chunks: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    buf: Vec<u8>,
+    worker: Option<std::thread::JoinHandle<Result<UnpackReport, UnpackError>>>,
+    layer_name: String,
+    target: PathBuf,
+}
+
+/// Bytes handed to the unpacking thread at a time, and how many such chunks may wait.
+const UNPACK_CHUNK: usize = 1 << 20;
+const UNPACK_QUEUE: usize = 4;
+
+impl StreamUnpacker {
+    pub fn start(
+        layer_name: &str,
+        target: &Path,
+        opts: UnpackOptions,
+    ) -> Result<StreamUnpacker, UnpackError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(UNPACK_QUEUE);
+        let (name, dir) = (layer_name.to_string(), target.to_path_buf());
+        let worker = std::thread::Builder::new()
+            .name("unpack".into())
+            .spawn(move || {
+                let reader = ChunkReader {
+                    chunks: rx,
+                    current: Vec::new(),
+                    at: 0,
+                };
+                unpack_own_tar(reader, &name, &dir, opts)
+            })
+            .map_err(unpack_io_error(layer_name, target))?;
+        Ok(StreamUnpacker {
+            chunks: Some(tx),
+            buf: Vec::with_capacity(UNPACK_CHUNK),
+            worker: Some(worker),
+            layer_name: layer_name.to_string(),
+            target: target.to_path_buf(),
+        })
+    }
+
+    fn send(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(UNPACK_CHUNK));
+        if let Some(tx) = &self.chunks {
+            if tx.send(chunk).is_err() {
+                // The unpack has stopped; its result says why.
+                self.chunks = None;
             }
         }
-    };
+    }
+
+    /// Hand over the rest, wait for the unpack and return its outcome.
+    pub fn finish(mut self) -> Result<UnpackReport, UnpackError> {
+        self.send();
+        self.chunks = None;
+        let failed = unpack_io_error(&self.layer_name, &self.target);
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(result)) => result,
+            _ => Err(failed(io::Error::other("the unpacking thread stopped"))),
+        }
+    }
+}
+
+impl io::Write for StreamUnpacker {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.chunks.is_some() {
+            self.buf.extend_from_slice(data);
+            if self.buf.len() >= UNPACK_CHUNK {
+                self.send();
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for StreamUnpacker {
+    fn drop(&mut self) {
+        // An abandoned unpack ends at the stream's end; wait so its target can be removed.
+        self.chunks = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The reading end of a [`StreamUnpacker`].
+struct ChunkReader {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.chunks.recv() {
+                Ok(next) => {
+                    self.current = next;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Directories' mtimes, set last (deepest first), once nothing more is written in them.
+fn set_dir_times(dir_times: Vec<(PathBuf, i64)>) {
+    for (d, t) in dir_times.into_iter().rev() {
+        set_mtime(&d, t);
+    }
+}
+
+/// The entries of one uncompressed tar stream, written into `target`; returns the
+/// directories whose mtimes are still to be set.
+#[allow(clippy::type_complexity)]
+fn unpack_tar(
+    stream: impl Read,
+    layer_name: &str,
+    target: &Path,
+    opts: UnpackOptions,
+) -> Result<(UnpackReport, Vec<(PathBuf, i64)>), UnpackError> {
+    let io_e = unpack_io_error(layer_name, target);
     let mut report = UnpackReport::default();
-    let stream = HashingReader::new(open_layer(layer_path).map_err(io_e)?);
     let mut archive = tar::Archive::new(stream);
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
-    for e in archive.entries().map_err(io_e)? {
-        let mut e = e.map_err(io_e)?;
+    for e in archive.entries().map_err(&io_e)? {
+        let mut e = e.map_err(&io_e)?;
         // Metadata entries the tar reader leaves in the stream (a pax global header, as GNU
         // tar and `git archive` write): never files, whatever name they carry.
         if matches!(
@@ -371,11 +553,11 @@ fn unpack_entries(
         };
         if let Some(hidden) = base.as_bytes().strip_prefix(b".wh.") {
             if opts.overlay_format {
-                let parent =
-                    resolve_in_root(target, rel.parent().unwrap_or(Path::new(""))).map_err(io_e)?;
-                fs::create_dir_all(&parent).map_err(io_e)?;
+                let parent = resolve_in_root(target, rel.parent().unwrap_or(Path::new("")))
+                    .map_err(&io_e)?;
+                fs::create_dir_all(&parent).map_err(&io_e)?;
                 if hidden == b".wh..opq" {
-                    xattr::set(&parent, "trusted.overlay.opaque", b"y").map_err(io_e)?;
+                    xattr::set(&parent, "trusted.overlay.opaque", b"y").map_err(&io_e)?;
                 } else {
                     let p = parent.join(OsStr::from_bytes(hidden));
                     let _ = remove_any(&p);
@@ -391,8 +573,8 @@ fn unpack_entries(
             continue;
         }
         let parent_rel = rel.parent().unwrap_or(Path::new(""));
-        let parent = resolve_in_root(target, parent_rel).map_err(io_e)?;
-        fs::create_dir_all(&parent).map_err(io_e)?;
+        let parent = resolve_in_root(target, parent_rel).map_err(&io_e)?;
+        fs::create_dir_all(&parent).map_err(&io_e)?;
         let dest = parent.join(base);
         let h = e.header().clone();
         let mode = h.mode().unwrap_or(0o644) & 0o7777;
@@ -411,9 +593,9 @@ fn unpack_entries(
         if !kind.is_dir() {
             if let Ok(md) = fs::symlink_metadata(&dest) {
                 if md.is_dir() && !kind.is_dir() {
-                    fs::remove_dir_all(&dest).map_err(io_e)?;
+                    fs::remove_dir_all(&dest).map_err(&io_e)?;
                 } else if !md.is_dir() {
-                    fs::remove_file(&dest).map_err(io_e)?;
+                    fs::remove_file(&dest).map_err(&io_e)?;
                 }
             }
         }
@@ -421,21 +603,21 @@ fn unpack_entries(
             tar::EntryType::Directory => {
                 if let Ok(md) = fs::symlink_metadata(&dest) {
                     if !md.is_dir() {
-                        fs::remove_file(&dest).map_err(io_e)?;
+                        fs::remove_file(&dest).map_err(&io_e)?;
                     }
                 }
-                fs::create_dir_all(&dest).map_err(io_e)?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_e)?;
+                fs::create_dir_all(&dest).map_err(&io_e)?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(&io_e)?;
                 dir_times.push((dest.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                let mut f = fs::File::create(&dest).map_err(io_e)?;
+                let mut f = fs::File::create(&dest).map_err(&io_e)?;
                 // Skipped content is still read (and hashed) as the next entry is reached.
                 if !opts.metadata_only || rel.starts_with("etc") || e.size() <= KEPT_IN_SKELETON {
-                    write_sparse(&mut e, &mut f).map_err(io_e)?;
+                    write_sparse(&mut e, &mut f).map_err(&io_e)?;
                 }
                 drop(f);
-                fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_e)?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(&io_e)?;
             }
             tar::EntryType::Symlink => {
                 let link = e
@@ -443,7 +625,7 @@ fn unpack_entries(
                     .map(|l| l.into_owned())
                     .unwrap_or_default();
                 // The link itself is harmless as stored; following it is what resolve_in_root guards.
-                symlink(OsStr::from_bytes(&link), &dest).map_err(io_e)?;
+                symlink(OsStr::from_bytes(&link), &dest).map_err(&io_e)?;
             }
             tar::EntryType::Link => {
                 let link = e
@@ -454,11 +636,11 @@ fn unpack_entries(
                     clean_entry(&link).map_err(|r| unsafe_e(format!("hardlink target: {}", r)))?;
                 let src_parent =
                     resolve_in_root(target, link_rel.parent().unwrap_or(Path::new("")))
-                        .map_err(io_e)?;
+                        .map_err(&io_e)?;
                 let src = src_parent.join(link_rel.file_name().unwrap_or_default());
                 match fs::symlink_metadata(&src) {
                     Ok(md) if md.is_file() && src.starts_with(target) => {
-                        fs::hard_link(&src, &dest).map_err(io_e)?
+                        fs::hard_link(&src, &dest).map_err(&io_e)?
                     }
                     _ => {
                         return Err(unsafe_e(format!(
@@ -525,21 +707,7 @@ fn unpack_entries(
         }
         report.entries += 1;
     }
-    if let Some(expected) = diff_id {
-        // The whole uncompressed stream, end-of-archive blocks included, is what diff_id names.
-        let (found, _) = archive.into_inner().finish().map_err(io_e)?;
-        if &found != expected {
-            return Err(UnpackError::DiffIdMismatch {
-                layer: layer_name.to_string(),
-                expected: expected.clone(),
-                found,
-            });
-        }
-    }
-    for (d, t) in dir_times.into_iter().rev() {
-        set_mtime(&d, t);
-    }
-    Ok(report)
+    Ok((report, dir_times))
 }
 
 /// Set a path's mtime (and atime) without following symlinks; best effort.
@@ -708,5 +876,106 @@ mod tests {
         assert!(!target.path().join("d/old").exists());
         assert!(!target.path().join("d/sub").exists());
         assert!(!target.path().join("gone").exists());
+    }
+
+    /// Everything an unpack decides about each path under `dir`, one line per path.
+    fn tree_state(dir: &Path) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt;
+        walkdir::WalkDir::new(dir)
+            .sort_by_file_name()
+            .into_iter()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = e.path().symlink_metadata().unwrap();
+                let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+                let content = if md.is_file() {
+                    format!("{:x?}", fs::read(e.path()).unwrap())
+                } else if md.file_type().is_symlink() {
+                    fs::read_link(e.path()).unwrap().display().to_string()
+                } else {
+                    String::new()
+                };
+                let opaque = xattr::get(e.path(), "trusted.overlay.opaque")
+                    .ok()
+                    .flatten();
+                format!(
+                    "{} {:o} {} {}:{} {} {} {:?} {}",
+                    rel,
+                    md.mode(),
+                    md.size(),
+                    md.uid(),
+                    md.gid(),
+                    md.mtime(),
+                    md.nlink(),
+                    opaque,
+                    content
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_layer_unpacked_from_its_own_stream_matches_one_unpacked_from_its_blob() {
+        let big = vec![7u8; 200 << 10];
+        let l = layer(&[
+            ("d/", tar::EntryType::Directory, b"", None),
+            ("d/small", tar::EntryType::Regular, b"small", None),
+            ("d/big", tar::EntryType::Regular, &big, None),
+            ("d/twin", tar::EntryType::Link, b"", Some("d/small")),
+            ("d/to-big", tar::EntryType::Symlink, b"", Some("big")),
+            ("etc/", tar::EntryType::Directory, b"", None),
+            ("etc/passwd", tar::EntryType::Regular, &big, None),
+            ("o/", tar::EntryType::Directory, b"", None),
+            ("o/.wh..wh..opq", tar::EntryType::Regular, b"", None),
+            (".wh.gone", tar::EntryType::Regular, b"", None),
+        ]);
+        let bytes = fs::read(l.path()).unwrap();
+        let diff_id = Digest::of(&bytes);
+        for metadata_only in [false, true] {
+            let opts = UnpackOptions {
+                devices: false,
+                ownership: true,
+                overlay_format: true,
+                metadata_only,
+            };
+            let from_blob = tempfile::tempdir().unwrap();
+            unpack_verified(l.path(), "blob", from_blob.path(), opts, &diff_id).unwrap();
+            let from_stream = tempfile::tempdir().unwrap();
+            let mut u = StreamUnpacker::start("stream", from_stream.path(), opts).unwrap();
+            // Pieces of odd sizes, some larger than a chunk handed to the thread.
+            let mut rest = &bytes[..];
+            for size in [1usize, 511, 4097, UNPACK_CHUNK + 3].iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*size).min(rest.len());
+                io::Write::write_all(&mut u, &rest[..n]).unwrap();
+                rest = &rest[n..];
+            }
+            u.finish().unwrap();
+            assert_eq!(tree_state(from_stream.path()), tree_state(from_blob.path()));
+            let big_size = fs::metadata(from_stream.path().join("d/big"))
+                .unwrap()
+                .len();
+            assert_eq!(big_size, if metadata_only { 0 } else { big.len() as u64 });
+        }
+    }
+
+    #[test]
+    fn a_stream_unpack_that_fails_says_so_and_never_blocks_the_writer() {
+        let l = layer(&[("../escape", tar::EntryType::Regular, b"x", None)]);
+        let mut bytes = fs::read(l.path()).unwrap();
+        bytes.extend(std::iter::repeat_n(0u8, 8 * UNPACK_CHUNK));
+        let target = tempfile::tempdir().unwrap();
+        let opts = UnpackOptions {
+            overlay_format: true,
+            ..Default::default()
+        };
+        let mut u = StreamUnpacker::start("bad", target.path(), opts).unwrap();
+        for piece in bytes.chunks(UNPACK_CHUNK / 2) {
+            io::Write::write_all(&mut u, piece).unwrap();
+        }
+        assert!(matches!(u.finish(), Err(UnpackError::Unsafe { .. })));
+        assert!(!target.path().join("escape").exists());
     }
 }

@@ -11,6 +11,7 @@ pub mod users;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +26,7 @@ use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
 use crate::context::{IgnoreMatcher, SourceRoot};
 use crate::oci::at::SourceStat;
+use crate::oci::digest::Digest;
 use crate::oci::image::{rfc3339, ImageState, LayerRef, StoredImage};
 use crate::oci::layer::{Compression, LayerOptions};
 use crate::oci::platform::Platform;
@@ -35,7 +37,7 @@ use crate::plan::{
 use crate::progress::Reporter;
 use crate::registry::{Client, PullPolicy};
 use crate::store::{sources, Store, StoreError};
-use crate::worker::snapshots::{RootView, Snapshots, ViewNeed};
+use crate::worker::snapshots::{chain_ids, next_chain, RootView, Snapshots, ViewNeed};
 use crate::worker::{self, Exit, Snapshotter};
 
 /// Everything a build needs besides the store.
@@ -232,6 +234,9 @@ struct Ctx<'s, 'a> {
     /// one had changed (the step will likely run): its COPY takes them instead of stating
     /// every file again.
     source_stats: Option<HashMap<PathBuf, SourceStat>>,
+    /// The snapshot the next step will read of the current step's layer (its kind, and the
+    /// chain below the layer), made from the layer's tar as it is written.
+    snapshot_ahead: Option<(Option<Digest>, ViewNeed)>,
 }
 
 impl<'a> std::ops::Deref for Ctx<'_, 'a> {
@@ -395,6 +400,7 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
                     inputs: Vec::new(),
                     volatile: false,
                     source_stats: None,
+                    snapshot_ahead: None,
                 };
                 let r = cx.run_stage(i);
                 // What was hashed stays useful even when a step failed.
@@ -676,14 +682,21 @@ impl Ctx<'_, '_> {
                     continue;
                 }
             }
-            // Only RUN reads file contents of its root; COPY and WORKDIR look up paths.
-            let need = match op.action {
-                Action::Exec(_) => ViewNeed::Full,
-                _ => ViewNeed::Metadata,
+            let need = view_need(op);
+            // What the stage's next layered step reads of this one's layer is unpacked from
+            // the layer's own stream as it is written, instead of from the blob afterwards.
+            self.snapshot_ahead = match (self.snapshotter, &op.action) {
+                (Snapshotter::Overlay, Action::Copy(_) | Action::Mkdir(_)) => stage.ops
+                    [step_in_stage + 1..]
+                    .iter()
+                    .find(|o| o.is_layered())
+                    .map(|next| (chain_ids(&state.layers).pop(), view_need(next))),
+                _ => None,
             };
             let outcome = self
                 .sync_view(&mut view, &state, need)
                 .and_then(|_| self.apply(op, &mut state, &mut view));
+            self.snapshot_ahead = None;
             if outcome.is_ok() {
                 match self.cache.put(&key, &state) {
                     Ok(()) => self.record_step(index, &key),
@@ -815,7 +828,7 @@ impl Ctx<'_, '_> {
 
     /// WORKDIR's layer: empty when the directory exists, else the directory and its missing
     /// parents, owned by the op's user.
-    fn mkdir(&self, op: &Op, m: &MkdirOp, rootfs: &Path) -> Result<LayerRef, BuildError> {
+    fn mkdir(&mut self, op: &Op, m: &MkdirOp, rootfs: &Path) -> Result<LayerRef, BuildError> {
         let exists = unpack::resolve_in_root(rootfs, Path::new(m.dir.trim_start_matches('/')))
             .map(|p| p.is_dir())
             .unwrap_or(false);
@@ -1389,11 +1402,32 @@ impl Ctx<'_, '_> {
     /// Write a layer described as a tree. The stage's view catches up lazily, only when a
     /// later step needs the filesystem.
     fn commit_tree(
-        &self,
+        &mut self,
         op: &Op,
         tree: &crate::oci::layer::LayerTree,
     ) -> Result<LayerRef, BuildError> {
-        let layer = self.write_step_layer(op, crate::oci::layer::LayerSource::Tree(tree))?;
+        let ahead = self.snapshot_ahead.take().and_then(|(below, need)| {
+            let staged = self.snaps.stage(need).ok()?;
+            let unpacker =
+                unpack::StreamUnpacker::start(&op.origin.text, &staged.dir, staged.options).ok()?;
+            Some((below, staged, unpacker))
+        });
+        let (below, staged, mut unpacker) = match ahead {
+            Some((below, staged, unpacker)) => (below, Some(staged), Some(unpacker)),
+            None => (None, None, None),
+        };
+        let layer = self.write_step_layer(
+            op,
+            crate::oci::layer::LayerSource::Tree(tree),
+            unpacker.as_mut().map(|u| u as &mut dyn Write),
+        )?;
+        // The snapshot is a shortcut: if it could not be made, the blob is unpacked later.
+        if let (Some(unpacker), Some(staged)) = (unpacker, staged) {
+            if unpacker.finish().is_ok() {
+                let chain = next_chain(below.as_ref(), &layer.diff_id);
+                let _ = self.snaps.publish_staged(&chain, staged);
+            }
+        }
         Ok(layer.into())
     }
 
@@ -1405,7 +1439,8 @@ impl Ctx<'_, '_> {
         staging: &Path,
         view: &mut RootView,
     ) -> Result<LayerRef, BuildError> {
-        let layer = self.write_step_layer(op, crate::oci::layer::LayerSource::Dir(staging))?;
+        let layer =
+            self.write_step_layer(op, crate::oci::layer::LayerSource::Dir(staging), None)?;
         let layer: LayerRef = layer.into();
         view.add_layer_from_dir(&self.snaps, &layer, staging)
             .map_err(|e| self.fail(&op.origin, e.to_string()))?;
@@ -1419,6 +1454,7 @@ impl Ctx<'_, '_> {
         &self,
         op: &Op,
         source: crate::oci::layer::LayerSource,
+        tee: Option<&mut dyn Write>,
     ) -> Result<crate::oci::layer::Layer, BuildError> {
         // Only a hint of which earlier blob to look in: reused chunks are matched by content.
         let identity = format!("{}\0{}", self.platform.spec(), op.origin.text);
@@ -1437,7 +1473,7 @@ impl Ctx<'_, '_> {
                     .as_ref()
                     .map(|p| p as &dyn crate::oci::pgzip::ChunkReuse),
             },
-            Some(&mut scanner),
+            Some(&mut Fanout(&mut scanner, tee)),
         )
         .map_err(|e| self.fail(&op.origin, e.to_string()))?;
         if let Some(scan) = scanner.finish() {
@@ -1461,6 +1497,30 @@ impl Ctx<'_, '_> {
             );
         }
         Ok(layer)
+    }
+}
+
+/// A layer's tar, seen by the SBOM scanner and, when given, one more reader.
+struct Fanout<'a, 'b>(&'a mut dyn Write, Option<&'b mut dyn Write>);
+
+impl Write for Fanout<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(buf)?;
+        if let Some(w) = self.1.as_mut() {
+            w.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What `op` reads of its root: only RUN reads file contents; COPY and WORKDIR look up paths.
+fn view_need(op: &Op) -> ViewNeed {
+    match op.action {
+        Action::Exec(_) => ViewNeed::Full,
+        _ => ViewNeed::Metadata,
     }
 }
 

@@ -414,12 +414,7 @@ impl Snapshots {
             .map_err(io_at(&self.tmp))?;
         let fs_tmp = staging.path().join(name);
         fs::create_dir(&fs_tmp).map_err(io_at(&fs_tmp))?;
-        let opts = UnpackOptions {
-            devices: false,
-            ownership: true,
-            overlay_format: true,
-            metadata_only: name == "meta",
-        };
+        let opts = snapshot_options(name);
         unpack::unpack_verified(
             &self.blobs.ensure(&layer.digest)?,
             &layer.digest.to_string(),
@@ -430,6 +425,40 @@ impl Snapshots {
         self.publish(staging, &final_dir, name)
     }
 
+    /// An empty snapshot of the kind `need` asks for, to be filled from a layer's own tar
+    /// stream as the layer is written ([`unpack::StreamUnpacker`]) and then published with
+    /// [`Snapshots::publish_staged`] once the layer's chain is known.
+    pub fn stage(&self, need: ViewNeed) -> Result<StagedSnapshot, SnapshotError> {
+        fs::create_dir_all(&self.tmp).map_err(io_at(&self.tmp))?;
+        let staging = tempfile::Builder::new()
+            .prefix(&crate::oci::blobs::scratch_prefix("snapshot"))
+            .tempdir_in(&self.tmp)
+            .map_err(io_at(&self.tmp))?;
+        let name = match need {
+            ViewNeed::Full => "fs",
+            ViewNeed::Metadata => "meta",
+        };
+        let dir = staging.path().join(name);
+        fs::create_dir(&dir).map_err(io_at(&dir))?;
+        Ok(StagedSnapshot {
+            staging,
+            name,
+            options: snapshot_options(name),
+            dir,
+        })
+    }
+
+    /// Put a filled [`StagedSnapshot`] in place as the snapshot of `chain`.
+    pub fn publish_staged(
+        &self,
+        chain: &Digest,
+        staged: StagedSnapshot,
+    ) -> Result<PathBuf, SnapshotError> {
+        fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
+        let final_dir = self.dir.join(chain.hex());
+        self.publish(staged.staging, &final_dir, staged.name)
+    }
+
     /// The overlay-format directory of `layer` on top of the chain `chain`, unpacking it once.
     pub fn layer_dir(&self, chain: &Digest, layer: &LayerRef) -> Result<PathBuf, SnapshotError> {
         let fs_dir = self.dir.join(chain.hex()).join("fs");
@@ -438,6 +467,26 @@ impl Snapshots {
         }
         self.unpack_into(chain, layer, "fs")
     }
+}
+
+/// How a layer is unpacked as a snapshot: `fs` in full, `meta` as a skeleton.
+fn snapshot_options(name: &str) -> UnpackOptions {
+    UnpackOptions {
+        devices: false,
+        ownership: true,
+        overlay_format: true,
+        metadata_only: name == "meta",
+    }
+}
+
+/// A snapshot being made beside its layer ([`Snapshots::stage`]); removed unless published.
+pub struct StagedSnapshot {
+    staging: tempfile::TempDir,
+    name: &'static str,
+    /// How to unpack into [`StagedSnapshot::dir`], as a snapshot made from the blob would be.
+    pub options: UnpackOptions,
+    /// Where the layer's entries go.
+    pub dir: PathBuf,
 }
 
 /// What a step reads of its root filesystem.
