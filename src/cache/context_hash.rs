@@ -381,9 +381,9 @@ pub struct ContextHasher {
     journaled: std::sync::atomic::AtomicUsize,
     /// Files hashed by this build not yet saved.
     fresh: Mutex<Vec<Vec<u8>>>,
-    /// The cache being read, on a thread of its own while the build starts (walking the
-    /// context, resolving the base image); [`ContextHasher::loaded_stat`] waits for it.
-    loading: Mutex<Option<std::thread::JoinHandle<(StatMap, bool, usize)>>>,
+    /// Whether `stat.bin` is still to be read: only when a step's context changed (a no-op
+    /// build takes its listings and never needs it).
+    unread: Mutex<bool>,
     this_build: RwLock<HashMap<PathBuf, String>>,
     dirty: AtomicBool,
     jobs: usize,
@@ -391,46 +391,21 @@ pub struct ContextHasher {
 
 impl Drop for ContextHasher {
     fn drop(&mut self) {
-        let loading = self.loading.get_mut().ok().and_then(|l| l.take());
         let stat = self.stat.get_mut().map(std::mem::take).unwrap_or_default();
-        super::free_aside((loading, stat));
+        super::free_aside(stat);
     }
 }
 
 impl ContextHasher {
     pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
         let path = store_root.join("cache").join("stat.bin");
-        let reading = path.clone();
-        let loading = std::thread::spawn(move || {
-            // Behind the build's own threads: a build whose context did not change never
-            // reads the cache, and its stat threads should have the cores.
-            // SAFETY: setpriority on this thread's id changes only this thread's niceness.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-            }
-            // Parsed as it is read: for a large context the file is tens of MB, and holding
-            // its bytes beside the parsed map would double the peak memory of every build.
-            let stat = fs::File::open(&reading).ok().and_then(|f| {
-                let len = f.metadata().ok()?.len();
-                read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
-            });
-            let loaded = stat.is_some();
-            let mut stat = stat.unwrap_or_default();
-            let journaled = match fs::File::open(reading.with_file_name("stat.log")) {
-                Ok(f) if loaded => {
-                    read_stat_journal(&mut io::BufReader::with_capacity(1 << 16, f), &mut stat)
-                }
-                _ => 0,
-            };
-            (stat, loaded, journaled)
-        });
         ContextHasher {
             path,
             stat: RwLock::new(StatMap::new()),
             loaded: AtomicBool::new(false),
             journaled: 0.into(),
             fresh: Mutex::new(Vec::new()),
-            loading: Mutex::new(Some(loading)),
+            unread: Mutex::new(true),
             this_build: RwLock::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             jobs: jobs.max(1),
@@ -439,8 +414,22 @@ impl ContextHasher {
 
     /// The stat cache, once it is read (an unreadable one is empty).
     fn loaded_stat(&self) -> &RwLock<StatMap> {
-        if let Ok(mut loading) = self.loading.lock() {
-            if let Some(Ok((map, loaded, journaled))) = loading.take().map(|h| h.join()) {
+        if let Ok(mut unread) = self.unread.lock() {
+            if std::mem::take(&mut *unread) {
+                // Parsed as it is read: for a large context the file is tens of MB, and
+                // holding its bytes beside the parsed map would double the peak memory.
+                let read = fs::File::open(&self.path).ok().and_then(|f| {
+                    let len = f.metadata().ok()?.len();
+                    read_stat_cache(&mut io::BufReader::with_capacity(1 << 20, f), len).ok()
+                });
+                let loaded = read.is_some();
+                let mut map = read.unwrap_or_default();
+                let journaled = match fs::File::open(self.path.with_file_name("stat.log")) {
+                    Ok(f) if loaded => {
+                        read_stat_journal(&mut io::BufReader::with_capacity(1 << 16, f), &mut map)
+                    }
+                    _ => 0,
+                };
                 if let Ok(mut stat) = self.stat.write() {
                     *stat = map;
                 }
