@@ -237,6 +237,9 @@ impl SourceRoot {
     }
 }
 
+/// A subtree's entries, as one walk thread lists them.
+type WalkedSubtree = Result<Vec<(String, PathBuf)>, ContextError>;
+
 /// [`walk_sorted`], its subtrees walked on a thread per CPU: the tree is split where it
 /// first has several directories, and the parts are joined in order (the same list).
 fn walk_sorted_parallel(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>, ContextError> {
@@ -289,7 +292,7 @@ fn walk_sorted_parallel(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf
             Part::Listed(_) => None,
         })
         .collect();
-    let walked: Vec<std::sync::Mutex<Option<Result<Vec<(String, PathBuf)>, ContextError>>>> =
+    let walked: Vec<std::sync::Mutex<Option<WalkedSubtree>>> =
         below.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {

@@ -342,7 +342,7 @@ mod tests {
             (json.into_owned(), digest)
         };
         assert_eq!(
-            got(&[a.clone()]),
+            got(std::slice::from_ref(&a)),
             want(&[("a/1", "sha256:01"), ("a/2", "sha256:02")])
         );
         // Disjoint reads, in any order, join.

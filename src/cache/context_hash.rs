@@ -231,6 +231,9 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// One block's stats, its BLAKE3 and whether any entry in it is racy.
+type StatBlock = (Vec<FileStat>, [u8; 32], bool);
+
 /// One block of [`ContextHasher::stat_all`].
 fn stat_block(part: &[(String, PathBuf)], now: i64) -> io::Result<(Vec<FileStat>, [u8; 32], bool)> {
     let mut dirs = crate::oci::at::DirCursor::default();
@@ -611,7 +614,7 @@ impl ContextHasher {
     pub fn stat_all(&self, entries: &[(String, PathBuf)]) -> io::Result<Statted> {
         let now = now_secs();
         let blocks: Vec<&[(String, PathBuf)]> = entries.chunks(STAT_BLOCK).collect();
-        let done: Vec<Mutex<Option<io::Result<(Vec<FileStat>, [u8; 32], bool)>>>> =
+        let done: Vec<Mutex<Option<io::Result<StatBlock>>>> =
             blocks.iter().map(|_| Mutex::new(None)).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let work = || loop {
