@@ -1406,23 +1406,21 @@ impl Ctx<'_, '_> {
         op: &Op,
         tree: &crate::oci::layer::LayerTree,
     ) -> Result<LayerRef, BuildError> {
-        let ahead = self.snapshot_ahead.take().and_then(|(below, need)| {
+        let mut ahead = self.snapshot_ahead.take().and_then(|(below, need)| {
             let staged = self.snaps.stage(need).ok()?;
             let unpacker =
                 unpack::StreamUnpacker::start(&op.origin.text, &staged.dir, staged.options).ok()?;
-            Some((below, staged, unpacker))
+            // A tuple drops its fields in order: on failure the unpacking thread is joined
+            // before its directory is removed.
+            Some((below, unpacker, staged))
         });
-        let (below, staged, mut unpacker) = match ahead {
-            Some((below, staged, unpacker)) => (below, Some(staged), Some(unpacker)),
-            None => (None, None, None),
-        };
         let layer = self.write_step_layer(
             op,
             crate::oci::layer::LayerSource::Tree(tree),
-            unpacker.as_mut().map(|u| u as &mut dyn Write),
+            ahead.as_mut().map(|(_, u, _)| u as &mut dyn Write),
         )?;
         // The snapshot is a shortcut: if it could not be made, the blob is unpacked later.
-        if let (Some(unpacker), Some(staged)) = (unpacker, staged) {
+        if let Some((below, unpacker, staged)) = ahead {
             if unpacker.finish().is_ok() {
                 let chain = next_chain(below.as_ref(), &layer.diff_id);
                 let _ = self.snaps.publish_staged(&chain, staged);
