@@ -565,23 +565,33 @@ fn export_valid_layout(root: &Path, name: &str, layout: &Path, tag: &str) {
     );
 }
 
-/// The `layer …: N chunks, C compressed, R reused` events of a `--progress json` build, and
-/// its digest.
-fn chunk_events(root: &Path, ctx: &Path) -> (String, Vec<(usize, usize)>) {
+/// The log lines of a `--progress json` build, and its digest.
+fn progress_lines(root: &Path, ctx: &Path) -> (String, Vec<String>) {
     let out = run(builder()
         .args(["build", "--progress", "json", "--root"])
         .arg(root)
         .arg(ctx));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
+    let lines = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["line"].as_str().map(str::to_string))
+        .collect();
+    let digest = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    (digest, lines)
+}
+
+/// The `layer …: N chunks, C compressed, R reused` events of a `--progress json` build, and
+/// its digest.
+fn chunk_events(root: &Path, ctx: &Path) -> (String, Vec<(usize, usize)>) {
+    let (digest, lines) = progress_lines(root, ctx);
     let mut events = Vec::new();
-    for line in log.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let Some(text) = v["line"].as_str() else {
-            continue;
-        };
+    for text in lines {
         if let Some((_, counts)) = text.strip_prefix("layer ").and_then(|t| t.split_once(": ")) {
             let nums: Vec<usize> = counts
                 .split(", ")
@@ -592,11 +602,6 @@ fn chunk_events(root: &Path, ctx: &Path) -> (String, Vec<(usize, usize)>) {
             }
         }
     }
-    let digest = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .to_string();
     (digest, events)
 }
 
@@ -631,6 +636,92 @@ fn an_edited_copy_recompresses_one_chunk_and_gives_the_cold_blob() {
         warm, cold,
         "the edit rebuild's image (and layer) is the cold build's"
     );
+}
+
+/// The `layer …: N tar segments, R read from earlier layers` events of a `--progress json`
+/// build, and its digest.
+fn segment_events(root: &Path, ctx: &Path) -> (String, Vec<(usize, usize)>) {
+    let (digest, lines) = progress_lines(root, ctx);
+    let mut events = Vec::new();
+    for text in lines {
+        let Some((_, counts)) = text.split_once(": ") else {
+            continue;
+        };
+        if let Some((n, rest)) = counts.split_once(" tar segments, ") {
+            let read = rest.split(' ').next().and_then(|r| r.parse().ok());
+            if let (Ok(n), Some(read)) = (n.parse(), read) {
+                events.push((n, read));
+            }
+        }
+    }
+    (digest, events)
+}
+
+fn segment_files(root: &Path) -> usize {
+    walkdir::WalkDir::new(root.join("cache/segments"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && !e.path().to_string_lossy().contains("/layers/"))
+        .count()
+}
+
+#[test]
+fn an_edited_copy_reads_the_files_of_one_tar_segment_and_gives_the_cold_blob() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx.join("Buildfile"), "FROM scratch\nCOPY src /src\n");
+    for i in 0..1500 {
+        write(
+            &ctx.join(format!("src/d{}/f{}.txt", i / 100, i)),
+            &format!("file {}\n", i).repeat(i % 40 + 1),
+        );
+    }
+    let root = t.path().join("warm");
+    let (_, cold) = segment_events(&root, &ctx);
+    assert_eq!(cold.len(), 1, "{:?}", cold);
+    let (segments, read) = cold[0];
+    assert!(segments >= 10, "{} segments", segments);
+    assert_eq!(read, 0, "a cold build has nothing to read back");
+    assert_eq!(segment_files(&root), segments);
+
+    // One file edited: every other segment is read back whole.
+    let edited = ctx.join("src/d7/f777.txt");
+    let mut text = fs::read_to_string(&edited).unwrap();
+    text.push_str("an edit\n");
+    fs::write(&edited, text).unwrap();
+    let (warm, events) = segment_events(&root, &ctx);
+    assert_eq!(events, vec![(segments, segments - 1)]);
+    // A fresh store's cold build of the edited context gives the same image.
+    let (fresh, _) = segment_events(&t.path().join("cold"), &ctx);
+    assert_eq!(warm, fresh);
+
+    // Segments the store holds are checked: a damaged one is not used, and the layer is
+    // still the one its files give.
+    for e in walkdir::WalkDir::new(root.join("cache/segments"))
+        .into_iter()
+        .flatten()
+    {
+        if e.file_type().is_file() && !e.path().to_string_lossy().contains("/layers/") {
+            let mut bytes = fs::read(e.path()).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            fs::write(e.path(), bytes).unwrap();
+        }
+    }
+    let other = ctx.join("src/d2/f222.txt");
+    fs::write(&other, "another edit\n").unwrap();
+    let (damaged, events) = segment_events(&root, &ctx);
+    assert_eq!(events, vec![(segments, 0)]);
+    let (fresh, _) = segment_events(&t.path().join("cold2"), &ctx);
+    assert_eq!(damaged, fresh);
+
+    // Pruning everything removes them.
+    run_ok(
+        builder()
+            .args(["cache", "prune", "--all", "--root"])
+            .arg(&root),
+    );
+    assert_eq!(segment_files(&root), 0);
 }
 
 /// Build `ctx` into an OCI layout under `scratch` and unpack it with umoci; returns the

@@ -191,6 +191,13 @@ fn kind_char(st: &SourceStat) -> char {
 }
 
 /// `sha256:` and the hex of `sha256` (one allocation: this runs for every context file).
+/// The bytes of a `sha256:<hex>` digest string.
+fn sha256_bytes(digest: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(digest.strip_prefix("sha256:")?, &mut out).ok()?;
+    Some(out)
+}
+
 fn sha256_digest_string(sha256: &[u8; 32]) -> String {
     let mut out = [0u8; 7 + 64];
     out[..7].copy_from_slice(b"sha256:");
@@ -817,7 +824,18 @@ impl ContextHasher {
             });
         }
         let (d, _, _) = h.finish();
-        let stats = (!todo.is_empty()).then(|| probes.iter().map(|p| p.md).collect());
+        // Each file's stat goes with its content digest: a COPY of these files then need
+        // not read the ones whose tar bytes it already holds.
+        let stats = (!todo.is_empty()).then(|| {
+            probes
+                .iter()
+                .zip(&leaves)
+                .map(|(p, leaf)| SourceStat {
+                    content: leaf.content.as_deref().and_then(sha256_bytes),
+                    ..p.md
+                })
+                .collect()
+        });
         drop(probes);
         drop(hashes);
         Ok((d.to_string(), leaves, stats))

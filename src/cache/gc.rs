@@ -239,6 +239,8 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     }
     // The chunk tables of removed layers go with them.
     super::chunks::forget_missing(store.root(), &store.blobs);
+    // And the tar segments no stored layer was written with (all of them with --all).
+    pruned.bytes += super::segments::forget_missing(store.root(), &store.blobs, opts.all);
     // So do the records of layers left at registries that nothing needs any more.
     crate::registry::lazy::forget_except(store.root(), &live);
     // And the memos of --force-compression conversions and of provenance statements whose

@@ -10,6 +10,7 @@ pub mod chunks;
 pub mod context_hash;
 pub mod gc;
 pub mod remote;
+pub mod segments;
 
 use std::fs;
 use std::io;

@@ -88,6 +88,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
             compression: Compression::Gzip(6),
             epoch: Some(epoch),
             reuse: None,
+            segments: None,
         },
     )?;
     let p = Platform::host();

@@ -22,6 +22,8 @@ pub struct SourceStat {
     pub nlink: u64,
     pub dev: u64,
     pub ino: u64,
+    /// A file's sha256, where whoever took this stat also knows the content.
+    pub content: Option<[u8; 32]>,
 }
 
 impl SourceStat {
@@ -35,6 +37,7 @@ impl SourceStat {
             nlink: st.st_nlink,
             dev: st.st_dev,
             ino: st.st_ino,
+            content: None,
         }
     }
 

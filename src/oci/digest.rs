@@ -99,6 +99,9 @@ impl<W: Write> Write for HashingWriter<W> {
 pub struct ThreadedHashingWriter<W: Write + Send + 'static> {
     buf: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Buffers the worker is done with, to fill again: fresh ones would cost a page fault
+    /// per 4 KiB.
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
     worker: Option<std::thread::JoinHandle<io::Result<(Digest, u64, W)>>>,
 }
 
@@ -108,22 +111,33 @@ impl<W: Write + Send + 'static> ThreadedHashingWriter<W> {
     pub fn new(inner: W) -> Self {
         // A few buffers in flight at most: memory stays bounded.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        // At most the buffers in flight come back: this channel stays as small.
+        let (spent_tx, spent) = std::sync::mpsc::channel::<Vec<u8>>();
         let worker = std::thread::spawn(move || {
             let mut w = HashingWriter::new(inner);
             for b in rx {
                 w.write_all(&b)?;
+                let _ = spent_tx.send(b);
             }
             Ok(w.finish())
         });
         ThreadedHashingWriter {
             buf: Vec::with_capacity(THREADED_BUFFER),
             tx: Some(tx),
+            spent,
             worker: Some(worker),
         }
     }
 
     fn send(&mut self) -> io::Result<()> {
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(THREADED_BUFFER));
+        let next = match self.spent.try_recv() {
+            Ok(mut b) => {
+                b.clear();
+                b
+            }
+            Err(_) => Vec::with_capacity(THREADED_BUFFER),
+        };
+        let full = std::mem::replace(&mut self.buf, next);
         let sent = self.tx.as_ref().map(|tx| tx.send(full).is_ok());
         if sent == Some(true) {
             Ok(())

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use super::blobs::{BlobError, BlobStore};
 use super::digest::{Digest, ThreadedHashingWriter};
+use super::segments::SegmentKey;
 
 /// Layer compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,9 @@ pub struct Layer {
     pub chunks: Vec<super::pgzip::ChunkInfo>,
     /// How many of them came from the reuse source rather than the compressor.
     pub reused: usize,
+    /// The segments of its tar (see [`super::segments`]), and how many were stored before.
+    pub segments: Vec<super::segments::SegmentKey>,
+    pub segments_reused: usize,
 }
 
 impl From<Layer> for super::image::LayerRef {
@@ -91,6 +95,9 @@ pub struct LayerOptions<'r> {
     pub epoch: Option<i64>,
     /// Compressed chunks of earlier layers that a gzip layer may reuse.
     pub reuse: Option<&'r dyn super::pgzip::ChunkReuse>,
+    /// Where a tree's runs of small entries are kept, to be written again without reading
+    /// their files.
+    pub segments: Option<&'r dyn super::segments::SegmentStore>,
 }
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -193,6 +200,7 @@ pub fn write_layer_from(
     let (tmp_path, file) = store.temp_file()?;
     let mut chunks = Vec::new();
     let mut reused_chunks = 0;
+    let mut segments = Segmented::default();
     let result = (|| {
         // The blob is hashed, and the diff_id computed, on threads of their own, beside
         // the tar writer and the compressors.
@@ -204,7 +212,7 @@ pub fn write_layer_from(
                     .unwrap_or(1);
                 let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs, opts.reuse)
                     .map_err(io_at(&tmp_path))?;
-                let done = write_source(&source, dir, TarSink::new(gz, tee), opts.epoch)?;
+                let done = write_source(&source, dir, TarSink::new(gz, tee), &opts, &mut segments)?;
                 let (diff_id, _, _) = done.diff_id.finish().map_err(io_at(&tmp_path))?;
                 let (outer, table, reused) = done.out.finish().map_err(io_at(&tmp_path))?;
                 chunks = table;
@@ -219,7 +227,7 @@ pub fn write_layer_from(
                     .map(|n| n.get())
                     .unwrap_or(1);
                 z.multithread(jobs as u32).map_err(io_at(&tmp_path))?;
-                let done = write_source(&source, dir, TarSink::new(z, tee), opts.epoch)?;
+                let done = write_source(&source, dir, TarSink::new(z, tee), &opts, &mut segments)?;
                 let (diff_id, _, _) = done.diff_id.finish().map_err(io_at(&tmp_path))?;
                 (diff_id, done.out.finish().map_err(io_at(&tmp_path))?)
             }
@@ -233,6 +241,8 @@ pub fn write_layer_from(
             media_type: opts.compression.media_type().to_string(),
             chunks: std::mem::take(&mut chunks),
             reused: reused_chunks,
+            segments: std::mem::take(&mut segments.keys),
+            segments_reused: segments.reused,
         })
     })();
     if result.is_err() {
@@ -245,11 +255,13 @@ fn write_source<W: Write>(
     source: &LayerSource,
     dir: &Path,
     w: W,
-    epoch: Option<i64>,
+    opts: &LayerOptions,
+    segmented: &mut Segmented,
 ) -> Result<W, LayerError> {
+    let epoch = opts.epoch;
     match source {
         LayerSource::Dir(_) => write_tar(dir, w, epoch),
-        LayerSource::Tree(t) => write_tar_tree(t, w, epoch),
+        LayerSource::Tree(t) => write_tar_tree(t, w, epoch, opts.segments, segmented),
         LayerSource::Blob(p) => {
             let mut w = w;
             let mut r = super::unpack::open_layer(p).map_err(io_at(p))?;
@@ -271,6 +283,7 @@ pub fn recompress(
         compression,
         epoch: None,
         reuse: None,
+        segments: None,
     };
     let out = write_layer_from(store, LayerSource::Blob(blob), opts, None)?;
     if out.diff_id != layer.diff_id {
@@ -312,6 +325,8 @@ pub enum NodeKind {
     File {
         source: PathBuf,
         size: u64,
+        /// The sha256 of its bytes, when the step's key took it (a COPY from the context).
+        content: Option<[u8; 32]>,
     },
     Data(Vec<u8>),
     Symlink(PathBuf),
@@ -396,42 +411,130 @@ impl PartialOrd for TreeKey {
 }
 
 /// Write the tar stream of a [`LayerTree`] into `w`.
-pub fn write_tar_tree<W: Write>(
+/// What a tree's segments came to (see [`super::segments`]).
+#[derive(Default)]
+struct Segmented {
+    keys: Vec<super::segments::SegmentKey>,
+    reused: usize,
+}
+
+fn write_tar_tree<W: Write>(
     tree: &LayerTree,
     w: W,
     epoch: Option<i64>,
+    segments: Option<&dyn super::segments::SegmentStore>,
+    segmented: &mut Segmented,
 ) -> Result<W, LayerError> {
+    let plan = super::segments::plan(tree, epoch, segments);
     let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH_FILES);
-    std::thread::scope(|s| {
-        // The reader stops when the writer drops `rx` (done, or failed).
-        s.spawn(move || prefetch_files(tree, tx));
-        write_tar_tree_in_order(tree, w, epoch, rx)
-    })
+    // Segment buffers come back to the reader, to be filled again.
+    let (spent_tx, spent) = std::sync::mpsc::channel();
+    // New segments are stored on a thread of their own, beside the reader and the writer.
+    let (keep, to_keep) = std::sync::mpsc::sync_channel::<(SegmentKey, Vec<u8>)>(4);
+    let written = std::thread::scope(|s| {
+        // The reader stops when the writer drops `rx` (done, or failed); the keeper, when
+        // it drops `keep`.
+        s.spawn(|| prefetch_files(tree, &plan, segments, tx, spent));
+        match segments {
+            Some(store) => {
+                s.spawn(move || {
+                    for (key, bytes) in to_keep {
+                        store.put(&key, &bytes);
+                    }
+                });
+            }
+            // Nothing is kept (nor sent: without a store there are no segments).
+            None => drop(to_keep),
+        }
+        write_tar_tree_in_order(tree, w, epoch, &plan, rx, spent_tx, keep)
+    });
+    let (w, reused) = written?;
+    segmented.keys = plan.iter().map(|s| s.key).collect();
+    segmented.reused = reused;
+    Ok(w)
 }
 
 /// How many files [`prefetch_files`] reads ahead of the writer.
 const PREFETCH_FILES: usize = 256;
+/// How many stored segments it holds at most (each up to about
+/// [`super::segments::SEGMENT_MAX`]).
+const SEGMENT_BUFFERS: usize = 4;
 /// Files up to this size are read ahead into memory (so at most `PREFETCH_FILES` times this,
 /// 16 MiB, is held); bigger ones are opened, and the kernel told to start reading them.
 const PREFETCH_IN_MEMORY: u64 = 64 << 10;
 /// Nor is reading ahead asked for beyond this size (a huge file is read as it streams).
 const PREFETCH_ADVISE_MAX: u64 = 64 << 20;
 
-/// One source file of a tree, as the reader ahead found it.
+/// One source file of a tree, or one stored segment, as the reader ahead found it.
 enum Prefetched {
     Bytes(Vec<u8>),
+    /// The bytes of a file in a segment, which are not those its content digest names (it
+    /// changed since): the segment is written, but not stored.
+    Changed(Vec<u8>),
     Opened(fs::File),
     Failed(io::Error),
+    /// A stored segment's bytes, sent at its start in place of its files; `None` when it
+    /// could not be read, and its files follow.
+    Segment(Option<Vec<u8>>),
 }
 
 /// Read the tree's source files, in the writer's order, on a thread of their own: the
 /// writer then frames and hashes while this one waits on the disk, and a tree whose files
 /// are not in the page cache is read with requests in flight instead of one at a time.
-fn prefetch_files(tree: &LayerTree, tx: std::sync::mpsc::SyncSender<Prefetched>) {
+/// A stored segment is read whole instead of its files.
+fn prefetch_files(
+    tree: &LayerTree,
+    plan: &[super::segments::Segment],
+    store: Option<&dyn super::segments::SegmentStore>,
+    tx: std::sync::mpsc::SyncSender<Prefetched>,
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    use sha2::Digest as _;
     use std::os::fd::AsRawFd;
     let mut files = super::at::DirCursor::default();
-    for node in tree.nodes.values() {
-        let NodeKind::File { source, size } = &node.kind else {
+    let mut segments = plan.iter().peekable();
+    // Files up to this index are in a stored segment that was read, or in a segment whose
+    // files are checked against their digests.
+    let mut skip_until = 0;
+    let mut check_until = 0;
+    let mut buffers = 0;
+    for (i, node) in tree.nodes.values().enumerate() {
+        if let Some(seg) = segments.next_if(|s| s.start == i) {
+            if seg.stored {
+                // At most SEGMENT_BUFFERS are out: then the next one comes back first.
+                let mut buf = match spent.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if buffers < SEGMENT_BUFFERS => {
+                        buffers += 1;
+                        Vec::new()
+                    }
+                    Err(_) => match spent.recv() {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    },
+                };
+                let read = store.is_some_and(|st| st.read_into(&seg.key, &mut buf));
+                if read {
+                    skip_until = seg.end;
+                } else {
+                    // Dropped here, so never to come back.
+                    buffers -= 1;
+                }
+                if tx.send(Prefetched::Segment(read.then_some(buf))).is_err() {
+                    return;
+                }
+            }
+            check_until = seg.end;
+        }
+        if i < skip_until {
+            continue;
+        }
+        let NodeKind::File {
+            source,
+            size,
+            content,
+        } = &node.kind
+        else {
             continue;
         };
         let got = match files.open_file(source) {
@@ -439,7 +542,14 @@ fn prefetch_files(tree: &LayerTree, tx: std::sync::mpsc::SyncSender<Prefetched>)
             Ok(f) if *size <= PREFETCH_IN_MEMORY => {
                 let mut bytes = Vec::with_capacity(*size as usize);
                 match io::Read::read_to_end(&mut f.take(*size), &mut bytes) {
-                    Ok(_) => Prefetched::Bytes(bytes),
+                    // A segment is stored only with the bytes its key names: a file that
+                    // changed since its digest was taken is written, not stored.
+                    Ok(_) => match content {
+                        Some(c) if i < check_until && sha2::Sha256::digest(&bytes)[..] != c[..] => {
+                            Prefetched::Changed(bytes)
+                        }
+                        _ => Prefetched::Bytes(bytes),
+                    },
                     Err(e) => Prefetched::Failed(e),
                 }
             }
@@ -461,15 +571,76 @@ fn prefetch_files(tree: &LayerTree, tx: std::sync::mpsc::SyncSender<Prefetched>)
     }
 }
 
+/// The segment being written (to be stored once it is whole), and whether one of its files
+/// was not what its digest says.
+struct Capturing<'p> {
+    segment: &'p super::segments::Segment,
+    changed: bool,
+}
+
 fn write_tar_tree_in_order<W: Write>(
     tree: &LayerTree,
     w: W,
     epoch: Option<i64>,
+    plan: &[super::segments::Segment],
     ahead: std::sync::mpsc::Receiver<Prefetched>,
-) -> Result<W, LayerError> {
-    let mut b = tar::Builder::new(w);
+    spent: std::sync::mpsc::Sender<Vec<u8>>,
+    keep: std::sync::mpsc::SyncSender<(SegmentKey, Vec<u8>)>,
+) -> Result<(W, usize), LayerError> {
+    use super::segments::Capture;
+    let mut b = tar::Builder::new(Capture::new(w));
     let mut files = super::at::DirCursor::default();
-    for (rel, node) in &tree.nodes {
+    let mut segments = plan.iter().peekable();
+    let mut capturing: Option<Capturing> = None;
+    let mut skip_until = 0;
+    let mut reused = 0;
+    let layer_io = |e: io::Error| LayerError::Io {
+        path: PathBuf::from("(layer)"),
+        source: e,
+    };
+    // A whole segment is stored (unless one of its files changed under it).
+    let close = |b: &mut tar::Builder<Capture<W>>, capturing: &mut Option<Capturing>, at| {
+        if let Some(c) = capturing.take_if(|c| c.segment.end == at) {
+            let bytes = b.get_mut().take();
+            if let (Some(bytes), false) = (bytes, c.changed) {
+                // A keeper that is gone (no store) only means it is not kept.
+                let _ = keep.send((c.segment.key, bytes));
+            }
+        }
+    };
+    for (i, (rel, node)) in tree.nodes.iter().enumerate() {
+        close(&mut b, &mut capturing, i);
+        if let Some(seg) = segments.next_if(|s| s.start == i) {
+            let stored = if seg.stored {
+                match ahead.recv() {
+                    Ok(Prefetched::Segment(bytes)) => bytes,
+                    // The reader is gone (it cannot be, short of a panic): write the files.
+                    Err(_) => None,
+                    Ok(_) => {
+                        return Err(layer_io(io::Error::other(
+                            "the layer's reader lost its place in the tree",
+                        )))
+                    }
+                }
+            } else {
+                None
+            };
+            if let Some(bytes) = stored {
+                b.get_mut().write_all(&bytes).map_err(layer_io)?;
+                let _ = spent.send(bytes);
+                skip_until = seg.end;
+                reused += 1;
+            } else {
+                b.get_mut().start();
+                capturing = Some(Capturing {
+                    segment: seg,
+                    changed: false,
+                });
+            }
+        }
+        if i < skip_until {
+            continue;
+        }
         let at = |e: io::Error| LayerError::Io {
             path: rel.as_path().to_path_buf(),
             source: e,
@@ -478,11 +649,7 @@ fn write_tar_tree_in_order<W: Write>(
         h.set_mode(node.mode & 0o7777);
         h.set_uid(node.uid as u64);
         h.set_gid(node.gid as u64);
-        let mtime = match epoch {
-            Some(e) => node.mtime.min(e).max(0),
-            None => node.mtime.max(0),
-        };
-        h.set_mtime(mtime as u64);
+        h.set_mtime(super::segments::clamped_mtime(node, epoch) as u64);
         h.set_size(0);
         let mut name = rel.as_os_str().as_bytes().to_vec();
         match &node.kind {
@@ -512,7 +679,7 @@ fn write_tar_tree_in_order<W: Write>(
                 h.set_size(bytes.len() as u64);
                 append(&mut b, h, &name, None, &node.xattrs, &bytes[..]).map_err(at)?;
             }
-            NodeKind::File { source, size } => {
+            NodeKind::File { source, size, .. } => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(*size);
                 let as_io = |e| LayerError::Io {
@@ -527,8 +694,23 @@ fn write_tar_tree_in_order<W: Write>(
                         append(&mut b, h, &name, None, &node.xattrs, &bytes[..]).map_err(as_io)?;
                         continue;
                     }
+                    Ok(Prefetched::Changed(bytes)) => {
+                        if let Some(c) = capturing.as_mut() {
+                            c.changed = true;
+                        }
+                        if (bytes.len() as u64) < *size {
+                            return Err(as_io(changed_size()));
+                        }
+                        append(&mut b, h, &name, None, &node.xattrs, &bytes[..]).map_err(as_io)?;
+                        continue;
+                    }
                     Ok(Prefetched::Opened(f)) => f,
                     Ok(Prefetched::Failed(e)) => return Err(as_io(e)),
+                    Ok(Prefetched::Segment(_)) => {
+                        return Err(layer_io(io::Error::other(
+                            "the layer's reader lost its place in the tree",
+                        )))
+                    }
                     // The reader is gone (it cannot be, short of a panic): read here.
                     Err(_) => files.open_file(source).map_err(as_io)?,
                 };
@@ -540,10 +722,9 @@ fn write_tar_tree_in_order<W: Write>(
             }
         }
     }
-    b.into_inner().map_err(|e| LayerError::Io {
-        path: PathBuf::from("(layer)"),
-        source: e,
-    })
+    close(&mut b, &mut capturing, tree.nodes.len());
+    let w = b.into_inner().map_err(layer_io)?;
+    Ok((w.inner, reused))
 }
 
 /// Reads exactly `left` bytes or fails: a file that shrank while being copied is an error,
@@ -857,6 +1038,166 @@ mod tests {
         assert_eq!(one, frame(7));
     }
 
+    /// Segments kept in memory; `damaged` makes every read fail as a damaged file would.
+    #[derive(Default)]
+    struct MemorySegments {
+        kept: std::sync::Mutex<HashMap<super::super::segments::SegmentKey, Vec<u8>>>,
+        damaged: bool,
+    }
+
+    impl super::super::segments::SegmentStore for MemorySegments {
+        fn contains(&self, key: &super::super::segments::SegmentKey) -> bool {
+            self.kept.lock().unwrap().contains_key(key)
+        }
+        fn read_into(&self, key: &super::super::segments::SegmentKey, buf: &mut Vec<u8>) -> bool {
+            buf.clear();
+            match self.kept.lock().unwrap().get(key) {
+                Some(b) if !self.damaged => {
+                    buf.extend_from_slice(b);
+                    true
+                }
+                _ => false,
+            }
+        }
+        fn put(&self, key: &super::super::segments::SegmentKey, bytes: &[u8]) {
+            self.kept.lock().unwrap().insert(*key, bytes.to_vec());
+        }
+    }
+
+    /// 600 small files in 3 directories, a big one and a symlink, each file with the
+    /// sha256 of its bytes (as a COPY from the context has them).
+    fn small_files_tree(dir: &Path) -> LayerTree {
+        use sha2::Digest as _;
+        let mut tree = LayerTree::default();
+        let node = |kind| TreeNode {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1_000,
+            xattrs: Vec::new(),
+        };
+        for d in 0..3 {
+            tree.nodes
+                .insert(TreeKey::new(format!("app/d{}", d)), node(NodeKind::Dir));
+            for f in 0..200 {
+                let source = dir.join(format!("d{}-f{}", d, f));
+                let bytes = format!("file {} of directory {}\n", f, d).repeat(f + 1);
+                fs::write(&source, &bytes).unwrap();
+                tree.nodes.insert(
+                    TreeKey::new(format!("app/d{}/f{:03}", d, f)),
+                    node(NodeKind::File {
+                        source,
+                        size: bytes.len() as u64,
+                        content: Some(sha2::Sha256::digest(bytes.as_bytes()).into()),
+                    }),
+                );
+            }
+        }
+        let big = dir.join("big");
+        fs::write(&big, vec![7u8; 200 << 10]).unwrap();
+        tree.nodes.insert(
+            TreeKey::new("app/d1/zz-big"),
+            node(NodeKind::File {
+                source: big,
+                size: 200 << 10,
+                content: None,
+            }),
+        );
+        tree.nodes.insert(
+            TreeKey::new("app/link"),
+            node(NodeKind::Symlink(PathBuf::from("d0/f000"))),
+        );
+        tree.nodes.insert(TreeKey::new("app"), node(NodeKind::Dir));
+        tree
+    }
+
+    fn tar_of(
+        tree: &LayerTree,
+        store: Option<&dyn super::super::segments::SegmentStore>,
+    ) -> (Vec<u8>, Segmented) {
+        let mut segmented = Segmented::default();
+        let tar = write_tar_tree(tree, Vec::new(), Some(500), store, &mut segmented).unwrap();
+        (tar, segmented)
+    }
+
+    #[test]
+    fn a_tree_written_from_stored_segments_is_the_tree_written_from_its_files() {
+        let src = tempfile::tempdir().unwrap();
+        let mut tree = small_files_tree(src.path());
+        let (plain, _) = tar_of(&tree, None);
+        let store = MemorySegments::default();
+        let (first, cut) = tar_of(&tree, Some(&store));
+        assert_eq!(first, plain);
+        assert!(cut.keys.len() > 5, "600 small files make several segments");
+        assert_eq!(
+            (cut.reused, store.kept.lock().unwrap().len()),
+            (0, cut.keys.len())
+        );
+        let (again, rewritten) = tar_of(&tree, Some(&store));
+        assert_eq!(again, plain, "every segment read back gives the same tar");
+        assert_eq!(rewritten.reused, cut.keys.len());
+
+        // One file edited: only its segment is written from files.
+        use sha2::Digest as _;
+        let key = TreeKey::new("app/d1/f100");
+        let bytes = b"edited\n".to_vec();
+        if let Some(TreeNode {
+            kind:
+                NodeKind::File {
+                    source,
+                    size,
+                    content,
+                },
+            ..
+        }) = tree.nodes.get_mut(&key)
+        {
+            fs::write(&*source, &bytes).unwrap();
+            *size = bytes.len() as u64;
+            *content = Some(sha2::Sha256::digest(&bytes).into());
+        }
+        let (plain, _) = tar_of(&tree, None);
+        let (edited, after) = tar_of(&tree, Some(&store));
+        assert_eq!(edited, plain);
+        assert_eq!(
+            after.keys.len(),
+            cut.keys.len(),
+            "an edit moves no boundary"
+        );
+        assert_eq!(after.reused, cut.keys.len() - 1);
+
+        // Damaged segments are not used: the files are read instead.
+        let damaged = MemorySegments {
+            kept: std::sync::Mutex::new(store.kept.lock().unwrap().clone()),
+            damaged: true,
+        };
+        let (read_again, none) = tar_of(&tree, Some(&damaged));
+        assert_eq!(read_again, plain);
+        assert_eq!(none.reused, 0);
+    }
+
+    #[test]
+    fn a_segment_whose_file_changed_since_its_digest_is_written_but_not_kept() {
+        let src = tempfile::tempdir().unwrap();
+        let tree = small_files_tree(src.path());
+        // The file changes after its digest was taken (same size, other bytes).
+        let path = src.path().join("d2-f7");
+        let changed = vec![b'x'; fs::metadata(&path).unwrap().len() as usize];
+        fs::write(&path, &changed).unwrap();
+        let store = MemorySegments::default();
+        let (tar, cut) = tar_of(&tree, Some(&store));
+        assert_eq!(tar, tar_of(&tree, None).0);
+        assert!(
+            tar.windows(changed.len()).any(|w| w == &changed[..]),
+            "the layer holds the bytes that were read"
+        );
+        assert_eq!(
+            store.kept.lock().unwrap().len(),
+            cut.keys.len() - 1,
+            "every segment but the changed file's is kept"
+        );
+    }
+
     #[test]
     fn same_tree_same_digest() {
         let t = tempfile::tempdir().unwrap();
@@ -867,6 +1208,7 @@ mod tests {
             compression: Compression::Gzip(6),
             epoch: Some(0),
             reuse: None,
+            segments: None,
         };
         let l1 = write_layer(&s, t.path(), o).unwrap();
         let l2 = write_layer(&s, t.path(), o).unwrap();

@@ -9,6 +9,7 @@ pub mod image;
 pub mod layer;
 pub mod pgzip;
 pub mod platform;
+pub mod segments;
 pub mod unpack;
 
 pub use blobs::BlobStore;

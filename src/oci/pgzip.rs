@@ -99,6 +99,8 @@ pub struct ParallelGzWriter<'r, W: Write> {
     reuse: Option<&'r dyn ChunkReuse>,
     table: Vec<ChunkInfo>,
     reused: usize,
+    /// Chunk buffers done with, to fill again (fresh ones cost a page fault per 4 KiB).
+    spare: Vec<Vec<u8>>,
 }
 
 impl<'r, W: Write> ParallelGzWriter<'r, W> {
@@ -124,14 +126,21 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             reuse,
             table: Vec::new(),
             reused: 0,
+            spare: Vec::new(),
         })
     }
 
     /// Close the current chunk at absolute offset `at`.
     fn cut(&mut self, at: u64) -> io::Result<()> {
-        let rest = self.current.split_off((at - self.start) as usize);
+        let cut = (at - self.start) as usize;
+        let mut next = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(MIN_CHUNK * 2));
+        next.extend_from_slice(&self.current[cut..]);
+        self.current.truncate(cut);
         self.pending
-            .push(std::mem::replace(&mut self.current, rest));
+            .push(std::mem::replace(&mut self.current, next));
         self.start = at;
         if self.pending.len() >= self.jobs {
             let chunks = std::mem::take(&mut self.pending);
@@ -207,6 +216,12 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             });
             self.written += z.len() as u64;
             self.reused += reused as usize;
+        }
+        for mut c in chunks {
+            if self.spare.len() < self.jobs {
+                c.clear();
+                self.spare.push(c);
+            }
         }
         Ok(())
     }

@@ -273,6 +273,7 @@ impl Stager<'_> {
                 node(NodeKind::File {
                     source: src.to_path_buf(),
                     size: md.size,
+                    content: md.content,
                 }),
             );
         } else {
@@ -316,7 +317,16 @@ impl Stager<'_> {
 
     /// A file whose bytes are read from `source` when the layer is written.
     fn add_file(&mut self, dst: &Path, source: PathBuf, size: u64, mode: u32, mtime: i64) {
-        self.insert_file(dst, NodeKind::File { source, size }, mode, mtime);
+        self.insert_file(
+            dst,
+            NodeKind::File {
+                source,
+                size,
+                content: None,
+            },
+            mode,
+            mtime,
+        );
     }
 
     fn write_file(

@@ -1461,6 +1461,7 @@ impl Ctx<'_, '_> {
             crate::cache::chunks::PreviousChunks::of_step(root, &self.store.blobs, &identity);
         // The SBOM's look at this layer is taken as it is written.
         let mut scanner = crate::attest::sbom::StreamScanner::default();
+        let segments = crate::cache::segments::SegmentDir::open(root);
         let layer = crate::oci::layer::write_layer_from(
             &self.store.blobs,
             source,
@@ -1470,6 +1471,7 @@ impl Ctx<'_, '_> {
                 reuse: previous
                     .as_ref()
                     .map(|p| p as &dyn crate::oci::pgzip::ChunkReuse),
+                segments: Some(&segments),
             },
             Some(&mut Fanout(&mut scanner, tee)),
         )
@@ -1479,6 +1481,18 @@ impl Ctx<'_, '_> {
                 &crate::attest::sbom::cache_dir(root),
                 &layer.diff_id,
                 &scan,
+            );
+        }
+        crate::cache::segments::remember(root, &layer.digest, &layer.segments);
+        if !layer.segments.is_empty() {
+            self.req.reporter.log(
+                self.step,
+                &format!(
+                    "layer {}: {} tar segments, {} read from earlier layers",
+                    layer.digest,
+                    layer.segments.len(),
+                    layer.segments_reused
+                ),
             );
         }
         if let Compression::Gzip(level) = self.req.compression {
