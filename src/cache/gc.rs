@@ -63,6 +63,8 @@ pub struct Usage {
     pub cache_only_bytes: u64,
     pub image_bytes: u64,
     pub snapshot_bytes: u64,
+    /// Tar segments kept for rewriting COPY layers (`cache/segments/`).
+    pub segment_bytes: u64,
     /// Scratch under `tmp/`: running builds' and dead ones' leftovers.
     pub scratch_bytes: u64,
 }
@@ -137,6 +139,7 @@ pub fn usage(store: &Store) -> Result<Usage, StoreError> {
             .sum(),
         image_bytes: tagged.iter().map(|d| size_of(store, d)).sum(),
         snapshot_bytes: crate::store::tree_size(&store.root().join("snapshots")),
+        segment_bytes: crate::store::tree_size(&store.root().join("cache").join("segments")),
         scratch_bytes: crate::store::tree_size(&store.root().join("tmp")),
     })
 }

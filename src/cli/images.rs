@@ -278,6 +278,7 @@ pub fn cache_du(root: &RootArg) -> Result<(), CliError> {
     println!("cache-only blobs:       {}", human(u.cache_only_bytes));
     println!("tagged image blobs:     {}", human(u.image_bytes));
     println!("unpacked snapshots:     {}", human(u.snapshot_bytes));
+    println!("copy tar segments:      {}", human(u.segment_bytes));
     println!("build scratch:          {}", human(u.scratch_bytes));
     Ok(())
 }
