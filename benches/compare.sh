@@ -93,8 +93,10 @@ edit_one() {
 
 # Seconds (to the millisecond: a no-op takes a few) and peak RSS (KiB) of one command (a
 # function of this script, or a program). The clock runs inside the shell that runs it, so
-# the shell's own start is not counted.
+# the shell's own start is not counted. Dirty pages of earlier runs are written out first,
+# so that no run pays for the writeback of the one before.
 timed() {
+  sync
   /usr/bin/time -f '%M' -o "$work/.time" bash -c \
     's=$EPOCHREALTIME; "${@:2}" >/dev/null 2>&1; e=$EPOCHREALTIME; echo "$s $e" > "$1"' \
     timed "$work/.clock" "$@" >/dev/null 2>&1 || true

@@ -94,8 +94,10 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// [`HashingWriter`] on a thread of its own: writes are gathered into 1 MiB buffers that a
-/// worker hashes and passes to `inner`, so hashing overlaps with the producer's work.
+/// [`HashingWriter`] on threads of its own: writes are gathered into 1 MiB buffers that a
+/// worker hashes and a second one passes to `inner`, so hashing overlaps with the
+/// producer's work and with writing (a blob's hash is taken while the one before is
+/// written).
 pub struct ThreadedHashingWriter<W: Write + Send + 'static> {
     buf: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
@@ -114,12 +116,30 @@ impl<W: Write + Send + 'static> ThreadedHashingWriter<W> {
         // At most the buffers in flight come back: this channel stays as small.
         let (spent_tx, spent) = std::sync::mpsc::channel::<Vec<u8>>();
         let worker = std::thread::spawn(move || {
-            let mut w = HashingWriter::new(inner);
+            let (to_write, written) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+            let writer = std::thread::spawn(move || -> io::Result<W> {
+                let mut inner = inner;
+                for b in written {
+                    inner.write_all(&b)?;
+                    let _ = spent_tx.send(b);
+                }
+                Ok(inner)
+            });
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
             for b in rx {
-                w.write_all(&b)?;
-                let _ = spent_tx.send(b);
+                hasher.update(&b);
+                size += b.len() as u64;
+                // The writer stopped: its error comes out of the join.
+                if to_write.send(b).is_err() {
+                    break;
+                }
             }
-            Ok(w.finish())
+            drop(to_write);
+            let inner = writer
+                .join()
+                .map_err(|_| io::Error::other("the writing thread panicked"))??;
+            Ok((Digest::from_hasher(hasher), size, inner))
         });
         ThreadedHashingWriter {
             buf: Vec::with_capacity(THREADED_BUFFER),
@@ -233,6 +253,39 @@ mod tests {
         let (d, n, back) = t.finish().unwrap();
         assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_failing_inner_writer_fails_the_threaded_hasher_without_hanging() {
+        /// Takes 2 MiB, then fails like a full disk.
+        struct Full(usize);
+        impl Write for Full {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.0 + buf.len() > 2 << 20 {
+                    return Err(io::Error::other("no space left"));
+                }
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut t = ThreadedHashingWriter::new(Full(0));
+        let piece = vec![1u8; 1 << 16];
+        let mut failed = false;
+        for _ in 0..(64 << 20) / piece.len() {
+            if t.write_all(&piece).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        let err = if failed {
+            "a write failed".to_string()
+        } else {
+            t.finish().err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        assert!(!err.is_empty(), "64 MiB into a 2 MiB disk must fail");
     }
 
     #[test]

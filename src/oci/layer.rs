@@ -594,6 +594,7 @@ fn write_tar_tree_in_order<W: Write>(
     let mut capturing: Option<Capturing> = None;
     let mut skip_until = 0;
     let mut reused = 0;
+    let mut copy_buffer: Vec<u8> = Vec::new();
     let layer_io = |e: io::Error| LayerError::Io {
         path: PathBuf::from("(layer)"),
         source: e,
@@ -718,7 +719,11 @@ fn write_tar_tree_in_order<W: Write>(
                     inner: f.take(*size),
                     left: *size,
                 };
-                append(&mut b, h, &name, None, &node.xattrs, &mut exact).map_err(as_io)?;
+                if copy_buffer.is_empty() {
+                    copy_buffer = vec![0u8; COPY_BUFFER];
+                }
+                append_file(&mut b, h, &name, &node.xattrs, &mut exact, &mut copy_buffer)
+                    .map_err(as_io)?;
             }
         }
     }
@@ -905,12 +910,56 @@ const USTAR_ID_MAX: u64 = 0o7777777;
 /// Append one entry, with PAX records where the ustar header cannot hold the truth.
 fn append<W: Write, R: io::Read>(
     b: &mut tar::Builder<W>,
-    mut h: tar::Header,
+    h: tar::Header,
     name: &[u8],
     link: Option<&[u8]>,
     xattrs: &[(String, Vec<u8>)],
     data: R,
 ) -> io::Result<()> {
+    let h = entry_header(b, h, name, link, xattrs)?;
+    b.append(&h, data)
+}
+
+/// How much of a big file is read at a time (the tar crate copies 8 KiB at a time).
+const COPY_BUFFER: usize = 1 << 20;
+
+/// A file's entry, like [`append`], its bytes copied `buf.len()` at a time: a 100 MB file
+/// costs a hundred reads and writes, not thirteen thousand.
+fn append_file<W: Write>(
+    b: &mut tar::Builder<W>,
+    h: tar::Header,
+    name: &[u8],
+    xattrs: &[(String, Vec<u8>)],
+    data: &mut impl io::Read,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let h = entry_header(b, h, name, None, xattrs)?;
+    let w = b.get_mut();
+    w.write_all(h.as_bytes())?;
+    let mut len = 0u64;
+    loop {
+        let n = match data.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        len += n as u64;
+    }
+    // Padded to a whole block, as the tar crate pads.
+    let rest = (512 - len % 512) % 512;
+    w.write_all(&[0u8; 512][..rest as usize])
+}
+
+/// The header of an entry, with a PAX record first for whatever ustar cannot hold.
+fn entry_header<W: Write>(
+    b: &mut tar::Builder<W>,
+    mut h: tar::Header,
+    name: &[u8],
+    link: Option<&[u8]>,
+    xattrs: &[(String, Vec<u8>)],
+) -> io::Result<tar::Header> {
     let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
     if h.set_path(Path::new(std::ffi::OsStr::from_bytes(name)))
         .is_err()
@@ -942,7 +991,7 @@ fn append<W: Write, R: io::Read>(
         b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     }
     h.set_cksum();
-    b.append(&h, data)
+    Ok(h)
 }
 
 /// Put a (truncated) name straight into the header bytes; the PAX `path` record holds the truth.
@@ -1196,6 +1245,48 @@ mod tests {
             cut.keys.len() - 1,
             "every segment but the changed file's is kept"
         );
+    }
+
+    #[test]
+    fn big_files_of_a_tree_are_copied_whole_and_padded() {
+        let src = tempfile::tempdir().unwrap();
+        let mut tree = LayerTree::default();
+        let sizes = [70_001usize, (1 << 20) + 513, 3 << 20];
+        for (i, size) in sizes.iter().enumerate() {
+            let source = src.path().join(format!("big{}", i));
+            let bytes: Vec<u8> = (0..*size).map(|k| (k * 7 + i) as u8).collect();
+            fs::write(&source, &bytes).unwrap();
+            tree.nodes.insert(
+                TreeKey::new(format!("big{}", i)),
+                TreeNode {
+                    kind: NodeKind::File {
+                        source,
+                        size: *size as u64,
+                        content: None,
+                    },
+                    mode: 0o600,
+                    uid: 1,
+                    gid: 2,
+                    mtime: 3,
+                    xattrs: Vec::new(),
+                },
+            );
+        }
+        let (tar_bytes, _) = tar_of(&tree, None);
+        assert_eq!(tar_bytes.len() % 512, 0);
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let mut seen = Vec::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            e.read_to_end(&mut bytes).unwrap();
+            let i: usize = name.trim_start_matches("big").parse().unwrap();
+            let want: Vec<u8> = (0..sizes[i]).map(|k| (k * 7 + i) as u8).collect();
+            assert!(bytes == want, "{} holds other bytes", name);
+            seen.push(name);
+        }
+        assert_eq!(seen, ["big0", "big1", "big2"]);
     }
 
     #[test]
