@@ -410,7 +410,6 @@ impl PartialOrd for TreeKey {
     }
 }
 
-/// Write the tar stream of a [`LayerTree`] into `w`.
 /// What a tree's segments came to (see [`super::segments`]).
 #[derive(Default)]
 struct Segmented {
@@ -418,6 +417,8 @@ struct Segmented {
     reused: usize,
 }
 
+/// Write the tar stream of a [`LayerTree`] into `w`, taking the segments `segments` holds
+/// instead of reading their files, and keeping the ones it does not hold.
 fn write_tar_tree<W: Write>(
     tree: &LayerTree,
     w: W,
@@ -464,6 +465,8 @@ const SEGMENT_BUFFERS: usize = 4;
 const PREFETCH_IN_MEMORY: u64 = 64 << 10;
 /// Nor is reading ahead asked for beyond this size (a huge file is read as it streams).
 const PREFETCH_ADVISE_MAX: u64 = 64 << 20;
+// Every file of a segment is read into memory, and so checked against its digest.
+const _: () = assert!(super::segments::SMALL_ENTRY <= PREFETCH_IN_MEMORY);
 
 /// One source file of a tree, or one stored segment, as the reader ahead found it.
 enum Prefetched {
@@ -712,8 +715,14 @@ fn write_tar_tree_in_order<W: Write>(
                             "the layer's reader lost its place in the tree",
                         )))
                     }
-                    // The reader is gone (it cannot be, short of a panic): read here.
-                    Err(_) => files.open_file(source).map_err(as_io)?,
+                    // The reader is gone (it cannot be, short of a panic): read here, and
+                    // keep no segment of unchecked bytes.
+                    Err(_) => {
+                        if let Some(c) = capturing.as_mut() {
+                            c.changed = true;
+                        }
+                        files.open_file(source).map_err(as_io)?
+                    }
                 };
                 let mut exact = ExactReader {
                     inner: f.take(*size),
