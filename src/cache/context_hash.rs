@@ -499,15 +499,7 @@ impl ContextHasher {
         // Read in large pieces (io::copy reads 8 KiB at a time): one read for most files,
         // a hundred for a 100 MB one.
         let mut buf = vec![0u8; usize::try_from(md.len()).unwrap_or(0).clamp(4096, 1 << 20)];
-        loop {
-            let n = match io::Read::read(&mut f, &mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            io::Write::write_all(&mut w, &buf[..n])?;
-        }
+        crate::oci::layer::copy_in_pieces(&mut f, &mut w, &mut buf)?;
         let (d, _, _) = w.finish();
         let digest = d.to_string();
         let mut sha256 = [0u8; 32];

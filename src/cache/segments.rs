@@ -42,11 +42,14 @@ impl SegmentDir {
     }
 }
 
-impl SegmentStore for SegmentDir {
+impl SegmentDir {
+    #[cfg(test)]
     fn contains(&self, key: &SegmentKey) -> bool {
         fs::symlink_metadata(self.path(key)).is_ok_and(|m| m.is_file())
     }
+}
 
+impl SegmentStore for SegmentDir {
     fn read_into(&self, key: &SegmentKey, buf: &mut Vec<u8>) -> bool {
         buf.clear();
         let read = (|| {

@@ -426,7 +426,10 @@ fn write_tar_tree<W: Write>(
     segments: Option<&dyn super::segments::SegmentStore>,
     segmented: &mut Segmented,
 ) -> Result<W, LayerError> {
-    let plan = super::segments::plan(tree, epoch, segments);
+    let plan = match segments {
+        Some(_) => super::segments::plan(tree, epoch),
+        None => Vec::new(),
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH_FILES);
     // Segment buffers come back to the reader, to be filled again.
     let (spent_tx, spent) = std::sync::mpsc::channel();
@@ -476,8 +479,8 @@ enum Prefetched {
     Changed(Vec<u8>),
     Opened(fs::File),
     Failed(io::Error),
-    /// A stored segment's bytes, sent at its start in place of its files; `None` when it
-    /// could not be read, and its files follow.
+    /// A stored segment's bytes, sent at its start in place of its files; `None` when it is
+    /// not stored (or could not be read), and its files follow.
     Segment(Option<Vec<u8>>),
 }
 
@@ -501,31 +504,32 @@ fn prefetch_files(
     let mut skip_until = 0;
     let mut check_until = 0;
     let mut buffers = 0;
+    // A buffer that a segment not stored left unfilled, for the next one.
+    let mut idle: Option<Vec<u8>> = None;
     for (i, node) in tree.nodes.values().enumerate() {
         if let Some(seg) = segments.next_if(|s| s.start == i) {
-            if seg.stored {
-                // At most SEGMENT_BUFFERS are out: then the next one comes back first.
-                let mut buf = match spent.try_recv() {
+            // At most SEGMENT_BUFFERS are out: then the next one comes back first.
+            let spare = idle.take().or_else(|| spent.try_recv().ok());
+            let mut buf = match spare {
+                Some(b) => b,
+                None if buffers < SEGMENT_BUFFERS => {
+                    buffers += 1;
+                    Vec::new()
+                }
+                None => match spent.recv() {
                     Ok(b) => b,
-                    Err(_) if buffers < SEGMENT_BUFFERS => {
-                        buffers += 1;
-                        Vec::new()
-                    }
-                    Err(_) => match spent.recv() {
-                        Ok(b) => b,
-                        Err(_) => return,
-                    },
-                };
-                let read = store.is_some_and(|st| st.read_into(&seg.key, &mut buf));
-                if read {
-                    skip_until = seg.end;
-                } else {
-                    // Dropped here, so never to come back.
-                    buffers -= 1;
-                }
-                if tx.send(Prefetched::Segment(read.then_some(buf))).is_err() {
-                    return;
-                }
+                    Err(_) => return,
+                },
+            };
+            let stored = if store.is_some_and(|st| st.read_into(&seg.key, &mut buf)) {
+                skip_until = seg.end;
+                Some(buf)
+            } else {
+                idle = Some(buf);
+                None
+            };
+            if tx.send(Prefetched::Segment(stored)).is_err() {
+                return;
             }
             check_until = seg.end;
         }
@@ -615,19 +619,15 @@ fn write_tar_tree_in_order<W: Write>(
     for (i, (rel, node)) in tree.nodes.iter().enumerate() {
         close(&mut b, &mut capturing, i);
         if let Some(seg) = segments.next_if(|s| s.start == i) {
-            let stored = if seg.stored {
-                match ahead.recv() {
-                    Ok(Prefetched::Segment(bytes)) => bytes,
-                    // The reader is gone (it cannot be, short of a panic): write the files.
-                    Err(_) => None,
-                    Ok(_) => {
-                        return Err(layer_io(io::Error::other(
-                            "the layer's reader lost its place in the tree",
-                        )))
-                    }
+            let stored = match ahead.recv() {
+                Ok(Prefetched::Segment(bytes)) => bytes,
+                // The reader is gone (it cannot be, short of a panic): write the files.
+                Err(_) => None,
+                Ok(_) => {
+                    return Err(layer_io(io::Error::other(
+                        "the layer's reader lost its place in the tree",
+                    )))
                 }
-            } else {
-                None
             };
             if let Some(bytes) = stored {
                 b.get_mut().write_all(&bytes).map_err(layer_io)?;
@@ -945,10 +945,22 @@ fn append_file<W: Write>(
     let h = entry_header(b, h, name, None, xattrs)?;
     let w = b.get_mut();
     w.write_all(h.as_bytes())?;
+    let len = copy_in_pieces(data, w, buf)?;
+    // Padded to a whole block, as the tar crate pads.
+    let rest = (512 - len % 512) % 512;
+    w.write_all(&[0u8; 512][..rest as usize])
+}
+
+/// Copy all of `r` into `w`, `buf.len()` bytes at a time; returns how many.
+pub fn copy_in_pieces(
+    r: &mut impl io::Read,
+    w: &mut impl Write,
+    buf: &mut [u8],
+) -> io::Result<u64> {
     let mut len = 0u64;
     loop {
-        let n = match data.read(buf) {
-            Ok(0) => break,
+        let n = match r.read(buf) {
+            Ok(0) => return Ok(len),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -956,9 +968,6 @@ fn append_file<W: Write>(
         w.write_all(&buf[..n])?;
         len += n as u64;
     }
-    // Padded to a whole block, as the tar crate pads.
-    let rest = (512 - len % 512) % 512;
-    w.write_all(&[0u8; 512][..rest as usize])
 }
 
 /// The header of an entry, with a PAX record first for whatever ustar cannot hold.
@@ -1104,9 +1113,6 @@ mod tests {
     }
 
     impl super::super::segments::SegmentStore for MemorySegments {
-        fn contains(&self, key: &super::super::segments::SegmentKey) -> bool {
-            self.kept.lock().unwrap().contains_key(key)
-        }
         fn read_into(&self, key: &super::super::segments::SegmentKey, buf: &mut Vec<u8>) -> bool {
             buf.clear();
             match self.kept.lock().unwrap().get(key) {

@@ -23,8 +23,6 @@ pub type SegmentKey = [u8; 32];
 
 /// Where segments written before are kept.
 pub trait SegmentStore: Sync {
-    /// Whether the segment `key` is stored (a hint: [`SegmentStore::get`] may still fail).
-    fn contains(&self, key: &SegmentKey) -> bool;
     /// Read the tar bytes stored under `key` into `buf` (cleared first), checked against
     /// what was stored; false if they are gone or damaged.
     fn read_into(&self, key: &SegmentKey, buf: &mut Vec<u8>) -> bool;
@@ -43,13 +41,12 @@ pub const SEGMENT_MIN_ENTRIES: usize = 8;
 /// Changes whenever the way entries become tar bytes does.
 const SEGMENT_FORMAT: &[u8] = b"builder tar segment v1\0";
 
-/// A run of nodes (by their index in the tree's order), and whether it is stored.
+/// A run of nodes (by their index in the tree's order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
     pub start: usize,
     pub end: usize,
     pub key: SegmentKey,
-    pub stored: bool,
 }
 
 fn in_segment(node: &TreeNode) -> bool {
@@ -119,27 +116,17 @@ pub fn clamped_mtime(node: &TreeNode, epoch: Option<i64>) -> i64 {
     }
 }
 
-/// Cut `tree` into segments (nodes outside every segment are written as usual) and say which
-/// ones `store` holds.
-pub fn plan(
-    tree: &LayerTree,
-    epoch: Option<i64>,
-    store: Option<&dyn SegmentStore>,
-) -> Vec<Segment> {
-    let Some(store) = store else {
-        return Vec::new();
-    };
+/// Cut `tree` into segments (nodes outside every segment are written as usual).
+pub fn plan(tree: &LayerTree, epoch: Option<i64>) -> Vec<Segment> {
     let mut out = Vec::new();
     let mut open: Option<(usize, blake3::Hasher, u64)> = None;
     let mut close = |open: &mut Option<(usize, blake3::Hasher, u64)>, end: usize| {
         if let Some((start, h, _)) = open.take() {
             if end - start >= SEGMENT_MIN_ENTRIES {
-                let key = *h.finalize().as_bytes();
                 out.push(Segment {
                     start,
                     end,
-                    key,
-                    stored: store.contains(&key),
+                    key: *h.finalize().as_bytes(),
                 });
             }
         }
