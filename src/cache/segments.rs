@@ -9,10 +9,10 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::oci::blobs::{replace_unsynced, BlobStore};
+use crate::oci::blobs::{replace_unsynced, replace_unsynced_parts, BlobStore};
 use crate::oci::digest::Digest;
 use crate::oci::segments::{SegmentKey, SegmentStore};
 
@@ -40,9 +40,7 @@ impl SegmentDir {
         let hex = hex::encode(key);
         self.dir.join(&hex[..2]).join(hex)
     }
-}
 
-impl SegmentDir {
     #[cfg(test)]
     fn contains(&self, key: &SegmentKey) -> bool {
         fs::symlink_metadata(self.path(key)).is_ok_and(|m| m.is_file())
@@ -68,26 +66,8 @@ impl SegmentStore for SegmentDir {
     }
 
     fn put(&self, key: &SegmentKey, bytes: &[u8]) {
-        let path = self.path(key);
-        let Some(parent) = path.parent() else { return };
-        if fs::create_dir_all(parent).is_err() {
-            return;
-        }
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}-{:?}",
-            hex::encode(&key[..8]),
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let written = fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(blake3::hash(bytes).as_bytes())?;
-            f.write_all(bytes)?;
-            drop(f);
-            fs::rename(&tmp, &path)
-        });
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+        let check = blake3::hash(bytes);
+        let _ = replace_unsynced_parts(&self.path(key), &[check.as_bytes(), bytes]);
     }
 }
 

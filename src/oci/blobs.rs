@@ -317,10 +317,17 @@ fn temp_beside(path: &Path, dir: &Path) -> PathBuf {
 /// whose reader refuses a damaged file, so that a crash costs at most its contents. Readers
 /// never see it half-written.
 pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_unsynced_parts(path, &[bytes])
+}
+
+/// [`replace_unsynced`] with the bytes given in parts, written one after the other.
+pub fn replace_unsynced_parts(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = temp_beside(path, dir);
-    let written = fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path));
+    let written = File::create(&tmp)
+        .and_then(|mut f| parts.iter().try_for_each(|p| f.write_all(p)))
+        .and_then(|_| fs::rename(&tmp, path));
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }

@@ -690,18 +690,12 @@ fn write_tar_tree_in_order<W: Write>(
                     path: source.clone(),
                     source: e,
                 };
-                let f = match ahead.recv() {
-                    Ok(Prefetched::Bytes(bytes)) => {
-                        if (bytes.len() as u64) < *size {
-                            return Err(as_io(changed_size()));
-                        }
-                        append(&mut b, h, &name, None, &node.xattrs, &bytes[..]).map_err(as_io)?;
-                        continue;
-                    }
-                    Ok(Prefetched::Changed(bytes)) => {
-                        if let Some(c) = capturing.as_mut() {
-                            c.changed = true;
-                        }
+                let got = ahead.recv();
+                if let (Some(c), Ok(Prefetched::Changed(_))) = (capturing.as_mut(), &got) {
+                    c.changed = true;
+                }
+                let f = match got {
+                    Ok(Prefetched::Bytes(bytes)) | Ok(Prefetched::Changed(bytes)) => {
                         if (bytes.len() as u64) < *size {
                             return Err(as_io(changed_size()));
                         }

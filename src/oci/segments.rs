@@ -49,12 +49,18 @@ pub struct Segment {
     pub key: SegmentKey,
 }
 
-fn in_segment(node: &TreeNode) -> bool {
+/// The bytes an entry's data takes (0 for directories and links).
+fn data_len(node: &TreeNode) -> u64 {
     match &node.kind {
-        NodeKind::Dir | NodeKind::Symlink(_) | NodeKind::HardLink(_) => true,
-        NodeKind::Data(bytes) => bytes.len() as u64 <= SMALL_ENTRY,
-        NodeKind::File { size, content, .. } => content.is_some() && *size <= SMALL_ENTRY,
+        NodeKind::File { size, .. } => *size,
+        NodeKind::Data(d) => d.len() as u64,
+        NodeKind::Dir | NodeKind::Symlink(_) | NodeKind::HardLink(_) => 0,
     }
+}
+
+fn in_segment(node: &TreeNode) -> bool {
+    let known = !matches!(&node.kind, NodeKind::File { content: None, .. });
+    known && data_len(node) <= SMALL_ENTRY
 }
 
 /// Whether a segment ends after the entry at `path` (by its path alone).
@@ -142,12 +148,7 @@ pub fn plan(tree: &LayerTree, epoch: Option<i64>) -> Vec<Segment> {
             (i, h, 0)
         });
         key_entry(h, path, node, clamped_mtime(node, epoch));
-        *bytes += 512
-            + match &node.kind {
-                NodeKind::File { size, .. } => *size,
-                NodeKind::Data(d) => d.len() as u64,
-                _ => 0,
-            };
+        *bytes += 512 + data_len(node);
         if cuts_after(path) || *bytes >= SEGMENT_MAX {
             close(&mut open, i + 1);
         }
