@@ -300,6 +300,104 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
+/// A blob file written front to back, whose pages go to disk while it grows.
+///
+/// Writeback of each [`WRITE_BEHIND_WINDOW`] starts as soon as the window is written, so the
+/// `fsync` before the blob's rename waits for its last window or two, not for all of it, and
+/// writes never pile up as dirty pages. Once a blob is past [`KEEP_CACHED`], every window
+/// that is on disk and two windows behind is also dropped from the page cache. A big layer
+/// then cycles through a few warm pages instead of claiming fresh memory for every byte (on a
+/// VM, first-touched memory costs more than the copy into it) and instead of evicting pages
+/// that others still read. Blobs up to `KEEP_CACHED` stay cached whole: that covers the
+/// layers an edit rebuild reads chunks back from.
+pub struct WriteBehind {
+    file: File,
+    written: u64,
+    /// Writeback has been started for `[0, started)`.
+    started: u64,
+    /// `[0, dropped)` is on disk and out of the page cache.
+    dropped: u64,
+}
+
+/// How much of a blob [`WriteBehind`] hands to writeback at once.
+pub const WRITE_BEHIND_WINDOW: u64 = 8 << 20;
+/// Blobs up to this size stay in the page cache whole.
+pub const KEEP_CACHED: u64 = 64 << 20;
+
+impl WriteBehind {
+    pub fn new(file: File) -> Self {
+        WriteBehind {
+            file,
+            written: 0,
+            started: 0,
+            dropped: 0,
+        }
+    }
+
+    /// The file, with all that was written (its tail may not be on disk yet).
+    pub fn into_inner(self) -> File {
+        self.file
+    }
+
+    /// Start writeback of the window after `started`, and drop what is done behind it.
+    fn advance(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        // Both calls are advice: when one fails, the commit's fsync still decides.
+        // SAFETY: syscalls on a descriptor this value owns, with in-range offsets; neither
+        // touches memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                self.started as libc::off64_t,
+                WRITE_BEHIND_WINDOW as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.started += WRITE_BEHIND_WINDOW;
+        let behind = self.started.saturating_sub(2 * WRITE_BEHIND_WINDOW);
+        if self.written > KEEP_CACHED && behind > self.dropped {
+            let (from, len) = (
+                self.dropped as libc::off64_t,
+                (behind - self.dropped) as libc::off64_t,
+            );
+            // Pages still under writeback would stay: wait for them first.
+            // SAFETY: as above.
+            unsafe {
+                libc::sync_file_range(
+                    fd,
+                    from,
+                    len,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+            }
+            let _ = nix::fcntl::posix_fadvise(
+                fd,
+                from,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+            self.dropped = behind;
+        }
+    }
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        while self.written >= self.started + WRITE_BEHIND_WINDOW {
+            self.advance();
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// A name for a temporary file in `dir` (the directory of `path`) that no other writer
 /// picks.
 fn temp_beside(path: &Path, dir: &Path) -> PathBuf {
@@ -363,6 +461,85 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How many of the pages of `file` in `range` are in the page cache.
+    fn resident_pages(file: &File, range: std::ops::Range<u64>) -> usize {
+        use std::os::fd::AsRawFd;
+        let len = (range.end - range.start) as usize;
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a read-only shared mapping of `len` bytes of an open file, unmapped below;
+        // mincore writes one byte per page into `vec`, which is that long.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                range.start as libc::off_t,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+            libc::munmap(p, len);
+        }
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    #[test]
+    fn write_behind_keeps_every_byte_and_leaves_only_a_big_blobs_tail_cached() {
+        // On the disk the store lives on (not a tmpfs, whose pages cannot be dropped).
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("tmp");
+        fs::create_dir_all(&base).unwrap();
+        let t = tempfile::tempdir_in(&base).unwrap();
+        let window = WRITE_BEHIND_WINDOW;
+        for (name, size) in [
+            ("small", KEEP_CACHED / 2),
+            ("big", KEEP_CACHED + 5 * window + 12_345),
+        ] {
+            let path = t.path().join(name);
+            let mut w = HashingWriter::new(WriteBehind::new(File::create(&path).unwrap()));
+            let mut left = size;
+            let mut i = 0u64;
+            while left > 0 {
+                // Odd sizes, so that windows end inside writes.
+                let n = left.min(1_000_003);
+                let piece: Vec<u8> = (0..n).map(|j| ((i + j) % 251) as u8).collect();
+                w.write_all(&piece).unwrap();
+                i += n;
+                left -= n;
+            }
+            let (digest, written, inner) = w.finish();
+            inner.into_inner().sync_all().unwrap();
+            assert_eq!(written, size);
+            let file = File::open(&path).unwrap();
+            let first_window = resident_pages(&file, 0..window);
+            if name == "small" {
+                assert_eq!(
+                    first_window,
+                    (window / 4096) as usize,
+                    "a small blob stays cached"
+                );
+            } else {
+                assert_eq!(first_window, 0, "a big blob's head leaves the cache");
+                let last_window = size / window * window - window;
+                assert!(
+                    resident_pages(&file, last_window..last_window + window) > 0,
+                    "the last two windows stay cached"
+                );
+            }
+            // Read back after looking: reading caches the pages again.
+            let mut back = HashingWriter::new(io::sink());
+            io::copy(&mut File::open(&path).unwrap(), &mut back).unwrap();
+            assert_eq!(
+                back.finish().0,
+                digest,
+                "{name}: what was read back differs"
+            );
+        }
+    }
 
     #[test]
     fn put_get_and_detect_corruption() {

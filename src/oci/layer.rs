@@ -203,8 +203,9 @@ pub fn write_layer_from(
     let mut segments = Segmented::default();
     let result = (|| {
         // The blob is hashed, and the diff_id computed, on threads of their own, beside
-        // the tar writer and the compressors.
-        let outer = ThreadedHashingWriter::new(file);
+        // the tar writer and the compressors. Few read a new layer's blob back soon: its
+        // pages go to disk, and a big one's out of the cache, as it is written.
+        let outer = ThreadedHashingWriter::new(super::blobs::WriteBehind::new(file));
         let (diff_id, outer) = match opts.compression {
             Compression::Gzip(level) => {
                 let jobs = std::thread::available_parallelism()
@@ -233,7 +234,7 @@ pub fn write_layer_from(
             }
         };
         let (digest, size, file) = outer.finish().map_err(io_at(&tmp_path))?;
-        store.commit(&tmp_path, file, &digest)?;
+        store.commit(&tmp_path, file.into_inner(), &digest)?;
         Ok(Layer {
             digest,
             diff_id,
