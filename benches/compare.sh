@@ -178,15 +178,35 @@ for s in "${scenarios[@]}"; do
   unset t
 done
 [ -n "$rss_note" ] && echo && echo "$rss_note"
-# The zstd floor for copy-big: builder with --compression zstd against zstd -3 -T0.
+# The zstd floor: a cold builder build with --compression zstd against `zstd -3 -T0` of the
+# same bytes (to /dev/null), medians of RUNS runs. For copy-big's random bytes, which zstd
+# passes through nearly as they are, and for 500 MB of this machine's own /usr (programs and
+# text, which compress), cut into the same five files and built with the same build file.
+zstd_row() { # label name ctx
+  local label=$1 name=$2 ctx=$3 bs=() zs=() r b z
+  warm "$ctx"
+  for r in $(seq "$runs"); do
+    fresh=$work/runs/$stamp/zstd-$name-$r
+    mkdir -p "$fresh"
+    b=$(timed "$bin" build --progress quiet --root "$fresh/store" --compression zstd -o "oci:$fresh/layout:z" "$ctx")
+    bs+=("${b%% *}")
+    z=$(timed sh -c "cat $ctx/blob*.bin | zstd -3 -T0 -q -c > /dev/null")
+    zs+=("${z%% *}")
+  done
+  b=$(printf '%s\n' "${bs[@]}" | median)
+  z=$(printf '%s\n' "${zs[@]}" | median)
+  echo "$label cold with --compression zstd: ${b}s; zstd -3 -T0 of the same bytes: ${z}s (ratio $(awk -v b="$b" -v z="$z" 'BEGIN{printf "%.2f", b/z}'))"
+}
 if printf '%s\n' "${scenarios[@]}" | grep -qx copy-big && command -v zstd >/dev/null; then
-  ctx=$work/ctx-copy-big
-  fresh=$work/runs/$stamp/zstd
-  mkdir -p "$fresh"
-  b=$(timed "$bin" build --progress quiet --root "$fresh/store" --compression zstd -o "oci:$fresh/layout:z" "$ctx")
-  b=${b%% *}
-  z=$(timed sh -c "cat $ctx/blob*.bin | zstd -3 -T0 -q -c > /dev/null")
-  z=${z%% *}
   echo
-  echo "copy-big cold with --compression zstd: ${b}s; zstd -3 -T0 of the same bytes: ${z}s (ratio $(awk -v b="$b" -v z="$z" 'BEGIN{printf "%.2f", b/z}'))"
+  zstd_row copy-big random "$work/ctx-copy-big"
+  text=$work/ctx-copy-big-text
+  if [ ! -d "$text" ]; then
+    mkdir -p "$text"
+    (tar cf - /usr/lib /usr/share /usr/bin 2>/dev/null || true) | head -c $((500*1024*1024)) \
+      | split -b $((100*1024*1024)) -d -a 1 - "$text/part"
+    for i in 0 1 2 3 4; do mv "$text/part$i" "$text/blob$((i + 1)).bin"; done
+    cp "$work/ctx-copy-big/Buildfile" "$text/"
+  fi
+  zstd_row "copy-big (compressible)" text "$text"
 fi
