@@ -382,6 +382,20 @@ struct Probe {
     cached: Option<String>,
 }
 
+/// The file one context read's listing is kept in (`cache/listings/<slot>`).
+pub struct ListingSlot(PathBuf);
+
+impl ListingSlot {
+    /// Keep what the read recorded, under `key` (a lost write only costs describing the
+    /// entries again).
+    pub fn remember(&self, key: &[u8; 32], r: &Remembered) {
+        if let Some(dir) = self.0.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = replace_unsynced(&self.0, &encode_listing(key, r));
+    }
+}
+
 /// Hashes context files, remembering results in `cache/stat.bin` under the store.
 pub struct ContextHasher {
     path: PathBuf,
@@ -698,14 +712,9 @@ impl ContextHasher {
         decode_listing(fs::read(self.listing_path(slot)).ok()?, key)
     }
 
-    /// Keep what a read of `slot` recorded for the next build (a lost write only costs
-    /// describing the entries again).
-    pub fn remember(&self, slot: &[u8], key: &[u8; 32], r: &Remembered) {
-        let path = self.listing_path(slot);
-        if let Some(dir) = path.parent() {
-            let _ = fs::create_dir_all(dir);
-        }
-        let _ = replace_unsynced(&path, &encode_listing(key, r));
+    /// Where what a read of `slot` recorded is kept for the next build.
+    pub fn listing_slot(&self, slot: &[u8]) -> ListingSlot {
+        ListingSlot(self.listing_path(slot))
     }
 
     /// The digest of a set of context entries (`rel` -> on-disk path) for a cache key, and
@@ -945,7 +954,7 @@ mod tests {
             sources: vec!["sha256:22".into()],
             listing: ContextListing::of(&leaves),
         };
-        h.remember(b"slot", &key, &r);
+        h.listing_slot(b"slot").remember(&key, &r);
         let back = h.recall(b"slot", &key).unwrap();
         assert_eq!((&back.digest, &back.sources), (&r.digest, &r.sources));
         assert_eq!(back.listing.json, r.listing.json);

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::attest::trace::{BuildTrace, ContextLeaf, StepTrace};
+use crate::attest::trace::{BuildTrace, ContextLeaf, ContextListing, StepTrace};
 use crate::cache::context_hash::ContextHasher;
 use crate::cache::remote::RemoteCache;
 use crate::cache::{CacheIndex, CacheKey};
@@ -237,6 +237,10 @@ struct Ctx<'s, 'a> {
     /// The snapshot the next step will read of the current step's layer (its kind, and the
     /// chain below the layer), made from the layer's tar as it is written.
     snapshot_ahead: Option<(Option<Digest>, ViewNeed)>,
+    /// Context listings still being written out on threads of their own (a large context's
+    /// takes tens of ms, which the step's staging and layer writing need not wait for), with
+    /// where each goes in the trace.
+    listings: Vec<(usize, std::thread::JoinHandle<ContextListing>)>,
 }
 
 impl<'a> std::ops::Deref for Ctx<'_, 'a> {
@@ -401,8 +405,10 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
                     volatile: false,
                     source_stats: None,
                     snapshot_ahead: None,
+                    listings: Vec::new(),
                 };
                 let r = cx.run_stage(i);
+                let r = cx.settle_listings().and(r);
                 // What was hashed stays useful even when a step failed.
                 shared.hasher.save();
                 let Ok(mut g) = schedule.lock() else { return };
@@ -1335,39 +1341,57 @@ impl Ctx<'_, '_> {
             source_digests.push(d);
             start = end;
         }
-        // Sorted here and merged in one pass (a large context's leaves, inserted one by one,
-        // cost a tree descent each); where a path is listed twice, the later listing wins,
-        // as it would by insertion.
         let (rels, paths): (Vec<String>, Vec<PathBuf>) = entries.into_iter().unzip();
         if let Some(stats) = stats {
             self.source_stats
                 .get_or_insert_with(HashMap::new)
                 .extend(paths.into_iter().zip(stats));
         }
-        let mut listed: Vec<(String, ContextLeaf)> = rels.into_iter().zip(leaves).collect();
-        listed.sort_by(|a, b| a.0.cmp(&b.0));
-        listed.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                std::mem::swap(&mut later.1, &mut kept.1);
+        // The listing is only read once the stage is done (by provenance, and by the next
+        // build): it is made beside the step, in its place in the trace.
+        let Ok(mut trace) = self.trace.lock() else {
+            return Err(BuildError::Other(
+                "internal: the build trace is poisoned".into(),
+            ));
+        };
+        let place = trace.context.len();
+        trace.context.push(ContextListing::of(&BTreeMap::new()));
+        drop(trace);
+        let keep = key.map(|key| (self.hasher.listing_slot(&slot), key, digest.clone()));
+        let job = std::thread::spawn(move || {
+            let listing = listing_of(rels, leaves);
+            if let Some((slot, key, digest)) = keep {
+                slot.remember(
+                    &key,
+                    &crate::cache::context_hash::Remembered {
+                        digest,
+                        sources: source_digests,
+                        listing: listing.clone(),
+                    },
+                );
             }
-            same
+            listing
         });
-        let listed: BTreeMap<String, ContextLeaf> = listed.into_iter().collect();
-        let listing = crate::attest::trace::ContextListing::of(&listed);
-        drop(listed);
-        if let Some(key) = &key {
-            let r = crate::cache::context_hash::Remembered {
-                digest: digest.clone(),
-                sources: source_digests,
-                listing: listing.clone(),
-            };
-            self.hasher.remember(&slot, key, &r);
-        }
-        if let Ok(mut t) = self.trace.lock() {
-            t.context.push(listing);
-        }
+        self.listings.push((place, job));
         Ok(digest)
+    }
+
+    /// Put the listings made beside this stage's steps in their places in the trace.
+    fn settle_listings(&mut self) -> Result<(), BuildError> {
+        for (place, job) in std::mem::take(&mut self.listings) {
+            let listing = job
+                .join()
+                .map_err(|_| BuildError::Other("internal: a context listing failed".into()))?;
+            let Ok(mut trace) = self.trace.lock() else {
+                return Err(BuildError::Other(
+                    "internal: the build trace is poisoned".into(),
+                ));
+            };
+            if let Some(slot) = trace.context.get_mut(place) {
+                *slot = listing;
+            }
+        }
+        Ok(())
     }
 
     /// The owner of the context directory (whoever checked it out).
@@ -1510,6 +1534,23 @@ impl Ctx<'_, '_> {
         }
         Ok(layer)
     }
+}
+
+/// The listing of one context read: its leaves by path. Sorted here and merged in one pass
+/// (a large context's leaves, inserted one by one, cost a tree descent each); where a path
+/// is listed twice, the later listing wins, as it would by insertion.
+fn listing_of(rels: Vec<String>, leaves: Vec<ContextLeaf>) -> ContextListing {
+    let mut listed: Vec<(String, ContextLeaf)> = rels.into_iter().zip(leaves).collect();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    listed.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(&mut later.1, &mut kept.1);
+        }
+        same
+    });
+    let listed: BTreeMap<String, ContextLeaf> = listed.into_iter().collect();
+    ContextListing::of(&listed)
 }
 
 /// A layer's tar, seen by the SBOM scanner and, when given, one more reader.
