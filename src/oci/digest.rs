@@ -175,6 +175,28 @@ impl<W: Write + Send + 'static> ThreadedHashingWriter<W> {
         }
     }
 
+    /// Hand `bytes` over whole, after everything written before: nothing is copied. The
+    /// buffer comes back through [`ThreadedHashingWriter::spare`] once hashed and written.
+    pub fn write_owned(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        let sent = self.tx.as_ref().map(|tx| tx.send(bytes).is_ok());
+        if sent == Some(true) {
+            Ok(())
+        } else {
+            Err(self.join_err())
+        }
+    }
+
+    /// A buffer the worker is done with, emptied, if one is back.
+    pub fn spare(&mut self) -> Option<Vec<u8>> {
+        self.spent.try_recv().ok().map(|mut b| {
+            b.clear();
+            b
+        })
+    }
+
     /// The digest and byte count of everything written, and the inner writer.
     pub fn finish(mut self) -> io::Result<(Digest, u64, W)> {
         if !self.buf.is_empty() {
@@ -250,6 +272,22 @@ mod tests {
         for piece in data.chunks(10_007) {
             t.write_all(piece).unwrap();
         }
+        let (d, n, back) = t.finish().unwrap();
+        assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn buffers_handed_over_whole_keep_their_place_among_written_bytes() {
+        let data: Vec<u8> = (0..(2 * THREADED_BUFFER + 12_345))
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let mut t = ThreadedHashingWriter::new(Vec::new());
+        let (a, rest) = data.split_at(1000);
+        let (b, c) = rest.split_at(THREADED_BUFFER + 5);
+        t.write_all(a).unwrap();
+        t.write_owned(b.to_vec()).unwrap();
+        t.write_all(c).unwrap();
         let (d, n, back) = t.finish().unwrap();
         assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
         assert_eq!(back, data);

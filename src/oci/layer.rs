@@ -144,18 +144,20 @@ pub fn tar_checksum_ok(header: &[u8]) -> bool {
     tar_number(&header[148..156]) == Some(sum)
 }
 
-/// Where a layer's tar goes: the compressor, the diff_id's hashing thread, and `tee`.
+/// Where a layer's tar goes: the compressor, the diff_id's hashing thread (unless the
+/// compressor hashes it), and `tee`.
 struct TarSink<'t, W: Write> {
     out: W,
-    diff_id: ThreadedHashingWriter<io::Sink>,
+    diff_id: Option<ThreadedHashingWriter<io::Sink>>,
     tee: Option<&'t mut dyn Write>,
 }
 
 impl<'t, W: Write> TarSink<'t, W> {
-    fn new(out: W, tee: Option<&'t mut dyn Write>) -> Self {
+    /// `hash`: whether the diff_id is taken here (else `out` takes it).
+    fn new(out: W, hash: bool, tee: Option<&'t mut dyn Write>) -> Self {
         TarSink {
             out,
-            diff_id: ThreadedHashingWriter::new(io::sink()),
+            diff_id: hash.then(|| ThreadedHashingWriter::new(io::sink())),
             tee,
         }
     }
@@ -164,7 +166,9 @@ impl<'t, W: Write> TarSink<'t, W> {
 impl<W: Write> Write for TarSink<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.out.write_all(buf)?;
-        self.diff_id.write_all(buf)?;
+        if let Some(h) = self.diff_id.as_mut() {
+            h.write_all(buf)?;
+        }
         if let Some(t) = self.tee.as_mut() {
             t.write_all(buf)?;
         }
@@ -211,14 +215,20 @@ pub fn write_layer_from(
                 let jobs = std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1);
+                // The compressor hands its chunks to the diff_id's hasher once compressed:
+                // the tar is not copied once more for it.
                 let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs, opts.reuse)
-                    .map_err(io_at(&tmp_path))?;
-                let done = write_source(&source, dir, TarSink::new(gz, tee), &opts, &mut segments)?;
-                let (diff_id, _, _) = done.diff_id.finish().map_err(io_at(&tmp_path))?;
-                let (outer, table, reused) = done.out.finish().map_err(io_at(&tmp_path))?;
-                chunks = table;
-                reused_chunks = reused;
-                (diff_id, outer)
+                    .map_err(io_at(&tmp_path))?
+                    .hashing_plain();
+                let sink = TarSink::new(gz, false, tee);
+                let done = write_source(&source, dir, sink, &opts, &mut segments)?;
+                let gz = done.out.finish().map_err(io_at(&tmp_path))?;
+                chunks = gz.table;
+                reused_chunks = gz.reused;
+                let diff_id = gz.plain_digest.ok_or_else(|| {
+                    io_at(&tmp_path)(io::Error::other("internal: the tar was not hashed"))
+                })?;
+                (diff_id, gz.inner)
             }
             Compression::Zstd(level) => {
                 let mut z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
@@ -228,8 +238,17 @@ pub fn write_layer_from(
                     .map(|n| n.get())
                     .unwrap_or(1);
                 z.multithread(jobs as u32).map_err(io_at(&tmp_path))?;
-                let done = write_source(&source, dir, TarSink::new(z, tee), &opts, &mut segments)?;
-                let (diff_id, _, _) = done.diff_id.finish().map_err(io_at(&tmp_path))?;
+                let done = write_source(
+                    &source,
+                    dir,
+                    TarSink::new(z, true, tee),
+                    &opts,
+                    &mut segments,
+                )?;
+                let hashed = done.diff_id.map(|h| h.finish());
+                let (diff_id, _, _) = hashed
+                    .unwrap_or_else(|| Err(io::Error::other("internal: the tar was not hashed")))
+                    .map_err(io_at(&tmp_path))?;
                 (diff_id, done.out.finish().map_err(io_at(&tmp_path))?)
             }
         };

@@ -24,6 +24,8 @@ use crc32fast::Hasher as Crc;
 use flate2::{Compress, Compression, FlushCompress, Status};
 use sha2::{Digest as _, Sha256};
 
+use super::digest::{Digest, ThreadedHashingWriter};
+
 /// A chunk is cut at an entry boundary only once it holds this much.
 pub const MIN_CHUNK: usize = 512 << 10;
 /// A chunk never holds more than this (big files are cut inside).
@@ -101,6 +103,9 @@ pub struct ParallelGzWriter<'r, W: Write> {
     reused: usize,
     /// Chunk buffers done with, to fill again (fresh ones cost a page fault per 4 KiB).
     spare: Vec<Vec<u8>>,
+    /// Where compressed chunks go to be hashed in order, whole, for the sha256 of the
+    /// uncompressed stream (a layer's diff_id) without another copy of its bytes.
+    plain_hash: Option<ThreadedHashingWriter<io::Sink>>,
 }
 
 impl<'r, W: Write> ParallelGzWriter<'r, W> {
@@ -127,7 +132,15 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             table: Vec::new(),
             reused: 0,
             spare: Vec::new(),
+            plain_hash: None,
         })
+    }
+
+    /// Also take the sha256 of the uncompressed stream; [`ParallelGzWriter::finish`] then
+    /// returns it.
+    pub fn hashing_plain(mut self) -> Self {
+        self.plain_hash = Some(ThreadedHashingWriter::new(io::sink()));
+        self
     }
 
     /// Close the current chunk at absolute offset `at`.
@@ -218,23 +231,36 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             self.reused += reused as usize;
         }
         for mut c in chunks {
-            if self.spare.len() < self.jobs {
-                c.clear();
-                self.spare.push(c);
+            match self.plain_hash.as_mut() {
+                Some(h) => h.write_owned(c)?,
+                None if self.spare.len() < self.jobs => {
+                    c.clear();
+                    self.spare.push(c);
+                }
+                None => {}
+            }
+        }
+        if let Some(h) = self.plain_hash.as_mut() {
+            while let Some(back) = h.spare() {
+                if self.spare.len() < self.jobs {
+                    self.spare.push(back);
+                }
             }
         }
         Ok(())
     }
 
     /// Write everything out (an empty final block, then the gzip trailer); returns the
-    /// inner writer, the chunk table and how many chunks were reused.
-    pub fn finish(mut self) -> io::Result<(W, Vec<ChunkInfo>, usize)> {
+    /// inner writer, the chunk table, how many chunks were reused, and the sha256 of the
+    /// uncompressed stream when [`ParallelGzWriter::hashing_plain`] asked for it.
+    pub fn finish(mut self) -> io::Result<GzFinished<W>> {
         let mut chunks = std::mem::take(&mut self.pending);
         if !self.current.is_empty() {
             chunks.push(std::mem::take(&mut self.current));
         }
-        for group in chunks.chunks(self.jobs) {
-            self.compress(group.to_vec())?;
+        while !chunks.is_empty() {
+            let rest = chunks.split_off(chunks.len().min(self.jobs));
+            self.compress(std::mem::replace(&mut chunks, rest))?;
         }
         // The empty final block: BFINAL, fixed Huffman, end of block.
         self.inner.write_all(&[0x03, 0x00])?;
@@ -242,8 +268,27 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             .write_all(&self.crc.clone().finalize().to_le_bytes())?;
         // ISIZE: the uncompressed size modulo 2^32.
         self.inner.write_all(&(self.plain as u32).to_le_bytes())?;
-        Ok((self.inner, self.table, self.reused))
+        let plain_digest = match self.plain_hash.take() {
+            Some(h) => Some(h.finish()?.0),
+            None => None,
+        };
+        Ok(GzFinished {
+            inner: self.inner,
+            table: self.table,
+            reused: self.reused,
+            plain_digest,
+        })
     }
+}
+
+/// What [`ParallelGzWriter::finish`] hands back.
+pub struct GzFinished<W> {
+    pub inner: W,
+    pub table: Vec<ChunkInfo>,
+    /// How many chunks came from a [`ChunkReuse`].
+    pub reused: usize,
+    /// The sha256 of the uncompressed stream, when it was asked for.
+    pub plain_digest: Option<Digest>,
 }
 
 impl<W: Write> Write for ParallelGzWriter<'_, W> {
@@ -317,11 +362,20 @@ mod tests {
         jobs: usize,
         reuse: Option<&dyn ChunkReuse>,
     ) -> (Vec<u8>, Vec<ChunkInfo>, usize) {
-        let mut w = ParallelGzWriter::new(Vec::new(), 6, jobs, reuse).unwrap();
+        let mut w = ParallelGzWriter::new(Vec::new(), 6, jobs, reuse)
+            .unwrap()
+            .hashing_plain();
         for piece in data.chunks(7777) {
             w.write_all(piece).unwrap();
         }
-        let (gz, table, reused) = w.finish().unwrap();
+        let GzFinished {
+            inner: gz,
+            table,
+            reused,
+            plain_digest,
+        } = w.finish().unwrap();
+        // Chunks hashed whole once compressed, reused ones too, give the stream's sha256.
+        assert_eq!(plain_digest, Some(Digest::of(data)));
         let mut back = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut back)
