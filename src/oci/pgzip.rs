@@ -32,6 +32,9 @@ pub const MIN_CHUNK: usize = 512 << 10;
 pub const MAX_CHUNK: usize = 4 << 20;
 /// One entry boundary in this many (by the hash of the header's name) may end a chunk.
 pub const CUT_ONE_IN: u64 = 8;
+/// About how many chunks the diff_id's hasher holds at once (queued, being hashed, on
+/// their way back).
+const HASHER_IN_FLIGHT: usize = 8;
 
 /// Where compressed chunks of earlier layers can be found.
 pub trait ChunkReuse: Sync {
@@ -146,10 +149,14 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
     /// Close the current chunk at absolute offset `at`.
     fn cut(&mut self, at: u64) -> io::Result<()> {
         let cut = (at - self.start) as usize;
-        let mut next = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(MIN_CHUNK * 2));
+        let mut next = match self.spare.pop() {
+            Some(b) => b,
+            None => self
+                .plain_hash
+                .as_mut()
+                .and_then(|h| h.spare())
+                .unwrap_or_else(|| Vec::with_capacity(MIN_CHUNK * 2)),
+        };
         next.extend_from_slice(&self.current[cut..]);
         self.current.truncate(cut);
         self.pending
@@ -230,10 +237,13 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             self.written += z.len() as u64;
             self.reused += reused as usize;
         }
+        // Enough spares for a batch and for what the hasher holds: a chunk buffer is then
+        // never allocated anew once the first few are.
+        let keep = self.jobs + HASHER_IN_FLIGHT;
         for mut c in chunks {
             match self.plain_hash.as_mut() {
                 Some(h) => h.write_owned(c)?,
-                None if self.spare.len() < self.jobs => {
+                None if self.spare.len() < keep => {
                     c.clear();
                     self.spare.push(c);
                 }
@@ -242,7 +252,7 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
         }
         if let Some(h) = self.plain_hash.as_mut() {
             while let Some(back) = h.spare() {
-                if self.spare.len() < self.jobs {
+                if self.spare.len() < keep {
                     self.spare.push(back);
                 }
             }
