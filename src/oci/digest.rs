@@ -150,15 +150,16 @@ impl<W: Write + Send + 'static> ThreadedHashingWriter<W> {
     }
 
     fn send(&mut self) -> io::Result<()> {
-        let next = match self.spent.try_recv() {
-            Ok(mut b) => {
-                b.clear();
-                b
-            }
-            Err(_) => Vec::with_capacity(THREADED_BUFFER),
-        };
+        let next = self
+            .spare()
+            .unwrap_or_else(|| Vec::with_capacity(THREADED_BUFFER));
         let full = std::mem::replace(&mut self.buf, next);
-        let sent = self.tx.as_ref().map(|tx| tx.send(full).is_ok());
+        self.hand_over(full)
+    }
+
+    /// Queue `bytes` for the worker.
+    fn hand_over(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        let sent = self.tx.as_ref().map(|tx| tx.send(bytes).is_ok());
         if sent == Some(true) {
             Ok(())
         } else {
@@ -181,12 +182,7 @@ impl<W: Write + Send + 'static> ThreadedHashingWriter<W> {
         if !self.buf.is_empty() {
             self.send()?;
         }
-        let sent = self.tx.as_ref().map(|tx| tx.send(bytes).is_ok());
-        if sent == Some(true) {
-            Ok(())
-        } else {
-            Err(self.join_err())
-        }
+        self.hand_over(bytes)
     }
 
     /// A buffer the worker is done with, emptied, if one is back.

@@ -210,13 +210,12 @@ pub fn write_layer_from(
         // the tar writer and the compressors. Few read a new layer's blob back soon: its
         // pages go to disk, and a big one's out of the cache, as it is written.
         let outer = ThreadedHashingWriter::new(super::blobs::WriteBehind::new(file));
+        // The diff_id: from the gzip compressor's own chunks, or hashed beside zstd.
         let (diff_id, outer) = match opts.compression {
             Compression::Gzip(level) => {
                 let jobs = std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1);
-                // The compressor hands its chunks to the diff_id's hasher once compressed:
-                // the tar is not copied once more for it.
                 let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs, opts.reuse)
                     .map_err(io_at(&tmp_path))?
                     .hashing_plain();
@@ -225,10 +224,7 @@ pub fn write_layer_from(
                 let gz = done.out.finish().map_err(io_at(&tmp_path))?;
                 chunks = gz.table;
                 reused_chunks = gz.reused;
-                let diff_id = gz.plain_digest.ok_or_else(|| {
-                    io_at(&tmp_path)(io::Error::other("internal: the tar was not hashed"))
-                })?;
-                (diff_id, gz.inner)
+                (gz.plain_digest, gz.inner)
             }
             Compression::Zstd(level) => {
                 let mut z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;
@@ -238,20 +234,18 @@ pub fn write_layer_from(
                     .map(|n| n.get())
                     .unwrap_or(1);
                 z.multithread(jobs as u32).map_err(io_at(&tmp_path))?;
-                let done = write_source(
-                    &source,
-                    dir,
-                    TarSink::new(z, true, tee),
-                    &opts,
-                    &mut segments,
-                )?;
-                let hashed = done.diff_id.map(|h| h.finish());
-                let (diff_id, _, _) = hashed
-                    .unwrap_or_else(|| Err(io::Error::other("internal: the tar was not hashed")))
-                    .map_err(io_at(&tmp_path))?;
+                let sink = TarSink::new(z, true, tee);
+                let done = write_source(&source, dir, sink, &opts, &mut segments)?;
+                let diff_id = match done.diff_id {
+                    Some(h) => Some(h.finish().map_err(io_at(&tmp_path))?.0),
+                    None => None,
+                };
                 (diff_id, done.out.finish().map_err(io_at(&tmp_path))?)
             }
         };
+        let diff_id = diff_id.ok_or_else(|| {
+            io_at(&tmp_path)(io::Error::other("internal: the tar was not hashed"))
+        })?;
         let (digest, size, file) = outer.finish().map_err(io_at(&tmp_path))?;
         store.commit(&tmp_path, file.into_inner(), &digest)?;
         Ok(Layer {

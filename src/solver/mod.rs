@@ -1349,11 +1349,7 @@ impl Ctx<'_, '_> {
         }
         // The listing is only read once the stage is done (by provenance, and by the next
         // build): it is made beside the step, in its place in the trace.
-        let Ok(mut trace) = self.trace.lock() else {
-            return Err(BuildError::Other(
-                "internal: the build trace is poisoned".into(),
-            ));
-        };
+        let mut trace = self.lock_trace()?;
         let place = trace.context.len();
         trace.context.push(ContextListing::of(&BTreeMap::new()));
         drop(trace);
@@ -1376,18 +1372,20 @@ impl Ctx<'_, '_> {
         Ok(digest)
     }
 
+    /// The build's trace, for a change that must not be lost.
+    fn lock_trace(&self) -> Result<std::sync::MutexGuard<'_, BuildTrace>, BuildError> {
+        self.trace
+            .lock()
+            .map_err(|_| BuildError::Other("internal: the build trace is poisoned".into()))
+    }
+
     /// Put the listings made beside this stage's steps in their places in the trace.
     fn settle_listings(&mut self) -> Result<(), BuildError> {
         for (place, job) in std::mem::take(&mut self.listings) {
             let listing = job
                 .join()
                 .map_err(|_| BuildError::Other("internal: a context listing failed".into()))?;
-            let Ok(mut trace) = self.trace.lock() else {
-                return Err(BuildError::Other(
-                    "internal: the build trace is poisoned".into(),
-                ));
-            };
-            if let Some(slot) = trace.context.get_mut(place) {
+            if let Some(slot) = self.lock_trace()?.context.get_mut(place) {
                 *slot = listing;
             }
         }
