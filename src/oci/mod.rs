@@ -9,6 +9,7 @@ pub mod image;
 pub mod layer;
 pub mod pgzip;
 pub mod platform;
+pub mod root;
 pub mod segments;
 pub mod unpack;
 

@@ -305,17 +305,18 @@ pub fn resolve_step_user(
     rootfs: &Path,
     user: Option<&str>,
 ) -> Result<(u32, u32, Vec<u32>, Option<String>), String> {
+    let db = users::UserDb::load(rootfs)?;
     match user.filter(|u| !u.is_empty()) {
-        None => Ok((0, 0, Vec::new(), users::home_of(rootfs, 0))),
+        None => Ok((0, 0, Vec::new(), db.home_of(0))),
         Some(u) => {
-            let o = users::resolve_user(rootfs, u)?;
+            let o = db.user_spec(u)?;
             // As docker: the groups of /etc/group that list the user (by name, a numeric
             // USER too), none when USER names its group; the primary group is not repeated.
-            let groups = match users::name_of(rootfs, o.uid) {
-                Some(name) if !u.contains(':') => users::supplementary_groups(rootfs, &name),
+            let groups = match db.name_of(o.uid) {
+                Some(name) if !u.contains(':') => db.supplementary_groups(&name),
                 _ => Vec::new(),
             };
-            Ok((o.uid, o.gid, groups, users::home_of(rootfs, o.uid)))
+            Ok((o.uid, o.gid, groups, db.home_of(o.uid)))
         }
     }
 }
