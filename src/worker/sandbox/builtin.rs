@@ -2,11 +2,15 @@
 //!
 //! Process layout: builder forks a helper that joins or creates the network namespace and
 //! unshares the others, then forks PID 1. PID 1 mounts the root (overlay or a bind of a
-//! private copy, `nodev`), the spec's mounts, the masked and read-only paths, `pivot_root`s
-//! into it and forks the command. The command drops the capabilities the spec does not grant
-//! (bounding set first), installs the seccomp filter while it still may, takes the step's
-//! user, and execs. PID 1 reaps zombies until the command exits and exits with its status.
-//! Both helpers die with their parent (`PR_SET_PDEATHSIG`), so killing builder kills the step.
+//! private copy, `nodev`), the spec's mounts, the masked and read-only paths, and
+//! `pivot_root`s into it. It then drops the capabilities the spec does not grant (bounding set
+//! first), installs the seccomp filter while it still may, takes the step's user, marks every
+//! descriptor but stdio close-on-exec, and execs the command: as in docker, the step's PID 1 is
+//! the user's command, whose command line and environment are the step's own, never builder's.
+//! The helper waits for it. When builder dies the helper is told (`PR_SET_PDEATHSIG`) and
+//! kills PID 1, which takes the whole PID namespace with it: killing builder kills the step,
+//! whatever user or set-uid program the step runs as (either would clear a death signal of
+//! PID 1's own).
 //!
 //! Set-up failures are written to a close-on-exec error pipe and never confused with the
 //! command's own exit status: an `exit 125` in a step is the step's, not the sandbox's.
@@ -22,7 +26,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{
-    chdir, fork, pivot_root, setgid, setgroups, sethostname, setuid, ForkResult, Gid, Pid, Uid,
+    chdir, fork, pivot_root, setgid, setgroups, sethostname, setuid, ForkResult, Gid, Uid,
 };
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
@@ -292,8 +296,20 @@ fn denies_devices(linux: &oci_spec::runtime::Linux) -> bool {
 
 /// The first child: network namespace, the other namespaces, then PID 1.
 fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError> {
+    use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+    // Builder's death arrives as SIGHUP, taken with sigwait below (blocked, so it never kills
+    // the helper before the helper has killed PID 1).
+    let mut watched = SigSet::empty();
+    watched.add(Signal::SIGHUP);
+    watched.add(Signal::SIGCHLD);
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&watched), None)
+        .map_err(serr("block signals"))?;
+    let builder = nix::unistd::getppid();
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP);
+    }
+    if nix::unistd::getppid() != builder {
+        return Err(SandboxError("builder exited before the step started".into()));
     }
     if let Some(ns) = &p.netns {
         setns(ns, CloneFlags::CLONE_NEWNET).map_err(serr("join the step's network namespace"))?;
@@ -307,16 +323,22 @@ fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError
     }
     unshare(flags).map_err(serr("unshare namespaces (builder needs root for RUN)"))?;
     match unsafe { fork() }.map_err(serr("fork"))? {
-        ForkResult::Child => exit_child(err.as_raw_fd(), init(p, out, err)),
+        ForkResult::Child => {
+            // The command must not inherit the helper's blocked signals.
+            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            exit_child(err.as_raw_fd(), init(p, out))
+        }
         ForkResult::Parent { child } => {
             drop(out);
             loop {
-                match waitpid(child, None) {
+                match waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::Exited(_, c)) => return Ok(c),
                     Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Ok(_) => continue,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(SandboxError(format!("wait: {}", e))),
+                }
+                if let Ok(Signal::SIGHUP) = watched.wait() {
+                    let _ = kill(child, Signal::SIGKILL);
                 }
             }
         }
@@ -556,7 +578,7 @@ fn restrict_paths(root: &Path, p: &Prepared) -> Result<(), SandboxError> {
 }
 
 /// PID 1 of the step.
-fn init(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError> {
+fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
@@ -582,45 +604,41 @@ fn init(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError> 
     if p.new_netns {
         super::network::loopback_up();
     }
-    match unsafe { fork() }.map_err(serr("fork"))? {
-        ForkResult::Child => {
-            let fd = out.as_raw_fd();
-            unsafe {
-                libc::dup2(fd, 1);
-                libc::dup2(fd, 2);
-                let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-                if devnull >= 0 {
-                    libc::dup2(devnull, 0);
-                }
-            }
-            drop(out);
-            match exec_command(p) {
-                // exec failed: the command's own failure, reported as the shell would.
-                Ok(errno) => {
-                    let name = p
-                        .argv
-                        .first()
-                        .map(|a| a.to_string_lossy())
-                        .unwrap_or_default();
-                    write_fd(
-                        2,
-                        &format!("builder sandbox: exec {}: {}\n", name, errno.desc()),
-                    );
-                    unsafe {
-                        libc::_exit(if errno == nix::errno::Errno::ENOENT {
-                            127
-                        } else {
-                            126
-                        })
-                    }
-                }
-                Err(e) => exit_child(err.as_raw_fd(), Err(e)),
+    let fd = out.as_raw_fd();
+    unsafe {
+        libc::dup2(fd, 1);
+        libc::dup2(fd, 2);
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if devnull >= 0 {
+            libc::dup2(devnull, 0);
+            if devnull > 2 {
+                libc::close(devnull);
             }
         }
-        ForkResult::Parent { child } => {
-            drop(out);
-            reap_until(child)
+    }
+    drop(out);
+    // Nothing but stdio crosses the exec: not builder's descriptors, not what builder
+    // inherited. The error pipe stays open until the exec succeeds.
+    super::close_descriptors_from_3(true);
+    match exec_command(p) {
+        // exec failed: the command's own failure, reported as the shell would.
+        Ok(errno) => {
+            let name = p
+                .argv
+                .first()
+                .map(|a| a.to_string_lossy())
+                .unwrap_or_default();
+            write_fd(
+                2,
+                &format!("builder sandbox: exec {}: {}\n", name, errno.desc()),
+            );
+            Ok(if errno == nix::errno::Errno::ENOENT {
+                127
+            } else {
+                126
+            })
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -676,17 +694,4 @@ fn exec_command(p: &Prepared) -> Result<nix::errno::Errno, SandboxError> {
         }
     }
     Ok(last)
-}
-
-/// PID 1's duty: reap every child; return when the command itself exits.
-fn reap_until(cmd: Pid) -> Result<i32, SandboxError> {
-    loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, c)) if pid == cmd => return Ok(c),
-            Ok(WaitStatus::Signaled(pid, s, _)) if pid == cmd => return Ok(128 + s as i32),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(SandboxError(format!("wait: {}", e))),
-        }
-    }
 }
