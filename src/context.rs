@@ -4,6 +4,8 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// The context's filter (`.dockerignore`, `--exclude`) and path cleaning, for the modules
@@ -339,10 +341,27 @@ fn list_sorted(d: &Path) -> Result<Vec<(std::ffi::OsString, bool)>, ContextError
         source,
     };
     let mut names = Vec::new();
-    for e in fs::read_dir(d).map_err(io_err)? {
-        let e = e.map_err(io_err)?;
-        let is_dir = e.file_type().map_err(io_err)?.is_dir();
-        names.push((e.file_name(), is_dir));
+    // Opened as the walk's other opens are: below the context, no symlink followed.
+    let fd = crate::oci::at::open_dir(d, nix::fcntl::OFlag::O_RDONLY).map_err(io_err)?;
+    let base = fd.as_raw_fd();
+    let mut dir = nix::dir::Dir::from_fd(
+        nix::fcntl::fcntl(base, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(|e| io_err(e.into()))?,
+    )
+        .map_err(|e| io_err(e.into()))?;
+    for e in dir.iter() {
+        let e = e.map_err(|e| io_err(e.into()))?;
+        let name = e.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let is_dir = match e.file_type() {
+            Some(t) => t == nix::dir::Type::Directory,
+            // A file system that does not say: ask, without following.
+            None => nix::sys::stat::fstatat(Some(base), e.file_name(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                .map_err(|e| io_err(e.into()))?,
+        };
+        names.push((std::ffi::OsStr::from_bytes(name).to_os_string(), is_dir));
     }
     names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(names)

@@ -507,8 +507,11 @@ impl ContextHasher {
     }
 
     /// Hash `path` (whose metadata is `md`) and remember it; returns `sha256:<hex>`.
-    fn hash_file(&self, path: &Path, md: &fs::Metadata) -> io::Result<String> {
-        let mut f = fs::File::open(path)?;
+    fn hash_file(&self, path: &Path) -> io::Result<String> {
+        // Opened without following a symlink, and described by what was opened: a file
+        // swapped for a link after the walk is refused, never read through.
+        let mut f = crate::oci::at::open_regular(path)?;
+        let md = &f.metadata()?;
         let mut w = HashingWriter::new(io::sink());
         // Read in large pieces (io::copy reads 8 KiB at a time): one read for most files,
         // a hundred for a 100 MB one.
@@ -755,8 +758,7 @@ impl ContextHasher {
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = todo.get(k) else { break };
                     // Only files to hash are stat'ed again, for the stat cache's record.
-                    let r = fs::symlink_metadata(&entries[i].1)
-                        .and_then(|md| self.hash_file(&entries[i].1, &md));
+                    let r = self.hash_file(&entries[i].1);
                     if let Ok(mut v) = results.lock() {
                         v.push((i, r));
                     }

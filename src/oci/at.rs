@@ -1,14 +1,165 @@
 //! Files reached through an open handle on their directory. A walk or a layer writer visits
 //! many files of one directory in a row; resolving each by name in a directory already open
 //! spares the kernel a lookup of every leading path component, per file.
+//!
+//! Below a *confined* directory (the build context, for the length of a build: [`confine`]),
+//! directories are opened from a descriptor held on that directory with no symlink followed
+//! on the way (`openat2` `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, or one `O_NOFOLLOW` open per
+//! component), and files `O_NOFOLLOW`. The paths a build walked are free of symlinks; a
+//! directory swapped for a symlink to the host after the walk is refused, never followed.
 
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use nix::fcntl::{AtFlags, OFlag};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode};
+
+/// The confined directories and a descriptor held on each.
+static CONFINED: RwLock<Vec<(PathBuf, Arc<OwnedFd>)>> = RwLock::new(Vec::new());
+
+/// While this lives, everything below its directory is opened without following symlinks.
+#[must_use]
+pub struct Confined {
+    fd: Arc<OwnedFd>,
+}
+
+/// Confine opens below `dir` (an absolute path without symlinks: a canonical context path)
+/// until the returned guard is dropped.
+pub fn confine(dir: &Path) -> io::Result<Confined> {
+    let fd = nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+    let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+    if let Ok(mut c) = CONFINED.write() {
+        c.push((dir.to_path_buf(), fd.clone()));
+    }
+    Ok(Confined { fd })
+}
+
+impl Drop for Confined {
+    fn drop(&mut self) {
+        if let Ok(mut c) = CONFINED.write() {
+            c.retain(|(_, fd)| !Arc::ptr_eq(fd, &self.fd));
+        }
+    }
+}
+
+/// The confined directory `path` is in (the deepest), and `path` relative to it.
+fn confined_at(path: &Path) -> Option<(Arc<OwnedFd>, PathBuf)> {
+    let c = CONFINED.read().ok()?;
+    c.iter()
+        .filter_map(|(dir, fd)| Some((fd, path.strip_prefix(dir).ok()?)))
+        .max_by_key(|(_, rel)| std::cmp::Reverse(rel.as_os_str().len()))
+        .map(|(fd, rel)| (fd.clone(), rel.to_path_buf()))
+}
+
+/// What a symlink met on a confined path says.
+fn swapped(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{}: a symlink is on this path, where the build's walk found none (the build context changed during the build; links are never followed out of it)",
+        path.display()
+    ))
+}
+
+/// Open `rel` below the confined `dir` with `flags`, following no symlink on the way.
+fn open_beneath(dir: &OwnedFd, rel: &Path, flags: OFlag, shown: &Path) -> io::Result<OwnedFd> {
+    let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let rel_or_dot = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = match nix::fcntl::openat2(dir.as_raw_fd(), rel_or_dot, how) {
+        Ok(fd) => fd,
+        Err(Errno::ELOOP) | Err(Errno::EXDEV) => return Err(swapped(shown)),
+        // No openat2 here: one component at a time, none followed.
+        Err(Errno::ENOSYS) | Err(Errno::EPERM) => {
+            let mut at: Option<OwnedFd> = None;
+            let parts: Vec<_> = rel.components().collect();
+            for (i, c) in parts.iter().enumerate() {
+                let std::path::Component::Normal(name) = c else {
+                    return Err(swapped(shown));
+                };
+                let last = i + 1 == parts.len();
+                let step = if last {
+                    flags
+                } else {
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+                };
+                let from = at.as_ref().map_or(dir.as_raw_fd(), |f| f.as_raw_fd());
+                let fd = nix::fcntl::openat(Some(from), *name, step, Mode::empty()).map_err(
+                    |e| match e {
+                        Errno::ELOOP | Errno::ENOTDIR => swapped(shown),
+                        e => e.into(),
+                    },
+                )?;
+                // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
+                at = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            return match at {
+                Some(fd) => Ok(fd),
+                None => nix::fcntl::openat(Some(dir.as_raw_fd()), ".", flags, Mode::empty())
+                    // SAFETY: as above.
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                    .map_err(io::Error::from),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // SAFETY: `openat2` just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open the directory `path` for listing or as a base for `*at` calls: below a confined
+/// directory, without following any symlink.
+pub fn open_dir(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+    let flags = flags | OFlag::O_DIRECTORY;
+    match confined_at(path) {
+        Some((dir, rel)) => open_beneath(&dir, &rel, flags, path),
+        None => nix::fcntl::open(path, flags | OFlag::O_CLOEXEC, Mode::empty())
+            // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .map_err(io::Error::from),
+    }
+}
+
+/// Open the regular file `path` for reading, its last component never followed (and below a
+/// confined directory, none of them). What was opened is checked to be a regular file.
+pub fn open_regular(path: &Path) -> io::Result<fs::File> {
+    // Non-blocking: a file replaced by a FIFO must not hang the build (regular files ignore
+    // the flag).
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = match confined_at(path) {
+        Some((dir, rel)) => open_beneath(&dir, &rel, flags, path)?,
+        None => nix::fcntl::open(path, flags, Mode::empty())
+            // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .map_err(|e| match e {
+                Errno::ELOOP => swapped(path),
+                e => e.into(),
+            })?,
+    };
+    let f = fs::File::from(fd);
+    let kind = f.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(io::Error::other(format!(
+            "{}: not a regular file any more (it changed during the build)",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
 
 /// What a walk keeps of a file's `lstat` (a context has as many as files: this is small).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,14 +217,7 @@ impl DirCursor {
             } else {
                 parent
             };
-            let fd = nix::fcntl::open(
-                parent_or_cwd,
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(io::Error::from)?;
-            // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let fd = open_dir(parent_or_cwd, OFlag::O_PATH)?;
             self.dir = Some((parent.to_path_buf(), fd));
         }
         Ok(self.dir.as_ref().map(|(_, fd)| (fd.as_raw_fd(), name)))
@@ -100,9 +244,20 @@ impl DirCursor {
             Some((fd, name)) => nix::fcntl::openat(Some(fd), name, flags, Mode::empty()),
             None => nix::fcntl::open(path, flags, Mode::empty()),
         }
-        .map_err(io::Error::from)?;
+        .map_err(|e| match e {
+            Errno::ELOOP => swapped(path),
+            e => e.into(),
+        })?;
         // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
-        Ok(unsafe { fs::File::from_raw_fd(fd) })
+        let f = unsafe { fs::File::from_raw_fd(fd) };
+        // Checked on what was opened, not on the path stat'ed earlier.
+        if !f.metadata()?.file_type().is_file() {
+            return Err(io::Error::other(format!(
+                "{}: not a regular file any more (it changed during the build)",
+                path.display()
+            )));
+        }
+        Ok(f)
     }
 }
 
