@@ -36,7 +36,10 @@ pub struct SourceRoot {
 /// One matched source: its path relative to the root and where it is on disk.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// As shown and matched (a name that is not UTF-8 is shown with replacement characters).
     pub rel: String,
+    /// The same path relative to the root, its bytes exactly as they are on disk.
+    pub exact: PathBuf,
     pub path: PathBuf,
 }
 
@@ -96,12 +99,12 @@ impl SourceRoot {
 
     /// Resolve one cleaned relative path to disk, following symlinks inside the root; for the
     /// context a symlink that leads outside is an error.
-    fn locate(&self, rel: &str, shown: &str) -> Result<PathBuf, ContextError> {
-        if rel == "." {
+    fn locate(&self, rel: &Path, shown: &str) -> Result<PathBuf, ContextError> {
+        if rel == Path::new(".") {
             return Ok(self.root.clone());
         }
         if !self.is_context {
-            return crate::oci::unpack::resolve_in_root(&self.root, Path::new(rel)).map_err(
+            return crate::oci::unpack::resolve_in_root(&self.root, rel).map_err(
                 |source| ContextError::Io {
                     path: self.root.join(rel),
                     source,
@@ -139,62 +142,62 @@ impl SourceRoot {
             if self.ignored(&rel) {
                 return Err(ContextError::NotFound(src.to_string()));
             }
-            let path = self.locate(&rel, src)?;
+            let path = self.locate(Path::new(&rel), src)?;
             if fs::symlink_metadata(&path).is_err() {
                 return Err(ContextError::NotFound(src.to_string()));
             }
-            return Ok(vec![Source { rel, path }]);
+            return Ok(vec![Source {
+                exact: PathBuf::from(&rel),
+                rel,
+                path,
+            }]);
         }
-        let mut found: Vec<String> = vec![String::new()];
+        // Each match as shown (UTF-8) and as it is on disk (its exact bytes, which a name
+        // that is not UTF-8 keeps).
+        let mut found: Vec<(String, PathBuf)> = vec![(String::new(), PathBuf::new())];
         for seg in rel.split('/') {
             let mut next = Vec::new();
-            for base in &found {
-                let dir_rel = if base.is_empty() {
-                    ".".to_string()
-                } else {
-                    base.clone()
-                };
+            for (base, exact) in &found {
                 if !has_glob(seg) {
                     let cand = if base.is_empty() {
                         seg.to_string()
                     } else {
                         format!("{}/{}", base, seg)
                     };
-                    if fs::symlink_metadata(self.root.join(&cand)).is_ok() {
-                        next.push(cand);
+                    let exact = exact.join(seg);
+                    if fs::symlink_metadata(self.root.join(&exact)).is_ok() {
+                        next.push((cand, exact));
                     }
                     continue;
                 }
-                let dir = if dir_rel == "." {
-                    self.root.clone()
-                } else {
-                    self.root.join(&dir_rel)
+                let Ok(rd) = fs::read_dir(self.root.join(exact)) else {
+                    continue;
                 };
-                let Ok(rd) = fs::read_dir(&dir) else { continue };
-                let mut names: Vec<String> = rd
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect();
+                let mut names: Vec<std::ffi::OsString> = rd.flatten().map(|e| e.file_name()).collect();
                 names.sort();
                 for n in names {
-                    if segment_match(seg, &n) {
-                        next.push(if base.is_empty() {
-                            n
-                        } else {
-                            format!("{}/{}", base, n)
-                        });
+                    let shown = n.to_string_lossy();
+                    if segment_match(seg, &shown) {
+                        next.push((
+                            if base.is_empty() {
+                                shown.into_owned()
+                            } else {
+                                format!("{}/{}", base, shown)
+                            },
+                            exact.join(&n),
+                        ));
                     }
                 }
             }
             found = next;
         }
         let mut out = Vec::new();
-        for rel in found {
+        for (rel, exact) in found {
             if self.ignored(&rel) {
                 continue;
             }
-            let path = self.locate(&rel, &rel)?;
-            out.push(Source { rel, path });
+            let path = self.locate(&exact, &rel)?;
+            out.push(Source { rel, exact, path });
         }
         // A wildcard that matches nothing copies nothing; it is not an error (BuildKit's
         // AllowEmptyWildcard).

@@ -180,6 +180,32 @@ impl Fingerprint {
     }
 }
 
+/// The bytes of an entry's path relative to the context: `rel` itself, unless it lost bytes
+/// to UTF-8 replacement, then the same number of trailing components of its path on disk, as
+/// they are. Two names that differ only in invalid UTF-8 must never share a key.
+fn exact_rel<'a>(rel: &'a str, path: &Path) -> std::borrow::Cow<'a, [u8]> {
+    if !rel.contains(char::REPLACEMENT_CHARACTER) {
+        return std::borrow::Cow::Borrowed(rel.as_bytes());
+    }
+    let depth = rel.split('/').count();
+    let parts: Vec<&[u8]> = path
+        .iter()
+        .map(|c| c.as_bytes())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .take(depth)
+        .collect();
+    let mut out = Vec::with_capacity(rel.len());
+    for (i, p) in parts.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(b'/');
+        }
+        out.extend_from_slice(p);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A probed entry's kind, as its record names it.
 fn kind_char(st: &SourceStat) -> char {
     match st.kind() {
@@ -782,14 +808,10 @@ impl ContextHasher {
             let link = &probe.link;
             // Into memory: these writes cannot fail.
             rec.clear();
-            let _ = write!(
-                rec,
-                "{}:{}\x1f{}\x1f{:o}\x1f",
-                rel.len(),
-                rel,
-                kind,
-                md.mode & 0o7777
-            );
+            let name = exact_rel(rel, &entries[i].1);
+            let _ = write!(rec, "{}:", name.len());
+            rec.extend_from_slice(&name);
+            let _ = write!(rec, "\x1f{}\x1f{:o}\x1f", kind, md.mode & 0o7777);
             let _ = if md.uid == owner.0 {
                 write!(rec, "=\x1f")
             } else {
@@ -806,7 +828,8 @@ impl ContextHasher {
                 if kind == 'f' { md.size } else { 0 },
                 link.len()
             );
-            rec.extend_from_slice(String::from_utf8_lossy(link).as_bytes());
+            // The target's own bytes: two links that differ only in invalid UTF-8 differ here.
+            rec.extend_from_slice(link);
             let _ = write!(
                 rec,
                 "\x1f{}\x1f{}",

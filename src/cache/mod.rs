@@ -40,7 +40,9 @@ pub struct CacheKey(pub Digest);
 /// 3: gzip layers are written in independent chunks (other bytes than before).
 /// 4: steps are keyed by their typed op (`plan::Op::cache_key`) and its inputs, not by
 /// instruction text.
-pub(crate) const KEY_VERSION: u32 = 4;
+/// 5: context paths and link targets are keyed by their bytes (invalid UTF-8 included), not by
+/// a lossy string.
+pub(crate) const KEY_VERSION: u32 = 5;
 
 impl CacheKey {
     /// The key of a stage's starting point.

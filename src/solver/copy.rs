@@ -630,13 +630,18 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 continue;
             }
             let target = if plan.parents {
-                join(&dest_abs, &kept(&m.rel))
+                st.target(&join(&dest_abs, &kept(&m.rel)))
             } else {
-                dest.file_target(&dest_abs, &base_name)
+                let shown = dest.file_target(&dest_abs, &base_name);
+                // Into a directory under the source's own name, its bytes as they are.
+                match (&dest, m.exact.file_name()) {
+                    (Dest::Dir, Some(name)) => st.target(&dest_abs).join(name),
+                    _ => st.target(&shown),
+                }
             };
             st.copy_entry(
                 &m.path,
-                &st.target(&target),
+                &target,
                 plan.root,
                 &m.rel,
                 &excludes,
