@@ -481,6 +481,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
                     build_args: &build_args,
                     platform: platform.clone(),
                     network,
+                    made: Default::default(),
                 },
                 &resolver,
             )?)

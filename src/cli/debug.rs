@@ -147,6 +147,7 @@ fn print_ops(a: OpsArgs) -> Result<(), CliError> {
             build_args: &opts.build_args,
             platform,
             network,
+            made: Default::default(),
         },
         &resolver,
     )?;

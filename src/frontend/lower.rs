@@ -42,7 +42,14 @@ pub struct LowerOptions<'a> {
     pub platform: Platform,
     /// `--network`: what a RUN without `--network` gets.
     pub network: Network,
+    /// The bytes lowering has made from the build file so far (expanded words, each RUN's
+    /// environment), held under [`MAX_LOWERED_BYTES`].
+    pub made: std::cell::Cell<usize>,
 }
+
+/// The most a build file may make by lowering: a small file that expands or repeats big
+/// values would otherwise take all memory. Real build files make a few MiB at most.
+pub const MAX_LOWERED_BYTES: usize = 64 << 20;
 
 /// A lowering failure, at the line that caused it.
 #[derive(Debug, thiserror::Error)]
@@ -258,9 +265,28 @@ impl StageWalk<'_> {
     }
 
     fn word(&self, l: &Located, s: &str) -> Result<String, SyntaxError> {
-        self.scope
+        let w = self
+            .scope
             .word(self.opts.escape, s)
-            .map_err(|e| self.fail(l, e.0))
+            .map_err(|e| self.fail(l, e.0))?;
+        self.made(l, w.len())?;
+        Ok(w)
+    }
+
+    /// Count `bytes` more made from the build file, or fail at `l` past the limit.
+    fn made(&self, l: &Located, bytes: usize) -> Result<(), SyntaxError> {
+        let total = self.opts.made.get().saturating_add(bytes);
+        self.opts.made.set(total);
+        if total > MAX_LOWERED_BYTES {
+            return Err(self.fail(
+                l,
+                format!(
+                    "the build file expands to more than {} MiB of values and environments (the limit for one build file)",
+                    MAX_LOWERED_BYTES >> 20
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn opt_word(&self, l: &Located, s: &Option<String>) -> Result<Option<String>, SyntaxError> {
@@ -617,10 +643,13 @@ impl StageWalk<'_> {
             )
         };
         let created_by = format!("RUN {}{} # builder", shown_args, argv.join(" "));
+        let env = self.env();
+        let env_bytes: usize = env.iter().chain(&args).map(|(k, v)| k.len() + v.len()).sum();
+        self.made(l, env_bytes)?;
         let op = ExecOp {
             argv,
             script,
-            env: self.env(),
+            env,
             cwd,
             user: self.state.runtime().user().clone(),
             mounts,
@@ -894,6 +923,7 @@ mod tests {
                 build_args: &BTreeMap::new(),
                 platform: opts.target_platform.clone(),
                 network: Network::Sandbox,
+                made: Default::default(),
             },
             resolver,
         )

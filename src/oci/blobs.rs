@@ -28,6 +28,13 @@ pub enum BlobError {
         found: Digest,
         path: PathBuf,
     },
+    #[error("blob {digest} ({what}) is {size} bytes, over the limit of {limit} bytes")]
+    TooBig {
+        digest: Digest,
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
@@ -229,6 +236,22 @@ impl BlobStore {
     }
 
     /// Read a whole blob (fetching it if it is known but not here), verifying it.
+    /// [`BlobStore::get`] of a document (`what`: a manifest, a config) that must not be over
+    /// `limit` bytes: a bigger one is an error before anything is read into memory.
+    pub fn get_bounded(&self, d: &Digest, what: &'static str, limit: u64) -> Result<Vec<u8>, BlobError> {
+        let p = self.ensure(d)?;
+        let size = fs::metadata(&p).map_err(io_err(&p))?.len();
+        if size > limit {
+            return Err(BlobError::TooBig {
+                digest: d.clone(),
+                what,
+                size,
+                limit,
+            });
+        }
+        self.get(d)
+    }
+
     pub fn get(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
         let p = self.ensure(d)?;
         let bytes = fs::read(&p).map_err(|e| {

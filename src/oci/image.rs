@@ -439,7 +439,7 @@ pub fn load_attestation(
     subject: &Digest,
 ) -> Result<StoredAttestation, ImageError> {
     let what = manifest_digest.to_string();
-    let bytes = blobs.get(manifest_digest)?;
+    let bytes = blobs.get_bounded(manifest_digest, "a manifest", MAX_MANIFEST_BYTES)?;
     let m: Value = serde_json::from_slice(&bytes)
         .map_err(|e| invalid(&what, format!("manifest does not parse: {}", e)))?;
     let parse = |v: &Value| -> Result<Digest, ImageError> {
@@ -476,7 +476,7 @@ pub fn load_attestation(
 
 /// The attestations a stored index holds (those whose blobs are stored).
 pub fn load_attestations(blobs: &BlobStore, index: &Digest) -> Vec<StoredAttestation> {
-    let Ok(bytes) = blobs.get(index) else {
+    let Ok(bytes) = blobs.get_bounded(index, "an index", MAX_MANIFEST_BYTES) else {
         return Vec::new();
     };
     attestation_entries(&bytes)
@@ -575,7 +575,7 @@ pub fn load_all(
     blobs: &BlobStore,
     digest: &Digest,
 ) -> Result<(Vec<StoredImage>, Option<Digest>), ImageError> {
-    let bytes = blobs.get(digest)?;
+    let bytes = blobs.get_bounded(digest, "a manifest or index", MAX_MANIFEST_BYTES)?;
     match index_entries(&bytes) {
         None => Ok((vec![load(blobs, digest)?], None)),
         Some(entries) => {
@@ -595,7 +595,7 @@ pub fn load_for(
     digest: &Digest,
     platform: &str,
 ) -> Result<StoredImage, ImageError> {
-    let bytes = blobs.get(digest)?;
+    let bytes = blobs.get_bounded(digest, "a manifest or index", MAX_MANIFEST_BYTES)?;
     let Some(entries) = index_entries(&bytes) else {
         return load(blobs, digest);
     };
@@ -631,14 +631,37 @@ pub fn oci_layer_type(media_type: &str) -> &str {
     }
 }
 
+/// The largest manifest or index read: the distribution spec's limit registries enforce.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// The largest image config read. Real configs, history included, are a few KiB to a few
+/// hundred; a bigger one is refused before it is read.
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
 /// Parse a config blob into an image state with the given layers.
 pub fn state_from_config(
     bytes: &[u8],
     layers: Vec<LayerRef>,
     what: &str,
 ) -> Result<ImageState, ImageError> {
-    let v: Value = serde_json::from_slice(bytes)
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(invalid(
+            what,
+            format!(
+                "the image config is {} bytes, over the limit of {} bytes",
+                bytes.len(),
+                MAX_CONFIG_BYTES
+            ),
+        ));
+    }
+    let mut v: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(what, format!("config is not valid JSON: {}", e)))?;
+    // `history` is optional in the image spec: a config without it has none.
+    if let Some(obj) = v.as_object_mut() {
+        if obj.get("history").is_none_or(Value::is_null) {
+            obj.insert("history".into(), Value::Array(Vec::new()));
+        }
+    }
     let mut config: ImageConfiguration = serde_json::from_value(v.clone())
         .map_err(|e| invalid(what, format!("config does not parse: {}", e)))?;
     let mut runtime = config.config().clone().unwrap_or_default();
@@ -708,7 +731,7 @@ pub fn diff_ids_of(config: &Value) -> Vec<String> {
 /// Load a stored image by manifest digest (blobs verified on read).
 pub fn load(blobs: &BlobStore, manifest_digest: &Digest) -> Result<StoredImage, ImageError> {
     let what = manifest_digest.to_string();
-    let mbytes = blobs.get(manifest_digest)?;
+    let mbytes = blobs.get_bounded(manifest_digest, "a manifest", MAX_MANIFEST_BYTES)?;
     let manifest: ImageManifest = serde_json::from_slice(&mbytes)
         .map_err(|e| invalid(&what, format!("manifest does not parse: {}", e)))?;
     let config_digest: Digest = manifest
@@ -717,7 +740,7 @@ pub fn load(blobs: &BlobStore, manifest_digest: &Digest) -> Result<StoredImage, 
         .to_string()
         .parse()
         .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))?;
-    let cbytes = blobs.get(&config_digest)?;
+    let cbytes = blobs.get_bounded(&config_digest, "an image config", MAX_CONFIG_BYTES)?;
     let cv: Value = serde_json::from_slice(&cbytes).map_err(|e| invalid(&what, e.to_string()))?;
     let diff_ids = diff_ids_of(&cv);
     let mut layers = Vec::new();

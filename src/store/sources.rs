@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{Store, StoreError};
 use crate::oci::digest::Digest;
+use crate::oci::root::Root;
 use crate::oci::image::{self, LayerRef, StoredImage, DOCKER_MANIFEST_LIST, MEDIA_INDEX};
 use crate::oci::platform::Platform;
 use crate::oci::unpack::{self, UnpackOptions};
@@ -212,6 +213,11 @@ fn digest_field(v: &Value, path: &Path) -> Result<Digest, StoreError> {
 }
 
 fn read_json(p: &Path) -> Result<Value, StoreError> {
+    let limit = image::MAX_MANIFEST_BYTES;
+    let size = fs::metadata(p).map_err(|e| damaged(p, e.to_string()))?.len();
+    if size > limit {
+        return Err(damaged(p, format!("{} bytes, over the limit of {} bytes", size, limit)));
+    }
     let b = fs::read(p).map_err(|e| damaged(p, e.to_string()))?;
     serde_json::from_slice(&b).map_err(|e| damaged(p, format!("not valid JSON: {}", e)))
 }
@@ -292,9 +298,13 @@ fn import_docker_dir(store: &Store, dir: &Path, origin: &Path) -> Result<StoredI
     let config_rel = entry["Config"]
         .as_str()
         .ok_or_else(|| damaged(origin, "manifest.json has no Config"))?;
-    let config_path = unpack::resolve_in_root(dir, Path::new(config_rel))
-        .map_err(|e| damaged(origin, e.to_string()))?;
-    let config_bytes = fs::read(&config_path).map_err(|e| damaged(&config_path, e.to_string()))?;
+    // Everything the archive names is opened inside it, whatever links it holds.
+    let archive = Root::open(dir).map_err(|e| damaged(dir, e.to_string()))?;
+    let config_path = dir.join(config_rel);
+    let config_bytes = archive
+        .read_regular(Path::new(config_rel), image::MAX_CONFIG_BYTES)
+        .map_err(|e| damaged(origin, e.to_string()))?
+        .ok_or_else(|| damaged(&config_path, "not in the archive"))?;
     let cv: Value =
         serde_json::from_slice(&config_bytes).map_err(|e| damaged(&config_path, e.to_string()))?;
     let diff_ids = image::diff_ids_of(&cv);
@@ -307,9 +317,14 @@ fn import_docker_dir(store: &Store, dir: &Path, origin: &Path) -> Result<StoredI
         .enumerate()
     {
         let rel = l.as_str().unwrap_or("");
-        let p = unpack::resolve_in_root(dir, Path::new(rel))
-            .map_err(|e| damaged(origin, e.to_string()))?;
-        let mut f = fs::File::open(&p).map_err(|e| damaged(&p, e.to_string()))?;
+        let p = dir.join(rel);
+        let mut f = archive
+            .open_at(Path::new(rel), nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK)
+            .map(fs::File::from)
+            .map_err(|e| damaged(&p, e.to_string()))?;
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(damaged(&p, "a layer of the archive is not a regular file"));
+        }
         let (digest, size) = store.blobs.put_reader(&mut f)?;
         let media_type = layer_media_type(&p);
         let diff_id: Digest = diff_ids

@@ -124,6 +124,21 @@ struct ShellWord<'a, 'e> {
 /// thousand; nothing real needs more than a handful).
 pub const MAX_NESTING: usize = 64;
 
+/// The longest a word may grow by expansion (BuildKit has no bound; a value doubled a few dozen
+/// times would otherwise take all memory). Real values, certificates included, are far shorter.
+pub const MAX_WORD_BYTES: usize = 1 << 20;
+
+/// `${VAR/pattern/repl}` tries the pattern at every position of the value: this bounds the
+/// characters it may look at in all, so that a long value cannot make it run for hours.
+const MAX_REPLACE_WORK: usize = 1 << 28;
+
+fn too_long<T>() -> Result<T, ExpandError> {
+    err(format!(
+        "the expanded word is longer than {} bytes (the limit of one expanded word)",
+        MAX_WORD_BYTES
+    ))
+}
+
 fn err<T>(m: impl Into<String>) -> Result<T, ExpandError> {
     Err(ExpandError(m.into()))
 }
@@ -164,6 +179,9 @@ impl ShellWord<'_, '_> {
         let mut result = String::new();
         let mut words = Words::default();
         while let Some(ch) = self.peek() {
+            if result.len() > MAX_WORD_BYTES {
+                return too_long();
+            }
             if Some(ch) == stop {
                 self.pos += 1;
                 return Ok((result, words.finish()));
@@ -172,6 +190,9 @@ impl ShellWord<'_, '_> {
                 '$' => {
                     let v = self.dollar()?;
                     result.push_str(&v);
+                    if result.len() > MAX_WORD_BYTES {
+                        return too_long();
+                    }
                     words.add_string(&v);
                 }
                 '\'' => {
@@ -206,6 +227,9 @@ impl ShellWord<'_, '_> {
                 "unexpected end of statement while looking for matching {}",
                 s
             ));
+        }
+        if result.len() > MAX_WORD_BYTES {
+            return too_long();
         }
         Ok((result, words.finish()))
     }
@@ -257,6 +281,9 @@ impl ShellWord<'_, '_> {
                 Some('$') => {
                     let v = self.dollar()?;
                     out.push_str(&v);
+                    if out.len() > MAX_WORD_BYTES {
+                        return too_long();
+                    }
                 }
                 Some(mut ch) => {
                     self.pos += 1;
@@ -422,7 +449,7 @@ impl ShellWord<'_, '_> {
                     return Ok(format!("${{{}/{}/{}}}", name, pat, repl));
                 }
                 let pattern = Pattern::compile(&pat)?;
-                Ok(pattern.replace(&value.unwrap_or_default(), &repl, all))
+                pattern.replace(&value.unwrap_or_default(), &repl, all)
             }
             _ => err(format!(
                 "unsupported modifier ({}) in substitution",
@@ -508,19 +535,31 @@ impl Pattern {
             .map(|n| start + n)
     }
 
-    fn replace(&self, v: &str, repl: &str, all: bool) -> String {
+    fn replace(&self, v: &str, repl: &str, all: bool) -> Result<String, ExpandError> {
         let chars: Vec<char> = v.chars().collect();
         let mut out = String::new();
         let mut i = 0;
         let mut last_match_end: Option<usize> = None;
+        let mut work = 0usize;
         while i <= chars.len() {
+            work += chars.len() - i + 1;
+            if work > MAX_REPLACE_WORK {
+                return err(format!(
+                    "a pattern substitution on a value of {} characters is too costly (at most {} character comparisons)",
+                    chars.len(),
+                    MAX_REPLACE_WORK
+                ));
+            }
+            if out.len() > MAX_WORD_BYTES {
+                return too_long();
+            }
             match self.match_at(&chars, i) {
                 Some(end) if !(end == i && last_match_end == Some(i)) => {
                     out.push_str(repl);
                     last_match_end = Some(end);
                     if !all {
                         out.extend(&chars[end..]);
-                        return out;
+                        return Ok(out);
                     }
                     if end > i {
                         i = end;
@@ -539,7 +578,7 @@ impl Pattern {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
