@@ -35,10 +35,36 @@ struct Pattern {
 }
 
 /// A compiled `.dockerignore`.
+///
+/// A path is matched in one pass per wildcard pattern, whatever its depth: each pattern's
+/// automaton runs over the whole path once and says at once which of its leading directories
+/// it matches too. Literal patterns (most of a long file) are found by hashing, not tried one
+/// by one.
 #[derive(Debug, Clone, Default)]
 pub struct IgnoreMatcher {
-    patterns: Vec<Pattern>,
+    /// Shared by every clone (each step that reads the context holds one).
+    compiled: std::sync::Arc<Compiled>,
 }
+
+#[derive(Debug, Default)]
+struct Compiled {
+    patterns: Vec<Pattern>,
+    /// Indices of the literal patterns, by their text.
+    exact: std::collections::HashMap<String, Vec<usize>>,
+    /// Indices of every other pattern, in order.
+    others: Vec<usize>,
+    /// The `!` patterns' text with a `/` after it (what may re-include below a directory).
+    reincludes: Vec<String>,
+}
+
+/// The largest `.dockerignore` read: real ones are a few KiB, generated ones a few hundred.
+pub const MAX_IGNORE_BYTES: u64 = 4 << 20;
+
+/// The most patterns one ignore list may hold (each costs memory for the build's length).
+pub const MAX_PATTERNS: usize = 100_000;
+
+/// The most wildcard patterns one ignore list may hold: each is tried on every path.
+pub const MAX_WILDCARD_PATTERNS: usize = 10_000;
 
 /// Go's `filepath.Clean` for `/`-separated paths.
 pub fn clean_path(p: &str) -> String {
@@ -109,6 +135,13 @@ impl IgnoreMatcher {
 
     /// Compile already-read patterns.
     pub fn new(patterns: &[String]) -> Result<Self, IgnoreError> {
+        if patterns.len() > MAX_PATTERNS {
+            return Err(IgnoreError(format!(
+                "{} patterns, over the limit of {}",
+                patterns.len(),
+                MAX_PATTERNS
+            )));
+        }
         let mut out = Vec::new();
         for raw in patterns {
             let p = raw.trim();
@@ -132,63 +165,151 @@ impl IgnoreMatcher {
                 glob,
             });
         }
-        Ok(IgnoreMatcher { patterns: out })
+        let mut m = Compiled {
+            patterns: Vec::new(),
+            exact: Default::default(),
+            others: Vec::new(),
+            reincludes: Vec::new(),
+        };
+        for (i, p) in out.iter().enumerate() {
+            match p.kind {
+                MatchType::Exact => m.exact.entry(p.cleaned.clone()).or_default().push(i),
+                _ => m.others.push(i),
+            }
+            if p.exclusion {
+                m.reincludes.push(format!("{}/", p.cleaned));
+            }
+        }
+        if m.others.len() > MAX_WILDCARD_PATTERNS {
+            return Err(IgnoreError(format!(
+                "{} wildcard patterns, over the limit of {}",
+                m.others.len(),
+                MAX_WILDCARD_PATTERNS
+            )));
+        }
+        m.patterns = out;
+        Ok(IgnoreMatcher {
+            compiled: std::sync::Arc::new(m),
+        })
     }
 
     /// True when there are no patterns at all.
     pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
+        self.compiled.patterns.is_empty()
     }
 
     /// Whether an exception pattern's text names something below `dir`: the context walker
     /// of docker (fsutil) still enters an excluded directory then, and keeps it.
     pub fn may_reinclude_below(&self, dir: &str) -> bool {
-        let prefix = format!("{}/", dir);
-        self.patterns
-            .iter()
-            .any(|p| p.exclusion && format!("{}/", p.cleaned).starts_with(&prefix))
+        self.compiled.reincludes.iter().any(|r| {
+            r.len() > dir.len() && r.starts_with(dir) && r.as_bytes()[dir.len()] == b'/'
+        })
+    }
+
+    /// Every pattern that matches `path` or a directory above it, as (pattern index, the
+    /// fewest leading components of `path` it matches), sorted by index. `ends` are the byte
+    /// lengths of those leading parts, the last one `path` itself.
+    fn hits(&self, path: &str, ends: &[usize]) -> Vec<(usize, usize)> {
+        let mut first: Vec<(usize, usize)> = Vec::new();
+        for (k, &end) in ends.iter().enumerate() {
+            if let Some(v) = self.compiled.exact.get(&path[..end]) {
+                first.extend(v.iter().map(|&i| (i, k)));
+            }
+        }
+        // The characters of `path`, and how many of them each leading part has.
+        let mut chars: Vec<char> = Vec::new();
+        let mut char_ends: Vec<usize> = Vec::new();
+        for &i in &self.compiled.others {
+            let p = &self.compiled.patterns[i];
+            let k = match p.kind {
+                MatchType::Exact => None,
+                MatchType::Prefix => {
+                    let pre = &p.cleaned[..p.cleaned.len() - 2];
+                    if path.starts_with(pre) {
+                        ends.iter().position(|&e| e >= pre.len())
+                    } else {
+                        None
+                    }
+                }
+                MatchType::Suffix => ends.iter().position(|&e| p.matches(&path[..e])),
+                MatchType::Glob => {
+                    if chars.is_empty() {
+                        let mut n = 0;
+                        let mut e = ends.iter().peekable();
+                        for (b, c) in path.char_indices() {
+                            while e.next_if(|&&end| end == b).is_some() {
+                                char_ends.push(n);
+                            }
+                            chars.push(c);
+                            n += 1;
+                        }
+                        for _ in e {
+                            char_ends.push(n);
+                        }
+                    }
+                    let accepted = p.glob.prefix_matches(&chars);
+                    char_ends.iter().position(|&n| accepted[n])
+                }
+            };
+            if let Some(k) = k {
+                first.push((i, k));
+            }
+        }
+        first.sort_unstable();
+        first.dedup_by_key(|(i, _)| *i);
+        first
+    }
+
+    /// Whether the patterns in `hits` that match within the first `depth` components leave
+    /// that part excluded: the last one that matches decides.
+    fn decide(&self, hits: &[(usize, usize)], depth: usize) -> bool {
+        let mut matched = false;
+        for &(i, k) in hits {
+            let p = &self.compiled.patterns[i];
+            if k <= depth && p.exclusion == matched {
+                matched = !p.exclusion;
+            }
+        }
+        matched
+    }
+
+    /// The byte length of each leading part of `path` (each directory above it, then itself).
+    fn ends(path: &str) -> Vec<usize> {
+        let mut ends: Vec<usize> = path.match_indices('/').map(|(i, _)| i).collect();
+        ends.push(path.len());
+        ends
     }
 
     /// Whether `path` is left out of the context as docker's walker leaves it out: an excluded
     /// file is; an excluded directory is unless an exception may re-include something below
     /// it; and everything below a directory the walker skipped is.
     pub fn is_walked_out(&self, path: &str, is_dir: bool) -> bool {
-        if self.patterns.is_empty() {
+        if self.compiled.patterns.is_empty() {
             return false;
         }
-        let mut end = 0;
-        while let Some(i) = path[end..].find('/') {
-            let dir = &path[..end + i];
-            if self.is_ignored(dir) && !self.may_reinclude_below(dir) {
+        let ends = Self::ends(path);
+        let hits = self.hits(path, &ends);
+        if hits.is_empty() {
+            return false;
+        }
+        let last = ends.len() - 1;
+        for (k, &end) in ends[..last].iter().enumerate() {
+            if self.decide(&hits, k) && !self.may_reinclude_below(&path[..end]) {
                 return true;
             }
-            end += i + 1;
         }
-        self.is_ignored(path) && !(is_dir && self.may_reinclude_below(path))
+        self.decide(&hits, last) && !(is_dir && self.may_reinclude_below(path))
     }
 
     /// Whether `path` (context-relative, `/`-separated) is excluded: the last pattern that
     /// matches it or one of its parent directories decides.
     pub fn is_ignored(&self, path: &str) -> bool {
-        let parent = match path.rfind('/') {
-            Some(i) => &path[..i],
-            None => ".",
-        };
-        let dirs: Vec<&str> = parent.split('/').collect();
-        let mut matched = false;
-        for p in &self.patterns {
-            if p.exclusion != matched {
-                continue;
-            }
-            let mut m = p.matches(path);
-            if !m && parent != "." {
-                m = (0..dirs.len()).any(|i| p.matches(&dirs[..=i].join("/")));
-            }
-            if m {
-                matched = !p.exclusion;
-            }
+        if self.compiled.patterns.is_empty() {
+            return false;
         }
-        matched
+        let ends = Self::ends(path);
+        let hits = self.hits(path, &ends);
+        self.decide(&hits, ends.len() - 1)
     }
 }
 
@@ -284,6 +405,17 @@ pub fn load_for_build(
     }
     candidates.push(context.join(".dockerignore"));
     for c in candidates {
+        match std::fs::metadata(&c) {
+            Ok(md) if md.len() > MAX_IGNORE_BYTES => {
+                return Err(IgnoreError(format!(
+                    "{}: {} bytes, over the limit of {} bytes for an ignore file",
+                    c.display(),
+                    md.len(),
+                    MAX_IGNORE_BYTES
+                )))
+            }
+            _ => {}
+        }
         match std::fs::read(&c) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);

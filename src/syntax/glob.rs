@@ -84,9 +84,11 @@ impl Glob {
         }
     }
 
-    /// Add `state` and everything reachable from it without consuming a character.
-    fn close(&self, set: &mut [bool], state: usize) {
-        let mut stack = vec![state];
+    /// Add `state` and everything reachable from it without consuming a character (`stack`
+    /// is scratch space, kept between calls).
+    fn close(&self, set: &mut [bool], state: usize, stack: &mut Vec<usize>) {
+        stack.clear();
+        stack.push(state);
         while let Some(i) = stack.pop() {
             if set[i] {
                 continue;
@@ -104,15 +106,18 @@ impl Glob {
     }
 
     /// Simulate over `s`, telling `seen(len, accepting)` after each prefix; returns whether
-    /// the whole matched and the step count.
+    /// the whole matched and the step count. Two state sets are reused throughout: nothing is
+    /// allocated per character.
     fn run(&self, s: &[char], mut seen: impl FnMut(usize, bool)) -> (bool, u64) {
         let m = self.toks.len();
         let mut cur = vec![false; m + 1];
-        self.close(&mut cur, 0);
+        let mut next = vec![false; m + 1];
+        let mut stack = Vec::with_capacity(m + 2);
+        self.close(&mut cur, 0, &mut stack);
         let mut steps = 0u64;
         seen(0, cur[m]);
         for (pos, &c) in s.iter().enumerate() {
-            let mut next = vec![false; m + 1];
+            next.iter_mut().for_each(|b| *b = false);
             let mut any = false;
             for (i, tok) in self.toks.iter().enumerate() {
                 if !cur[i] {
@@ -130,11 +135,11 @@ impl Glob {
                     Tok::Skip(_) => None,
                 };
                 if let Some(t) = to {
-                    self.close(&mut next, t);
+                    self.close(&mut next, t, &mut stack);
                     any = true;
                 }
             }
-            cur = next;
+            std::mem::swap(&mut cur, &mut next);
             seen(pos + 1, cur[m]);
             if !any {
                 for len in pos + 2..=s.len() {
