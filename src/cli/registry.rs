@@ -82,6 +82,11 @@ fn registry_of(arg: Option<&str>) -> String {
 
 pub fn pull(a: PullArgs) -> Result<(), CliError> {
     let store = a.root.open()?;
+    // What a killed pull (or build) left half-downloaded goes before this one starts.
+    let freed = store.clean_stale_scratch();
+    if freed > 0 {
+        eprintln!("removed {} bytes of scratch that killed pulls and builds left", freed);
+    }
     let platform = parse_platform(a.platform.as_deref())?;
     let reference = Reference::parse(&a.reference)?;
     let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
