@@ -100,6 +100,11 @@ pub enum PlanError {
 }
 
 /// Lower typed instructions into a build graph.
+/// The most stages one build file may have. A chain of stages carries every earlier stage's
+/// layers and settings forward, so work grows with the square of a chain's length; real
+/// builds have a few dozen stages at most.
+pub const MAX_STAGES: usize = 512;
+
 pub fn lower(
     file: &str,
     source: &str,
@@ -166,6 +171,16 @@ pub fn lower(
                 None => None,
             };
             let index = stages.len();
+            if index >= MAX_STAGES {
+                return Err(at(
+                    l.span,
+                    format!(
+                        "more than {} stages in one build file (the limit of stages)",
+                        MAX_STAGES
+                    ),
+                )
+                .into());
+            }
             if let Some(name) = alias {
                 if let Some((_, line)) = names.get(name) {
                     return Err(at(

@@ -634,6 +634,10 @@ pub fn oci_layer_type(media_type: &str) -> &str {
 /// The largest manifest or index read: the distribution spec's limit registries enforce.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
+/// The most layers an image may have (docker's overlay2 refuses more than 125; BuildKit's
+/// snapshotters, a few hundred).
+pub const MAX_IMAGE_LAYERS: usize = 1000;
+
 /// The largest image config read. Real configs, history included, are a few KiB to a few
 /// hundred; a bigger one is refused before it is read.
 pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
@@ -741,6 +745,16 @@ pub fn load(blobs: &BlobStore, manifest_digest: &Digest) -> Result<StoredImage, 
         .parse()
         .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))?;
     let cbytes = blobs.get_bounded(&config_digest, "an image config", MAX_CONFIG_BYTES)?;
+    if manifest.layers().len() > MAX_IMAGE_LAYERS {
+        return Err(invalid(
+            &what,
+            format!(
+                "the image has {} layers, over the limit of {}",
+                manifest.layers().len(),
+                MAX_IMAGE_LAYERS
+            ),
+        ));
+    }
     let cv: Value = serde_json::from_slice(&cbytes).map_err(|e| invalid(&what, e.to_string()))?;
     let diff_ids = diff_ids_of(&cv);
     let mut layers = Vec::new();
