@@ -592,3 +592,224 @@ fn a_sparse_layer_entry_becomes_a_hole_not_gigabytes_of_zeros() {
     assert!(du < 1024, "the 8 GiB file takes {du} KiB on disk");
     assert!(log.contains("end"), "{log}");
 }
+
+/// The base stage of the user-database attacks: `setup` runs in a RUN and leaves the image's
+/// /etc/passwd or /etc/group as an attacker shaped it.
+fn user_db_attack(e: &Env, name: &str, setup: &str, then: &str, exec: &[&str]) -> (bool, String) {
+    let ctx = e.ctx(name, &format!("FROM busybox:test\nRUN {setup}\n{then}\n"));
+    write(&ctx.join("f"), "f\n");
+    let mut args = vec!["--no-cache"];
+    args.extend_from_slice(exec);
+    let m = run_bounded(
+        builder()
+            .args(["build", "--progress", "plain", "--network", "none", "--root"])
+            .arg(e.root())
+            .args(&args)
+            .arg(&ctx),
+        120,
+    );
+    assert!(
+        m.max_rss_kib < 512 * 1024,
+        "{name}: builder took {} KiB",
+        m.max_rss_kib
+    );
+    (m.out.status.success(), stderr(&m.out))
+}
+
+#[test]
+fn users_and_groups_are_read_inside_the_image_never_from_the_host() {
+    let e = Env::new();
+    // A host file shaped like a passwd and group file, with ids the image does not have.
+    let host = e.dir.path().join("host-db");
+    write(&host, "evil:x:4242:4343::/:/bin/sh\nstaff:x:4242:evil\n");
+    let climb = "../".repeat(40);
+    let host_path = host.display().to_string();
+    let links = [
+        ("rel", format!("ln -sf {climb}{} /etc/passwd && ln -sf {climb}{} /etc/group", &host_path[1..], &host_path[1..])),
+        ("abs", format!("ln -sf {host_path} /etc/passwd && ln -sf {host_path} /etc/group")),
+    ];
+    for (i, exec) in EXECUTORS.iter().enumerate() {
+        for (kind, setup) in &links {
+            for then in [
+                "USER evil\nRUN id -u",
+                "USER root:staff\nRUN id -g",
+                "COPY --chown=evil f /f",
+                "COPY --chown=0:staff f /f",
+                "USER evil\nWORKDIR /w",
+            ] {
+                let (ok, log) = user_db_attack(&e, &format!("link-{kind}-{i}"), setup, then, exec);
+                assert!(!ok, "{kind} {then:?} {exec:?}: built with the host's file: {log}");
+                assert!(
+                    log.contains("unable to find user") || log.contains("unable to find group"),
+                    "{kind} {then:?} {exec:?}: {log}"
+                );
+                assert!(!log.contains("4242") && !log.contains("4343"), "{log}");
+            }
+        }
+        // A FIFO would block a reader forever; a device would feed it without end.
+        for (kind, setup, what) in [
+            ("fifo-passwd", "rm /etc/passwd && mkfifo /etc/passwd", "/etc/passwd is a FIFO"),
+            ("fifo-group", "rm /etc/group && mkfifo /etc/group", "/etc/group is a FIFO"),
+            ("zero-passwd", "rm /etc/passwd && mknod /etc/passwd c 1 5", "/etc/passwd is a character device"),
+            ("dir-group", "rm /etc/group && mkdir /etc/group", "/etc/group is a directory"),
+        ] {
+            for then in ["USER app:staff\nRUN id", "COPY --chown=app:staff f /f"] {
+                let (ok, log) = user_db_attack(&e, &format!("{kind}-{i}"), setup, then, exec);
+                assert!(!ok, "{kind} {then:?} {exec:?}: {log}");
+                assert!(log.contains(what), "{kind} {then:?} {exec:?}: want {what:?}: {log}");
+            }
+        }
+        // A link to /dev/zero resolves inside the image, where it is no device.
+        let (ok, log) = user_db_attack(&e, &format!("zero-link-{i}"), "ln -sf /dev/zero /etc/passwd", "USER app\nRUN id -u", exec);
+        assert!(!ok && log.contains("unable to find user app"), "{exec:?}: {log}");
+        // A passwd file bigger than any real one is refused by its size, not read.
+        let (ok, log) = user_db_attack(
+            &e,
+            &format!("big-{i}"),
+            "head -c 5000000 /dev/zero >> /etc/passwd",
+            "USER app\nRUN id -u",
+            exec,
+        );
+        assert!(!ok && log.contains("over the limit of 4194304 bytes"), "{exec:?}: {log}");
+    }
+}
+
+#[test]
+fn a_step_inherits_no_descriptor_and_its_pid_1_is_its_own_command() {
+    use std::os::unix::process::CommandExt;
+    let e = Env::new();
+    let host_dir = e.dir.path().join("host-dir");
+    fs::create_dir_all(&host_dir).unwrap();
+    write(&host_dir.join("secret"), "host secret\n");
+    let host_file = e.dir.path().join("host-file");
+    write(&host_file, "");
+    for (i, exec) in EXECUTORS.iter().enumerate() {
+        let ctx = e.ctx(
+            &format!("fds-{i}"),
+            // The step lists its descriptors, tries to reach the host through each, and
+            // writes to each; its markers are built at run time.
+            "FROM busybox:test\n\
+             RUN for fd in $(seq 3 20); do \
+                   if [ -e /proc/self/fd/$fd ] && [ \"$(readlink /proc/self/fd/$fd)\" != /proc/$$/fd ]; then echo \"INHER\"\"ITED $fd $(readlink /proc/self/fd/$fd)\"; fi; \
+                   cat /proc/self/fd/$fd/secret 2>/dev/null; echo x 2>/dev/null >&$fd; \
+                 done; \
+                 echo \"PID1=$(tr '\\0' ' ' </proc/1/cmdline)\"; echo \"ENV1=$(tr '\\0' ' ' </proc/1/environ)\"; echo \"ME=$$\"\n",
+        );
+        let mut cmd = builder();
+        cmd.args(["build", "--progress", "plain", "--network", "none", "--no-cache", "--root"])
+            .arg(e.root())
+            .args(*exec)
+            .arg(&ctx)
+            .env("BUILDER_TEST_HOST_ONLY", "host-environment-value");
+        // As a CI agent leaves them: fds 3-20 open on a host directory and a host file.
+        let dir = fs::File::open(&host_dir).unwrap();
+        let file = fs::OpenOptions::new().append(true).open(&host_file).unwrap();
+        let (dir_fd, file_fd) = (
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+        );
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in 3..=20 {
+                    let from = if fd % 2 == 0 { file_fd } else { dir_fd };
+                    if fd != from && libc::dup2(from, fd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let out = run(&mut cmd);
+        let log = stderr(&out);
+        assert!(out.status.success(), "{exec:?}: {log}");
+        assert!(!log.contains("INHERITED"), "{exec:?}: a descriptor crossed into the step: {log}");
+        assert!(!log.contains("host secret"), "{exec:?}: {log}");
+        assert_eq!(fs::read_to_string(&host_file).unwrap(), "", "{exec:?}: the step wrote a host file");
+        // The last lines that say so: the first are the progress echoing the command.
+        let pid1 = log.lines().filter_map(|l| l.split_once("PID1=")).last().map(|(_, v)| v.trim()).unwrap_or_default();
+        assert!(pid1.starts_with("/bin/sh -c "), "{exec:?}: PID 1 is {pid1:?}");
+        let env1 = log.lines().filter_map(|l| l.split_once("ENV1=")).last().map(|(_, v)| v).unwrap_or_default();
+        assert!(env1.contains("PATH=") && !env1.contains("host-environment-value"), "{exec:?}: {env1}");
+        let root = e.root().display().to_string();
+        let seen = format!("{pid1} {env1}");
+        for leak in [root.as_str(), ctx.to_str().unwrap(), env!("CARGO_BIN_EXE_builder")] {
+            assert!(!seen.contains(leak), "{exec:?}: PID 1 shows {leak}: {seen}");
+        }
+        assert!(log.contains("ME=1"), "{exec:?}: the command is PID 1: {log}");
+    }
+}
+
+#[test]
+fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
+    let e = Env::new();
+    let host = e.dir.path().join("host");
+    fs::create_dir_all(&host).unwrap();
+    // The same size as the context's file, so that only its content can tell them apart.
+    write(&host.join("s"), "HOST-SECRET\n");
+    let ctx = e.ctx("flip", "FROM scratch\nCOPY flip/s /x\n");
+    let flip = ctx.join("flip");
+    let inside = ctx.join("flip.dir");
+    write(&inside.join("s"), "inside-ok!!\n");
+    let link = ctx.join("flip.link");
+    std::os::unix::fs::symlink(&host, &link).unwrap();
+    fs::rename(&inside, &flip).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, flip, inside, link) = (stop.clone(), flip.clone(), inside.clone(), link.clone());
+        std::thread::spawn(move || {
+            let mut flipped = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // flip: a directory <-> a symlink to the host's directory, each swap atomic.
+                let _ = fs::rename(&flip, &inside);
+                let _ = fs::rename(&link, &flip);
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                let _ = fs::rename(&flip, &link);
+                let _ = fs::rename(&inside, &flip);
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                flipped += 1;
+            }
+            flipped
+        })
+    };
+    let (mut built, mut refused) = (0, 0);
+    for i in 0..200 {
+        let out_dir = e.dir.path().join(format!("out-{i}"));
+        let out = e.build(&ctx, &["--no-cache", "-o", &format!("local:{}", out_dir.display())]);
+        if out.status.success() {
+            let got = fs::read_to_string(out_dir.join("x")).unwrap();
+            assert_eq!(got, "inside-ok!!\n", "build {i} copied a host file");
+            built += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flipped = flipper.join().unwrap();
+    assert!(flipped > 100, "the flipper ran ({flipped} flips)");
+    assert!(built > 0, "some builds saw the directory ({built} built, {refused} refused)");
+}
+
+#[test]
+fn names_that_differ_only_in_invalid_utf8_never_share_a_cache_entry() {
+    use std::os::unix::ffi::OsStrExt;
+    let e = Env::new();
+    let mut kept = Vec::new();
+    for (i, byte) in [0xffu8, 0xfe].into_iter().enumerate() {
+        let ctx = e.ctx(&format!("utf8-{i}"), "FROM busybox:test\nCOPY . /c/\nCOPY bad* /g/\n");
+        let bytes = [b'b', b'a', b'd', byte];
+        let name = std::ffi::OsStr::from_bytes(&bytes);
+        write(&ctx.join(name), "same content\n");
+        let out_dir = e.dir.path().join(format!("utf8-out-{i}"));
+        let out = e.build(&ctx, &["-o", &format!("local:{}", out_dir.display())]);
+        let log = stderr(&out);
+        assert!(out.status.success(), "{log}");
+        if i == 1 {
+            assert!(!log.contains("CACHED"), "the second context hit the first one's cache: {log}");
+        }
+        for dir in ["c", "g"] {
+            assert!(out_dir.join(dir).join(name).is_file(), "{dir}/bad\\x{byte:x} is in the image: {log}");
+        }
+        kept.push(out_dir);
+    }
+}

@@ -80,11 +80,20 @@ fn open_beneath(dir: &OwnedFd, rel: &Path, flags: OFlag, shown: &Path) -> io::Re
     let how = OpenHow::new()
         .flags(flags)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-    let fd = match nix::fcntl::openat2(dir.as_raw_fd(), rel_or_dot, how) {
+    let mut result = nix::fcntl::openat2(dir.as_raw_fd(), rel_or_dot, how);
+    // A rename elsewhere on the system can make the kernel ask for another try.
+    for _ in 0..16 {
+        if result != Err(Errno::EAGAIN) {
+            break;
+        }
+        result = nix::fcntl::openat2(dir.as_raw_fd(), rel_or_dot, how);
+    }
+    let fd = match result {
         Ok(fd) => fd,
         Err(Errno::ELOOP) | Err(Errno::EXDEV) => return Err(swapped(shown)),
-        // No openat2 here: one component at a time, none followed.
-        Err(Errno::ENOSYS) | Err(Errno::EPERM) => {
+        // No openat2 here (or renames kept it from finishing): one component at a time,
+        // none followed.
+        Err(Errno::ENOSYS) | Err(Errno::EPERM) | Err(Errno::EAGAIN) => {
             let mut at: Option<OwnedFd> = None;
             let parts: Vec<_> = rel.components().collect();
             for (i, c) in parts.iter().enumerate() {

@@ -108,12 +108,19 @@ impl Root {
         } else {
             rel
         };
-        match nix::fcntl::openat2(self.fd.as_raw_fd(), rel_or_dot, how) {
-            Ok(fd) => Ok(owned(fd)),
-            // No openat2 here (an old kernel, or a seccomp profile that predates it).
-            Err(Errno::ENOSYS) | Err(Errno::EPERM) => self.open_walking(rel, flags),
-            Err(e) => Err(e.into()),
+        for _ in 0..16 {
+            match nix::fcntl::openat2(self.fd.as_raw_fd(), rel_or_dot, how) {
+                Ok(fd) => return Ok(owned(fd)),
+                // A rename somewhere on the system while `..` was resolved: the kernel could
+                // not prove the walk stayed inside, and asks for another try.
+                Err(Errno::EAGAIN) => continue,
+                // No openat2 here (an old kernel, or a seccomp profile that predates it).
+                Err(Errno::ENOSYS) | Err(Errno::EPERM) => break,
+                Err(e) => return Err(e.into()),
+            }
         }
+        // The same walk, done here: immune to renames elsewhere.
+        self.open_walking(rel, flags)
     }
 
     /// [`Root::open_at`] without `openat2`: one component at a time, each opened `O_NOFOLLOW`

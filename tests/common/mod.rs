@@ -139,3 +139,58 @@ pub fn umoci_unpack(layout: &Path, tag: &str, into: &Path) -> PathBuf {
     );
     bundle
 }
+
+/// What [`run_bounded`] saw of a finished child: its output and its peak resident memory.
+pub struct Measured {
+    pub out: Output,
+    /// The child's own peak RSS in KiB (`getrusage` of that child alone, through `wait4`).
+    pub max_rss_kib: u64,
+}
+
+/// Run `cmd` to its end and measure its peak memory. A child still running after
+/// `hang_secs` is killed and the test fails: a hang guard, not a timing assertion.
+pub fn run_bounded(cmd: &mut Command, hang_secs: u64) -> Measured {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {}", cmd, e));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out_t = drain(Box::new(child.stdout.take().unwrap()));
+    let err_t = drain(Box::new(child.stderr.take().unwrap()));
+    let pid = child.id() as libc::pid_t;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(hang_secs);
+    let (status, usage) = loop {
+        let mut status = 0;
+        // SAFETY: wait4 writes the status and the usage it is given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break (status, usage);
+        }
+        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{:?} still ran after {} s: it hangs", cmd, hang_secs);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    };
+    Measured {
+        out,
+        max_rss_kib: usage.ru_maxrss as u64,
+    }
+}
