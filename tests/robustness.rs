@@ -294,3 +294,229 @@ fn a_full_disk_during_an_export_names_the_output_and_leaves_nothing() {
         );
     }
 }
+
+/// `builder build` of `ctx` with a hang guard, and its peak memory.
+fn bounded_build(root: &Path, ctx: &Path, extra: &[&str]) -> (std::process::Output, Measured) {
+    let m = run_bounded(build_cmd(root).args(extra).arg(ctx), 300);
+    (
+        std::process::Output {
+            status: m.out.status,
+            stdout: m.out.stdout.clone(),
+            stderr: m.out.stderr.clone(),
+        },
+        m,
+    )
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const MIB: u64 = 1024;
+
+#[test]
+fn expansion_bombs_end_in_an_error_at_their_line_with_bounded_memory() {
+    let (t, root) = env();
+    // One value doubled 26 times: a gigabyte from a 1.5 KB file.
+    let ctx = t.path().join("double");
+    let mut file = String::from("FROM busybox:test\nENV A=aaaaaaaaaaaaaaaa\n");
+    file.push_str(&"ENV A=$A$A\n".repeat(26));
+    file.push_str("RUN true\n");
+    write(&ctx.join("Buildfile"), &file);
+    let (out, rss) = bounded_build(&root, &ctx, &[]);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("Buildfile:19:1") && log.contains("longer than 1048576 bytes"), "{log}");
+    assert!(rss.peak_under(256 * MIB), "{} KiB", rss.max_rss_kib);
+    let m = run_bounded(builder().args(["debug", "ops"]).arg(ctx.join("Buildfile")), 300);
+    assert!(!m.out.status.success() && m.peak_under(256 * MIB), "{} KiB", m.max_rss_kib);
+    // Values under the word limit, repeated until the file's own limit.
+    let ctx = t.path().join("repeat");
+    let mut file = String::from("FROM busybox:test\nENV A=aaaaaaaaaaaaaaaa\n");
+    file.push_str(&"ENV A=$A$A\n".repeat(15));
+    for i in 0..400 {
+        file.push_str(&format!("ENV B{i}=$A\n"));
+    }
+    write(&ctx.join("Buildfile"), &file);
+    let (out, rss) = bounded_build(&root, &ctx, &[]);
+    let log = text(&out);
+    assert!(!out.status.success() && log.contains("more than 64 MiB"), "{log}");
+    assert!(rss.peak_under(512 * MIB), "{} KiB", rss.max_rss_kib);
+    // The same through RUN environments: each step carries the big value.
+    let ctx = t.path().join("runs");
+    let mut file = String::from("FROM busybox:test\nENV A=aaaaaaaaaaaaaaaa\n");
+    file.push_str(&"ENV A=$A$A\n".repeat(15));
+    file.push_str(&"RUN true\n".repeat(400));
+    write(&ctx.join("Buildfile"), &file);
+    let (out, rss) = bounded_build(&root, &ctx, &[]);
+    assert!(!out.status.success() && text(&out).contains("more than 64 MiB"), "{}", text(&out));
+    assert!(rss.peak_under(512 * MIB), "{} KiB", rss.max_rss_kib);
+}
+
+#[test]
+fn thousands_of_stages_are_refused_at_the_first_one_past_the_limit() {
+    let (t, root) = env();
+    let ctx = t.path().join("stages");
+    let mut file = String::from("FROM busybox:test AS s0\n");
+    for i in 1..8000 {
+        file.push_str(&format!("FROM s{} AS s{i}\nENV S{i}=1\n", i - 1));
+    }
+    write(&ctx.join("Buildfile"), &file);
+    let (out, rss) = bounded_build(&root, &ctx, &[]);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    // Stage 513 (s512) starts on line 2 * 512.
+    assert!(log.contains("Buildfile:1024:1") && log.contains("more than 512 stages"), "{log}");
+    assert!(rss.peak_under(128 * MIB), "{} KiB", rss.max_rss_kib);
+    // A long chain under the limit builds.
+    let ctx = t.path().join("chain");
+    let mut file = String::from("FROM busybox:test AS s0\n");
+    for i in 1..200 {
+        file.push_str(&format!("FROM s{} AS s{i}\nENV S{i}=1\n", i - 1));
+    }
+    file.push_str("RUN test \"$S199\" = 1\n");
+    write(&ctx.join("Buildfile"), &file);
+    let (out, rss) = bounded_build(&root, &ctx, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(rss.peak_under(512 * MIB), "{} KiB", rss.max_rss_kib);
+}
+
+#[test]
+fn huge_ignore_files_are_refused_and_deep_names_match_in_one_pass() {
+    let (t, root) = env();
+    let ctx = t.path().join("ignore");
+    write(&ctx.join("Buildfile"), "FROM busybox:test\nCOPY . /c/\n");
+    write(&ctx.join("kept"), "k\n");
+    let mut lines = String::new();
+    for i in 0..1_000_000 {
+        lines.push_str(&format!("file{i}\n"));
+    }
+    write(&ctx.join(".dockerignore"), &lines);
+    let (out, rss) = bounded_build(&root, &ctx, &[]);
+    let log = text(&out);
+    assert!(!out.status.success() && log.contains(".dockerignore") && log.contains("over the limit of 4194304 bytes"), "{log}");
+    assert!(rss.peak_under(64 * MIB), "{} KiB", rss.max_rss_kib);
+    lines.truncate(lines.find("file150000\n").unwrap());
+    write(&ctx.join(".dockerignore"), &lines);
+    let (out, _) = bounded_build(&root, &ctx, &[]);
+    assert!(!out.status.success() && text(&out).contains("150000 patterns, over the limit of 100000"), "{}", text(&out));
+    // 5,000 long names 40 directories deep against many-star and `**` patterns.
+    let deep = vec!["d".repeat(20); 40].join("/");
+    for i in 0..5000 {
+        write(&ctx.join(&deep).join(format!("{}{i}", "f".repeat(100))), "x");
+    }
+    write(
+        &ctx.join(".dockerignore"),
+        "**/*a*b*c*d*e*\n**/**/**/x*y*z\n*/*/*/*/**/q*\n**/d*d*d*d*d*d*d*d*/zz\n**/f*f*f*f*f*f*1\n",
+    );
+    let (out, rss) = bounded_build(&root, &ctx, &["-o", &format!("local:{}", t.path().join("deep-out").display())]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(rss.peak_under(256 * MIB), "{} KiB", rss.max_rss_kib);
+    let kept = fs::read_dir(t.path().join("deep-out/c").join(&deep)).unwrap().count();
+    // The last pattern leaves out every name ending in 1: 500 of them.
+    assert_eq!(kept, 4500);
+}
+
+/// An OCI layout at `dir` (tag `t`) of `layers` one-file layers, with `config` (its
+/// `rootfs` filled in here).
+fn layout(dir: &Path, layers: usize, mut config: serde_json::Value) {
+    use sha2::Digest as _;
+    use std::io::Write as _;
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let (mut descs, mut diff_ids) = (Vec::new(), Vec::new());
+    for i in 0..layers {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("f{i}"), &b"x"[..]).unwrap();
+        let raw = tar.into_inner().unwrap();
+        diff_ids.push(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&raw))));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let (d, n) = put(&gz.finish().unwrap());
+        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n}));
+    }
+    config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": diff_ids});
+    let (cd, cn) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn}, "layers": descs});
+    let (md, mn) = put(&serde_json::to_vec(&manifest).unwrap());
+    write(&dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#);
+    write(&dir.join("index.json"), &serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": md, "size": mn, "annotations": {"org.opencontainers.image.ref.name": "t"}}]}).to_string());
+}
+
+#[test]
+fn bases_with_huge_configs_or_too_many_layers_are_refused_and_no_history_is_fine() {
+    let (t, root) = env();
+    let build_on = |name: &str, layers: usize, config: serde_json::Value| {
+        let dir = t.path().join(name);
+        layout(&dir, layers, config);
+        let ctx = t.path().join(format!("{name}-ctx"));
+        write(&ctx.join("Buildfile"), &format!("FROM oci:{}:t\nCOPY Buildfile /b\n", dir.display()));
+        bounded_build(&root, &ctx, &[])
+    };
+    let plain = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}});
+    // `history` is optional in the image spec.
+    let (out, _) = build_on("no-history", 1, plain.clone());
+    assert!(out.status.success(), "{}", text(&out));
+    // 20 MiB of history.
+    let mut big = plain.clone();
+    big["history"] = serde_json::json!(vec![serde_json::json!({"created_by": "x".repeat(1 << 20)}); 20]);
+    let (out, rss) = build_on("big-history", 1, big);
+    let log = text(&out);
+    assert!(!out.status.success() && log.contains("(an image config)") && log.contains("over the limit of 8388608 bytes"), "{log}");
+    assert!(rss.peak_under(128 * MIB), "{} KiB", rss.max_rss_kib);
+    // 10,000 layers.
+    let (out, rss) = build_on("many-layers", 10_000, plain);
+    let log = text(&out);
+    assert!(!out.status.success() && log.contains("10000 layers, over the limit of 1000"), "{log}");
+    assert!(rss.peak_under(256 * MIB), "{} KiB", rss.max_rss_kib);
+}
+
+#[test]
+fn chown_ids_past_the_last_valid_one_are_errors_not_root() {
+    let (t, root) = env();
+    for (i, spec) in ["4294967295", "0:4294967295", "99999999999", "app:4294967296"].iter().enumerate() {
+        for op in ["COPY", "ADD"] {
+            let ctx = t.path().join(format!("chown-{i}-{op}"));
+            write(&ctx.join("f"), "f\n");
+            write(&ctx.join("Buildfile"), &format!("FROM busybox:test\n{op} --chown={spec} f /f\n"));
+            let (out, _) = bounded_build(&root, &ctx, &[]);
+            let log = text(&out);
+            assert!(!out.status.success() && log.contains("ids go from 0 to 4294967294"), "{spec} {op}: {log}");
+        }
+    }
+    let ctx = t.path().join("chown-max");
+    write(&ctx.join("f"), "f\n");
+    write(&ctx.join("Buildfile"), "FROM busybox:test\nCOPY --chown=4294967294:4294967294 f /f\nRUN stat -c %u:%g /f\n");
+    let (out, _) = bounded_build(&root, &ctx, &[]);
+    assert!(out.status.success() && text(&out).contains("4294967294:4294967294"), "{}", text(&out));
+}
+
+#[test]
+fn a_killed_pulls_scratch_is_removed_by_the_next_pull() {
+    let (t, root) = env();
+    // A pid that is gone: a child that has exited and been reaped.
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let dead = c.id();
+    c.wait().unwrap();
+    let left = root.join("tmp").join(format!("blob-{dead}-123-0"));
+    write(&left, &"x".repeat(4096));
+    let mine = root.join("tmp").join(format!("blob-{}-123-0", std::process::id()));
+    write(&mine, "a live process's scratch");
+    // Nothing listens there: the pull fails, after cleaning.
+    let out = run(builder().args(["pull", "--root"]).arg(&root).arg("127.0.0.1:1/none:latest"));
+    assert!(!out.status.success());
+    assert!(!left.exists(), "{}", text(&out));
+    assert!(mine.exists(), "a live owner's scratch is kept");
+    drop(t);
+}

@@ -143,8 +143,27 @@ pub fn umoci_unpack(layout: &Path, tag: &str, into: &Path) -> PathBuf {
 /// What [`run_bounded`] saw of a finished child: its output and its peak resident memory.
 pub struct Measured {
     pub out: Output,
-    /// The child's own peak RSS in KiB (`getrusage` of that child alone, through `wait4`).
+    /// The child's peak RSS in KiB, from `getrusage` of that child alone (through `wait4`).
+    /// The kernel counts into it the memory of the test process that spawned it (the
+    /// address space an exec replaces): a figure at or below `spawner_kib` says only that the
+    /// child never grew past the test process.
     pub max_rss_kib: u64,
+    pub spawner_kib: u64,
+}
+
+impl Measured {
+    /// Whether the child's own peak stayed under `limit_kib`.
+    pub fn peak_under(&self, limit_kib: u64) -> bool {
+        self.max_rss_kib < limit_kib || self.max_rss_kib <= self.spawner_kib
+    }
+}
+
+/// This process's own peak RSS in KiB.
+fn own_peak_kib() -> u64 {
+    // SAFETY: getrusage writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as u64
 }
 
 /// Run `cmd` to its end and measure its peak memory. A child still running after
@@ -152,6 +171,7 @@ pub struct Measured {
 pub fn run_bounded(cmd: &mut Command, hang_secs: u64) -> Measured {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
+    let spawner_kib = own_peak_kib();
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -192,5 +212,6 @@ pub fn run_bounded(cmd: &mut Command, hang_secs: u64) -> Measured {
     Measured {
         out,
         max_rss_kib: usage.ru_maxrss as u64,
+        spawner_kib: spawner_kib.max(own_peak_kib()),
     }
 }
