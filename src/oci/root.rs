@@ -62,13 +62,21 @@ fn owned(fd: i32) -> OwnedFd {
 /// `rel`'s components as the resolver takes them: names and `..`; `/` and `.` say nothing
 /// inside a root.
 fn components(rel: &Path) -> Vec<OsString> {
-    rel.components()
+    let mut out: Vec<OsString> = rel
+        .components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
             Component::ParentDir => Some("..".into()),
             _ => None,
         })
-        .collect()
+        .collect();
+    // A trailing `/` or `/.` says the last component must be a directory, as the kernel
+    // reads it: `.` stands for that check.
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str());
+    if bytes.ends_with(b"/") || bytes.ends_with(b"/.") {
+        out.push(".".into());
+    }
+    out
 }
 
 impl Root {
@@ -138,6 +146,10 @@ impl Root {
         while let Some(part) = pending.pop() {
             if part == ".." {
                 dirs.pop();
+                continue;
+            }
+            if part == "." {
+                // Only ever last (see `components`): the walk ends in a directory.
                 continue;
             }
             let at = here(&dirs);
@@ -299,5 +311,74 @@ mod tests {
         assert!(fifo.to_string().contains("/etc/fifo is a FIFO"), "{fifo}");
         let big = root.read_regular(Path::new("host-secret"), 2).unwrap_err();
         assert!(matches!(big, RootError::TooBig { .. }), "{big}");
+    }
+
+    /// Random farms of directories, files and symlinks (relative, absolute, climbing, looping,
+    /// to the host), and random paths through them: the kernel's resolution and the walk agree
+    /// on every path, and nothing outside the root is ever reached.
+    #[test]
+    fn fuzz_symlink_farms_resolve_inside_the_root_and_both_resolvers_agree() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        use std::os::unix::fs::MetadataExt;
+        let mut rng = StdRng::seed_from_u64(0x29);
+        let names = ["a", "b", "c", "etc", "passwd", "..", "."];
+        for round in 0..150 {
+            let t = tempfile::tempdir().unwrap();
+            let outside = t.path().join("outside");
+            fs::create_dir_all(outside.join("etc")).unwrap();
+            fs::write(outside.join("etc/passwd"), "host").unwrap();
+            let host_ino = fs::metadata(outside.join("etc/passwd")).unwrap().ino();
+            let r = t.path().join("root");
+            fs::create_dir_all(&r).unwrap();
+            let mut dirs = vec![r.clone()];
+            for _ in 0..25 {
+                let parent = dirs[rng.gen_range(0..dirs.len())].clone();
+                let name = names[rng.gen_range(0..5)];
+                let at = parent.join(name);
+                if fs::symlink_metadata(&at).is_ok() {
+                    continue;
+                }
+                match rng.gen_range(0..4) {
+                    0 => {
+                        fs::create_dir(&at).unwrap();
+                        dirs.push(at);
+                    }
+                    1 => fs::write(&at, "image").unwrap(),
+                    _ => {
+                        let len = rng.gen_range(1..6);
+                        let mut target: Vec<&str> = (0..len).map(|_| names[rng.gen_range(0..names.len())]).collect();
+                        let target = match rng.gen_range(0..4) {
+                            0 => format!("/{}", target.join("/")),
+                            1 => format!("{}/etc/passwd", outside.display()),
+                            2 => {
+                                target.insert(0, "../../../../../..");
+                                target.join("/")
+                            }
+                            _ => target.join("/"),
+                        };
+                        symlink(&target, &at).unwrap();
+                    }
+                }
+            }
+            let root = Root::open(&r).unwrap();
+            for _ in 0..40 {
+                let len = rng.gen_range(1..6);
+                let path: Vec<&str> = (0..len).map(|_| names[rng.gen_range(0..names.len())]).collect();
+                let path = path.join("/");
+                let kernel = root.open_at(Path::new(&path), OFlag::O_PATH);
+                let walked = root.open_walking(Path::new(&path), OFlag::O_PATH);
+                match (&kernel, &walked) {
+                    (Ok(k), Ok(w)) => {
+                        assert_eq!(ino(k), ino(w), "round {round}: {path}");
+                        assert_ne!(ino(k).1, host_ino, "round {round}: {path} reached the host");
+                    }
+                    (Err(k), Err(w)) => assert_eq!(k.raw_os_error(), w.raw_os_error(), "round {round}: {path}"),
+                    _ => panic!("round {round}: {path}: kernel {kernel:?}, walk {walked:?}"),
+                }
+                if let Ok(Some(b)) = root.read_regular(Path::new(&path), 16) {
+                    assert_eq!(b, b"image", "round {round}: {path}");
+                }
+            }
+        }
     }
 }

@@ -480,4 +480,75 @@ mod tests {
         assert_eq!(clean_path("/../a"), "/a");
         assert_eq!(clean_path("../a"), "../a");
     }
+
+    /// The matcher as it was before it matched in one pass: every pattern tried on the path
+    /// and on each of its directories, one by one. The reference the fuzz test holds the
+    /// matcher to.
+    fn reference_ignored(m: &IgnoreMatcher, path: &str) -> bool {
+        let ancestors: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
+        let mut matched = false;
+        for p in &m.compiled.patterns {
+            if p.exclusion != matched {
+                continue;
+            }
+            if p.matches(path) || ancestors.iter().any(|a| p.matches(a)) {
+                matched = !p.exclusion;
+            }
+        }
+        matched
+    }
+
+    fn reference_walked_out(m: &IgnoreMatcher, path: &str, is_dir: bool) -> bool {
+        if m.is_empty() {
+            return false;
+        }
+        for (i, _) in path.match_indices('/') {
+            let dir = &path[..i];
+            if reference_ignored(m, dir) && !m.may_reinclude_below(dir) {
+                return true;
+            }
+        }
+        reference_ignored(m, path) && !(is_dir && m.may_reinclude_below(path))
+    }
+
+    #[test]
+    fn fuzz_one_pass_matching_agrees_with_trying_every_directory() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x1915);
+        let names = ["a", "b", "ab", "a.b", "node_modules", "x y", "é"];
+        let pieces = ["a", "b", "*", "**", "?", "[ab]", "[!a]", "/", ".", "..", "\\*", "é"];
+        for round in 0..3000 {
+            let n = rng.gen_range(1..6);
+            let patterns: Vec<String> = (0..n)
+                .map(|_| {
+                    let len = rng.gen_range(1..7);
+                    let body: String = (0..len).map(|_| pieces[rng.gen_range(0..pieces.len())]).collect();
+                    if rng.gen_bool(0.25) {
+                        format!("!{}", body)
+                    } else {
+                        body
+                    }
+                })
+                .collect();
+            let Ok(m) = IgnoreMatcher::new(&patterns) else {
+                continue;
+            };
+            for _ in 0..20 {
+                let depth = rng.gen_range(1..7);
+                let path: Vec<&str> = (0..depth).map(|_| names[rng.gen_range(0..names.len())]).collect();
+                let path = path.join("/");
+                let is_dir = rng.gen_bool(0.5);
+                assert_eq!(
+                    m.is_ignored(&path),
+                    reference_ignored(&m, &path),
+                    "round {round}: {patterns:?} on {path:?}"
+                );
+                assert_eq!(
+                    m.is_walked_out(&path, is_dir),
+                    reference_walked_out(&m, &path, is_dir),
+                    "round {round}: {patterns:?} on {path:?} (dir: {is_dir})"
+                );
+            }
+        }
+    }
 }
