@@ -813,3 +813,53 @@ fn names_that_differ_only_in_invalid_utf8_never_share_a_cache_entry() {
         kept.push(out_dir);
     }
 }
+
+/// The pids whose command line is `argv`.
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[test]
+fn killing_builder_kills_a_step_running_as_another_user() {
+    let e = Env::new();
+    for (i, exec) in EXECUTORS.iter().enumerate() {
+        // A duration no other test uses, to find the step's process by.
+        let seconds = format!("{}", 8271 + i);
+        let ctx = e.ctx(&format!("kill-{i}"), &format!("FROM busybox:test\nUSER 1000:1000\nRUN exec sleep {seconds}\n"));
+        let mut child = builder()
+            .args(["build", "--progress", "plain", "--network", "none", "--no-cache", "--root"])
+            .arg(e.root())
+            .args(*exec)
+            .arg(&ctx)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut started = false;
+        for _ in 0..600 {
+            if !processes_running(&["sleep", &seconds]).is_empty() {
+                started = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(started, "{exec:?}: the step never started");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut left = Vec::new();
+        for _ in 0..200 {
+            left = processes_running(&["sleep", &seconds]);
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(left.is_empty(), "{exec:?}: the step outlived builder: {left:?}");
+    }
+}

@@ -540,10 +540,11 @@ mod tests {
             let file = File::open(&path).unwrap();
             let first_window = resident_pages(&file, 0..window);
             if name == "small" {
-                assert_eq!(
-                    first_window,
-                    (window / 4096) as usize,
-                    "a small blob stays cached"
+                // Nearly all of it: other tests running beside this one can push a few pages
+                // out; a dropped window has none.
+                assert!(
+                    first_window >= (window / 4096) as usize * 3 / 4,
+                    "a small blob stays cached: {first_window} pages"
                 );
             } else {
                 assert_eq!(first_window, 0, "a big blob's head leaves the cache");
