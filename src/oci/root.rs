@@ -204,6 +204,71 @@ impl Root {
         .map_err(io::Error::from)
     }
 
+    /// `rel` resolved inside the root, as a path on the host, for callers that create what is
+    /// not there yet (a WORKDIR, a COPY destination, a mount point). Existing components are
+    /// walked as [`Root::open_walking`] walks them, from held descriptors; from the first one
+    /// that does not exist (or is not a directory) on, the rest is taken as written, `..`
+    /// never climbing past the root.
+    pub fn resolve(&self, rel: &Path) -> io::Result<PathBuf> {
+        // `names[..dirs.len()]` are directories that exist, each held open in `dirs`.
+        let mut dirs: Vec<OwnedFd> = Vec::new();
+        let mut names: Vec<OsString> = Vec::new();
+        let mut pending: Vec<OsString> = components(rel);
+        pending.reverse();
+        let mut links = 0;
+        while let Some(part) = pending.pop() {
+            if part == "." {
+                continue;
+            }
+            if part == ".." {
+                names.pop();
+                dirs.truncate(names.len());
+                continue;
+            }
+            if names.len() > dirs.len() {
+                names.push(part);
+                continue;
+            }
+            let at = dirs.last().map_or(self.fd.as_raw_fd(), |d| d.as_raw_fd());
+            let opened = nix::fcntl::openat(
+                Some(at),
+                part.as_os_str(),
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map(owned);
+            let Ok(fd) = opened else {
+                names.push(part);
+                continue;
+            };
+            let st = fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFLNK => {
+                    links += 1;
+                    if links > MAX_LINKS {
+                        return Err(io::Error::other("too many levels of symbolic links"));
+                    }
+                    let target =
+                        nix::fcntl::readlinkat(Some(at), part.as_os_str()).map_err(io::Error::from)?;
+                    let target = Path::new(&target);
+                    if target.is_absolute() {
+                        dirs.clear();
+                        names.clear();
+                    }
+                    pending.extend(components(target).into_iter().rev());
+                }
+                libc::S_IFDIR => {
+                    dirs.push(fd);
+                    names.push(part);
+                }
+                _ => names.push(part),
+            }
+        }
+        let mut out = self.path.clone();
+        out.extend(names);
+        Ok(out)
+    }
+
     /// The `lstat`-free `stat` of what `rel` resolves to, or `None` when it does not exist.
     pub fn stat(&self, rel: &Path) -> io::Result<Option<FileStat>> {
         match self.open_at(rel, OFlag::O_PATH) {
@@ -374,6 +439,12 @@ mod tests {
                     }
                     (Err(k), Err(w)) => assert_eq!(k.raw_os_error(), w.raw_os_error(), "round {round}: {path}"),
                     _ => panic!("round {round}: {path}: kernel {kernel:?}, walk {walked:?}"),
+                }
+                // Where the path exists, resolving it names what the kernel opened.
+                if let Ok(k) = &kernel {
+                    let resolved = root.resolve(Path::new(&path)).unwrap();
+                    let md = fs::metadata(&resolved).unwrap();
+                    assert_eq!((md.dev(), md.ino()), ino(k), "round {round}: {path} -> {}", resolved.display());
                 }
                 if let Ok(Some(b)) = root.read_regular(Path::new(&path), 16) {
                     assert_eq!(b, b"image", "round {round}: {path}");

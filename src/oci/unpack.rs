@@ -65,8 +65,6 @@ pub struct UnpackReport {
     pub skipped_devices: Vec<String>,
 }
 
-const MAX_SYMLINK_HOPS: usize = 40;
-
 /// Open a (possibly compressed) layer file: gzip, zstd, bzip2, xz or plain tar by magic bytes.
 pub fn open_layer(path: &Path) -> io::Result<Box<dyn Read>> {
     let mut f = fs::File::open(path)?;
@@ -162,47 +160,27 @@ fn clean_entry(name: &[u8]) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// Resolve `rel` inside `root` as if `root` were `/`: symlinks are followed but never leave it.
+/// Resolve `rel` inside `root` as if `root` were `/`: symlinks are followed but never leave it
+/// (the one resolver, [`super::root::Root::resolve`]).
 pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<PathBuf> {
-    let mut resolved = PathBuf::new();
-    let mut pending: Vec<std::ffi::OsString> = rel
-        .components()
-        .rev()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect();
-    let mut hops = 0;
-    while let Some(part) = pending.pop() {
-        if part == ".." {
-            resolved.pop();
-            continue;
-        }
-        let candidate = resolved.join(&part);
-        match fs::symlink_metadata(root.join(&candidate)) {
-            Ok(md) if md.file_type().is_symlink() => {
-                hops += 1;
-                if hops > MAX_SYMLINK_HOPS {
-                    return Err(io::Error::other("too many levels of symbolic links"));
-                }
-                let target = fs::read_link(root.join(&candidate))?;
-                if target.is_absolute() {
-                    resolved = PathBuf::new();
-                }
-                for c in target.components().rev() {
-                    match c {
-                        Component::Normal(n) => pending.push(n.to_os_string()),
-                        Component::ParentDir => pending.push("..".into()),
-                        _ => {}
+    match super::root::Root::open(root) {
+        Ok(r) => r.resolve(rel),
+        // Nothing there yet, so no link to follow: the path as written, kept inside.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut out = PathBuf::new();
+            for c in rel.components() {
+                match c {
+                    Component::Normal(n) => out.push(n),
+                    Component::ParentDir => {
+                        out.pop();
                     }
+                    _ => {}
                 }
             }
-            _ => resolved = candidate,
+            Ok(root.join(out))
         }
+        Err(e) => Err(e),
     }
-    Ok(root.join(resolved))
 }
 
 /// Remove a path whatever it is (file, symlink or tree); absent is fine.
