@@ -10,7 +10,9 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use super::root::Root;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -19,25 +21,18 @@ use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode};
 
 /// The confined directories and a descriptor held on each.
-static CONFINED: RwLock<Vec<(PathBuf, Arc<OwnedFd>)>> = RwLock::new(Vec::new());
+static CONFINED: RwLock<Vec<(PathBuf, Arc<Root>)>> = RwLock::new(Vec::new());
 
 /// While this lives, everything below its directory is opened without following symlinks.
 #[must_use]
 pub struct Confined {
-    fd: Arc<OwnedFd>,
+    fd: Arc<Root>,
 }
 
 /// Confine opens below `dir` (an absolute path without symlinks: a canonical context path)
 /// until the returned guard is dropped.
 pub fn confine(dir: &Path) -> io::Result<Confined> {
-    let fd = nix::fcntl::open(
-        dir,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(io::Error::from)?;
-    // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-    let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+    let fd = Arc::new(Root::open(dir)?);
     if let Ok(mut c) = CONFINED.write() {
         c.push((dir.to_path_buf(), fd.clone()));
     }
@@ -53,7 +48,7 @@ impl Drop for Confined {
 }
 
 /// The confined directory `path` is in (the deepest), and `path` relative to it.
-fn confined_at(path: &Path) -> Option<(Arc<OwnedFd>, PathBuf)> {
+fn confined_at(path: &Path) -> Option<(Arc<Root>, PathBuf)> {
     let c = CONFINED.read().ok()?;
     c.iter()
         .filter_map(|(dir, fd)| Some((fd, path.strip_prefix(dir).ok()?)))
@@ -70,7 +65,8 @@ fn swapped(path: &Path) -> io::Error {
 }
 
 /// Open `rel` below the confined `dir` with `flags`, following no symlink on the way.
-fn open_beneath(dir: &OwnedFd, rel: &Path, flags: OFlag, shown: &Path) -> io::Result<OwnedFd> {
+fn open_beneath(dir: &Root, rel: &Path, flags: OFlag, shown: &Path) -> io::Result<OwnedFd> {
+    let dir = dir.as_fd();
     let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     let rel_or_dot = if rel.as_os_str().is_empty() {
         Path::new(".")
