@@ -768,6 +768,11 @@ fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
                 let _ = fs::rename(&inside, &flip);
                 std::thread::sleep(std::time::Duration::from_micros(300));
                 flipped += 1;
+                // Now and then a still moment, so that some builds see only the directory
+                // even on a loaded machine.
+                if flipped % 50 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
             }
             flipped
         })
@@ -786,7 +791,7 @@ fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
     }
     stop.store(true, Ordering::Relaxed);
     let flipped = flipper.join().unwrap();
-    assert!(flipped > 100, "the flipper ran ({flipped} flips)");
+    assert!(flipped > 20, "the flipper ran ({flipped} flips)");
     assert!(built > 0, "some builds saw the directory ({built} built, {refused} refused)");
 }
 
