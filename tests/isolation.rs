@@ -740,43 +740,61 @@ fn a_step_inherits_no_descriptor_and_its_pid_1_is_its_own_command() {
     }
 }
 
+/// A context entry `flip` that a thread keeps swapping between a directory holding `s`
+/// ("inside-ok!!") and a symlink to a host directory holding an `s` of the same size.
+struct Flipper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Flipper {
+    fn start(e: &Env, ctx: &Path) -> Flipper {
+        let host = e.dir.path().join("host");
+        // The same size as the context's file, so that only its content can tell them apart.
+        write(&host.join("s"), "HOST-SECRET\n");
+        let flip = ctx.join("flip");
+        let inside = ctx.join("flip.dir");
+        write(&inside.join("s"), "inside-ok!!\n");
+        let link = ctx.join("flip.link");
+        std::os::unix::fs::symlink(&host, &link).unwrap();
+        fs::rename(&inside, &flip).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut flipped = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // flip: a directory <-> a symlink to the host's directory, each swap atomic.
+                    let _ = fs::rename(&flip, &inside);
+                    let _ = fs::rename(&link, &flip);
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    let _ = fs::rename(&flip, &link);
+                    let _ = fs::rename(&inside, &flip);
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    flipped += 1;
+                    // Now and then a still moment, so that some builds see only the directory
+                    // even on a loaded machine.
+                    if flipped % 50 == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+                flipped
+            })
+        };
+        Flipper { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
     let e = Env::new();
-    let host = e.dir.path().join("host");
-    fs::create_dir_all(&host).unwrap();
-    // The same size as the context's file, so that only its content can tell them apart.
-    write(&host.join("s"), "HOST-SECRET\n");
     let ctx = e.ctx("flip", "FROM scratch\nCOPY flip/s /x\n");
-    let flip = ctx.join("flip");
-    let inside = ctx.join("flip.dir");
-    write(&inside.join("s"), "inside-ok!!\n");
-    let link = ctx.join("flip.link");
-    std::os::unix::fs::symlink(&host, &link).unwrap();
-    fs::rename(&inside, &flip).unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flipper = {
-        let (stop, flip, inside, link) = (stop.clone(), flip.clone(), inside.clone(), link.clone());
-        std::thread::spawn(move || {
-            let mut flipped = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                // flip: a directory <-> a symlink to the host's directory, each swap atomic.
-                let _ = fs::rename(&flip, &inside);
-                let _ = fs::rename(&link, &flip);
-                std::thread::sleep(std::time::Duration::from_micros(300));
-                let _ = fs::rename(&flip, &link);
-                let _ = fs::rename(&inside, &flip);
-                std::thread::sleep(std::time::Duration::from_micros(300));
-                flipped += 1;
-                // Now and then a still moment, so that some builds see only the directory
-                // even on a loaded machine.
-                if flipped % 50 == 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-            }
-            flipped
-        })
-    };
+    let flipper = Flipper::start(&e, &ctx);
     let (mut built, mut refused) = (0, 0);
     for i in 0..200 {
         let out_dir = e.dir.path().join(format!("out-{i}"));
@@ -789,10 +807,36 @@ fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
             refused += 1;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let flipped = flipper.join().unwrap();
+    let flipped = flipper.stop();
     assert!(flipped > 20, "the flipper ran ({flipped} flips)");
     assert!(built > 0, "some builds saw the directory ({built} built, {refused} refused)");
+}
+
+#[test]
+fn a_bind_mounted_context_entry_flipped_to_a_host_symlink_is_never_mounted() {
+    let e = Env::new();
+    for (i, exec) in EXECUTORS.iter().enumerate() {
+        let ctx = e.ctx(
+            &format!("bind-flip-{i}"),
+            "FROM busybox:test\nRUN --mount=type=bind,source=flip,target=/m cat /m/s\n",
+        );
+        let flipper = Flipper::start(&e, &ctx);
+        let mut built = 0;
+        for n in 0..60 {
+            let mut args = vec!["--no-cache"];
+            args.extend_from_slice(exec);
+            let out = e.build(&ctx, &args);
+            let log = stderr(&out);
+            assert!(!log.contains("HOST-SECRET"), "{exec:?} build {n} mounted the host's directory: {log}");
+            if out.status.success() {
+                assert!(log.contains("inside-ok!!"), "{log}");
+                built += 1;
+            }
+        }
+        flipper.stop();
+        assert!(built > 0, "{exec:?}: some builds saw the directory");
+        fs::remove_dir_all(e.dir.path().join("host")).unwrap();
+    }
 }
 
 #[test]

@@ -333,11 +333,13 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
     let total = req.graph.stages.iter().map(|s| s.ops.len() + 1).sum();
     // Held for the whole build so `cache prune` never removes what this build is writing.
     let _lease = crate::cache::gc::build_lease(store)?;
-    // The context is read without following a symlink that was not there when it was walked.
+    let snapshotter = choose_snapshotter(store, req.reporter)?;
+    // The context is read without following a symlink that was not there when it was walked
+    // (held from builder's own mount namespace, entered just above, so that what is opened
+    // through it can be bound).
     let _confined = crate::oci::at::confine(&req.context).map_err(|e| {
         BuildError::Other(format!("build context {}: {}", req.context.display(), e))
     })?;
-    let snapshotter = choose_snapshotter(store, req.reporter)?;
     let shared = Shared {
         store,
         req,

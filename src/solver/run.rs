@@ -55,6 +55,77 @@ pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
 pub struct MountGuards {
     pub locks: Vec<fs::File>,
     pub dirs: Vec<tempfile::TempDir>,
+    pub pins: Vec<PinnedBind>,
+}
+
+/// A context entry a step binds, pinned: opened below the context with no symlink followed,
+/// then bound by that descriptor onto a mount point of builder's own (its private mount
+/// namespace), which the step's mount then names. A path swapped for a link to the host
+/// between the walk and the step is refused, or else it is already too late to matter.
+pub struct PinnedBind {
+    point: PathBuf,
+    /// `None` once it could not be unmounted: then it is left in place, never deleted
+    /// (deleting through a bind would delete the context's files).
+    dir: Option<tempfile::TempDir>,
+}
+
+impl PinnedBind {
+    fn new(source: &Path, scratch: &Path) -> Result<PinnedBind, String> {
+        use nix::fcntl::OFlag;
+        let refused = |e: std::io::Error| format!("{}: {}", source.display(), e);
+        let (parent, name) = match (source.parent(), source.file_name()) {
+            (Some(p), Some(n)) => (p, n),
+            _ => (source, std::ffi::OsStr::new(".")),
+        };
+        let dir = crate::oci::at::open_dir(parent, OFlag::O_PATH).map_err(refused)?;
+        let fd = nix::fcntl::openat(
+            Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| refused(e.into()))?;
+        // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .map_err(|e| refused(e.into()))?;
+        let holder = tempfile::tempdir_in(scratch).map_err(|e| e.to_string())?;
+        let point = holder.path().join("pin");
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => fs::create_dir(&point).map_err(|e| e.to_string())?,
+            libc::S_IFREG => drop(fs::File::create(&point).map_err(|e| e.to_string())?),
+            libc::S_IFLNK => {
+                return Err(format!(
+                    "{}: a symlink is on this path, where the build's walk found none (the build context changed during the build)",
+                    source.display()
+                ))
+            }
+            _ => return Err(format!("bind source {} is not a regular file or directory", source.display())),
+        }
+        let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        nix::mount::mount(
+            Some(by_fd.as_str()),
+            &point,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("pin {} for its bind mount: {}", source.display(), e))?;
+        Ok(PinnedBind {
+            point,
+            dir: Some(holder),
+        })
+    }
+}
+
+impl Drop for PinnedBind {
+    fn drop(&mut self) {
+        if nix::mount::umount2(&self.point, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            if let Some(d) = self.dir.take() {
+                let _ = d.keep();
+            }
+        }
+    }
 }
 
 /// Inputs for resolving `RUN --mount` specs.
@@ -149,7 +220,10 @@ pub fn resolve_mounts(
                             guards.dirs.push(copy);
                             p
                         } else {
-                            first.path
+                            let pin = PinnedBind::new(&first.path, me.scratch)?;
+                            let p = pin.point.clone();
+                            guards.pins.push(pin);
+                            p
                         }
                     }
                 };
