@@ -638,6 +638,26 @@ pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// snapshotters, a few hundred).
 pub const MAX_IMAGE_LAYERS: usize = 1000;
 
+/// Whether an image manifest is within the bounds an image may have (its layer count, its
+/// config's size), checked before any of its blobs is fetched or copied.
+pub fn check_manifest_bounds(manifest: &Value) -> Result<(), String> {
+    let layers = manifest["layers"].as_array().map_or(0, Vec::len);
+    if layers > MAX_IMAGE_LAYERS {
+        return Err(format!(
+            "the image has {} layers, over the limit of {}",
+            layers, MAX_IMAGE_LAYERS
+        ));
+    }
+    let config = manifest["config"]["size"].as_u64().unwrap_or(0);
+    if config > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "the image config is {} bytes, over the limit of {} bytes",
+            config, MAX_CONFIG_BYTES
+        ));
+    }
+    Ok(())
+}
+
 /// The largest image config read. Real configs, history included, are a few KiB to a few
 /// hundred; a bigger one is refused before it is read.
 pub const MAX_CONFIG_BYTES: u64 = 8 << 20;

@@ -367,6 +367,8 @@ pub fn fetch_blobs(
 
 /// The config and layers an image manifest references.
 pub fn manifest_blobs(manifest: &Value, display: &str) -> Result<Vec<Descriptor>, RegistryError> {
+    crate::oci::image::check_manifest_bounds(manifest)
+        .map_err(|e| RegistryError::Protocol(format!("{}: {}", display, e)))?;
     let mut out = vec![descriptor(&manifest["config"], display)?];
     for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
         out.push(descriptor(&l, display)?);

@@ -280,6 +280,7 @@ pub fn import_oci_dir(
     copy_blob(store, dir, &md)?;
     let manifest: Value = serde_json::from_slice(&store.blobs.get(&md)?)
         .map_err(|e| damaged(&index_path, e.to_string()))?;
+    image::check_manifest_bounds(&manifest).map_err(|e| damaged(dir, e))?;
     copy_blob(store, dir, &digest_field(&manifest["config"], &index_path)?)?;
     for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
         copy_blob(store, dir, &digest_field(&l, &index_path)?)?;
