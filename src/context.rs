@@ -104,12 +104,12 @@ impl SourceRoot {
             return Ok(self.root.clone());
         }
         if !self.is_context {
-            return crate::oci::unpack::resolve_in_root(&self.root, rel).map_err(
-                |source| ContextError::Io {
+            return crate::oci::unpack::resolve_in_root(&self.root, rel).map_err(|source| {
+                ContextError::Io {
                     path: self.root.join(rel),
                     source,
-                },
-            );
+                }
+            });
         }
         let p = self.root.join(rel);
         if fs::symlink_metadata(&p).is_err() {
@@ -173,7 +173,8 @@ impl SourceRoot {
                 let Ok(rd) = fs::read_dir(self.root.join(exact)) else {
                     continue;
                 };
-                let mut names: Vec<std::ffi::OsString> = rd.flatten().map(|e| e.file_name()).collect();
+                let mut names: Vec<std::ffi::OsString> =
+                    rd.flatten().map(|e| e.file_name()).collect();
                 names.sort();
                 for n in names {
                     let shown = n.to_string_lossy();
@@ -348,9 +349,10 @@ fn list_sorted(d: &Path) -> Result<Vec<(std::ffi::OsString, bool)>, ContextError
     let fd = crate::oci::at::open_dir(d, nix::fcntl::OFlag::O_RDONLY).map_err(io_err)?;
     let base = fd.as_raw_fd();
     let mut dir = nix::dir::Dir::from_fd(
-        nix::fcntl::fcntl(base, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(|e| io_err(e.into()))?,
+        nix::fcntl::fcntl(base, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+            .map_err(|e| io_err(e.into()))?,
     )
-        .map_err(|e| io_err(e.into()))?;
+    .map_err(|e| io_err(e.into()))?;
     for e in dir.iter() {
         let e = e.map_err(|e| io_err(e.into()))?;
         let name = e.file_name().to_bytes();
@@ -360,9 +362,13 @@ fn list_sorted(d: &Path) -> Result<Vec<(std::ffi::OsString, bool)>, ContextError
         let is_dir = match e.file_type() {
             Some(t) => t == nix::dir::Type::Directory,
             // A file system that does not say: ask, without following.
-            None => nix::sys::stat::fstatat(Some(base), e.file_name(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
-                .map_err(|e| io_err(e.into()))?,
+            None => nix::sys::stat::fstatat(
+                Some(base),
+                e.file_name(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+            .map_err(|e| io_err(e.into()))?,
         };
         names.push((std::ffi::OsStr::from_bytes(name).to_os_string(), is_dir));
     }

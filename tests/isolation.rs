@@ -602,7 +602,14 @@ fn user_db_attack(e: &Env, name: &str, setup: &str, then: &str, exec: &[&str]) -
     args.extend_from_slice(exec);
     let m = run_bounded(
         builder()
-            .args(["build", "--progress", "plain", "--network", "none", "--root"])
+            .args([
+                "build",
+                "--progress",
+                "plain",
+                "--network",
+                "none",
+                "--root",
+            ])
             .arg(e.root())
             .args(&args)
             .arg(&ctx),
@@ -625,8 +632,18 @@ fn users_and_groups_are_read_inside_the_image_never_from_the_host() {
     let climb = "../".repeat(40);
     let host_path = host.display().to_string();
     let links = [
-        ("rel", format!("ln -sf {climb}{} /etc/passwd && ln -sf {climb}{} /etc/group", &host_path[1..], &host_path[1..])),
-        ("abs", format!("ln -sf {host_path} /etc/passwd && ln -sf {host_path} /etc/group")),
+        (
+            "rel",
+            format!(
+                "ln -sf {climb}{} /etc/passwd && ln -sf {climb}{} /etc/group",
+                &host_path[1..],
+                &host_path[1..]
+            ),
+        ),
+        (
+            "abs",
+            format!("ln -sf {host_path} /etc/passwd && ln -sf {host_path} /etc/group"),
+        ),
     ];
     for (i, exec) in EXECUTORS.iter().enumerate() {
         for (kind, setup) in &links {
@@ -638,7 +655,10 @@ fn users_and_groups_are_read_inside_the_image_never_from_the_host() {
                 "USER evil\nWORKDIR /w",
             ] {
                 let (ok, log) = user_db_attack(&e, &format!("link-{kind}-{i}"), setup, then, exec);
-                assert!(!ok, "{kind} {then:?} {exec:?}: built with the host's file: {log}");
+                assert!(
+                    !ok,
+                    "{kind} {then:?} {exec:?}: built with the host's file: {log}"
+                );
                 assert!(
                     log.contains("unable to find user") || log.contains("unable to find group"),
                     "{kind} {then:?} {exec:?}: {log}"
@@ -648,20 +668,48 @@ fn users_and_groups_are_read_inside_the_image_never_from_the_host() {
         }
         // A FIFO would block a reader forever; a device would feed it without end.
         for (kind, setup, what) in [
-            ("fifo-passwd", "rm /etc/passwd && mkfifo /etc/passwd", "/etc/passwd is a FIFO"),
-            ("fifo-group", "rm /etc/group && mkfifo /etc/group", "/etc/group is a FIFO"),
-            ("zero-passwd", "rm /etc/passwd && mknod /etc/passwd c 1 5", "/etc/passwd is a character device"),
-            ("dir-group", "rm /etc/group && mkdir /etc/group", "/etc/group is a directory"),
+            (
+                "fifo-passwd",
+                "rm /etc/passwd && mkfifo /etc/passwd",
+                "/etc/passwd is a FIFO",
+            ),
+            (
+                "fifo-group",
+                "rm /etc/group && mkfifo /etc/group",
+                "/etc/group is a FIFO",
+            ),
+            (
+                "zero-passwd",
+                "rm /etc/passwd && mknod /etc/passwd c 1 5",
+                "/etc/passwd is a character device",
+            ),
+            (
+                "dir-group",
+                "rm /etc/group && mkdir /etc/group",
+                "/etc/group is a directory",
+            ),
         ] {
             for then in ["USER app:staff\nRUN id", "COPY --chown=app:staff f /f"] {
                 let (ok, log) = user_db_attack(&e, &format!("{kind}-{i}"), setup, then, exec);
                 assert!(!ok, "{kind} {then:?} {exec:?}: {log}");
-                assert!(log.contains(what), "{kind} {then:?} {exec:?}: want {what:?}: {log}");
+                assert!(
+                    log.contains(what),
+                    "{kind} {then:?} {exec:?}: want {what:?}: {log}"
+                );
             }
         }
         // A link to /dev/zero resolves inside the image, where it is no device.
-        let (ok, log) = user_db_attack(&e, &format!("zero-link-{i}"), "ln -sf /dev/zero /etc/passwd", "USER app\nRUN id -u", exec);
-        assert!(!ok && log.contains("unable to find user app"), "{exec:?}: {log}");
+        let (ok, log) = user_db_attack(
+            &e,
+            &format!("zero-link-{i}"),
+            "ln -sf /dev/zero /etc/passwd",
+            "USER app\nRUN id -u",
+            exec,
+        );
+        assert!(
+            !ok && log.contains("unable to find user app"),
+            "{exec:?}: {log}"
+        );
         // A passwd file bigger than any real one is refused by its size, not read.
         let (ok, log) = user_db_attack(
             &e,
@@ -670,7 +718,10 @@ fn users_and_groups_are_read_inside_the_image_never_from_the_host() {
             "USER app\nRUN id -u",
             exec,
         );
-        assert!(!ok && log.contains("over the limit of 4194304 bytes"), "{exec:?}: {log}");
+        assert!(
+            !ok && log.contains("over the limit of 4194304 bytes"),
+            "{exec:?}: {log}"
+        );
     }
 }
 
@@ -696,14 +747,25 @@ fn a_step_inherits_no_descriptor_and_its_pid_1_is_its_own_command() {
                  echo \"PID1=$(tr '\\0' ' ' </proc/1/cmdline)\"; echo \"ENV1=$(tr '\\0' ' ' </proc/1/environ)\"; echo \"ME=$$\"\n",
         );
         let mut cmd = builder();
-        cmd.args(["build", "--progress", "plain", "--network", "none", "--no-cache", "--root"])
-            .arg(e.root())
-            .args(*exec)
-            .arg(&ctx)
-            .env("BUILDER_TEST_HOST_ONLY", "host-environment-value");
+        cmd.args([
+            "build",
+            "--progress",
+            "plain",
+            "--network",
+            "none",
+            "--no-cache",
+            "--root",
+        ])
+        .arg(e.root())
+        .args(*exec)
+        .arg(&ctx)
+        .env("BUILDER_TEST_HOST_ONLY", "host-environment-value");
         // As a CI agent leaves them: fds 3-20 open on a host directory and a host file.
         let dir = fs::File::open(&host_dir).unwrap();
-        let file = fs::OpenOptions::new().append(true).open(&host_file).unwrap();
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&host_file)
+            .unwrap();
         let (dir_fd, file_fd) = (
             std::os::fd::AsRawFd::as_raw_fd(&dir),
             std::os::fd::AsRawFd::as_raw_fd(&file),
@@ -723,20 +785,50 @@ fn a_step_inherits_no_descriptor_and_its_pid_1_is_its_own_command() {
         let out = run(&mut cmd);
         let log = stderr(&out);
         assert!(out.status.success(), "{exec:?}: {log}");
-        assert!(!log.contains("INHERITED"), "{exec:?}: a descriptor crossed into the step: {log}");
+        assert!(
+            !log.contains("INHERITED"),
+            "{exec:?}: a descriptor crossed into the step: {log}"
+        );
         assert!(!log.contains("host secret"), "{exec:?}: {log}");
-        assert_eq!(fs::read_to_string(&host_file).unwrap(), "", "{exec:?}: the step wrote a host file");
+        assert_eq!(
+            fs::read_to_string(&host_file).unwrap(),
+            "",
+            "{exec:?}: the step wrote a host file"
+        );
         // The last lines that say so: the first are the progress echoing the command.
-        let pid1 = log.lines().filter_map(|l| l.split_once("PID1=")).last().map(|(_, v)| v.trim()).unwrap_or_default();
-        assert!(pid1.starts_with("/bin/sh -c "), "{exec:?}: PID 1 is {pid1:?}");
-        let env1 = log.lines().filter_map(|l| l.split_once("ENV1=")).last().map(|(_, v)| v).unwrap_or_default();
-        assert!(env1.contains("PATH=") && !env1.contains("host-environment-value"), "{exec:?}: {env1}");
+        let pid1 = log
+            .lines()
+            .filter_map(|l| l.split_once("PID1="))
+            .last()
+            .map(|(_, v)| v.trim())
+            .unwrap_or_default();
+        assert!(
+            pid1.starts_with("/bin/sh -c "),
+            "{exec:?}: PID 1 is {pid1:?}"
+        );
+        let env1 = log
+            .lines()
+            .filter_map(|l| l.split_once("ENV1="))
+            .last()
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        assert!(
+            env1.contains("PATH=") && !env1.contains("host-environment-value"),
+            "{exec:?}: {env1}"
+        );
         let root = e.root().display().to_string();
         let seen = format!("{pid1} {env1}");
-        for leak in [root.as_str(), ctx.to_str().unwrap(), env!("CARGO_BIN_EXE_builder")] {
+        for leak in [
+            root.as_str(),
+            ctx.to_str().unwrap(),
+            env!("CARGO_BIN_EXE_builder"),
+        ] {
             assert!(!seen.contains(leak), "{exec:?}: PID 1 shows {leak}: {seen}");
         }
-        assert!(log.contains("ME=1"), "{exec:?}: the command is PID 1: {log}");
+        assert!(
+            log.contains("ME=1"),
+            "{exec:?}: the command is PID 1: {log}"
+        );
     }
 }
 
@@ -798,7 +890,10 @@ fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
     let (mut built, mut refused) = (0, 0);
     for i in 0..200 {
         let out_dir = e.dir.path().join(format!("out-{i}"));
-        let out = e.build(&ctx, &["--no-cache", "-o", &format!("local:{}", out_dir.display())]);
+        let out = e.build(
+            &ctx,
+            &["--no-cache", "-o", &format!("local:{}", out_dir.display())],
+        );
         if out.status.success() {
             let got = fs::read_to_string(out_dir.join("x")).unwrap();
             assert_eq!(got, "inside-ok!!\n", "build {i} copied a host file");
@@ -809,7 +904,10 @@ fn a_context_entry_flipped_to_a_host_symlink_is_never_followed() {
     }
     let flipped = flipper.stop();
     assert!(flipped > 20, "the flipper ran ({flipped} flips)");
-    assert!(built > 0, "some builds saw the directory ({built} built, {refused} refused)");
+    assert!(
+        built > 0,
+        "some builds saw the directory ({built} built, {refused} refused)"
+    );
 }
 
 #[test]
@@ -827,7 +925,10 @@ fn a_bind_mounted_context_entry_flipped_to_a_host_symlink_is_never_mounted() {
             args.extend_from_slice(exec);
             let out = e.build(&ctx, &args);
             let log = stderr(&out);
-            assert!(!log.contains("HOST-SECRET"), "{exec:?} build {n} mounted the host's directory: {log}");
+            assert!(
+                !log.contains("HOST-SECRET"),
+                "{exec:?} build {n} mounted the host's directory: {log}"
+            );
             if out.status.success() {
                 assert!(log.contains("inside-ok!!"), "{log}");
                 built += 1;
@@ -845,7 +946,10 @@ fn names_that_differ_only_in_invalid_utf8_never_share_a_cache_entry() {
     let e = Env::new();
     let mut kept = Vec::new();
     for (i, byte) in [0xffu8, 0xfe].into_iter().enumerate() {
-        let ctx = e.ctx(&format!("utf8-{i}"), "FROM busybox:test\nCOPY . /c/\nCOPY bad* /g/\n");
+        let ctx = e.ctx(
+            &format!("utf8-{i}"),
+            "FROM busybox:test\nCOPY . /c/\nCOPY bad* /g/\n",
+        );
         let bytes = [b'b', b'a', b'd', byte];
         let name = std::ffi::OsStr::from_bytes(&bytes);
         write(&ctx.join(name), "same content\n");
@@ -854,10 +958,16 @@ fn names_that_differ_only_in_invalid_utf8_never_share_a_cache_entry() {
         let log = stderr(&out);
         assert!(out.status.success(), "{log}");
         if i == 1 {
-            assert!(!log.contains("CACHED"), "the second context hit the first one's cache: {log}");
+            assert!(
+                !log.contains("CACHED"),
+                "the second context hit the first one's cache: {log}"
+            );
         }
         for dir in ["c", "g"] {
-            assert!(out_dir.join(dir).join(name).is_file(), "{dir}/bad\\x{byte:x} is in the image: {log}");
+            assert!(
+                out_dir.join(dir).join(name).is_file(),
+                "{dir}/bad\\x{byte:x} is in the image: {log}"
+            );
         }
         kept.push(out_dir);
     }
@@ -880,9 +990,20 @@ fn killing_builder_kills_a_step_running_as_another_user() {
     for (i, exec) in EXECUTORS.iter().enumerate() {
         // A duration no other test uses, to find the step's process by.
         let seconds = format!("{}", 8271 + i);
-        let ctx = e.ctx(&format!("kill-{i}"), &format!("FROM busybox:test\nUSER 1000:1000\nRUN exec sleep {seconds}\n"));
+        let ctx = e.ctx(
+            &format!("kill-{i}"),
+            &format!("FROM busybox:test\nUSER 1000:1000\nRUN exec sleep {seconds}\n"),
+        );
         let mut child = builder()
-            .args(["build", "--progress", "plain", "--network", "none", "--no-cache", "--root"])
+            .args([
+                "build",
+                "--progress",
+                "plain",
+                "--network",
+                "none",
+                "--no-cache",
+                "--root",
+            ])
             .arg(e.root())
             .args(*exec)
             .arg(&ctx)
@@ -909,6 +1030,9 @@ fn killing_builder_kills_a_step_running_as_another_user() {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        assert!(left.is_empty(), "{exec:?}: the step outlived builder: {left:?}");
+        assert!(
+            left.is_empty(),
+            "{exec:?}: the step outlived builder: {left:?}"
+        );
     }
 }

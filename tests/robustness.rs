@@ -326,10 +326,20 @@ fn expansion_bombs_end_in_an_error_at_their_line_with_bounded_memory() {
     let (out, rss) = bounded_build(&root, &ctx, &[]);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
-    assert!(log.contains("Buildfile:19:1") && log.contains("longer than 1048576 bytes"), "{log}");
+    assert!(
+        log.contains("Buildfile:19:1") && log.contains("longer than 1048576 bytes"),
+        "{log}"
+    );
     assert!(rss.peak_under(256 * MIB), "{} KiB", rss.max_rss_kib);
-    let m = run_bounded(builder().args(["debug", "ops"]).arg(ctx.join("Buildfile")), 300);
-    assert!(!m.out.status.success() && m.peak_under(256 * MIB), "{} KiB", m.max_rss_kib);
+    let m = run_bounded(
+        builder().args(["debug", "ops"]).arg(ctx.join("Buildfile")),
+        300,
+    );
+    assert!(
+        !m.out.status.success() && m.peak_under(256 * MIB),
+        "{} KiB",
+        m.max_rss_kib
+    );
     // Values under the word limit, repeated until the file's own limit.
     let ctx = t.path().join("repeat");
     let mut file = String::from("FROM busybox:test\nENV A=aaaaaaaaaaaaaaaa\n");
@@ -340,7 +350,10 @@ fn expansion_bombs_end_in_an_error_at_their_line_with_bounded_memory() {
     write(&ctx.join("Buildfile"), &file);
     let (out, rss) = bounded_build(&root, &ctx, &[]);
     let log = text(&out);
-    assert!(!out.status.success() && log.contains("more than 64 MiB"), "{log}");
+    assert!(
+        !out.status.success() && log.contains("more than 64 MiB"),
+        "{log}"
+    );
     assert!(rss.peak_under(512 * MIB), "{} KiB", rss.max_rss_kib);
     // The same through RUN environments: each step carries the big value.
     let ctx = t.path().join("runs");
@@ -349,7 +362,11 @@ fn expansion_bombs_end_in_an_error_at_their_line_with_bounded_memory() {
     file.push_str(&"RUN true\n".repeat(400));
     write(&ctx.join("Buildfile"), &file);
     let (out, rss) = bounded_build(&root, &ctx, &[]);
-    assert!(!out.status.success() && text(&out).contains("more than 64 MiB"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("more than 64 MiB"),
+        "{}",
+        text(&out)
+    );
     assert!(rss.peak_under(512 * MIB), "{} KiB", rss.max_rss_kib);
 }
 
@@ -366,7 +383,10 @@ fn thousands_of_stages_are_refused_at_the_first_one_past_the_limit() {
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     // Stage 513 (s512) starts on line 2 * 512.
-    assert!(log.contains("Buildfile:1024:1") && log.contains("more than 512 stages"), "{log}");
+    assert!(
+        log.contains("Buildfile:1024:1") && log.contains("more than 512 stages"),
+        "{log}"
+    );
     assert!(rss.peak_under(128 * MIB), "{} KiB", rss.max_rss_kib);
     // A long chain under the limit builds.
     let ctx = t.path().join("chain");
@@ -394,25 +414,46 @@ fn huge_ignore_files_are_refused_and_deep_names_match_in_one_pass() {
     write(&ctx.join(".dockerignore"), &lines);
     let (out, rss) = bounded_build(&root, &ctx, &[]);
     let log = text(&out);
-    assert!(!out.status.success() && log.contains(".dockerignore") && log.contains("over the limit of 4194304 bytes"), "{log}");
+    assert!(
+        !out.status.success()
+            && log.contains(".dockerignore")
+            && log.contains("over the limit of 4194304 bytes"),
+        "{log}"
+    );
     assert!(rss.peak_under(64 * MIB), "{} KiB", rss.max_rss_kib);
     lines.truncate(lines.find("file150000\n").unwrap());
     write(&ctx.join(".dockerignore"), &lines);
     let (out, _) = bounded_build(&root, &ctx, &[]);
-    assert!(!out.status.success() && text(&out).contains("150000 patterns, over the limit of 100000"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("150000 patterns, over the limit of 100000"),
+        "{}",
+        text(&out)
+    );
     // 5,000 long names 40 directories deep against many-star and `**` patterns.
     let deep = vec!["d".repeat(20); 40].join("/");
     for i in 0..5000 {
-        write(&ctx.join(&deep).join(format!("{}{i}", "f".repeat(100))), "x");
+        write(
+            &ctx.join(&deep).join(format!("{}{i}", "f".repeat(100))),
+            "x",
+        );
     }
     write(
         &ctx.join(".dockerignore"),
         "**/*a*b*c*d*e*\n**/**/**/x*y*z\n*/*/*/*/**/q*\n**/d*d*d*d*d*d*d*d*/zz\n**/f*f*f*f*f*f*1\n",
     );
-    let (out, rss) = bounded_build(&root, &ctx, &["-o", &format!("local:{}", t.path().join("deep-out").display())]);
+    let (out, rss) = bounded_build(
+        &root,
+        &ctx,
+        &[
+            "-o",
+            &format!("local:{}", t.path().join("deep-out").display()),
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(rss.peak_under(256 * MIB), "{} KiB", rss.max_rss_kib);
-    let kept = fs::read_dir(t.path().join("deep-out/c").join(&deep)).unwrap().count();
+    let kept = fs::read_dir(t.path().join("deep-out/c").join(&deep))
+        .unwrap()
+        .count();
     // The last pattern leaves out every name ending in 1: 500 of them.
     assert_eq!(kept, 4500);
 }
@@ -438,7 +479,10 @@ fn layout(dir: &Path, layers: usize, mut config: serde_json::Value) {
         h.set_cksum();
         tar.append_data(&mut h, format!("f{i}"), &b"x"[..]).unwrap();
         let raw = tar.into_inner().unwrap();
-        diff_ids.push(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&raw))));
+        diff_ids.push(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&raw))
+        ));
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&raw).unwrap();
         let (d, n) = put(&gz.finish().unwrap());
@@ -461,7 +505,10 @@ fn bases_with_huge_configs_or_too_many_layers_are_refused_and_no_history_is_fine
         let dir = t.path().join(name);
         layout(&dir, layers, config);
         let ctx = t.path().join(format!("{name}-ctx"));
-        write(&ctx.join("Buildfile"), &format!("FROM oci:{}:t\nCOPY Buildfile /b\n", dir.display()));
+        write(
+            &ctx.join("Buildfile"),
+            &format!("FROM oci:{}:t\nCOPY Buildfile /b\n", dir.display()),
+        );
         bounded_build(&root, &ctx, &[])
     };
     let plain = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}});
@@ -470,36 +517,68 @@ fn bases_with_huge_configs_or_too_many_layers_are_refused_and_no_history_is_fine
     assert!(out.status.success(), "{}", text(&out));
     // 20 MiB of history.
     let mut big = plain.clone();
-    big["history"] = serde_json::json!(vec![serde_json::json!({"created_by": "x".repeat(1 << 20)}); 20]);
+    big["history"] = serde_json::json!(vec![
+        serde_json::json!({"created_by": "x".repeat(1 << 20)});
+        20
+    ]);
     let (out, rss) = build_on("big-history", 1, big);
     let log = text(&out);
-    assert!(!out.status.success() && log.contains("config") && log.contains("over the limit of 8388608 bytes"), "{log}");
+    assert!(
+        !out.status.success()
+            && log.contains("config")
+            && log.contains("over the limit of 8388608 bytes"),
+        "{log}"
+    );
     assert!(rss.peak_under(128 * MIB), "{} KiB", rss.max_rss_kib);
     // 10,000 layers.
     let (out, rss) = build_on("many-layers", 10_000, plain);
     let log = text(&out);
-    assert!(!out.status.success() && log.contains("10000 layers, over the limit of 1000"), "{log}");
+    assert!(
+        !out.status.success() && log.contains("10000 layers, over the limit of 1000"),
+        "{log}"
+    );
     assert!(rss.peak_under(256 * MIB), "{} KiB", rss.max_rss_kib);
 }
 
 #[test]
 fn chown_ids_past_the_last_valid_one_are_errors_not_root() {
     let (t, root) = env();
-    for (i, spec) in ["4294967295", "0:4294967295", "99999999999", "app:4294967296"].iter().enumerate() {
+    for (i, spec) in [
+        "4294967295",
+        "0:4294967295",
+        "99999999999",
+        "app:4294967296",
+    ]
+    .iter()
+    .enumerate()
+    {
         for op in ["COPY", "ADD"] {
             let ctx = t.path().join(format!("chown-{i}-{op}"));
             write(&ctx.join("f"), "f\n");
-            write(&ctx.join("Buildfile"), &format!("FROM busybox:test\n{op} --chown={spec} f /f\n"));
+            write(
+                &ctx.join("Buildfile"),
+                &format!("FROM busybox:test\n{op} --chown={spec} f /f\n"),
+            );
             let (out, _) = bounded_build(&root, &ctx, &[]);
             let log = text(&out);
-            assert!(!out.status.success() && log.contains("ids go from 0 to 4294967294"), "{spec} {op}: {log}");
+            assert!(
+                !out.status.success() && log.contains("ids go from 0 to 4294967294"),
+                "{spec} {op}: {log}"
+            );
         }
     }
     let ctx = t.path().join("chown-max");
     write(&ctx.join("f"), "f\n");
-    write(&ctx.join("Buildfile"), "FROM busybox:test\nCOPY --chown=4294967294:4294967294 f /f\nRUN stat -c %u:%g /f\n");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nCOPY --chown=4294967294:4294967294 f /f\nRUN stat -c %u:%g /f\n",
+    );
     let (out, _) = bounded_build(&root, &ctx, &[]);
-    assert!(out.status.success() && text(&out).contains("4294967294:4294967294"), "{}", text(&out));
+    assert!(
+        out.status.success() && text(&out).contains("4294967294:4294967294"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -511,10 +590,15 @@ fn a_killed_pulls_scratch_is_removed_by_the_next_pull() {
     c.wait().unwrap();
     let left = root.join("tmp").join(format!("blob-{dead}-123-0"));
     write(&left, &"x".repeat(4096));
-    let mine = root.join("tmp").join(format!("blob-{}-123-0", std::process::id()));
+    let mine = root
+        .join("tmp")
+        .join(format!("blob-{}-123-0", std::process::id()));
     write(&mine, "a live process's scratch");
     // Nothing listens there: the pull fails, after cleaning.
-    let out = run(builder().args(["pull", "--root"]).arg(&root).arg("127.0.0.1:1/none:latest"));
+    let out = run(builder()
+        .args(["pull", "--root"])
+        .arg(&root)
+        .arg("127.0.0.1:1/none:latest"));
     assert!(!out.status.success());
     assert!(!left.exists(), "{}", text(&out));
     assert!(mine.exists(), "a live owner's scratch is kept");

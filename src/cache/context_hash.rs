@@ -188,21 +188,14 @@ fn exact_rel<'a>(rel: &'a str, path: &Path) -> std::borrow::Cow<'a, [u8]> {
         return std::borrow::Cow::Borrowed(rel.as_bytes());
     }
     let depth = rel.split('/').count();
-    let parts: Vec<&[u8]> = path
+    let mut parts: Vec<&[u8]> = path
         .iter()
-        .map(|c| c.as_bytes())
-        .collect::<Vec<_>>()
-        .into_iter()
         .rev()
         .take(depth)
+        .map(|c| c.as_bytes())
         .collect();
-    let mut out = Vec::with_capacity(rel.len());
-    for (i, p) in parts.iter().rev().enumerate() {
-        if i > 0 {
-            out.push(b'/');
-        }
-        out.extend_from_slice(p);
-    }
+    parts.reverse();
+    let out = parts.join(&b'/');
     std::borrow::Cow::Owned(out)
 }
 

@@ -85,7 +85,10 @@ pub fn pull(a: PullArgs) -> Result<(), CliError> {
     // What a killed pull (or build) left half-downloaded goes before this one starts.
     let freed = store.clean_stale_scratch();
     if freed > 0 {
-        eprintln!("removed {} bytes of scratch that killed pulls and builds left", freed);
+        eprintln!(
+            "removed {} bytes of scratch that killed pulls and builds left",
+            freed
+        );
     }
     let platform = parse_platform(a.platform.as_deref())?;
     let reference = Reference::parse(&a.reference)?;

@@ -644,7 +644,11 @@ impl StageWalk<'_> {
         };
         let created_by = format!("RUN {}{} # builder", shown_args, argv.join(" "));
         let env = self.env();
-        let env_bytes: usize = env.iter().chain(&args).map(|(k, v)| k.len() + v.len()).sum();
+        let env_bytes: usize = env
+            .iter()
+            .chain(&args)
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
         self.made(l, env_bytes)?;
         let op = ExecOp {
             argv,

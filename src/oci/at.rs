@@ -10,15 +10,15 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-
-use super::root::Root;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode};
+
+use super::root::Root;
 
 /// The confined directories and a descriptor held on each.
 static CONFINED: RwLock<Vec<(PathBuf, Arc<Root>)>> = RwLock::new(Vec::new());
@@ -64,78 +64,51 @@ fn swapped(path: &Path) -> io::Error {
     ))
 }
 
-/// Open `rel` below the confined `dir` with `flags`, following no symlink on the way.
-fn open_beneath(dir: &Root, rel: &Path, flags: OFlag, shown: &Path) -> io::Result<OwnedFd> {
-    let dir = dir.as_fd();
-    let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-    let rel_or_dot = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
+/// `path` opened with `flags`, its last component never followed, and below a confined
+/// directory none of them: a symlink met there is an error saying the context changed.
+pub fn open_nofollow(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+    let opened = match confined_at(path) {
+        Some((dir, rel)) => dir.open_beneath(&rel, flags),
+        None => nix::fcntl::open(
+            path,
+            flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .map_err(io::Error::from),
     };
-    let how = OpenHow::new()
-        .flags(flags)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-    let mut result = nix::fcntl::openat2(dir.as_raw_fd(), rel_or_dot, how);
-    // A rename elsewhere on the system can make the kernel ask for another try.
-    for _ in 0..16 {
-        if result != Err(Errno::EAGAIN) {
-            break;
-        }
-        result = nix::fcntl::openat2(dir.as_raw_fd(), rel_or_dot, how);
+    opened.map_err(|e| match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+        Errno::ELOOP | Errno::EXDEV => swapped(path),
+        _ => e,
+    })
+}
+
+/// `f` if what was opened is a regular file: checked on the open file, not on the path
+/// stat'ed earlier.
+fn regular_only(f: fs::File, path: &Path) -> io::Result<fs::File> {
+    if !f.metadata()?.file_type().is_file() {
+        return Err(io::Error::other(format!(
+            "{}: not a regular file any more (it changed during the build)",
+            path.display()
+        )));
     }
-    let fd = match result {
-        Ok(fd) => fd,
-        Err(Errno::ELOOP) | Err(Errno::EXDEV) => return Err(swapped(shown)),
-        // No openat2 here (or renames kept it from finishing): one component at a time,
-        // none followed.
-        Err(Errno::ENOSYS) | Err(Errno::EPERM) | Err(Errno::EAGAIN) => {
-            let mut at: Option<OwnedFd> = None;
-            let parts: Vec<_> = rel.components().collect();
-            for (i, c) in parts.iter().enumerate() {
-                let std::path::Component::Normal(name) = c else {
-                    return Err(swapped(shown));
-                };
-                let last = i + 1 == parts.len();
-                let step = if last {
-                    flags
-                } else {
-                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
-                };
-                let from = at.as_ref().map_or(dir.as_raw_fd(), |f| f.as_raw_fd());
-                let fd = nix::fcntl::openat(Some(from), *name, step, Mode::empty()).map_err(
-                    |e| match e {
-                        Errno::ELOOP | Errno::ENOTDIR => swapped(shown),
-                        e => e.into(),
-                    },
-                )?;
-                // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
-                at = Some(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-            return match at {
-                Some(fd) => Ok(fd),
-                None => nix::fcntl::openat(Some(dir.as_raw_fd()), ".", flags, Mode::empty())
-                    // SAFETY: as above.
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-                    .map_err(io::Error::from),
-            };
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // SAFETY: `openat2` just returned this descriptor, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(f)
 }
 
 /// Open the directory `path` for listing or as a base for `*at` calls: below a confined
 /// directory, without following any symlink.
 pub fn open_dir(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
-    let flags = flags | OFlag::O_DIRECTORY;
     match confined_at(path) {
-        Some((dir, rel)) => open_beneath(&dir, &rel, flags, path),
-        None => nix::fcntl::open(path, flags | OFlag::O_CLOEXEC, Mode::empty())
-            // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .map_err(io::Error::from),
+        Some(_) => open_nofollow(path, flags | OFlag::O_DIRECTORY),
+        None => nix::fcntl::open(
+            path,
+            flags | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .map_err(io::Error::from),
     }
 }
 
@@ -144,26 +117,8 @@ pub fn open_dir(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
 pub fn open_regular(path: &Path) -> io::Result<fs::File> {
     // Non-blocking: a file replaced by a FIFO must not hang the build (regular files ignore
     // the flag).
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = match confined_at(path) {
-        Some((dir, rel)) => open_beneath(&dir, &rel, flags, path)?,
-        None => nix::fcntl::open(path, flags, Mode::empty())
-            // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .map_err(|e| match e {
-                Errno::ELOOP => swapped(path),
-                e => e.into(),
-            })?,
-    };
-    let f = fs::File::from(fd);
-    let kind = f.metadata()?.file_type();
-    if !kind.is_file() {
-        return Err(io::Error::other(format!(
-            "{}: not a regular file any more (it changed during the build)",
-            path.display()
-        )));
-    }
-    Ok(f)
+    let fd = open_nofollow(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+    regular_only(fs::File::from(fd), path)
 }
 
 /// What a walk keeps of a file's `lstat` (a context has as many as files: this is small).
@@ -254,15 +209,7 @@ impl DirCursor {
             e => e.into(),
         })?;
         // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
-        let f = unsafe { fs::File::from_raw_fd(fd) };
-        // Checked on what was opened, not on the path stat'ed earlier.
-        if !f.metadata()?.file_type().is_file() {
-            return Err(io::Error::other(format!(
-                "{}: not a regular file any more (it changed during the build)",
-                path.display()
-            )));
-        }
-        Ok(f)
+        regular_only(unsafe { fs::File::from_raw_fd(fd) }, path)
     }
 }
 

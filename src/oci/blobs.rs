@@ -238,10 +238,32 @@ impl BlobStore {
     /// Read a whole blob (fetching it if it is known but not here), verifying it.
     /// [`BlobStore::get`] of a document (`what`: a manifest, a config) that must not be over
     /// `limit` bytes: a bigger one is an error before anything is read into memory.
-    pub fn get_bounded(&self, d: &Digest, what: &'static str, limit: u64) -> Result<Vec<u8>, BlobError> {
+    pub fn get_bounded(
+        &self,
+        d: &Digest,
+        what: &'static str,
+        limit: u64,
+    ) -> Result<Vec<u8>, BlobError> {
+        self.read(d, Some((what, limit)))
+    }
+
+    pub fn get(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
+        self.read(d, None)
+    }
+
+    /// Blob `d` read whole and verified; with a bound, its size is checked on the open file
+    /// before anything is read.
+    fn read(&self, d: &Digest, bound: Option<(&'static str, u64)>) -> Result<Vec<u8>, BlobError> {
         let p = self.ensure(d)?;
-        let size = fs::metadata(&p).map_err(io_err(&p))?.len();
-        if size > limit {
+        let mut f = File::open(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                BlobError::Missing(d.clone())
+            } else {
+                io_err(&p)(e)
+            }
+        })?;
+        let size = f.metadata().map_err(io_err(&p))?.len();
+        if let Some((what, limit)) = bound.filter(|(_, limit)| size > *limit) {
             return Err(BlobError::TooBig {
                 digest: d.clone(),
                 what,
@@ -249,18 +271,8 @@ impl BlobStore {
                 limit,
             });
         }
-        self.get(d)
-    }
-
-    pub fn get(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
-        let p = self.ensure(d)?;
-        let bytes = fs::read(&p).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                BlobError::Missing(d.clone())
-            } else {
-                io_err(&p)(e)
-            }
-        })?;
+        let mut bytes = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut bytes).map_err(io_err(&p))?;
         let found = Digest::of(&bytes);
         if &found != d {
             return Err(BlobError::Corrupted {

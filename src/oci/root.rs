@@ -18,10 +18,60 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, FileStat, Mode};
+use nix::sys::stat::{fstat, Mode};
 
 /// Symlinks followed in one resolution before it is refused, as the kernel's limit.
 const MAX_LINKS: usize = 40;
+
+/// How every component of a walk is looked at: a handle that opens nothing, never followed.
+const O_PATH_NOFOLLOW: OFlag = OFlag::O_PATH
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// What one component of a walk turned out to be.
+enum Step {
+    /// A directory, held.
+    Dir(OwnedFd),
+    /// A symlink, whose target's components were put in front of the rest of the walk;
+    /// `absolute` says the walk starts again from the root.
+    Link { absolute: bool },
+    /// Anything else.
+    Other,
+    /// Nothing that could be opened there (not there, or below a file).
+    Missing(io::Error),
+}
+
+/// Look at `part` in the directory `at`: a symlink's target is queued on `pending`, counted
+/// against [`MAX_LINKS`] in `links`.
+fn step(
+    at: i32,
+    part: &OsString,
+    pending: &mut Vec<OsString>,
+    links: &mut usize,
+) -> io::Result<Step> {
+    let fd = match nix::fcntl::openat(Some(at), part.as_os_str(), O_PATH_NOFOLLOW, Mode::empty()) {
+        Ok(fd) => owned(fd),
+        Err(e) => return Ok(Step::Missing(e.into())),
+    };
+    let st = fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
+    Ok(match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => Step::Dir(fd),
+        libc::S_IFLNK => {
+            *links += 1;
+            if *links > MAX_LINKS {
+                return Err(Errno::ELOOP.into());
+            }
+            let target =
+                nix::fcntl::readlinkat(Some(at), part.as_os_str()).map_err(io::Error::from)?;
+            let target = Path::new(&target);
+            pending.extend(components(target).into_iter().rev());
+            Step::Link {
+                absolute: target.is_absolute(),
+            }
+        }
+        _ => Step::Other,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {
@@ -41,7 +91,7 @@ pub struct Root {
 }
 
 /// What a file's type bits name, for errors.
-pub fn kind_name(mode: u32) -> &'static str {
+fn kind_name(mode: u32) -> &'static str {
     match mode & libc::S_IFMT {
         libc::S_IFREG => "a regular file",
         libc::S_IFDIR => "a directory",
@@ -94,11 +144,6 @@ impl Root {
         })
     }
 
-    /// Where the root is on the host, for messages.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Open `rel` (relative, or absolute as the image sees it) with `flags`; symlinks in it are
     /// followed, the last one too, but never out of the root, and magic links never.
     pub fn open_at(&self, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
@@ -111,6 +156,17 @@ impl Root {
         let how = OpenHow::new()
             .flags(flags | extra)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match self.openat2(rel, how) {
+            Some(opened) => opened,
+            // The same walk, done here: immune to renames elsewhere.
+            None => self.open_walking(rel, flags),
+        }
+    }
+
+    /// `openat2` from the root, tried again while the kernel asks (EAGAIN: a rename somewhere
+    /// on the system while `..` was resolved), or `None` where it is not to be had (an old
+    /// kernel, a seccomp profile that predates it, or renames that never stop).
+    fn openat2(&self, rel: &Path, how: OpenHow) -> Option<io::Result<OwnedFd>> {
         let rel_or_dot = if rel.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -118,17 +174,52 @@ impl Root {
         };
         for _ in 0..16 {
             match nix::fcntl::openat2(self.fd.as_raw_fd(), rel_or_dot, how) {
-                Ok(fd) => return Ok(owned(fd)),
-                // A rename somewhere on the system while `..` was resolved: the kernel could
-                // not prove the walk stayed inside, and asks for another try.
+                Ok(fd) => return Some(Ok(owned(fd))),
                 Err(Errno::EAGAIN) => continue,
-                // No openat2 here (an old kernel, or a seccomp profile that predates it).
-                Err(Errno::ENOSYS) | Err(Errno::EPERM) => break,
-                Err(e) => return Err(e.into()),
+                Err(Errno::ENOSYS) | Err(Errno::EPERM) => return None,
+                Err(e) => return Some(Err(e.into())),
             }
         }
-        // The same walk, done here: immune to renames elsewhere.
-        self.open_walking(rel, flags)
+        None
+    }
+
+    /// Open `rel` below the root with `flags`, following no symlink at all, the last
+    /// component included (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, `O_NOFOLLOW`): a symlink
+    /// on the way is ELOOP and a `..` is EXDEV. For a tree whose walk found no links, such as
+    /// the build context.
+    pub fn open_beneath(&self, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+        let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        if let Some(opened) = self.openat2(rel, how) {
+            return opened;
+        }
+        // One component at a time, none followed.
+        let parts: Vec<_> = rel.components().collect();
+        let mut at: Option<OwnedFd> = None;
+        for (i, c) in parts.iter().enumerate() {
+            let Component::Normal(name) = c else {
+                return Err(Errno::EXDEV.into());
+            };
+            let from = at.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+            if i + 1 == parts.len() {
+                return nix::fcntl::openat(Some(from), *name, flags, Mode::empty())
+                    .map(owned)
+                    .map_err(io::Error::from);
+            }
+            let fd = nix::fcntl::openat(Some(from), *name, O_PATH_NOFOLLOW, Mode::empty())
+                .map(owned)
+                .map_err(io::Error::from)?;
+            match fstat(fd.as_raw_fd()).map_err(io::Error::from)?.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => at = Some(fd),
+                libc::S_IFLNK => return Err(Errno::ELOOP.into()),
+                _ => return Err(Errno::ENOTDIR.into()),
+            }
+        }
+        nix::fcntl::openat(Some(self.fd.as_raw_fd()), ".", flags, Mode::empty())
+            .map(owned)
+            .map_err(io::Error::from)
     }
 
     /// [`Root::open_at`] without `openat2`: one component at a time, each opened `O_NOFOLLOW`
@@ -152,32 +243,12 @@ impl Root {
                 // Only ever last (see `components`): the walk ends in a directory.
                 continue;
             }
-            let at = here(&dirs);
             let last = pending.is_empty();
-            let fd = nix::fcntl::openat(
-                Some(at),
-                part.as_os_str(),
-                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map(owned)
-            .map_err(io::Error::from)?;
-            let st = fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
-            match st.st_mode & libc::S_IFMT {
-                libc::S_IFLNK => {
-                    links += 1;
-                    if links > MAX_LINKS {
-                        return Err(Errno::ELOOP.into());
-                    }
-                    let target =
-                        nix::fcntl::readlinkat(Some(at), part.as_os_str()).map_err(io::Error::from)?;
-                    let target = Path::new(&target);
-                    if target.is_absolute() {
-                        dirs.clear();
-                    }
-                    pending.extend(components(target).into_iter().rev());
-                }
-                libc::S_IFDIR if !last => dirs.push(fd),
+            match step(here(&dirs), &part, &mut pending, &mut links)? {
+                Step::Link { absolute: true } => dirs.clear(),
+                Step::Link { absolute: false } => {}
+                Step::Missing(e) => return Err(e),
+                Step::Dir(fd) if !last => dirs.push(fd),
                 _ if !last => return Err(Errno::ENOTDIR.into()),
                 _ => {
                     pending.push(part);
@@ -230,52 +301,24 @@ impl Root {
                 continue;
             }
             let at = dirs.last().map_or(self.fd.as_raw_fd(), |d| d.as_raw_fd());
-            let opened = nix::fcntl::openat(
-                Some(at),
-                part.as_os_str(),
-                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map(owned);
-            let Ok(fd) = opened else {
-                names.push(part);
-                continue;
-            };
-            let st = fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
-            match st.st_mode & libc::S_IFMT {
-                libc::S_IFLNK => {
-                    links += 1;
-                    if links > MAX_LINKS {
-                        return Err(io::Error::other("too many levels of symbolic links"));
-                    }
-                    let target =
-                        nix::fcntl::readlinkat(Some(at), part.as_os_str()).map_err(io::Error::from)?;
-                    let target = Path::new(&target);
-                    if target.is_absolute() {
+            match step(at, &part, &mut pending, &mut links)? {
+                Step::Link { absolute } => {
+                    if absolute {
                         dirs.clear();
                         names.clear();
                     }
-                    pending.extend(components(target).into_iter().rev());
                 }
-                libc::S_IFDIR => {
+                Step::Dir(fd) => {
                     dirs.push(fd);
                     names.push(part);
                 }
-                _ => names.push(part),
+                // What is not there, or not a directory, ends the walk: the rest as written.
+                Step::Other | Step::Missing(_) => names.push(part),
             }
         }
         let mut out = self.path.clone();
         out.extend(names);
         Ok(out)
-    }
-
-    /// The `lstat`-free `stat` of what `rel` resolves to, or `None` when it does not exist.
-    pub fn stat(&self, rel: &Path) -> io::Result<Option<FileStat>> {
-        match self.open_at(rel, OFlag::O_PATH) {
-            Ok(fd) => Ok(Some(fstat(fd.as_raw_fd()).map_err(io::Error::from)?)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 
     /// The whole content of the regular file `rel`, at most `limit` bytes, or `None` when it
@@ -313,7 +356,9 @@ impl Root {
             .map_err(io_err)?;
         let st = fstat(fd.as_raw_fd()).map_err(|e| io_err(e.into()))?;
         if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino) {
-            return Err(io_err(io::Error::other("changed while it was being opened")));
+            return Err(io_err(io::Error::other(
+                "changed while it was being opened",
+            )));
         }
         let mut out = Vec::with_capacity(st.st_size.max(0) as usize);
         // Bounded again while reading: a file that grows is cut at the limit and refused.
@@ -370,8 +415,14 @@ mod tests {
             let resolved = root.open_at(Path::new(name), OFlag::O_PATH).unwrap();
             assert_eq!(ino(&walked), ino(&resolved), "{name}");
         }
-        assert!(root.read_regular(Path::new("etc/zero"), 1024).unwrap().is_none());
-        assert!(root.read_regular(Path::new("etc/host"), 1024).unwrap().is_none());
+        assert!(root
+            .read_regular(Path::new("etc/zero"), 1024)
+            .unwrap()
+            .is_none());
+        assert!(root
+            .read_regular(Path::new("etc/host"), 1024)
+            .unwrap()
+            .is_none());
         let fifo = root.read_regular(Path::new("etc/fifo"), 1024).unwrap_err();
         assert!(fifo.to_string().contains("/etc/fifo is a FIFO"), "{fifo}");
         let big = root.read_regular(Path::new("host-secret"), 2).unwrap_err();
@@ -411,7 +462,9 @@ mod tests {
                     1 => fs::write(&at, "image").unwrap(),
                     _ => {
                         let len = rng.gen_range(1..6);
-                        let mut target: Vec<&str> = (0..len).map(|_| names[rng.gen_range(0..names.len())]).collect();
+                        let mut target: Vec<&str> = (0..len)
+                            .map(|_| names[rng.gen_range(0..names.len())])
+                            .collect();
                         let target = match rng.gen_range(0..4) {
                             0 => format!("/{}", target.join("/")),
                             1 => format!("{}/etc/passwd", outside.display()),
@@ -428,7 +481,9 @@ mod tests {
             let root = Root::open(&r).unwrap();
             for _ in 0..40 {
                 let len = rng.gen_range(1..6);
-                let path: Vec<&str> = (0..len).map(|_| names[rng.gen_range(0..names.len())]).collect();
+                let path: Vec<&str> = (0..len)
+                    .map(|_| names[rng.gen_range(0..names.len())])
+                    .collect();
                 let path = path.join("/");
                 let kernel = root.open_at(Path::new(&path), OFlag::O_PATH);
                 let walked = root.open_walking(Path::new(&path), OFlag::O_PATH);
@@ -437,14 +492,21 @@ mod tests {
                         assert_eq!(ino(k), ino(w), "round {round}: {path}");
                         assert_ne!(ino(k).1, host_ino, "round {round}: {path} reached the host");
                     }
-                    (Err(k), Err(w)) => assert_eq!(k.raw_os_error(), w.raw_os_error(), "round {round}: {path}"),
+                    (Err(k), Err(w)) => {
+                        assert_eq!(k.raw_os_error(), w.raw_os_error(), "round {round}: {path}")
+                    }
                     _ => panic!("round {round}: {path}: kernel {kernel:?}, walk {walked:?}"),
                 }
                 // Where the path exists, resolving it names what the kernel opened.
                 if let Ok(k) = &kernel {
                     let resolved = root.resolve(Path::new(&path)).unwrap();
                     let md = fs::metadata(&resolved).unwrap();
-                    assert_eq!((md.dev(), md.ino()), ino(k), "round {round}: {path} -> {}", resolved.display());
+                    assert_eq!(
+                        (md.dev(), md.ino()),
+                        ino(k),
+                        "round {round}: {path} -> {}",
+                        resolved.display()
+                    );
                 }
                 if let Ok(Some(b)) = root.read_regular(Path::new(&path), 16) {
                     assert_eq!(b, b"image", "round {round}: {path}");

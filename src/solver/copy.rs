@@ -639,14 +639,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                     _ => st.target(&shown),
                 }
             };
-            st.copy_entry(
-                &m.path,
-                &target,
-                plan.root,
-                &m.rel,
-                &excludes,
-                &base_name,
-            )?;
+            st.copy_entry(&m.path, &target, plan.root, &m.rel, &excludes, &base_name)?;
         }
     }
     st.link_groups();

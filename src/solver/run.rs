@@ -73,20 +73,7 @@ impl PinnedBind {
     fn new(source: &Path, scratch: &Path) -> Result<PinnedBind, String> {
         use nix::fcntl::OFlag;
         let refused = |e: std::io::Error| format!("{}: {}", source.display(), e);
-        let (parent, name) = match (source.parent(), source.file_name()) {
-            (Some(p), Some(n)) => (p, n),
-            _ => (source, std::ffi::OsStr::new(".")),
-        };
-        let dir = crate::oci::at::open_dir(parent, OFlag::O_PATH).map_err(refused)?;
-        let fd = nix::fcntl::openat(
-            Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
-            name,
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| refused(e.into()))?;
-        // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let fd = crate::oci::at::open_nofollow(source, OFlag::O_PATH).map_err(refused)?;
         let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
             .map_err(|e| refused(e.into()))?;
         let holder = tempfile::tempdir_in(scratch).map_err(|e| e.to_string())?;

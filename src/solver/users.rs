@@ -279,7 +279,10 @@ mod tests {
         assert!(resolve_chown(t.path(), "nobody").is_err());
         assert_eq!(
             resolve_chown(t.path(), "4294967294").unwrap(),
-            Owner { uid: u32::MAX - 1, gid: u32::MAX - 1 }
+            Owner {
+                uid: u32::MAX - 1,
+                gid: u32::MAX - 1
+            }
         );
         for bad in ["4294967295", "1:4294967295", "99999999999999999999"] {
             let e = resolve_chown(t.path(), bad).unwrap_err();

@@ -9,9 +9,9 @@ use serde_json::Value;
 
 use super::{Store, StoreError};
 use crate::oci::digest::Digest;
-use crate::oci::root::Root;
 use crate::oci::image::{self, LayerRef, StoredImage, DOCKER_MANIFEST_LIST, MEDIA_INDEX};
 use crate::oci::platform::Platform;
+use crate::oci::root::Root;
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::registry::{self, Client, PullPolicy, Reference, RegistryError};
 
@@ -214,9 +214,14 @@ fn digest_field(v: &Value, path: &Path) -> Result<Digest, StoreError> {
 
 fn read_json(p: &Path) -> Result<Value, StoreError> {
     let limit = image::MAX_MANIFEST_BYTES;
-    let size = fs::metadata(p).map_err(|e| damaged(p, e.to_string()))?.len();
+    let size = fs::metadata(p)
+        .map_err(|e| damaged(p, e.to_string()))?
+        .len();
     if size > limit {
-        return Err(damaged(p, format!("{} bytes, over the limit of {} bytes", size, limit)));
+        return Err(damaged(
+            p,
+            format!("{} bytes, over the limit of {} bytes", size, limit),
+        ));
     }
     let b = fs::read(p).map_err(|e| damaged(p, e.to_string()))?;
     serde_json::from_slice(&b).map_err(|e| damaged(p, format!("not valid JSON: {}", e)))
@@ -320,7 +325,10 @@ fn import_docker_dir(store: &Store, dir: &Path, origin: &Path) -> Result<StoredI
         let rel = l.as_str().unwrap_or("");
         let p = dir.join(rel);
         let mut f = archive
-            .open_at(Path::new(rel), nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK)
+            .open_at(
+                Path::new(rel),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            )
             .map(fs::File::from)
             .map_err(|e| damaged(&p, e.to_string()))?;
         if !f.metadata().is_ok_and(|m| m.is_file()) {

@@ -201,9 +201,10 @@ impl IgnoreMatcher {
     /// Whether an exception pattern's text names something below `dir`: the context walker
     /// of docker (fsutil) still enters an excluded directory then, and keeps it.
     pub fn may_reinclude_below(&self, dir: &str) -> bool {
-        self.compiled.reincludes.iter().any(|r| {
-            r.len() > dir.len() && r.starts_with(dir) && r.as_bytes()[dir.len()] == b'/'
-        })
+        self.compiled
+            .reincludes
+            .iter()
+            .any(|r| r.len() > dir.len() && r.starts_with(dir) && r.as_bytes()[dir.len()] == b'/')
     }
 
     /// Every pattern that matches `path` or a directory above it, as (pattern index, the
@@ -516,13 +517,17 @@ mod tests {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(0x1915);
         let names = ["a", "b", "ab", "a.b", "node_modules", "x y", "é"];
-        let pieces = ["a", "b", "*", "**", "?", "[ab]", "[!a]", "/", ".", "..", "\\*", "é"];
+        let pieces = [
+            "a", "b", "*", "**", "?", "[ab]", "[!a]", "/", ".", "..", "\\*", "é",
+        ];
         for round in 0..3000 {
             let n = rng.gen_range(1..6);
             let patterns: Vec<String> = (0..n)
                 .map(|_| {
                     let len = rng.gen_range(1..7);
-                    let body: String = (0..len).map(|_| pieces[rng.gen_range(0..pieces.len())]).collect();
+                    let body: String = (0..len)
+                        .map(|_| pieces[rng.gen_range(0..pieces.len())])
+                        .collect();
                     if rng.gen_bool(0.25) {
                         format!("!{}", body)
                     } else {
@@ -535,7 +540,9 @@ mod tests {
             };
             for _ in 0..20 {
                 let depth = rng.gen_range(1..7);
-                let path: Vec<&str> = (0..depth).map(|_| names[rng.gen_range(0..names.len())]).collect();
+                let path: Vec<&str> = (0..depth)
+                    .map(|_| names[rng.gen_range(0..names.len())])
+                    .collect();
                 let path = path.join("/");
                 let is_dir = rng.gen_bool(0.5);
                 assert_eq!(

@@ -309,7 +309,9 @@ fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP);
     }
     if nix::unistd::getppid() != builder {
-        return Err(SandboxError("builder exited before the step started".into()));
+        return Err(SandboxError(
+            "builder exited before the step started".into(),
+        ));
     }
     if let Some(ns) = &p.netns {
         setns(ns, CloneFlags::CLONE_NEWNET).map_err(serr("join the step's network namespace"))?;
@@ -325,7 +327,11 @@ fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError
     match unsafe { fork() }.map_err(serr("fork"))? {
         ForkResult::Child => {
             // The command must not inherit the helper's blocked signals.
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            let _ = nix::sys::signal::sigprocmask(
+                SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            );
             exit_child(err.as_raw_fd(), init(p, out))
         }
         ForkResult::Parent { child } => {
@@ -620,26 +626,22 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
     // Nothing but stdio crosses the exec: not builder's descriptors, not what builder
     // inherited. The error pipe stays open until the exec succeeds.
     super::close_descriptors_from_3(true);
-    match exec_command(p) {
-        // exec failed: the command's own failure, reported as the shell would.
-        Ok(errno) => {
-            let name = p
-                .argv
-                .first()
-                .map(|a| a.to_string_lossy())
-                .unwrap_or_default();
-            write_fd(
-                2,
-                &format!("builder sandbox: exec {}: {}\n", name, errno.desc()),
-            );
-            Ok(if errno == nix::errno::Errno::ENOENT {
-                127
-            } else {
-                126
-            })
-        }
-        Err(e) => Err(e),
-    }
+    // Only a failed exec returns: the command's own failure, reported as the shell would.
+    let errno = exec_command(p)?;
+    let name = p
+        .argv
+        .first()
+        .map(|a| a.to_string_lossy())
+        .unwrap_or_default();
+    write_fd(
+        2,
+        &format!("builder sandbox: exec {}: {}\n", name, errno.desc()),
+    );
+    Ok(if errno == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    })
 }
 
 /// Apply the spec's process settings and exec. Returns the errno of a failed exec, or a

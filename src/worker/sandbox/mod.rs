@@ -31,7 +31,11 @@ use nix::sys::signal::Signal;
 /// must never reach a step. `close_range` where the kernel has it (5.9, 5.11 for the
 /// close-on-exec form), else one `fcntl` or `close` per possible descriptor.
 pub fn close_descriptors_from_3(cloexec: bool) {
-    let flags = if cloexec { libc::CLOSE_RANGE_CLOEXEC } else { 0 };
+    let flags = if cloexec {
+        libc::CLOSE_RANGE_CLOEXEC
+    } else {
+        0
+    };
     // SAFETY: close_range takes no pointers; every descriptor from 3 up is given up on purpose.
     let done = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, flags) } == 0;
     if done {
