@@ -600,21 +600,7 @@ fn user_db_attack(e: &Env, name: &str, setup: &str, then: &str, exec: &[&str]) -
     write(&ctx.join("f"), "f\n");
     let mut args = vec!["--no-cache"];
     args.extend_from_slice(exec);
-    let m = run_bounded(
-        builder()
-            .args([
-                "build",
-                "--progress",
-                "plain",
-                "--network",
-                "none",
-                "--root",
-            ])
-            .arg(e.root())
-            .args(&args)
-            .arg(&ctx),
-        120,
-    );
+    let m = run_bounded(build_cmd(&e.root()).args(&args).arg(&ctx), 120);
     assert!(
         m.peak_under(512 * 1024),
         "{name}: builder took {} KiB",
@@ -746,20 +732,11 @@ fn a_step_inherits_no_descriptor_and_its_pid_1_is_its_own_command() {
                  done; \
                  echo \"PID1=$(tr '\\0' ' ' </proc/1/cmdline)\"; echo \"ENV1=$(tr '\\0' ' ' </proc/1/environ)\"; echo \"ME=$$\"\n",
         );
-        let mut cmd = builder();
-        cmd.args([
-            "build",
-            "--progress",
-            "plain",
-            "--network",
-            "none",
-            "--no-cache",
-            "--root",
-        ])
-        .arg(e.root())
-        .args(*exec)
-        .arg(&ctx)
-        .env("BUILDER_TEST_HOST_ONLY", "host-environment-value");
+        let mut cmd = build_cmd(&e.root());
+        cmd.arg("--no-cache")
+            .args(*exec)
+            .arg(&ctx)
+            .env("BUILDER_TEST_HOST_ONLY", "host-environment-value");
         // As a CI agent leaves them: fds 3-20 open on a host directory and a host file.
         let dir = fs::File::open(&host_dir).unwrap();
         let file = fs::OpenOptions::new()
@@ -994,17 +971,8 @@ fn killing_builder_kills_a_step_running_as_another_user() {
             &format!("kill-{i}"),
             &format!("FROM busybox:test\nUSER 1000:1000\nRUN exec sleep {seconds}\n"),
         );
-        let mut child = builder()
-            .args([
-                "build",
-                "--progress",
-                "plain",
-                "--network",
-                "none",
-                "--no-cache",
-                "--root",
-            ])
-            .arg(e.root())
+        let mut child = build_cmd(&e.root())
+            .arg("--no-cache")
             .args(*exec)
             .arg(&ctx)
             .stdout(std::process::Stdio::null())

@@ -69,14 +69,7 @@ fn swapped(path: &Path) -> io::Error {
 pub fn open_nofollow(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     let opened = match confined_at(path) {
         Some((dir, rel)) => dir.open_beneath(&rel, flags),
-        None => nix::fcntl::open(
-            path,
-            flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .map_err(io::Error::from),
+        None => open_path(path, flags | OFlag::O_NOFOLLOW),
     };
     opened.map_err(|e| match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
         Errno::ELOOP | Errno::EXDEV => swapped(path),
@@ -101,15 +94,16 @@ fn regular_only(f: fs::File, path: &Path) -> io::Result<fs::File> {
 pub fn open_dir(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     match confined_at(path) {
         Some(_) => open_nofollow(path, flags | OFlag::O_DIRECTORY),
-        None => nix::fcntl::open(
-            path,
-            flags | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
+        None => open_path(path, flags | OFlag::O_DIRECTORY),
+    }
+}
+
+/// `open(path, flags)`, close-on-exec, as an owned descriptor.
+fn open_path(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+    nix::fcntl::open(path, flags | OFlag::O_CLOEXEC, Mode::empty())
         // SAFETY: `open` just returned this descriptor, and nothing else owns it.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .map_err(io::Error::from),
-    }
+        .map_err(io::Error::from)
 }
 
 /// Open the regular file `path` for reading, its last component never followed (and below a
