@@ -208,7 +208,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             keep_storage,
             filter,
             root,
-        }) => images::cache_prune(&root, all, keep_storage.as_deref(), filter.as_deref()),
+        }) => {
+            // A rootless build's snapshots hold files its subordinate ids own, which only
+            // the same user namespace may delete.
+            if !nix::unistd::geteuid().is_root() {
+                let _ = crate::worker::enter_user_namespace();
+            }
+            images::cache_prune(&root, all, keep_storage.as_deref(), filter.as_deref())
+        }
         Command::Debug(d) => debug::run(d),
     }
 }

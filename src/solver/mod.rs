@@ -274,11 +274,18 @@ fn is_root() -> bool {
 fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshotter, BuildError> {
     if !is_root() {
         // Rootless: become root of our own user namespace, then proceed as root does.
-        if let Err(e) = worker::enter_user_namespace() {
-            reporter.warn(&format!("rootless mode is not available here ({}): RUN cannot run and layers are unpacked by copy", e));
-            return Ok(Snapshotter::Copy);
+        match worker::enter_user_namespace() {
+            Err(e) => {
+                reporter.warn(&format!("rootless mode is not available here ({}): RUN cannot run and layers are unpacked by copy", e));
+                return Ok(Snapshotter::Copy);
+            }
+            Ok(Some(reason)) => reporter.warn(&format!(
+                "rootless mode with only your own uid mapped ({}): RUN sees every file as root's, and chown or USER to another id fails; to map every id, {}",
+                reason,
+                worker::RANGE_HINT
+            )),
+            Ok(None) => {}
         }
-        reporter.warn("rootless mode: running in a user namespace where only your uid is mapped (files are owned by root in the image; USER with other ids cannot run)");
     }
     worker::snapshots::enter_private_mount_namespace()
         .map_err(|e| BuildError::Other(e.to_string()))?;

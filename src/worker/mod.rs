@@ -51,20 +51,132 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WorkerError + '_ {
     }
 }
 
-/// Set once builder has entered its own user namespace (rootless mode).
-static ROOTLESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// How builder's user namespace maps ids when it runs without root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdMapping {
+    /// Builder runs as real root: nothing is mapped.
+    Host,
+    /// Only the caller's own uid and gid, as 0. Files owned by other ids cannot be made.
+    Single,
+    /// The caller as 0, and `1..=count` from its subordinate ranges (`newuidmap` and
+    /// `newgidmap`), as podman, Buildah and rootlesskit map them.
+    Ranges { uids: u32, gids: u32 },
+}
+
+static MAPPING: std::sync::OnceLock<IdMapping> = std::sync::OnceLock::new();
 
 /// Whether builder runs rootless, as root of its own user namespace.
 pub fn rootless() -> bool {
-    ROOTLESS.load(std::sync::atomic::Ordering::Relaxed)
+    id_mapping() != IdMapping::Host
 }
 
-/// Rootless mode: become root of a new user namespace in which only our own uid and gid are
-/// mapped (to 0), with a mount namespace we own. Everything a build does then works as for
-/// root, except that files can only be owned by that one id, setgroups is denied, and a USER
-/// with another id cannot run. Must be called before any thread starts.
-pub fn enter_user_namespace() -> Result<(), WorkerError> {
+/// The ids builder's user namespace maps.
+pub fn id_mapping() -> IdMapping {
+    MAPPING.get().copied().unwrap_or(IdMapping::Host)
+}
+
+/// How to get every id mapped, for messages about single-id mode.
+pub const RANGE_HINT: &str = "give your user subordinate ranges (as root: `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 USER`) and install newuidmap and newgidmap (Debian's `uidmap`)";
+
+/// One line of `/etc/subuid` or `/etc/subgid`: ids `start..start+count` on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// The ranges `file` gives the user `name` (or its numeric id), in file order. Lines that
+/// do not parse are skipped, as shadow's own tools skip them; the total is capped at the
+/// 32-bit id space.
+pub fn subordinate_ranges(file: &str, name: Option<&str>, id: u32) -> Vec<SubRange> {
+    let mut out = Vec::new();
+    let mut total: u64 = 0;
+    for line in file.lines().take(100_000) {
+        let mut parts = line.trim().splitn(3, ':');
+        let (Some(who), Some(start), Some(count)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if !(Some(who) == name || who == id.to_string()) {
+            continue;
+        }
+        let (Ok(start), Ok(count)) = (start.parse::<u32>(), count.trim().parse::<u32>()) else {
+            continue;
+        };
+        if count == 0 || u64::from(start) + u64::from(count) > u64::from(u32::MAX) {
+            continue;
+        }
+        // Container ids 1.. are handed out consecutively; id 4294967295 stays unmapped.
+        if total + u64::from(count) > u64::from(u32::MAX) - 2 {
+            break;
+        }
+        total += u64::from(count);
+        out.push(SubRange { start, count });
+    }
+    out
+}
+
+/// The `newuidmap`/`newgidmap` arguments after the pid: `0 self 1`, then each range at the
+/// next free container id.
+fn map_arguments(own: u32, ranges: &[SubRange]) -> Vec<String> {
+    let mut args = vec!["0".to_string(), own.to_string(), "1".to_string()];
+    let mut next: u64 = 1;
+    for r in ranges {
+        args.extend([next.to_string(), r.start.to_string(), r.count.to_string()]);
+        next += u64::from(r.count);
+    }
+    args
+}
+
+/// Find `name` on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Rootless mode: become root of a new user namespace with a mount namespace we own.
+///
+/// With subordinate ranges for the caller in `/etc/subuid` and `/etc/subgid`, and
+/// `newuidmap`/`newgidmap` installed, every id the ranges cover is mapped, so an image keeps
+/// its owners and a USER of any of them runs. Otherwise only the caller's own ids are mapped
+/// (to 0): files can only be owned by root, setgroups is denied and a USER with another id
+/// cannot run; `Ok(Some(reason))` says why the ranges were not used. Must be called before
+/// any thread starts.
+pub fn enter_user_namespace() -> Result<Option<String>, WorkerError> {
     let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let ranges = |file: &str, id: u32| {
+        fs::read_to_string(file)
+            .map(|text| subordinate_ranges(&text, name.as_deref(), id))
+            .unwrap_or_default()
+    };
+    let (uid_ranges, gid_ranges) = (
+        ranges("/etc/subuid", uid.as_raw()),
+        ranges("/etc/subgid", gid.as_raw()),
+    );
+    let tools = (on_path("newuidmap"), on_path("newgidmap"));
+    let plan = match (&tools, uid_ranges.is_empty() || gid_ranges.is_empty()) {
+        ((Some(u), Some(g)), false) => Ok((u.clone(), g.clone())),
+        ((Some(_), Some(_)), true) => Err(format!(
+            "no subordinate ranges for {} in /etc/subuid and /etc/subgid",
+            name.as_deref()
+                .map_or_else(|| uid.to_string(), str::to_string)
+        )),
+        _ => Err("newuidmap and newgidmap are not installed".to_string()),
+    };
+    let mapper = match &plan {
+        Ok((newuidmap, newgidmap)) => Some(IdMapper::start(
+            newuidmap,
+            map_arguments(uid.as_raw(), &uid_ranges),
+            newgidmap,
+            map_arguments(gid.as_raw(), &gid_ranges),
+        )?),
+        Err(_) => None,
+    };
     nix::sched::unshare(
         nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNS,
     )
@@ -72,17 +184,132 @@ pub fn enter_user_namespace() -> Result<(), WorkerError> {
         path: PathBuf::from("/proc/self/ns/user"),
         source: io::Error::from(e),
     })?;
+    let mapped = match mapper.map(IdMapper::finish) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(e),
+        None => Err(plan.err().unwrap_or_default()),
+    };
     let write = |p: &str, v: String| {
         fs::write(p, v).map_err(|source| WorkerError::Io {
             path: PathBuf::from(p),
             source,
         })
     };
-    write("/proc/self/setgroups", "deny".into())?;
-    write("/proc/self/uid_map", format!("0 {} 1\n", uid))?;
-    write("/proc/self/gid_map", format!("0 {} 1\n", gid))?;
-    ROOTLESS.store(true, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+    let reason = match mapped {
+        Ok(()) => {
+            let count = |rs: &[SubRange]| rs.iter().map(|r| r.count).sum::<u32>();
+            let _ = MAPPING.set(IdMapping::Ranges {
+                uids: count(&uid_ranges),
+                gids: count(&gid_ranges),
+            });
+            None
+        }
+        Err(reason) => {
+            // A failed newuidmap wrote nothing: map our own ids ourselves.
+            if fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| m.trim().is_empty()) {
+                write("/proc/self/uid_map", format!("0 {} 1\n", uid))?;
+            }
+            if fs::read_to_string("/proc/self/gid_map").is_ok_and(|m| m.trim().is_empty()) {
+                write("/proc/self/setgroups", "deny".into())?;
+                write("/proc/self/gid_map", format!("0 {} 1\n", gid))?;
+            }
+            let _ = MAPPING.set(IdMapping::Single);
+            Some(reason)
+        }
+    };
+    Ok(reason)
+}
+
+/// A child left in the caller's user namespace that maps ids into ours once we have
+/// unshared: the set-uid `newuidmap` must act from outside the namespace it maps.
+struct IdMapper {
+    child: nix::unistd::Pid,
+    go: std::os::fd::OwnedFd,
+    errors: std::os::fd::OwnedFd,
+}
+
+impl IdMapper {
+    fn start(
+        newuidmap: &Path,
+        uid_args: Vec<String>,
+        newgidmap: &Path,
+        gid_args: Vec<String>,
+    ) -> Result<IdMapper, WorkerError> {
+        let pipe_err = |e: nix::errno::Errno| WorkerError::Io {
+            path: PathBuf::from("pipe"),
+            source: io::Error::from(e),
+        };
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe_err)?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe_err)?;
+        let parent = nix::unistd::getpid();
+        // SAFETY: builder has no other thread yet; the child runs two programs and exits.
+        match unsafe { nix::unistd::fork() }.map_err(pipe_err)? {
+            nix::unistd::ForkResult::Child => {
+                drop(go_w);
+                drop(err_r);
+                let mut byte = [0u8; 1];
+                let ok = matches!(
+                    nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&go_r), &mut byte),
+                    Ok(1)
+                );
+                let mut failure = String::new();
+                if ok {
+                    for (tool, args) in [(newuidmap, &uid_args), (newgidmap, &gid_args)] {
+                        match std::process::Command::new(tool)
+                            .arg(parent.to_string())
+                            .args(args.iter())
+                            .stdin(std::process::Stdio::null())
+                            .output()
+                        {
+                            Ok(o) if o.status.success() => {}
+                            Ok(o) => {
+                                failure = format!(
+                                    "{} failed: {}",
+                                    tool.display(),
+                                    String::from_utf8_lossy(&o.stderr).trim()
+                                );
+                                break;
+                            }
+                            Err(e) => {
+                                failure = format!("{}: {}", tool.display(), e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = nix::unistd::write(&err_w, failure.as_bytes());
+                // SAFETY: a forked child ends without running the parent's destructors.
+                unsafe { libc::_exit(if ok && failure.is_empty() { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => Ok(IdMapper {
+                child,
+                go: go_w,
+                errors: err_r,
+            }),
+        }
+    }
+
+    /// Let the child map our ids (we have unshared by now) and wait for it.
+    fn finish(self) -> Result<(), String> {
+        use std::io::Read;
+        let _ = nix::unistd::write(&self.go, b"1");
+        drop(self.go);
+        let mut failure = String::new();
+        let _ = fs::File::from(self.errors)
+            .take(64 * 1024)
+            .read_to_string(&mut failure);
+        let status = loop {
+            match nix::sys::wait::waitpid(self.child, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        match status {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) if failure.is_empty() => Ok(()),
+            _ if !failure.is_empty() => Err(failure),
+            other => Err(format!("the id mapper ended with {:?}", other)),
+        }
+    }
 }
 
 /// Whether overlayfs can be mounted here (tried once in a throwaway mount namespace).
@@ -633,4 +860,47 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod id_mapping_tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_found_by_name_or_id_and_mapped_consecutively() {
+        let file =
+            "other:200000:65536\nci:100000:65536\n# junk\nci:x:1\n1001:300000:1000\nci:1:0\n";
+        let found = subordinate_ranges(file, Some("ci"), 1001);
+        assert_eq!(
+            found,
+            vec![
+                SubRange {
+                    start: 100000,
+                    count: 65536
+                },
+                SubRange {
+                    start: 300000,
+                    count: 1000
+                }
+            ]
+        );
+        assert_eq!(
+            map_arguments(1001, &found).join(" "),
+            "0 1001 1 1 100000 65536 65537 300000 1000"
+        );
+        assert!(subordinate_ranges(file, Some("nobody"), 65534).is_empty());
+    }
+
+    #[test]
+    fn ranges_never_overflow_the_id_space() {
+        let file = "ci:4294967000:1000\nci:1:4294967290\nci:10:10\n";
+        let found = subordinate_ranges(file, Some("ci"), 5);
+        assert_eq!(
+            found,
+            vec![SubRange {
+                start: 1,
+                count: 4294967290
+            }]
+        );
+    }
 }

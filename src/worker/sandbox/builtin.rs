@@ -663,10 +663,19 @@ fn exec_command(p: &Prepared) -> Result<nix::errno::Errno, SandboxError> {
         Ok(()) => {}
     }
     let unmapped = |what: &str, id: u32, e: nix::errno::Errno| {
-        if e == nix::errno::Errno::EINVAL && crate::worker::rootless() {
-            SandboxError(format!("{} {} is not available in rootless mode (only id 0 is mapped; run builder as root for USER with other ids)", what, id))
-        } else {
-            SandboxError(format!("{} {}: {}", what, id, e))
+        use crate::worker::IdMapping;
+        match (e, crate::worker::id_mapping()) {
+            (nix::errno::Errno::EINVAL, IdMapping::Single) => SandboxError(format!(
+                "{} {} is not available in rootless mode: only your own uid is mapped (as 0); to map every id, {}",
+                what,
+                id,
+                crate::worker::RANGE_HINT
+            )),
+            (nix::errno::Errno::EINVAL, IdMapping::Ranges { uids, gids }) => SandboxError(format!(
+                "{} {} is not available in rootless mode: your subordinate ranges map ids 0 to {} (users) and 0 to {} (groups); add a larger range to /etc/subuid and /etc/subgid",
+                what, id, uids, gids
+            )),
+            _ => SandboxError(format!("{} {}: {}", what, id, e)),
         }
     };
     setgid(Gid::from_raw(p.gid)).map_err(|e| unmapped("group", p.gid, e))?;
