@@ -151,6 +151,9 @@ fn statement_with(
         "sourceDateEpoch": inv.epoch,
         "mode": match inv.mode { Mode::Min => "min", Mode::Max => "max" },
     });
+    if !trace.isolation.is_empty() {
+        internal["isolation"] = json!(trace.isolation);
+    }
     if inv.mode == Mode::Max {
         internal["stages"] = json!(trace
             .stages

@@ -29,6 +29,9 @@ pub struct BuildTrace {
     pub stages: BTreeMap<usize, (String, String)>,
     /// The stage the image is.
     pub target_stage: usize,
+    /// How RUN steps were isolated: `sandbox`, `no-process-sandbox` (the relaxed sandbox)
+    /// or `container`.
+    pub isolation: String,
 }
 
 /// A context entry as the layer will show it.

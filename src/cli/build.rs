@@ -105,6 +105,13 @@ pub struct BuildArgs {
     /// built-in executor; both run the same OCI runtime spec.
     #[arg(long)]
     pub runtime: Option<PathBuf>,
+    /// How RUN steps are isolated: `sandbox` (default: builder's own namespaces and Docker's
+    /// default policy; where a container refuses a fresh /proc, steps share builder's PID
+    /// namespace, which is printed and recorded), or `container`: inside a container that
+    /// allows no namespaces (Docker's default profile, Kubernetes), the container itself is
+    /// the sandbox and steps run in its root filesystem, as with Kaniko.
+    #[arg(long, value_enum, default_value = "sandbox")]
+    pub isolation: IsolationArg,
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
@@ -505,6 +512,11 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
                     .map_err(|e| CliError::msg(e.to_string()))?,
             ),
         },
+        isolation: match a.isolation {
+            IsolationArg::Sandbox => crate::worker::Isolation::Sandbox,
+            IsolationArg::Container => crate::worker::Isolation::Container,
+        },
+        keep: own_paths(&a),
         no_cache: a.no_cache,
         no_cache_filter: a.no_cache_filter.clone(),
         jobs: a.jobs.unwrap_or_else(|| {
@@ -1008,4 +1020,42 @@ fn copy_image(
     }
     Ok(crate::oci::image::load(&to.blobs, &img.manifest_digest)
         .map_err(crate::store::StoreError::from)?)
+}
+
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IsolationArg {
+    Sandbox,
+    Container,
+}
+
+/// The host paths a build reads or writes besides its context and store: under
+/// `--isolation container` no step's layout may touch them.
+fn own_paths(a: &BuildArgs) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    out.extend(a.file.iter().cloned());
+    out.extend(a.iidfile.iter().cloned());
+    out.extend(a.metadata_file.iter().cloned());
+    let specs = a
+        .outputs
+        .iter()
+        .chain(&a.secrets)
+        .chain(&a.cache_to)
+        .chain(&a.cache_from);
+    for spec in specs {
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("dest" | "src" | "source", v)) => out.push(PathBuf::from(v)),
+                Some(_) => {}
+                // `oci:DIR`, `local:DIR`, `docker-archive:FILE`: the part after the scheme.
+                None => {
+                    if let Some((_, v)) = part.split_once(':') {
+                        out.push(PathBuf::from(v));
+                    }
+                }
+            }
+        }
+    }
+    out.retain(|p| !p.as_os_str().is_empty() && p.as_os_str() != "-");
+    out
 }

@@ -224,6 +224,7 @@ fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
         groups: vec![gid],
         hostname: "builder".into(),
         network,
+        process_sandbox: true,
         insecure: a.insecure,
         etc_files: vec![(
             PathBuf::from("/run/builder/resolv.conf"),

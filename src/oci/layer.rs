@@ -101,6 +101,11 @@ pub struct LayerOptions<'r> {
 }
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// The same marker in the `user.` namespace, which an unprivileged writer can set (overlayfs'
+/// `userxattr` mode, and `--isolation container`).
+const USER_OPAQUE_XATTR: &str = "user.overlay.opaque";
+/// Marks an empty regular file as a whiteout (see `is_user_whiteout`).
+pub const USER_WHITEOUT_XATTR: &str = "user.overlay.whiteout";
 
 /// Write the tree under `dir` as a layer into `store`.
 pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<Layer, LayerError> {
@@ -805,7 +810,7 @@ pub fn write_tar<W: Write>(dir: &Path, w: W, epoch: Option<i64>) -> Result<W, La
             None => md.mtime().max(0),
         };
         // Overlay whiteout: a 0/0 character device means "deleted in this layer".
-        if ft.is_char_device() && md.rdev() == 0 {
+        if (ft.is_char_device() && md.rdev() == 0) || is_user_whiteout(path, &md) {
             let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
             let mut wh = rel
                 .parent()
@@ -889,8 +894,22 @@ pub fn write_tar<W: Write>(dir: &Path, w: W, epoch: Option<i64>) -> Result<W, La
     b.into_inner().map_err(io_at(dir))
 }
 
+/// The whiteout an unprivileged writer can make where a 0/0 device cannot be (a container's
+/// device rules): an empty regular file marked with [`USER_WHITEOUT_XATTR`].
+fn is_user_whiteout(path: &Path, md: &fs::Metadata) -> bool {
+    md.file_type().is_file()
+        && md.len() == 0
+        && xattr::get(path, USER_WHITEOUT_XATTR)
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some(b"y")
+}
+
 fn has_opaque(path: &Path) -> bool {
-    xattr::get(path, OPAQUE_XATTR).ok().flatten().as_deref() == Some(b"y")
+    [OPAQUE_XATTR, USER_OPAQUE_XATTR]
+        .iter()
+        .any(|x| xattr::get(path, x).ok().flatten().as_deref() == Some(b"y"))
 }
 
 /// Fixed header fields: mode, ids, mtime; no user or group names, no device numbers.
@@ -910,7 +929,7 @@ pub fn read_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
     if let Ok(names) = xattr::list(path) {
         for n in names {
             let name = n.to_string_lossy().into_owned();
-            if name.starts_with("trusted.overlay.") {
+            if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
                 continue;
             }
             if let Ok(Some(v)) = xattr::get(path, &n) {

@@ -60,6 +60,11 @@ pub struct BuildRequest<'a> {
     pub entitlements: Entitlements,
     /// Who runs RUN steps (`--runtime`).
     pub executor: worker::sandbox::Executor,
+    /// How RUN steps are isolated (`--isolation`).
+    pub isolation: worker::Isolation,
+    /// Paths of builder's own in the container that `--isolation container` never lays
+    /// out over (store, context, build file, outputs).
+    pub keep: Vec<PathBuf>,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, run::SecretSource>,
     /// `--no-cache`: run every step.
@@ -211,6 +216,13 @@ struct Shared<'a> {
     steps: Mutex<Vec<StepRecord>>,
     /// What the build read and did, for provenance.
     trace: Mutex<BuildTrace>,
+    /// Why RUN cannot have builder's sandbox here (no namespace could be made).
+    sandbox_unavailable: Option<String>,
+    /// Whether a step gets its own PID namespace and /proc (else the relaxed sandbox),
+    /// probed at the first RUN.
+    process_sandbox: std::sync::OnceLock<Result<bool, String>>,
+    /// `--isolation container`: what a step's layout never touches.
+    kept: Option<worker::inplace::Kept>,
 }
 
 /// An image a `--from` names.
@@ -271,13 +283,23 @@ fn is_root() -> bool {
 /// Overlay snapshots where overlayfs mounts; otherwise private copies. Builder first moves
 /// into its own mount namespace (and, without root, its own user namespace) so its views die
 /// with it.
-fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshotter, BuildError> {
+fn choose_snapshotter(
+    store: &Store,
+    req: &BuildRequest,
+) -> Result<(Snapshotter, Option<String>), BuildError> {
+    let reporter = req.reporter;
+    if req.isolation == worker::Isolation::Container {
+        // The container is the sandbox: no namespace, no mount, views are private copies.
+        return Ok((Snapshotter::Copy, None));
+    }
     if !is_root() {
         // Rootless: become root of our own user namespace, then proceed as root does.
         match worker::enter_user_namespace() {
             Err(e) => {
-                reporter.warn(&format!("rootless mode is not available here ({}): RUN cannot run and layers are unpacked by copy", e));
-                return Ok(Snapshotter::Copy);
+                return Ok((
+                    Snapshotter::Copy,
+                    Some(format!("no user namespace can be made here ({})", e)),
+                ));
             }
             Ok(Some(reason)) => reporter.warn(&format!(
                 "rootless mode with only your own uid mapped ({}): RUN sees every file as root's, and chown or USER to another id fails; to map every id, {}",
@@ -287,8 +309,13 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
             Ok(None) => {}
         }
     }
-    worker::snapshots::enter_private_mount_namespace()
-        .map_err(|e| BuildError::Other(e.to_string()))?;
+    if let Err(e) = worker::snapshots::enter_private_mount_namespace() {
+        // FROM, COPY and ADD need no namespace: only RUN will fail, and say what to do.
+        return Ok((
+            Snapshotter::Copy,
+            Some(format!("no mount namespace can be made here ({})", e)),
+        ));
+    }
     // Whether overlayfs mounts here only changes with the kernel or the store's filesystem:
     // a success is remembered for this boot and device, and the probe (a process that
     // mounts) is not run again.
@@ -299,7 +326,7 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
             .as_ref()
             .is_some_and(|k| fs::read_to_string(&seen_path).is_ok_and(|s| &s == k))
     {
-        return Ok(Snapshotter::Overlay);
+        return Ok((Snapshotter::Overlay, None));
     }
     let probe = store.scratch_dir("overlay-probe-")?;
     let s = worker::detect(probe.path());
@@ -309,7 +336,44 @@ fn choose_snapshotter(store: &Store, reporter: &dyn Reporter) -> Result<Snapshot
     if s == Snapshotter::Copy {
         reporter.warn("overlayfs is not available here: using the copy snapshotter (each RUN copies the root filesystem)");
     }
-    Ok(s)
+    Ok((s, None))
+}
+
+/// `--isolation container`: refused unless this is a container (or the override says so),
+/// since a step's layout rewrites `/`; then what it keeps.
+fn container_isolation(
+    store: &Store,
+    req: &BuildRequest,
+) -> Result<worker::inplace::Kept, BuildError> {
+    if !matches!(req.executor, worker::sandbox::Executor::Builtin) {
+        return Err(BuildError::Other(
+            "--runtime cannot be used with --isolation container (the container runs the steps)"
+                .into(),
+        ));
+    }
+    if req.entitlements != Entitlements::default() {
+        return Err(BuildError::Other(
+            "--allow cannot be enforced under --isolation container: the container's own privileges and network apply to every step".into(),
+        ));
+    }
+    let forced = std::env::var_os(worker::inplace::FORCE_ENV).is_some_and(|v| v == "1");
+    match worker::inplace::detect_container() {
+        Some(_) => {}
+        None if forced => req.reporter.warn(&format!(
+            "--isolation container on what does not look like a container ({}=1): RUN steps rewrite this machine's root filesystem",
+            worker::inplace::FORCE_ENV
+        )),
+        None => {
+            return Err(BuildError::Other(format!(
+                "--isolation container runs steps in this machine's own root filesystem, so it only runs inside a container (none detected: no /.dockerenv, /run/.containerenv, $container or Kubernetes service account). Use the default --isolation sandbox here, or set {}=1 in a disposable container builder cannot recognise",
+                worker::inplace::FORCE_ENV
+            )))
+        }
+    }
+    let mut keep = req.keep.clone();
+    keep.push(store.root().to_path_buf());
+    keep.push(req.context.clone());
+    Ok(worker::inplace::Kept::discover(&keep))
 }
 
 /// What an overlay probe's success is remembered by: this boot, and the store's device.
@@ -340,7 +404,11 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
     let total = req.graph.stages.iter().map(|s| s.ops.len() + 1).sum();
     // Held for the whole build so `cache prune` never removes what this build is writing.
     let _lease = crate::cache::gc::build_lease(store)?;
-    let snapshotter = choose_snapshotter(store, req.reporter)?;
+    let kept = match req.isolation {
+        worker::Isolation::Container => Some(container_isolation(store, req)?),
+        worker::Isolation::Sandbox => None,
+    };
+    let (snapshotter, sandbox_unavailable) = choose_snapshotter(store, req)?;
     // The context is read without following a symlink that was not there when it was walked
     // (held from builder's own mount namespace, entered just above, so that what is opened
     // through it can be bound).
@@ -360,7 +428,13 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
         cache: CacheIndex::new(store.root(), &store.blobs).with_remotes(req.cache_from.clone()),
         hasher: ContextHasher::open(store.root(), req.jobs),
         steps: Mutex::new(Vec::new()),
-        trace: Mutex::new(BuildTrace::default()),
+        trace: Mutex::new(BuildTrace {
+            isolation: req.isolation.name().to_string(),
+            ..BuildTrace::default()
+        }),
+        sandbox_unavailable,
+        process_sandbox: std::sync::OnceLock::new(),
+        kept,
     };
     // Stages run as soon as the stages they read are done, on at most `jobs` worker threads
     // that take ready stages from a queue (a thread per stage would wake every waiting stage
@@ -948,6 +1022,10 @@ impl Ctx<'_, '_> {
         }
         let (network, insecure) = self.sandbox_of(origin, e)?;
         let scratch = self.store.scratch_dir("run-")?;
+        let process_sandbox = match self.kept {
+            Some(_) => true,
+            None => self.process_sandbox(origin, scratch.path())?,
+        };
 
         // /etc files provided for the step, never captured.
         let etc = scratch.path().join("etc");
@@ -1036,6 +1114,7 @@ impl Ctx<'_, '_> {
             etc_files,
             mounts,
             executor: self.req.executor.clone(),
+            process_sandbox,
         };
         let step_dir = scratch.path().join("step");
         fs::create_dir_all(&step_dir).map_err(|e| self.fail(origin, e.to_string()))?;
@@ -1047,6 +1126,7 @@ impl Ctx<'_, '_> {
                 view: &*view,
                 scratch: &step_dir,
                 spec,
+                in_place: self.kept.as_ref(),
             },
             &mut |line| {
                 reporter.log(step, line);
@@ -1072,6 +1152,43 @@ impl Ctx<'_, '_> {
             }
         }
         self.commit_layer(op, &diff, view)
+    }
+
+    /// Whether RUN gets its own PID namespace and /proc here (`false`: the relaxed sandbox,
+    /// said once and recorded), or why RUN cannot be sandboxed at all.
+    fn process_sandbox(&self, origin: &Origin, scratch: &Path) -> Result<bool, BuildError> {
+        let hint = || {
+            match worker::inplace::detect_container() {
+            Some(c) => format!(
+                "builder runs in {}, which allows no new namespaces: use --isolation container, where the container itself is the sandbox",
+                c
+            ),
+            None => "run builder as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0)".to_string(),
+        }
+        };
+        if let Some(why) = &self.sandbox_unavailable {
+            return Err(self.fail(
+                origin,
+                format!("RUN cannot be sandboxed: {}; {}", why, hint()),
+            ));
+        }
+        let probed = self.sh.process_sandbox.get_or_init(|| {
+            let r = worker::sandbox::probe_process_sandbox(scratch);
+            if let Ok(false) = r {
+                self.req.reporter.warn("a fresh /proc cannot be mounted here (a container's /proc has masked paths): RUN steps share builder's PID namespace and see its /proc read-only, as BuildKit's no-process-sandbox mode does; the provenance records it");
+                if let Ok(mut t) = self.trace.lock() {
+                    t.isolation = worker::NO_PROCESS_SANDBOX.to_string();
+                }
+            }
+            r
+        });
+        match probed {
+            Ok(full) => Ok(*full),
+            Err(e) => Err(self.fail(
+                origin,
+                format!("RUN cannot be sandboxed: {}; {}", e, hint()),
+            )),
+        }
     }
 
     /// The step's network and whether it runs insecure, refused unless the build holds the

@@ -16,6 +16,7 @@
 //! `/dev`, `/sys`, a mount target and its new parents), empty; never a file stub
 //! (/etc/hosts, a file bind) and nothing below `/proc`, `/dev` or `/sys`.
 
+pub mod inplace;
 pub mod sandbox;
 pub mod snapshots;
 
@@ -44,7 +45,7 @@ pub enum WorkerError {
     Io { path: PathBuf, source: io::Error },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WorkerError + '_ {
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WorkerError + '_ {
     move |source| WorkerError::Io {
         path: path.to_path_buf(),
         source,
@@ -368,7 +369,33 @@ pub struct StepInput<'a> {
     pub scratch: &'a Path,
     /// The spec, with `root` filled in by [`run_step`].
     pub spec: RunSpec,
+    /// `--isolation container`: run in place, never touching these paths.
+    pub in_place: Option<&'a inplace::Kept>,
 }
+
+/// How RUN steps are isolated (`--isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// builder's own sandbox: namespaces and Docker's default policy (relaxed to a shared
+    /// PID namespace where a fresh /proc cannot be mounted).
+    #[default]
+    Sandbox,
+    /// The container builder runs in is the sandbox: steps run in its own root.
+    Container,
+}
+
+impl Isolation {
+    /// How provenance names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::Sandbox => "sandbox",
+            Isolation::Container => "container",
+        }
+    }
+}
+
+/// How provenance names the relaxed sandbox (BuildKit's term).
+pub const NO_PROCESS_SANDBOX: &str = "no-process-sandbox";
 
 /// Run one step; on success returns the exit and the diff directory (overlay upper format).
 pub fn run_step(
@@ -379,8 +406,12 @@ pub fn run_step(
         view,
         scratch,
         mut spec,
+        in_place,
     } = input;
     let rootfs = view.path();
+    if let Some(kept) = in_place {
+        return inplace::run_step(rootfs, scratch, &spec, kept, on_line);
+    }
     if view.mode() == Snapshotter::Overlay {
         // Mount points come from a skeleton layered on top of the shared snapshots.
         let skeleton = scratch.join("skeleton");
@@ -442,7 +473,11 @@ pub fn run_step(
 /// but nothing below `/proc`, `/dev` or `/sys` (those live in the sandbox's own mounts) and
 /// no file stubs. `created` holds paths relative to `meta` (where their parents' metadata
 /// is mirrored); they are added to the diff directory `diff` in overlay format.
-fn keep_mount_dirs(created: &[PathBuf], meta: &Path, diff: &Path) -> Result<(), WorkerError> {
+pub(crate) fn keep_mount_dirs(
+    created: &[PathBuf],
+    meta: &Path,
+    diff: &Path,
+) -> Result<(), WorkerError> {
     let under_special = |p: &Path| {
         let mut c = p.components();
         let first = c.next().map(|f| f.as_os_str().to_os_string());
@@ -475,7 +510,7 @@ fn keep_mount_dirs(created: &[PathBuf], meta: &Path, diff: &Path) -> Result<(), 
 /// Create the sandbox's mount points in `skeleton`, mirroring the metadata of every existing
 /// directory on the way (the topmost layer's metadata is what overlay shows and copies up).
 /// Returns the directories it made that the view does not have (relative paths).
-fn make_skeleton(
+pub(crate) fn make_skeleton(
     view: &Path,
     skeleton: &Path,
     spec: &RunSpec,
@@ -683,7 +718,7 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), WorkerError> {
     Ok(())
 }
 
-fn copy_meta(src: &Path, dst: &Path, md: &fs::Metadata) {
+pub(crate) fn copy_meta(src: &Path, dst: &Path, md: &fs::Metadata) {
     let _ = nix::unistd::fchownat(
         None,
         dst,
@@ -783,6 +818,22 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
             Ok(_) => {}
         }
     }
+    write_diff(after, diff, &changed, &deleted)
+}
+
+/// The marker of a directory that hides everything below it in lower layers, where the
+/// `trusted.` namespace cannot be written (an unprivileged container): the layer writer
+/// takes it as overlay's `trusted.overlay.opaque`, as overlayfs' `userxattr` mode does.
+pub const USER_OPAQUE_XATTR: &str = "user.overlay.opaque";
+
+/// Write an overlay-style diff into `diff`: the `changed` entries of `after` (relative
+/// paths) with their parent directories, and a 0/0 character device for each `deleted` one.
+pub(crate) fn write_diff(
+    after: &Path,
+    diff: &Path,
+    changed: &[PathBuf],
+    deleted: &[PathBuf],
+) -> Result<(), WorkerError> {
     let ensure_parents = |rel: &Path| -> Result<(), WorkerError> {
         let mut cur = PathBuf::new();
         for c in rel
@@ -802,7 +853,7 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
         }
         Ok(())
     };
-    for rel in &changed {
+    for rel in changed {
         ensure_parents(rel)?;
         let src = after.join(rel);
         let dst = diff.join(rel);
@@ -826,22 +877,35 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
         }
         copy_meta(&src, &dst, &md);
     }
-    for rel in &deleted {
+    for rel in deleted {
         ensure_parents(rel)?;
         let dst = diff.join(rel);
-        nix::sys::stat::mknod(
+        match nix::sys::stat::mknod(
             &dst,
             nix::sys::stat::SFlag::S_IFCHR,
             nix::sys::stat::Mode::empty(),
             0,
-        )
-        .map_err(|e| WorkerError::Io {
-            path: dst.clone(),
-            source: io::Error::from(e),
-        })?;
+        ) {
+            Ok(()) => {}
+            // A container's device rules refuse even a 0/0 node: an empty file marked as a
+            // whiteout says the same to the layer writer.
+            Err(nix::errno::Errno::EPERM) => {
+                fs::File::create(&dst).map_err(io_at(&dst))?;
+                fs::set_permissions(&dst, fs::Permissions::from_mode(0o644))
+                    .map_err(io_at(&dst))?;
+                xattr::set(&dst, crate::oci::layer::USER_WHITEOUT_XATTR, b"y")
+                    .map_err(io_at(&dst))?;
+            }
+            Err(e) => {
+                return Err(WorkerError::Io {
+                    path: dst.clone(),
+                    source: io::Error::from(e),
+                })
+            }
+        }
     }
     // Directory mtimes last: creating entries above touched them.
-    for rel in changed.iter().chain(deleted.iter()) {
+    for rel in changed.iter().chain(deleted) {
         let mut cur = Some(rel.as_path());
         while let Some(p) = cur {
             let src = after.join(p);

@@ -79,7 +79,7 @@ pub fn run(
 
 /// End a forked child: its exit code, or, after a set-up failure, the reason on the error
 /// pipe and exit status 1 (which the parent then ignores).
-fn exit_child(err_fd: i32, outcome: Result<i32, SandboxError>) -> ! {
+pub(crate) fn exit_child(err_fd: i32, outcome: Result<i32, SandboxError>) -> ! {
     let code = match outcome {
         Ok(c) => c,
         Err(e) => {
@@ -145,6 +145,8 @@ struct Prepared {
     /// The network namespace to join (`None` with `new_netns`: a fresh one).
     netns: Option<fs::File>,
     new_netns: bool,
+    /// A PID namespace of the step's own (not in the relaxed sandbox).
+    new_pidns: bool,
     /// Every device node the step may open is a bind of these; everything else is `nodev`.
     nodev: bool,
     uid: u32,
@@ -223,6 +225,11 @@ impl Prepared {
         }
         let mut netns = None;
         let mut new_netns = false;
+        let new_pidns = linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .any(|ns| ns.typ() == LinuxNamespaceType::Pid);
         for ns in linux.namespaces().iter().flatten() {
             if ns.typ() == LinuxNamespaceType::Network {
                 match ns.path() {
@@ -256,6 +263,7 @@ impl Prepared {
             hostname: spec.hostname().clone().unwrap_or_else(|| "builder".into()),
             netns,
             new_netns,
+            new_pidns,
             nodev: denies_devices(&linux),
             uid: user.uid(),
             gid: user.gid(),
@@ -316,10 +324,16 @@ fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError
     if let Some(ns) = &p.netns {
         setns(ns, CloneFlags::CLONE_NEWNET).map_err(serr("join the step's network namespace"))?;
     }
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if p.new_pidns {
+        flags |= CloneFlags::CLONE_NEWPID;
+    } else {
+        // No PID namespace ends the step's processes with it: they are orphaned to this
+        // helper, which kills them once the command is done.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+        }
+    }
     if p.new_netns {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -336,17 +350,24 @@ fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError
         }
         ForkResult::Parent { child } => {
             drop(out);
-            loop {
+            let code = loop {
                 match waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(_, c)) => return Ok(c),
-                    Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+                    Ok(WaitStatus::Exited(_, c)) => break c,
+                    Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(SandboxError(format!("wait: {}", e))),
                 }
                 if let Ok(Signal::SIGHUP) = watched.wait() {
                     let _ = kill(child, Signal::SIGKILL);
+                    if !p.new_pidns {
+                        crate::worker::inplace::kill_descendants();
+                    }
                 }
+            };
+            if !p.new_pidns {
+                crate::worker::inplace::kill_descendants();
             }
+            Ok(code)
         }
     }
 }

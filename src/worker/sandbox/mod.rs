@@ -142,6 +142,10 @@ pub struct RunSpec {
     pub etc_files: Vec<(PathBuf, String)>,
     pub mounts: Vec<ExtraMount>,
     pub executor: Executor,
+    /// A PID namespace of the step's own with a fresh /proc; `false` is the relaxed sandbox
+    /// (the caller's PID namespace, its /proc bound read-only) where a fresh /proc cannot be
+    /// mounted.
+    pub process_sandbox: bool,
 }
 
 /// How the command ended.
@@ -175,6 +179,73 @@ pub fn mount_points(spec: &RunSpec) -> Vec<String> {
         }
     }
     v
+}
+
+/// Whether a step can have its own PID namespace with a fresh /proc here: `Ok(true)`;
+/// `Ok(false)` where namespaces can be made but the kernel refuses a new proc mount (a
+/// container whose /proc has masked paths); `Err` where no namespace can be made at all.
+/// `scratch` is an empty directory to mount on.
+pub fn probe_process_sandbox(scratch: &Path) -> Result<bool, String> {
+    use nix::sched::{unshare, CloneFlags};
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+    let target = scratch.join("proc-probe");
+    std::fs::create_dir_all(&target).map_err(|e| format!("{}: {}", target.display(), e))?;
+    let exit_with = |code: i32| -> ! { unsafe { libc::_exit(code) } };
+    // SAFETY: the children only unshare, mount and exit.
+    match unsafe { fork() }.map_err(|e| format!("fork: {}", e))? {
+        ForkResult::Child => {
+            if unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID).is_err() {
+                exit_with(2);
+            }
+            let private = nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                None::<&str>,
+            );
+            if private.is_err() {
+                exit_with(2);
+            }
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    let ok = nix::mount::mount(
+                        Some("proc"),
+                        &target,
+                        Some("proc"),
+                        nix::mount::MsFlags::MS_NOSUID
+                            | nix::mount::MsFlags::MS_NODEV
+                            | nix::mount::MsFlags::MS_NOEXEC,
+                        None::<&str>,
+                    )
+                    .is_ok();
+                    exit_with(if ok { 0 } else { 1 })
+                }
+                Ok(ForkResult::Parent { child }) => match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, c)) => exit_with(c),
+                    _ => exit_with(3),
+                },
+                Err(_) => exit_with(3),
+            }
+        }
+        ForkResult::Parent { child } => {
+            let status = loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            match status {
+                Ok(WaitStatus::Exited(_, 0)) => Ok(true),
+                Ok(WaitStatus::Exited(_, 1)) => Ok(false),
+                Ok(WaitStatus::Exited(_, 2)) => {
+                    Err("no mount and PID namespace can be made here".into())
+                }
+                other => Err(format!("the sandbox probe ended with {:?}", other)),
+            }
+        }
+    }
 }
 
 /// Run the step; `on_line` receives its output (stdout and stderr merged) line by line.

@@ -102,8 +102,19 @@ fn mounts(spec: &RunSpec) -> Vec<Mount> {
     } else {
         &["nosuid", "noexec", "nodev", "ro"]
     };
+    let proc = if spec.process_sandbox {
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])
+    } else {
+        // The relaxed sandbox: the caller's /proc (and what masks it), read-only.
+        mount(
+            "/proc",
+            "bind",
+            "/proc",
+            &["rbind", "nosuid", "noexec", "nodev", "ro"],
+        )
+    };
     let mut out = vec![
-        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        proc,
         mount(
             "/dev",
             "tmpfs",
@@ -231,6 +242,7 @@ pub fn runtime_spec(spec: &RunSpec, rootfs: &Path, netns: Option<&Path>) -> Spec
         LinuxNamespaceType::Uts,
     ]
     .into_iter()
+    .filter(|t| spec.process_sandbox || *t != LinuxNamespaceType::Pid)
     .map(|typ| namespace(typ, None))
     .collect();
     if spec.network != NetworkMode::Host {
