@@ -8,8 +8,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-for tool in newuidmap newgidmap slirp4netns busybox ldd; do
-  command -v "$tool" >/dev/null || { echo "$tool is not installed: apt-get install uidmap slirp4netns busybox-static" >&2; exit 1; }
+for tool in newuidmap newgidmap slirp4netns busybox ldd setcap; do
+  command -v "$tool" >/dev/null || { echo "$tool is not installed: apt-get install uidmap slirp4netns busybox-static libcap2-bin" >&2; exit 1; }
 done
 
 triple=$(rustc -vV | sed -n 's/^host: //p')
@@ -38,7 +38,17 @@ for prog in "$(command -v newuidmap)" "$(command -v newgidmap)" "$(command -v sl
     cp -L "$lib" "$root$lib"
   done
 done
-chmod 4755 "$root/usr/bin/newuidmap" "$root/usr/bin/newgidmap"
+# File capabilities, not set-uid root: in a container without CAP_SYS_ADMIN, newuidmap must
+# keep the caller's uid to own the namespace it maps (as BuildKit's rootless image does).
+# They travel as xattrs in a tar, which ADD unpacks with them.
+mkdir -p "$ctx/caps/usr/bin"
+mv "$root/usr/bin/newuidmap" "$root/usr/bin/newgidmap" "$ctx/caps/usr/bin/"
+chmod 0755 "$ctx/caps/usr/bin/newuidmap" "$ctx/caps/usr/bin/newgidmap"
+setcap cap_setuid=ep "$ctx/caps/usr/bin/newuidmap"
+setcap cap_setgid=ep "$ctx/caps/usr/bin/newgidmap"
+tar --xattrs --xattrs-include='security.capability' --numeric-owner --owner=0 --group=0 \
+  -C "$ctx/caps" -cf "$ctx/uidmap.tar" usr
+rm -rf "$ctx/caps"
 printf 'root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000:builder:/builder/home:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\nbuilder:x:1000:\n' >"$root/etc/group"
 echo 'builder:100000:65536' >"$root/etc/subuid"

@@ -656,16 +656,6 @@ fn unpack_tar(
             | tar::EntryType::GNULongLink => continue,
             _ => continue,
         }
-        if let Ok(Some(exts)) = e
-            .pax_extensions()
-            .map(|x| x.map(|x| x.flatten().collect::<Vec<_>>()))
-        {
-            for ext in exts {
-                if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    let _ = xattr::set(&dest, name, ext.value_bytes());
-                }
-            }
-        }
         if opts.ownership {
             let uid = h.uid().unwrap_or(0) as u32;
             let gid = h.gid().unwrap_or(0) as u32;
@@ -678,6 +668,17 @@ fn unpack_tar(
             );
             if kind == tar::EntryType::Regular && mode & 0o7000 != 0 {
                 let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(mode));
+            }
+        }
+        // After the owner: a chown clears `security.capability`, as it clears set-uid bits.
+        if let Ok(Some(exts)) = e
+            .pax_extensions()
+            .map(|x| x.map(|x| x.flatten().collect::<Vec<_>>()))
+        {
+            for ext in exts {
+                if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                    let _ = xattr::set(&dest, name, ext.value_bytes());
+                }
             }
         }
         if !kind.is_dir() {

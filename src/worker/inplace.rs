@@ -185,7 +185,7 @@ struct Sig {
 }
 
 /// When `p` was created, where the file system records it (`statx`).
-fn birth_time(p: &Path) -> Option<(i64, u32)> {
+pub(crate) fn birth_time(p: &Path) -> Option<(i64, u32)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statx = unsafe { std::mem::zeroed() };

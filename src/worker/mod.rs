@@ -448,12 +448,13 @@ pub fn run_step(
     let result = (|| -> Result<(Exit, PathBuf), WorkerError> {
         let copy = scratch.join("root");
         copy_tree(rootfs, &copy)?;
+        let identities = dir_identities(&copy)?;
         spec.root = sandbox::RootMount::Bind { dir: copy.clone() };
         let exit = sandbox::run(&spec, on_line)?;
         let diff = scratch.join("diff");
         fs::create_dir_all(&diff).map_err(io_at(&diff))?;
         if exit == Exit::Code(0) {
-            walk_diff(rootfs, &copy, &diff)?;
+            walk_diff(rootfs, &copy, &diff, Some(&identities))?;
             let dirs: Vec<PathBuf> = created
                 .created
                 .iter()
@@ -767,11 +768,45 @@ fn same_entry(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb: &Path) -> bool 
         && read_xattrs(pa) == read_xattrs(pb)
 }
 
+/// What tells a directory from one removed and made again in its place: its inode and
+/// birth time (an inode number alone is handed out again at once).
+pub type DirIdentities = std::collections::HashMap<PathBuf, (u64, Option<(i64, u32)>)>;
+
+/// The identity of every directory under `root`, by relative path.
+pub fn dir_identities(root: &Path) -> Result<DirIdentities, WorkerError> {
+    let mut out = DirIdentities::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).follow_links(false) {
+        let e = e.map_err(|e| WorkerError::Io {
+            path: root.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        if e.file_type().is_dir() {
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .unwrap_or(e.path())
+                .to_path_buf();
+            let ino = walkdir::DirEntryExt::ino(&e);
+            out.insert(rel, (ino, inplace::birth_time(e.path())));
+        }
+    }
+    Ok(out)
+}
+
 /// Build an overlay-style diff of `after` against `before` into `diff`: changed and new
 /// entries are copied (with their parent directories), deleted ones become 0/0 char devices.
-pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerError> {
+/// With `identities` (of `after`'s directories before the step), a directory removed and
+/// made again is opaque, as overlay makes it: everything in it is the layer's, and nothing
+/// below it is deleted one by one.
+pub fn walk_diff(
+    before: &Path,
+    after: &Path,
+    diff: &Path,
+    identities: Option<&DirIdentities>,
+) -> Result<(), WorkerError> {
     let mut changed: Vec<PathBuf> = Vec::new();
     let mut deleted: Vec<PathBuf> = Vec::new();
+    let mut opaque: Vec<PathBuf> = Vec::new();
     for e in walkdir::WalkDir::new(after)
         .min_depth(1)
         .follow_links(false)
@@ -786,6 +821,21 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
             .unwrap_or(e.path())
             .to_path_buf();
         let a = fs::symlink_metadata(e.path()).map_err(io_at(e.path()))?;
+        if opaque.iter().any(|o| rel.starts_with(o)) {
+            changed.push(rel);
+            continue;
+        }
+        let remade = a.is_dir()
+            && identities
+                .and_then(|ids| ids.get(&rel))
+                .is_some_and(|&(ino, born)| {
+                    ino != a.ino() || born != inplace::birth_time(e.path())
+                });
+        if remade {
+            opaque.push(rel.clone());
+            changed.push(rel);
+            continue;
+        }
         let before_path = before.join(&rel);
         let unchanged = fs::symlink_metadata(&before_path)
             .is_ok_and(|b| same_entry(&b, &a, &before_path, e.path()));
@@ -807,6 +857,9 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
             .strip_prefix(before)
             .unwrap_or(e.path())
             .to_path_buf();
+        if opaque.iter().any(|o| rel.starts_with(o) && &rel != o) {
+            continue;
+        }
         match fs::symlink_metadata(after.join(&rel)) {
             Err(_) => {
                 deleted.push(rel);
@@ -818,7 +871,12 @@ pub fn walk_diff(before: &Path, after: &Path, diff: &Path) -> Result<(), WorkerE
             Ok(_) => {}
         }
     }
-    write_diff(after, diff, &changed, &deleted)
+    write_diff(after, diff, &changed, &deleted)?;
+    for rel in &opaque {
+        let d = diff.join(rel);
+        xattr::set(&d, USER_OPAQUE_XATTR, b"y").map_err(io_at(&d))?;
+    }
+    Ok(())
 }
 
 /// The marker of a directory that hides everything below it in lower layers, where the
