@@ -535,7 +535,13 @@ fn unpack_tar(
                     .map_err(&io_e)?;
                 fs::create_dir_all(&parent).map_err(&io_e)?;
                 if hidden == b".wh..opq" {
-                    xattr::set(&parent, "trusted.overlay.opaque", b"y").map_err(&io_e)?;
+                    // A rootless overlay (`userxattr`) reads the marker from `user.`.
+                    let marker = if crate::worker::rootless() {
+                        "user.overlay.opaque"
+                    } else {
+                        "trusted.overlay.opaque"
+                    };
+                    xattr::set(&parent, marker, b"y").map_err(&io_e)?;
                 } else {
                     let p = parent.join(OsStr::from_bytes(hidden));
                     let _ = remove_any(&p);

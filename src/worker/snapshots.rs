@@ -152,6 +152,9 @@ pub fn mount_overlay(
             work.display()
         ));
     }
+    if crate::worker::rootless() {
+        data.push_str(",userxattr");
+    }
     nix::unistd::chdir(base).map_err(|errno| SnapshotError::Mount {
         what: format!("chdir to {}", base.display()),
         errno,
@@ -278,6 +281,20 @@ fn mount_overlay_fsconfig(
     if let Some((upper, work)) = upper_work {
         set("upperdir", &path(upper)?)?;
         set("workdir", &path(work)?)?;
+    }
+    if crate::worker::rootless() {
+        // In a user namespace overlay keeps its markers in `user.overlay.*`.
+        let k = cstr("userxattr")?;
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                std::os::fd::AsRawFd::as_raw_fd(&fs),
+                0, /* FSCONFIG_SET_FLAG */
+                k.as_ptr(),
+                std::ptr::null::<libc::c_char>(),
+                0,
+            )
+        })?;
     }
     check(unsafe {
         libc::syscall(
