@@ -215,3 +215,4 @@ pub fn run_bounded(cmd: &mut Command, hang_secs: u64) -> Measured {
         spawner_kib: spawner_kib.max(own_peak_kib()),
     }
 }
+pub mod docker;
