@@ -28,6 +28,8 @@ if [ ! -S "$dk/sock" ] || ! DOCKER_HOST=unix://$dk/sock docker info >/dev/null 2
   for _ in $(seq 150); do DOCKER_HOST=unix://$dk/sock docker info >/dev/null 2>&1 && break; sleep 0.2; done
 fi
 export DOCKER_HOST=unix://$dk/sock DOCKER_BUILDKIT=1
+# dockerd 20.10's own client, whose BuildKit needs no buildx plug-in.
+docker() { /usr/bin/docker "$@"; }
 
 ctx=$work/ctx
 if [ ! -f "$ctx/files.tar" ]; then
@@ -58,7 +60,7 @@ fi
 examples/ci/build.sh --progress quiet --root "$work/ci-store" -t builder-ci:bench \
   -o "docker-archive:$work/ci.tar" >/dev/null
 docker load -i "$work/ci.tar" >/dev/null
-docker build -q -t bench-warm "$ctx" >/dev/null 2>&1 || true
+docker build --network none -q -t bench-warm "$ctx" >/dev/null 2>&1 || true
 
 logs=$work/logs-$(date +%s)
 mkdir -p "$logs"
@@ -68,7 +70,7 @@ for i in $(seq "$runs"); do
   docker run --rm --pull never --network none -v "$ctx:/ctx:ro" -v "$work/in-store:/builder/store" \
     builder-ci:bench build --isolation container --progress plain --no-cache --root /builder/store /ctx \
     >/dev/null 2>"$logs/container-$i"
-  docker build --progress plain --no-cache "$ctx" >/dev/null 2>"$logs/buildkit-$i"
+  docker build --network none --progress plain --no-cache "$ctx" >/dev/null 2>"$logs/buildkit-$i"
 done
 
 python3 - "$logs" "$runs" <<'PY'

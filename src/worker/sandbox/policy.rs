@@ -327,6 +327,7 @@ mod tests {
                 readonly: true,
             }],
             executor: Executor::Builtin,
+            process_sandbox: true,
         }
     }
 
