@@ -55,6 +55,11 @@ pub fn detect_container() -> Option<String> {
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
     paths: Vec<PathBuf>,
+    /// The same, relative to `/`: a walk from `/` that skips each of them as it meets it
+    /// never goes below one, so an exact lookup is enough there.
+    exact: HashSet<PathBuf>,
+    /// Every directory on the way to a kept path, relative to `/`.
+    ancestors: HashSet<PathBuf>,
 }
 
 /// The system directories builder's binary may sit in: only the file itself is kept there,
@@ -106,29 +111,46 @@ impl Kept {
         if let Some(more) = std::env::var_os("BUILDER_KEEP_PATHS") {
             paths.extend(std::env::split_paths(&more).filter(|p| p.is_absolute()));
         }
-        let mut paths: Vec<PathBuf> = paths.iter().map(|p| normalize(p)).collect();
+        Kept::of(paths.iter().map(|p| normalize(p)).collect())
+    }
+
+    fn of(mut paths: Vec<PathBuf>) -> Kept {
         paths.sort();
         paths.dedup();
-        Kept { paths }
+        let rel = |p: &Path| p.strip_prefix("/").unwrap_or(p).to_path_buf();
+        let exact = paths.iter().map(|p| rel(p)).collect();
+        let ancestors = paths
+            .iter()
+            .flat_map(|p| p.ancestors().skip(1).map(rel).collect::<Vec<_>>())
+            .filter(|a| !a.as_os_str().is_empty())
+            .collect();
+        Kept {
+            paths,
+            exact,
+            ancestors,
+        }
     }
 
     /// Also keep `more` (absolute image paths).
     fn with(&self, more: &[PathBuf]) -> Kept {
         let mut paths = self.paths.clone();
         paths.extend(more.iter().map(|p| normalize(p)));
-        Kept { paths }
+        Kept::of(paths)
+    }
+
+    /// Whether a walk from `/` that skips what is kept must skip `rel` (relative to `/`).
+    fn met(&self, rel: &Path) -> bool {
+        self.exact.contains(rel)
     }
 
     /// Whether `rel` (relative to `/`) is kept or lies under a kept path.
     fn covers(&self, rel: &Path) -> bool {
-        let abs = Path::new("/").join(rel);
-        self.paths.iter().any(|k| abs.starts_with(k))
+        rel.ancestors().any(|a| self.exact.contains(a))
     }
 
     /// Whether `rel` is a directory on the way to a kept path (which must stay).
     fn leads_to_kept(&self, rel: &Path) -> bool {
-        let abs = Path::new("/").join(rel);
-        self.paths.iter().any(|k| k.starts_with(&abs) && k != &abs)
+        self.ancestors.contains(rel)
     }
 }
 
@@ -289,7 +311,7 @@ fn lay_out(view: &Path, root: &Path, kept: &Kept, layout: &mut Layout) -> Result
             .strip_prefix(view)
             .unwrap_or(e.path())
             .to_path_buf();
-        if kept.covers(&rel) {
+        if kept.met(&rel) {
             if e.file_type().is_dir() {
                 it.skip_current_dir();
             }
@@ -389,7 +411,7 @@ fn lay_out(view: &Path, root: &Path, kept: &Kept, layout: &mut Layout) -> Result
             .strip_prefix(root)
             .unwrap_or(e.path())
             .to_path_buf();
-        if kept.covers(&rel) {
+        if kept.met(&rel) {
             if e.file_type().is_dir() {
                 it.skip_current_dir();
             }
@@ -459,7 +481,7 @@ fn capture(
             .strip_prefix(root)
             .unwrap_or(e.path())
             .to_path_buf();
-        if kept.covers(&rel) {
+        if kept.met(&rel) {
             if e.file_type().is_dir() {
                 it.skip_current_dir();
             }
@@ -883,5 +905,108 @@ pub(crate) fn kill_descendants() {
         for _ in &pids {
             let _ = nix::sys::wait::waitpid(None, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(p: &Path, s: &str) {
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, s).unwrap();
+    }
+
+    /// Lay `view` out in a fresh root, let `step` change it, and return the diff.
+    fn diff_of(view: &Path, step: impl FnOnce(&Path)) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        write(&root.join("stale/left-over"), "from an earlier stage");
+        let kept = Kept::of(Vec::new());
+        let mut layout = Layout::default();
+        lay_out(view, &root, &kept, &mut layout).unwrap();
+        assert!(
+            !root.join("stale").exists(),
+            "what the view lacks is removed"
+        );
+        assert_eq!(fs::read_to_string(root.join("a/one")).unwrap(), "1");
+        step(&root);
+        let diff = t.path().join("diff");
+        fs::create_dir(&diff).unwrap();
+        capture(view, &root, &kept, &layout, &diff).unwrap();
+        (t, diff)
+    }
+
+    fn view() -> tempfile::TempDir {
+        let v = tempfile::tempdir().unwrap();
+        write(&v.path().join("a/one"), "1");
+        write(&v.path().join("a/two"), "2");
+        write(&v.path().join("b/three"), "3");
+        write(&v.path().join("c/d/four"), "4");
+        v
+    }
+
+    fn listing(diff: &Path) -> Vec<String> {
+        let mut out: Vec<String> = walkdir::WalkDir::new(diff)
+            .min_depth(1)
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let rel = e.path().strip_prefix(diff).unwrap().display().to_string();
+                let md = e.metadata().unwrap();
+                let whiteout = md.file_type().is_char_device()
+                    || xattr::get(e.path(), crate::oci::layer::USER_WHITEOUT_XATTR)
+                        .ok()
+                        .flatten()
+                        .is_some();
+                let opaque = xattr::get(e.path(), super::super::USER_OPAQUE_XATTR)
+                    .ok()
+                    .flatten()
+                    .is_some();
+                format!(
+                    "{}{}{}",
+                    rel,
+                    if whiteout { " (whiteout)" } else { "" },
+                    if opaque { " (opaque)" } else { "" }
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_unchanged_root_gives_an_empty_diff() {
+        let v = view();
+        let (_t, diff) = diff_of(v.path(), |_| {});
+        assert!(listing(&diff).is_empty(), "{:?}", listing(&diff));
+    }
+
+    #[test]
+    fn changes_deletions_and_a_remade_directory_are_what_overlay_gives() {
+        let v = view();
+        let (_t, diff) = diff_of(v.path(), |root| {
+            // Same size, mtime put back: the ctime still tells.
+            let md = fs::metadata(root.join("a/one")).unwrap();
+            fs::write(root.join("a/one"), "9").unwrap();
+            set_times(&root.join("a/one"), &md);
+            fs::remove_file(root.join("a/two")).unwrap();
+            fs::remove_dir_all(root.join("b")).unwrap();
+            fs::create_dir(root.join("b")).unwrap();
+            write(&root.join("b/new"), "n");
+            fs::remove_dir_all(root.join("c")).unwrap();
+        });
+        assert_eq!(
+            listing(&diff),
+            [
+                "a",
+                "a/one",
+                "a/two (whiteout)",
+                "b (opaque)",
+                "b/new",
+                "c (whiteout)"
+            ]
+        );
     }
 }
