@@ -119,6 +119,8 @@ fn one_build_file_gives_one_digest_in_every_environment() {
     let host = run(build_cmd(&t.path().join("root-store"))
         .arg("-o")
         .arg(format!("oci:{}:env", layout.display()))
+        .arg("-o")
+        .arg(format!("local:{}", t.path().join("out-host").display()))
         .arg(&ctx));
     let root_digest = digest_of(&host, "the root build");
 
@@ -155,7 +157,13 @@ fn one_build_file_gives_one_digest_in_every_environment() {
     let out = t.path().join("out");
     fs::create_dir_all(&out).unwrap();
     fs::set_permissions(&out, fs::Permissions::from_mode(0o777)).unwrap();
-    let contained = docker_build(&docker, &ctx, &out, &[], &["--isolation", "container"]);
+    let contained = docker_build(
+        &docker,
+        &ctx,
+        &out,
+        &[],
+        &["--isolation", "container", "-o", "local:/out/contained"],
+    );
     let contained_digest = digest_of(&contained, "the --isolation container build");
     let relaxed = docker_build(
         &docker,
@@ -169,7 +177,7 @@ fn one_build_file_gives_one_digest_in_every_environment() {
             "--security-opt",
             "apparmor=unconfined",
         ],
-        &["--network", "none", "--metadata-file", "/out/relaxed.json"],
+        &["--network", "none", "-o", "local:/out/relaxed"],
     );
     let relaxed_log = String::from_utf8_lossy(&relaxed.stderr).into_owned();
     let relaxed_digest = digest_of(&relaxed, "the uid-1000 container build");
@@ -187,6 +195,22 @@ fn one_build_file_gives_one_digest_in_every_environment() {
         [&root_digest; 3],
         "root, rootless, --isolation container and the uid-1000 container give one digest"
     );
+
+    // Each build's provenance says how its steps were isolated.
+    let isolation = |dir: &Path| -> String {
+        let p = dir.join("provenance.json");
+        let v: serde_json::Value = serde_json::from_slice(
+            &fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        )
+        .unwrap();
+        v["predicate"]["buildDefinition"]["internalParameters"]["isolation"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(isolation(&t.path().join("out-host")), "sandbox");
+    assert_eq!(isolation(&out.join("contained")), "container");
+    assert_eq!(isolation(&out.join("relaxed")), "no-process-sandbox");
 
     // Owners and modes, as the image has them.
     let bundle = umoci_unpack(&layout, "env", t.path());
@@ -241,6 +265,18 @@ fn each_environment_refuses_what_it_cannot_do() {
         log.contains("use --isolation container") && log.contains("Buildfile:"),
         "{log}"
     );
+
+    // It writes the container's root: a non-root user is told so before anything runs.
+    let unprivileged = docker_build(
+        &docker,
+        &ctx,
+        &out,
+        &["--user", "1000:1000"],
+        &["--isolation", "container"],
+    );
+    let log = String::from_utf8_lossy(&unprivileged.stderr);
+    assert!(!unprivileged.status.success());
+    assert!(log.contains("needs root in the container"), "{log}");
 
     // --isolation container cannot enforce a network or an entitlement.
     for extra in [&["--network", "none"][..], &["--allow", "network.host"][..]] {

@@ -356,6 +356,11 @@ fn container_isolation(
             "--allow cannot be enforced under --isolation container: the container's own privileges and network apply to every step".into(),
         ));
     }
+    if !is_root() {
+        return Err(BuildError::Other(
+            "--isolation container needs root in the container (each step's root filesystem is laid out in the container's own /); run the container as root, or use the default --isolation sandbox with subordinate ranges and seccomp unconfined".into(),
+        ));
+    }
     let forced = std::env::var_os(worker::inplace::FORCE_ENV).is_some_and(|v| v == "1");
     match worker::inplace::detect_container() {
         Some(_) => {}

@@ -266,6 +266,15 @@ struct Layout {
     entries: HashMap<PathBuf, Laid>,
 }
 
+/// Print `msg` once per process.
+fn warn_once(msg: String) {
+    static SAID: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.get_or_insert_with(HashSet::new).insert(msg.clone()) {
+        eprintln!("warning: {}", msg);
+    }
+}
+
 /// One `/`: steps run one at a time, and the layout outlives each.
 static LAYOUT: Mutex<Option<Layout>> = Mutex::new(None);
 
@@ -350,12 +359,15 @@ fn lay_out(view: &Path, root: &Path, kept: &Kept, layout: &mut Layout) -> Result
             copy_meta(e.path(), &dst, &md);
         } else {
             if current.as_ref().is_some_and(|c| c.is_dir()) && kept.leads_to_kept(&rel) {
-                return Err(WorkerError::Io {
-                    path: dst,
-                    source: std::io::Error::other(
-                        "the image has a non-directory where builder keeps one of its own paths (set BUILDER_KEEP_PATHS or move builder)",
-                    ),
-                });
+                // The image has a link or file where a mount of the container lies below
+                // (a Debian image's /var/run -> /run over Kubernetes' /var/run/secrets): the
+                // container's directory stays, and the image's entry is not in the way of
+                // the diff, which never reports that directory.
+                warn_once(format!(
+                    "the image's /{} is hidden under --isolation container: the container keeps a directory there for its own mounts",
+                    rel.display()
+                ));
+                continue;
             }
             if current.is_some() {
                 remove_any(&dst)?;
@@ -1008,5 +1020,36 @@ mod tests {
                 "c (whiteout)"
             ]
         );
+    }
+
+    #[test]
+    fn kept_paths_are_never_touched_and_never_in_the_diff() {
+        let v = view();
+        std::os::unix::fs::symlink("/run", v.path().join("var-run")).unwrap();
+        fs::create_dir_all(v.path().join("run")).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        write(&root.join("var-run/secrets/token"), "secret");
+        write(&root.join("builder/bin/builder"), "binary");
+        let kept = Kept::of(vec!["/var-run/secrets".into(), "/builder".into()]);
+        let mut layout = Layout::default();
+        lay_out(v.path(), &root, &kept, &mut layout).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("var-run/secrets/token")).unwrap(),
+            "secret"
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("builder/bin/builder")).unwrap(),
+            "binary"
+        );
+        write(
+            &root.join("builder/store/blob"),
+            "written by builder during the step",
+        );
+        write(&root.join("a/new"), "made by the step");
+        let diff = t.path().join("diff");
+        fs::create_dir(&diff).unwrap();
+        capture(v.path(), &root, &kept, &layout, &diff).unwrap();
+        assert_eq!(listing(&diff), ["a", "a/new"]);
     }
 }
