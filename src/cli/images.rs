@@ -72,6 +72,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
             ownership: nix::unistd::geteuid().is_root(),
             overlay_format: false,
             metadata_only: false,
+            user_xattrs: false,
         };
         unpack::unpack_layer(
             &a.source,

@@ -190,6 +190,7 @@ pub fn export(
                 ownership: nix::unistd::geteuid().is_root(),
                 overlay_format: false,
                 metadata_only: false,
+                user_xattrs: false,
             };
             for l in &image.state.layers {
                 unpack::unpack_verified(

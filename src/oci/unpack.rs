@@ -53,6 +53,9 @@ pub struct UnpackOptions {
     /// and link of the layer, for steps that look up paths but read no big file. The layer
     /// is still verified whole.
     pub metadata_only: bool,
+    /// Overlay-format markers in `user.overlay.*`, as overlayfs' `userxattr` mode (a rootless
+    /// mount) reads them; else in `trusted.overlay.*`.
+    pub user_xattrs: bool,
 }
 
 /// Files up to this size keep their content in a [`UnpackOptions::metadata_only`] unpack.
@@ -535,8 +538,7 @@ fn unpack_tar(
                     .map_err(&io_e)?;
                 fs::create_dir_all(&parent).map_err(&io_e)?;
                 if hidden == b".wh..opq" {
-                    // A rootless overlay (`userxattr`) reads the marker from `user.`.
-                    let marker = if crate::worker::rootless() {
+                    let marker = if opts.user_xattrs {
                         "user.overlay.opaque"
                     } else {
                         "trusted.overlay.opaque"
@@ -922,6 +924,7 @@ mod tests {
                 ownership: true,
                 overlay_format: true,
                 metadata_only,
+                user_xattrs: false,
             };
             let from_blob = tempfile::tempdir().unwrap();
             unpack_verified(l.path(), "blob", from_blob.path(), opts, &diff_id).unwrap();

@@ -597,6 +597,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                     ownership: nix::unistd::geteuid().is_root(),
                     overlay_format: false,
                     metadata_only: false,
+                    user_xattrs: false,
                 };
                 unpack::unpack_layer(&m.path, &m.rel, tmp.path(), opts)
                     .map_err(|e| CopyError::Other(e.to_string()))?;

@@ -493,6 +493,8 @@ fn snapshot_options(name: &str) -> UnpackOptions {
         ownership: true,
         overlay_format: true,
         metadata_only: name == "meta",
+        // A rootless overlay is mounted with `userxattr`.
+        user_xattrs: crate::worker::rootless(),
     }
 }
 
@@ -625,6 +627,7 @@ impl RootView {
                     ownership: nix::unistd::geteuid().is_root(),
                     overlay_format: false,
                     metadata_only: false,
+                    user_xattrs: false,
                 };
                 unpack::unpack_verified(
                     &snaps.blobs.ensure(&layer.digest)?,
