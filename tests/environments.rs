@@ -245,7 +245,7 @@ fn one_build_file_gives_one_digest_in_every_environment() {
 }
 
 #[test]
-fn each_environment_refuses_what_it_cannot_do() {
+fn each_environment_refuses_what_it_cannot_do_and_keeps_builders_own_files() {
     let docker = Docker::start();
     let t = tempfile::Builder::new()
         .prefix("envr")
@@ -287,6 +287,32 @@ fn each_environment_refuses_what_it_cannot_do() {
         assert!(!refused.status.success(), "{extra:?} is refused");
         assert!(log.contains("--isolation container"), "{log}");
     }
+
+    // Steps are laid out around builder's own files: credentials under $HOME survive them.
+    let script = "mkdir -p $HOME/.docker && echo '{\"auths\":{}}' > $HOME/.docker/config.json \
+        && builder build --isolation container --progress plain /ctx \
+        && cat $HOME/.docker/config.json";
+    let kept = run(docker
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            "--pull",
+            "never",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/bin/sh",
+        ])
+        .arg("-v")
+        .arg(format!("{}:/ctx:ro", ctx.display()))
+        .args([IMAGE, "-c", script]));
+    assert!(
+        kept.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    assert!(String::from_utf8_lossy(&kept.stdout).contains("auths"));
 
     // On what is not a container, --isolation container never starts.
     let in_a_container = Path::new("/.dockerenv").exists()

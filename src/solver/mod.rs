@@ -378,6 +378,9 @@ fn container_isolation(
     let mut keep = req.keep.clone();
     keep.push(store.root().to_path_buf());
     keep.push(req.context.clone());
+    // What a push after the build reads: credentials and builder's own configuration.
+    keep.push(crate::registry::auth::auth_file());
+    keep.push(crate::registry::auth::config_dir());
     Ok(worker::inplace::Kept::discover(&keep))
 }
 
