@@ -264,6 +264,16 @@ struct Laid {
 #[derive(Default)]
 struct Layout {
     entries: HashMap<PathBuf, Laid>,
+    /// After a step whose layer is all that will change its view: that view, the layer
+    /// count it will then have, and the paths the step changed (the only ones where `/` and
+    /// the view can then differ). The next step of the stage re-lays out only those.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    view: PathBuf,
+    layers: usize,
+    changed: Captured,
 }
 
 /// Print `msg` once per process.
@@ -305,7 +315,126 @@ fn set_times(p: &Path, md: &fs::Metadata) {
 }
 
 /// Make `root` show exactly `view` (outside what is kept), reusing what is already there.
-fn lay_out(view: &Path, root: &Path, kept: &Kept, layout: &mut Layout) -> Result<(), WorkerError> {
+fn lay_out(
+    view: &Path,
+    layers: usize,
+    root: &Path,
+    kept: &Kept,
+    layout: &mut Layout,
+) -> Result<(), WorkerError> {
+    if let Some(p) = layout.pending.take() {
+        if p.view == view
+            && p.layers == layers
+            && lay_out_paths(view, root, kept, layout, p.changed)?
+        {
+            return Ok(());
+        }
+    }
+    lay_out_all(view, root, kept, layout)
+}
+
+/// Re-lay out only `paths` (and their parents), where `/` and the view may differ after the
+/// last step. `Ok(false)` when that cannot be done by links (the full layout then runs).
+fn lay_out_paths(
+    view: &Path,
+    root: &Path,
+    kept: &Kept,
+    layout: &mut Layout,
+    changed: Captured,
+) -> Result<bool, WorkerError> {
+    for r in &changed.remade {
+        layout.entries.retain(|k, _| !(k.starts_with(r) && k != r));
+    }
+    let mut all: Vec<PathBuf> = changed
+        .changed
+        .iter()
+        .flat_map(|p| {
+            p.ancestors()
+                .filter(|a| !a.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    all.sort();
+    all.dedup();
+    let mut dirs = Vec::new();
+    for rel in &all {
+        if kept.covers(rel) {
+            continue;
+        }
+        let src = view.join(rel);
+        let dst = root.join(rel);
+        let md = match fs::symlink_metadata(&src) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !kept.leads_to_kept(rel) {
+                    remove_any(&dst)?;
+                }
+                layout.entries.retain(|k, _| !k.starts_with(rel));
+                continue;
+            }
+            Err(e) => return Err(io_at(&src)(e)),
+        };
+        let current = fs::symlink_metadata(&dst).ok();
+        if let (Some(laid), Some(cur)) = (layout.entries.get(rel), &current) {
+            if laid.source == Sig::of(&md) && laid.placed == Sig::at(&dst, cur) {
+                continue;
+            }
+        }
+        if md.is_dir() {
+            match &current {
+                Some(cur) if cur.is_dir() => {}
+                Some(_) => {
+                    remove_any(&dst)?;
+                    fs::create_dir(&dst).map_err(io_at(&dst))?;
+                }
+                None => fs::create_dir(&dst).map_err(io_at(&dst))?,
+            }
+            copy_meta(&src, &dst, &md);
+            dirs.push((rel.clone(), md));
+        } else if md.is_file() {
+            if current.is_some() {
+                remove_any(&dst)?;
+            }
+            if fs::hard_link(&src, &dst).is_err() {
+                return Ok(false);
+            }
+        } else if md.file_type().is_symlink() {
+            if current.is_some() {
+                remove_any(&dst)?;
+            }
+            symlink(fs::read_link(&src).map_err(io_at(&src))?, &dst).map_err(io_at(&dst))?;
+            copy_meta(&src, &dst, &md);
+        } else {
+            return Ok(false);
+        }
+        let placed = fs::symlink_metadata(&dst).map_err(io_at(&dst))?;
+        let source = fs::symlink_metadata(&src).map_err(io_at(&src))?;
+        layout.entries.insert(
+            rel.clone(),
+            Laid {
+                source: Sig::of(&source),
+                placed: Sig::at(&dst, &placed),
+            },
+        );
+    }
+    for (rel, md) in dirs.iter().rev() {
+        let dst = root.join(rel);
+        set_times(&dst, md);
+        if let (Ok(cur), Some(laid)) = (fs::symlink_metadata(&dst), layout.entries.get_mut(rel)) {
+            laid.placed = Sig::at(&dst, &cur);
+        }
+    }
+    Ok(true)
+}
+
+/// Make `root` show exactly `view`, walking both whole.
+fn lay_out_all(
+    view: &Path,
+    root: &Path,
+    kept: &Kept,
+    layout: &mut Layout,
+) -> Result<(), WorkerError> {
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, fs::Metadata)> = Vec::new();
@@ -379,8 +508,14 @@ fn lay_out(view: &Path, root: &Path, kept: &Kept, layout: &mut Layout) -> Result
                     .map_err(io_at(&dst))?;
                 copy_meta(e.path(), &dst, &md);
             } else if ft.is_file() {
-                fs::copy(e.path(), &dst).map_err(io_at(&dst))?;
-                copy_meta(e.path(), &dst, &md);
+                // A link to the view's own file, not a copy: what a step changes in place is
+                // seen by its ctime and captured into the layer, which is then applied to the
+                // view, so the view ends as it would anyway. A copy where the store is on
+                // another file system.
+                if fs::hard_link(e.path(), &dst).is_err() {
+                    fs::copy(e.path(), &dst).map_err(io_at(&dst))?;
+                    copy_meta(e.path(), &dst, &md);
+                }
             } else {
                 let kind = if ft.is_fifo() {
                     nix::sys::stat::SFlag::S_IFIFO
@@ -403,6 +538,12 @@ fn lay_out(view: &Path, root: &Path, kept: &Kept, layout: &mut Layout) -> Result
             }
         }
         let placed = fs::symlink_metadata(&dst).map_err(io_at(&dst))?;
+        // Linking changed the view entry's ctime: its signature is taken after placing.
+        let source = if md.is_file() {
+            Sig::of(&fs::symlink_metadata(e.path()).map_err(io_at(e.path()))?)
+        } else {
+            source
+        };
         layout.entries.insert(
             rel,
             Laid {
@@ -476,7 +617,7 @@ fn capture(
     kept: &Kept,
     layout: &Layout,
     diff: &Path,
-) -> Result<(), WorkerError> {
+) -> Result<Captured, WorkerError> {
     let mut changed: Vec<PathBuf> = Vec::new();
     let mut opaque: HashSet<PathBuf> = HashSet::new();
     // Directories now something else: nothing below them is deleted one by one.
@@ -567,7 +708,16 @@ fn capture(
         let d = diff.join(rel);
         xattr::set(&d, super::USER_OPAQUE_XATTR, b"y").map_err(io_at(&d))?;
     }
-    Ok(())
+    changed.extend(deleted);
+    let remade = opaque.into_iter().chain(replaced).collect();
+    Ok(Captured { changed, remade })
+}
+
+/// What [`capture`] saw change: every changed, new or deleted path, and the directories
+/// made again or replaced (what was below them is gone).
+struct Captured {
+    changed: Vec<PathBuf>,
+    remade: Vec<PathBuf>,
 }
 
 /// A RUN --mount made real in `/` for one step.
@@ -659,6 +809,7 @@ fn remove_mounts(placed: Vec<Placed>) -> Result<(), WorkerError> {
 /// Run one step in place on `view`; returns its exit and the diff directory.
 pub fn run_step(
     view: &Path,
+    layers: usize,
     scratch: &Path,
     spec: &RunSpec,
     kept: &Kept,
@@ -677,7 +828,12 @@ pub fn run_step(
     let root = Path::new("/");
     let mut guard = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
     let layout = guard.get_or_insert_with(Layout::default);
-    lay_out(view, root, kept, layout)?;
+    let timing = std::env::var_os("BUILDER_TIME_INPLACE").is_some();
+    let t0 = std::time::Instant::now();
+    lay_out(view, layers, root, kept, layout)?;
+    if timing {
+        eprintln!("inplace: lay_out {:?}", t0.elapsed());
+    }
     // Mount targets, and the directories the sandbox would have made for them, are not the
     // step's; the sandbox's mount-point directories the image lacks join the layer as the
     // overlay path leaves them.
@@ -714,8 +870,21 @@ pub fn run_step(
     fs::create_dir_all(&diff).map_err(io_at(&diff))?;
     if exit == Exit::Code(0) {
         let layout = guard.get_or_insert_with(Layout::default);
-        capture(view, root, &step_kept, layout, &diff)?;
+        let t1 = std::time::Instant::now();
+        let changed = capture(view, root, &step_kept, layout, &diff)?;
+        if timing {
+            eprintln!("inplace: capture {:?}", t1.elapsed());
+        }
         super::keep_mount_dirs(&created, &skeleton, &diff)?;
+        // Its layer will be applied to the view, and nothing else will have changed `/`
+        // unless a mount replaced something there (then the next layout walks everything).
+        if spec.mounts.is_empty() && created.is_empty() {
+            layout.pending = Some(Pending {
+                view: view.to_path_buf(),
+                layers: layers + 1,
+                changed,
+            });
+        }
     }
     Ok((exit, diff))
 }
@@ -937,7 +1106,7 @@ mod tests {
         write(&root.join("stale/left-over"), "from an earlier stage");
         let kept = Kept::of(Vec::new());
         let mut layout = Layout::default();
-        lay_out(view, &root, &kept, &mut layout).unwrap();
+        lay_out_all(view, &root, &kept, &mut layout).unwrap();
         assert!(
             !root.join("stale").exists(),
             "what the view lacks is removed"
@@ -1033,7 +1202,7 @@ mod tests {
         write(&root.join("builder/bin/builder"), "binary");
         let kept = Kept::of(vec!["/var-run/secrets".into(), "/builder".into()]);
         let mut layout = Layout::default();
-        lay_out(v.path(), &root, &kept, &mut layout).unwrap();
+        lay_out_all(v.path(), &root, &kept, &mut layout).unwrap();
         assert_eq!(
             fs::read_to_string(root.join("var-run/secrets/token")).unwrap(),
             "secret"
@@ -1051,5 +1220,65 @@ mod tests {
         fs::create_dir(&diff).unwrap();
         capture(v.path(), &root, &kept, &layout, &diff).unwrap();
         assert_eq!(listing(&diff), ["a", "a/new"]);
+    }
+
+    #[test]
+    fn the_next_step_re_lays_out_only_what_the_last_one_changed() {
+        let v = view();
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let kept = Kept::of(Vec::new());
+        let mut layout = Layout::default();
+        lay_out(v.path(), 1, &root, &kept, &mut layout).unwrap();
+        // A step: a change, a deletion, a remade directory, a new file.
+        fs::write(root.join("a/one"), "changed").unwrap();
+        fs::remove_file(root.join("a/two")).unwrap();
+        fs::remove_dir_all(root.join("c")).unwrap();
+        fs::create_dir(root.join("c")).unwrap();
+        write(&root.join("c/e"), "e");
+        write(&root.join("n/new"), "new");
+        let diff = t.path().join("diff");
+        fs::create_dir(&diff).unwrap();
+        let captured = capture(v.path(), &root, &kept, &layout, &diff).unwrap();
+        // The layer, applied to the view as the copy snapshotter does.
+        for r in &captured.remade {
+            fs::remove_dir_all(v.path().join(r)).unwrap();
+        }
+        for rel in &captured.changed {
+            let (from, to) = (root.join(rel), v.path().join(rel));
+            match fs::symlink_metadata(&from) {
+                Ok(md) if md.is_dir() => fs::create_dir_all(&to).unwrap(),
+                Ok(_) => {
+                    let _ = fs::remove_file(&to);
+                    fs::create_dir_all(to.parent().unwrap()).unwrap();
+                    fs::copy(&from, &to).unwrap();
+                }
+                Err(_) => remove_any(&to).unwrap(),
+            }
+        }
+        layout.pending = Some(Pending {
+            view: v.path().to_path_buf(),
+            layers: 2,
+            changed: captured,
+        });
+        lay_out(v.path(), 2, &root, &kept, &mut layout).unwrap();
+        assert!(layout.pending.is_none());
+        // A step that changes nothing then has an empty layer.
+        let diff = t.path().join("diff2");
+        fs::create_dir(&diff).unwrap();
+        capture(v.path(), &root, &kept, &layout, &diff).unwrap();
+        assert!(listing(&diff).is_empty(), "{:?}", listing(&diff));
+        let mut laid: Vec<_> = layout.entries.keys().cloned().collect();
+        laid.sort();
+        let mut fresh = Layout::default();
+        let other = t.path().join("other");
+        fs::create_dir(&other).unwrap();
+        lay_out_all(v.path(), &other, &kept, &mut fresh).unwrap();
+        let mut want: Vec<_> = fresh.entries.keys().cloned().collect();
+        want.sort();
+        assert_eq!(laid, want, "the same paths as a full layout");
+        assert_eq!(fs::read_to_string(root.join("c/e")).unwrap(), "e");
+        assert!(!root.join("c/d").exists() && !root.join("a/two").exists());
     }
 }

@@ -410,7 +410,7 @@ pub fn run_step(
     } = input;
     let rootfs = view.path();
     if let Some(kept) = in_place {
-        return inplace::run_step(rootfs, scratch, &spec, kept, on_line);
+        return inplace::run_step(rootfs, view.layer_count(), scratch, &spec, kept, on_line);
     }
     if view.mode() == Snapshotter::Overlay {
         // Mount points come from a skeleton layered on top of the shared snapshots.

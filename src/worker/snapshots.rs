@@ -599,6 +599,11 @@ impl RootView {
         &self.lowers
     }
 
+    /// How many layers the view shows.
+    pub fn layer_count(&self) -> usize {
+        self.chains.len()
+    }
+
     pub fn mode(&self) -> Snapshotter {
         self.mode
     }
