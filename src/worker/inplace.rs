@@ -828,12 +828,7 @@ pub fn run_step(
     let root = Path::new("/");
     let mut guard = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
     let layout = guard.get_or_insert_with(Layout::default);
-    let timing = std::env::var_os("BUILDER_TIME_INPLACE").is_some();
-    let t0 = std::time::Instant::now();
     lay_out(view, layers, root, kept, layout)?;
-    if timing {
-        eprintln!("inplace: lay_out {:?}", t0.elapsed());
-    }
     // Mount targets, and the directories the sandbox would have made for them, are not the
     // step's; the sandbox's mount-point directories the image lacks join the layer as the
     // overlay path leaves them.
@@ -870,15 +865,14 @@ pub fn run_step(
     fs::create_dir_all(&diff).map_err(io_at(&diff))?;
     if exit == Exit::Code(0) {
         let layout = guard.get_or_insert_with(Layout::default);
-        let t1 = std::time::Instant::now();
         let changed = capture(view, root, &step_kept, layout, &diff)?;
-        if timing {
-            eprintln!("inplace: capture {:?}", t1.elapsed());
-        }
         super::keep_mount_dirs(&created, &skeleton, &diff)?;
         // Its layer will be applied to the view, and nothing else will have changed `/`
         // unless a mount replaced something there (then the next layout walks everything).
-        if spec.mounts.is_empty() && created.is_empty() {
+        if spec.mounts.is_empty() {
+            let mut changed = changed;
+            // The mount points the layer gains (/proc, /dev, /sys) are the container's own.
+            changed.changed.extend(created.iter().cloned());
             layout.pending = Some(Pending {
                 view: view.to_path_buf(),
                 layers: layers + 1,
