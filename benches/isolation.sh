@@ -67,8 +67,9 @@ mkdir -p "$logs"
 for i in $(seq "$runs"); do
   "$bin" build --progress plain --no-cache --network none --root "$work/host-store" "$ctx" \
     >/dev/null 2>"$logs/sandbox-$i"
-  docker run --rm --pull never --network none -v "$ctx:/ctx:ro" -v "$work/in-store:/builder/store" \
-    builder-ci:bench build --isolation container --progress plain --no-cache --root /builder/store /ctx \
+  # The store on the container's own file system (the image's default), where a layout links.
+  docker run --rm --pull never --network none -v "$ctx:/ctx:ro" \
+    builder-ci:bench build --isolation container --progress plain --no-cache /ctx \
     >/dev/null 2>"$logs/container-$i"
   docker build --network none --progress plain --no-cache "$ctx" >/dev/null 2>"$logs/buildkit-$i"
 done

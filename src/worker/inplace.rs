@@ -397,7 +397,8 @@ fn lay_out_paths(
                 remove_any(&dst)?;
             }
             if fs::hard_link(&src, &dst).is_err() {
-                return Ok(false);
+                fs::copy(&src, &dst).map_err(io_at(&dst))?;
+                copy_meta(&src, &dst, &md);
             }
         } else if md.file_type().is_symlink() {
             if current.is_some() {
