@@ -330,3 +330,51 @@ fn each_environment_refuses_what_it_cannot_do_and_keeps_builders_own_files() {
         eprintln!("the test itself runs in a container: the host refusal is not checked here");
     }
 }
+
+#[test]
+fn every_kind_of_mount_gives_the_host_digest_in_a_container() {
+    let docker = Docker::start();
+    let t = tempfile::Builder::new()
+        .prefix("envm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let ctx = t.path().join("ctx");
+    fs::create_dir_all(ctx.join("src")).unwrap();
+    fs::copy(
+        testdata("environments/mounts/Buildfile"),
+        ctx.join("Buildfile"),
+    )
+    .unwrap();
+    fs::copy(
+        testdata("environments/mounts/src/a.txt"),
+        ctx.join("src/a.txt"),
+    )
+    .unwrap();
+    fs::copy(busybox(), ctx.join("busybox")).unwrap();
+    write(&t.path().join("secret.txt"), "s3cret");
+    run_ok(Command::new("chmod").args(["-R", "a+rX"]).arg(t.path()));
+    let secret = format!("id=tok,src={}", t.path().join("secret.txt").display());
+    let host = run(build_cmd(&t.path().join("store"))
+        .args(["--secret", &secret])
+        .arg(&ctx));
+    let host_digest = digest_of(&host, "the root build");
+    ci_image(&docker, t.path());
+    let contained = run(docker
+        .cmd()
+        .args(["run", "--rm", "--pull", "never", "--network", "none", "-v"])
+        .arg(format!("{}:/e:ro", t.path().display()))
+        .args([
+            IMAGE,
+            "build",
+            "--isolation",
+            "container",
+            "--progress",
+            "plain",
+        ])
+        .args(["--secret", "id=tok,src=/e/secret.txt", "/e/ctx"]));
+    assert_eq!(
+        digest_of(&contained, "the --isolation container build"),
+        host_digest
+    );
+}

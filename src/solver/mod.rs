@@ -375,6 +375,11 @@ fn container_isolation(
             )))
         }
     }
+    // What builder puts in temporary directories (an ADDed archive being extracted, a
+    // secret) must not be in the way of a step's layout: under the store, which is kept.
+    let tmp = store.root().join("tmp");
+    fs::create_dir_all(&tmp).map_err(|e| BuildError::Other(format!("{}: {}", tmp.display(), e)))?;
+    std::env::set_var("TMPDIR", &tmp);
     let mut keep = req.keep.clone();
     keep.push(store.root().to_path_buf());
     keep.push(req.context.clone());
@@ -1070,6 +1075,7 @@ impl Ctx<'_, '_> {
         let mut from_err = None;
         let store_root = self.store.root().to_path_buf();
         let secrets = self.req.secrets.clone();
+        let copy_context = self.kept.is_some();
         let (mut mounts, secret_env) = {
             let mut lookup = |f: &Input| -> Result<PathBuf, String> {
                 match self.source_for(origin, f) {
@@ -1087,6 +1093,7 @@ impl Ctx<'_, '_> {
                 context: &ctx_root,
                 secrets: &secrets,
                 from_root: &mut lookup,
+                copy_context,
             };
             match run::resolve_mounts(&e.mounts, &mut me, &mut guards) {
                 Ok(x) => x,

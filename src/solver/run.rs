@@ -123,6 +123,9 @@ pub struct MountEnv<'a> {
     pub secrets: &'a BTreeMap<String, SecretSource>,
     /// Finds the root filesystem of a stage or image named by `from=`.
     pub from_root: &'a mut dyn FnMut(&Input) -> Result<PathBuf, String>,
+    /// No mount can be made (`--isolation container`): context sources are copied, read
+    /// from the context without following links, instead of pinned by a bind.
+    pub copy_context: bool,
 }
 
 /// Turn parsed mounts into sandbox mounts plus extra environment (secret `env=`).
@@ -198,7 +201,21 @@ pub fn resolve_mounts(
                         let first = found.into_iter().next().ok_or_else(|| {
                             format!("{}: not found in the build context", src_rel)
                         })?;
-                        if !me.context.ignore.is_empty() && first.path.is_dir() {
+                        if me.copy_context && !first.path.is_dir() {
+                            let copy =
+                                tempfile::tempdir_in(me.scratch).map_err(|e| e.to_string())?;
+                            let p = copy.path().join("data");
+                            let mut from = crate::oci::at::open_regular(&first.path)
+                                .map_err(|e| format!("{}: {}", first.path.display(), e))?;
+                            let mut to = fs::File::create(&p).map_err(|e| e.to_string())?;
+                            std::io::copy(&mut from, &mut to).map_err(|e| e.to_string())?;
+                            let mode = from.metadata().map_err(|e| e.to_string())?.permissions();
+                            fs::set_permissions(&p, mode).map_err(|e| e.to_string())?;
+                            guards.dirs.push(copy);
+                            p
+                        } else if (me.copy_context || !me.context.ignore.is_empty())
+                            && first.path.is_dir()
+                        {
                             // Ignored files must stay invisible: bind a filtered copy.
                             let copy =
                                 tempfile::tempdir_in(me.scratch).map_err(|e| e.to_string())?;

@@ -925,13 +925,29 @@ pub(crate) fn write_diff(
             symlink(fs::read_link(&src).map_err(io_at(&src))?, &dst).map_err(io_at(&dst))?;
         } else if ft.is_file() {
             fs::copy(&src, &dst).map_err(io_at(&dst))?;
+        } else if ft.is_socket() {
+            // Sockets are not part of images.
+            continue;
         } else {
-            let _ = nix::sys::stat::mknod(
+            // A FIFO or a device node, as what it is (a 0/0 character device here would
+            // read as a whiteout).
+            let kind = if ft.is_fifo() {
+                nix::sys::stat::SFlag::S_IFIFO
+            } else if ft.is_block_device() {
+                nix::sys::stat::SFlag::S_IFBLK
+            } else {
+                nix::sys::stat::SFlag::S_IFCHR
+            };
+            nix::sys::stat::mknod(
                 &dst,
-                nix::sys::stat::SFlag::S_IFCHR,
+                kind,
                 nix::sys::stat::Mode::from_bits_truncate(md.mode() & 0o7777),
                 md.rdev(),
-            );
+            )
+            .map_err(|e| WorkerError::Io {
+                path: dst.clone(),
+                source: io::Error::from(e),
+            })?;
         }
         copy_meta(&src, &dst, &md);
     }
