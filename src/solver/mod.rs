@@ -1149,6 +1149,9 @@ impl Ctx<'_, '_> {
             },
         )
         .map_err(|e| self.fail(origin, e.to_string()))?;
+        for n in worker::inplace::take_notices() {
+            reporter.warn(&n);
+        }
         drop(guards);
         match exit {
             Exit::Code(0) => {}

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
@@ -276,13 +276,21 @@ struct Pending {
     changed: Captured,
 }
 
-/// Print `msg` once per process.
-fn warn_once(msg: String) {
-    static SAID: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+/// What a layout had to leave out, said once per build through the solver's reporter
+/// ([`take_notices`]).
+static NOTICES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static NOTICED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+fn notice_once(msg: String) {
+    let mut said = NOTICED.lock().unwrap_or_else(|e| e.into_inner());
     if said.get_or_insert_with(HashSet::new).insert(msg.clone()) {
-        eprintln!("warning: {}", msg);
+        NOTICES.lock().unwrap_or_else(|e| e.into_inner()).push(msg);
     }
+}
+
+/// The notices layouts made since the last call.
+pub fn take_notices() -> Vec<String> {
+    std::mem::take(&mut *NOTICES.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// One `/`: steps run one at a time, and the layout outlives each.
@@ -493,7 +501,7 @@ fn lay_out_all(
                 // (a Debian image's /var/run -> /run over Kubernetes' /var/run/secrets): the
                 // container's directory stays, and the image's entry is not in the way of
                 // the diff, which never reports that directory.
-                warn_once(format!(
+                notice_once(format!(
                     "the image's /{} is hidden under --isolation container: the container keeps a directory there for its own mounts",
                     rel.display()
                 ));
@@ -518,23 +526,7 @@ fn lay_out_all(
                     copy_meta(e.path(), &dst, &md);
                 }
             } else {
-                let kind = if ft.is_fifo() {
-                    nix::sys::stat::SFlag::S_IFIFO
-                } else if ft.is_block_device() {
-                    nix::sys::stat::SFlag::S_IFBLK
-                } else {
-                    nix::sys::stat::SFlag::S_IFCHR
-                };
-                nix::sys::stat::mknod(
-                    &dst,
-                    kind,
-                    nix::sys::stat::Mode::from_bits_truncate(md.mode() & 0o7777),
-                    md.rdev(),
-                )
-                .map_err(|e| WorkerError::Io {
-                    path: dst.clone(),
-                    source: e.into(),
-                })?;
+                super::make_node(&dst, &md)?;
                 copy_meta(e.path(), &dst, &md);
             }
         }
@@ -1087,6 +1079,7 @@ pub(crate) fn kill_descendants() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     fn write(p: &Path, s: &str) {
         fs::create_dir_all(p.parent().unwrap()).unwrap();

@@ -879,6 +879,28 @@ pub fn walk_diff(
     Ok(())
 }
 
+/// Make the FIFO or device node `md` describes at `dst`.
+pub(crate) fn make_node(dst: &Path, md: &fs::Metadata) -> Result<(), WorkerError> {
+    let ft = md.file_type();
+    let kind = if ft.is_fifo() {
+        nix::sys::stat::SFlag::S_IFIFO
+    } else if ft.is_block_device() {
+        nix::sys::stat::SFlag::S_IFBLK
+    } else {
+        nix::sys::stat::SFlag::S_IFCHR
+    };
+    nix::sys::stat::mknod(
+        dst,
+        kind,
+        nix::sys::stat::Mode::from_bits_truncate(md.mode() & 0o7777),
+        md.rdev(),
+    )
+    .map_err(|e| WorkerError::Io {
+        path: dst.to_path_buf(),
+        source: io::Error::from(e),
+    })
+}
+
 /// The marker of a directory that hides everything below it in lower layers, where the
 /// `trusted.` namespace cannot be written (an unprivileged container): the layer writer
 /// takes it as overlay's `trusted.overlay.opaque`, as overlayfs' `userxattr` mode does.
@@ -931,23 +953,7 @@ pub(crate) fn write_diff(
         } else {
             // A FIFO or a device node, as what it is (a 0/0 character device here would
             // read as a whiteout).
-            let kind = if ft.is_fifo() {
-                nix::sys::stat::SFlag::S_IFIFO
-            } else if ft.is_block_device() {
-                nix::sys::stat::SFlag::S_IFBLK
-            } else {
-                nix::sys::stat::SFlag::S_IFCHR
-            };
-            nix::sys::stat::mknod(
-                &dst,
-                kind,
-                nix::sys::stat::Mode::from_bits_truncate(md.mode() & 0o7777),
-                md.rdev(),
-            )
-            .map_err(|e| WorkerError::Io {
-                path: dst.clone(),
-                source: io::Error::from(e),
-            })?;
+            make_node(&dst, &md)?;
         }
         copy_meta(&src, &dst, &md);
     }
