@@ -295,7 +295,7 @@ impl StreamScanner {
         if h.iter().all(|&b| b == 0) {
             return;
         }
-        use crate::oci::layer::{tar_checksum_ok, tar_number};
+        use crate::oci::tar::{tar_checksum_ok, tar_number};
         let (Some(size), Some(mode)) = (tar_number(&h[124..136]), tar_number(&h[100..108])) else {
             self.failed = true;
             return;
@@ -425,11 +425,6 @@ impl Write for StreamScanner {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// Where a store keeps layer scans.
-pub fn cache_dir(store_root: &Path) -> std::path::PathBuf {
-    store_root.join("cache").join("sbom")
 }
 
 /// Keep a layer's scan (made while it was written) for [`scan_cached`].

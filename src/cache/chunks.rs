@@ -29,18 +29,12 @@ struct Table {
 /// The hash of [`crate::oci::pgzip::chunk_key`].
 const KEYED_BY: &str = "blake3";
 
-fn dir(store_root: &Path) -> PathBuf {
-    store_root.join("cache").join("chunks")
+fn step_path(dir: &Path, step: &str) -> PathBuf {
+    dir.join("steps").join(Digest::of(step.as_bytes()).hex())
 }
 
-fn step_path(store_root: &Path, step: &str) -> PathBuf {
-    dir(store_root)
-        .join("steps")
-        .join(Digest::of(step.as_bytes()).hex())
-}
-
-fn table_path(store_root: &Path, blob: &Digest) -> PathBuf {
-    dir(store_root).join("tables").join(blob.hex())
+fn table_path(dir: &Path, blob: &Digest) -> PathBuf {
+    dir.join("tables").join(blob.hex())
 }
 
 /// The chunks of the last layer `step` wrote, when it is still stored.
@@ -52,14 +46,13 @@ pub struct PreviousChunks {
 }
 
 impl PreviousChunks {
-    pub fn of_step(store_root: &Path, blobs: &BlobStore, step: &str) -> Option<PreviousChunks> {
-        let text = fs::read_to_string(step_path(store_root, step)).ok()?;
+    pub fn of_step(dir: &Path, blobs: &BlobStore, step: &str) -> Option<PreviousChunks> {
+        let text = fs::read_to_string(step_path(dir, step)).ok()?;
         let blob: Digest = text.trim().parse().ok()?;
         if !blobs.contains(&blob) {
             return None;
         }
-        let table: Table =
-            serde_json::from_slice(&fs::read(table_path(store_root, &blob)).ok()?).ok()?;
+        let table: Table = serde_json::from_slice(&fs::read(table_path(dir, &blob)).ok()?).ok()?;
         if table.keyed != KEYED_BY {
             return None;
         }
@@ -92,7 +85,7 @@ impl ChunkReuse for PreviousChunks {
 
 /// Remember `layer` (gzip at `level`) as what `step` wrote last. Losing this only costs a
 /// later rewrite its reuse, so failures are ignored.
-pub fn remember(store_root: &Path, step: &str, layer: &Layer, level: u32) {
+pub fn remember(dir: &Path, step: &str, layer: &Layer, level: u32) {
     if layer.chunks.is_empty() {
         return;
     }
@@ -101,8 +94,8 @@ pub fn remember(store_root: &Path, step: &str, layer: &Layer, level: u32) {
         level,
         chunks: layer.chunks.clone(),
     };
-    let tp = table_path(store_root, &layer.digest);
-    let sp = step_path(store_root, step);
+    let tp = table_path(dir, &layer.digest);
+    let sp = step_path(dir, step);
     for p in [&tp, &sp] {
         if let Some(parent) = p.parent() {
             let _ = fs::create_dir_all(parent);
@@ -117,8 +110,8 @@ pub fn remember(store_root: &Path, step: &str, layer: &Layer, level: u32) {
 }
 
 /// Remove the tables of blobs that are gone (what `cache prune` calls after removing blobs).
-pub fn forget_missing(store_root: &Path, blobs: &BlobStore) {
-    let Ok(rd) = fs::read_dir(dir(store_root).join("tables")) else {
+pub fn forget_missing(dir: &Path, blobs: &BlobStore) {
+    let Ok(rd) = fs::read_dir(dir.join("tables")) else {
         return;
     };
     for e in rd.flatten() {

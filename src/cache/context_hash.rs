@@ -418,6 +418,7 @@ impl ListingSlot {
 /// Hashes context files, remembering results in `cache/stat.bin` under the store.
 pub struct ContextHasher {
     path: PathBuf,
+    listings: PathBuf,
     stat: RwLock<StatMap>,
     /// Whether `stat.bin` was read, and how many entries its journal (`stat.log`) held.
     loaded: AtomicBool,
@@ -440,10 +441,12 @@ impl Drop for ContextHasher {
 }
 
 impl ContextHasher {
-    pub fn open(store_root: &Path, jobs: usize) -> ContextHasher {
-        let path = store_root.join("cache").join("stat.bin");
+    /// The hasher whose stat cache is the file `stats` (its journal beside it), and whose
+    /// context listings are kept in `listings`.
+    pub fn open(stats: &Path, listings: &Path, jobs: usize) -> ContextHasher {
         ContextHasher {
-            path,
+            path: stats.to_path_buf(),
+            listings: listings.to_path_buf(),
             stat: RwLock::new(StatMap::new()),
             loaded: AtomicBool::new(false),
             journaled: 0.into(),
@@ -535,7 +538,7 @@ impl ContextHasher {
         // Read in large pieces (io::copy reads 8 KiB at a time): one read for most files,
         // a hundred for a 100 MB one.
         let mut buf = vec![0u8; usize::try_from(md.len()).unwrap_or(0).clamp(4096, 1 << 20)];
-        crate::oci::layer::copy_in_pieces(&mut f, &mut w, &mut buf)?;
+        crate::oci::tar::copy_in_pieces(&mut f, &mut w, &mut buf)?;
         let (d, _, _) = w.finish();
         let digest = d.to_string();
         let mut sha256 = [0u8; 32];
@@ -724,9 +727,7 @@ impl ContextHasher {
     }
 
     fn listing_path(&self, slot: &[u8]) -> PathBuf {
-        self.path
-            .with_file_name("listings")
-            .join(blake3::hash(slot).to_hex().as_str())
+        self.listings.join(blake3::hash(slot).to_hex().as_str())
     }
 
     /// What the last read of `slot` recorded, if it was of entries with this `key`.
@@ -896,8 +897,12 @@ mod tests {
                 (format!("f{}", i), p)
             })
             .collect();
-        let journal = store.path().join("cache/stat.log");
-        let h = ContextHasher::open(store.path(), 2);
+        let journal = store.path().join("stat.log");
+        let h = ContextHasher::open(
+            &store.path().join("stat.bin"),
+            &store.path().join("listings"),
+            2,
+        );
         let st = h.stat_all(&entries[..19]).unwrap().stats;
         h.describe_leaves(&entries[..19], &st, 0, (0, 0)).unwrap();
         h.save();
@@ -906,7 +911,11 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_secs_f64(
             RACY_SECONDS as f64 + 0.1,
         ));
-        let h = ContextHasher::open(store.path(), 2);
+        let h = ContextHasher::open(
+            &store.path().join("stat.bin"),
+            &store.path().join("listings"),
+            2,
+        );
         assert_eq!(h.loaded_stat().read().unwrap().len(), 19);
         let st = h.stat_all(&entries).unwrap().stats;
         h.describe_leaves(&entries, &st, 0, (0, 0)).unwrap();
@@ -917,13 +926,21 @@ mod tests {
             "one entry appended: {} bytes",
             appended
         );
-        let h = ContextHasher::open(store.path(), 2);
+        let h = ContextHasher::open(
+            &store.path().join("stat.bin"),
+            &store.path().join("listings"),
+            2,
+        );
         assert_eq!(h.loaded_stat().read().unwrap().len(), 20);
         // A torn last entry is ignored; what came before it still counts.
         let mut torn = fs::read(&journal).unwrap();
         torn.extend_from_slice(&torn.clone()[..40]);
         fs::write(&journal, &torn).unwrap();
-        let h = ContextHasher::open(store.path(), 2);
+        let h = ContextHasher::open(
+            &store.path().join("stat.bin"),
+            &store.path().join("listings"),
+            2,
+        );
         assert_eq!(h.loaded_stat().read().unwrap().len(), 20);
         assert_eq!(h.journaled.load(Ordering::Relaxed), 1);
     }
@@ -938,7 +955,11 @@ mod tests {
         for (_, p) in &entries {
             fs::write(p, "x").unwrap();
         }
-        let h = ContextHasher::open(store.path(), 2);
+        let h = ContextHasher::open(
+            &store.path().join("stat.bin"),
+            &store.path().join("listings"),
+            2,
+        );
         let key_now = |h: &ContextHasher| {
             let st = h.stat_all(&entries).unwrap();
             assert_eq!(st.stats.len(), entries.len());
@@ -950,7 +971,11 @@ mod tests {
             RACY_SECONDS as f64 + 0.1,
         ));
         let key = key_now(&h).unwrap();
-        let single = ContextHasher::open(store.path(), 1);
+        let single = ContextHasher::open(
+            &store.path().join("stat.bin"),
+            &store.path().join("listings"),
+            1,
+        );
         assert_eq!(
             key_now(&single),
             Some(key),

@@ -11,7 +11,7 @@ use fs2::FileExt;
 use super::CacheIndex;
 use crate::oci::digest::Digest;
 use crate::oci::image;
-use crate::store::{Store, StoreError};
+use crate::store::{Bucket, Store, StoreError, StoreFile};
 use crate::worker::snapshots::chain_ids;
 
 /// Held by builds (shared) and by prune (exclusive).
@@ -20,7 +20,7 @@ pub struct Lease {
 }
 
 fn lease_file(store: &Store) -> Result<fs::File, StoreError> {
-    let p = store.root().join("gc.lock");
+    let p = store.file(StoreFile::GcLock);
     fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -33,7 +33,7 @@ fn lease_file(store: &Store) -> Result<fs::File, StoreError> {
 pub fn build_lease(store: &Store) -> Result<Lease, StoreError> {
     let f = lease_file(store)?;
     f.lock_shared().map_err(|source| StoreError::Io {
-        path: store.root().join("gc.lock"),
+        path: store.file(StoreFile::GcLock),
         source,
     })?;
     Ok(Lease { _file: f })
@@ -123,7 +123,7 @@ fn size_of(store: &Store, d: &Digest) -> u64 {
 }
 
 pub fn usage(store: &Store) -> Result<Usage, StoreError> {
-    let index = CacheIndex::new(store.root(), &store.blobs);
+    let index = CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs);
     let tagged = blobs_of(&tagged_images(store)?);
     let entries = index.entries();
     let mut cache_blobs = BTreeSet::new();
@@ -138,9 +138,9 @@ pub fn usage(store: &Store) -> Result<Usage, StoreError> {
             .map(|d| size_of(store, d))
             .sum(),
         image_bytes: tagged.iter().map(|d| size_of(store, d)).sum(),
-        snapshot_bytes: crate::store::tree_size(&store.root().join("snapshots")),
-        segment_bytes: crate::store::tree_size(&store.root().join("cache").join("segments")),
-        scratch_bytes: crate::store::tree_size(&store.root().join("tmp")),
+        snapshot_bytes: crate::store::tree_size(&store.dir(Bucket::Snapshots)),
+        segment_bytes: crate::store::tree_size(&store.dir(Bucket::Segments)),
+        scratch_bytes: crate::store::tree_size(&store.dir(Bucket::Tmp)),
     })
 }
 
@@ -164,10 +164,10 @@ pub struct Pruned {
 pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
     let f = lease_file(store)?;
     f.lock_exclusive().map_err(|source| StoreError::Io {
-        path: store.root().join("gc.lock"),
+        path: store.file(StoreFile::GcLock),
         source,
     })?;
-    let index = CacheIndex::new(store.root(), &store.blobs);
+    let index = CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs);
     let images = tagged_images(store)?;
     let tagged = blobs_of(&images);
     let images = images.0;
@@ -232,28 +232,6 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
         live.extend(config.iter().cloned());
         live.extend(layers.iter().cloned());
     }
-    for d in store.blobs.list()? {
-        if !live.contains(&d) {
-            pruned.bytes += size_of(store, &d);
-            if fs::remove_file(store.blobs.path(&d)).is_ok() {
-                pruned.blobs += 1;
-            }
-        }
-    }
-    // The chunk tables of removed layers go with them.
-    super::chunks::forget_missing(store.root(), &store.blobs);
-    // And the tar segments no stored layer was written with (all of them with --all).
-    pruned.bytes += super::segments::forget_missing(store.root(), &store.blobs, opts.all);
-    // So do the records of layers left at registries that nothing needs any more.
-    crate::registry::lazy::forget_except(store.root(), &live);
-    // And the memos of --force-compression conversions and of provenance statements whose
-    // result is gone.
-    forget_conversions(store);
-    forget_statements(store);
-    // The context listings no-op builds take are kept for the next build, unless all goes.
-    if opts.all {
-        let _ = fs::remove_dir_all(store.root().join("cache").join("listings"));
-    }
     // Snapshots of chains no tagged image uses any more; cache hits rebuild theirs on demand.
     let mut live_chains = BTreeSet::new();
     for img in &images {
@@ -263,59 +241,89 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
                 .map(|c| c.hex().to_string()),
         );
     }
-    if let Ok(rd) = fs::read_dir(store.root().join("snapshots")) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !live_chains.contains(&name)
-                && (opts.all || opts.keep_storage.is_some() || opts.older_than_secs.is_some())
-                && fs::remove_dir_all(e.path()).is_ok()
-            {
-                pruned.snapshots += 1;
+    // Every bucket, blobs first: what the others remember is checked against the blobs kept.
+    for bucket in Bucket::ALL {
+        match bucket {
+            Bucket::Blobs => {
+                for d in store.blobs.list()? {
+                    if !live.contains(&d) {
+                        pruned.bytes += size_of(store, &d);
+                        if fs::remove_file(store.blobs.path(&d)).is_ok() {
+                            pruned.blobs += 1;
+                        }
+                    }
+                }
             }
-        }
-    }
-    // No build is running: leftovers of killed builds can go.
-    if let Ok(rd) = fs::read_dir(store.root().join("tmp")) {
-        for e in rd.flatten() {
-            pruned.scratch_bytes += crate::store::remove_counting(&e.path());
+            // Entries were removed above, by age, size or danglingness.
+            Bucket::Steps => {}
+            // The chunk tables of removed layers go with them.
+            Bucket::Chunks => super::chunks::forget_missing(&store.dir(bucket), &store.blobs),
+            // And the tar segments no stored layer was written with (all of them with --all).
+            Bucket::Segments => {
+                pruned.bytes +=
+                    super::segments::forget_missing(&store.dir(bucket), &store.blobs, opts.all)
+            }
+            // Records of layers left at registries that nothing needs any more.
+            Bucket::Lazy => {
+                store.origins().forget_lazy_except(&live);
+            }
+            // Which repositories hold a blob stays true while the registry keeps it.
+            Bucket::Origins => {}
+            // Memos whose result is gone, or that do not parse.
+            Bucket::Converted => {
+                store.memo(bucket).retain(|b| {
+                    serde_json::from_slice::<serde_json::Value>(b)
+                        .ok()
+                        .and_then(|v| crate::oci::image::LayerRef::from_json(&v))
+                        .is_some_and(|c| store.blobs.available(&c.digest))
+                });
+            }
+            Bucket::Statements => {
+                store.memo(bucket).retain(|b| {
+                    std::str::from_utf8(b)
+                        .ok()
+                        .and_then(|s| s.split_once(' ')?.0.parse::<Digest>().ok())
+                        .is_some_and(|d| store.blobs.contains(&d))
+                });
+            }
+            // Scans are small and keyed by content: kept for the next SBOM.
+            Bucket::Sbom => {}
+            // The context listings no-op builds take are kept for the next build, unless all
+            // goes.
+            Bucket::Listings => {
+                if opts.all {
+                    store.memo(bucket).clear();
+                }
+            }
+            Bucket::Snapshots => {
+                let pruning =
+                    opts.all || opts.keep_storage.is_some() || opts.older_than_secs.is_some();
+                if let Ok(rd) = fs::read_dir(store.dir(bucket)) {
+                    for e in rd.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if !live_chains.contains(&name)
+                            && pruning
+                            && fs::remove_dir_all(e.path()).is_ok()
+                        {
+                            pruned.snapshots += 1;
+                        }
+                    }
+                }
+            }
+            // No build is running: leftovers of killed builds can go.
+            Bucket::Tmp => {
+                if let Ok(rd) = fs::read_dir(store.dir(bucket)) {
+                    for e in rd.flatten() {
+                        pruned.scratch_bytes += crate::store::remove_counting(&e.path());
+                    }
+                }
+            }
+            // Attestations belong to their image; `RUN --mount=type=cache` contents are the
+            // user's, as BuildKit keeps them.
+            Bucket::Attested | Bucket::CacheMounts => {}
         }
     }
     Ok(pruned)
-}
-
-/// Remove the memos of `converted/` (a layer compressed again, by source and compression)
-/// whose converted blob the store no longer holds, or that do not parse.
-fn forget_conversions(store: &Store) {
-    let Ok(rd) = fs::read_dir(store.root().join("converted")) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let still = fs::read(e.path())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| crate::oci::image::LayerRef::from_json(&v))
-            .is_some_and(|c| store.blobs.available(&c.digest));
-        if !still {
-            let _ = fs::remove_file(e.path());
-        }
-    }
-}
-
-/// Remove the memos of `cache/statements/` (a provenance statement's digest and size, by
-/// what it was made of) whose statement the store no longer holds, or that do not parse.
-fn forget_statements(store: &Store) {
-    let Ok(rd) = fs::read_dir(store.root().join("cache").join("statements")) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let still = fs::read_to_string(e.path())
-            .ok()
-            .and_then(|s| s.split_once(' ')?.0.parse::<Digest>().ok())
-            .is_some_and(|d| store.blobs.contains(&d));
-        if !still {
-            let _ = fs::remove_file(e.path());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -82,9 +82,10 @@ pub struct Hit {
 }
 
 impl CacheIndex {
-    pub fn new(store_root: &Path, blobs: &BlobStore) -> CacheIndex {
+    /// The index kept in `dir` (the store's steps bucket).
+    pub fn new(dir: &Path, blobs: &BlobStore) -> CacheIndex {
         CacheIndex {
-            dir: store_root.join("cache").join("steps"),
+            dir: dir.to_path_buf(),
             blobs: blobs.clone(),
             remotes: Vec::new(),
         }

@@ -23,7 +23,7 @@ use crate::oci::image::{
 use crate::registry::client::Client;
 use crate::registry::pull::{descriptor, fetch_blob, get_manifest, Descriptor};
 use crate::registry::{push, Reference, RegistryError};
-use crate::store::Store;
+use crate::store::{Bucket, Store};
 
 pub const CACHE_CONFIG: &str = "application/vnd.builder.cache.config.v1+json";
 pub const CACHE_ARTIFACT: &str = "application/vnd.builder.cache.v1";
@@ -114,8 +114,8 @@ struct Record {
 /// An imported cache: its records, and where to fetch their layers.
 pub struct RemoteCache {
     location: Location,
-    /// The store's root, where layers left at the registry are remembered.
-    root: PathBuf,
+    /// Where the store remembers layers left at the registry.
+    origins: crate::registry::origins::OriginDirs,
     records: HashMap<String, Record>,
 }
 
@@ -127,7 +127,7 @@ fn bad(what: &str, msg: impl std::fmt::Display) -> RegistryError {
 /// build that hits the cache writes its SBOM without fetching the layers. Only scans of
 /// layers the records hold are taken; a scan already here, or one of another scanner
 /// version, is left alone.
-fn import_scans(doc: &[u8], records: &HashMap<String, Record>, root: &Path) {
+fn import_scans(doc: &[u8], records: &HashMap<String, Record>, dir: &Path) {
     let doc: Value = serde_json::from_slice(doc).unwrap_or(Value::Null);
     let Some(scans) = doc["scans"].as_object() else {
         return;
@@ -136,17 +136,16 @@ fn import_scans(doc: &[u8], records: &HashMap<String, Record>, root: &Path) {
         .values()
         .flat_map(|r| r.layers.iter().map(|l| &l.diff_id))
         .collect();
-    let dir = sbom::cache_dir(root);
     for (hex, scan) in scans {
         let Ok(diff_id) = format!("sha256:{}", hex).parse::<Digest>() else {
             continue;
         };
-        if !held.contains(&diff_id) || sbom::scan_path(&dir, &diff_id).is_file() {
+        if !held.contains(&diff_id) || sbom::scan_path(dir, &diff_id).is_file() {
             continue;
         }
         if let Ok(scan) = serde_json::from_value::<sbom::LayerScan>(scan.clone()) {
             if scan.is_current() {
-                sbom::store_scan(&dir, &diff_id, &scan);
+                sbom::store_scan(dir, &diff_id, &scan);
             }
         }
     }
@@ -155,7 +154,7 @@ fn import_scans(doc: &[u8], records: &HashMap<String, Record>, root: &Path) {
 /// The SBOM scans of `layers` this store has (scanning a layer whose bytes are here), by
 /// diff_id; a layer still at its registry is not fetched for it.
 fn export_scans(layers: &[LayerRef], store: &Store) -> serde_json::Map<String, Value> {
-    let dir = sbom::cache_dir(store.root());
+    let dir = store.dir(Bucket::Sbom);
     let mut out = serde_json::Map::new();
     for l in layers {
         if out.contains_key(l.diff_id.hex()) {
@@ -225,7 +224,7 @@ impl RemoteCache {
                 fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
                 let doc = store.blobs.get(&config.digest)?;
                 let records = read_records(&doc, &what)?;
-                import_scans(&doc, &records, store.root());
+                import_scans(&doc, &records, &store.dir(Bucket::Sbom));
                 records
             }
             Location::Dir(dir) => {
@@ -249,13 +248,13 @@ impl RemoteCache {
                 let config = descriptor(&manifest["config"], &what)?;
                 let doc = read_verified(dir, &config.digest)?;
                 let records = read_records(&doc, &what)?;
-                import_scans(&doc, &records, store.root());
+                import_scans(&doc, &records, &store.dir(Bucket::Sbom));
                 records
             }
         };
         Ok(Some(RemoteCache {
             location: location.clone(),
-            root: store.root().to_path_buf(),
+            origins: store.origins(),
             records,
         }))
     }
@@ -277,16 +276,12 @@ impl RemoteCache {
             if blobs.contains(&l.digest) {
                 continue;
             }
-            let d = Descriptor {
-                digest: l.digest.clone(),
-                size: l.size,
-                media_type: l.media_type.clone(),
-            };
+            let d = Descriptor::new(l.media_type.clone(), l.digest.clone(), l.size);
             match &self.location {
                 // Left at the registry: fetched if a later step or an output reads it, and
                 // mounted by a push to the same registry.
                 Location::Registry(r) => {
-                    crate::registry::lazy::remember(&self.root, &d, &r.registry, &r.repository);
+                    self.origins.remember_lazy(&d, &r.registry, &r.repository);
                 }
                 Location::Dir(dir) => {
                     let bytes = read_verified(dir, &d.digest).ok()?;
@@ -323,7 +318,7 @@ pub fn export(
     store: &Store,
     client: &Client,
 ) -> Result<usize, RegistryError> {
-    let index = CacheIndex::new(store.root(), &store.blobs);
+    let index = CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs);
     let mut seen = BTreeSet::new();
     let mut records = Vec::new();
     let mut layers: Vec<LayerRef> = Vec::new();

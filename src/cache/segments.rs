@@ -16,23 +16,19 @@ use crate::oci::blobs::{replace_unsynced, replace_unsynced_parts, BlobStore};
 use crate::oci::digest::Digest;
 use crate::oci::segments::{SegmentKey, SegmentStore};
 
-fn dir(store_root: &Path) -> PathBuf {
-    store_root.join("cache").join("segments")
+fn list_path(dir: &Path, blob: &Digest) -> PathBuf {
+    dir.join("layers").join(blob.hex())
 }
 
-fn list_path(store_root: &Path, blob: &Digest) -> PathBuf {
-    dir(store_root).join("layers").join(blob.hex())
-}
-
-/// The segments of a store.
+/// The segments of a store (its segments bucket).
 pub struct SegmentDir {
     dir: PathBuf,
 }
 
 impl SegmentDir {
-    pub fn open(store_root: &Path) -> SegmentDir {
+    pub fn open(dir: &Path) -> SegmentDir {
         SegmentDir {
-            dir: dir(store_root),
+            dir: dir.to_path_buf(),
         }
     }
 
@@ -73,7 +69,7 @@ impl SegmentStore for SegmentDir {
 
 /// Record which segments the layer `blob` was written with, so that pruning keeps them while
 /// the layer is stored.
-pub fn remember(store_root: &Path, blob: &Digest, keys: &[SegmentKey]) {
+pub fn remember(dir: &Path, blob: &Digest, keys: &[SegmentKey]) {
     if keys.is_empty() {
         return;
     }
@@ -82,14 +78,14 @@ pub fn remember(store_root: &Path, blob: &Digest, keys: &[SegmentKey]) {
         text.push_str(&hex::encode(k));
         text.push('\n');
     }
-    let _ = replace_unsynced(&list_path(store_root, blob), text.as_bytes());
+    let _ = replace_unsynced(&list_path(dir, blob), text.as_bytes());
 }
 
 /// Drop the lists of layers the store no longer holds, then every segment no list names
 /// (or all of them with `everything`). What `cache prune` calls after removing blobs, with no
 /// build running. Returns the bytes freed.
-pub fn forget_missing(store_root: &Path, blobs: &BlobStore, everything: bool) -> u64 {
-    let root = dir(store_root);
+pub fn forget_missing(dir: &Path, blobs: &BlobStore, everything: bool) -> u64 {
+    let root = dir;
     let mut named: BTreeSet<String> = BTreeSet::new();
     if let Ok(rd) = fs::read_dir(root.join("layers")) {
         for e in rd.flatten() {

@@ -440,7 +440,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     store
         .blobs
         .set_source(Arc::new(crate::registry::lazy::RegistryBlobs::new(
-            store.root(),
+            store.origins(),
             registry.clone(),
         )));
     let mut imported = Vec::new();
@@ -766,7 +766,7 @@ fn attestations_for(
         statements.push((provenance::PREDICATE_TYPE.to_string(), digest, size));
     }
     if attest.sbom {
-        let cache = sbom::cache_dir(store.root());
+        let cache = store.dir(crate::store::Bucket::Sbom);
         let mut scans = Vec::new();
         for l in &image.state.layers {
             scans.push(
@@ -793,12 +793,10 @@ fn attestations_for(
 /// blob is in the store, a build whose inputs did not change neither writes nor hashes its
 /// context's files again.
 fn put_statement(store: &Store, doc: &[u8], files: &[u8]) -> Result<(Digest, u64), CliError> {
-    let memo = store
-        .root()
-        .join("cache")
-        .join("statements")
-        .join(Digest::of(doc).hex());
-    let remembered = std::fs::read_to_string(&memo).ok().and_then(|s| {
+    let memo = store.memo(crate::store::Bucket::Statements);
+    let memo_key = Digest::of(doc).hex().to_string();
+    let remembered = memo.get(&memo_key).and_then(|b| {
+        let s = String::from_utf8(b).ok()?;
         let (d, size) = s.trim().split_once(' ')?;
         Some((d.parse::<Digest>().ok()?, size.parse::<u64>().ok()?))
     });
@@ -812,11 +810,8 @@ fn put_statement(store: &Store, doc: &[u8], files: &[u8]) -> Result<(Digest, u64
         .blobs
         .put(&bytes)
         .map_err(|e| CliError::msg(e.to_string()))?;
-    if let Some(dir) = memo.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let _ = crate::oci::blobs::replace_unsynced(
-        &memo,
+    memo.put(
+        &memo_key,
         format!("{} {}\n", digest, bytes.len()).as_bytes(),
     );
     Ok((digest, bytes.len() as u64))

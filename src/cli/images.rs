@@ -32,7 +32,7 @@ impl RootArg {
             let client = client.with_notices(|m| eprintln!("warning: {}", m));
             store.blobs.set_source(std::sync::Arc::new(
                 crate::registry::lazy::RegistryBlobs::new(
-                    store.root(),
+                    store.origins(),
                     std::sync::Arc::new(client),
                 ),
             ));

@@ -88,9 +88,9 @@ pub fn process_exists(pid: i32) -> bool {
 }
 
 impl BlobStore {
-    /// Open (creating) the blob store in `root/blobs/sha256`, with temp files in `tmp`.
-    pub fn open(root: &Path, tmp: &Path) -> Result<BlobStore, BlobError> {
-        let dir = root.join("blobs").join("sha256");
+    /// Open (creating) the blob store in `dir/sha256`, with temp files in `tmp`.
+    pub fn open(dir: &Path, tmp: &Path) -> Result<BlobStore, BlobError> {
+        let dir = dir.join("sha256");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         fs::create_dir_all(tmp).map_err(io_err(tmp))?;
         Ok(BlobStore {

@@ -37,6 +37,21 @@ impl fmt::Display for Digest {
     }
 }
 
+/// A digest is written in documents as its `sha256:<hex>` string.
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let s = <std::borrow::Cow<str>>::deserialize(d)?;
+        s.parse()
+            .map_err(|e: BadDigest| serde::de::Error::custom(e.0))
+    }
+}
+
 /// A string that is not a valid sha256 digest.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid digest {0:?}: expected sha256:<64 lowercase hex characters>")]

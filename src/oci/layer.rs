@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use super::blobs::{BlobError, BlobStore};
 use super::digest::{Digest, ThreadedHashingWriter};
 use super::segments::SegmentKey;
+use super::tar::{append, append_file, COPY_BUFFER};
+pub use super::tree::{LayerTree, NodeKind, TreeKey, TreeNode};
 
 /// Layer compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,43 +112,6 @@ pub const USER_WHITEOUT_XATTR: &str = "user.overlay.whiteout";
 /// Write the tree under `dir` as a layer into `store`.
 pub fn write_layer(store: &BlobStore, dir: &Path, opts: LayerOptions) -> Result<Layer, LayerError> {
     write_layer_from(store, LayerSource::Dir(dir), opts, None)
-}
-
-/// A numeric field of a tar header: octal, or base-256 (high bit set) as tar writes sizes of
-/// 8 GiB and more; `None` when it is neither.
-pub fn tar_number(field: &[u8]) -> Option<u64> {
-    if field.first().is_some_and(|b| b & 0x80 != 0) {
-        return Some(
-            field[1..]
-                .iter()
-                .fold(0u64, |v, b| v.saturating_mul(256).saturating_add(*b as u64)),
-        );
-    }
-    let s = std::str::from_utf8(field).ok()?;
-    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
-    if s.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(s, 8).ok()
-}
-
-/// Whether a 512-byte tar header's checksum field matches its bytes.
-pub fn tar_checksum_ok(header: &[u8]) -> bool {
-    if header.len() != 512 {
-        return false;
-    }
-    let sum: u64 = header
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                *b as u64
-            }
-        })
-        .sum();
-    tar_number(&header[148..156]) == Some(sum)
 }
 
 /// Where a layer's tar goes: the compressor, the diff_id's hashing thread (unless the
@@ -322,110 +287,6 @@ pub fn compressed_as(media_type: &str, compression: Compression) -> bool {
     match compression {
         Compression::Gzip(_) => media_type.ends_with("gzip"),
         Compression::Zstd(_) => media_type.ends_with("zstd"),
-    }
-}
-
-/// One entry of a [`LayerTree`].
-#[derive(Debug, Clone)]
-pub struct TreeNode {
-    pub kind: NodeKind,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: i64,
-    pub xattrs: Vec<(String, Vec<u8>)>,
-}
-
-/// What a [`TreeNode`] is.
-#[derive(Debug, Clone)]
-pub enum NodeKind {
-    Dir,
-    /// A regular file whose bytes are read from `source` when the layer is written.
-    File {
-        source: PathBuf,
-        size: u64,
-        /// The sha256 of its bytes, when the step's key took it (a COPY from the context).
-        content: Option<[u8; 32]>,
-    },
-    Data(Vec<u8>),
-    Symlink(PathBuf),
-    /// A second name for the file at this layer path (written after it).
-    HardLink(PathBuf),
-}
-
-/// A layer described in memory (paths relative to the image root): COPY and ADD build one,
-/// and the tar is streamed straight from the source files without a staging copy. The map's
-/// order (component-wise) is the depth-first, name-sorted order of the tar.
-#[derive(Debug, Default)]
-pub struct LayerTree {
-    pub nodes: std::collections::BTreeMap<TreeKey, TreeNode>,
-}
-
-/// A path of a [`LayerTree`] (relative, normalised), ordered as `Path` orders it, component
-/// by component. For normal paths that is byte order with `/` below every other byte, which
-/// compares at memory speed: a COPY of many files inserts every one into the tree.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TreeKey(PathBuf);
-
-impl TreeKey {
-    /// The key of `path`, its components kept (`a//b/./c/` is `a/b/c`).
-    pub fn new(path: impl Into<PathBuf>) -> TreeKey {
-        let path: PathBuf = path.into();
-        let bytes = path.as_os_str().as_bytes();
-        let clean = !bytes.starts_with(b"/")
-            && !bytes.starts_with(b"./")
-            && !bytes.ends_with(b"/")
-            && !bytes.windows(2).any(|w| w == b"//")
-            && !bytes.windows(3).any(|w| w == b"/./")
-            && !bytes.ends_with(b"/.");
-        if clean && bytes != b"." {
-            return TreeKey(path);
-        }
-        TreeKey(
-            path.components()
-                .filter(|c| {
-                    matches!(
-                        c,
-                        std::path::Component::Normal(_) | std::path::Component::ParentDir
-                    )
-                })
-                .collect(),
-        )
-    }
-
-    pub fn as_path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for TreeKey {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Ord for TreeKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let (a, b) = (
-            self.0.as_os_str().as_bytes(),
-            other.0.as_os_str().as_bytes(),
-        );
-        let n = a.len().min(b.len());
-        let at = a[..n]
-            .iter()
-            .zip(&b[..n])
-            .position(|(x, y)| x != y)
-            .unwrap_or(n);
-        // Where they part: an end sorts first, then `/` (a component ends), then any byte.
-        let rank = |s: &[u8]| s.get(at).map(|&c| if c == b'/' { 0 } else { c as u16 + 1 });
-        rank(a).cmp(&rank(b))
-    }
-}
-
-impl PartialOrd for TreeKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
     }
 }
 
@@ -939,112 +800,6 @@ pub fn read_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out.sort();
     out
-}
-
-const USTAR_ID_MAX: u64 = 0o7777777;
-
-/// Append one entry, with PAX records where the ustar header cannot hold the truth.
-fn append<W: Write, R: io::Read>(
-    b: &mut tar::Builder<W>,
-    h: tar::Header,
-    name: &[u8],
-    link: Option<&[u8]>,
-    xattrs: &[(String, Vec<u8>)],
-    data: R,
-) -> io::Result<()> {
-    let h = entry_header(b, h, name, link, xattrs)?;
-    b.append(&h, data)
-}
-
-/// How much of a big file is read at a time (the tar crate copies 8 KiB at a time).
-const COPY_BUFFER: usize = 1 << 20;
-
-/// A file's entry, like [`append`], its bytes copied `buf.len()` at a time: a 100 MB file
-/// costs a hundred reads and writes, not thirteen thousand.
-fn append_file<W: Write>(
-    b: &mut tar::Builder<W>,
-    h: tar::Header,
-    name: &[u8],
-    xattrs: &[(String, Vec<u8>)],
-    data: &mut impl io::Read,
-    buf: &mut [u8],
-) -> io::Result<()> {
-    let h = entry_header(b, h, name, None, xattrs)?;
-    let w = b.get_mut();
-    w.write_all(h.as_bytes())?;
-    let len = copy_in_pieces(data, w, buf)?;
-    // Padded to a whole block, as the tar crate pads.
-    let rest = (512 - len % 512) % 512;
-    w.write_all(&[0u8; 512][..rest as usize])
-}
-
-/// Copy all of `r` into `w`, `buf.len()` bytes at a time; returns how many.
-pub fn copy_in_pieces(
-    r: &mut impl io::Read,
-    w: &mut impl Write,
-    buf: &mut [u8],
-) -> io::Result<u64> {
-    let mut len = 0u64;
-    loop {
-        let n = match r.read(buf) {
-            Ok(0) => return Ok(len),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..n])?;
-        len += n as u64;
-    }
-}
-
-/// The header of an entry, with a PAX record first for whatever ustar cannot hold.
-fn entry_header<W: Write>(
-    b: &mut tar::Builder<W>,
-    mut h: tar::Header,
-    name: &[u8],
-    link: Option<&[u8]>,
-    xattrs: &[(String, Vec<u8>)],
-) -> io::Result<tar::Header> {
-    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-    if h.set_path(Path::new(std::ffi::OsStr::from_bytes(name)))
-        .is_err()
-        || name.len() > 100
-    {
-        pax.push(("path".into(), name.to_vec()));
-        set_raw_name(&mut h, name);
-    }
-    if let Some(l) = link {
-        if l.len() > 100 || h.set_link_name_literal(l).is_err() {
-            pax.push(("linkpath".into(), l.to_vec()));
-            let cut = &l[..l.len().min(100)];
-            let _ = h.set_link_name_literal(cut);
-        }
-    }
-    let (uid, gid) = (h.uid()?, h.gid()?);
-    if uid > USTAR_ID_MAX {
-        pax.push(("uid".into(), uid.to_string().into_bytes()));
-        h.set_uid(0);
-    }
-    if gid > USTAR_ID_MAX {
-        pax.push(("gid".into(), gid.to_string().into_bytes()));
-        h.set_gid(0);
-    }
-    for (k, v) in xattrs {
-        pax.push((format!("SCHILY.xattr.{}", k), v.clone()));
-    }
-    if !pax.is_empty() {
-        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-    }
-    h.set_cksum();
-    Ok(h)
-}
-
-/// Put a (truncated) name straight into the header bytes; the PAX `path` record holds the truth.
-fn set_raw_name(h: &mut tar::Header, name: &[u8]) {
-    let old = h.as_old_mut();
-    old.name = [0; 100];
-    let n = name.len().min(100);
-    old.name[..n].copy_from_slice(&name[..n]);
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ struct TarTracker {
 impl TarTracker {
     /// Where the header at `at` says the next one starts.
     fn after(header: &[u8], at: u64) -> u64 {
-        use super::layer::{tar_checksum_ok, tar_number};
+        use super::tar::{tar_checksum_ok, tar_number};
         if !tar_checksum_ok(header) {
             return u64::MAX;
         }

@@ -16,7 +16,7 @@
 
 use std::io::{self, Write};
 
-use super::layer::{LayerTree, NodeKind, TreeKey, TreeNode};
+use super::tree::{LayerTree, NodeKind, TreeKey, TreeNode};
 
 /// The key of a segment: a BLAKE3 hash of what its tar bytes are made of.
 pub type SegmentKey = [u8; 32];

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 pub mod lazy;
+pub mod origins;
 pub mod pull;
 pub mod push;
 pub mod redirect;
@@ -110,7 +111,8 @@ impl RegistryError {
 /// module is what joins a named store to the registry.
 pub struct Local<'a> {
     pub blobs: &'a crate::oci::blobs::BlobStore,
-    pub root: &'a std::path::Path,
+    /// Where blobs' registry origins are recorded.
+    pub origins: origins::OriginDirs,
 }
 
 /// Run `work` on every item with up to `workers` threads; stops taking new items after the

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
@@ -36,13 +36,7 @@ pub struct Fetched {
     pub media_type: String,
 }
 
-/// A content descriptor: what a manifest says about a blob.
-#[derive(Debug, Clone)]
-pub struct Descriptor {
-    pub digest: Digest,
-    pub size: u64,
-    pub media_type: String,
-}
+pub use crate::oci::document::Descriptor;
 
 /// The descriptor at `v` (`what` names its document in errors).
 pub fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
@@ -60,11 +54,11 @@ pub fn descriptor(v: &Value, what: &str) -> Result<Descriptor, RegistryError> {
             what, digest
         )));
     }
-    Ok(Descriptor {
+    Ok(Descriptor::new(
+        v["mediaType"].as_str().unwrap_or(""),
         digest,
         size,
-        media_type: v["mediaType"].as_str().unwrap_or("").to_string(),
-    })
+    ))
 }
 
 /// The media type of a manifest document: the header when specific, else the body's own.
@@ -492,10 +486,10 @@ fn pull_from(
     });
     let fetched = fetch_blobs(client, &ep, local.blobs, &r.repository, &now)?;
     for b in &later {
-        super::lazy::remember(local.root, b, registry, &r.repository);
+        local.origins.remember_lazy(b, registry, &r.repository);
     }
     for b in &blobs {
-        record_origin(local.root, &b.digest, &r.registry, &r.repository);
+        local.origins.record(&b.digest, &r.registry, &r.repository);
     }
     let stored = local.blobs.put(&top.bytes)?;
     let image = image::load(local.blobs, &stored)?;
@@ -557,47 +551,6 @@ fn fetch_attestation(
     fetch_blobs(client, ep, local.blobs, repository, &blobs)?;
     local.blobs.put(&got.bytes)?;
     Ok(())
-}
-
-fn origins_path(root: &Path, d: &Digest) -> PathBuf {
-    root.join("registry/origins").join(d.hex())
-}
-
-/// Remember that `registry/repository` holds blob `d`, so a push to another repository of the
-/// same registry can mount it instead of uploading it.
-pub fn record_origin(root: &Path, d: &Digest, registry: &str, repository: &str) {
-    let p = origins_path(root, d);
-    let line = format!("{}/{}", registry, repository);
-    let mut lines: Vec<String> = fs::read_to_string(&p)
-        .map(|s| s.lines().map(str::to_string).collect())
-        .unwrap_or_default();
-    if lines.contains(&line) {
-        return;
-    }
-    lines.push(line);
-    if let Some(dir) = p.parent() {
-        let _ = fs::create_dir_all(dir);
-    }
-    let _ = crate::oci::blobs::write_atomic(&p, (lines.join("\n") + "\n").as_bytes());
-}
-
-/// Every `registry/repository` known to hold blob `d`, first remembered first.
-pub fn origins_all(root: &Path, d: &Digest) -> Vec<String> {
-    fs::read_to_string(origins_path(root, d))
-        .map(|s| s.lines().map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-/// Repositories of `registry` known to hold blob `d`.
-pub fn origins(root: &Path, d: &Digest, registry: &str) -> Vec<String> {
-    fs::read_to_string(origins_path(root, d))
-        .map(|s| {
-            s.lines()
-                .filter_map(|l| l.strip_prefix(registry)?.strip_prefix('/'))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

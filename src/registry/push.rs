@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::Value;
 
 use super::client::{backoff, scope, Body, Client, Endpoint};
-use super::pull::{manifest_blobs, origins, record_origin, Descriptor, MANIFEST_ACCEPT};
+use super::pull::{manifest_blobs, Descriptor, MANIFEST_ACCEPT};
 use super::reference::Reference;
 use super::{Local, RegistryError};
 use crate::oci::digest::Digest;
@@ -104,7 +104,9 @@ fn push_blob(
     let push_scope = scope(repository, "pull,push");
     let head_target = format!("/v2/{}/blobs/{}", repository, d.digest);
     let start_target = format!("/v2/{}/blobs/uploads/", repository);
-    let mut mount_from = origins(local.root, &d.digest, &ep.registry)
+    let mut mount_from = local
+        .origins
+        .in_registry(&d.digest, &ep.registry)
         .into_iter()
         .find(|r| r != repository);
     let mut last = String::new();
@@ -346,7 +348,7 @@ pub fn push(
             BlobOutcome::Uploaded => 2,
         };
         counts[i].fetch_add(1, Ordering::Relaxed);
-        record_origin(local.root, &d.digest, &ep.registry, repository);
+        local.origins.record(&d.digest, &ep.registry, repository);
         Ok(())
     })?;
     let reference = dest.tag.clone().unwrap_or_else(|| match &dest.digest {

@@ -12,7 +12,7 @@ use crate::context::{clean_path, IgnoreMatcher};
 use crate::context::{ContextError, SourceRoot};
 use crate::oci::at::SourceStat;
 use crate::oci::digest::HashingWriter;
-use crate::oci::layer::{LayerTree, NodeKind, TreeKey, TreeNode};
+use crate::oci::tree::{LayerTree, NodeKind, TreeKey, TreeNode};
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::plan::CopySource;
 

@@ -36,7 +36,7 @@ use crate::plan::{
 };
 use crate::progress::Reporter;
 use crate::registry::{Client, PullPolicy};
-use crate::store::{sources, Store, StoreError};
+use crate::store::{sources, Bucket, Store, StoreError, StoreFile};
 use crate::worker::snapshots::{chain_ids, next_chain, RootView, Snapshots, ViewNeed};
 use crate::worker::{self, Exit, Snapshotter};
 
@@ -320,7 +320,7 @@ fn choose_snapshotter(
     // a success is remembered for this boot and device, and the probe (a process that
     // mounts) is not run again.
     let seen_key = overlay_probe_key(store);
-    let seen_path = store.root().join("cache").join("overlay-probe");
+    let seen_path = store.file(StoreFile::OverlayProbe);
     if std::env::var("BUILDER_SNAPSHOTTER").as_deref() != Ok("copy")
         && seen_key
             .as_ref()
@@ -377,7 +377,7 @@ fn container_isolation(
     }
     // What builder puts in temporary directories (an ADDed archive being extracted, a
     // secret) must not be in the way of a step's layout: under the store, which is kept.
-    let tmp = store.root().join("tmp");
+    let tmp = store.dir(Bucket::Tmp);
     fs::create_dir_all(&tmp).map_err(|e| BuildError::Other(format!("{}: {}", tmp.display(), e)))?;
     std::env::set_var("TMPDIR", &tmp);
     let mut keep = req.keep.clone();
@@ -437,9 +437,18 @@ pub fn build_recorded(store: &Store, req: &BuildRequest) -> Result<Outcome, Buil
         total: AtomicUsize::new(total),
         external: Mutex::new(BTreeMap::new()),
         snapshotter,
-        snaps: Snapshots::new(store.root(), &store.blobs),
-        cache: CacheIndex::new(store.root(), &store.blobs).with_remotes(req.cache_from.clone()),
-        hasher: ContextHasher::open(store.root(), req.jobs),
+        snaps: Snapshots::new(
+            &store.dir(Bucket::Snapshots),
+            &store.dir(Bucket::Tmp),
+            &store.blobs,
+        ),
+        cache: CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs)
+            .with_remotes(req.cache_from.clone()),
+        hasher: ContextHasher::open(
+            &store.file(StoreFile::ContextStats),
+            &store.dir(Bucket::Listings),
+            req.jobs,
+        ),
         steps: Mutex::new(Vec::new()),
         trace: Mutex::new(BuildTrace {
             isolation: req.isolation.name().to_string(),
@@ -576,16 +585,16 @@ fn force_compression(
     compression: Compression,
     reporter: &dyn Reporter,
 ) -> Result<Vec<LayerRef>, BuildError> {
-    let memo_dir = store.root().join("converted");
+    let memo = store.memo(Bucket::Converted);
     let mut out = Vec::with_capacity(layers.len());
     for l in layers {
         if crate::oci::layer::compressed_as(&l.media_type, compression) {
             out.push(l.clone());
             continue;
         }
-        let memo = memo_dir.join(format!("{}-{}", l.digest.hex(), compression.key()));
-        let remembered = std::fs::read(&memo)
-            .ok()
+        let memo_key = format!("{}-{}", l.digest.hex(), compression.key());
+        let remembered = memo
+            .get(&memo_key)
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| LayerRef::from_json(&v))
             .filter(|c| c.diff_id == l.diff_id && store.blobs.available(&c.digest));
@@ -605,10 +614,7 @@ fn force_compression(
                         c.digest
                     ),
                 );
-                let _ = crate::oci::blobs::write_atomic(
-                    &memo,
-                    &crate::oci::image::canonical_json(&c.to_json()),
-                );
+                memo.put(&memo_key, &crate::oci::image::canonical_json(&c.to_json()));
                 c
             }
         };
@@ -939,7 +945,7 @@ impl Ctx<'_, '_> {
             .map(|p| p.is_dir())
             .unwrap_or(false);
         if exists {
-            return self.commit_tree(op, &crate::oci::layer::LayerTree::default());
+            return self.commit_tree(op, &crate::oci::tree::LayerTree::default());
         }
         let owner = match &m.owner {
             Some(u) => Some(users::resolve_user(rootfs, u).map_err(|e| self.fail(&op.origin, e))?),
@@ -1073,7 +1079,7 @@ impl Ctx<'_, '_> {
         let ctx_root = self.context_root();
         let mut guards = run::MountGuards::default();
         let mut from_err = None;
-        let store_root = self.store.root().to_path_buf();
+        let cache_mounts = self.store.dir(Bucket::CacheMounts);
         let secrets = self.req.secrets.clone();
         let copy_context = self.kept.is_some();
         let (mut mounts, secret_env) = {
@@ -1088,7 +1094,7 @@ impl Ctx<'_, '_> {
                 }
             };
             let mut me = run::MountEnv {
-                store_root: &store_root,
+                cache_mounts: &cache_mounts,
                 scratch: scratch.path(),
                 context: &ctx_root,
                 secrets: &secrets,
@@ -1574,7 +1580,7 @@ impl Ctx<'_, '_> {
     fn commit_tree(
         &mut self,
         op: &Op,
-        tree: &crate::oci::layer::LayerTree,
+        tree: &crate::oci::tree::LayerTree,
     ) -> Result<LayerRef, BuildError> {
         let mut ahead = self.snapshot_ahead.take().and_then(|(below, need)| {
             let staged = self.snaps.stage(need).ok()?;
@@ -1626,12 +1632,13 @@ impl Ctx<'_, '_> {
     ) -> Result<crate::oci::layer::Layer, BuildError> {
         // Only a hint of which earlier blob to look in: reused chunks are matched by content.
         let identity = format!("{}\0{}", self.platform.spec(), op.origin.text);
-        let root = self.store.root();
+        let chunks = self.store.dir(Bucket::Chunks);
+        let segment_dir = self.store.dir(Bucket::Segments);
         let previous =
-            crate::cache::chunks::PreviousChunks::of_step(root, &self.store.blobs, &identity);
+            crate::cache::chunks::PreviousChunks::of_step(&chunks, &self.store.blobs, &identity);
         // The SBOM's look at this layer is taken as it is written.
         let mut scanner = crate::attest::sbom::StreamScanner::default();
-        let segments = crate::cache::segments::SegmentDir::open(root);
+        let segments = crate::cache::segments::SegmentDir::open(&segment_dir);
         let layer = crate::oci::layer::write_layer_from(
             &self.store.blobs,
             source,
@@ -1647,13 +1654,9 @@ impl Ctx<'_, '_> {
         )
         .map_err(|e| self.fail(&op.origin, e.to_string()))?;
         if let Some(scan) = scanner.finish() {
-            crate::attest::sbom::store_scan(
-                &crate::attest::sbom::cache_dir(root),
-                &layer.diff_id,
-                &scan,
-            );
+            crate::attest::sbom::store_scan(&self.store.dir(Bucket::Sbom), &layer.diff_id, &scan);
         }
-        crate::cache::segments::remember(root, &layer.digest, &layer.segments);
+        crate::cache::segments::remember(&segment_dir, &layer.digest, &layer.segments);
         if !layer.segments.is_empty() {
             self.req.reporter.log(
                 self.step,
@@ -1666,7 +1669,7 @@ impl Ctx<'_, '_> {
             );
         }
         if let Compression::Gzip(level) = self.req.compression {
-            crate::cache::chunks::remember(root, &identity, &layer, level);
+            crate::cache::chunks::remember(&chunks, &identity, &layer, level);
             self.req.reporter.log(
                 self.step,
                 &format!(

@@ -117,7 +117,8 @@ impl Drop for PinnedBind {
 
 /// Inputs for resolving `RUN --mount` specs.
 pub struct MountEnv<'a> {
-    pub store_root: &'a Path,
+    /// Where `type=cache` mounts live (the store's bucket).
+    pub cache_mounts: &'a Path,
     pub scratch: &'a Path,
     pub context: &'a SourceRoot,
     pub secrets: &'a BTreeMap<String, SecretSource>,
@@ -153,7 +154,7 @@ pub fn resolve_mounts(
                 };
                 let key =
                     crate::oci::digest::Digest::of(identity.as_bytes()).hex()[..32].to_string();
-                let dir = me.store_root.join("cache-mounts").join(&key);
+                let dir = me.cache_mounts.join(&key);
                 if !dir.exists() {
                     fs::create_dir_all(&dir).map_err(|e| format!("{}: {}", dir.display(), e))?;
                     fs::set_permissions(&dir, fs::Permissions::from_mode(m.mode.unwrap_or(0o755)))
@@ -165,10 +166,7 @@ pub fn resolve_mounts(
                     );
                 }
                 if m.sharing != Sharing::Shared {
-                    let lock_path = me
-                        .store_root
-                        .join("cache-mounts")
-                        .join(format!("{}.lock", key));
+                    let lock_path = me.cache_mounts.join(format!("{}.lock", key));
                     let f = fs::OpenOptions::new()
                         .create(true)
                         .truncate(false)

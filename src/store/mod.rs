@@ -2,7 +2,10 @@
 //! (`name:tag` -> manifest digest) in one JSON file replaced atomically, and a lock file that
 //! serialises reference updates between concurrent builders. `fsck` re-hashes everything.
 
+pub mod layout;
 pub mod sources;
+
+pub use layout::{Bucket, Memo, StoreFile};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -77,6 +80,7 @@ pub fn normalize_name(name: &str) -> Result<String, StoreError> {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    layout: layout::Layout,
     pub blobs: BlobStore,
 }
 
@@ -99,9 +103,11 @@ impl Store {
         if !private {
             fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io_at(root))?;
         }
-        let blobs = BlobStore::open(root, &root.join("tmp"))?;
+        let layout = layout::Layout::new(root);
+        let blobs = BlobStore::open(&layout.dir(Bucket::Blobs), &layout.dir(Bucket::Tmp))?;
         Ok(Store {
             root: root.to_path_buf(),
+            layout,
             blobs,
         })
     }
@@ -110,17 +116,42 @@ impl Store {
     pub fn local(&self) -> crate::registry::Local<'_> {
         crate::registry::Local {
             blobs: &self.blobs,
-            root: &self.root,
+            origins: self.origins(),
         }
     }
 
+    /// Where blobs' registry origins and lazy layers are recorded.
+    pub fn origins(&self) -> crate::registry::origins::OriginDirs {
+        crate::registry::origins::OriginDirs {
+            origins: self.dir(Bucket::Origins),
+            lazy: self.dir(Bucket::Lazy),
+        }
+    }
+
+    /// The store's root directory (to show, or to keep out of a layout; never to join onto:
+    /// see [`Store::dir`]).
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// A bucket's directory.
+    pub fn dir(&self, bucket: Bucket) -> PathBuf {
+        self.layout.dir(bucket)
+    }
+
+    /// One of the store's single files.
+    pub fn file(&self, file: StoreFile) -> PathBuf {
+        self.layout.file(file)
+    }
+
+    /// A memo bucket.
+    pub fn memo(&self, bucket: Bucket) -> Memo {
+        self.layout.memo(bucket)
+    }
+
     /// A private scratch directory under the store (same filesystem, so renames are atomic).
     pub fn scratch_dir(&self, what: &str) -> Result<tempfile::TempDir, StoreError> {
-        let base = self.root.join("tmp");
+        let base = self.dir(Bucket::Tmp);
         fs::create_dir_all(&base).map_err(io_at(&base))?;
         tempfile::Builder::new()
             .prefix(&crate::oci::blobs::scratch_prefix(what))
@@ -132,7 +163,7 @@ impl Store {
     /// process is gone); returns the bytes freed. Safe beside running builds: it never touches
     /// what a live process owns.
     pub fn clean_stale_scratch(&self) -> u64 {
-        let Ok(rd) = fs::read_dir(self.root.join("tmp")) else {
+        let Ok(rd) = fs::read_dir(self.dir(Bucket::Tmp)) else {
             return 0;
         };
         let mut freed = 0;
@@ -151,7 +182,7 @@ impl Store {
 
     /// Take the store's exclusive lock.
     pub fn lock(&self) -> Result<StoreLock, StoreError> {
-        let p = self.root.join("lock");
+        let p = self.file(StoreFile::Lock);
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -163,7 +194,7 @@ impl Store {
     }
 
     fn refs_path(&self) -> PathBuf {
-        self.root.join("refs.json")
+        self.file(StoreFile::Refs)
     }
 
     /// All references.
@@ -210,7 +241,7 @@ impl Store {
     }
 
     fn attested_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("attested").join(digest.hex())
+        self.dir(Bucket::Attested).join(digest.hex())
     }
 
     /// The index that holds `digest` (an image, or an index of images) together with the

@@ -927,7 +927,7 @@ fn execute(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Worker
             drop(err_r);
             let err_fd = err_w.as_raw_fd();
             let outcome = helper(spec, &argv, &envp, &exes, &cwd, &groups, out_w, &err_w);
-            super::sandbox::builtin::exit_child(err_fd, outcome)
+            super::sandbox::child::exit_child(err_fd, outcome)
         }
         ForkResult::Parent { child } => {
             drop(out_w);
@@ -1033,7 +1033,7 @@ fn helper(
                     126
                 })
             })();
-            super::sandbox::builtin::exit_child(err.as_raw_fd(), outcome)
+            super::sandbox::child::exit_child(err.as_raw_fd(), outcome)
         }
         ForkResult::Parent { child } => {
             drop(out);
@@ -1045,33 +1045,8 @@ fn helper(
                     Err(e) => return Err(SandboxError(format!("wait: {}", e))),
                 }
             };
-            kill_descendants();
+            super::sandbox::child::kill_descendants();
             Ok(code)
-        }
-    }
-}
-
-/// Kill and reap everything the step left behind (orphans reparent to this subreaper).
-pub(crate) fn kill_descendants() {
-    let me = std::process::id();
-    for _ in 0..10_000 {
-        let children =
-            fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
-        let pids: Vec<i32> = children
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if pids.is_empty() {
-            break;
-        }
-        for p in &pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        for _ in &pids {
-            let _ = nix::sys::wait::waitpid(None, None);
         }
     }
 }

@@ -433,6 +433,7 @@ pub fn run_step(
             work,
             merged,
             base: view.base.clone(),
+            scratch: view.scratch.clone(),
         };
         let exit = sandbox::run(&spec, on_line)?;
         if exit == Exit::Code(0) {

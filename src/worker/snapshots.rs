@@ -127,8 +127,9 @@ pub fn mount_overlay(
     readonly: bool,
     nodev: bool,
     base: &Path,
+    scratch: &Path,
 ) -> Result<(), SnapshotError> {
-    let fitted = fit_lowers(lowers, base)?;
+    let fitted = fit_lowers(lowers, base, scratch)?;
     let lowers = fitted.as_slice();
     match mount_overlay_fsconfig(lowers, upper_work, target, readonly, nodev) {
         Ok(()) => return Ok(()),
@@ -182,8 +183,13 @@ pub fn mount_overlay(
 /// Lowers that one overlay can stack. Past [`MAX_LOWERS`], the bottom ones are flattened into
 /// one directory, their merged view copied once and cached beside the snapshot of the chain
 /// they end with (`snapshots/<chain>/flat`), so a stage may have any number of layers.
-/// `snapshots` is the shared snapshot directory the lowers live in.
-pub fn fit_lowers(lowers: &[PathBuf], snapshots: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+/// `snapshots` is the shared snapshot directory the lowers live in, and `tmp` the store's
+/// scratch on the same filesystem.
+pub fn fit_lowers(
+    lowers: &[PathBuf],
+    snapshots: &Path,
+    tmp: &Path,
+) -> Result<Vec<PathBuf>, SnapshotError> {
     if lowers.len() <= MAX_LOWERS {
         return Ok(lowers.to_vec());
     }
@@ -206,13 +212,12 @@ pub fn fit_lowers(lowers: &[PathBuf], snapshots: &Path) -> Result<Vec<PathBuf>, 
     };
     let flat = chain_dir.join("flat");
     if !flat.is_dir() {
-        let under = fit_lowers(bottom, snapshots)?;
-        let tmp = snapshots.parent().unwrap_or(snapshots).join("tmp");
-        fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        let under = fit_lowers(bottom, snapshots, tmp)?;
+        fs::create_dir_all(tmp).map_err(io_at(tmp))?;
         let view = tempfile::Builder::new()
             .prefix(&crate::oci::blobs::scratch_prefix("flatten"))
-            .tempdir_in(&tmp)
-            .map_err(io_at(&tmp))?;
+            .tempdir_in(tmp)
+            .map_err(io_at(tmp))?;
         let (merged, staged) = (view.path().join("merged"), view.path().join("fs"));
         fs::create_dir_all(&merged).map_err(io_at(&merged))?;
         mount_overlay_fsconfig(&under, None, &merged, true, false).map_err(|errno| {
@@ -345,10 +350,11 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    pub fn new(store_root: &Path, blobs: &BlobStore) -> Snapshots {
+    /// Snapshots kept in `dir`, made through scratch in `tmp` (on the same filesystem).
+    pub fn new(dir: &Path, tmp: &Path, blobs: &BlobStore) -> Snapshots {
         Snapshots {
-            dir: store_root.join("snapshots"),
-            tmp: store_root.join("tmp"),
+            dir: dir.to_path_buf(),
+            tmp: tmp.to_path_buf(),
             blobs: blobs.clone(),
         }
     }
@@ -531,6 +537,8 @@ pub struct RootView {
     empty: tempfile::TempDir,
     /// The snapshot directory (mount options are relative to it).
     pub base: PathBuf,
+    /// The store's scratch, where a deep stack is flattened.
+    pub scratch: PathBuf,
 }
 
 impl RootView {
@@ -581,6 +589,7 @@ impl RootView {
             mounted: false,
             empty,
             base: snaps.dir.clone(),
+            scratch: snaps.tmp.clone(),
         };
         for l in layers {
             v.push(snaps, l, need)?;
@@ -724,6 +733,7 @@ impl RootView {
             true,
             false,
             &self.base,
+            &self.scratch,
         );
         std::env::set_current_dir(&cwd).map_err(io_at(&cwd))?;
         r?;

@@ -30,6 +30,7 @@ use nix::unistd::{
 };
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use super::child::{exit_child, kill_descendants, write_fd};
 use super::{policy, seccomp, serr, Exit, RootMount, SandboxError};
 
 /// Run `spec` on `root`; `on_line` receives the command's output line by line.
@@ -74,26 +75,6 @@ pub fn run(
                 other => Err(SandboxError(format!("unexpected wait status {:?}", other))),
             }
         }
-    }
-}
-
-/// End a forked child: its exit code, or, after a set-up failure, the reason on the error
-/// pipe and exit status 1 (which the parent then ignores).
-pub(crate) fn exit_child(err_fd: i32, outcome: Result<i32, SandboxError>) -> ! {
-    let code = match outcome {
-        Ok(c) => c,
-        Err(e) => {
-            write_fd(err_fd, &format!("{}\n", e));
-            1
-        }
-    };
-    unsafe { libc::_exit(code) }
-}
-
-/// Write to a file descriptor from a forked child without std's locks.
-fn write_fd(fd: i32, msg: &str) {
-    unsafe {
-        libc::write(fd, msg.as_ptr().cast(), msg.len());
     }
 }
 
@@ -360,12 +341,12 @@ fn helper(p: &Prepared, out: OwnedFd, err: &OwnedFd) -> Result<i32, SandboxError
                 if let Ok(Signal::SIGHUP) = watched.wait() {
                     let _ = kill(child, Signal::SIGKILL);
                     if !p.new_pidns {
-                        crate::worker::inplace::kill_descendants();
+                        kill_descendants();
                     }
                 }
             };
             if !p.new_pidns {
-                crate::worker::inplace::kill_descendants();
+                kill_descendants();
             }
             Ok(code)
         }
@@ -465,6 +446,7 @@ fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
             work,
             merged,
             base,
+            scratch,
         } => crate::worker::snapshots::mount_overlay(
             lowers,
             Some((upper, work)),
@@ -472,6 +454,7 @@ fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
             false,
             p.nodev,
             base,
+            scratch,
         )
         .map_err(|e| SandboxError(e.to_string())),
         RootMount::Bind { dir } => {

@@ -16,6 +16,7 @@
 //! through a channel of its own, never through the step's exit status.
 
 pub mod builtin;
+pub mod child;
 pub mod emulation;
 pub mod network;
 pub mod policy;
@@ -74,6 +75,8 @@ pub enum RootMount {
         merged: PathBuf,
         /// Lowers under it are named relative to it in the mount options.
         base: PathBuf,
+        /// Where a stack too deep for one overlay is flattened (beside `base`'s filesystem).
+        scratch: PathBuf,
     },
     /// A private writable copy, bind-mounted onto itself.
     Bind { dir: PathBuf },

@@ -59,6 +59,7 @@ fn mount_root(root: &RootMount) -> Result<bool, SandboxError> {
         work,
         merged,
         base,
+        scratch,
     } = root
     else {
         return Ok(false);
@@ -73,6 +74,7 @@ fn mount_root(root: &RootMount) -> Result<bool, SandboxError> {
                 false,
                 false,
                 base,
+                scratch,
             )
             .is_ok();
             unsafe { libc::_exit(if ok { 0 } else { 1 }) }
