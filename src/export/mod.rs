@@ -260,7 +260,8 @@ pub fn write_oci_layout(
     tag: Option<&str>,
 ) -> Result<(), ExportError> {
     place_image(blobs, image, dir)?;
-    let desc = crate::oci::image::platform_descriptor(image);
+    let desc =
+        serde_json::to_value(crate::oci::image::platform_descriptor(image)).unwrap_or(Value::Null);
     name_in_layout(dir, desc, &image.manifest_digest, tag)
 }
 
@@ -283,11 +284,12 @@ pub fn write_oci_index_layout(
         place_blob(blobs, dir, &a.manifest_digest)?;
     }
     place_blob(blobs, dir, &index.digest)?;
-    let desc = json!({
-        "mediaType": crate::oci::image::MEDIA_INDEX,
-        "digest": index.digest.to_string(),
-        "size": index.size,
-    });
+    let desc = serde_json::to_value(crate::oci::document::Descriptor::new(
+        crate::oci::image::MEDIA_INDEX,
+        index.digest.clone(),
+        index.size,
+    ))
+    .unwrap_or(Value::Null);
     name_in_layout(dir, desc, &index.digest, tag)
 }
 

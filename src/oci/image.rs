@@ -3,6 +3,7 @@
 //! no whitespace), and reading images back. Docker's extensions inside `config`
 //! (`Healthcheck`, `OnBuild`, `Shell`) are kept beside oci-spec's typed fields.
 
+use super::document::{to_canonical, Descriptor, Index, Manifest, PlatformSpec};
 use std::collections::BTreeMap;
 
 use oci_spec::image::{Arch, Config, History, ImageConfiguration, ImageManifest, Os, RootFs};
@@ -292,21 +293,24 @@ impl ImageState {
     ) -> Result<StoredImage, ImageError> {
         let config_bytes = self.config_json();
         let config_digest = blobs.put(&config_bytes)?;
-        let layers: Vec<Value> = self
-            .layers
-            .iter()
-            .map(|l| json!({"mediaType": oci_layer_type(&l.media_type), "digest": l.digest.to_string(), "size": l.size}))
-            .collect();
-        let mut manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_MANIFEST,
-            "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest.to_string(), "size": config_bytes.len()},
-            "layers": layers,
-        });
-        if !annotations.is_empty() {
-            manifest["annotations"] = json!(annotations);
-        }
-        let manifest_bytes = canonical_json(&manifest);
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MEDIA_MANIFEST.into(),
+            artifact_type: None,
+            config: Descriptor::new(
+                MEDIA_CONFIG,
+                config_digest.clone(),
+                config_bytes.len() as u64,
+            ),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Descriptor::new(oci_layer_type(&l.media_type), l.digest.clone(), l.size))
+                .collect(),
+            subject: None,
+            annotations: annotations.clone(),
+        };
+        let manifest_bytes = to_canonical(&manifest);
         let manifest_digest = blobs.put(&manifest_bytes)?;
         Ok(StoredImage {
             manifest_digest,
@@ -359,12 +363,10 @@ pub fn commit_attestation(
     let mut layers = Vec::new();
     let mut descriptors = Vec::new();
     for (predicate, digest, size) in statements {
-        descriptors.push(json!({
-            "mediaType": MEDIA_IN_TOTO,
-            "digest": digest.to_string(),
-            "size": size,
-            "annotations": {PREDICATE_TYPE: predicate},
-        }));
+        let mut d = Descriptor::new(MEDIA_IN_TOTO, digest.clone(), *size);
+        d.annotations
+            .insert(PREDICATE_TYPE.into(), predicate.clone());
+        descriptors.push(d);
         layers.push((
             LayerRef {
                 diff_id: digest.clone(),
@@ -383,12 +385,15 @@ pub fn commit_attestation(
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }));
     let config_digest = blobs.put(&config)?;
-    let manifest = canonical_json(&json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_MANIFEST,
-        "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest.to_string(), "size": config.len()},
-        "layers": descriptors,
-    }));
+    let manifest = to_canonical(&Manifest {
+        schema_version: 2,
+        media_type: MEDIA_MANIFEST.into(),
+        artifact_type: None,
+        config: Descriptor::new(MEDIA_CONFIG, config_digest.clone(), config.len() as u64),
+        layers: descriptors,
+        subject: None,
+        annotations: BTreeMap::new(),
+    });
     let manifest_digest = blobs.put(&manifest)?;
     Ok(StoredAttestation {
         manifest_digest,
@@ -400,17 +405,18 @@ pub fn commit_attestation(
 }
 
 /// The index descriptor of an attestation manifest.
-pub fn attestation_descriptor(a: &StoredAttestation) -> Value {
-    json!({
-        "mediaType": MEDIA_MANIFEST,
-        "digest": a.manifest_digest.to_string(),
-        "size": a.manifest_size,
-        "platform": {"os": "unknown", "architecture": "unknown"},
-        "annotations": {
-            REFERENCE_DIGEST: a.subject.to_string(),
-            REFERENCE_TYPE: ATTESTATION_MANIFEST,
-        },
-    })
+pub fn attestation_descriptor(a: &StoredAttestation) -> Descriptor {
+    let mut d = Descriptor::new(MEDIA_MANIFEST, a.manifest_digest.clone(), a.manifest_size);
+    d.platform = Some(PlatformSpec {
+        os: "unknown".into(),
+        architecture: "unknown".into(),
+        variant: None,
+    });
+    d.annotations
+        .insert(REFERENCE_DIGEST.into(), a.subject.to_string());
+    d.annotations
+        .insert(REFERENCE_TYPE.into(), ATTESTATION_MANIFEST.into());
+    d
 }
 
 /// The attestation manifests an index blob lists: (manifest, the image it is about).
@@ -496,29 +502,33 @@ pub fn platform_of(image: &StoredImage) -> String {
 }
 
 /// The index descriptor of a stored image: its manifest with its platform.
-pub fn platform_descriptor(image: &StoredImage) -> Value {
+pub fn platform_descriptor(image: &StoredImage) -> Descriptor {
     let c = &image.state.config;
-    let mut platform =
-        json!({"os": c.os().to_string(), "architecture": c.architecture().to_string()});
-    if let Some(v) = c.variant() {
-        platform["variant"] = json!(v);
-    }
-    json!({
-        "mediaType": MEDIA_MANIFEST,
-        "digest": image.manifest_digest.to_string(),
-        "size": image.manifest_size,
-        "platform": platform,
-    })
+    let mut d = Descriptor::new(
+        MEDIA_MANIFEST,
+        image.manifest_digest.clone(),
+        image.manifest_size,
+    );
+    d.platform = Some(PlatformSpec {
+        os: c.os().to_string(),
+        architecture: c.architecture().to_string(),
+        variant: c.variant().clone(),
+    });
+    d
 }
 
 /// The index of `images` (in that order), then their `attestations`, in canonical JSON.
 pub fn index_bytes(images: &[StoredImage], attestations: &[StoredAttestation]) -> Vec<u8> {
-    let manifests: Vec<Value> = images
-        .iter()
-        .map(platform_descriptor)
-        .chain(attestations.iter().map(attestation_descriptor))
-        .collect();
-    canonical_json(&json!({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests}))
+    to_canonical(&Index {
+        schema_version: 2,
+        media_type: MEDIA_INDEX.into(),
+        manifests: images
+            .iter()
+            .map(platform_descriptor)
+            .chain(attestations.iter().map(attestation_descriptor))
+            .collect(),
+        annotations: BTreeMap::new(),
+    })
 }
 
 /// Write the index of `images` (in that order), then their `attestations`, into `blobs`.
