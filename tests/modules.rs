@@ -312,7 +312,7 @@ fn no_store_path_is_joined_outside_the_store() {
     // The root joined onto, or a bucket's name joined onto anything.
     let joins = [
         "root().join(",
-        "store_root",
+        "store_root.join(",
         ".join(\"cache",
         ".join(\"tmp\")",
         ".join(\"snapshots\")",

@@ -42,7 +42,9 @@ pub struct CacheKey(pub Digest);
 /// instruction text.
 /// 5: context paths and link targets are keyed by their bytes (invalid UTF-8 included), not by
 /// a lossy string.
-pub(crate) const KEY_VERSION: u32 = 5;
+/// 6: a step's inputs are typed (`solver::inputs`): each keyed by its kind and, for a RUN
+/// mount, its place.
+pub(crate) const KEY_VERSION: u32 = 6;
 
 impl CacheKey {
     /// The key of a stage's starting point.

@@ -104,7 +104,7 @@ pub fn forget_missing(dir: &Path, blobs: &BlobStore, everything: bool) -> u64 {
         }
     }
     let mut freed = 0;
-    let Ok(rd) = fs::read_dir(&root) else {
+    let Ok(rd) = fs::read_dir(root) else {
         return 0;
     };
     for fan in rd.flatten() {

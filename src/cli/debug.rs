@@ -132,7 +132,7 @@ fn print_ops(a: OpsArgs) -> Result<(), CliError> {
     let store = a.root.open()?;
     let registry = crate::registry::Client::from_config()?;
     let reporter = crate::progress::QuietReporter;
-    let resolver = super::build::StoreResolver {
+    let resolver = crate::pipeline::StoreResolver {
         store: &store,
         client: &registry,
         policy: crate::registry::PullPolicy::Missing,
@@ -217,7 +217,7 @@ fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
             dir: rootfs.clone(),
         },
         argv,
-        env: vec![("PATH".into(), crate::solver::run::DEFAULT_PATH.into())],
+        env: vec![("PATH".into(), crate::solver::mounts::DEFAULT_PATH.into())],
         cwd: "/".into(),
         uid,
         gid,

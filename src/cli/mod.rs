@@ -7,70 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-/// A failure to report to the user: a message and optional causes and hint.
-#[derive(Debug)]
-pub struct CliError {
-    pub message: String,
-    pub causes: Vec<String>,
-    pub hint: Option<String>,
-    pub exit_code: i32,
-}
-
-impl CliError {
-    pub fn msg(m: impl Into<String>) -> Self {
-        CliError {
-            message: m.into(),
-            causes: Vec::new(),
-            hint: None,
-            exit_code: 1,
-        }
-    }
-    pub fn io(path: &Path, e: std::io::Error) -> Self {
-        CliError::msg(format!("{}: {}", path.display(), e))
-    }
-    pub fn with_hint(mut self, h: impl Into<String>) -> Self {
-        self.hint = Some(h.into());
-        self
-    }
-}
-
-impl<E: std::error::Error + 'static> From<E> for CliError {
-    fn from(e: E) -> Self {
-        let mut causes = Vec::new();
-        let mut hint = None;
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(err) = cur {
-            if !std::ptr::addr_eq(err, &e as &dyn std::error::Error) {
-                causes.push(err.to_string());
-            }
-            hint = hint.or_else(|| hint_of(err));
-            cur = err.source();
-        }
-        CliError {
-            message: e.to_string(),
-            causes,
-            hint,
-            exit_code: 1,
-        }
-    }
-}
-
-/// The hint a module's error carries, if any.
-fn hint_of(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    if let Some(e) = e.downcast_ref::<crate::registry::RegistryError>() {
-        return e.hint();
-    }
-    if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
-        return e.hint();
-    }
-    if let Some(e) = e.downcast_ref::<crate::solver::BuildError>() {
-        return e.hint();
-    }
-    if let Some(e) = e.downcast_ref::<crate::frontend::LowerError>() {
-        return e.cause().and_then(hint_of);
-    }
-    None
-}
+pub use crate::failure::{build_failure, CliError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -154,6 +91,7 @@ pub enum Command {
 }
 
 pub mod build;
+pub mod flags;
 pub mod images;
 pub mod registry;
 

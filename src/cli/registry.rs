@@ -9,8 +9,7 @@ use super::images::RootArg;
 use super::CliError;
 use crate::oci::platform::Platform;
 use crate::registry::auth::{self, Credential};
-use crate::registry::{push, Client, Reference};
-use crate::store::Store;
+use crate::registry::{Client, Reference};
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
@@ -113,39 +112,11 @@ pub fn pull(a: PullArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Push the stored image `source` to `dest`; reports what was sent on stderr.
-pub fn push_image(
-    store: &Store,
-    client: &Client,
-    source: &str,
-    dest: &Reference,
-) -> Result<push::Pushed, CliError> {
-    let named = store.resolve(source)?;
-    // The registry gets the image with the attestations its build recorded (BuildKit's
-    // layout: an index of the image and its attestation manifest).
-    let digest = store.attested(&named).unwrap_or(named);
-    let p = push::push(client, &store.local(), &digest, dest)?;
-    eprintln!(
-        "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",
-        dest,
-        p.digest,
-        p.uploaded,
-        p.mounted,
-        p.present,
-        if p.manifest_uploaded {
-            "uploaded"
-        } else {
-            "unchanged"
-        }
-    );
-    Ok(p)
-}
-
 pub fn push(a: PushArgs) -> Result<(), CliError> {
     let store = a.root.open()?;
     let dest = Reference::parse(a.destination.as_deref().unwrap_or(&a.source))?.with_default_tag();
     let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
-    let p = push_image(&store, &client, &a.source, &dest)?;
+    let p = crate::pipeline::push_image(&store, &client, &a.source, &dest)?;
     println!("{}", p.digest);
     Ok(())
 }

@@ -12,8 +12,9 @@ use super::scope::{Scope, PROXY_ARGS};
 use crate::oci::image::{HealthConfig, ImageState, StoredImage, DEFAULT_PATH};
 use crate::oci::platform::Platform;
 use crate::plan::{
-    default_path_edit, Action, ConfigEdit, CopyOp, CopySource, ExecOp, Input, MkdirOp, MountKind,
-    Network, Op, OpGraph, Origin, RunMount, Sharing, Source, StagePlan, HEREDOC_SCRIPT_PATH,
+    default_path_edit, Action, Chmod, Chown, ConfigEdit, CopyOp, CopySource, ExecOp, Input,
+    MkdirOp, MountKind, Network, Op, OpGraph, Origin, RunMount, Sharing, Source, StagePlan,
+    HEREDOC_SCRIPT_PATH,
 };
 use crate::syntax::dockerignore::{clean_path, IgnoreMatcher};
 use crate::syntax::expand::{LexOptions, Lexer};
@@ -538,15 +539,17 @@ impl StageWalk<'_> {
             shown.push(' ');
             shown.push_str(s);
         }
-        let trailing = dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == ".";
-        let mut dest = if dest_raw.starts_with('/') {
+        let dest = if dest_raw.starts_with('/') {
             clean_path(&dest_raw)
         } else {
             clean_path(&format!("{}/{}", self.workdir(), dest_raw))
         };
-        if trailing && !dest.ends_with('/') {
-            dest.push('/');
-        }
+        let dest_is_dir =
+            dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == "." || dest == "/";
+        let dest = match dest.trim_end_matches('/') {
+            "" => "/".to_string(),
+            d => d.to_string(),
+        };
         let mut sources = Vec::new();
         for s in expanded {
             let doc = parse_heredoc_word(&s)
@@ -572,8 +575,15 @@ impl StageWalk<'_> {
             sources,
             from,
             dest,
-            chown: self.opt_word(l, &c.chown)?,
-            chmod: self.opt_word(l, &c.chmod)?,
+            dest_is_dir,
+            chown: self
+                .opt_word(l, &c.chown)?
+                .map(|s| Chown::parse(&s).map_err(|e| self.fail(l, format!("--chown: {}", e))))
+                .transpose()?,
+            chmod: self
+                .opt_word(l, &c.chmod)?
+                .map(|s| Chmod::parse(&s).map_err(|e| self.fail(l, e)))
+                .transpose()?,
             link: c.link,
             parents: c.parents,
             excludes: c.excludes.clone(),

@@ -12,13 +12,17 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+pub mod perms;
+
+pub use perms::{Chmod, Chown, Id};
+
 use crate::oci::digest::Digest;
 use crate::oci::image::{canonical_json, HealthConfig, ImageState, StoredImage, DEFAULT_PATH};
 use crate::oci::platform::Platform;
 
 /// Bumped whenever an op's encoding, or what running it means, changes: older keys then
 /// miss instead of hitting wrongly.
-pub const OP_KEY_VERSION: u32 = 1;
+pub const OP_KEY_VERSION: u32 = 2;
 
 /// Where a RUN's heredoc script with a shebang is provided inside the step (on /dev's tmpfs,
 /// never in a layer).
@@ -188,11 +192,14 @@ pub struct CopyOp {
     pub is_add: bool,
     pub sources: Vec<CopySource>,
     pub from: Input,
-    /// Absolute destination; a trailing `/` means "into this directory".
+    /// Absolute destination, clean (no trailing `/`).
     pub dest: String,
-    /// `--chown`, resolved against the image's passwd and group files when it runs.
-    pub chown: Option<String>,
-    pub chmod: Option<String>,
+    /// Whether the destination names a directory to copy into (written with a trailing `/`
+    /// or `/.`, or the root); otherwise a single file source is copied onto it.
+    pub dest_is_dir: bool,
+    /// `--chown`; names are resolved against the image's passwd and group files when it runs.
+    pub chown: Option<Chown>,
+    pub chmod: Option<Chmod>,
     pub link: bool,
     pub parents: bool,
     pub excludes: Vec<String>,

@@ -6,13 +6,12 @@
 use std::path::Path;
 
 use crate::oci::root::Root;
+use crate::plan::{Chown, Id};
 
 /// The most `/etc/passwd` or `/etc/group` may hold; real ones are a few KiB.
 pub const MAX_USER_DB: u64 = 4 << 20;
 
-/// The highest id `--chown` and `USER` accept: `(uid_t)-1` means "leave unchanged" to chown(2),
-/// never an owner.
-const MAX_ID: u64 = u32::MAX as u64 - 1;
+use crate::plan::perms::MAX_ID;
 
 /// A resolved `user[:group]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,18 +83,6 @@ impl UserDb {
         Self::entry(&self.group, 0, name)?.get(2)?.parse().ok()
     }
 
-    fn user_id(&self, user: &str) -> Result<u32, String> {
-        match numeric_id("user", user)? {
-            Some(n) => Ok(n),
-            None => self.user(user).map(|(u, _)| u).ok_or_else(|| {
-                format!(
-                    "unable to find user {}: no matching entries in the image's /etc/passwd",
-                    user
-                )
-            }),
-        }
-    }
-
     fn group_of(&self, g: &str) -> Result<u32, String> {
         match numeric_id("group", g)? {
             Some(n) => Ok(n),
@@ -108,14 +95,22 @@ impl UserDb {
         }
     }
 
-    /// `--chown`'s `user[:group]`: a user without a group takes the user's numeric id as the
-    /// group, as docker does.
-    pub fn chown(&self, spec: &str) -> Result<Owner, String> {
-        let (user, group) = split_spec(spec);
-        let uid = self.user_id(user)?;
-        let gid = match group {
+    /// `--chown`'s owner: a user without a group takes the user's numeric id as the group,
+    /// as docker does.
+    pub fn chown(&self, chown: &Chown) -> Result<Owner, String> {
+        let uid = match &chown.user {
+            Id::Number(n) => *n,
+            Id::Name(name) => self.user(name).map(|(u, _)| u).ok_or_else(|| {
+                format!(
+                    "unable to find user {}: no matching entries in the image's /etc/passwd",
+                    name
+                )
+            })?,
+        };
+        let gid = match &chown.group {
             None => uid,
-            Some(g) => self.group_of(g)?,
+            Some(Id::Number(n)) => *n,
+            Some(Id::Name(g)) => self.group_of(g)?,
         };
         Ok(Owner { uid, gid })
     }
@@ -178,9 +173,9 @@ fn split_spec(spec: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// Resolve `spec` (`user`, `uid`, `user:group`, `uid:gid`) inside `rootfs`, as `--chown`.
-pub fn resolve_chown(rootfs: &Path, spec: &str) -> Result<Owner, String> {
-    UserDb::load(rootfs)?.chown(spec)
+/// Resolve `--chown`'s names inside `rootfs`.
+pub fn resolve_chown(rootfs: &Path, chown: &Chown) -> Result<Owner, String> {
+    UserDb::load(rootfs)?.chown(chown)
 }
 
 /// Resolve a `USER` value for running and for WORKDIR ownership.
@@ -188,68 +183,14 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<Owner, String> {
     UserDb::load(rootfs)?.user_spec(spec)
 }
 
-/// Apply a `--chmod` value (octal like `755`, or symbolic like `u+x,go-w`) to `mode`.
-pub fn apply_chmod(spec: &str, mode: u32, is_dir: bool) -> Result<u32, String> {
-    if let Ok(m) = u32::from_str_radix(spec, 8) {
-        if m > 0o7777 {
-            return Err(format!("invalid --chmod {:?}: above 7777", spec));
-        }
-        return Ok(m);
-    }
-    let mut mode = mode & 0o7777;
-    for clause in spec.split(',') {
-        let op_pos = clause
-            .find(['+', '-', '='])
-            .ok_or_else(|| format!("invalid --chmod {:?}", spec))?;
-        let (who, rest) = clause.split_at(op_pos);
-        let op = rest.chars().next().unwrap_or('=');
-        let perms = &rest[1..];
-        let mut mask = 0u32;
-        for w in if who.is_empty() {
-            "a".chars()
-        } else {
-            who.chars()
-        } {
-            mask |= match w {
-                'u' => 0o4700,
-                'g' => 0o2070,
-                'o' => 0o0007,
-                'a' => 0o6777,
-                _ => return Err(format!("invalid --chmod {:?}: unknown who {:?}", spec, w)),
-            };
-        }
-        let mut bits = 0u32;
-        for p in perms.chars() {
-            bits |= match p {
-                'r' => 0o444,
-                'w' => 0o222,
-                'x' => 0o111,
-                'X' if is_dir || mode & 0o111 != 0 => 0o111,
-                'X' => 0,
-                's' => 0o6000,
-                't' => 0o1000,
-                _ => {
-                    return Err(format!(
-                        "invalid --chmod {:?}: unknown permission {:?}",
-                        spec, p
-                    ))
-                }
-            };
-        }
-        let bits = bits & mask;
-        mode = match op {
-            '+' => mode | bits,
-            '-' => mode & !bits,
-            _ => (mode & !mask) | bits,
-        };
-    }
-    Ok(mode)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+
+    fn chown(spec: &str) -> Chown {
+        Chown::parse(spec).unwrap()
+    }
 
     #[test]
     fn chown_names_and_numbers() {
@@ -262,30 +203,30 @@ mod tests {
         .unwrap();
         fs::write(t.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
         assert_eq!(
-            resolve_chown(t.path(), "app").unwrap(),
+            resolve_chown(t.path(), &chown("app")).unwrap(),
             Owner {
                 uid: 1000,
                 gid: 1000
             }
         );
         assert_eq!(
-            resolve_chown(t.path(), "app:staff").unwrap(),
+            resolve_chown(t.path(), &chown("app:staff")).unwrap(),
             Owner { uid: 1000, gid: 50 }
         );
         assert_eq!(
-            resolve_chown(t.path(), "10:11").unwrap(),
+            resolve_chown(t.path(), &chown("10:11")).unwrap(),
             Owner { uid: 10, gid: 11 }
         );
-        assert!(resolve_chown(t.path(), "nobody").is_err());
+        assert!(resolve_chown(t.path(), &chown("nobody")).is_err());
         assert_eq!(
-            resolve_chown(t.path(), "4294967294").unwrap(),
+            resolve_chown(t.path(), &chown("4294967294")).unwrap(),
             Owner {
                 uid: u32::MAX - 1,
                 gid: u32::MAX - 1
             }
         );
-        for bad in ["4294967295", "1:4294967295", "99999999999999999999"] {
-            let e = resolve_chown(t.path(), bad).unwrap_err();
+        for bad in ["4294967295", "1:4294967295"] {
+            let e = resolve_user(t.path(), bad).unwrap_err();
             assert!(e.contains("ids go from 0 to 4294967294"), "{e}");
         }
         assert_eq!(
@@ -295,14 +236,5 @@ mod tests {
                 gid: 1001
             }
         );
-    }
-
-    #[test]
-    fn chmod_forms() {
-        assert_eq!(apply_chmod("755", 0o644, false).unwrap(), 0o755);
-        assert_eq!(apply_chmod("u+x", 0o644, false).unwrap(), 0o744);
-        assert_eq!(apply_chmod("go-r", 0o644, false).unwrap(), 0o600);
-        assert_eq!(apply_chmod("a=rX", 0o700, true).unwrap(), 0o555);
-        assert!(apply_chmod("z+q", 0o644, false).is_err());
     }
 }

@@ -27,29 +27,6 @@ pub enum SecretSource {
     Env(String),
 }
 
-/// Parse `--secret id=ID,src=FILE` / `id=ID,env=VAR` (a bare `id=ID` reads the env var ID).
-pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
-    let mut id = None;
-    let mut src = None;
-    for f in s.split(',') {
-        match f.split_once('=') {
-            Some(("id", v)) => id = Some(v.to_string()),
-            Some(("src" | "source", v)) => src = Some(SecretSource::File(PathBuf::from(v))),
-            Some(("env", v)) => src = Some(SecretSource::Env(v.to_string())),
-            Some(("type", "file" | "env")) => {}
-            _ => {
-                return Err(format!(
-                    "invalid --secret {:?}: want id=ID,src=FILE or id=ID,env=VAR",
-                    s
-                ))
-            }
-        }
-    }
-    let id = id.ok_or_else(|| format!("invalid --secret {:?}: id= is required", s))?;
-    let src = src.unwrap_or_else(|| SecretSource::Env(id.clone()));
-    Ok((id, src))
-}
-
 /// Resources a step's mounts hold until it finishes (locks, private copies).
 #[derive(Default)]
 pub struct MountGuards {

@@ -16,16 +16,19 @@ use crate::oci::tree::{LayerTree, NodeKind, TreeKey, TreeNode};
 use crate::oci::unpack::{self, UnpackOptions};
 use crate::plan::CopySource;
 
-use super::users::{apply_chmod, Owner};
+use super::users::Owner;
+use crate::plan::Chmod;
 
 /// What one COPY/ADD does, after expansion.
 pub struct CopyPlan<'a> {
     pub sources: Vec<CopySource>,
-    /// Absolute destination in the image (trailing `/` kept).
+    /// Absolute destination in the image.
     pub dest: String,
+    /// Whether `dest` names a directory to copy into.
+    pub dest_is_dir: bool,
     pub root: &'a SourceRoot,
     pub owner: Option<Owner>,
-    pub chmod: Option<String>,
+    pub chmod: Option<&'a Chmod>,
     pub parents: bool,
     pub excludes: Vec<String>,
     pub is_add: bool,
@@ -70,7 +73,7 @@ pub struct Staged {
 struct Stager<'a> {
     tree: LayerTree,
     owner: Option<Owner>,
-    chmod: Option<&'a str>,
+    chmod: Option<&'a Chmod>,
     /// Directories whose metadata came from a source (others mirror the image or default).
     sourced_dirs: BTreeSet<PathBuf>,
     keep: Vec<tempfile::TempDir>,
@@ -105,9 +108,7 @@ impl Stager<'_> {
     fn mode_for(&self, st: &SourceStat) -> Result<u32, CopyError> {
         let kind = st.kind();
         match self.chmod {
-            Some(spec) if kind != libc::S_IFLNK => {
-                apply_chmod(spec, st.mode, kind == libc::S_IFDIR).map_err(CopyError::Other)
-            }
+            Some(chmod) if kind != libc::S_IFLNK => Ok(chmod.apply(st.mode, kind == libc::S_IFDIR)),
             _ => Ok(st.mode & 0o7777),
         }
     }
@@ -413,7 +414,7 @@ impl Dest {
     }
 }
 
-/// `dest` (absolute, trailing `/` kept) with the symlinks of `rootfs` along it followed.
+/// `dest` (absolute) with the symlinks of `rootfs` along it followed.
 fn resolve_dest(rootfs: &Path, dest: &str) -> String {
     let rel = dest.trim_start_matches('/').trim_end_matches('/');
     if rel.is_empty() {
@@ -426,11 +427,7 @@ fn resolve_dest(rootfs: &Path, dest: &str) -> String {
     let Ok(inside) = resolved.strip_prefix(rootfs) else {
         return dest.to_string();
     };
-    let mut out = format!("/{}", inside.to_string_lossy());
-    if (dest.ends_with('/') || dest.ends_with("/.")) && !out.ends_with('/') {
-        out.push('/');
-    }
-    out
+    format!("/{}", inside.to_string_lossy())
 }
 
 /// Describe the layer of one COPY/ADD (or WORKDIR) as a tree.
@@ -440,7 +437,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
     let mut st = Stager {
         tree: LayerTree::default(),
         owner: plan.owner,
-        chmod: plan.chmod.as_deref(),
+        chmod: plan.chmod,
         sourced_dirs: BTreeSet::new(),
         keep: Vec::new(),
         skipped: Vec::new(),
@@ -452,7 +449,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
     // The destination resolves through symlinks of the image, as BuildKit's does: `/link/x`
     // with `/link -> target` writes `/target/x`, and the link stays.
     let dest_abs = resolve_dest(plan.rootfs, &plan.dest);
-    let dest_trailing = dest_abs.ends_with('/') || dest_abs.ends_with("/.") || dest_abs == "/";
+    let dest_trailing = plan.dest_is_dir || dest_abs == "/";
     // As BuildKit copies each match in turn: into the destination when it ends in `/` or is
     // a directory by then (an earlier directory source made it one), else onto it as a file
     // (a later file replaces an earlier one).
@@ -479,10 +476,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
             // Heredoc source: `COPY <<EOF /dest`.
             CopySource::Heredoc { name, content } => {
                 let target = dest.file_target(&dest_abs, name);
-                let mode = match &plan.chmod {
-                    Some(c) => apply_chmod(c, 0o644, false).map_err(CopyError::Other)?,
-                    None => 0o644,
-                };
+                let mode = plan.chmod.map_or(0o644, |c| c.apply(0o644, false));
                 st.write_file(&st.target(&target), content.as_bytes(), mode, plan.epoch)?;
                 continue;
             }
@@ -493,10 +487,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                     fetch_url(url, plan.checksum.as_deref(), tmp.path())?;
                 fetched.push((url.clone(), digest));
                 let target = dest.file_target(&dest_abs, &name);
-                let mode = match &plan.chmod {
-                    Some(c) => apply_chmod(c, 0o600, false).map_err(CopyError::Other)?,
-                    None => 0o600,
-                };
+                let mode = plan.chmod.map_or(0o600, |c| c.apply(0o600, false));
                 st.add_file(&st.target(&target), body, size, mode, plan.epoch);
                 st.keep.push(tmp);
                 continue;

@@ -1,0 +1,69 @@
+//! Flag values parsed into what the solver takes: `--secret` sources and `--allow`
+//! entitlements. (The solver receives values, never flag text.)
+
+use std::path::PathBuf;
+
+use crate::solver::mounts::SecretSource;
+use crate::solver::Entitlements;
+
+/// Parse `--secret id=ID,src=FILE` / `id=ID,env=VAR` (a bare `id=ID` reads the env var ID).
+pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
+    let mut id = None;
+    let mut src = None;
+    for f in s.split(',') {
+        match f.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(SecretSource::File(PathBuf::from(v))),
+            Some(("env", v)) => src = Some(SecretSource::Env(v.to_string())),
+            Some(("type", "file" | "env")) => {}
+            _ => {
+                return Err(format!(
+                    "invalid --secret {:?}: want id=ID,src=FILE or id=ID,env=VAR",
+                    s
+                ))
+            }
+        }
+    }
+    let id = id.ok_or_else(|| format!("invalid --secret {:?}: id= is required", s))?;
+    let src = src.unwrap_or_else(|| SecretSource::Env(id.clone()));
+    Ok((id, src))
+}
+
+/// Parse `--allow` values into BuildKit's entitlements.
+pub fn parse_entitlements(values: &[String]) -> Result<Entitlements, String> {
+    let mut e = Entitlements::default();
+    for v in values.iter().flat_map(|v| v.split(',')) {
+        match v.trim() {
+            "network.host" => e.network_host = true,
+            "security.insecure" => e.security_insecure = true,
+            other => {
+                return Err(format!(
+                    "unknown entitlement {:?} (network.host or security.insecure)",
+                    other
+                ))
+            }
+        }
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_and_entitlements() {
+        assert_eq!(
+            parse_secret("id=a,src=/f").unwrap(),
+            ("a".into(), SecretSource::File("/f".into()))
+        );
+        assert_eq!(
+            parse_secret("id=TOKEN").unwrap(),
+            ("TOKEN".into(), SecretSource::Env("TOKEN".into()))
+        );
+        assert!(parse_secret("src=/f").is_err());
+        let e = parse_entitlements(&["network.host,security.insecure".into()]).unwrap();
+        assert!(e.network_host && e.security_insecure);
+        assert!(parse_entitlements(&["root".into()]).is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! What a command tells the user when it fails: a message, the causes under it, and a hint
+//! when a module's error carries one. The command line and the build pipeline return it.
+
+use std::path::Path;
+
+/// A failure to report to the user: a message and optional causes and hint.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub causes: Vec<String>,
+    pub hint: Option<String>,
+    pub exit_code: i32,
+}
+
+impl CliError {
+    pub fn msg(m: impl Into<String>) -> Self {
+        CliError {
+            message: m.into(),
+            causes: Vec::new(),
+            hint: None,
+            exit_code: 1,
+        }
+    }
+    pub fn io(path: &Path, e: std::io::Error) -> Self {
+        CliError::msg(format!("{}: {}", path.display(), e))
+    }
+    pub fn with_hint(mut self, h: impl Into<String>) -> Self {
+        self.hint = Some(h.into());
+        self
+    }
+}
+
+impl<E: std::error::Error + 'static> From<E> for CliError {
+    fn from(e: E) -> Self {
+        let mut causes = Vec::new();
+        let mut hint = None;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = cur {
+            if !std::ptr::addr_eq(err, &e as &dyn std::error::Error) {
+                causes.push(err.to_string());
+            }
+            hint = hint.or_else(|| hint_of(err));
+            cur = err.source();
+        }
+        CliError {
+            message: e.to_string(),
+            causes,
+            hint,
+            exit_code: 1,
+        }
+    }
+}
+
+/// A build failure for the user: a failed step's message, then its build-file line with a
+/// caret under the column (the solver names the origin; only the command line has the text).
+pub fn build_failure(e: crate::solver::BuildError, source: &str) -> CliError {
+    let caret = match &e {
+        crate::solver::BuildError::Step(f) => {
+            let line = source
+                .lines()
+                .nth(f.line.saturating_sub(1))
+                .unwrap_or("")
+                .trim_end();
+            if line.is_empty() {
+                String::new()
+            } else {
+                let (shown, caret) = crate::text::window(line, f.column);
+                format!("\n  {}\n  {}^", shown, " ".repeat(caret))
+            }
+        }
+        _ => String::new(),
+    };
+    let mut failure = CliError::from(e);
+    failure.message.push_str(&caret);
+    failure
+}
+
+/// The hint a module's error carries, if any.
+fn hint_of(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(e) = e.downcast_ref::<crate::registry::RegistryError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<crate::solver::BuildError>() {
+        return e.hint();
+    }
+    if let Some(e) = e.downcast_ref::<crate::frontend::LowerError>() {
+        return e.cause().and_then(hint_of);
+    }
+    None
+}

@@ -1,0 +1,56 @@
+//! Base images for the frontend: as the local store knows them (for the checks, which pull
+//! nothing), or fetched as `--pull` says (for lowering).
+
+use crate::frontend::checks::BaseImages;
+use crate::frontend::BaseResolver;
+use crate::oci::platform::Platform;
+use crate::progress::Reporter;
+use crate::store::Store;
+
+/// Base images as the local store knows them, for the build's platform (nothing is pulled
+/// for a check).
+pub(super) struct StoreBases<'a>(pub &'a Store, pub String);
+
+impl BaseImages for StoreBases<'_> {
+    fn env(&self, image: &str) -> Option<Vec<(String, String)>> {
+        self.0.image_for(image, &self.1).ok().map(|i| i.state.env())
+    }
+    fn platform(&self, image: &str) -> Option<String> {
+        let i = self.0.image_for(image, &self.1).ok()?;
+        let c = &i.state.config;
+        let mut p = format!("{}/{}", c.os(), c.architecture());
+        if let Some(v) = c.variant() {
+            p.push('/');
+            p.push_str(v);
+        }
+        Some(p)
+    }
+}
+
+/// Base images from the store, pulled as `--pull` says; pulls are logged.
+pub struct StoreResolver<'a> {
+    pub store: &'a Store,
+    pub client: &'a crate::registry::Client,
+    pub policy: crate::registry::PullPolicy,
+    pub reporter: &'a dyn Reporter,
+}
+
+impl BaseResolver for StoreResolver<'_> {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<crate::oci::image::StoredImage, Box<dyn std::error::Error + Send + Sync>> {
+        let reporter = self.reporter;
+        let log = move |m: &str| reporter.log(0, m);
+        let pulling = crate::store::sources::Pulling {
+            policy: self.policy,
+            client: self.client,
+            log: &log,
+            layers: crate::registry::pull::Layers::WhenNeeded,
+        };
+        Ok(crate::store::sources::fetch(
+            self.store, reference, platform, &pulling,
+        )?)
+    }
+}

@@ -1,0 +1,468 @@
+//! The build pipeline, in one readable sequence: parse and check the build file, lower it to
+//! one op graph per platform, take the store's lease, solve, attest, make the index, tag,
+//! push, export the cache, write the outputs and the metadata. It takes [`BuildOptions`],
+//! values the command line resolved from its flags; it reads no flag text.
+
+mod attestations;
+mod bases;
+mod verify;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::attest::provenance;
+use crate::cache::remote::{self, Location, Mode as ExportMode, RemoteCache};
+use crate::export::{Built, Output};
+use crate::failure::{build_failure, CliError};
+use crate::frontend::checks::{self, CheckInput, CheckPolicy};
+use crate::frontend::{self, LowerOptions, PlanOptions};
+use crate::oci::layer::Compression;
+use crate::oci::platform::Platform;
+use crate::plan::{self, OpGraph};
+use crate::progress::Reporter;
+use crate::registry::{push, Client, PullPolicy, Reference};
+use crate::solver::mounts::SecretSource;
+use crate::solver::{self, BuildRequest, Entitlements};
+use crate::store::Store;
+use crate::syntax::dockerignore;
+
+pub use attestations::AttestOptions;
+pub use bases::StoreResolver;
+
+/// Everything a build is asked to do, resolved from the command line.
+pub struct BuildOptions {
+    /// The build file, its name as the user gave it, and its text.
+    pub file: PathBuf,
+    pub file_name: String,
+    pub text: String,
+    /// The context, absolute.
+    pub context: PathBuf,
+    /// The store (`--root`).
+    pub root: PathBuf,
+    /// The target, the build args and the first platform.
+    pub plan: PlanOptions,
+    /// Every platform to build (one image each, joined in an index when several).
+    pub platforms: Vec<Platform>,
+    /// `--check`: report the checks' findings, build nothing.
+    pub check_only: bool,
+    pub outputs: Vec<Output>,
+    /// Names in the local store (`-t`), normalized.
+    pub tags: Vec<String>,
+    /// Names outputs of `type=image` give, and what is pushed where.
+    pub image_names: Vec<String>,
+    pub push_to: Vec<(String, Reference)>,
+    pub epoch: i64,
+    pub compression: Compression,
+    pub force_compression: bool,
+    pub network: plan::Network,
+    pub entitlements: Entitlements,
+    pub executor: crate::worker::sandbox::Executor,
+    pub isolation: crate::worker::Isolation,
+    /// Host paths `--isolation container` never lays out over.
+    pub keep: Vec<PathBuf>,
+    pub secrets: BTreeMap<String, SecretSource>,
+    pub no_cache: bool,
+    pub no_cache_filter: Vec<String>,
+    pub jobs: usize,
+    pub pull: PullPolicy,
+    pub cache_from: Vec<Location>,
+    pub cache_to: Vec<(Location, ExportMode)>,
+    pub attest: AttestOptions,
+    /// `--verify`: two clean builds must agree.
+    pub verify: bool,
+    pub iidfile: Option<PathBuf>,
+    pub metadata_file: Option<PathBuf>,
+    pub reporter: Arc<dyn Reporter>,
+}
+
+/// Run the build `o` describes; prints the digest it names.
+pub fn build(o: BuildOptions) -> Result<(), CliError> {
+    let (name, text) = (&o.file_name, &o.text);
+    let (doc, typed) = crate::syntax::parse_instructions(name, text)?;
+    let reporter = o.reporter.clone();
+    // The checks run on the parsed file before it is lowered, so that --check reports what
+    // planning would refuse too.
+    let (_, ignore) = dockerignore::load_for_build(&o.file, &o.context)?;
+    let store = Store::open(&o.root)?;
+    let policy = CheckPolicy::parse(doc.directives.check.as_deref())
+        .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?;
+    let findings = checks::run(
+        &CheckInput {
+            source: text,
+            doc: &doc,
+            typed: &typed,
+            ignore: &ignore,
+            build_args: &o.plan.build_args,
+            target_platform: &o.plan.target_platform.spec(),
+            platform_args: &Platform::args(&o.plan.target_platform, &o.plan.build_platform),
+            bases: &bases::StoreBases(&store, o.plan.target_platform.spec()),
+        },
+        &policy,
+    );
+    if o.check_only {
+        for f in &findings {
+            println!("{}", f.line_in(name));
+        }
+        if findings.is_empty() {
+            println!("Check complete, no warnings found.");
+            return Ok(());
+        }
+        return Err(CliError::msg(format!(
+            "check complete: {} warning{} found",
+            findings.len(),
+            if findings.len() == 1 { "" } else { "s" }
+        )));
+    }
+    let graph = frontend::lower_graph(name, text, doc.escape, &typed, &o.plan)?;
+    for w in &graph.unused_build_args {
+        reporter.warn(&format!("build-arg {} was not consumed by any ARG", w));
+    }
+    if policy.error && !findings.is_empty() {
+        for f in &findings {
+            reporter.check(name, f);
+        }
+        let mut rules: Vec<&str> = findings.iter().map(|f| f.rule).collect();
+        rules.dedup();
+        return Err(CliError::msg(format!(
+            "{}: lint violation found for rules: {} (# check=error=true)",
+            name,
+            rules.join(", ")
+        )));
+    }
+
+    // Held until everything the build writes is committed (tags, pushes, the cache export,
+    // every output): `cache prune` waits for it, so it never takes what this build uses.
+    let _lease = crate::cache::gc::build_lease(&store)?;
+    let freed = store.clean_stale_scratch();
+    if freed > 0 {
+        reporter.log(
+            0,
+            &format!("removed {} bytes of scratch that killed builds left", freed),
+        );
+    }
+    let notices = reporter.clone();
+    let registry = Arc::new(Client::from_config()?.with_notices(move |m| notices.warn(m)));
+    // Layers left at registries (base images', imported caches') come through this client,
+    // so the build counts what it downloads.
+    store
+        .blobs
+        .set_source(Arc::new(crate::registry::lazy::RegistryBlobs::new(
+            store.origins(),
+            registry.clone(),
+        )));
+    let imported = import_caches(&o.cache_from, &registry, &store, reporter.as_ref());
+
+    // Lowering, per platform: base images are resolved (pulled as --pull says) to read their
+    // configs.
+    let resolver = StoreResolver {
+        store: &store,
+        client: &registry,
+        policy: o.pull,
+        reporter: reporter.as_ref(),
+    };
+    let lower_for =
+        |platform: &Platform, graph: &frontend::BuildGraph| -> Result<OpGraph, CliError> {
+            Ok(frontend::lower_ops(
+                graph,
+                &LowerOptions {
+                    file: name,
+                    source: text,
+                    escape: doc.escape,
+                    build_args: &o.plan.build_args,
+                    platform: platform.clone(),
+                    network: o.network,
+                    made: Default::default(),
+                },
+                &resolver,
+            )?)
+        };
+    let req = BuildRequest {
+        file_name: name.clone(),
+        graph: lower_for(&o.plan.target_platform, &graph)?,
+        context: o.context.clone(),
+        ignore,
+        epoch: o.epoch,
+        compression: o.compression,
+        force_compression: o.force_compression,
+        platform: o.plan.target_platform.clone(),
+        reporter: reporter.as_ref(),
+        entitlements: o.entitlements,
+        executor: o.executor.clone(),
+        isolation: o.isolation,
+        keep: o.keep.clone(),
+        no_cache: o.no_cache,
+        no_cache_filter: o.no_cache_filter.clone(),
+        jobs: o.jobs,
+        secrets: o.secrets.clone(),
+        pull: o.pull,
+        registry: registry.clone(),
+        cache_from: imported,
+        show_platform: false,
+    };
+    // One build per platform; several run side by side (sharing --jobs) and are joined in
+    // an index.
+    let mut requests = Vec::new();
+    for p in &o.platforms {
+        let mut one = req.clone();
+        if o.platforms.len() > 1 {
+            one.platform = p.clone();
+            one.show_platform = true;
+            one.jobs = (req.jobs / o.platforms.len()).max(1);
+            if *p != o.plan.target_platform {
+                let graph = frontend::lower_graph(
+                    name,
+                    text,
+                    doc.escape,
+                    &typed,
+                    &PlanOptions {
+                        target_platform: p.clone(),
+                        ..o.plan.clone()
+                    },
+                )?;
+                one.graph = lower_for(p, &graph)?;
+            }
+        }
+        requests.push(one);
+    }
+
+    // Solve.
+    let invocation = provenance::Invocation {
+        build_file: &attestations::build_file_in_context(&o.file, &o.context, name),
+        build_file_digest: crate::oci::digest::Digest::of(
+            &std::fs::read(&o.file).map_err(|e| CliError::io(&o.file, e))?,
+        ),
+        build_args: &o.plan.build_args,
+        target: o.plan.target.as_deref(),
+        platforms: o.platforms.iter().map(Platform::spec).collect(),
+        epoch: o.epoch,
+        mode: o.attest.provenance.unwrap_or(provenance::Mode::Max),
+    };
+    // One solver for every platform: an identical step of two platforms runs once.
+    let solver = solver::Solver::new(&store);
+    let build_one = |one: &BuildRequest| -> Result<solver::Outcome, CliError> {
+        if o.verify {
+            verify::verify(&store, one, reporter.as_ref(), &invocation, text)
+        } else {
+            solver.build(one).map_err(|e| build_failure(e, text))
+        }
+    };
+    let results: Vec<Result<solver::Outcome, CliError>> = if requests.len() == 1 {
+        requests.iter().map(build_one).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = requests
+                .iter()
+                .map(|one| scope.spawn(|| build_one(one)))
+                .collect();
+            running
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CliError::msg("a platform's build panicked")))
+                })
+                .collect()
+        })
+    };
+
+    // Attestations, and the index that carries them.
+    let mut images = Vec::new();
+    let mut steps = Vec::new();
+    let mut attested_images = Vec::new();
+    for r in results {
+        let outcome = r?;
+        let statements = attestations::statements(&store, &invocation, o.attest, &outcome)?;
+        if !statements.is_empty() {
+            attested_images.push(
+                crate::oci::image::commit_attestation(&store.blobs, &outcome.image, &statements)
+                    .map_err(|e| CliError::msg(e.to_string()))?,
+            );
+        }
+        images.push(outcome.image);
+        steps.extend(outcome.steps);
+    }
+    // Names and outputs get the images themselves unless attestations were asked for on the
+    // command line (then, as BuildKit, the index): tools that resolve a tag (umoci,
+    // oci-image-tool, a runtime) want an image. A push always sends the index.
+    let attested = if attested_images.is_empty() {
+        None
+    } else {
+        Some(
+            crate::oci::image::commit_index(&store.blobs, &images, &attested_images)
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
+    };
+    let plain = if images.len() == 1 {
+        Built::Image(images.remove(0))
+    } else {
+        Built::Index(
+            crate::oci::image::commit_index(&store.blobs, &images, &[])
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
+    };
+    if let Some(x) = &attested {
+        store.set_attested(&plain.digest(), &x.digest)?;
+    }
+    let built = match &attested {
+        Some(x) if o.attest.explicit => Built::Index(x.clone()),
+        _ => plain,
+    };
+    let digest = built.digest();
+    test_rendezvous();
+
+    // Tags, pushes, the cache export, the outputs.
+    for t in o.tags.iter().chain(&o.image_names) {
+        store.tag(t, &digest)?;
+    }
+    for (source, dest) in &o.push_to {
+        push_image(&store, &registry, source, dest)?;
+    }
+    for (loc, mode) in &o.cache_to {
+        if o.verify {
+            reporter.warn("--cache-to is ignored with --verify (its builds run without cache)");
+            break;
+        }
+        let n = remote::export(loc, *mode, &steps, req.graph.target, &store, &registry)?;
+        reporter.log(0, &format!("exported {} cached steps to {}", n, loc));
+    }
+    let scratch = store.scratch_dir("export-")?;
+    for out in &o.outputs {
+        built.export(
+            &store.blobs,
+            &o.tags,
+            out,
+            scratch.path(),
+            attested.as_ref(),
+        )?;
+    }
+    // What the registries cost: a build whose steps all hit, pushed to the registry that
+    // holds its layers, downloads none.
+    let (layers, bytes) = registry.layer_downloads();
+    if layers > 0 || !o.cache_from.is_empty() || !o.push_to.is_empty() {
+        reporter.log(
+            0,
+            &format!("layer blobs downloaded: {} ({} bytes)", layers, bytes),
+        );
+    }
+
+    // What the build names: what the registry's tag names after a push (the index with the
+    // attestations), else what the store's names point at.
+    let digest = match &attested {
+        Some(x) if !o.push_to.is_empty() => x.digest.clone(),
+        _ => digest,
+    };
+    let digest = digest.to_string();
+    if let Some(p) = &o.iidfile {
+        std::fs::write(p, &digest).map_err(|e| CliError::io(p, e))?;
+    }
+    if let Some(p) = &o.metadata_file {
+        write_metadata(p, &digest, &built, &o.tags, attested.as_ref())?;
+    }
+    // As BuildKit: the checks' findings close the build's output.
+    for f in &findings {
+        reporter.check(name, f);
+    }
+    println!("{}", digest);
+    Ok(())
+}
+
+/// The caches `--cache-from` names; one that cannot be had is a warning (every step runs).
+fn import_caches(
+    locations: &[Location],
+    registry: &Arc<Client>,
+    store: &Store,
+    reporter: &dyn Reporter,
+) -> Vec<Arc<RemoteCache>> {
+    let mut imported = Vec::new();
+    for loc in locations {
+        match RemoteCache::load(loc, registry.clone(), store) {
+            Ok(Some(c)) => {
+                reporter.log(0, &format!("imported cache {}: {} steps", loc, c.len()));
+                imported.push(Arc::new(c));
+            }
+            Ok(None) => reporter.warn(&format!("no cache at {} yet: every step runs", loc)),
+            Err(e) => reporter.warn(&format!(
+                "cannot import the cache at {}: {} (every step runs)",
+                loc, e
+            )),
+        }
+    }
+    imported
+}
+
+/// `--metadata-file`: the digests, names and layers of what the build made.
+fn write_metadata(
+    path: &std::path::Path,
+    digest: &str,
+    built: &Built,
+    tags: &[String],
+    attested: Option<&crate::oci::image::StoredIndex>,
+) -> Result<(), CliError> {
+    let mut v = match built {
+        Built::Image(image) => serde_json::json!({
+            "containerimage.digest": digest,
+            "containerimage.config.digest": image.config_digest.to_string(),
+            "image.name": tags.join(","),
+            "layers": image.state.layers.iter().map(crate::oci::image::LayerRef::to_json).collect::<Vec<_>>(),
+        }),
+        Built::Index(index) => serde_json::json!({
+            "containerimage.digest": digest,
+            "image.name": tags.join(","),
+            "platforms": index.images.iter().map(|i| serde_json::json!({
+                "platform": crate::oci::image::platform_of(i),
+                "containerimage.digest": i.manifest_digest.to_string(),
+            })).collect::<Vec<_>>(),
+        }),
+    };
+    if let Some(x) = attested {
+        // The index a push sends: the images with their attestations.
+        v["attestations.index.digest"] = serde_json::json!(x.digest.to_string());
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap_or_default())
+        .map_err(|e| CliError::io(path, e))
+}
+
+/// For the prune-race test: with `BUILDER_TEST_RENDEZVOUS=PATH`, say `PATH.solved` once the
+/// graph is solved, then wait (30 s at most) for `PATH` before committing anything.
+fn test_rendezvous() {
+    let Some(p) = std::env::var_os("BUILDER_TEST_RENDEZVOUS").map(PathBuf::from) else {
+        return;
+    };
+    let mut solved = p.clone().into_os_string();
+    solved.push(".solved");
+    let _ = std::fs::write(&solved, b"");
+    for _ in 0..300 {
+        if p.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Push the stored image `source` to `dest`; reports what was sent on stderr.
+pub fn push_image(
+    store: &Store,
+    client: &Client,
+    source: &str,
+    dest: &Reference,
+) -> Result<push::Pushed, CliError> {
+    let named = store.resolve(source)?;
+    // The registry gets the image with the attestations its build recorded (BuildKit's
+    // layout: an index of the image and its attestation manifest).
+    let digest = store.attested(&named).unwrap_or(named);
+    let p = push::push(client, &store.local(), &digest, dest)?;
+    eprintln!(
+        "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",
+        dest,
+        p.digest,
+        p.uploaded,
+        p.mounted,
+        p.present,
+        if p.manifest_uploaded {
+            "uploaded"
+        } else {
+            "unchanged"
+        }
+    );
+    Ok(p)
+}

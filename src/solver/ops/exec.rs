@@ -1,0 +1,276 @@
+//! RUN: the build args, entitlements and bind-mount sources it reads, and its run: the
+//! step's user, environment, /etc files and mounts resolved, the spec handed to the
+//! [`Worker`](crate::solver::Worker), and the diff it returns written as the layer.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::OpRunner;
+use crate::context::IgnoreMatcher;
+use crate::oci::image::LayerRef;
+use crate::plan::{ExecOp, Input, MountKind, Network, Op, Origin};
+use crate::solver::cx::Ctx;
+use crate::solver::inputs::StepInput;
+use crate::solver::{mounts, BuildError};
+use crate::store::Bucket;
+use crate::worker::snapshots::{RootView, ViewNeed};
+use crate::worker::{self, Exit};
+
+impl OpRunner for ExecOp {
+    fn cache_map(&self, cx: &mut Ctx, op: &Op) -> Result<Vec<StepInput>, BuildError> {
+        let origin = &op.origin;
+        let args: BTreeMap<String, String> = self.args.iter().cloned().collect();
+        let mut inputs = vec![StepInput::Args(args)];
+        sandbox_of(cx, origin, self)?;
+        for (i, mount) in self.mounts.iter().enumerate() {
+            if mount.kind != MountKind::Bind {
+                continue;
+            }
+            inputs.push(match &mount.from {
+                Input::Context => {
+                    let src = mount.source.clone().unwrap_or_else(|| ".".into());
+                    cx.context_input(origin, &[src], &IgnoreMatcher::default(), Some(i))?
+                }
+                from => cx.input_of(origin, from, Some(i))?,
+            });
+        }
+        Ok(inputs)
+    }
+
+    fn view_need(&self) -> ViewNeed {
+        ViewNeed::Full
+    }
+
+    /// Run the step in the sandbox; returns its layer.
+    fn run(
+        &self,
+        cx: &mut Ctx,
+        op: &Op,
+        view: &mut Option<RootView>,
+    ) -> Result<LayerRef, BuildError> {
+        let e = self;
+        let view = view
+            .as_mut()
+            .ok_or_else(|| BuildError::Other("internal: RUN without a root view".into()))?;
+        let origin = &op.origin;
+        let rootfs_path = view.path().to_path_buf();
+        let rootfs = rootfs_path.as_path();
+        if let Err(e) = worker::sandbox::emulation::check(&cx.platform.architecture) {
+            return Err(cx.fail(origin, e));
+        }
+        let (uid, gid, groups, home) =
+            mounts::resolve_step_user(rootfs, e.user.as_deref()).map_err(|m| cx.fail(origin, m))?;
+        let mut env = e.env.clone();
+        if !env.iter().any(|(k, _)| k == "HOME") {
+            env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
+        }
+        let (network, insecure) = sandbox_of(cx, origin, e)?;
+        let scratch = cx.store.scratch_dir("run-")?;
+        let process_sandbox = match cx.kept {
+            Some(_) => true,
+            None => process_sandbox(cx, origin, scratch.path())?,
+        };
+
+        // /etc files provided for the step, never captured.
+        let etc = scratch.path().join("etc");
+        fs::create_dir_all(&etc).map_err(|e| cx.fail(origin, e.to_string()))?;
+        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let resolv = match network {
+            worker::sandbox::NetworkMode::Private => {
+                worker::sandbox::network::private_resolv_conf(&host_resolv)
+            }
+            _ => host_resolv,
+        }
+        .into_bytes();
+        let files = [
+            ("resolv.conf", resolv),
+            (
+                "hosts",
+                b"127.0.0.1\tlocalhost builder\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                    .to_vec(),
+            ),
+            ("hostname", b"builder\n".to_vec()),
+        ];
+        let mut etc_files = Vec::new();
+        for (name, data) in files {
+            let p = etc.join(name);
+            fs::write(&p, data).map_err(|e| cx.fail(origin, e.to_string()))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
+                .map_err(|e| cx.fail(origin, e.to_string()))?;
+            etc_files.push((p, format!("/etc/{}", name)));
+        }
+
+        // RUN --mount.
+        let ctx_root = cx.context_root();
+        let mut guards = mounts::MountGuards::default();
+        let mut from_err = None;
+        let cache_mounts = cx.store.dir(Bucket::CacheMounts);
+        let secrets = cx.req.secrets.clone();
+        let copy_context = cx.kept.is_some();
+        let (mut mounts, secret_env) = {
+            let mut lookup = |f: &Input| -> Result<PathBuf, String> {
+                match cx.source_for(origin, f) {
+                    Ok(p) => Ok(p),
+                    Err(e) => {
+                        let m = e.to_string();
+                        from_err = Some(e);
+                        Err(m)
+                    }
+                }
+            };
+            let mut me = mounts::MountEnv {
+                cache_mounts: &cache_mounts,
+                scratch: scratch.path(),
+                context: &ctx_root,
+                secrets: &secrets,
+                from_root: &mut lookup,
+                copy_context,
+            };
+            match mounts::resolve_mounts(&e.mounts, &mut me, &mut guards) {
+                Ok(x) => x,
+                Err(m) => return Err(from_err.unwrap_or_else(|| cx.fail(origin, m))),
+            }
+        };
+        env.extend(secret_env);
+        if let Some(body) = &e.script {
+            let p = scratch.path().join("script");
+            fs::write(&p, body).map_err(|e| cx.fail(origin, e.to_string()))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                .map_err(|e| cx.fail(origin, e.to_string()))?;
+            mounts.push(worker::ExtraMount::Bind {
+                source: p,
+                target: crate::plan::HEREDOC_SCRIPT_PATH.into(),
+                readonly: true,
+            });
+        }
+
+        let spec = worker::RunSpec {
+            root: worker::sandbox::RootMount::Bind {
+                dir: PathBuf::new(),
+            },
+            argv: e.argv.clone(),
+            env,
+            cwd: e.cwd.clone(),
+            uid,
+            gid,
+            groups,
+            hostname: "builder".into(),
+            network,
+            insecure,
+            etc_files,
+            mounts,
+            executor: cx.req.executor.clone(),
+            process_sandbox,
+        };
+        let step_dir = scratch.path().join("step");
+        fs::create_dir_all(&step_dir).map_err(|e| cx.fail(origin, e.to_string()))?;
+        let mut tail = mounts::Tail::new(12);
+        let reporter = cx.req.reporter;
+        let step = cx.step;
+        let (exit, diff) = cx
+            .worker
+            .run_step(
+                worker::StepInput {
+                    view: &*view,
+                    scratch: &step_dir,
+                    spec,
+                    in_place: cx.kept.as_ref(),
+                },
+                &mut |line| {
+                    reporter.log(step, line);
+                    tail.push(line);
+                },
+            )
+            .map_err(|e| cx.fail(origin, e.to_string()))?;
+        for n in cx.worker.notices() {
+            reporter.warn(&n);
+        }
+        drop(guards);
+        match exit {
+            Exit::Code(0) => {}
+            Exit::Code(c) => {
+                return Err(cx.fail(origin, format!("exit code {}{}", c, tail.render())))
+            }
+            Exit::Signal(s) => {
+                return Err(cx.fail(
+                    origin,
+                    format!(
+                        "killed by {}{}",
+                        worker::sandbox::signal_name(s),
+                        tail.render()
+                    ),
+                ))
+            }
+        }
+        cx.commit_layer(op, &diff, view)
+    }
+}
+
+/// Whether RUN gets its own PID namespace and /proc here (`false`: the relaxed sandbox,
+/// said once and recorded), or why RUN cannot be sandboxed at all.
+fn process_sandbox(cx: &Ctx, origin: &Origin, scratch: &Path) -> Result<bool, BuildError> {
+    let hint = || {
+        match worker::inplace::detect_container() {
+        Some(c) => format!(
+            "builder runs in {}, which allows no new namespaces: use --isolation container, where the container itself is the sandbox",
+            c
+        ),
+        None => "run builder as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0)".to_string(),
+    }
+    };
+    if let Some(why) = &cx.sandbox_unavailable {
+        return Err(cx.fail(
+            origin,
+            format!("RUN cannot be sandboxed: {}; {}", why, hint()),
+        ));
+    }
+    let probed = cx.process_sandbox.get_or_init(|| {
+        let r = cx.worker.probe_process_sandbox(scratch);
+        if let Ok(false) = r {
+            cx.req.reporter.warn("a fresh /proc cannot be mounted here (a container's /proc has masked paths): RUN steps share builder's PID namespace and see its /proc read-only, as BuildKit's no-process-sandbox mode does; the provenance records it");
+            if let Ok(mut t) = cx.trace.lock() {
+                t.isolation = worker::NO_PROCESS_SANDBOX.to_string();
+            }
+        }
+        r
+    });
+    match probed {
+        Ok(full) => Ok(*full),
+        Err(e) => Err(cx.fail(
+            origin,
+            format!("RUN cannot be sandboxed: {}; {}", e, hint()),
+        )),
+    }
+}
+
+/// The step's network and whether it runs insecure, refused unless the build holds the
+/// entitlement (checked for cached steps too, as BuildKit checks the whole definition).
+fn sandbox_of(
+    cx: &Ctx,
+    origin: &Origin,
+    e: &ExecOp,
+) -> Result<(worker::sandbox::NetworkMode, bool), BuildError> {
+    use worker::sandbox::NetworkMode;
+    let network = match e.network {
+        Network::Sandbox => NetworkMode::Private,
+        Network::None => NetworkMode::Loopback,
+        Network::Host => {
+            if !cx.req.entitlements.network_host {
+                return Err(cx.fail(
+                    origin,
+                    "network host is not allowed: start the build with --allow network.host",
+                ));
+            }
+            NetworkMode::Host
+        }
+    };
+    if e.insecure && !cx.req.entitlements.security_insecure {
+        return Err(cx.fail(
+            origin,
+            "--security=insecure is not allowed: start the build with --allow security.insecure",
+        ));
+    }
+    Ok((network, e.insecure))
+}

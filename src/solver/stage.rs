@@ -1,0 +1,306 @@
+//! One stage's run: its base, then each op in turn. A config op applies at once and enters
+//! the key at the next layered op; a layered op is keyed (its runner's cache map on top of
+//! the chain), asked of the cache (an identical step running elsewhere is waited for), run
+//! when it misses, and recorded for the cache export and the provenance.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::cx::{Ctx, Shared, StageResult};
+use super::inputs::{self, StageKey};
+use super::ops;
+use super::schedule::Claim;
+use super::{BuildError, Outcome, StepRecord};
+use crate::attest::trace::StepTrace;
+use crate::cache::CacheKey;
+use crate::oci::image::ImageState;
+use crate::plan::{Op, Source};
+use crate::store::StoreError;
+use crate::worker::snapshots::{chain_ids, RootView, ViewNeed};
+use crate::worker::Snapshotter;
+
+impl Shared<'_> {
+    /// Run stage `index` and keep its result for the stages that read it.
+    pub fn run_stage(&self, index: usize) -> Result<(), BuildError> {
+        let mut cx = Ctx {
+            sh: self,
+            step: 0,
+            platform: self
+                .req
+                .graph
+                .stage(index)
+                .map(|s| s.platform.clone())
+                .unwrap_or_else(|| self.req.platform.clone()),
+            inputs: Vec::new(),
+            volatile: false,
+            source_stats: None,
+            snapshot_ahead: None,
+            listings: Vec::new(),
+        };
+        let r = cx.run_stage(index);
+        let r = cx.settle_listings().and(r);
+        // What was hashed stays useful even when a step failed.
+        self.hasher.save();
+        let result = r?;
+        self.results
+            .lock()
+            .map_err(|_| BuildError::Other("internal: a stage thread panicked".into()))?
+            .insert(index, result);
+        Ok(())
+    }
+
+    /// Commit the target stage as the build's image.
+    pub fn finish(self, target: usize) -> Result<Outcome, BuildError> {
+        let stage = self
+            .results
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(&target))
+            .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
+        let mut state = stage.state;
+        state.config.set_created(Some(self.created.clone()));
+        if self.req.force_compression {
+            state.layers = super::layers::force_compression(
+                self.store,
+                &state.layers,
+                self.req.compression,
+                self.req.reporter,
+            )?;
+        }
+        let image = state
+            .commit(&self.store.blobs, &BTreeMap::new())
+            .map_err(StoreError::from)?;
+        let steps = self.steps.into_inner().unwrap_or_default();
+        let mut trace = self.trace.into_inner().unwrap_or_default();
+        // Stages finish in any order: the record is in build-file order.
+        trace.steps.sort_by_key(|s| (s.stage, s.step));
+        trace.target_stage = target;
+        Ok(Outcome {
+            image,
+            steps,
+            trace,
+        })
+    }
+}
+
+impl Ctx<'_, '_> {
+    fn run_stage(&mut self, index: usize) -> Result<StageResult, BuildError> {
+        let stage =
+            self.req.graph.stage(index).ok_or_else(|| {
+                BuildError::Other(format!("stage {} is not in the op graph", index))
+            })?;
+        let label = if self.req.show_platform {
+            format!("{} stage-{}", self.platform.spec(), stage.label())
+        } else {
+            format!("stage-{}", stage.label())
+        };
+        let started = self.start_step(&label, &stage.origin.text);
+        let mut parent_volatile = false;
+        let (mut state, base_key) = match &stage.source {
+            Source::Scratch => {
+                let p = &self.platform;
+                (
+                    ImageState::scratch(&p.os, &p.architecture, p.variant.as_deref()),
+                    CacheKey::base(stage.source.identity(p)),
+                )
+            }
+            Source::Stage(i) => {
+                let parent = self.results.lock().ok().and_then(|r| {
+                    r.get(i).map(|p| {
+                        parent_volatile = p.volatile;
+                        (p.state.clone(), p.key.clone())
+                    })
+                });
+                parent.ok_or_else(|| {
+                    BuildError::Other(format!("stage {} was not built before stage {}", i, index))
+                })?
+            }
+            Source::Image { reference, image } => {
+                self.trace_image(reference, &image.manifest_digest.to_string());
+                (
+                    image.state.clone(),
+                    CacheKey::base(stage.source.identity(&self.platform)),
+                )
+            }
+        };
+        for e in &stage.base_edits {
+            e.apply(&mut state);
+        }
+        self.volatile = parent_volatile;
+        let base_name = match &stage.source {
+            Source::Scratch => "scratch".to_string(),
+            Source::Stage(i) => format!("stage:{}", self.stage_label(*i)),
+            Source::Image { reference, .. } => reference.clone(),
+        };
+        if let Ok(mut t) = self.trace.lock() {
+            t.stages.insert(index, (stage.label(), base_name));
+        }
+        self.req.reporter.done(self.step, started.elapsed(), false);
+        let mut key = inputs::stage_key(
+            &base_key,
+            &StageKey {
+                ops: crate::plan::OP_KEY_VERSION,
+                epoch: self.req.epoch,
+                compression: self.req.compression.key(),
+                platform: self.platform.spec(),
+                base_edits: &stage.base_edits,
+            },
+        );
+        let use_cache = !self.req.no_cache
+            && !self
+                .req
+                .no_cache_filter
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
+
+        let mut view: Option<RootView> = None;
+        let mut pending: Vec<String> = Vec::new();
+        let stage_name = stage.label();
+        for (step_in_stage, op) in stage.ops.iter().enumerate() {
+            let started = self.start_step(&label, &op.origin.text);
+            let Some(runner) = ops::runner_for(&op.action) else {
+                // Config ops are cheap: apply now; they enter the key at the next layer
+                // op or the stage's end.
+                self.apply(op, &mut state, &mut view)?;
+                pending.push(op.cache_key().to_string());
+                self.req.reporter.done(self.step, started.elapsed(), false);
+                continue;
+            };
+            key = inputs::key_config_ops(key, &mut pending);
+            self.source_stats = None;
+            self.inputs = runner.cache_map(self, op)?;
+            key = inputs::step_key(&key, op.cache_key().to_string(), &self.inputs);
+            let layers_before = state.layers.len();
+            let trace_step = |cx: &mut Self, state: &ImageState| {
+                let layer = (state.layers.len() > layers_before)
+                    .then(|| state.layers.last())
+                    .flatten()
+                    .map(|l| (l.digest.to_string(), l.diff_id.to_string()));
+                let record = StepTrace {
+                    stage: index,
+                    stage_name: stage_name.clone(),
+                    step: step_in_stage + 1,
+                    line: op.origin.line,
+                    op: op.origin.text.clone(),
+                    key: if cx.volatile {
+                        String::new()
+                    } else {
+                        key.0.to_string()
+                    },
+                    inputs: inputs::records(&std::mem::take(&mut cx.inputs)),
+                    layer,
+                };
+                if let Ok(mut t) = cx.trace.lock() {
+                    t.steps.push(record);
+                }
+            };
+            let claim = if use_cache {
+                let id = key.0.to_string();
+                match self.flight.claim(&id, || self.cache.get(&key)) {
+                    Claim::Hit(hit) => {
+                        state = hit.state;
+                        self.record_step(index, &key);
+                        trace_step(self, &state);
+                        self.req.reporter.done(self.step, started.elapsed(), true);
+                        continue;
+                    }
+                    Claim::Run(held) => Some(held),
+                }
+            } else {
+                None
+            };
+            let need = runner.view_need();
+            // What the stage's next layered step reads of this one's layer is unpacked from
+            // the layer's own stream as it is written, instead of from the blob afterwards.
+            self.snapshot_ahead = match (self.snapshotter, runner.snapshots_ahead()) {
+                (Snapshotter::Overlay, true) => stage.ops[step_in_stage + 1..]
+                    .iter()
+                    .find_map(|o| ops::runner_for(&o.action))
+                    .map(|next| (chain_ids(&state.layers).pop(), next.view_need())),
+                _ => None,
+            };
+            let outcome = self
+                .sync_view(&mut view, &state, need)
+                .and_then(|_| self.apply(op, &mut state, &mut view));
+            self.snapshot_ahead = None;
+            if outcome.is_ok() {
+                match self.cache.put(&key, &state) {
+                    Ok(()) => self.record_step(index, &key),
+                    Err(e) => self
+                        .req
+                        .reporter
+                        .warn(&format!("could not record the cache entry: {}", e)),
+                }
+            }
+            // Whoever waits for this key looks again now (and runs it if this failed).
+            drop(claim);
+            outcome?;
+            trace_step(self, &state);
+            self.req.reporter.done(self.step, started.elapsed(), false);
+        }
+        let key = inputs::key_config_ops(key, &mut pending);
+        Ok(StageResult {
+            state,
+            key,
+            view,
+            volatile: self.volatile,
+        })
+    }
+
+    /// Number the next step of the build and show it starting.
+    fn start_step(&mut self, label: &str, text: &str) -> Instant {
+        self.step = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        self.req
+            .reporter
+            .step(self.step, self.total.load(Ordering::Relaxed), label, text);
+        Instant::now()
+    }
+
+    fn record_step(&self, stage: usize, key: &CacheKey) {
+        if let Ok(mut steps) = self.steps.lock() {
+            steps.push(StepRecord {
+                stage,
+                key: key.clone(),
+            });
+        }
+    }
+
+    /// Create or grow `view` to show `state`'s layers, as much of them as `need` says.
+    fn sync_view(
+        &self,
+        view: &mut Option<RootView>,
+        state: &ImageState,
+        need: ViewNeed,
+    ) -> Result<(), BuildError> {
+        match view {
+            Some(v) => v
+                .sync_for(&self.snaps, &state.layers, need)
+                .map_err(|e| BuildError::Other(e.to_string())),
+            None => {
+                *view = Some(self.view(&state.layers, need)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// entry.
+    fn apply(
+        &mut self,
+        op: &Op,
+        state: &mut ImageState,
+        view: &mut Option<RootView>,
+    ) -> Result<(), BuildError> {
+        for e in &op.edits {
+            e.apply(state);
+        }
+        let layer = match ops::runner_for(&op.action) {
+            None => None,
+            Some(runner) => Some(runner.run(self, op, view)?),
+        };
+        if let Some(created_by) = &op.history {
+            state.push_history(&self.created, created_by, layer);
+        }
+        Ok(())
+    }
+}
