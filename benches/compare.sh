@@ -11,11 +11,15 @@
 #
 # Usage: benches/compare.sh [scenario ...]   (needs root, docker.io and buildah)
 #   scenarios: copy-many incremental copy-big run-steps multi-stage huge (default: all)
-# Environment: BENCH_DIR (default /var/tmp/builder-compare), RUNS (3).
+# Environment: BENCH_DIR (default /var/tmp/builder-compare), RUNS (3), BASELINE (another
+# builder binary, say the last release: it runs beside the others in every phase, with
+# stores of its own, and the table gains a builder/before column).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
 bin=$PWD/target/release/builder
+before=${BASELINE:-}
+[ -z "$before" ] || [ -x "$before" ] || { echo "BASELINE=$before is not an executable"; exit 1; }
 work=${BENCH_DIR:-/var/tmp/builder-compare}
 runs=${RUNS:-3}
 scenarios=("$@")
@@ -110,20 +114,33 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 build_builder() { # ctx root
   "$bin" build --progress quiet --network none --root "$2" -o "oci:$2-layout:latest" "$1"
 }
+build_before() {
+  "$before" build --progress quiet --network none --root "$2" -o "oci:$2-layout:latest" "$1"
+}
 build_docker() { docker build -q --network none -f "$1/Buildfile" "${@:2}" "$1"; }
 build_buildah() { buildah bud -q --layers --isolation chroot -f "$1/Buildfile" "${@:2}" "$1"; }
 
-export bin
-export -f docker build_builder build_docker build_buildah
+export bin before
+export -f docker build_builder build_before build_docker build_buildah
 
 warm() { find "$1" -type f -exec cat {} + >/dev/null 2>&1 || true; }
 
-printf '| scenario | phase | builder | docker (BuildKit) | buildah | builder/docker |\n'
-printf '|---|---|---|---|---|---|\n'
-row() { # scenario phase b d h
-  local ratio="-"
-  if [ "$4" != "-" ] && [ "$3" != "-" ]; then ratio=$(awk -v b="$3" -v d="$4" 'BEGIN { if (d > 0) printf "%.2f", b / d; else print "-" }'); fi
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" "$ratio"
+tools=(builder docker buildah)
+if [ -n "$before" ]; then
+  tools=(builder before docker buildah)
+  printf '| scenario | phase | builder | before | docker (BuildKit) | buildah | builder/docker | builder/before |\n'
+  printf '|---|---|---|---|---|---|---|---|\n'
+else
+  printf '| scenario | phase | builder | docker (BuildKit) | buildah | builder/docker |\n'
+  printf '|---|---|---|---|---|---|\n'
+fi
+ratio() { awk -v b="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.2f", b / d; else print "-" }'; }
+row() { # scenario phase b d h [before]
+  if [ -n "$before" ]; then
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$6" "$4" "$5" "$(ratio "$3" "$4")" "$(ratio "$3" "$6")"
+  else
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" "$(ratio "$3" "$4")"
+  fi
 }
 
 rss_note=""
@@ -140,22 +157,29 @@ for s in "${scenarios[@]}"; do
   warm_root=$root_base/warm
   cp -a "$base/store" "$warm_root"
   build_builder "$ctx" "$warm_root" >/dev/null
+  if [ -n "$before" ]; then
+    warm_before=$root_base/warm-before
+    cp -a "$base/store" "$warm_before"
+    build_before "$ctx" "$warm_before" >/dev/null
+  fi
   build_docker "$ctx" >/dev/null
   build_buildah "$ctx" >/dev/null
   for phase in "${phases[@]}"; do
-    for tool in builder docker buildah; do
+    for tool in "${tools[@]}"; do
       samples=()
       for r in $(seq "$runs"); do
         case $phase in
           cold)
             case $tool in
               builder) fresh=$root_base/cold-$r; cp -a "$base/store" "$fresh"; res=$(timed build_builder "$ctx" "$fresh") ;;
+              before) fresh=$root_base/cold-before-$r; cp -a "$base/store" "$fresh"; res=$(timed build_before "$ctx" "$fresh") ;;
               docker) res=$(timed build_docker "$ctx" --no-cache) ;;
               buildah) res=$(timed build_buildah "$ctx" --no-cache) ;;
             esac ;;
           no-op)
             case $tool in
               builder) res=$(timed build_builder "$ctx" "$warm_root") ;;
+              before) res=$(timed build_before "$ctx" "$warm_before") ;;
               docker) res=$(timed build_docker "$ctx") ;;
               buildah) res=$(timed build_buildah "$ctx") ;;
             esac ;;
@@ -164,6 +188,7 @@ for s in "${scenarios[@]}"; do
             edit_one "$s" "$ctx"
             case $tool in
               builder) res=$(timed build_builder "$ctx" "$warm_root") ;;
+              before) res=$(timed build_before "$ctx" "$warm_before") ;;
               docker) res=$(timed build_docker "$ctx") ;;
               buildah) res=$(timed build_buildah "$ctx") ;;
             esac ;;
@@ -173,7 +198,7 @@ for s in "${scenarios[@]}"; do
       done
       t[$tool]=$(printf '%s\n' "${samples[@]}" | median)
     done
-    row "$s" "$phase" "${t[builder]}" "${t[docker]}" "${t[buildah]}"
+    row "$s" "$phase" "${t[builder]}" "${t[docker]}" "${t[buildah]}" "${t[before]:-}"
   done
   unset t
 done

@@ -19,6 +19,7 @@
 pub mod inplace;
 pub mod sandbox;
 pub mod snapshots;
+pub mod syscall;
 
 use std::collections::BTreeMap;
 use std::fs;

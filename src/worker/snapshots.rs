@@ -10,8 +10,9 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags, MsFlags};
 
+use super::syscall::{Host, OverlaySpec, Syscall};
 use super::Snapshotter;
 use crate::oci::blobs::BlobStore;
 use crate::oci::digest::Digest;
@@ -43,18 +44,22 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
 /// Give builder a private mount namespace, so the views it mounts vanish with it whatever
 /// way it ends. Must run before any thread starts.
 pub fn enter_private_mount_namespace() -> Result<(), SnapshotError> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|errno| {
-        SnapshotError::Mount {
+    enter_private_mount_namespace_with(&Host)
+}
+
+/// [`enter_private_mount_namespace`] through `sys`.
+pub fn enter_private_mount_namespace_with(sys: &dyn Syscall) -> Result<(), SnapshotError> {
+    sys.unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|errno| SnapshotError::Mount {
             what: "a private mount namespace".into(),
             errno,
-        }
-    })?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
+        })?;
+    sys.mount(
+        None,
+        Path::new("/"),
+        None,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
+        None,
     )
     .map_err(|errno| SnapshotError::Mount {
         what: "/ private".into(),
@@ -130,8 +135,26 @@ pub fn mount_overlay(
     scratch: &Path,
 ) -> Result<(), SnapshotError> {
     let fitted = fit_lowers(lowers, base, scratch)?;
-    let lowers = fitted.as_slice();
-    match mount_overlay_fsconfig(lowers, upper_work, target, readonly, nodev) {
+    let spec = OverlaySpec {
+        lowers: fitted,
+        upper_work: upper_work.map(|(u, w)| (u.to_path_buf(), w.to_path_buf())),
+        target: target.to_path_buf(),
+        readonly,
+        nodev,
+        userxattr: crate::worker::rootless(),
+    };
+    mount_overlay_with(&Host, &spec, base)
+}
+
+/// [`mount_overlay`] of lowers that fit one overlay, through `sys`: the new mount API, else
+/// the classic `mount(2)` from `base`.
+pub fn mount_overlay_with(
+    sys: &dyn Syscall,
+    spec: &OverlaySpec,
+    base: &Path,
+) -> Result<(), SnapshotError> {
+    let (lowers, target) = (spec.lowers.as_slice(), spec.target.as_path());
+    match sys.mount_overlay_new_api(spec) {
         Ok(()) => return Ok(()),
         Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {}
         Err(errno) => {
@@ -146,28 +169,28 @@ pub fn mount_overlay(
         }
     }
     let mut data = lowerdir_option(lowers, base)?;
-    if let Some((upper, work)) = upper_work {
+    if let Some((upper, work)) = &spec.upper_work {
         data.push_str(&format!(
             ",upperdir={},workdir={}",
             upper.display(),
             work.display()
         ));
     }
-    if crate::worker::rootless() {
+    if spec.userxattr {
         data.push_str(",userxattr");
     }
-    nix::unistd::chdir(base).map_err(|errno| SnapshotError::Mount {
+    sys.chdir(base).map_err(|errno| SnapshotError::Mount {
         what: format!("chdir to {}", base.display()),
         errno,
     })?;
     let mut flags = MsFlags::empty();
-    if readonly {
+    if spec.readonly {
         flags |= MsFlags::MS_RDONLY;
     }
-    if nodev {
+    if spec.nodev {
         flags |= MsFlags::MS_NODEV;
     }
-    mount(
+    sys.mount(
         Some("overlay"),
         target,
         Some("overlay"),
@@ -220,11 +243,17 @@ pub fn fit_lowers(
             .map_err(io_at(tmp))?;
         let (merged, staged) = (view.path().join("merged"), view.path().join("fs"));
         fs::create_dir_all(&merged).map_err(io_at(&merged))?;
-        mount_overlay_fsconfig(&under, None, &merged, true, false).map_err(|errno| {
-            SnapshotError::Mount {
-                what: format!("a view of {} layers to flatten", under.len()),
-                errno,
-            }
+        let spec = OverlaySpec {
+            lowers: under.clone(),
+            upper_work: None,
+            target: merged.clone(),
+            readonly: true,
+            nodev: false,
+            userxattr: crate::worker::rootless(),
+        };
+        mount_overlay_fsconfig(&spec).map_err(|errno| SnapshotError::Mount {
+            what: format!("a view of {} layers to flatten", under.len()),
+            errno,
         })?;
         let copied = crate::worker::copy_tree(&merged, &staged);
         let _ = umount2(&merged, MntFlags::MNT_DETACH);
@@ -243,13 +272,12 @@ pub fn fit_lowers(
 }
 
 /// The new mount API's way; `EINVAL` or `ENOSYS` mean this kernel does not have it.
-fn mount_overlay_fsconfig(
-    lowers: &[PathBuf],
-    upper_work: Option<(&Path, &Path)>,
-    target: &Path,
-    readonly: bool,
-    nodev: bool,
-) -> Result<(), nix::errno::Errno> {
+pub(super) fn mount_overlay_fsconfig(spec: &OverlaySpec) -> Result<(), nix::errno::Errno> {
+    let (lowers, target, readonly, nodev) = (&spec.lowers, &spec.target, spec.readonly, spec.nodev);
+    let upper_work = spec
+        .upper_work
+        .as_ref()
+        .map(|(u, w)| (u.as_path(), w.as_path()));
     use std::ffi::CString;
     use std::os::fd::{FromRawFd, OwnedFd};
     let cstr = |s: &str| CString::new(s).map_err(|_| nix::errno::Errno::EINVAL);
@@ -287,7 +315,7 @@ fn mount_overlay_fsconfig(
         set("upperdir", &path(upper)?)?;
         set("workdir", &path(work)?)?;
     }
-    if crate::worker::rootless() {
+    if spec.userxattr {
         // In a user namespace overlay keeps its markers in `user.overlay.*`.
         let k = cstr("userxattr")?;
         check(unsafe {
@@ -752,5 +780,103 @@ impl RootView {
 impl Drop for RootView {
     fn drop(&mut self) {
         self.unmount();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::syscall::{Call, Recorder};
+    use nix::errno::Errno;
+
+    fn spec(base: &Path, upper: bool) -> OverlaySpec {
+        OverlaySpec {
+            lowers: vec![
+                base.join("c2/fs"),
+                base.join("c1/fs"),
+                "/elsewhere/fs".into(),
+            ],
+            upper_work: upper.then(|| ("/s/upper".into(), "/s/work".into())),
+            target: "/s/merged".into(),
+            readonly: !upper,
+            nodev: true,
+            userxattr: false,
+        }
+    }
+
+    #[test]
+    fn a_private_mount_namespace_is_unshared_then_made_private() {
+        let sys = Recorder::default();
+        enter_private_mount_namespace_with(&sys).unwrap();
+        let calls = sys.calls();
+        assert_eq!(calls[0], Call::Unshare(nix::sched::CloneFlags::CLONE_NEWNS));
+        assert!(matches!(&calls[1], Call::Mount { target, flags, .. }
+            if target == Path::new("/") && *flags == MsFlags::MS_REC | MsFlags::MS_PRIVATE));
+        let refused = Recorder::default().fail("Unshare", Errno::EPERM);
+        let e = enter_private_mount_namespace_with(&refused).unwrap_err();
+        assert!(e.to_string().contains("private mount namespace"), "{e}");
+        assert_eq!(
+            refused.calls().len(),
+            1,
+            "nothing is mounted after a refusal"
+        );
+    }
+
+    #[test]
+    fn the_new_mount_api_is_used_when_the_kernel_has_it() {
+        let base = Path::new("/store/snapshots");
+        let sys = Recorder::default();
+        mount_overlay_with(&sys, &spec(base, true), base).unwrap();
+        assert_eq!(sys.calls(), [Call::OverlayNewApi(spec(base, true))]);
+    }
+
+    #[test]
+    fn older_kernels_get_mount_with_lowers_relative_to_the_base() {
+        let base = Path::new("/store/snapshots");
+        for errno in [Errno::ENOSYS, Errno::EINVAL] {
+            let sys = Recorder::default().fail("OverlayNewApi", errno);
+            mount_overlay_with(&sys, &spec(base, true), base).unwrap();
+            let calls = sys.calls();
+            assert_eq!(calls[1], Call::Chdir(base.to_path_buf()));
+            let Call::Mount {
+                fstype,
+                flags,
+                data,
+                target,
+                ..
+            } = &calls[2]
+            else {
+                panic!("no mount: {calls:?}")
+            };
+            assert_eq!(fstype.as_deref(), Some("overlay"));
+            assert_eq!(target, Path::new("/s/merged"));
+            assert_eq!(*flags, MsFlags::MS_NODEV);
+            assert_eq!(
+                data.as_deref(),
+                Some("lowerdir=c2/fs:c1/fs:/elsewhere/fs,upperdir=/s/upper,workdir=/s/work")
+            );
+        }
+        // Read-only, rootless.
+        let sys = Recorder::default().fail("OverlayNewApi", Errno::ENOSYS);
+        let mut ro = spec(base, false);
+        ro.userxattr = true;
+        mount_overlay_with(&sys, &ro, base).unwrap();
+        assert!(
+            matches!(&sys.calls()[2], Call::Mount { flags, data: Some(d), .. }
+            if *flags == MsFlags::MS_RDONLY | MsFlags::MS_NODEV && d.ends_with(",userxattr") && !d.contains("upperdir"))
+        );
+    }
+
+    #[test]
+    fn another_refusal_of_the_new_api_is_an_error_naming_the_overlay() {
+        let base = Path::new("/store/snapshots");
+        let sys = Recorder::default().fail("OverlayNewApi", Errno::EPERM);
+        let e = mount_overlay_with(&sys, &spec(base, true), base).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("an overlay of 3 layers on /s/merged"),
+            "{e}"
+        );
+        assert_eq!(sys.calls().len(), 1, "no fallback after EPERM");
     }
 }

@@ -22,7 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{
@@ -32,6 +32,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::child::{exit_child, kill_descendants, write_fd};
 use super::{policy, seccomp, serr, Exit, RootMount, SandboxError};
+use crate::worker::syscall::{Host, Syscall};
 
 /// Run `spec` on `root`; `on_line` receives the command's output line by line.
 pub fn run(
@@ -368,13 +369,14 @@ fn touch(p: &Path) -> Result<(), SandboxError> {
 }
 
 fn mnt(
+    sys: &dyn Syscall,
     src: Option<&str>,
     target: &Path,
     fstype: Option<&str>,
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<(), SandboxError> {
-    mount(src, target, fstype, flags, data).map_err(|e| {
+    sys.mount(src, target, fstype, flags, data).map_err(|e| {
         SandboxError(format!(
             "mount {} on {}: {}",
             fstype.or(src).unwrap_or("?"),
@@ -410,9 +412,15 @@ fn current_flags(target: &Path) -> MsFlags {
 }
 
 /// Bind `source` on `target`, then apply `flags` (read-only, nosuid, nodev, noexec).
-fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), SandboxError> {
+fn bind(
+    sys: &dyn Syscall,
+    source: &Path,
+    target: &Path,
+    flags: MsFlags,
+) -> Result<(), SandboxError> {
     let s = source.display().to_string();
     mnt(
+        sys,
         Some(&s),
         target,
         None,
@@ -422,6 +430,7 @@ fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), SandboxError
     if !flags.is_empty() {
         let keep = current_flags(target);
         mnt(
+            sys,
             None,
             target,
             None,
@@ -438,7 +447,7 @@ fn inside(root: &Path, image_path: &str) -> Result<PathBuf, SandboxError> {
         .map_err(|e| SandboxError(format!("{}: {}", image_path, e)))
 }
 
-fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
+fn mount_root(sys: &dyn Syscall, p: &Prepared) -> Result<(), SandboxError> {
     match &p.root {
         RootMount::Overlay {
             lowers,
@@ -463,17 +472,18 @@ fn mount_root(p: &Prepared) -> Result<(), SandboxError> {
             } else {
                 MsFlags::empty()
             };
-            bind(dir, dir, flags)
+            bind(sys, dir, dir, flags)
         }
     }
 }
 
 /// The standard device nodes and links of /dev, once its tmpfs is mounted.
-fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
+fn populate_dev(sys: &dyn Syscall, dev: &Path) -> Result<(), SandboxError> {
     for name in policy::DEVICES {
         let t = dev.join(name);
         touch(&t)?;
         mnt(
+            sys,
             Some(&format!("/dev/{}", name)),
             &t,
             None,
@@ -495,7 +505,7 @@ fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
 }
 
 /// Perform one planned mount inside `root`.
-fn perform(root: &Path, m: &Planned, nodev: bool) -> Result<(), SandboxError> {
+fn perform(sys: &dyn Syscall, root: &Path, m: &Planned, nodev: bool) -> Result<(), SandboxError> {
     match m {
         Planned::Bind {
             source,
@@ -515,7 +525,7 @@ fn perform(root: &Path, m: &Planned, nodev: bool) -> Result<(), SandboxError> {
                     source.display()
                 )));
             }
-            bind(source, &t, *flags)
+            bind(sys, source, &t, *flags)
         }
         Planned::Fs {
             typ,
@@ -534,18 +544,18 @@ fn perform(root: &Path, m: &Planned, nodev: bool) -> Result<(), SandboxError> {
             } else {
                 *flags
             };
-            match mount(Some(source.as_str()), &t, Some(typ.as_str()), flags, data) {
+            match sys.mount(Some(source.as_str()), &t, Some(typ.as_str()), flags, data) {
                 Ok(()) => {
                     if typ == "tmpfs" && dest == "/dev" {
-                        populate_dev(&t)?;
+                        populate_dev(sys, &t)?;
                     }
                     Ok(())
                 }
                 // In a rootless user namespace sysfs may not be mountable: bind the host's,
                 // read-only, or go without it (documented).
                 Err(_) if typ == "sysfs" => {
-                    if bind(Path::new("/sys"), &t, flags | MsFlags::MS_RDONLY).is_err() {
-                        let _ = umount2(&t, MntFlags::MNT_DETACH);
+                    if bind(sys, Path::new("/sys"), &t, flags | MsFlags::MS_RDONLY).is_err() {
+                        let _ = sys.umount(&t, MntFlags::MNT_DETACH);
                     }
                     Ok(())
                 }
@@ -558,27 +568,34 @@ fn perform(root: &Path, m: &Planned, nodev: bool) -> Result<(), SandboxError> {
 }
 
 /// Hide masked paths and make read-only paths read-only (after /proc and /sys exist).
-fn restrict_paths(root: &Path, p: &Prepared) -> Result<(), SandboxError> {
-    for path in &p.masked {
+fn restrict_paths(
+    sys: &dyn Syscall,
+    root: &Path,
+    masked: &[String],
+    readonly: &[String],
+) -> Result<(), SandboxError> {
+    for path in masked {
         let Ok(t) = inside(root, path) else { continue };
         match fs::symlink_metadata(&t) {
             Ok(md) if md.is_dir() => mnt(
+                sys,
                 Some("tmpfs"),
                 &t,
                 Some("tmpfs"),
                 MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
                 Some("size=0"),
             )?,
-            Ok(_) => mnt(Some("/dev/null"), &t, None, MsFlags::MS_BIND, None)?,
+            Ok(_) => mnt(sys, Some("/dev/null"), &t, None, MsFlags::MS_BIND, None)?,
             Err(_) => continue,
         }
     }
-    for path in &p.readonly {
+    for path in readonly {
         let Ok(t) = inside(root, path) else { continue };
         if fs::symlink_metadata(&t).is_err() {
             continue;
         }
         bind(
+            sys,
             &t,
             &t,
             MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
@@ -592,19 +609,21 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
+    let sys = &Host;
     mnt(
+        sys,
         None,
         Path::new("/"),
         None,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
-    mount_root(p)?;
+    mount_root(sys, p)?;
     let root = p.root.target().to_path_buf();
     for m in &p.mounts {
-        perform(&root, m, p.nodev)?;
+        perform(sys, &root, m, p.nodev)?;
     }
-    restrict_paths(&root, p)?;
+    restrict_paths(sys, &root, &p.masked, &p.readonly)?;
     // Into the new root; the old root is detached and gone.
     chdir(&root).map_err(serr("chdir to the new root"))?;
     pivot_root(".", ".").map_err(serr("pivot_root"))?;
@@ -709,4 +728,136 @@ fn exec_command(p: &Prepared) -> Result<nix::errno::Errno, SandboxError> {
         }
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::syscall::{Call, Recorder};
+    use nix::errno::Errno;
+
+    fn mounts(sys: &Recorder) -> Vec<(Option<String>, PathBuf, Option<String>, MsFlags)> {
+        sys.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    ..
+                } => Some((source, target, fstype, flags)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_bind_is_made_then_remounted_with_its_flags_inside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let src = tempfile::NamedTempFile::new().unwrap();
+        // A link in the image is followed inside the root, never to the host's /real.
+        fs::create_dir(root.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("/real", root.path().join("etc")).unwrap();
+        let sys = Recorder::default();
+        let planned = Planned::Bind {
+            source: src.path().to_path_buf(),
+            dest: "/etc/secret".into(),
+            flags: MsFlags::MS_RDONLY,
+        };
+        perform(&sys, root.path(), &planned, false).unwrap();
+        let target = root.path().join("real/secret");
+        assert!(target.is_file(), "the mount point is made in the root");
+        let m = mounts(&sys);
+        assert_eq!(m[0].1, target);
+        assert_eq!(m[0].3, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert!(m[1]
+            .3
+            .contains(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY));
+    }
+
+    #[test]
+    fn devices_are_nodev_tmpfs_with_the_standard_nodes_bound() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = Recorder::default();
+        let dev = Planned::Fs {
+            typ: "tmpfs".into(),
+            source: "tmpfs".into(),
+            dest: "/dev".into(),
+            flags: MsFlags::MS_NOSUID,
+            data: "mode=755".into(),
+        };
+        perform(&sys, root.path(), &dev, true).unwrap();
+        let m = mounts(&sys);
+        assert_eq!(m[0].2.as_deref(), Some("tmpfs"));
+        assert_eq!(m[0].3, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        let bound: Vec<String> = m[1..].iter().filter_map(|x| x.0.clone()).collect();
+        let expected: Vec<String> = policy::DEVICES
+            .iter()
+            .map(|d| format!("/dev/{d}"))
+            .collect();
+        assert_eq!(bound, expected);
+        assert_eq!(
+            fs::read_link(root.path().join("dev/fd")).unwrap(),
+            Path::new("/proc/self/fd")
+        );
+    }
+
+    #[test]
+    fn optional_file_systems_may_be_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let fs_at = |typ: &str, dest: &str| Planned::Fs {
+            typ: typ.into(),
+            source: typ.into(),
+            dest: dest.into(),
+            flags: MsFlags::empty(),
+            data: String::new(),
+        };
+        // sysfs refused: the host's /sys bound read-only instead.
+        let sys = Recorder::default().fail("fstype: Some(\"sysfs\")", Errno::EPERM);
+        perform(&sys, root.path(), &fs_at("sysfs", "/sys"), false).unwrap();
+        let m = mounts(&sys);
+        assert_eq!(m[1].0.as_deref(), Some("/sys"));
+        // devpts refused: no /dev/pts, no failure; proc refused: the step fails.
+        let sys = Recorder::default().fail("fstype: Some(\"devpts\")", Errno::EPERM);
+        perform(&sys, root.path(), &fs_at("devpts", "/dev/pts"), false).unwrap();
+        let sys = Recorder::default().fail("fstype: Some(\"proc\")", Errno::EPERM);
+        let e = perform(&sys, root.path(), &fs_at("proc", "/proc"), false).unwrap_err();
+        assert!(e.to_string().contains("mount proc on /proc"), "{e}");
+    }
+
+    #[test]
+    fn masked_paths_are_hidden_and_readonly_paths_remounted() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("proc/acpi")).unwrap();
+        fs::write(root.path().join("proc/kcore"), "").unwrap();
+        fs::create_dir_all(root.path().join("proc/sys")).unwrap();
+        let sys = Recorder::default();
+        restrict_paths(
+            &sys,
+            root.path(),
+            &[
+                "/proc/acpi".into(),
+                "/proc/kcore".into(),
+                "/proc/missing".into(),
+            ],
+            &["/proc/sys".into()],
+        )
+        .unwrap();
+        let m = mounts(&sys);
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert_eq!(
+            (m[0].2.as_deref(), &m[0].1),
+            (Some("tmpfs"), &root.path().join("proc/acpi"))
+        );
+        assert!(m[0].3.contains(MsFlags::MS_RDONLY));
+        assert_eq!(
+            (m[1].0.as_deref(), &m[1].1),
+            (Some("/dev/null"), &root.path().join("proc/kcore"))
+        );
+        assert_eq!(m[2].1, root.path().join("proc/sys"));
+        assert!(m[3]
+            .3
+            .contains(MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOEXEC));
+    }
 }
