@@ -89,6 +89,14 @@ fn mount_root(root: &RootMount) -> Result<bool, SandboxError> {
     }
 }
 
+/// Runs `RUNTIME ARGS...` (`$1`, then `$4...`) in the background and exits with its status;
+/// on SIGHUP or SIGTERM (builder died) kills and deletes container `$3` of state `$2` first.
+const WATCHMAN: &str = r#"rt=$1 state=$2 id=$3
+shift 3
+trap '"$rt" --root "$state" kill --all "$id" KILL >/dev/null 2>&1; "$rt" --root "$state" delete --force "$id" >/dev/null 2>&1; exit 137' HUP TERM
+"$rt" "$@" &
+wait $!"#;
+
 /// Kill and delete containers whose builder process is gone (ids are `builder-PID-N`).
 fn reap_stale(binary: &Path, state: &Path) {
     let Ok(rd) = fs::read_dir(state) else { return };
@@ -171,8 +179,16 @@ pub fn run(
     let mounted = mount_root(root)?;
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(serr("pipe"))?;
     let out_w2 = out_w.try_clone().map_err(serr("pipe"))?;
-    let mut cmd = Command::new(&binary);
-    cmd.arg("--root")
+    // The runtime runs under a watchman shell that builder's death reaches as SIGHUP: it
+    // kills and deletes the container then (the runtime's own death would orphan it).
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(WATCHMAN)
+        .arg("builder-runtime")
+        .arg(&binary)
+        .arg(&state)
+        .arg(&id)
+        .arg("--root")
         .arg(&state)
         .arg("--log")
         .arg(&log)
@@ -188,7 +204,7 @@ pub fn run(
     // SAFETY: only prctl between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP);
             Ok(())
         });
     }
