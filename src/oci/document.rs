@@ -1,10 +1,11 @@
 //! The OCI documents as types: descriptors, image manifests and indexes, shared by the image
-//! code and the registry client. Written through [`super::image::canonical_json`], so the
+//! code and the registry client, and canonical JSON, which every document is written as: the
 //! bytes (and digests) do not depend on field order here.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::digest::Digest;
 
@@ -85,6 +86,40 @@ pub struct Index {
 
 /// A document's canonical bytes: keys sorted, no spaces, as every document builder writes.
 pub fn to_canonical<T: Serialize>(doc: &T) -> Vec<u8> {
-    let value = serde_json::to_value(doc).unwrap_or(serde_json::Value::Null);
-    super::image::canonical_json(&value)
+    let value = serde_json::to_value(doc).unwrap_or(Value::Null);
+    canonical_json(&value)
+}
+
+/// Canonical JSON: keys sorted at every level, no insignificant whitespace.
+pub fn canonical_json(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(&Sorted(v)).unwrap_or_default()
+}
+
+/// A JSON value that serializes with every object's keys sorted, whatever order its map
+/// keeps (no copy is made).
+struct Sorted<'a>(&'a Value);
+
+impl serde::Serialize for Sorted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let mut map = s.serialize_map(Some(keys.len()))?;
+                for k in keys {
+                    map.serialize_entry(k, &Sorted(&m[k]))?;
+                }
+                map.end()
+            }
+            Value::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for x in a {
+                    seq.serialize_element(&Sorted(x))?;
+                }
+                seq.end()
+            }
+            other => other.serialize(s),
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! no whitespace), and reading images back. Docker's extensions inside `config`
 //! (`Healthcheck`, `OnBuild`, `Shell`) are kept beside oci-spec's typed fields.
 
+pub use super::document::canonical_json;
 use super::document::{to_canonical, Descriptor, Index, Manifest, PlatformSpec};
 use std::collections::BTreeMap;
 
@@ -148,40 +149,6 @@ pub fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Canonical JSON: keys sorted at every level, no insignificant whitespace.
-pub fn canonical_json(v: &Value) -> Vec<u8> {
-    serde_json::to_vec(&Sorted(v)).unwrap_or_default()
-}
-
-/// A JSON value that serializes with every object's keys sorted, whatever order its map
-/// keeps (no copy is made).
-struct Sorted<'a>(&'a Value);
-
-impl serde::Serialize for Sorted<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeSeq};
-        match self.0 {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                let mut map = s.serialize_map(Some(keys.len()))?;
-                for k in keys {
-                    map.serialize_entry(k, &Sorted(&m[k]))?;
-                }
-                map.end()
-            }
-            Value::Array(a) => {
-                let mut seq = s.serialize_seq(Some(a.len()))?;
-                for x in a {
-                    seq.serialize_element(&Sorted(x))?;
-                }
-                seq.end()
-            }
-            other => other.serialize(s),
-        }
-    }
 }
 
 impl ImageState {

@@ -17,6 +17,7 @@ use crate::export::{Built, Output};
 use crate::failure::{build_failure, CliError};
 use crate::frontend::checks::{self, CheckInput, CheckPolicy};
 use crate::frontend::{self, LowerOptions, PlanOptions};
+use crate::oci::image::StoredIndex;
 use crate::oci::layer::Compression;
 use crate::oci::platform::Platform;
 use crate::plan::{self, OpGraph};
@@ -247,66 +248,10 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
             solver.build(one).map_err(|e| build_failure(e, text))
         }
     };
-    let results: Vec<Result<solver::Outcome, CliError>> = if requests.len() == 1 {
-        requests.iter().map(build_one).collect()
-    } else {
-        std::thread::scope(|scope| {
-            let running: Vec<_> = requests
-                .iter()
-                .map(|one| scope.spawn(|| build_one(one)))
-                .collect();
-            running
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(CliError::msg("a platform's build panicked")))
-                })
-                .collect()
-        })
-    };
+    let results = each_platform(&requests, build_one);
 
     // Attestations, and the index that carries them.
-    let mut images = Vec::new();
-    let mut steps = Vec::new();
-    let mut attested_images = Vec::new();
-    for r in results {
-        let outcome = r?;
-        let statements = attestations::statements(&store, &invocation, o.attest, &outcome)?;
-        if !statements.is_empty() {
-            attested_images.push(
-                crate::oci::image::commit_attestation(&store.blobs, &outcome.image, &statements)
-                    .map_err(|e| CliError::msg(e.to_string()))?,
-            );
-        }
-        images.push(outcome.image);
-        steps.extend(outcome.steps);
-    }
-    // Names and outputs get the images themselves unless attestations were asked for on the
-    // command line (then, as BuildKit, the index): tools that resolve a tag (umoci,
-    // oci-image-tool, a runtime) want an image. A push always sends the index.
-    let attested = if attested_images.is_empty() {
-        None
-    } else {
-        Some(
-            crate::oci::image::commit_index(&store.blobs, &images, &attested_images)
-                .map_err(|e| CliError::msg(e.to_string()))?,
-        )
-    };
-    let plain = if images.len() == 1 {
-        Built::Image(images.remove(0))
-    } else {
-        Built::Index(
-            crate::oci::image::commit_index(&store.blobs, &images, &[])
-                .map_err(|e| CliError::msg(e.to_string()))?,
-        )
-    };
-    if let Some(x) = &attested {
-        store.set_attested(&plain.digest(), &x.digest)?;
-    }
-    let built = match &attested {
-        Some(x) if o.attest.explicit => Built::Index(x.clone()),
-        _ => plain,
-    };
+    let (built, attested, steps) = commit(&store, &invocation, o.attest, results)?;
     let digest = built.digest();
     test_rendezvous();
 
@@ -366,6 +311,81 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `build_one` of every request: side by side when there are several.
+fn each_platform(
+    requests: &[BuildRequest],
+    build_one: impl Fn(&BuildRequest) -> Result<solver::Outcome, CliError> + Sync,
+) -> Vec<Result<solver::Outcome, CliError>> {
+    if requests.len() == 1 {
+        return requests.iter().map(build_one).collect();
+    }
+    std::thread::scope(|scope| {
+        let running: Vec<_> = requests
+            .iter()
+            .map(|one| scope.spawn(|| build_one(one)))
+            .collect();
+        running
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CliError::msg("a platform's build panicked")))
+            })
+            .collect()
+    })
+}
+
+/// Commit the builds' images with their attestations: what names and outputs get, the index
+/// with the attestations (if any), and every step's cache record.
+fn commit(
+    store: &Store,
+    invocation: &provenance::Invocation,
+    attest: AttestOptions,
+    results: Vec<Result<solver::Outcome, CliError>>,
+) -> Result<(Built, Option<StoredIndex>, Vec<solver::StepRecord>), CliError> {
+    let mut images = Vec::new();
+    let mut steps = Vec::new();
+    let mut attested_images = Vec::new();
+    for r in results {
+        let outcome = r?;
+        let statements = attestations::statements(store, invocation, attest, &outcome)?;
+        if !statements.is_empty() {
+            attested_images.push(
+                crate::oci::image::commit_attestation(&store.blobs, &outcome.image, &statements)
+                    .map_err(|e| CliError::msg(e.to_string()))?,
+            );
+        }
+        images.push(outcome.image);
+        steps.extend(outcome.steps);
+    }
+    // Names and outputs get the images themselves unless attestations were asked for on the
+    // command line (then, as BuildKit, the index): tools that resolve a tag (umoci,
+    // oci-image-tool, a runtime) want an image. A push always sends the index.
+    let attested = if attested_images.is_empty() {
+        None
+    } else {
+        Some(
+            crate::oci::image::commit_index(&store.blobs, &images, &attested_images)
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
+    };
+    let plain = if images.len() == 1 {
+        Built::Image(images.remove(0))
+    } else {
+        Built::Index(
+            crate::oci::image::commit_index(&store.blobs, &images, &[])
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
+    };
+    if let Some(x) = &attested {
+        store.set_attested(&plain.digest(), &x.digest)?;
+    }
+    let built = match &attested {
+        Some(x) if attest.explicit => Built::Index(x.clone()),
+        _ => plain,
+    };
+    Ok((built, attested, steps))
+}
+
 /// The caches `--cache-from` names; one that cannot be had is a warning (every step runs).
 fn import_caches(
     locations: &[Location],
@@ -396,7 +416,7 @@ fn write_metadata(
     digest: &str,
     built: &Built,
     tags: &[String],
-    attested: Option<&crate::oci::image::StoredIndex>,
+    attested: Option<&StoredIndex>,
 ) -> Result<(), CliError> {
     let mut v = match built {
         Built::Image(image) => serde_json::json!({

@@ -15,10 +15,19 @@ use super::{BuildError, Outcome, StepRecord};
 use crate::attest::trace::StepTrace;
 use crate::cache::CacheKey;
 use crate::oci::image::ImageState;
-use crate::plan::{Op, Source};
+use crate::plan::{Op, Source, StagePlan};
 use crate::store::StoreError;
 use crate::worker::snapshots::{chain_ids, RootView, ViewNeed};
 use crate::worker::Snapshotter;
+
+/// A layered step of a stage: the stage, its place in it, the op and its runner.
+struct Step<'a> {
+    stage: &'a StagePlan,
+    at: usize,
+    op: &'a Op,
+    runner: &'a dyn ops::OpRunner,
+    use_cache: bool,
+}
 
 impl Shared<'_> {
     /// Run stage `index` and keep its result for the stages that read it.
@@ -95,7 +104,55 @@ impl Ctx<'_, '_> {
         } else {
             format!("stage-{}", stage.label())
         };
-        let started = self.start_step(&label, &stage.origin.text);
+        let (mut state, mut key) = self.base(index, stage, &label)?;
+        let use_cache = !self.req.no_cache
+            && !self
+                .req
+                .no_cache_filter
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
+        let mut view: Option<RootView> = None;
+        let mut pending: Vec<String> = Vec::new();
+        for (at, op) in stage.ops.iter().enumerate() {
+            let started = self.start_step(&label, &op.origin.text);
+            let Some(runner) = ops::runner_for(&op.action) else {
+                // Config ops are cheap: apply now; they enter the key at the next layer
+                // op or the stage's end.
+                self.apply(op, &mut state, &mut view)?;
+                pending.push(op.cache_key().to_string());
+                self.req.reporter.done(self.step, started.elapsed(), false);
+                continue;
+            };
+            key = inputs::key_config_ops(key, &mut pending);
+            let step = Step {
+                stage,
+                at,
+                op,
+                runner,
+                use_cache,
+            };
+            let hit;
+            (key, hit) = self.layered_step(&step, key, &mut state, &mut view)?;
+            self.req.reporter.done(self.step, started.elapsed(), hit);
+        }
+        let key = inputs::key_config_ops(key, &mut pending);
+        Ok(StageResult {
+            state,
+            key,
+            view,
+            volatile: self.volatile,
+        })
+    }
+
+    /// The stage's FROM: its base's state with the base edits, and the first key (the base's,
+    /// and everything that shapes layer bytes and timestamps).
+    fn base(
+        &mut self,
+        index: usize,
+        stage: &StagePlan,
+        label: &str,
+    ) -> Result<(ImageState, CacheKey), BuildError> {
+        let started = self.start_step(label, &stage.origin.text);
         let mut parent_volatile = false;
         let (mut state, base_key) = match &stage.source {
             Source::Scratch => {
@@ -137,7 +194,7 @@ impl Ctx<'_, '_> {
             t.stages.insert(index, (stage.label(), base_name));
         }
         self.req.reporter.done(self.step, started.elapsed(), false);
-        let mut key = inputs::stage_key(
+        let key = inputs::stage_key(
             &base_key,
             &StageKey {
                 ops: crate::plan::OP_KEY_VERSION,
@@ -147,105 +204,96 @@ impl Ctx<'_, '_> {
                 base_edits: &stage.base_edits,
             },
         );
-        let use_cache = !self.req.no_cache
-            && !self
-                .req
-                .no_cache_filter
-                .iter()
-                .any(|f| f.eq_ignore_ascii_case(&stage.label()) || *f == index.to_string());
+        Ok((state, key))
+    }
 
-        let mut view: Option<RootView> = None;
-        let mut pending: Vec<String> = Vec::new();
-        let stage_name = stage.label();
-        for (step_in_stage, op) in stage.ops.iter().enumerate() {
-            let started = self.start_step(&label, &op.origin.text);
-            let Some(runner) = ops::runner_for(&op.action) else {
-                // Config ops are cheap: apply now; they enter the key at the next layer
-                // op or the stage's end.
-                self.apply(op, &mut state, &mut view)?;
-                pending.push(op.cache_key().to_string());
-                self.req.reporter.done(self.step, started.elapsed(), false);
-                continue;
-            };
-            key = inputs::key_config_ops(key, &mut pending);
-            self.source_stats = None;
-            self.inputs = runner.cache_map(self, op)?;
-            key = inputs::step_key(&key, op.cache_key().to_string(), &self.inputs);
-            let layers_before = state.layers.len();
-            let trace_step = |cx: &mut Self, state: &ImageState| {
-                let layer = (state.layers.len() > layers_before)
-                    .then(|| state.layers.last())
-                    .flatten()
-                    .map(|l| (l.digest.to_string(), l.diff_id.to_string()));
-                let record = StepTrace {
-                    stage: index,
-                    stage_name: stage_name.clone(),
-                    step: step_in_stage + 1,
-                    line: op.origin.line,
-                    op: op.origin.text.clone(),
-                    key: if cx.volatile {
-                        String::new()
-                    } else {
-                        key.0.to_string()
-                    },
-                    inputs: inputs::records(&std::mem::take(&mut cx.inputs)),
-                    layer,
-                };
-                if let Ok(mut t) = cx.trace.lock() {
-                    t.steps.push(record);
+    /// One layered step on top of `parent`: its key, then a cache hit (an identical step
+    /// running elsewhere is waited for), or its run, recorded in the cache. Returns its key
+    /// and whether it hit.
+    fn layered_step(
+        &mut self,
+        step: &Step,
+        parent: CacheKey,
+        state: &mut ImageState,
+        view: &mut Option<RootView>,
+    ) -> Result<(CacheKey, bool), BuildError> {
+        let (op, runner) = (step.op, step.runner);
+        self.source_stats = None;
+        self.inputs = runner.cache_map(self, op)?;
+        let key = inputs::step_key(&parent, op.cache_key().to_string(), &self.inputs);
+        let layers_before = state.layers.len();
+        let claim = if step.use_cache {
+            let id = key.0.to_string();
+            match self.flight.claim(&id, || self.cache.get(&key)) {
+                Claim::Hit(hit) => {
+                    *state = hit.state;
+                    self.record_step(step.stage.index, &key);
+                    self.trace_step(step, &key, state, layers_before);
+                    return Ok((key, true));
                 }
-            };
-            let claim = if use_cache {
-                let id = key.0.to_string();
-                match self.flight.claim(&id, || self.cache.get(&key)) {
-                    Claim::Hit(hit) => {
-                        state = hit.state;
-                        self.record_step(index, &key);
-                        trace_step(self, &state);
-                        self.req.reporter.done(self.step, started.elapsed(), true);
-                        continue;
-                    }
-                    Claim::Run(held) => Some(held),
-                }
-            } else {
-                None
-            };
-            let need = runner.view_need();
-            // What the stage's next layered step reads of this one's layer is unpacked from
-            // the layer's own stream as it is written, instead of from the blob afterwards.
-            self.snapshot_ahead = match (self.snapshotter, runner.snapshots_ahead()) {
-                (Snapshotter::Overlay, true) => stage.ops[step_in_stage + 1..]
-                    .iter()
-                    .find_map(|o| ops::runner_for(&o.action))
-                    .map(|next| (chain_ids(&state.layers).pop(), next.view_need())),
-                _ => None,
-            };
-            let outcome = self
-                .sync_view(&mut view, &state, need)
-                .and_then(|_| self.apply(op, &mut state, &mut view));
-            self.snapshot_ahead = None;
-            if outcome.is_ok() {
-                match self.cache.put(&key, &state) {
-                    Ok(()) => self.record_step(index, &key),
-                    Err(e) => self
-                        .req
-                        .reporter
-                        .warn(&format!("could not record the cache entry: {}", e)),
-                }
+                Claim::Run(held) => Some(held),
             }
-            // Whoever waits for this key looks again now (and runs it if this failed).
-            drop(claim);
-            outcome?;
-            trace_step(self, &state);
-            self.req.reporter.done(self.step, started.elapsed(), false);
+        } else {
+            None
+        };
+        // What the stage's next layered step reads of this one's layer is unpacked from the
+        // layer's own stream as it is written, instead of from the blob afterwards.
+        self.snapshot_ahead = match (self.snapshotter, runner.snapshots_ahead()) {
+            (Snapshotter::Overlay, true) => step.stage.ops[step.at + 1..]
+                .iter()
+                .find_map(|o| ops::runner_for(&o.action))
+                .map(|next| (chain_ids(&state.layers).pop(), next.view_need())),
+            _ => None,
+        };
+        let outcome = self
+            .sync_view(view, state, runner.view_need())
+            .and_then(|_| self.apply(op, state, view));
+        self.snapshot_ahead = None;
+        if outcome.is_ok() {
+            match self.cache.put(&key, state) {
+                Ok(()) => self.record_step(step.stage.index, &key),
+                Err(e) => self
+                    .req
+                    .reporter
+                    .warn(&format!("could not record the cache entry: {}", e)),
+            }
         }
-        let key = inputs::key_config_ops(key, &mut pending);
-        Ok(StageResult {
-            state,
-            key,
-            view,
-            volatile: self.volatile,
-        })
+        // Whoever waits for this key looks again now (and runs it if this failed).
+        drop(claim);
+        outcome?;
+        self.trace_step(step, &key, state, layers_before);
+        Ok((key, false))
+    }
+
+    /// The step's provenance record: where it is, its key, what it read, its layer.
+    fn trace_step(
+        &mut self,
+        step: &Step,
+        key: &CacheKey,
+        state: &ImageState,
+        layers_before: usize,
+    ) {
+        let layer = (state.layers.len() > layers_before)
+            .then(|| state.layers.last())
+            .flatten()
+            .map(|l| (l.digest.to_string(), l.diff_id.to_string()));
+        let record = StepTrace {
+            stage: step.stage.index,
+            stage_name: step.stage.label(),
+            step: step.at + 1,
+            line: step.op.origin.line,
+            op: step.op.origin.text.clone(),
+            key: if self.volatile {
+                String::new()
+            } else {
+                key.0.to_string()
+            },
+            inputs: inputs::records(&std::mem::take(&mut self.inputs)),
+            layer,
+        };
+        if let Ok(mut t) = self.trace.lock() {
+            t.steps.push(record);
+        }
     }
 
     /// Number the next step of the build and show it starting.

@@ -251,10 +251,11 @@ pub fn fit_lowers(
             nodev: false,
             userxattr: crate::worker::rootless(),
         };
-        mount_overlay_fsconfig(&spec).map_err(|errno| SnapshotError::Mount {
-            what: format!("a view of {} layers to flatten", under.len()),
-            errno,
-        })?;
+        Host.mount_overlay_new_api(&spec)
+            .map_err(|errno| SnapshotError::Mount {
+                what: format!("a view of {} layers to flatten", under.len()),
+                errno,
+            })?;
         let copied = crate::worker::copy_tree(&merged, &staged);
         let _ = umount2(&merged, MntFlags::MNT_DETACH);
         copied.map_err(|e| SnapshotError::Mount {
@@ -269,104 +270,6 @@ pub fn fit_lowers(
     let mut out = lowers[..keep].to_vec();
     out.push(flat);
     Ok(out)
-}
-
-/// The new mount API's way; `EINVAL` or `ENOSYS` mean this kernel does not have it.
-pub(super) fn mount_overlay_fsconfig(spec: &OverlaySpec) -> Result<(), nix::errno::Errno> {
-    let (lowers, target, readonly, nodev) = (&spec.lowers, &spec.target, spec.readonly, spec.nodev);
-    let upper_work = spec
-        .upper_work
-        .as_ref()
-        .map(|(u, w)| (u.as_path(), w.as_path()));
-    use std::ffi::CString;
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let cstr = |s: &str| CString::new(s).map_err(|_| nix::errno::Errno::EINVAL);
-    let path = |p: &Path| cstr(&p.display().to_string());
-    let check = |rc: libc::c_long| -> Result<libc::c_long, nix::errno::Errno> {
-        if rc < 0 {
-            Err(nix::errno::Errno::last())
-        } else {
-            Ok(rc)
-        }
-    };
-    let fstype = cstr("overlay")?;
-    // SAFETY: plain syscalls on C strings that outlive them; descriptors are owned at once.
-    let fs = unsafe {
-        OwnedFd::from_raw_fd(check(libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), 1))? as i32)
-    };
-    let set = |key: &str, value: &CString| -> Result<(), nix::errno::Errno> {
-        let k = cstr(key)?;
-        check(unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                std::os::fd::AsRawFd::as_raw_fd(&fs),
-                1, /* FSCONFIG_SET_STRING */
-                k.as_ptr(),
-                value.as_ptr(),
-                0,
-            )
-        })
-        .map(|_| ())
-    };
-    for l in lowers {
-        set("lowerdir+", &path(l)?)?;
-    }
-    if let Some((upper, work)) = upper_work {
-        set("upperdir", &path(upper)?)?;
-        set("workdir", &path(work)?)?;
-    }
-    if spec.userxattr {
-        // In a user namespace overlay keeps its markers in `user.overlay.*`.
-        let k = cstr("userxattr")?;
-        check(unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                std::os::fd::AsRawFd::as_raw_fd(&fs),
-                0, /* FSCONFIG_SET_FLAG */
-                k.as_ptr(),
-                std::ptr::null::<libc::c_char>(),
-                0,
-            )
-        })?;
-    }
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            std::os::fd::AsRawFd::as_raw_fd(&fs),
-            6, /* FSCONFIG_CMD_CREATE */
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_char>(),
-            0,
-        )
-    })?;
-    let mut attrs: libc::c_ulong = 0;
-    if readonly {
-        attrs |= 0x1; /* MOUNT_ATTR_RDONLY */
-    }
-    if nodev {
-        attrs |= 0x4; /* MOUNT_ATTR_NODEV */
-    }
-    let mnt = unsafe {
-        OwnedFd::from_raw_fd(check(libc::syscall(
-            libc::SYS_fsmount,
-            std::os::fd::AsRawFd::as_raw_fd(&fs),
-            1, /* FSMOUNT_CLOEXEC */
-            attrs,
-        ))? as i32)
-    };
-    let empty = cstr("")?;
-    let to = path(target)?;
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            std::os::fd::AsRawFd::as_raw_fd(&mnt),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            4, /* MOVE_MOUNT_F_EMPTY_PATH */
-        )
-    })?;
-    Ok(())
 }
 
 /// The shared snapshot directory of a store.
