@@ -1,7 +1,8 @@
 //! Space management: `builder cache du` and `builder cache prune`. Pruning takes the store's
 //! lease exclusively (every build holds it shared for its whole run), so it never removes
 //! what a running build is writing, and it never removes a blob or snapshot that a tagged
-//! image or a kept cache entry needs.
+//! image or a kept cache entry needs. It walks every bucket of the store's layout, and says
+//! for each what becomes of it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

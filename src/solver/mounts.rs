@@ -1,6 +1,7 @@
 //! An exec op's run-time parts: the step's user (from the image's passwd file), its mounts
-//! (`RUN --mount`: cache directories, binds, tmpfs, secrets) and `--secret` sources, and the
-//! tail of its output an error shows. The argv and environment come resolved in the op.
+//! (`RUN --mount`: cache directories, binds, tmpfs, secrets, with the `--secret` sources the
+//! command line parsed), and the tail of its output an error shows. The argv and environment
+//! come resolved in the op.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;

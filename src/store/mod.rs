@@ -1,6 +1,7 @@
 //! The local store under `--root`: content-addressed blobs, named references
 //! (`name:tag` -> manifest digest) in one JSON file replaced atomically, and a lock file that
 //! serialises reference updates between concurrent builders. `fsck` re-hashes everything.
+//! [`layout`] names every directory and file under the root; nothing else joins paths onto it.
 
 pub mod layout;
 pub mod sources;
