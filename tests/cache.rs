@@ -923,3 +923,55 @@ fn a_no_op_takes_the_last_listing_and_records_what_a_fresh_store_records() {
     assert_ne!(edited, first);
     assert_eq!(attested_index(&fresh, &ctx, &meta), edited);
 }
+
+/// `--metadata-file` lists each step with its result and time, and `--summary` writes them
+/// as Markdown: a first build runs every step, an unchanged rebuild runs none.
+#[test]
+fn metadata_and_summary_say_which_steps_ran() {
+    let (t, root, ctx) = setup();
+    let meta = t.path().join("meta.json");
+    let summary = t.path().join("summary.md");
+    let args = [
+        "--metadata-file",
+        meta.to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+        "-t",
+        "summed:1",
+    ];
+    let results = |meta: &Path| -> Vec<(String, bool)> {
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(meta).unwrap()).unwrap();
+        v["builder.steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                assert!(s["seconds"].as_f64().unwrap() >= 0.0);
+                (
+                    s["instruction"].as_str().unwrap().to_string(),
+                    s["cached"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    build_log(&root, &ctx, &args);
+    let first = results(&meta);
+    let layered = [COPY_A, RUN_A, COPY_B, RUN_USED, COPY_ALL];
+    assert_eq!(
+        first.iter().map(|(op, _)| op.as_str()).collect::<Vec<_>>(),
+        layered
+    );
+    assert!(first.iter().all(|(_, cached)| !cached), "{first:?}");
+    let md = fs::read_to_string(&summary).unwrap();
+    assert!(md.contains("| steps | 5 run, 0 cached |"), "{md}");
+    assert!(md.contains("| names | summed:1 |"), "{md}");
+
+    build_log(&root, &ctx, &args);
+    assert!(results(&meta).iter().all(|(_, cached)| *cached));
+    let md = fs::read_to_string(&summary).unwrap();
+    assert!(md.contains("| steps | 0 run, 5 cached |"), "{md}");
+    assert!(md.contains(&format!("| `{}` | cached |", RUN_A)), "{md}");
+    let digest = fs::read_to_string(&meta).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&digest).unwrap();
+    assert!(md.contains(v["containerimage.digest"].as_str().unwrap()), "{md}");
+}

@@ -245,6 +245,10 @@ pub struct StepTrace {
     pub inputs: Vec<Value>,
     /// The layer it produced: (digest, diff_id).
     pub layer: Option<(String, String)>,
+    /// Whether the cache had it, and how long it took. Not in the provenance (which is a
+    /// function of the inputs alone); `--metadata-file` and `--summary` show them.
+    pub cached: bool,
+    pub seconds: f64,
 }
 
 impl StepTrace {

@@ -70,9 +70,14 @@ pub struct BuildArgs {
     /// Write the image (manifest) digest to this file.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
-    /// Write build metadata (digests, tags, layers) as JSON to this file.
+    /// Write build metadata (digests, tags, layers, and each step's result and time under
+    /// `builder.steps`) as JSON to this file.
     #[arg(long)]
     pub metadata_file: Option<PathBuf>,
+    /// Write a Markdown summary of the build (image, names, steps run and cached, each
+    /// step's result and time) to this file, for a CI job's summary page.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
     /// Target platform (os/arch[/variant]).
     #[arg(long)]
     pub platform: Option<String>,
@@ -430,6 +435,7 @@ fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         verify: a.verify,
         iidfile: a.iidfile.clone(),
         metadata_file: a.metadata_file.clone(),
+        summary: a.summary.clone(),
         reporter: Arc::from(reporter_for(a.progress)),
         file,
     })
@@ -471,6 +477,7 @@ fn own_paths(a: &BuildArgs) -> Vec<PathBuf> {
     out.extend(a.file.iter().cloned());
     out.extend(a.iidfile.iter().cloned());
     out.extend(a.metadata_file.iter().cloned());
+    out.extend(a.summary.iter().cloned());
     let specs = a
         .outputs
         .iter()

@@ -5,6 +5,7 @@
 
 mod attestations;
 mod bases;
+mod summary;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -74,11 +75,14 @@ pub struct BuildOptions {
     pub verify: bool,
     pub iidfile: Option<PathBuf>,
     pub metadata_file: Option<PathBuf>,
+    /// `--summary`: a Markdown summary for a CI job's page.
+    pub summary: Option<PathBuf>,
     pub reporter: Arc<dyn Reporter>,
 }
 
 /// Run the build `o` describes; prints the digest it names.
 pub fn build(o: BuildOptions) -> Result<(), CliError> {
+    let started = std::time::Instant::now();
     let (name, text) = (&o.file_name, &o.text);
     let (doc, typed) = crate::syntax::parse_instructions(name, text)?;
     let reporter = o.reporter.clone();
@@ -251,7 +255,7 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
     let results = each_platform(&requests, build_one);
 
     // Attestations, and the index that carries them.
-    let (built, attested, steps) = commit(&store, &invocation, o.attest, results)?;
+    let (built, attested, steps, timings) = commit(&store, &invocation, o.attest, results)?;
     let digest = built.digest();
     test_rendezvous();
 
@@ -301,7 +305,12 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
         std::fs::write(p, &digest).map_err(|e| CliError::io(p, e))?;
     }
     if let Some(p) = &o.metadata_file {
-        write_metadata(p, &digest, &built, &o.tags, attested.as_ref())?;
+        write_metadata(p, &digest, &built, &o.tags, attested.as_ref(), &timings)?;
+    }
+    if let Some(p) = &o.summary {
+        let names: Vec<String> = o.tags.iter().chain(&o.image_names).cloned().collect();
+        let text = summary::markdown(&digest, &names, &timings, started.elapsed());
+        std::fs::write(p, text).map_err(|e| CliError::io(p, e))?;
     }
     // As BuildKit: the checks' findings close the build's output.
     for f in &findings {
@@ -336,17 +345,31 @@ fn each_platform(
 
 /// Commit the builds' images with their attestations: what names and outputs get, the index
 /// with the attestations (if any), and every step's cache record.
+#[allow(clippy::type_complexity)]
 fn commit(
     store: &Store,
     invocation: &provenance::Invocation,
     attest: AttestOptions,
     results: Vec<Result<solver::Outcome, CliError>>,
-) -> Result<(Built, Option<StoredIndex>, Vec<solver::StepRecord>), CliError> {
+) -> Result<
+    (
+        Built,
+        Option<StoredIndex>,
+        Vec<solver::StepRecord>,
+        Vec<summary::Platform>,
+    ),
+    CliError,
+> {
     let mut images = Vec::new();
     let mut steps = Vec::new();
     let mut attested_images = Vec::new();
+    let mut timings = Vec::new();
     for r in results {
         let outcome = r?;
+        timings.push(summary::Platform {
+            platform: crate::oci::image::platform_of(&outcome.image),
+            steps: outcome.trace.steps.clone(),
+        });
         let statements = attestations::statements(store, invocation, attest, &outcome)?;
         if !statements.is_empty() {
             attested_images.push(
@@ -383,7 +406,7 @@ fn commit(
         Some(x) if attest.explicit => Built::Index(x.clone()),
         _ => plain,
     };
-    Ok((built, attested, steps))
+    Ok((built, attested, steps, timings))
 }
 
 /// The caches `--cache-from` names; one that cannot be had is a warning (every step runs).
@@ -417,6 +440,7 @@ fn write_metadata(
     built: &Built,
     tags: &[String],
     attested: Option<&StoredIndex>,
+    timings: &[summary::Platform],
 ) -> Result<(), CliError> {
     let mut v = match built {
         Built::Image(image) => serde_json::json!({
@@ -438,6 +462,7 @@ fn write_metadata(
         // The index a push sends: the images with their attestations.
         v["attestations.index.digest"] = serde_json::json!(x.digest.to_string());
     }
+    v["builder.steps"] = summary::steps_json(timings);
     std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap_or_default())
         .map_err(|e| CliError::io(path, e))
 }

@@ -27,6 +27,7 @@ struct Step<'a> {
     op: &'a Op,
     runner: &'a dyn ops::OpRunner,
     use_cache: bool,
+    started: Instant,
 }
 
 impl Shared<'_> {
@@ -130,6 +131,7 @@ impl Ctx<'_, '_> {
                 op,
                 runner,
                 use_cache,
+                started,
             };
             let hit;
             (key, hit) = self.layered_step(&step, key, &mut state, &mut view)?;
@@ -228,7 +230,7 @@ impl Ctx<'_, '_> {
                 Claim::Hit(hit) => {
                     *state = hit.state;
                     self.record_step(step.stage.index, &key);
-                    self.trace_step(step, &key, state, layers_before);
+                    self.trace_step(step, &key, state, layers_before, true);
                     return Ok((key, true));
                 }
                 Claim::Run(held) => Some(held),
@@ -261,7 +263,7 @@ impl Ctx<'_, '_> {
         // Whoever waits for this key looks again now (and runs it if this failed).
         drop(claim);
         outcome?;
-        self.trace_step(step, &key, state, layers_before);
+        self.trace_step(step, &key, state, layers_before, false);
         Ok((key, false))
     }
 
@@ -272,6 +274,7 @@ impl Ctx<'_, '_> {
         key: &CacheKey,
         state: &ImageState,
         layers_before: usize,
+        cached: bool,
     ) {
         let layer = (state.layers.len() > layers_before)
             .then(|| state.layers.last())
@@ -290,6 +293,8 @@ impl Ctx<'_, '_> {
             },
             inputs: inputs::records(&std::mem::take(&mut self.inputs)),
             layer,
+            cached,
+            seconds: step.started.elapsed().as_secs_f64(),
         };
         if let Ok(mut t) = self.trace.lock() {
             t.steps.push(record);
