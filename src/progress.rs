@@ -15,6 +15,11 @@ pub trait Reporter: Send + Sync {
     fn log(&self, index: usize, line: &str);
     /// A warning the user should see.
     fn warn(&self, msg: &str);
+    /// Why the current step missed the cache (it runs), against the last build of the same
+    /// build file and target.
+    fn miss(&self, index: usize, reason: &str) {
+        self.log(index, &format!("cache miss: {}", reason));
+    }
     /// A build check's finding in `file`.
     fn check(&self, file: &str, f: &crate::frontend::checks::Finding) {
         self.warn(&f.line_in(file));
@@ -96,6 +101,12 @@ impl Reporter for JsonReporter {
         eprintln!(
             "{}",
             serde_json::json!({"event": "warning", "message": msg})
+        );
+    }
+    fn miss(&self, index: usize, reason: &str) {
+        eprintln!(
+            "{}",
+            serde_json::json!({"event": "miss", "index": index, "miss": reason})
         );
     }
     fn check(&self, file: &str, f: &crate::frontend::checks::Finding) {

@@ -973,5 +973,112 @@ fn metadata_and_summary_say_which_steps_ran() {
     assert!(md.contains(&format!("| `{}` | cached |", RUN_A)), "{md}");
     let digest = fs::read_to_string(&meta).unwrap();
     let v: serde_json::Value = serde_json::from_str(&digest).unwrap();
-    assert!(md.contains(v["containerimage.digest"].as_str().unwrap()), "{md}");
+    assert!(
+        md.contains(v["containerimage.digest"].as_str().unwrap()),
+        "{md}"
+    );
+}
+
+/// A build's plain progress (stderr).
+fn plain_log(root: &Path, ctx: &Path, extra: &[&str]) -> String {
+    let out = run(builder()
+        .args(["build", "--progress", "plain", "--root"])
+        .arg(root)
+        .args(extra)
+        .arg(ctx));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    log
+}
+
+/// The `cache miss:` reasons of a plain-progress log, by step text.
+fn misses(log: &str) -> Vec<(String, String)> {
+    let mut text: std::collections::BTreeMap<String, String> = Default::default();
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some((n, rest)) = line.strip_prefix('#').and_then(|r| r.split_once(' ')) else {
+            continue;
+        };
+        if let Some((_, instr)) = rest.strip_prefix('[').and_then(|t| t.split_once("] ")) {
+            text.insert(n.to_string(), instr.to_string());
+        } else if let Some(why) = rest.strip_prefix("cache miss: ") {
+            out.push((text.get(n).cloned().unwrap_or_default(), why.to_string()));
+        }
+    }
+    out
+}
+
+/// A step that runs says why, against the last build of the same build file: the context
+/// file that changed, the build arg, the base image's new digest; nothing changed, nothing
+/// runs and nothing is said.
+#[test]
+fn a_step_that_runs_says_why_it_missed() {
+    let (t, root, ctx) = setup();
+    let args = ["--build-arg", "USED=1"];
+    let first = plain_log(&root, &ctx, &args);
+    assert!(
+        misses(&first).is_empty(),
+        "a first build has nothing to compare with: {first}"
+    );
+
+    // Nothing changed: nothing runs, nothing is said.
+    let log = plain_log(&root, &ctx, &args);
+    let (_, cached, ran) = build_log(&root, &ctx, &args);
+    assert!(ran.is_empty() && !cached.is_empty());
+    assert!(misses(&log).is_empty(), "{log}");
+
+    // One context file.
+    write(&ctx.join("b.txt"), "b, edited");
+    let log = plain_log(&root, &ctx, &args);
+    let m = misses(&log);
+    assert_eq!(
+        m[0],
+        (COPY_B.to_string(), "b.txt changed".to_string()),
+        "{log}"
+    );
+    assert!(
+        m.iter().all(|(op, _)| op != COPY_A && op != RUN_A),
+        "steps before the change hit: {m:?}"
+    );
+    assert!(
+        m.contains(&(COPY_ALL.to_string(), "b.txt changed".to_string())),
+        "{m:?}"
+    );
+
+    // A build arg.
+    let log = plain_log(&root, &ctx, &["--build-arg", "USED=2"]);
+    let m = misses(&log);
+    // Every RUN after `ARG USED` has it in its environment, as in docker.
+    let arg = "build arg USED changed (1 -> 2)".to_string();
+    assert_eq!(m[0], (RUN_A.to_string(), arg.clone()), "{log}");
+    assert!(m.contains(&(RUN_USED.to_string(), arg)), "{m:?}");
+    assert!(m.contains(&(COPY_B.to_string(), "the step before it changed".into())));
+
+    // The base image.
+    let other = t.path().join("rootfs");
+    std::fs::create_dir_all(other.join("bin")).unwrap();
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .unwrap();
+    std::fs::copy(bb, other.join("bin/busybox")).unwrap();
+    for a in ["sh", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", other.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(other.join("version"), "2").unwrap();
+    let out = run(builder()
+        .args(["import", "--root"])
+        .arg(&root)
+        .arg(&other)
+        .args(["-t", "busybox:test"]));
+    assert!(out.status.success());
+    let log = plain_log(&root, &ctx, &["--build-arg", "USED=2"]);
+    let m = misses(&log);
+    let (op, why) = &m[0];
+    assert_eq!(op, COPY_A, "{log}");
+    assert!(
+        why.starts_with("FROM: base image busybox:test now sha256:"),
+        "{why}"
+    );
+    assert_eq!(m[1].1, "the step before it changed");
 }

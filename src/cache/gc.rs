@@ -289,9 +289,9 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
             }
             // Scans are small and keyed by content: kept for the next SBOM.
             Bucket::Sbom => {}
-            // The context listings no-op builds take are kept for the next build, unless all
-            // goes.
-            Bucket::Listings => {
+            // The context listings no-op builds take, and the last builds' records (what a
+            // miss's reason compares with), are kept for the next build, unless all goes.
+            Bucket::Listings | Bucket::Builds => {
                 if opts.all {
                     store.memo(bucket).clear();
                 }

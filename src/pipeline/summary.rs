@@ -108,7 +108,10 @@ mod tests {
         }];
         let md = markdown("sha256:00", &["app:1".into()], &p, Duration::from_secs(3));
         assert!(md.contains("| steps | 1 run, 1 cached |"), "{md}");
-        assert!(md.contains("| build | 1 | `COPY a\\|b /x` | cached | 0.25 s |"), "{md}");
+        assert!(
+            md.contains("| build | 1 | `COPY a\\|b /x` | cached | 0.25 s |"),
+            "{md}"
+        );
         assert!(md.contains("| names | app:1 |"), "{md}");
         let j = steps_json(&p);
         assert_eq!(j[1]["instruction"], "RUN make");

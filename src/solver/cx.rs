@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::environment::{Environment, Worker};
+use super::explain::BuildRecord;
 use super::inputs::StepInput;
 use super::schedule::InFlight;
 use super::{BuildError, BuildRequest, StepRecord};
@@ -63,6 +64,11 @@ pub(super) struct Shared<'a> {
     pub process_sandbox: OnceLock<Result<bool, String>>,
     /// `--isolation container`: what a step's layout never touches.
     pub kept: Option<worker::inplace::Kept>,
+    /// The last build of this build file and target, and this build's record of the same.
+    pub previous: Option<BuildRecord>,
+    pub record: Mutex<BuildRecord>,
+    /// Whether any step ran (else the last record still holds).
+    pub ran: std::sync::atomic::AtomicBool,
 }
 
 /// An image a `--from` names.
@@ -89,6 +95,10 @@ pub(super) struct Ctx<'s, 'a> {
     /// The snapshot the next step will read of the current step's layer (its kind, and the
     /// chain below the layer), made from the layer's tar as it is written.
     pub snapshot_ahead: Option<(Option<Digest>, ViewNeed)>,
+    /// How the stage's base changed since the last build, if it did.
+    pub base_change: Option<String>,
+    /// Whether the stage has had a layered step yet.
+    pub layered_yet: bool,
     /// Context listings still being written out on threads of their own (a large context's
     /// takes tens of ms, which the step's staging and layer writing need not wait for), with
     /// where each goes in the trace.
@@ -142,6 +152,9 @@ impl<'a> Shared<'a> {
             sandbox_unavailable: env.sandbox_unavailable,
             process_sandbox: OnceLock::new(),
             kept: env.kept,
+            previous: super::explain::load(store, req),
+            record: Mutex::new(BuildRecord::default()),
+            ran: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }

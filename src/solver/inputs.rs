@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 use crate::cache::CacheKey;
 use crate::plan::ConfigEdit;
 
+/// The entries of one context read, by path, each with what a layer would show of it.
+pub type Fingerprints = std::sync::Arc<BTreeMap<String, String>>;
+
 /// One thing a step reads besides its own op.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepInput {
@@ -20,6 +23,10 @@ pub enum StepInput {
         sources: Vec<(String, String)>,
         digest: String,
         mount: Option<usize>,
+        /// Each entry read, by path, with what the layer would show of it, when the read
+        /// hashed them (not when an unchanged read took its last listing): what a cache
+        /// miss's reason names.
+        files: Option<Fingerprints>,
     },
     /// An earlier stage, by the key of its last step.
     Stage {
@@ -170,6 +177,7 @@ mod tests {
             sources: vec![(name.into(), format!("{digest}-{name}"))],
             digest: digest.into(),
             mount: None,
+            files: None,
         }
     }
 
@@ -187,6 +195,7 @@ mod tests {
             sources: vec![],
             digest: "d1".into(),
             mount: Some(0),
+            files: None,
         };
         assert_ne!(step_key(&base, "op".into(), &[mounted]), a);
         // Provenance-only inputs leave the key alone.

@@ -18,6 +18,7 @@
 mod cx;
 mod environment;
 pub mod error;
+pub mod explain;
 mod inputs;
 mod layers;
 pub mod mounts;

@@ -94,6 +94,7 @@ impl Ctx<'_, '_> {
                     sources: sources.iter().cloned().zip(r.sources).collect(),
                     digest: r.digest,
                     mount,
+                    files: None,
                 });
             }
         }
@@ -128,10 +129,16 @@ impl Ctx<'_, '_> {
         trace.context.push(ContextListing::of(&BTreeMap::new()));
         drop(trace);
         let keep = key.map(|key| (self.hasher.listing_slot(&slot), key, digest.clone()));
+        let files: BTreeMap<String, String> = rels
+            .iter()
+            .zip(&leaves)
+            .map(|(rel, leaf)| (rel.clone(), super::explain::fingerprint(leaf)))
+            .collect();
         let input = StepInput::Context {
             sources: named,
             digest,
             mount,
+            files: Some(std::sync::Arc::new(files)),
         };
         let job = std::thread::spawn(move || {
             let listing = listing_of(rels, leaves);

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::cx::{Ctx, Shared, StageResult};
+use super::explain::{self, RecordedStep};
 use super::inputs::{self, StageKey};
 use super::ops;
 use super::schedule::Claim;
@@ -46,6 +47,8 @@ impl Shared<'_> {
             volatile: false,
             source_stats: None,
             snapshot_ahead: None,
+            base_change: None,
+            layered_yet: false,
             listings: Vec::new(),
         };
         let r = cx.run_stage(index);
@@ -81,6 +84,10 @@ impl Shared<'_> {
         let image = state
             .commit(&self.store.blobs, &BTreeMap::new())
             .map_err(StoreError::from)?;
+        if self.previous.is_none() || self.ran.load(Ordering::Relaxed) {
+            let record = self.record.into_inner().unwrap_or_default();
+            explain::save(self.store, self.req, record, self.previous.as_ref());
+        }
         let steps = self.steps.into_inner().unwrap_or_default();
         let mut trace = self.trace.into_inner().unwrap_or_default();
         // Stages finish in any order: the record is in build-file order.
@@ -193,7 +200,23 @@ impl Ctx<'_, '_> {
             Source::Image { reference, .. } => reference.clone(),
         };
         if let Ok(mut t) = self.trace.lock() {
-            t.stages.insert(index, (stage.label(), base_name));
+            t.stages.insert(index, (stage.label(), base_name.clone()));
+        }
+        // The base as a miss's reason names it.
+        let base = match &stage.source {
+            Source::Image { reference, image } => {
+                format!("base image {} now {}", reference, image.manifest_digest)
+            }
+            Source::Stage(_) => format!("{} changed", base_name.replace(':', " ")),
+            Source::Scratch => "scratch".to_string(),
+        };
+        let before = self
+            .previous
+            .as_ref()
+            .and_then(|p| p.bases.get(&index).cloned());
+        self.base_change = before.filter(|b| *b != base).map(|_| base.clone());
+        if let Ok(mut r) = self.record.lock() {
+            r.bases.insert(index, base);
         }
         self.req.reporter.done(self.step, started.elapsed(), false);
         let key = inputs::stage_key(
@@ -222,12 +245,23 @@ impl Ctx<'_, '_> {
         let (op, runner) = (step.op, step.runner);
         self.source_stats = None;
         self.inputs = runner.cache_map(self, op)?;
-        let key = inputs::step_key(&parent, op.cache_key().to_string(), &self.inputs);
+        let op_key = op.cache_key().to_string();
+        let key = inputs::step_key(&parent, op_key.clone(), &self.inputs);
+        let recorded = RecordedStep::new(
+            (step.stage.index, step.at + 1),
+            &op.origin.text,
+            op_key,
+            &parent.0.to_string(),
+            &key.0.to_string(),
+            &self.inputs,
+        );
+        let first = !std::mem::replace(&mut self.layered_yet, true);
         let layers_before = state.layers.len();
         let claim = if step.use_cache {
             let id = key.0.to_string();
             match self.flight.claim(&id, || self.cache.get(&key)) {
                 Claim::Hit(hit) => {
+                    self.keep_record(recorded);
                     *state = hit.state;
                     self.record_step(step.stage.index, &key);
                     self.trace_step(step, &key, state, layers_before, true);
@@ -238,6 +272,24 @@ impl Ctx<'_, '_> {
         } else {
             None
         };
+        self.ran.store(true, Ordering::Relaxed);
+        if let Some(previous) = &self.previous {
+            let why = if !step.use_cache {
+                if self.req.no_cache {
+                    "--no-cache".to_string()
+                } else {
+                    "--no-cache-filter".to_string()
+                }
+            } else {
+                let before = previous
+                    .steps
+                    .iter()
+                    .find(|p| (p.stage, p.step) == (recorded.stage, recorded.step));
+                explain::reason(before, &recorded, self.base_change.as_deref(), first)
+            };
+            self.req.reporter.miss(self.step, &why);
+        }
+        self.keep_record(recorded);
         // What the stage's next layered step reads of this one's layer is unpacked from the
         // layer's own stream as it is written, instead of from the blob afterwards.
         self.snapshot_ahead = match (self.snapshotter, runner.snapshots_ahead()) {
@@ -298,6 +350,12 @@ impl Ctx<'_, '_> {
         };
         if let Ok(mut t) = self.trace.lock() {
             t.steps.push(record);
+        }
+    }
+
+    fn keep_record(&self, step: RecordedStep) {
+        if let Ok(mut r) = self.record.lock() {
+            r.steps.push(step);
         }
     }
 

@@ -42,11 +42,14 @@ pub enum Bucket {
     Lazy,
     /// `RUN --mount=type=cache` directories, by id.
     CacheMounts,
+    /// Memo: the last build's steps, by build file, target, context and platform (what a
+    /// cache miss's reason compares with).
+    Builds,
 }
 
 impl Bucket {
     /// Every bucket, for gc and `fsck`.
-    pub const ALL: [Bucket; 14] = [
+    pub const ALL: [Bucket; 15] = [
         Bucket::Blobs,
         Bucket::Tmp,
         Bucket::Snapshots,
@@ -61,6 +64,7 @@ impl Bucket {
         Bucket::Origins,
         Bucket::Lazy,
         Bucket::CacheMounts,
+        Bucket::Builds,
     ];
 
     /// The bucket's path under the root, without its version.
@@ -80,6 +84,7 @@ impl Bucket {
             Bucket::Origins => "registry/origins",
             Bucket::Lazy => "registry/lazy",
             Bucket::CacheMounts => "cache-mounts",
+            Bucket::Builds => "cache/builds",
         }
     }
 
