@@ -13,13 +13,7 @@ use common::*;
 
 /// Build and return (digest, step texts that were CACHED, step texts that ran).
 fn build_log(root: &Path, ctx: &Path, extra: &[&str]) -> (String, Vec<String>, Vec<String>) {
-    let out = run(builder()
-        .args(["build", "--progress", "plain", "--root"])
-        .arg(root)
-        .args(extra)
-        .arg(ctx));
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{log}");
+    let (out, log) = plain_build(root, ctx, extra);
     let mut texts = std::collections::BTreeMap::new();
     let (mut cached, mut ran) = (Vec::new(), Vec::new());
     for line in log.lines() {
@@ -979,8 +973,8 @@ fn metadata_and_summary_say_which_steps_ran() {
     );
 }
 
-/// A build's plain progress (stderr).
-fn plain_log(root: &Path, ctx: &Path, extra: &[&str]) -> String {
+/// A successful build with plain progress: its output, and its progress (stderr).
+fn plain_build(root: &Path, ctx: &Path, extra: &[&str]) -> (std::process::Output, String) {
     let out = run(builder()
         .args(["build", "--progress", "plain", "--root"])
         .arg(root)
@@ -988,7 +982,12 @@ fn plain_log(root: &Path, ctx: &Path, extra: &[&str]) -> String {
         .arg(ctx));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
-    log
+    (out, log)
+}
+
+/// A build's plain progress (stderr).
+fn plain_log(root: &Path, ctx: &Path, extra: &[&str]) -> String {
+    plain_build(root, ctx, extra).1
 }
 
 /// The `cache miss:` reasons of a plain-progress log, by step text.
