@@ -56,17 +56,8 @@ impl<E: std::error::Error + 'static> From<E> for CliError {
 pub fn build_failure(e: crate::solver::BuildError, source: &str) -> CliError {
     let caret = match &e {
         crate::solver::BuildError::Step(f) => {
-            let line = source
-                .lines()
-                .nth(f.line.saturating_sub(1))
-                .unwrap_or("")
-                .trim_end();
-            if line.is_empty() {
-                String::new()
-            } else {
-                let (shown, caret) = crate::text::window(line, f.column);
-                format!("\n  {}\n  {}^", shown, " ".repeat(caret))
-            }
+            let line = source.lines().nth(f.line.saturating_sub(1)).unwrap_or("");
+            crate::text::caret_under(line.trim_end(), f.column)
         }
         _ => String::new(),
     };

@@ -39,3 +39,13 @@ pub fn window(line: &str, column: usize) -> (String, usize) {
     }
     (shown, caret)
 }
+
+/// The source line an error is at, with a caret under `column`, as two indented lines
+/// after the message; nothing when the line is empty.
+pub fn caret_under(line: &str, column: usize) -> String {
+    if line.is_empty() {
+        return String::new();
+    }
+    let (shown, caret) = window(line, column);
+    format!("\n  {}\n  {}^", shown, " ".repeat(caret))
+}

@@ -274,7 +274,23 @@ pub fn attest_options(
 }
 
 pub fn run(a: BuildArgs) -> Result<(), CliError> {
-    pipeline::build(resolve(a)?)
+    match pipeline::build(resolve(a)?)? {
+        pipeline::Finished::Built(digest) => println!("{}", digest),
+        pipeline::Finished::Checked(findings) => {
+            for f in &findings {
+                println!("{}", f);
+            }
+            if !findings.is_empty() {
+                return Err(CliError::msg(format!(
+                    "check complete: {} warning{} found",
+                    findings.len(),
+                    if findings.len() == 1 { "" } else { "s" }
+                )));
+            }
+            println!("Check complete, no warnings found.");
+        }
+    }
+    Ok(())
 }
 
 /// The flags as values: every flag is parsed here, so the pipeline reads none.

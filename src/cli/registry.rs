@@ -117,6 +117,7 @@ pub fn push(a: PushArgs) -> Result<(), CliError> {
     let dest = Reference::parse(a.destination.as_deref().unwrap_or(&a.source))?.with_default_tag();
     let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
     let p = crate::pipeline::push_image(&store, &client, &a.source, &dest)?;
+    eprintln!("{}", crate::pipeline::pushed_line(&dest, &p));
     println!("{}", p.digest);
     Ok(())
 }

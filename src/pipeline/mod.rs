@@ -80,8 +80,16 @@ pub struct BuildOptions {
     pub reporter: Arc<dyn Reporter>,
 }
 
-/// Run the build `o` describes; prints the digest it names.
-pub fn build(o: BuildOptions) -> Result<(), CliError> {
+/// How a build ended, for the command line to print.
+pub enum Finished {
+    /// `--check`: the findings, one line each; nothing was built.
+    Checked(Vec<String>),
+    /// The digest the build names.
+    Built(String),
+}
+
+/// Run the build `o` describes.
+pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
     let started = std::time::Instant::now();
     let (name, text) = (&o.file_name, &o.text);
     let (doc, typed) = crate::syntax::parse_instructions(name, text)?;
@@ -106,18 +114,9 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
         &policy,
     );
     if o.check_only {
-        for f in &findings {
-            println!("{}", f.line_in(name));
-        }
-        if findings.is_empty() {
-            println!("Check complete, no warnings found.");
-            return Ok(());
-        }
-        return Err(CliError::msg(format!(
-            "check complete: {} warning{} found",
-            findings.len(),
-            if findings.len() == 1 { "" } else { "s" }
-        )));
+        return Ok(Finished::Checked(
+            findings.iter().map(|f| f.line_in(name)).collect(),
+        ));
     }
     let graph = frontend::lower_graph(name, text, doc.escape, &typed, &o.plan)?;
     for w in &graph.unused_build_args {
@@ -255,7 +254,12 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
     let results = each_platform(&requests, build_one);
 
     // Attestations, and the index that carries them.
-    let (built, attested, steps, timings) = commit(&store, &invocation, o.attest, results)?;
+    let Committed {
+        built,
+        attested,
+        steps,
+        timings,
+    } = commit(&store, &invocation, o.attest, results)?;
     let digest = built.digest();
     test_rendezvous();
 
@@ -264,7 +268,8 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
         store.tag(t, &digest)?;
     }
     for (source, dest) in &o.push_to {
-        push_image(&store, &registry, source, dest)?;
+        let pushed = push_image(&store, &registry, source, dest)?;
+        reporter.log(0, &pushed_line(dest, &pushed));
     }
     for (loc, mode) in &o.cache_to {
         if o.verify {
@@ -316,8 +321,7 @@ pub fn build(o: BuildOptions) -> Result<(), CliError> {
     for f in &findings {
         reporter.check(name, f);
     }
-    println!("{}", digest);
-    Ok(())
+    Ok(Finished::Built(digest))
 }
 
 /// `build_one` of every request: side by side when there are several.
@@ -345,21 +349,12 @@ fn each_platform(
 
 /// Commit the builds' images with their attestations: what names and outputs get, the index
 /// with the attestations (if any), and every step's cache record.
-#[allow(clippy::type_complexity)]
 fn commit(
     store: &Store,
     invocation: &provenance::Invocation,
     attest: AttestOptions,
     results: Vec<Result<solver::Outcome, CliError>>,
-) -> Result<
-    (
-        Built,
-        Option<StoredIndex>,
-        Vec<solver::StepRecord>,
-        Vec<summary::Platform>,
-    ),
-    CliError,
-> {
+) -> Result<Committed, CliError> {
     let mut images = Vec::new();
     let mut steps = Vec::new();
     let mut attested_images = Vec::new();
@@ -406,7 +401,24 @@ fn commit(
         Some(x) if attest.explicit => Built::Index(x.clone()),
         _ => plain,
     };
-    Ok((built, attested, steps, timings))
+    Ok(Committed {
+        built,
+        attested,
+        steps,
+        timings,
+    })
+}
+
+/// What [`commit`] made.
+struct Committed {
+    /// What names and outputs get.
+    built: Built,
+    /// The index with the attestations, when there are any.
+    attested: Option<StoredIndex>,
+    /// Every step's cache record (what `--cache-to` exports).
+    steps: Vec<solver::StepRecord>,
+    /// Each platform's steps, with their results and times.
+    timings: Vec<summary::Platform>,
 }
 
 /// The caches `--cache-from` names; one that cannot be had is a warning (every step runs).
@@ -484,7 +496,7 @@ fn test_rendezvous() {
     }
 }
 
-/// Push the stored image `source` to `dest`; reports what was sent on stderr.
+/// Push the stored image `source` to `dest`.
 pub fn push_image(
     store: &Store,
     client: &Client,
@@ -495,8 +507,12 @@ pub fn push_image(
     // The registry gets the image with the attestations its build recorded (BuildKit's
     // layout: an index of the image and its attestation manifest).
     let digest = store.attested(&named).unwrap_or(named);
-    let p = push::push(client, &store.local(), &digest, dest)?;
-    eprintln!(
+    Ok(push::push(client, &store.local(), &digest, dest)?)
+}
+
+/// What a push sent, as the user reads it.
+pub fn pushed_line(dest: &Reference, p: &push::Pushed) -> String {
+    format!(
         "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",
         dest,
         p.digest,
@@ -508,6 +524,5 @@ pub fn push_image(
         } else {
             "unchanged"
         }
-    );
-    Ok(p)
+    )
 }

@@ -56,7 +56,6 @@ pub(super) fn verify(
         let report =
             crate::oci::diff::diff_images(&stores[0].blobs, &a.image, &stores[1].blobs, &b.image)
                 .map_err(|e| CliError::msg(e.to_string()))?;
-        eprint!("{}", crate::oci::diff::render(&report));
         let recorded = |o: &solver::Outcome| {
             let platform = crate::oci::image::platform_of(&o.image);
             let st =
@@ -69,10 +68,12 @@ pub(super) fn verify(
             &recorded(&b),
             &b.image.state.layers,
         );
-        eprint!("{}", crate::attest::explain::render(&why));
         return Err(CliError::msg(format!(
-            "not reproducible: two clean builds gave {} and {} (differences above)",
-            a.image.manifest_digest, b.image.manifest_digest
+            "not reproducible: two clean builds gave {} and {}:\n{}{}",
+            a.image.manifest_digest,
+            b.image.manifest_digest,
+            crate::oci::diff::render(&report),
+            crate::attest::explain::render(&why)
         )));
     }
     reporter.log(

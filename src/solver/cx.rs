@@ -65,7 +65,8 @@ pub(super) struct Shared<'a> {
     /// `--isolation container`: what a step's layout never touches.
     pub kept: Option<worker::inplace::Kept>,
     /// The last build of this build file and target, and this build's record of the same.
-    pub previous: Option<BuildRecord>,
+    /// (Read at the first miss: a build whose steps all hit never reads it.)
+    previous: OnceLock<Option<BuildRecord>>,
     pub record: Mutex<BuildRecord>,
     /// Whether any step ran (else the last record still holds).
     pub ran: std::sync::atomic::AtomicBool,
@@ -95,8 +96,9 @@ pub(super) struct Ctx<'s, 'a> {
     /// The snapshot the next step will read of the current step's layer (its kind, and the
     /// chain below the layer), made from the layer's tar as it is written.
     pub snapshot_ahead: Option<(Option<Digest>, ViewNeed)>,
-    /// How the stage's base changed since the last build, if it did.
-    pub base_change: Option<String>,
+    /// The stage's base as the build record keeps it, and as a miss's reason names its
+    /// change.
+    pub base: (String, String),
     /// Whether the stage has had a layered step yet.
     pub layered_yet: bool,
     /// Context listings still being written out on threads of their own (a large context's
@@ -113,6 +115,13 @@ impl<'a> std::ops::Deref for Ctx<'_, 'a> {
 }
 
 impl<'a> Shared<'a> {
+    /// The record of the last build of this build file and target, if there is one.
+    pub fn previous(&self) -> Option<&BuildRecord> {
+        self.previous
+            .get_or_init(|| super::explain::load(self.store, self.req))
+            .as_ref()
+    }
+
     pub fn new(
         store: &'a Store,
         req: &'a BuildRequest<'a>,
@@ -152,7 +161,7 @@ impl<'a> Shared<'a> {
             sandbox_unavailable: env.sandbox_unavailable,
             process_sandbox: OnceLock::new(),
             kept: env.kept,
-            previous: super::explain::load(store, req),
+            previous: OnceLock::new(),
             record: Mutex::new(BuildRecord::default()),
             ran: std::sync::atomic::AtomicBool::new(false),
         }

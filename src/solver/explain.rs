@@ -101,6 +101,11 @@ fn record_key(req: &BuildRequest) -> String {
     Digest::of(identity.as_bytes()).hex().to_string()
 }
 
+/// Whether a build of this build file, target, context and platform left a record.
+pub fn exists(store: &Store, req: &BuildRequest) -> bool {
+    store.memo(Bucket::Builds).has(&record_key(req))
+}
+
 /// The record the last build of this build file, target, context and platform left.
 pub fn load(store: &Store, req: &BuildRequest) -> Option<BuildRecord> {
     let bytes = store.memo(Bucket::Builds).get(&record_key(req))?;

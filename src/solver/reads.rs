@@ -14,19 +14,23 @@ use crate::context::IgnoreMatcher;
 use crate::plan::{Input, Origin};
 
 impl Ctx<'_, '_> {
-    /// What a `--from` (or a bind mount's `from`) stands for: a stage by its result's key,
-    /// an image by its digest. Reading a stage whose chain never repeats makes this one's
-    /// never repeat either.
+    /// What reading `source` of `from` stands for: the context by the digest of what
+    /// `source` names there, a stage by its result's key, an image by its digest. Reading a
+    /// stage whose chain never repeats makes this one's never repeat either.
     pub fn input_of(
         &mut self,
         origin: &Origin,
         from: &Input,
+        source: &str,
         mount: Option<usize>,
     ) -> Result<StepInput, BuildError> {
         match from {
-            Input::Context => {
-                self.context_input(origin, &[".".into()], &IgnoreMatcher::default(), mount)
-            }
+            Input::Context => self.context_input(
+                origin,
+                &[source.to_string()],
+                &IgnoreMatcher::default(),
+                mount,
+            ),
             Input::Stage(i) => {
                 let name = self.stage_label(*i);
                 let Some((key, volatile)) = self.stage_key(*i) else {

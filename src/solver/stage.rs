@@ -47,7 +47,7 @@ impl Shared<'_> {
             volatile: false,
             source_stats: None,
             snapshot_ahead: None,
-            base_change: None,
+            base: Default::default(),
             layered_yet: false,
             listings: Vec::new(),
         };
@@ -84,9 +84,11 @@ impl Shared<'_> {
         let image = state
             .commit(&self.store.blobs, &BTreeMap::new())
             .map_err(StoreError::from)?;
-        if self.previous.is_none() || self.ran.load(Ordering::Relaxed) {
+        // A build that ran nothing leaves the last record as it is (it still holds).
+        if self.ran.load(Ordering::Relaxed) || !explain::exists(self.store, self.req) {
+            let previous = self.previous().cloned();
             let record = self.record.into_inner().unwrap_or_default();
-            explain::save(self.store, self.req, record, self.previous.as_ref());
+            explain::save(self.store, self.req, record, previous.as_ref());
         }
         let steps = self.steps.into_inner().unwrap_or_default();
         let mut trace = self.trace.into_inner().unwrap_or_default();
@@ -202,21 +204,24 @@ impl Ctx<'_, '_> {
         if let Ok(mut t) = self.trace.lock() {
             t.stages.insert(index, (stage.label(), base_name.clone()));
         }
-        // The base as a miss's reason names it.
-        let base = match &stage.source {
-            Source::Image { reference, image } => {
-                format!("base image {} now {}", reference, image.manifest_digest)
+        // What the base is (compared with the last build's) and how a miss's reason names
+        // its change.
+        self.base = match &stage.source {
+            Source::Image { reference, image } => (
+                format!("{} {}", reference, image.manifest_digest),
+                format!("base image {} now {}", reference, image.manifest_digest),
+            ),
+            Source::Stage(i) => {
+                let name = self.stage_label(*i);
+                (
+                    format!("stage {} {}", name, base_key.0),
+                    format!("stage {} changed", name),
+                )
             }
-            Source::Stage(_) => format!("{} changed", base_name.replace(':', " ")),
-            Source::Scratch => "scratch".to_string(),
+            Source::Scratch => ("scratch".to_string(), String::new()),
         };
-        let before = self
-            .previous
-            .as_ref()
-            .and_then(|p| p.bases.get(&index).cloned());
-        self.base_change = before.filter(|b| *b != base).map(|_| base.clone());
         if let Ok(mut r) = self.record.lock() {
-            r.bases.insert(index, base);
+            r.bases.insert(index, self.base.0.clone());
         }
         self.req.reporter.done(self.step, started.elapsed(), false);
         let key = inputs::stage_key(
@@ -273,7 +278,7 @@ impl Ctx<'_, '_> {
             None
         };
         self.ran.store(true, Ordering::Relaxed);
-        if let Some(previous) = &self.previous {
+        if let Some(previous) = self.previous() {
             let why = if !step.use_cache {
                 if self.req.no_cache {
                     "--no-cache".to_string()
@@ -285,7 +290,12 @@ impl Ctx<'_, '_> {
                     .steps
                     .iter()
                     .find(|p| (p.stage, p.step) == (recorded.stage, recorded.step));
-                explain::reason(before, &recorded, self.base_change.as_deref(), first)
+                let base_change = previous
+                    .bases
+                    .get(&step.stage.index)
+                    .filter(|b| **b != self.base.0)
+                    .map(|_| self.base.1.as_str());
+                explain::reason(before, &recorded, base_change, first)
             };
             self.req.reporter.miss(self.step, &why);
         }

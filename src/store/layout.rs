@@ -171,6 +171,11 @@ impl Memo {
         fs::read(self.dir.join(key)).ok()
     }
 
+    /// Whether there is a record of `key`.
+    pub fn has(&self, key: &str) -> bool {
+        self.dir.join(key).is_file()
+    }
+
     /// Remember `bytes` for `key`, replaced atomically but not synced: a write lost in a
     /// crash only costs the computation again.
     pub fn put(&self, key: &str, bytes: &[u8]) {

@@ -61,17 +61,13 @@ impl fmt::Display for SyntaxError {
             self.column,
             abbreviate(&self.message, 1000)
         )?;
-        if !self.source_line.is_empty() {
-            let (shown, caret) = window(&self.source_line, self.column);
-            write!(f, "\n  {}\n  {}^", shown, " ".repeat(caret))?;
-        }
-        Ok(())
+        write!(f, "{}", caret_under(&self.source_line, self.column))
     }
 }
 
 impl std::error::Error for SyntaxError {}
 
-pub use crate::text::{abbreviate, window, SHOWN_LINE};
+pub use crate::text::{abbreviate, caret_under, window, SHOWN_LINE};
 
 /// The nearest word of `candidates` to `word` (Levenshtein distance at most 2), for "did you mean".
 pub fn nearest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {

@@ -341,6 +341,49 @@ fn lay_out(
     lay_out_all(view, root, kept, layout)
 }
 
+/// Put the view's entry `src` (of metadata `md`) at `dst`, replacing what is there
+/// (`current`): a directory made or kept, with the entry's owner and mode (its times are set
+/// by the caller, after its contents); a file linked to the view's own, not copied (what a
+/// step changes in place is seen by its ctime and captured into the layer, which is then
+/// applied to the view, so the view ends as it would anyway), or copied where the store is on
+/// another file system; a symlink, FIFO or device node made again.
+fn place_entry(
+    src: &Path,
+    dst: &Path,
+    md: &fs::Metadata,
+    current: Option<&fs::Metadata>,
+) -> Result<(), WorkerError> {
+    if md.is_dir() {
+        match current {
+            Some(cur) if cur.is_dir() => {}
+            Some(_) => {
+                remove_any(dst)?;
+                fs::create_dir(dst).map_err(io_at(dst))?;
+            }
+            None => fs::create_dir(dst).map_err(io_at(dst))?,
+        }
+        copy_meta(src, dst, md);
+        return Ok(());
+    }
+    if current.is_some() {
+        remove_any(dst)?;
+    }
+    if md.is_file() {
+        if fs::hard_link(src, dst).is_err() {
+            fs::copy(src, dst).map_err(io_at(dst))?;
+            copy_meta(src, dst, md);
+        }
+        return Ok(());
+    }
+    if md.file_type().is_symlink() {
+        symlink(fs::read_link(src).map_err(io_at(src))?, dst).map_err(io_at(dst))?;
+    } else {
+        super::make_node(dst, md)?;
+    }
+    copy_meta(src, dst, md);
+    Ok(())
+}
+
 /// Re-lay out only `paths` (and their parents), where `/` and the view may differ after the
 /// last step. `Ok(false)` when that cannot be done by links (the full layout then runs).
 fn lay_out_paths(
@@ -389,33 +432,12 @@ fn lay_out_paths(
                 continue;
             }
         }
-        if md.is_dir() {
-            match &current {
-                Some(cur) if cur.is_dir() => {}
-                Some(_) => {
-                    remove_any(&dst)?;
-                    fs::create_dir(&dst).map_err(io_at(&dst))?;
-                }
-                None => fs::create_dir(&dst).map_err(io_at(&dst))?,
-            }
-            copy_meta(&src, &dst, &md);
-            dirs.push((rel.clone(), md));
-        } else if md.is_file() {
-            if current.is_some() {
-                remove_any(&dst)?;
-            }
-            if fs::hard_link(&src, &dst).is_err() {
-                fs::copy(&src, &dst).map_err(io_at(&dst))?;
-                copy_meta(&src, &dst, &md);
-            }
-        } else if md.file_type().is_symlink() {
-            if current.is_some() {
-                remove_any(&dst)?;
-            }
-            symlink(fs::read_link(&src).map_err(io_at(&src))?, &dst).map_err(io_at(&dst))?;
-            copy_meta(&src, &dst, &md);
-        } else {
+        if !(md.is_dir() || md.is_file() || md.file_type().is_symlink()) {
             return Ok(false);
+        }
+        place_entry(&src, &dst, &md, current.as_ref())?;
+        if md.is_dir() {
+            dirs.push((rel.clone(), md));
         }
         let placed = fs::symlink_metadata(&dst).map_err(io_at(&dst))?;
         let source = fs::symlink_metadata(&src).map_err(io_at(&src))?;
@@ -484,51 +506,27 @@ fn lay_out_all(
                 continue;
             }
         }
-        let ft = md.file_type();
-        if ft.is_dir() {
-            match &current {
-                Some(cur) if cur.is_dir() => {}
-                Some(_) => {
+        if !md.is_dir() && current.as_ref().is_some_and(|c| c.is_dir()) && kept.leads_to_kept(&rel)
+        {
+            // The image has a link or file where a mount of the container lies below (a
+            // Debian image's /var/run -> /run over Kubernetes' /var/run/secrets): the
+            // container's directory stays, and the image's entry is not in the way of the
+            // diff, which never reports that directory.
+            notice_once(format!(
+                "the image's /{} is hidden under --isolation container: the container keeps a directory there for its own mounts",
+                rel.display()
+            ));
+            continue;
+        }
+        match first_link {
+            // A second name of a file placed already: the same link, as in the view.
+            Some(first) => {
+                if current.is_some() {
                     remove_any(&dst)?;
-                    fs::create_dir(&dst).map_err(io_at(&dst))?;
                 }
-                None => fs::create_dir(&dst).map_err(io_at(&dst))?,
-            }
-            copy_meta(e.path(), &dst, &md);
-        } else {
-            if current.as_ref().is_some_and(|c| c.is_dir()) && kept.leads_to_kept(&rel) {
-                // The image has a link or file where a mount of the container lies below
-                // (a Debian image's /var/run -> /run over Kubernetes' /var/run/secrets): the
-                // container's directory stays, and the image's entry is not in the way of
-                // the diff, which never reports that directory.
-                notice_once(format!(
-                    "the image's /{} is hidden under --isolation container: the container keeps a directory there for its own mounts",
-                    rel.display()
-                ));
-                continue;
-            }
-            if current.is_some() {
-                remove_any(&dst)?;
-            }
-            if let Some(first) = first_link {
                 fs::hard_link(root.join(first), &dst).map_err(io_at(&dst))?;
-            } else if ft.is_symlink() {
-                symlink(fs::read_link(e.path()).map_err(io_at(e.path()))?, &dst)
-                    .map_err(io_at(&dst))?;
-                copy_meta(e.path(), &dst, &md);
-            } else if ft.is_file() {
-                // A link to the view's own file, not a copy: what a step changes in place is
-                // seen by its ctime and captured into the layer, which is then applied to the
-                // view, so the view ends as it would anyway. A copy where the store is on
-                // another file system.
-                if fs::hard_link(e.path(), &dst).is_err() {
-                    fs::copy(e.path(), &dst).map_err(io_at(&dst))?;
-                    copy_meta(e.path(), &dst, &md);
-                }
-            } else {
-                super::make_node(&dst, &md)?;
-                copy_meta(e.path(), &dst, &md);
             }
+            None => place_entry(e.path(), &dst, &md, current.as_ref())?,
         }
         let placed = fs::symlink_metadata(&dst).map_err(io_at(&dst))?;
         // Linking changed the view entry's ctime: its signature is taken after placing.

@@ -21,7 +21,8 @@ impl OpRunner for CopyOp {
                     .map_err(|e| cx.fail(origin, format!("--exclude: {}", e)))?;
                 inputs.push(cx.context_input(origin, &self.paths(), &excludes, None)?);
             }
-            from => inputs.push(cx.input_of(origin, from, None)?),
+            // The sources are paths in that stage or image: its identity covers them.
+            from => inputs.push(cx.input_of(origin, from, ".", None)?),
         }
         if let Some(sum) = &self.checksum {
             for u in self.urls() {

@@ -8,7 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::OpRunner;
-use crate::context::IgnoreMatcher;
 use crate::oci::image::LayerRef;
 use crate::plan::{ExecOp, Input, MountKind, Network, Op, Origin};
 use crate::solver::cx::Ctx;
@@ -28,13 +27,8 @@ impl OpRunner for ExecOp {
             if mount.kind != MountKind::Bind {
                 continue;
             }
-            inputs.push(match &mount.from {
-                Input::Context => {
-                    let src = mount.source.clone().unwrap_or_else(|| ".".into());
-                    cx.context_input(origin, &[src], &IgnoreMatcher::default(), Some(i))?
-                }
-                from => cx.input_of(origin, from, Some(i))?,
-            });
+            let source = mount.source.as_deref().unwrap_or(".");
+            inputs.push(cx.input_of(origin, &mount.from, source, Some(i))?);
         }
         Ok(inputs)
     }
