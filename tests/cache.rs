@@ -1081,3 +1081,67 @@ fn a_step_that_runs_says_why_it_missed() {
     );
     assert_eq!(m[1].1, "the step before it changed");
 }
+
+#[test]
+fn a_miss_is_explained_against_a_named_image_and_its_build_is_listed() {
+    let (_t, root, ctx) = setup();
+    let tagged = |tag: &str, extra: &[&str]| {
+        let mut args = vec!["-t", tag];
+        args.extend_from_slice(extra);
+        plain_log(&root, &ctx, &args)
+    };
+    tagged("app:one", &[]);
+    write(&ctx.join("c.txt"), "c");
+    tagged("app:two", &[]);
+
+    // Against the last build only b.txt differs; against app:one c.txt is new too.
+    write(&ctx.join("b.txt"), "b, edited");
+    let log = tagged("app:three", &["--explain-against", "app:one"]);
+    let m = misses(&log);
+    assert_eq!(m[0], (COPY_B.to_string(), "b.txt changed".into()), "{log}");
+    assert!(
+        m.contains(&(COPY_ALL.to_string(), "b.txt changed, c.txt added".into())),
+        "{m:?}"
+    );
+
+    // What the build of app:two did, step by step.
+    let out = run(builder()
+        .args(["debug", "cache", "app:two", "--json", "--root"])
+        .arg(&root));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = v["steps"].as_array().unwrap();
+    let texts: Vec<&str> = steps
+        .iter()
+        .map(|s| s["instruction"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, [COPY_A, RUN_A, COPY_B, RUN_USED, COPY_ALL]);
+    for s in &steps[..4] {
+        assert_eq!(s["cached"], true, "{s}");
+        assert!(s["key"].as_str().unwrap().starts_with("sha256:"), "{s}");
+    }
+    assert_eq!(steps[4]["cached"], false);
+    assert_eq!(steps[4]["miss"], "c.txt added");
+    let out = run(builder()
+        .args(["debug", "cache", "app:two", "--root"])
+        .arg(&root));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("cache miss: c.txt added"), "{listing}");
+    assert!(listing.contains("5 steps: 1 ran, 4 cached"), "{listing}");
+
+    // An image no build made here is refused by name.
+    let out = run(builder()
+        .args(["build", "--explain-against", "busybox:test", "--root"])
+        .arg(&root)
+        .arg(&ctx));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--explain-against busybox:test") && err.contains("no record"),
+        "{err}"
+    );
+}

@@ -249,6 +249,8 @@ pub struct StepTrace {
     /// function of the inputs alone); `--metadata-file` and `--summary` show them.
     pub cached: bool,
     pub seconds: f64,
+    /// Why it missed the cache, when it ran and an earlier build was there to compare with.
+    pub miss: Option<String>,
 }
 
 impl StepTrace {

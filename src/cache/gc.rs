@@ -291,9 +291,20 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
             Bucket::Sbom => {}
             // The context listings no-op builds take, and the last builds' records (what a
             // miss's reason compares with), are kept for the next build, unless all goes.
-            Bucket::Listings | Bucket::Builds => {
+            Bucket::Listings => {
                 if opts.all {
                     store.memo(bucket).clear();
+                }
+            }
+            // The records of the builds that made images go with their images.
+            Bucket::Builds => {
+                if opts.all {
+                    store.memo(bucket).clear();
+                } else {
+                    store.memo(bucket).retain_keys(|key| {
+                        crate::solver::explain::image_of_key(key)
+                            .is_none_or(|image| store.blobs.contains(&image))
+                    });
                 }
             }
             Bucket::Snapshots => {

@@ -78,6 +78,10 @@ pub struct BuildArgs {
     /// step's result and time) to this file, for a CI job's summary page.
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
+    /// Say why each step that runs missed the cache against the build that made this image
+    /// (a name or digest in the store), instead of against the last build.
+    #[arg(long, value_name = "REF")]
+    pub explain_against: Option<String>,
     /// Target platform (os/arch[/variant]).
     #[arg(long)]
     pub platform: Option<String>,
@@ -452,6 +456,7 @@ fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         iidfile: a.iidfile.clone(),
         metadata_file: a.metadata_file.clone(),
         summary: a.summary.clone(),
+        explain_against: a.explain_against.clone(),
         reporter: Arc::from(reporter_for(a.progress)),
         file,
     })

@@ -27,6 +27,9 @@ pub enum DebugCommand {
     /// Print the OCI runtime spec a RUN step gets (the sandbox policy), as both executors
     /// run it.
     Sandbox(SandboxArgs),
+    /// List every step of the build that made an image: its key, whether the cache had
+    /// it, and why it missed.
+    Cache(super::debug_build::CacheArgs),
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +248,7 @@ fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
 pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
     match cmd {
         DebugCommand::Sandbox(a) => print_sandbox(a)?,
+        DebugCommand::Cache(a) => super::debug_build::cache(a)?,
         DebugCommand::Parse(a) => {
             let (name, text) = read_build_file(&a.file)?;
             match a.format {

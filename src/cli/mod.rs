@@ -91,6 +91,7 @@ pub enum Command {
 }
 
 pub mod build;
+mod debug_build;
 pub mod flags;
 pub mod images;
 pub mod registry;

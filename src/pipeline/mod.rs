@@ -77,6 +77,8 @@ pub struct BuildOptions {
     pub metadata_file: Option<PathBuf>,
     /// `--summary`: a Markdown summary for a CI job's page.
     pub summary: Option<PathBuf>,
+    /// `--explain-against`: the image whose build misses are compared with.
+    pub explain_against: Option<String>,
     pub reporter: Arc<dyn Reporter>,
 }
 
@@ -203,6 +205,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         registry: registry.clone(),
         cache_from: imported,
         show_platform: false,
+        explain_against: None,
     };
     // One build per platform; several run side by side (sharing --jobs) and are joined in
     // an index.
@@ -226,6 +229,9 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
                 )?;
                 one.graph = lower_for(p, &graph)?;
             }
+        }
+        if let Some(r) = &o.explain_against {
+            one.explain_against = Some(explained_image(&store, r, &one.platform)?);
         }
         requests.push(one);
     }
@@ -347,6 +353,27 @@ fn each_platform(
     })
 }
 
+/// `--explain-against REF`: the image of `platform` that `reference` names, whose build
+/// left a record.
+fn explained_image(
+    store: &Store,
+    reference: &str,
+    platform: &Platform,
+) -> Result<crate::oci::digest::Digest, CliError> {
+    let image = store
+        .image_for(reference, &platform.spec())
+        .map_err(|e| CliError::msg(format!("--explain-against {}: {}", reference, e)))?;
+    if solver::explain::load_for_image(store, &image.manifest_digest).is_none() {
+        return Err(CliError::msg(format!(
+            "--explain-against {}: the store has no record of the build that made {} ({}); builds record their steps from this version on",
+            reference,
+            image.manifest_digest,
+            platform.spec()
+        )));
+    }
+    Ok(image.manifest_digest)
+}
+
 /// Commit the builds' images with their attestations: what names and outputs get, the index
 /// with the attestations (if any), and every step's cache record.
 fn commit(
@@ -361,6 +388,12 @@ fn commit(
     let mut timings = Vec::new();
     for r in results {
         let outcome = r?;
+        solver::explain::keep_for_image(
+            store,
+            &outcome.record,
+            &outcome.image.manifest_digest,
+            &outcome.trace.steps,
+        );
         timings.push(summary::Platform {
             platform: crate::oci::image::platform_of(&outcome.image),
             steps: outcome.trace.steps.clone(),

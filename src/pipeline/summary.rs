@@ -29,6 +29,7 @@ pub fn steps_json(platforms: &[Platform]) -> Value {
                     "instruction": s.op,
                     "cached": s.cached,
                     "seconds": (s.seconds * 1000.0).round() / 1000.0,
+                    "miss": s.miss,
                 })
             })
         })
@@ -69,7 +70,11 @@ pub fn markdown(digest: &str, names: &[String], platforms: &[Platform], wall: Du
             cell(&s.stage_name),
             s.step,
             cell(&crate::text::abbreviate(&s.op, 100)).replace('`', "'"),
-            if s.cached { "cached" } else { "ran" },
+            match (&s.miss, s.cached) {
+                (_, true) => "cached".to_string(),
+                (Some(why), false) => format!("ran: {}", cell(why)),
+                (None, false) => "ran".to_string(),
+            },
             s.seconds
         ));
     }
@@ -97,6 +102,7 @@ mod tests {
             layer: None,
             cached,
             seconds: 0.25,
+            miss: (!cached).then(|| "a.txt changed".to_string()),
         }
     }
 
@@ -113,8 +119,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| names | app:1 |"), "{md}");
+        assert!(md.contains("| ran: a.txt changed |"), "{md}");
         let j = steps_json(&p);
         assert_eq!(j[1]["instruction"], "RUN make");
         assert_eq!(j[1]["cached"], false);
+        assert_eq!(j[1]["miss"], "a.txt changed");
+        assert_eq!(j[0]["miss"], serde_json::Value::Null);
     }
 }

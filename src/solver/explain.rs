@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::inputs::{Fingerprints, StepInput};
 use super::BuildRequest;
-use crate::attest::trace::ContextLeaf;
+use crate::attest::trace::{ContextLeaf, StepTrace};
 use crate::oci::digest::Digest;
 use crate::store::{Bucket, Store};
 
@@ -89,8 +89,72 @@ pub fn fingerprint(leaf: &ContextLeaf) -> String {
     )
 }
 
+/// What `builder debug cache` shows of one step of the build that made an image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepResult {
+    pub stage: String,
+    pub step: usize,
+    pub line: usize,
+    pub instruction: String,
+    pub key: String,
+    pub cached: bool,
+    pub seconds: f64,
+    pub miss: Option<String>,
+}
+
+/// The name of the record of the build that made the image `manifest`.
+fn image_key(manifest: &Digest) -> String {
+    format!("image-{}", manifest.hex())
+}
+
+fn image_steps_key(manifest: &Digest) -> String {
+    format!("image-{}.steps", manifest.hex())
+}
+
+/// Keep the build record `record` (as [`record_key`] names it) and its steps' results as
+/// the record of the image `manifest`, for `--explain-against` and `builder debug cache`.
+pub fn keep_for_image(store: &Store, record: &str, manifest: &Digest, steps: &[StepTrace]) {
+    let memo = store.memo(Bucket::Builds);
+    memo.link(record, &image_key(manifest));
+    let results: Vec<StepResult> = steps
+        .iter()
+        .map(|s| StepResult {
+            stage: s.stage_name.clone(),
+            step: s.step,
+            line: s.line,
+            instruction: s.op.clone(),
+            key: s.key.clone(),
+            cached: s.cached,
+            seconds: s.seconds,
+            miss: s.miss.clone(),
+        })
+        .collect();
+    if let Ok(bytes) = serde_json::to_vec(&results) {
+        memo.put(&image_steps_key(manifest), &bytes);
+    }
+}
+
+/// The record of the build that made the image `manifest`.
+pub fn load_for_image(store: &Store, manifest: &Digest) -> Option<BuildRecord> {
+    let bytes = store.memo(Bucket::Builds).get(&image_key(manifest))?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The steps of the build that made the image `manifest`, with their results.
+pub fn steps_of_image(store: &Store, manifest: &Digest) -> Option<Vec<StepResult>> {
+    let bytes = store.memo(Bucket::Builds).get(&image_steps_key(manifest))?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The image a record of [`keep_for_image`] is of, by its name (`None`: not such a record).
+pub fn image_of_key(key: &str) -> Option<Digest> {
+    let hex = key.strip_prefix("image-")?;
+    let hex = hex.strip_suffix(".steps").unwrap_or(hex);
+    format!("sha256:{}", hex).parse().ok()
+}
+
 /// The record's name: the build file, context, target and platform it is of.
-fn record_key(req: &BuildRequest) -> String {
+pub fn record_key(req: &BuildRequest) -> String {
     let identity = format!(
         "{}\0{}\0{}\0{}",
         req.context.display(),
@@ -106,8 +170,13 @@ pub fn exists(store: &Store, req: &BuildRequest) -> bool {
     store.memo(Bucket::Builds).has(&record_key(req))
 }
 
-/// The record the last build of this build file, target, context and platform left.
+/// The record a step that misses is compared with: that of the build that made
+/// `--explain-against`'s image, else the one the last build of this build file, target,
+/// context and platform left.
 pub fn load(store: &Store, req: &BuildRequest) -> Option<BuildRecord> {
+    if let Some(image) = &req.explain_against {
+        return load_for_image(store, image);
+    }
     let bytes = store.memo(Bucket::Builds).get(&record_key(req))?;
     serde_json::from_slice(&bytes).ok()
 }

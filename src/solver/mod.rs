@@ -39,6 +39,7 @@ use std::sync::Arc;
 use crate::attest::trace::BuildTrace;
 use crate::cache::remote::RemoteCache;
 use crate::context::IgnoreMatcher;
+use crate::oci::digest::Digest;
 use crate::oci::image::StoredImage;
 use crate::oci::layer::Compression;
 use crate::oci::platform::Platform;
@@ -91,6 +92,9 @@ pub struct BuildRequest<'a> {
     pub cache_from: Vec<Arc<RemoteCache>>,
     /// Name the platform in progress lines (one build of several platforms).
     pub show_platform: bool,
+    /// `--explain-against`: the image whose build a step that misses is compared with,
+    /// instead of the last build's.
+    pub explain_against: Option<Digest>,
 }
 
 /// BuildKit's entitlements: what a build may do that weakens the RUN sandbox.
@@ -109,6 +113,8 @@ pub struct Outcome {
     pub steps: Vec<StepRecord>,
     /// What it read and did, for provenance.
     pub trace: BuildTrace,
+    /// The name of its build record (see [`explain::keep_for_image`]).
+    pub record: String,
 }
 
 /// Builds op graphs into one store. The builds of one solver (a build's platforms, side by

@@ -99,6 +99,7 @@ impl Shared<'_> {
             image,
             steps,
             trace,
+            record: explain::record_key(self.req),
         })
     }
 }
@@ -269,7 +270,7 @@ impl Ctx<'_, '_> {
                     self.keep_record(recorded);
                     *state = hit.state;
                     self.record_step(step.stage.index, &key);
-                    self.trace_step(step, &key, state, layers_before, true);
+                    self.trace_step(step, &key, state, layers_before, None);
                     return Ok((key, true));
                 }
                 Claim::Run(held) => Some(held),
@@ -278,6 +279,7 @@ impl Ctx<'_, '_> {
             None
         };
         self.ran.store(true, Ordering::Relaxed);
+        let mut miss = None;
         if let Some(previous) = self.previous() {
             let why = if !step.use_cache {
                 if self.req.no_cache {
@@ -298,6 +300,7 @@ impl Ctx<'_, '_> {
                 explain::reason(before, &recorded, base_change, first)
             };
             self.req.reporter.miss(self.step, &why);
+            miss = Some(why);
         }
         self.keep_record(recorded);
         // What the stage's next layered step reads of this one's layer is unpacked from the
@@ -325,18 +328,19 @@ impl Ctx<'_, '_> {
         // Whoever waits for this key looks again now (and runs it if this failed).
         drop(claim);
         outcome?;
-        self.trace_step(step, &key, state, layers_before, false);
+        self.trace_step(step, &key, state, layers_before, Some(miss));
         Ok((key, false))
     }
 
-    /// The step's provenance record: where it is, its key, what it read, its layer.
+    /// The step's provenance record: where it is, its key, what it read, its layer. `ran` is
+    /// `None` for a hit, else why it missed (when there was an earlier build to compare).
     fn trace_step(
         &mut self,
         step: &Step,
         key: &CacheKey,
         state: &ImageState,
         layers_before: usize,
-        cached: bool,
+        ran: Option<Option<String>>,
     ) {
         let layer = (state.layers.len() > layers_before)
             .then(|| state.layers.last())
@@ -355,8 +359,9 @@ impl Ctx<'_, '_> {
             },
             inputs: inputs::records(&std::mem::take(&mut self.inputs)),
             layer,
-            cached,
+            cached: ran.is_none(),
             seconds: step.started.elapsed().as_secs_f64(),
+            miss: ran.flatten(),
         };
         if let Ok(mut t) = self.trace.lock() {
             t.steps.push(record);

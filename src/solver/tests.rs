@@ -205,6 +205,7 @@ fn request<'a>(f: &Fixture, stages: Vec<StagePlan>, target: usize) -> BuildReque
         registry: Arc::new(Client::new(Settings::default())),
         cache_from: Vec::new(),
         show_platform: false,
+        explain_against: None,
     }
 }
 

@@ -183,6 +183,32 @@ impl Memo {
         let _ = crate::oci::blobs::replace_unsynced(&self.dir.join(key), bytes);
     }
 
+    /// Make `to` a second name of the record `from` as it is now: a later `put` of `from`
+    /// replaces `from` alone. Returns whether `from` was there.
+    pub fn link(&self, from: &str, to: &str) -> bool {
+        let staged = self
+            .dir
+            .join(format!(".{}.{}.link", to, std::process::id()));
+        let (from, to) = (self.dir.join(from), self.dir.join(to));
+        let _ = fs::remove_file(&staged);
+        fs::hard_link(&from, &staged).is_ok() && fs::rename(&staged, &to).is_ok()
+    }
+
+    /// Keep only the records whose key `keep` accepts; returns how many went.
+    pub fn retain_keys(&self, mut keep: impl FnMut(&str) -> bool) -> usize {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut gone = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep(&name) && fs::remove_file(e.path()).is_ok() {
+                gone += 1;
+            }
+        }
+        gone
+    }
+
     /// Keep only the records `still` says are still true; returns how many went.
     pub fn retain(&self, mut still: impl FnMut(&[u8]) -> bool) -> usize {
         let Ok(rd) = fs::read_dir(&self.dir) else {
@@ -221,6 +247,11 @@ mod tests {
         memo.put("a", b"1");
         memo.put("b", b"2");
         assert_eq!(memo.get("a").as_deref(), Some(&b"1"[..]));
+        assert!(memo.link("a", "c"));
+        memo.put("a", b"3");
+        assert_eq!(memo.get("c").as_deref(), Some(&b"1"[..]));
+        assert!(!memo.link("nothing", "d"));
+        assert_eq!(memo.retain_keys(|k| k != "c"), 1);
         assert_eq!(memo.retain(|b| b == b"2"), 1);
         assert_eq!(memo.get("a"), None);
         memo.clear();
