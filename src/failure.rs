@@ -10,6 +10,8 @@ pub struct CliError {
     pub causes: Vec<String>,
     pub hint: Option<String>,
     pub exit_code: i32,
+    /// A failed RUN's kept state, for `--on-error=shell`.
+    pub failed_step: Option<String>,
 }
 
 impl CliError {
@@ -19,6 +21,26 @@ impl CliError {
             causes: Vec::new(),
             hint: None,
             exit_code: 1,
+            failed_step: None,
+        }
+    }
+    /// Tell the user on stderr: the message, its causes, the hint.
+    pub fn report(&self) {
+        if !self.message.is_empty() {
+            eprintln!("error: {}", self.message);
+        }
+        for c in &self.causes {
+            eprintln!("  Caused by: {}", c);
+        }
+        if let Some(h) = &self.hint {
+            eprintln!("  hint: {}", h);
+        }
+    }
+    /// An exit with `code` and nothing to say (what was to say is said).
+    pub fn exit(code: i32) -> Self {
+        CliError {
+            exit_code: code,
+            ..CliError::msg("")
         }
     }
     pub fn io(path: &Path, e: std::io::Error) -> Self {
@@ -47,6 +69,7 @@ impl<E: std::error::Error + 'static> From<E> for CliError {
             causes,
             hint,
             exit_code: 1,
+            failed_step: None,
         }
     }
 }
@@ -61,8 +84,10 @@ pub fn build_failure(e: crate::solver::BuildError, source: &str) -> CliError {
         }
         _ => String::new(),
     };
+    let failed_step = e.failed_state().map(str::to_string);
     let mut failure = CliError::from(e);
     failure.message.push_str(&caret);
+    failure.failed_step = failed_step;
     failure
 }
 

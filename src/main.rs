@@ -8,15 +8,7 @@ fn main() {
     builder::worker::sandbox::close_descriptors_from_3(false);
     let cli = builder::cli::Cli::parse();
     if let Err(e) = builder::cli::run(cli) {
-        if !e.message.is_empty() {
-            eprintln!("error: {}", e.message);
-        }
-        for c in &e.causes {
-            eprintln!("  Caused by: {}", c);
-        }
-        if let Some(h) = &e.hint {
-            eprintln!("  hint: {}", h);
-        }
+        e.report();
         std::process::exit(e.exit_code);
     }
 }

@@ -19,19 +19,6 @@ use std::sync::Arc;
 
 use common::*;
 
-/// Compile the probe statically (gcc and libc6-dev, which .ci/run installs).
-fn probe_binary(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/isolation/probe.c");
-    let out = dir.join("probe");
-    run_ok(
-        tool("cc")
-            .args(["-static", "-O1", "-o"])
-            .arg(&out)
-            .arg(&src),
-    );
-    out
-}
-
 /// A server on the host's 127.0.0.1 that counts the connections it accepts.
 struct HostServer {
     port: u16,

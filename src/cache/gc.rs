@@ -296,6 +296,10 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
                     store.memo(bucket).clear();
                 }
             }
+            // Failed steps' states are kept for debugging until the next prune.
+            Bucket::Failures => {
+                let _ = fs::remove_dir_all(store.dir(bucket));
+            }
             // The records of the builds that made images go with their images.
             Bucket::Builds => {
                 if opts.all {

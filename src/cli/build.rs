@@ -36,6 +36,13 @@ pub enum CompressionKind {
     Zstd,
 }
 
+/// `--on-error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    Fail,
+    Shell,
+}
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The build file (default: CONTEXT/Buildfile, else Dockerfile, else Containerfile).
@@ -50,6 +57,10 @@ pub struct BuildArgs {
     /// Build this stage instead of the last one.
     #[arg(long)]
     pub target: Option<String>,
+    /// What a failed RUN step leads to: `fail` (its state is kept for `builder debug
+    /// shell ID`), or `shell`, an interactive shell in that state right away (on a terminal).
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "fail")]
+    pub on_error: OnError,
     /// Do not use the layer cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -278,7 +289,16 @@ pub fn attest_options(
 }
 
 pub fn run(a: BuildArgs) -> Result<(), CliError> {
-    match pipeline::build(resolve(a)?)? {
+    let on_error = a.on_error;
+    let root = a.root.clone();
+    let secrets = a.secrets.clone();
+    let finished = match pipeline::build(resolve(a)?) {
+        Err(e) if on_error == OnError::Shell && e.failed_step.is_some() => {
+            return Err(shell_on_error(e, root, &secrets));
+        }
+        r => r?,
+    };
+    match finished {
         pipeline::Finished::Built(digest) => println!("{}", digest),
         pipeline::Finished::Checked(findings) => {
             for f in &findings {
@@ -297,8 +317,36 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `--on-error=shell`: say what failed, then open a shell in the failed step's state (on a
+/// terminal); the build still fails after it.
+fn shell_on_error(e: CliError, root: Option<PathBuf>, secrets: &[String]) -> CliError {
+    e.report();
+    let code = e.exit_code;
+    let Some(id) = e.failed_step else {
+        return CliError::exit(code);
+    };
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprintln!("warning: --on-error=shell needs a terminal on stdin; the hint above opens the shell later");
+        return CliError::exit(code);
+    }
+    let opened = (|| -> Result<(), CliError> {
+        let store = crate::store::Store::open(&root.unwrap_or_else(crate::store::default_root))?;
+        let state = crate::solver::failures::load(&store, &id).map_err(CliError::msg)?;
+        let secrets = secrets
+            .iter()
+            .map(|s| parse_secret(s))
+            .collect::<Result<_, _>>()
+            .map_err(CliError::msg)?;
+        super::debug_build::open_session(&store, &state, None, secrets).map(|_| ())
+    })();
+    if let Err(e) = opened {
+        e.report();
+    }
+    CliError::exit(code)
+}
+
 /// The flags as values: every flag is parsed here, so the pipeline reads none.
-fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
+pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
     let file = find_build_file(&a.context, a.file.as_ref())?;
     let (file_name, text) = read_build_file(&file)?;
     // `--platform a,b`: one build per platform, joined in an image index.

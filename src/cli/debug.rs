@@ -30,6 +30,11 @@ pub enum DebugCommand {
     /// List every step of the build that made an image: its key, whether the cache had
     /// it, and why it missed.
     Cache(super::debug_build::CacheArgs),
+    /// Open a shell (or run `-- CMD`) in a failed RUN step's state, or with --target in a
+    /// stage's final state, under the step's own sandbox.
+    Shell(super::debug_build::ShellArgs),
+    /// Write a failed RUN step's files (with what it wrote) to a directory.
+    Export(super::debug_build::ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +221,7 @@ fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
     };
     let rootfs = PathBuf::from("/rootfs");
     let step = RunSpec {
+        terminal: None,
         root: RootMount::Bind {
             dir: rootfs.clone(),
         },
@@ -249,6 +255,8 @@ pub fn run(cmd: DebugCommand) -> Result<(), CliError> {
     match cmd {
         DebugCommand::Sandbox(a) => print_sandbox(a)?,
         DebugCommand::Cache(a) => super::debug_build::cache(a)?,
+        DebugCommand::Shell(a) => super::debug_build::shell(a)?,
+        DebugCommand::Export(a) => super::debug_build::export(a)?,
         DebugCommand::Parse(a) => {
             let (name, text) = read_build_file(&a.file)?;
             match a.format {

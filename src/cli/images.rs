@@ -423,11 +423,6 @@ pub fn diff(root: &RootArg, a: &str, b: &str, format: &str) -> Result<(), CliErr
     if report["identical"].as_bool() == Some(true) {
         Ok(())
     } else {
-        Err(CliError {
-            message: String::new(),
-            causes: Vec::new(),
-            hint: None,
-            exit_code: 1,
-        })
+        Err(CliError::exit(1))
     }
 }

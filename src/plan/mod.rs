@@ -9,7 +9,7 @@
 //! by [`OP_KEY_VERSION`]; its [`Origin`] (line, column, text) is left out. The solver chains
 //! it with the keys and digests of the op's inputs.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub mod perms;
@@ -163,7 +163,7 @@ impl ConfigEdit {
 }
 
 /// Where an op reads files from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Input {
     /// The build context (`.dockerignore` applied).
@@ -234,7 +234,7 @@ impl CopyOp {
 }
 
 /// The kind of a RUN mount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MountKind {
     Bind,
@@ -244,7 +244,7 @@ pub enum MountKind {
 }
 
 /// Who may use a cache mount at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Sharing {
     Shared,
@@ -253,7 +253,7 @@ pub enum Sharing {
 }
 
 /// One `RUN --mount`, resolved: targets are absolute, defaults filled in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunMount {
     pub kind: MountKind,
     /// Absolute; `None` only for a secret given as an environment variable alone.
@@ -273,7 +273,7 @@ pub struct RunMount {
 }
 
 /// A RUN step's network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
     /// Its own network namespace with user-mode networking.
@@ -285,7 +285,7 @@ pub enum Network {
 }
 
 /// RUN.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecOp {
     pub argv: Vec<String>,
     /// A heredoc script with a shebang, provided at [`HEREDOC_SCRIPT_PATH`].

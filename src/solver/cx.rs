@@ -101,6 +101,10 @@ pub(super) struct Ctx<'s, 'a> {
     pub base: (String, String),
     /// Whether the stage has had a layered step yet.
     pub layered_yet: bool,
+    /// The layers the current step runs on (what a failed RUN's kept state is laid over),
+    /// and the stage's label.
+    pub layers_below: Vec<LayerRef>,
+    pub label: String,
     /// Context listings still being written out on threads of their own (a large context's
     /// takes tens of ms, which the step's staging and layer writing need not wait for), with
     /// where each goes in the trace.
@@ -289,6 +293,24 @@ impl Ctx<'_, '_> {
                     .map(|v| v.path().to_path_buf())
                     .unwrap_or_default())
             }
+        }
+    }
+
+    /// The layers of a stage or image `from` names, once [`Ctx::source_for`] has had them.
+    pub fn layers_of(&self, from: &Input) -> Option<Vec<LayerRef>> {
+        match from {
+            Input::Context => None,
+            Input::Stage(i) => Some(self.results.lock().ok()?.get(i)?.state.layers.clone()),
+            Input::Image(r) => Some(
+                self.external
+                    .lock()
+                    .ok()?
+                    .get(r)?
+                    .image
+                    .state
+                    .layers
+                    .clone(),
+            ),
         }
     }
 

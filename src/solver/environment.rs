@@ -81,6 +81,17 @@ impl Worker for HostWorker {
     }
 }
 
+/// Set up this process for a debug session as a build's steps are: its own user namespace
+/// without root, and its own mount namespace.
+pub fn enter_debug_host() -> Result<(), String> {
+    if !is_root() {
+        worker::enter_user_namespace()
+            .map_err(|e| format!("no user namespace can be made here ({})", e))?;
+    }
+    worker::snapshots::enter_private_mount_namespace()
+        .map_err(|e| format!("no mount namespace can be made here ({})", e))
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

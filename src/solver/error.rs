@@ -35,7 +35,39 @@ impl BuildError {
             text: origin.text.clone(),
             msg: msg.into(),
             hint: None,
+            failed_state: None,
         }))
+    }
+
+    /// A failed step whose state is kept as `id` in the store at `root`: the hint says how
+    /// to look inside.
+    pub fn with_failed_state(self, id: String, root: &std::path::Path) -> BuildError {
+        match self {
+            BuildError::Step(mut f) => {
+                let default = crate::store::default_root();
+                let same = default.canonicalize().is_ok_and(|d| d == root);
+                let root_arg = if same {
+                    String::new()
+                } else {
+                    format!(" --root {}", root.display())
+                };
+                f.hint = Some(format!(
+                    "to look inside the failed step: builder debug shell{} {}",
+                    root_arg, id
+                ));
+                f.failed_state = Some(id);
+                BuildError::Step(f)
+            }
+            other => other,
+        }
+    }
+
+    /// The id of the failed step's kept state, if it was kept.
+    pub fn failed_state(&self) -> Option<&str> {
+        match self {
+            BuildError::Step(f) => f.failed_state.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -50,6 +82,8 @@ pub struct StepFailure {
     pub msg: String,
     /// What the user can do about it, when something can be said.
     pub hint: Option<String>,
+    /// A failed RUN's kept state (`builder debug shell ID`).
+    pub failed_state: Option<String>,
 }
 
 impl std::fmt::Display for StepFailure {

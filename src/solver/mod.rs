@@ -19,6 +19,7 @@ mod cx;
 mod environment;
 pub mod error;
 pub mod explain;
+pub mod failures;
 mod inputs;
 mod layers;
 pub mod mounts;
@@ -50,7 +51,7 @@ use crate::store::Store;
 use crate::worker;
 
 pub use crate::cache::StepRecord;
-pub use environment::{Environment, HostWorker, Worker};
+pub use environment::{enter_debug_host, Environment, HostWorker, Worker};
 pub use error::{BuildError, StepFailure};
 
 /// Everything a build needs besides the store.

@@ -1,7 +1,7 @@
 //! An exec op's run-time parts: the step's user (from the image's passwd file), its mounts
 //! (`RUN --mount`: cache directories, binds, tmpfs, secrets, with the `--secret` sources the
-//! command line parsed), and the tail of its output an error shows. The argv and environment
-//! come resolved in the op.
+//! command line parsed), the spec it runs with, and the tail of its output an error shows.
+//! The argv and environment come resolved in the op.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
@@ -373,4 +373,101 @@ pub fn resolve_step_user(
             Ok((o.uid, o.gid, groups, db.home_of(o.uid)))
         }
     }
+}
+
+/// What a RUN step's spec is made of besides its op: where it runs and what its mounts read.
+/// A build's step and `builder debug shell` over a failed one make theirs alike.
+pub struct StepSetting<'a> {
+    /// The root filesystem the step sees (its passwd and group files name the user).
+    pub rootfs: &'a Path,
+    /// The step's scratch directory: its /etc files, heredoc script, secrets.
+    pub scratch: &'a Path,
+    pub network: crate::worker::sandbox::NetworkMode,
+    pub insecure: bool,
+    pub process_sandbox: bool,
+    pub executor: crate::worker::sandbox::Executor,
+    pub mounts: MountEnv<'a>,
+}
+
+/// The spec `e` runs with in `setting`: its user resolved in the root filesystem, HOME,
+/// the /etc files provided for it (never captured), its mounts and their environment, and a
+/// heredoc script. What the mounts hold stays in `guards` until the step is done.
+pub fn step_spec(
+    e: &crate::plan::ExecOp,
+    setting: StepSetting,
+    guards: &mut MountGuards,
+) -> Result<crate::worker::RunSpec, String> {
+    use crate::worker::sandbox::{NetworkMode, RootMount};
+    let StepSetting {
+        rootfs,
+        scratch,
+        network,
+        insecure,
+        process_sandbox,
+        executor,
+        mounts: mut mount_env,
+    } = setting;
+    let (uid, gid, groups, home) = resolve_step_user(rootfs, e.user.as_deref())?;
+    let mut env = e.env.clone();
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
+    }
+    let etc = scratch.join("etc");
+    fs::create_dir_all(&etc).map_err(|e| format!("{}: {}", etc.display(), e))?;
+    let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv = match network {
+        NetworkMode::Private => crate::worker::sandbox::network::private_resolv_conf(&host_resolv),
+        _ => host_resolv,
+    }
+    .into_bytes();
+    let files = [
+        ("resolv.conf", resolv),
+        (
+            "hosts",
+            b"127.0.0.1\tlocalhost builder\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec(),
+        ),
+        ("hostname", b"builder\n".to_vec()),
+    ];
+    let mut etc_files = Vec::new();
+    for (name, data) in files {
+        let p = etc.join(name);
+        write_mode(&p, &data, 0o644)?;
+        etc_files.push((p, format!("/etc/{}", name)));
+    }
+    let (mut mounts, secret_env) = resolve_mounts(&e.mounts, &mut mount_env, guards)?;
+    env.extend(secret_env);
+    if let Some(body) = &e.script {
+        let p = scratch.join("script");
+        write_mode(&p, body.as_bytes(), 0o755)?;
+        mounts.push(ExtraMount::Bind {
+            source: p,
+            target: crate::plan::HEREDOC_SCRIPT_PATH.into(),
+            readonly: true,
+        });
+    }
+    Ok(crate::worker::RunSpec {
+        root: RootMount::Bind {
+            dir: PathBuf::new(),
+        },
+        argv: e.argv.clone(),
+        env,
+        cwd: e.cwd.clone(),
+        uid,
+        gid,
+        groups,
+        hostname: "builder".into(),
+        network,
+        insecure,
+        etc_files,
+        mounts,
+        executor,
+        process_sandbox,
+        terminal: None,
+    })
+}
+
+fn write_mode(p: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    fs::write(p, data)
+        .and_then(|_| fs::set_permissions(p, fs::Permissions::from_mode(mode)))
+        .map_err(|e| format!("{}: {}", p.display(), e))
 }

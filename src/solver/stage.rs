@@ -50,6 +50,8 @@ impl Shared<'_> {
             base: Default::default(),
             layered_yet: false,
             listings: Vec::new(),
+            layers_below: Vec::new(),
+            label: String::new(),
         };
         let r = cx.run_stage(index);
         let r = cx.settle_listings().and(r);
@@ -115,6 +117,7 @@ impl Ctx<'_, '_> {
         } else {
             format!("stage-{}", stage.label())
         };
+        self.label = stage.label();
         let (mut state, mut key) = self.base(index, stage, &label)?;
         let use_cache = !self.req.no_cache
             && !self
@@ -420,6 +423,7 @@ impl Ctx<'_, '_> {
         for e in &op.edits {
             e.apply(state);
         }
+        self.layers_below.clone_from(&state.layers);
         let layer = match ops::runner_for(&op.action) {
             None => None,
             Some(runner) => Some(runner.run(self, op, view)?),

@@ -45,11 +45,13 @@ pub enum Bucket {
     /// Memo: the last build's steps, by build file, target, context and platform (what a
     /// cache miss's reason compares with).
     Builds,
+    /// The states of the last failed RUN steps, by id (`builder debug shell`).
+    Failures,
 }
 
 impl Bucket {
     /// Every bucket, for gc and `fsck`.
-    pub const ALL: [Bucket; 15] = [
+    pub const ALL: [Bucket; 16] = [
         Bucket::Blobs,
         Bucket::Tmp,
         Bucket::Snapshots,
@@ -65,6 +67,7 @@ impl Bucket {
         Bucket::Lazy,
         Bucket::CacheMounts,
         Bucket::Builds,
+        Bucket::Failures,
     ];
 
     /// The bucket's path under the root, without its version.
@@ -85,6 +88,7 @@ impl Bucket {
             Bucket::Lazy => "registry/lazy",
             Bucket::CacheMounts => "cache-mounts",
             Bucket::Builds => "cache/builds",
+            Bucket::Failures => "debug/failures",
         }
     }
 

@@ -193,6 +193,15 @@ impl IgnoreMatcher {
         })
     }
 
+    /// The patterns, cleaned, as [`IgnoreMatcher::new`] takes them again.
+    pub fn patterns(&self) -> Vec<String> {
+        self.compiled
+            .patterns
+            .iter()
+            .map(|p| format!("{}{}", if p.exclusion { "!" } else { "" }, p.cleaned))
+            .collect()
+    }
+
     /// True when there are no patterns at all.
     pub fn is_empty(&self) -> bool {
         self.compiled.patterns.is_empty()

@@ -993,18 +993,9 @@ fn helper(
                         e
                     ))
                 })?;
-                let fd = out.as_raw_fd();
-                // SAFETY: plain descriptor calls in a forked child.
+                super::sandbox::child::stdio_to(out.as_raw_fd());
+                // SAFETY: a plain call in a forked child.
                 unsafe {
-                    libc::dup2(fd, 1);
-                    libc::dup2(fd, 2);
-                    let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-                    if devnull >= 0 {
-                        libc::dup2(devnull, 0);
-                        if devnull > 2 {
-                            libc::close(devnull);
-                        }
-                    }
                     libc::umask(0o022);
                 }
                 super::sandbox::close_descriptors_from_3(true);

@@ -20,6 +20,7 @@ pub mod inplace;
 pub mod sandbox;
 pub mod snapshots;
 pub mod syscall;
+pub mod terminal;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -372,6 +373,10 @@ pub struct StepInput<'a> {
     pub spec: RunSpec,
     /// `--isolation container`: run in place, never touching these paths.
     pub in_place: Option<&'a inplace::Kept>,
+    /// A failed step's state to run on instead of the view alone (`builder debug shell`):
+    /// its upper directory, laid over the view, or with the copy snapshotter its whole root.
+    /// It is read, never changed.
+    pub failed_state: Option<&'a Path>,
 }
 
 /// How RUN steps are isolated (`--isolation`).
@@ -398,7 +403,9 @@ impl Isolation {
 /// How provenance names the relaxed sandbox (BuildKit's term).
 pub const NO_PROCESS_SANDBOX: &str = "no-process-sandbox";
 
-/// Run one step; on success returns the exit and the diff directory (overlay upper format).
+/// Run one step; returns the exit and the diff directory (overlay upper format). For a step
+/// that failed, the directory is what it left: its upper directory over the view, or with
+/// the copy snapshotter its whole root (see [`StepInput::failed_state`]).
 pub fn run_step(
     input: StepInput,
     on_line: &mut dyn FnMut(&str),
@@ -408,8 +415,12 @@ pub fn run_step(
         scratch,
         mut spec,
         in_place,
+        failed_state,
     } = input;
-    let rootfs = view.path();
+    let rootfs = match (view.mode(), failed_state) {
+        (Snapshotter::Copy, Some(root)) => root,
+        _ => view.path(),
+    };
     if let Some(kept) = in_place {
         return inplace::run_step(rootfs, view.layer_count(), scratch, &spec, kept, on_line);
     }
@@ -427,6 +438,7 @@ pub fn run_step(
             fs::create_dir_all(d).map_err(io_at(d))?;
         }
         let mut lowers = vec![skeleton.clone()];
+        lowers.extend(failed_state.map(Path::to_path_buf));
         lowers.extend(view.lowers().iter().cloned());
         spec.root = sandbox::RootMount::Overlay {
             lowers,
@@ -453,9 +465,12 @@ pub fn run_step(
         let identities = dir_identities(&copy)?;
         spec.root = sandbox::RootMount::Bind { dir: copy.clone() };
         let exit = sandbox::run(&spec, on_line)?;
+        if exit != Exit::Code(0) {
+            return Ok((exit, copy));
+        }
         let diff = scratch.join("diff");
         fs::create_dir_all(&diff).map_err(io_at(&diff))?;
-        if exit == Exit::Code(0) {
+        {
             walk_diff(rootfs, &copy, &diff, Some(&identities))?;
             let dirs: Vec<PathBuf> = created
                 .created

@@ -645,6 +645,14 @@ impl RootView {
         self.remount()
     }
 
+    /// Lay `dir`, an overlay upper directory (a failed step's writes), over the view as
+    /// its top layer, read-only. Overlay mode only; the view is not synced after.
+    pub fn lay_over(&mut self, dir: &Path) -> Result<(), SnapshotError> {
+        self.unmount();
+        self.lowers.insert(0, dir.to_path_buf());
+        self.remount()
+    }
+
     fn remount(&mut self) -> Result<(), SnapshotError> {
         if self.mode != Snapshotter::Overlay || self.lowers.is_empty() {
             return Ok(());

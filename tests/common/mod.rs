@@ -216,3 +216,17 @@ pub fn run_bounded(cmd: &mut Command, hang_secs: u64) -> Measured {
     }
 }
 pub mod docker;
+
+/// Compile the isolation probe (tests/isolation/probe.c) statically (gcc and libc6-dev,
+/// which .ci/run installs).
+pub fn probe_binary(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/isolation/probe.c");
+    let out = dir.join("probe");
+    run_ok(
+        tool("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(&out)
+            .arg(&src),
+    );
+    out
+}

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::OpRunner;
@@ -12,7 +11,7 @@ use crate::oci::image::LayerRef;
 use crate::plan::{ExecOp, Input, MountKind, Network, Op, Origin};
 use crate::solver::cx::Ctx;
 use crate::solver::inputs::StepInput;
-use crate::solver::{mounts, BuildError};
+use crate::solver::{failures, mounts, BuildError};
 use crate::store::Bucket;
 use crate::worker::snapshots::{RootView, ViewNeed};
 use crate::worker::{self, Exit};
@@ -49,16 +48,8 @@ impl OpRunner for ExecOp {
             .as_mut()
             .ok_or_else(|| BuildError::Other("internal: RUN without a root view".into()))?;
         let origin = &op.origin;
-        let rootfs_path = view.path().to_path_buf();
-        let rootfs = rootfs_path.as_path();
         if let Err(e) = worker::sandbox::emulation::check(&cx.platform.architecture) {
             return Err(cx.fail(origin, e));
-        }
-        let (uid, gid, groups, home) =
-            mounts::resolve_step_user(rootfs, e.user.as_deref()).map_err(|m| cx.fail(origin, m))?;
-        let mut env = e.env.clone();
-        if !env.iter().any(|(k, _)| k == "HOME") {
-            env.push(("HOME".into(), home.unwrap_or_else(|| "/root".into())));
         }
         let (network, insecure) = sandbox_of(cx, origin, e)?;
         let scratch = cx.store.scratch_dir("run-")?;
@@ -66,44 +57,14 @@ impl OpRunner for ExecOp {
             Some(_) => true,
             None => process_sandbox(cx, origin, scratch.path())?,
         };
-
-        // /etc files provided for the step, never captured.
-        let etc = scratch.path().join("etc");
-        fs::create_dir_all(&etc).map_err(|e| cx.fail(origin, e.to_string()))?;
-        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        let resolv = match network {
-            worker::sandbox::NetworkMode::Private => {
-                worker::sandbox::network::private_resolv_conf(&host_resolv)
-            }
-            _ => host_resolv,
-        }
-        .into_bytes();
-        let files = [
-            ("resolv.conf", resolv),
-            (
-                "hosts",
-                b"127.0.0.1\tlocalhost builder\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                    .to_vec(),
-            ),
-            ("hostname", b"builder\n".to_vec()),
-        ];
-        let mut etc_files = Vec::new();
-        for (name, data) in files {
-            let p = etc.join(name);
-            fs::write(&p, data).map_err(|e| cx.fail(origin, e.to_string()))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
-                .map_err(|e| cx.fail(origin, e.to_string()))?;
-            etc_files.push((p, format!("/etc/{}", name)));
-        }
-
-        // RUN --mount.
         let ctx_root = cx.context_root();
         let mut guards = mounts::MountGuards::default();
         let mut from_err = None;
         let cache_mounts = cx.store.dir(Bucket::CacheMounts);
         let secrets = cx.req.secrets.clone();
+        let executor = cx.req.executor.clone();
         let copy_context = cx.kept.is_some();
-        let (mut mounts, secret_env) = {
+        let spec = {
             let mut lookup = |f: &Input| -> Result<PathBuf, String> {
                 match cx.source_for(origin, f) {
                     Ok(p) => Ok(p),
@@ -114,50 +75,29 @@ impl OpRunner for ExecOp {
                     }
                 }
             };
-            let mut me = mounts::MountEnv {
-                cache_mounts: &cache_mounts,
+            let setting = mounts::StepSetting {
+                rootfs: view.path(),
                 scratch: scratch.path(),
-                context: &ctx_root,
-                secrets: &secrets,
-                from_root: &mut lookup,
-                copy_context,
+                network,
+                insecure,
+                process_sandbox,
+                executor,
+                mounts: mounts::MountEnv {
+                    cache_mounts: &cache_mounts,
+                    scratch: scratch.path(),
+                    context: &ctx_root,
+                    secrets: &secrets,
+                    from_root: &mut lookup,
+                    copy_context,
+                },
             };
-            match mounts::resolve_mounts(&e.mounts, &mut me, &mut guards) {
-                Ok(x) => x,
-                Err(m) => return Err(from_err.unwrap_or_else(|| cx.fail(origin, m))),
-            }
+            mounts::step_spec(e, setting, &mut guards)
         };
-        env.extend(secret_env);
-        if let Some(body) = &e.script {
-            let p = scratch.path().join("script");
-            fs::write(&p, body).map_err(|e| cx.fail(origin, e.to_string()))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
-                .map_err(|e| cx.fail(origin, e.to_string()))?;
-            mounts.push(worker::ExtraMount::Bind {
-                source: p,
-                target: crate::plan::HEREDOC_SCRIPT_PATH.into(),
-                readonly: true,
-            });
-        }
-
-        let spec = worker::RunSpec {
-            root: worker::sandbox::RootMount::Bind {
-                dir: PathBuf::new(),
-            },
-            argv: e.argv.clone(),
-            env,
-            cwd: e.cwd.clone(),
-            uid,
-            gid,
-            groups,
-            hostname: "builder".into(),
-            network,
-            insecure,
-            etc_files,
-            mounts,
-            executor: cx.req.executor.clone(),
-            process_sandbox,
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(m) => return Err(from_err.unwrap_or_else(|| cx.fail(origin, m))),
         };
+        let spec_sandbox = spec.process_sandbox;
         let step_dir = scratch.path().join("step");
         fs::create_dir_all(&step_dir).map_err(|e| cx.fail(origin, e.to_string()))?;
         let mut tail = mounts::Tail::new(12);
@@ -171,6 +111,7 @@ impl OpRunner for ExecOp {
                     scratch: &step_dir,
                     spec,
                     in_place: cx.kept.as_ref(),
+                    failed_state: None,
                 },
                 &mut |line| {
                     reporter.log(step, line);
@@ -182,23 +123,31 @@ impl OpRunner for ExecOp {
             reporter.warn(&n);
         }
         drop(guards);
-        match exit {
-            Exit::Code(0) => {}
-            Exit::Code(c) => {
-                return Err(cx.fail(origin, format!("exit code {}{}", c, tail.render())))
-            }
-            Exit::Signal(s) => {
-                return Err(cx.fail(
-                    origin,
-                    format!(
-                        "killed by {}{}",
-                        worker::sandbox::signal_name(s),
-                        tail.render()
-                    ),
-                ))
+        let why = match exit {
+            Exit::Code(0) => return cx.commit_layer(op, &diff, view),
+            Exit::Code(c) => format!("exit code {}{}", c, tail.render()),
+            Exit::Signal(s) => format!(
+                "killed by {}{}",
+                worker::sandbox::signal_name(s),
+                tail.render()
+            ),
+        };
+        let failure = cx.fail(origin, why);
+        if cx.kept.is_some() {
+            // In place, the step's writes are in the container's own root, gone with the
+            // next layout.
+            return Err(failure);
+        }
+        match failures::keep(cx, op, e, &diff, spec_sandbox) {
+            Ok(id) => Err(failure.with_failed_state(id, cx.store.root())),
+            Err(why) => {
+                reporter.warn(&format!(
+                    "the failed step's state could not be kept: {}",
+                    why
+                ));
+                Err(failure)
             }
         }
-        cx.commit_layer(op, &diff, view)
     }
 }
 

@@ -18,7 +18,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -30,7 +30,7 @@ use nix::unistd::{
 };
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use super::child::{exit_child, kill_descendants, write_fd};
+use super::child::{exit_child, kill_descendants, stdio_to, write_fd};
 use super::{policy, seccomp, serr, Exit, RootMount, SandboxError};
 use crate::worker::syscall::{Host, Syscall};
 
@@ -38,9 +38,11 @@ use crate::worker::syscall::{Host, Syscall};
 pub fn run(
     spec: &Spec,
     root: &RootMount,
+    terminal: Option<RawFd>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Exit, SandboxError> {
-    let prepared = Prepared::new(spec, root)?;
+    let mut prepared = Prepared::new(spec, root)?;
+    prepared.terminal = terminal;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(serr("pipe"))?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(serr("pipe"))?;
     // SAFETY: other stages' threads may be running; the child uses what was prepared above
@@ -144,6 +146,8 @@ struct Prepared {
     effective: caps::CapsHashSet,
     inheritable: caps::CapsHashSet,
     filters: Vec<seccompiler::BpfProgram>,
+    /// The command's terminal (see [`super::RunSpec::terminal`]).
+    terminal: Option<RawFd>,
 }
 
 fn cstring(s: &str) -> Result<CString, SandboxError> {
@@ -238,6 +242,7 @@ impl Prepared {
         };
         let user = process.user();
         Ok(Prepared {
+            terminal: None,
             root: root.clone(),
             mounts,
             masked: linux.masked_paths().clone().unwrap_or_default(),
@@ -633,17 +638,23 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
     if p.new_netns {
         super::network::loopback_up();
     }
-    let fd = out.as_raw_fd();
-    unsafe {
-        libc::dup2(fd, 1);
-        libc::dup2(fd, 2);
-        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-        if devnull >= 0 {
-            libc::dup2(devnull, 0);
-            if devnull > 2 {
-                libc::close(devnull);
-            }
+    if let Some(tty) = p.terminal {
+        // A session of its own, with the terminal as its controlling terminal: a shell's
+        // job control and ^C stay inside.
+        nix::unistd::setsid().map_err(serr("setsid"))?;
+        if unsafe { libc::ioctl(tty, libc::TIOCSCTTY as _, 0) } != 0 {
+            return Err(SandboxError(format!(
+                "set the controlling terminal: {}",
+                std::io::Error::last_os_error()
+            )));
         }
+        unsafe {
+            libc::dup2(tty, 0);
+            libc::dup2(tty, 1);
+            libc::dup2(tty, 2);
+        }
+    } else {
+        stdio_to(out.as_raw_fd());
     }
     drop(out);
     // Nothing but stdio crosses the exec: not builder's descriptors, not what builder

@@ -49,3 +49,19 @@ pub(crate) fn kill_descendants() {
         }
     }
 }
+
+/// In a forked child: stdout and stderr to `fd`, stdin from /dev/null.
+pub(crate) fn stdio_to(fd: std::os::fd::RawFd) {
+    // SAFETY: plain descriptor calls in a forked child.
+    unsafe {
+        libc::dup2(fd, 1);
+        libc::dup2(fd, 2);
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if devnull >= 0 {
+            libc::dup2(devnull, 0);
+            if devnull > 2 {
+                libc::close(devnull);
+            }
+        }
+    }
+}

@@ -149,6 +149,10 @@ pub struct RunSpec {
     /// (the caller's PID namespace, its /proc bound read-only) where a fresh /proc cannot be
     /// mounted.
     pub process_sandbox: bool,
+    /// A terminal (a pty's other end) as the command's stdin, stdout, stderr and controlling
+    /// terminal, for `builder debug shell`; `None`: stdin is /dev/null and the output is
+    /// captured line by line. Only the builtin executor takes one.
+    pub terminal: Option<std::os::fd::RawFd>,
 }
 
 /// How the command ended.
@@ -259,7 +263,10 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Sandbo
     };
     let oci = policy::runtime_spec(spec, spec.root.target(), net.as_ref().map(|n| n.path()));
     let result = match &spec.executor {
-        Executor::Builtin => builtin::run(&oci, &spec.root, on_line),
+        Executor::Builtin => builtin::run(&oci, &spec.root, spec.terminal, on_line),
+        Executor::Runtime(_) if spec.terminal.is_some() => Err(SandboxError(
+            "a terminal is only given by builder's own executor".into(),
+        )),
         Executor::Runtime(binary) => runtime::run(binary, &oci, &spec.root, on_line),
     };
     drop(net);

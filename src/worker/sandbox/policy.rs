@@ -208,7 +208,7 @@ pub fn runtime_spec(spec: &RunSpec, rootfs: &Path, netns: Option<&Path>) -> Spec
     user.set_umask(Some(0o022));
 
     let mut process = Process::default();
-    process.set_terminal(Some(false));
+    process.set_terminal(Some(spec.terminal.is_some()));
     process.set_user(user);
     process.set_args(Some(spec.argv.clone()));
     process.set_env(Some(
@@ -308,6 +308,7 @@ mod tests {
 
     fn step(insecure: bool) -> RunSpec {
         RunSpec {
+            terminal: None,
             root: RootMount::Bind {
                 dir: PathBuf::from("/r"),
             },
