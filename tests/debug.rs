@@ -6,9 +6,8 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use common::*;
@@ -216,29 +215,7 @@ fn a_session_sees_no_more_than_its_step_could() {
 /// editing flushes what was typed before it started); returns what the terminal showed and
 /// the exit.
 fn on_pty(cmd: &mut Command, input: &str) -> (String, ExitStatus) {
-    let pty = nix::pty::openpty(None, None).unwrap();
-    // Neither end may leak into what other tests start meanwhile: the session ends when
-    // every copy of the terminal end is closed.
-    for fd in [&pty.master, &pty.slave] {
-        nix::fcntl::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(fd),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .unwrap();
-    }
-    let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().unwrap());
-    let mut child = cmd
-        .stdin(slave(&pty.slave))
-        .stdout(slave(&pty.slave))
-        .stderr(slave(&pty.slave))
-        .spawn()
-        .unwrap();
-    // The command keeps what it was given until told otherwise.
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    drop(pty.slave);
-    let mut master = std::fs::File::from(pty.master);
+    let (mut child, mut master) = spawn_on_pty(cmd, 80, None);
     let mut reader = master.try_clone().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

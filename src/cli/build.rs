@@ -78,6 +78,10 @@ pub struct BuildArgs {
     pub root: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
+    /// With `--progress plain`: internal counters too (chunks compressed and reused, tar
+    /// segments read from earlier layers).
+    #[arg(long)]
+    pub debug: bool,
     /// Write the image (manifest) digest to this file.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
@@ -505,14 +509,14 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         metadata_file: a.metadata_file.clone(),
         summary: a.summary.clone(),
         explain_against: a.explain_against.clone(),
-        reporter: Arc::from(reporter_for(a.progress)),
+        reporter: Arc::from(reporter_for(a.progress, a.debug)),
         file,
     })
 }
 
 /// The reporter for a `--progress` mode: `auto` draws live progress on a terminal and plain
 /// lines otherwise.
-pub fn reporter_for(mode: ProgressMode) -> Box<dyn Reporter> {
+pub fn reporter_for(mode: ProgressMode, debug: bool) -> Box<dyn Reporter> {
     match mode {
         ProgressMode::Json => Box::new(JsonReporter),
         ProgressMode::Quiet => Box::new(QuietReporter),
@@ -520,6 +524,7 @@ pub fn reporter_for(mode: ProgressMode) -> Box<dyn Reporter> {
         ProgressMode::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => {
             Box::new(TtyReporter::new())
         }
+        _ if debug => Box::new(PlainReporter::debug()),
         _ => Box::new(PlainReporter::new()),
     }
 }

@@ -148,7 +148,20 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         );
     }
     let notices = reporter.clone();
-    let registry = Arc::new(Client::from_config()?.with_notices(move |m| notices.warn(m)));
+    let shown = reporter.clone();
+    let totals = crate::progress::Totals::default();
+    let registry = Arc::new(
+        Client::from_config()?
+            .with_notices(move |m| notices.warn(m))
+            .with_transfers(move |t| {
+                let kind = match t.direction {
+                    crate::registry::Direction::Pull => "pull",
+                    crate::registry::Direction::Push => "push",
+                };
+                let (done, total) = totals.update(kind, &t.digest.to_string(), t.done, t.total);
+                shown.bytes(0, kind, done, Some(total));
+            }),
+    );
     // Layers left at registries (base images', imported caches') come through this client,
     // so the build counts what it downloads.
     store
@@ -323,11 +336,36 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         let text = summary::markdown(&digest, &names, &timings, started.elapsed());
         std::fs::write(p, text).map_err(|e| CliError::io(p, e))?;
     }
+    let steps: Vec<&crate::attest::trace::StepTrace> =
+        timings.iter().flat_map(|p| &p.steps).collect();
+    let cached = steps.iter().filter(|s| s.cached).count();
+    reporter.summary(&crate::progress::Summary {
+        digest: digest.clone(),
+        names: o.tags.iter().chain(&o.image_names).cloned().collect(),
+        image_bytes: image_bytes(&built),
+        steps_run: steps.len() - cached,
+        steps_cached: cached,
+        bytes_pulled: registry.layer_downloads().1,
+        bytes_pushed: registry.uploads(),
+        seconds: started.elapsed().as_secs_f64(),
+    });
     // As BuildKit: the checks' findings close the build's output.
     for f in &findings {
         reporter.check(name, f);
     }
     Ok(Finished::Built(digest))
+}
+
+/// The stored size of what the build made: every image's layers and manifest.
+fn image_bytes(built: &Built) -> u64 {
+    let images: Vec<&crate::oci::image::StoredImage> = match built {
+        Built::Image(image) => vec![image],
+        Built::Index(index) => index.images.iter().collect(),
+    };
+    images
+        .iter()
+        .map(|i| i.state.layers.iter().map(|l| l.size).sum::<u64>() + i.manifest_size)
+        .sum()
 }
 
 /// `build_one` of every request: side by side when there are several.

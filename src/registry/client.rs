@@ -115,6 +115,26 @@ pub struct Client {
     /// The layer blobs this client downloaded, and their bytes.
     layers_downloaded: AtomicU64,
     layer_bytes_downloaded: AtomicU64,
+    /// The blob bytes this client uploaded.
+    bytes_uploaded: AtomicU64,
+    /// Where blob transfers report their bytes as they go.
+    on_transfer: Box<dyn Fn(&Transfer) + Send + Sync>,
+}
+
+/// A blob transfer's progress: `done` of `total` bytes of blob `digest`.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer<'a> {
+    pub direction: Direction,
+    pub digest: &'a crate::oci::digest::Digest,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Which way a blob goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Pull,
+    Push,
 }
 
 /// Whether a descriptor's media type is a layer's (OCI or docker), not a config's or a
@@ -304,6 +324,8 @@ impl Client {
             endpoints: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             notice: Box::new(|_| {}),
+            on_transfer: Box::new(|_| {}),
+            bytes_uploaded: AtomicU64::new(0),
             layers_downloaded: AtomicU64::new(0),
             layer_bytes_downloaded: AtomicU64::new(0),
         }
@@ -332,6 +354,27 @@ impl Client {
 
     pub fn notice(&self, msg: &str) {
         (self.notice)(msg)
+    }
+
+    /// Report blob transfers' bytes to `on_transfer` as they go.
+    pub fn with_transfers(
+        mut self,
+        on_transfer: impl Fn(&Transfer) + Send + Sync + 'static,
+    ) -> Client {
+        self.on_transfer = Box::new(on_transfer);
+        self
+    }
+
+    pub fn transfer(&self, t: &Transfer) {
+        if t.direction == Direction::Push && t.done == t.total {
+            self.bytes_uploaded.fetch_add(t.total, Ordering::Relaxed);
+        }
+        (self.on_transfer)(t)
+    }
+
+    /// The blob bytes this client uploaded.
+    pub fn uploads(&self) -> u64 {
+        self.bytes_uploaded.load(Ordering::Relaxed)
     }
 
     /// A client with the user's settings file; retries and resumes go to `with_notices`.

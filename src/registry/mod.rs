@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub use client::Client;
+pub use client::{Client, Direction, Transfer};
 pub use reference::Reference;
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-use super::client::{backoff, scope, Body, Client, Endpoint};
+use super::client::{backoff, scope, Body, Client, Direction, Endpoint, Transfer};
 use super::reference::Reference;
 use super::{Local, RegistryError};
 use crate::oci::blobs::BlobStore;
@@ -298,6 +298,12 @@ pub fn fetch_blob(
                     file.write_all(&buf[..n]).map_err(io)?;
                     hasher.update(&buf[..n]);
                     have += n as u64;
+                    client.transfer(&Transfer {
+                        direction: Direction::Pull,
+                        digest: &d.digest,
+                        done: have.min(d.size),
+                        total: d.size,
+                    });
                     if have > d.size {
                         break Err(
                             "the registry sent more bytes than the manifest says".to_string()

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
-use super::client::{backoff, scope, Body, Client, Endpoint};
+use super::client::{backoff, scope, Body, Client, Direction, Endpoint, Transfer};
 use super::pull::{manifest_blobs, Descriptor, MANIFEST_ACCEPT};
 use super::reference::Reference;
 use super::{Local, RegistryError};
@@ -172,7 +172,15 @@ fn push_blob(
             })?
             .len();
         match upload(client, ep, &session, &path, size, &d.digest, &push_scope) {
-            Ok(()) => return Ok(BlobOutcome::Uploaded),
+            Ok(()) => {
+                client.transfer(&Transfer {
+                    direction: Direction::Push,
+                    digest: &d.digest,
+                    done: size,
+                    total: size,
+                });
+                return Ok(BlobOutcome::Uploaded);
+            }
             Err(SessionError::Fatal(e)) => return Err(e),
             Err(SessionError::Retry { why, accepted }) => {
                 last = why;
@@ -240,6 +248,14 @@ fn upload(
             }
             session = location(ep, &response).map_err(SessionError::Fatal)?;
             offset += len;
+            if offset < size {
+                client.transfer(&Transfer {
+                    direction: Direction::Push,
+                    digest,
+                    done: offset,
+                    total: size,
+                });
+            }
         }
         Body::Empty
     };

@@ -139,7 +139,12 @@ impl Ctx<'_, '_> {
                     .map(|p| p as &dyn crate::oci::pgzip::ChunkReuse),
                 segments: Some(&segments),
             },
-            Some(&mut Fanout(&mut scanner, tee)),
+            Some(&mut Metered {
+                inner: Fanout(&mut scanner, tee),
+                written: 0,
+                shown: 0,
+                show: &|n| self.req.reporter.bytes(self.step, "layer", n, None),
+            }),
         )
         .map_err(|e| self.fail(&op.origin, e.to_string()))?;
         if let Some(scan) = scanner.finish() {
@@ -147,7 +152,7 @@ impl Ctx<'_, '_> {
         }
         crate::cache::segments::remember(&segment_dir, &layer.digest, &layer.segments);
         if !layer.segments.is_empty() {
-            self.req.reporter.log(
+            self.req.reporter.detail(
                 self.step,
                 &format!(
                     "layer {}: {} tar segments, {} read from earlier layers",
@@ -159,7 +164,7 @@ impl Ctx<'_, '_> {
         }
         if let Compression::Gzip(level) = self.req.compression {
             crate::cache::chunks::remember(&chunks, &identity, &layer, level);
-            self.req.reporter.log(
+            self.req.reporter.detail(
                 self.step,
                 &format!(
                     "layer {}: {} chunks, {} compressed, {} reused",
@@ -187,5 +192,32 @@ impl Write for Fanout<'_, '_> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A writer that shows how many bytes went through it, every [`Metered::EVERY`] bytes.
+struct Metered<'a, W: Write> {
+    inner: W,
+    written: u64,
+    shown: u64,
+    show: &'a dyn Fn(u64),
+}
+
+impl<W: Write> Metered<'_, W> {
+    const EVERY: u64 = 4 << 20;
+}
+
+impl<W: Write> Write for Metered<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.shown >= Self::EVERY {
+            self.shown = self.written;
+            (self.show)(self.written);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

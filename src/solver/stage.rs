@@ -151,6 +151,7 @@ impl Ctx<'_, '_> {
             self.req.reporter.done(self.step, started.elapsed(), hit);
         }
         let key = inputs::key_config_ops(key, &mut pending);
+        self.req.reporter.stage_done(&label);
         Ok(StageResult {
             state,
             key,

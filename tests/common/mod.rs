@@ -230,3 +230,42 @@ pub fn probe_binary(dir: &Path) -> PathBuf {
     );
     out
 }
+
+/// Start `cmd` on a new pty of `cols` columns: its stdin, stderr and (unless `stdout` is
+/// given) stdout are the terminal end. Returns the child and the other end, which reads
+/// EIO once the command and all it started are gone. Neither end leaks into what other
+/// tests start meanwhile.
+pub fn spawn_on_pty(
+    cmd: &mut Command,
+    cols: u16,
+    stdout: Option<std::process::Stdio>,
+) -> (std::process::Child, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    use std::process::Stdio;
+    let size = nix::pty::Winsize {
+        ws_row: 60,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
+    let terminal = || Stdio::from(pty.slave.try_clone().unwrap());
+    let child = cmd
+        .stdin(terminal())
+        .stdout(stdout.unwrap_or_else(terminal))
+        .stderr(terminal())
+        .spawn()
+        .unwrap();
+    // The command keeps what it was given until told otherwise.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    (child, std::fs::File::from(pty.master))
+}
