@@ -62,9 +62,9 @@ pub fn cache(a: CacheArgs) -> Result<(), CliError> {
     for s in &steps {
         let key = s.key.strip_prefix("sha256:").unwrap_or(&s.key);
         println!(
-            "[{} {}] {} {:>7.2}s  {:.12}  {}",
+            "[stage-{} line {}] {} {:>7.2}s  {:.12}  {}",
             s.stage,
-            s.step,
+            s.line,
             if s.cached { "CACHED" } else { "RAN   " },
             s.seconds,
             key,
