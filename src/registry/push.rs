@@ -357,16 +357,21 @@ pub fn push(
         AtomicUsize::new(0),
         AtomicUsize::new(0),
     ];
-    super::for_each_parallel(&blobs, PARALLEL_BLOBS, |d| {
-        let i = match push_blob(client, &ep, local, repository, d)? {
-            BlobOutcome::Present => 0,
-            BlobOutcome::Mounted => 1,
-            BlobOutcome::Uploaded => 2,
-        };
-        counts[i].fetch_add(1, Ordering::Relaxed);
-        local.origins.record(&d.digest, &ep.registry, repository);
-        Ok(())
-    })?;
+    let push_all = |counted: bool| {
+        super::for_each_parallel(&blobs, PARALLEL_BLOBS, |d| {
+            let i = match push_blob(client, &ep, local, repository, d)? {
+                BlobOutcome::Present => 0,
+                BlobOutcome::Mounted => 1,
+                BlobOutcome::Uploaded => 2,
+            };
+            if counted {
+                counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+            local.origins.record(&d.digest, &ep.registry, repository);
+            Ok(())
+        })
+    };
+    push_all(true)?;
     let reference = dest.tag.clone().unwrap_or_else(|| match &dest.digest {
         Some(d) => d.to_string(),
         None => "latest".into(),
@@ -383,30 +388,56 @@ pub fn push(
     )?;
     let unchanged = head.status() == 200
         && head.header("docker-content-digest") == Some(manifest_digest.to_string().as_str());
-    if !unchanged {
+    let mut attempt = 0;
+    while !unchanged {
+        attempt += 1;
         let response = client.send(
             &ep,
             "PUT",
             &target,
-            &[("Content-Type", media_type)],
+            &[("Content-Type", media_type.clone())],
             Body::Bytes(&bytes),
             &scopes,
         )?;
-        if response.status() != 201 && response.status() != 200 {
-            return Err(ep.status_error(
-                "PUT",
-                &target,
-                &format!("manifest {}", display),
-                response,
-            ));
+        let status = response.status();
+        if status == 201 || status == 200 {
+            if let Some(d) = response.header("docker-content-digest") {
+                if d != manifest_digest.to_string() {
+                    return Err(RegistryError::DigestMismatch {
+                        what: format!("manifest {} as the registry stored it", display),
+                        expected: manifest_digest.to_string(),
+                        got: d.to_string(),
+                    });
+                }
+            }
+            break;
         }
-        if let Some(d) = response.header("docker-content-digest") {
-            if d != manifest_digest.to_string() {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("manifest {} as the registry stored it", display),
-                    expected: manifest_digest.to_string(),
-                    got: d.to_string(),
-                });
+        let error = ep.status_error("PUT", &target, &format!("manifest {}", display), response);
+        // Every blob was confirmed in the repository, yet the registry did not find one: a
+        // concurrent writer of the same blob can make it unreadable for a moment (the
+        // distribution server rewrites a blob's link in place on each completed upload).
+        // Confirm each blob again, sending what is really gone, then put it again.
+        let unknown_blob = matches!(&error, RegistryError::Status { status: 400, body, .. }
+            if body.contains("BLOB_UNKNOWN") || body.contains("MANIFEST_UNKNOWN"));
+        if !unknown_blob || attempt >= client.settings.attempts {
+            return Err(error);
+        }
+        client.notice(&format!(
+            "{}: the registry did not find a blob the manifest names, which was confirmed there; confirming again (attempt {} of {})",
+            display,
+            attempt + 1,
+            client.settings.attempts
+        ));
+        std::thread::sleep(backoff(attempt));
+        push_all(false)?;
+        for child in &children {
+            let child_ref = Reference {
+                tag: None,
+                digest: child.digest.parse().ok(),
+                ..dest.clone()
+            };
+            if let Some(d) = &child_ref.digest {
+                push(client, local, d, &child_ref)?;
             }
         }
     }

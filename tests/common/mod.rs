@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod registry;
+
 pub fn builder() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
     c.env_remove("SOURCE_DATE_EPOCH").env_remove("BUILDER_ROOT");
