@@ -119,3 +119,75 @@ fn concurrent_builders_sharing_a_cache_ref_and_a_tag_never_fail() {
         run_ok(&mut user.on("fsck", root.path()));
     }
 }
+
+#[test]
+fn an_inline_cached_image_makes_a_fresh_build_all_hits() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let ctx = cache_context(&reg);
+    let image = format!("{}/app:inline", reg.host());
+    let inline = ["--cache-to".to_string(), "type=inline".to_string()];
+    let push = ["-t".to_string(), image.clone(), "--push".to_string()];
+    let (steps, built, _) = build_fresh(&user, ctx.path(), &[&inline[..], &push[..]].concat());
+    assert!(steps.iter().all(|s| s == "DONE"), "{steps:?}");
+    // The records are in the pushed image's config.
+    let out = run_ok(tool("skopeo").args([
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}", image),
+    ]));
+    let config: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let records = config["builder.cache.v0"]["records"].as_array().unwrap();
+    // The final stage's steps: COPY --from, RUN, COPY, RUN (inline is mode=min).
+    assert_eq!(records.len(), 4, "{config}");
+
+    // A fresh store: the final stage's steps all hit, and the image is the same.
+    let from = [
+        "--cache-from".to_string(),
+        format!("type=registry,ref={}", image),
+    ];
+    // (Both push: a pushed build names the index with its attestations.)
+    let again = [
+        "-t".to_string(),
+        format!("{}/app:again", reg.host()),
+        "--push".to_string(),
+    ];
+    let (steps, digest, log) = build_fresh(
+        &user,
+        ctx.path(),
+        &[&from[..], &inline[..], &again[..]].concat(),
+    );
+    // The deps stage is not in a mode=min cache: its RUN runs; the final stage's hit.
+    assert_eq!(steps, ["DONE", "CACHED", "CACHED"], "{log}");
+    assert_eq!(digest, built);
+    assert_eq!(
+        layers_downloaded(&log),
+        1,
+        "only the base layer the deps RUN reads: {log}"
+    );
+
+    // Without --cache-to type=inline the image has no records (and its own digest).
+    let (_, plain, _) = build_fresh(&user, ctx.path(), &[&from[..], &again[..]].concat());
+    assert_ne!(plain, built);
+    // An image without records is refused as a cache by name.
+    let out = run(user
+        .on("build", tempfile::tempdir().unwrap().path())
+        .args([
+            "--cache-from",
+            &format!("type=registry,ref={}/base", reg.host()),
+        ])
+        .arg(ctx.path()));
+    assert!(
+        out.status.success(),
+        "a cache that cannot be had is a warning"
+    );
+    assert!(
+        stderr_of(&out)
+            .contains("neither a builder cache nor an image built with --cache-to type=inline"),
+        "{}",
+        stderr_of(&out)
+    );
+}

@@ -34,6 +34,9 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub enum Location {
     Registry(Reference),
     Dir(PathBuf),
+    /// `--cache-to type=inline`: in the built image's own config (read back with
+    /// `--cache-from type=registry,ref=IMAGE`).
+    Inline,
 }
 
 impl std::fmt::Display for Location {
@@ -41,6 +44,7 @@ impl std::fmt::Display for Location {
         match self {
             Location::Registry(r) => write!(f, "{}", r),
             Location::Dir(d) => write!(f, "{}", d.display()),
+            Location::Inline => write!(f, "the image (inline)"),
         }
     }
 }
@@ -81,11 +85,19 @@ fn location(kv: &BTreeMap<String, String>, dir_key: &str, s: &str) -> Result<Loc
             .get(dir_key)
             .map(|d| Location::Dir(PathBuf::from(d)))
             .ok_or_else(|| format!("{:?}: type=local needs {}=DIR", s, dir_key)),
+        Some("inline") if dir_key == "dest" => Ok(Location::Inline),
+        Some("inline") => Err(format!(
+            "{:?}: an inline cache is read from its image: --cache-from type=registry,ref=IMAGE",
+            s
+        )),
         Some(t) => Err(format!(
-            "{:?}: unknown cache type {:?} (registry or local)",
+            "{:?}: unknown cache type {:?} (registry, local or inline)",
             s, t
         )),
-        None => Err(format!("{:?}: type= is required (registry or local)", s)),
+        None => Err(format!(
+            "{:?}: type= is required (registry, local or inline)",
+            s
+        )),
     }
 }
 
@@ -211,21 +223,35 @@ impl RemoteCache {
                 };
                 let manifest: Value =
                     serde_json::from_slice(&m.bytes).map_err(|e| bad(&what, e))?;
-                let config = descriptor(&manifest["config"], &what)?;
-                if config.media_type != CACHE_CONFIG {
-                    return Err(bad(
-                        &what,
-                        format!(
-                            "{} is not a builder cache (config type {:?})",
-                            what, config.media_type
-                        ),
-                    ));
+                if crate::registry::pull::is_index(manifest["mediaType"].as_str().unwrap_or(""))
+                    || manifest["config"]["mediaType"].as_str() != Some(CACHE_CONFIG)
+                {
+                    // An image (or an index of them) with its cache inline.
+                    let records = inline_from_registry(&client, &ep, r, &manifest, store)?;
+                    if records.is_empty() {
+                        return Err(bad(
+                            &what,
+                            format!(
+                                "{} is neither a builder cache nor an image built with --cache-to type=inline",
+                                what
+                            ),
+                        ));
+                    }
+                    records
+                } else {
+                    let config = descriptor(&manifest["config"], &what)?;
+                    fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
+                    let doc = store.blobs.get(&config.digest)?;
+                    let records = read_records(&doc, &what)?;
+                    import_scans(&doc, &records, &store.dir(Bucket::Sbom));
+                    records
                 }
-                fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
-                let doc = store.blobs.get(&config.digest)?;
-                let records = read_records(&doc, &what)?;
-                import_scans(&doc, &records, &store.dir(Bucket::Sbom));
-                records
+            }
+            Location::Inline => {
+                return Err(bad(
+                    "inline",
+                    "an inline cache is read from its image: --cache-from type=registry,ref=IMAGE",
+                ))
             }
             Location::Dir(dir) => {
                 let what = dir.display().to_string();
@@ -287,6 +313,7 @@ impl RemoteCache {
                     let bytes = read_verified(dir, &d.digest).ok()?;
                     blobs.put(&bytes).ok()?;
                 }
+                Location::Inline => return None,
             }
         }
         blobs.put(&record.config).ok()?;
@@ -345,6 +372,10 @@ pub fn export(
         records.push(json!({"key": s.key.0.hex(), "config": config_text, "layers": layer_values}));
     }
     let count = records.len();
+    if *location == Location::Inline {
+        // Already in the image's config (see `inline_records`).
+        return Ok(count);
+    }
     // Sorted, so the same cache content always makes the same artifact.
     records.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
     layers.sort_by_key(|l| l.digest.to_string());
@@ -390,8 +421,137 @@ pub fn export(
             let p = dir.join("index.json");
             write_atomic(&p, &canonical_json(&index_doc)).map_err(|e| io(&p, e))?;
         }
+        Location::Inline => {}
     }
     Ok(count)
+}
+
+/// The inline cache of an image whose layers are `image_layers`: the records of `steps`
+/// (those of `target_stage` alone, as BuildKit's inline cache is `mode=min`), each the
+/// step's key, its config, and how many of the image's layers it had, with the layers'
+/// SBOM scans. A step whose layers are not the image's first ones (`--force-compression`
+/// rewrote them) is left out.
+pub fn inline_records(
+    steps: &[StepRecord],
+    target_stage: usize,
+    image_layers: &[LayerRef],
+    store: &Store,
+) -> Result<Value, RegistryError> {
+    let index = CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs);
+    let mut records = BTreeMap::new();
+    for s in steps.iter().filter(|s| s.stage == target_stage) {
+        let Some((config, layers)) = index.entry(&s.key) else {
+            continue;
+        };
+        if image_layers.get(..layers.len()) != Some(&layers[..]) {
+            continue;
+        }
+        let config_bytes = store.blobs.get(&config)?;
+        let config_text = String::from_utf8(config_bytes)
+            .map_err(|_| bad("export", format!("config {} is not UTF-8", config)))?;
+        records.insert(
+            s.key.0.hex().to_string(),
+            json!({"key": s.key.0.hex(), "config": config_text, "layers": layers.len()}),
+        );
+    }
+    // The layers' SBOM scans travel too: an importing build that hits needs no bytes.
+    let scans = export_scans(image_layers, store);
+    Ok(json!({"records": records.into_values().collect::<Vec<_>>(), "scans": scans}))
+}
+
+/// The inline records of the image `manifest` at `r`, or of every image an index lists.
+fn inline_from_registry(
+    client: &Client,
+    ep: &crate::registry::client::Endpoint,
+    r: &Reference,
+    manifest: &Value,
+    store: &Store,
+) -> Result<HashMap<String, Record>, RegistryError> {
+    let what = r.familiar();
+    let mut images = Vec::new();
+    if crate::registry::pull::is_index(manifest["mediaType"].as_str().unwrap_or("")) {
+        for m in manifest["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let d = descriptor(&m, &what)?;
+            // Attestation manifests carry no cache.
+            if m["annotations"]["vnd.docker.reference.type"].is_string() {
+                continue;
+            }
+            let child = get_manifest(client, ep, &r.repository, &d.digest.to_string(), &what)?;
+            images.push(serde_json::from_slice::<Value>(&child.bytes).map_err(|e| bad(&what, e))?);
+        }
+    } else {
+        images.push(manifest.clone());
+    }
+    let mut out = HashMap::new();
+    for image in images {
+        let config = descriptor(&image["config"], &what)?;
+        fetch_blob(client, ep, &store.blobs, &r.repository, &config)?;
+        let config_bytes = store.blobs.get(&config.digest)?;
+        let config_value: Value =
+            serde_json::from_slice(&config_bytes).map_err(|e| bad(&what, e))?;
+        let diff_ids = crate::oci::image::diff_ids_of(&config_value);
+        let mut layers = Vec::new();
+        for (l, diff_id) in image["layers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .zip(&diff_ids)
+        {
+            let d = descriptor(l, &what)?;
+            layers.push(LayerRef {
+                digest: d.digest,
+                diff_id: diff_id
+                    .parse()
+                    .map_err(|_| bad(&what, "a malformed diff_id"))?,
+                size: d.size,
+                media_type: d.media_type,
+            });
+        }
+        let records = read_inline_records(&config_bytes, &layers, &what)?;
+        import_scans(
+            &serde_json::to_vec(&config_value[crate::oci::image::INLINE_CACHE_FIELD])
+                .unwrap_or_default(),
+            &records,
+            &store.dir(Bucket::Sbom),
+        );
+        out.extend(records);
+    }
+    Ok(out)
+}
+
+/// The records an image's config carries inline, with their layers the image's first ones.
+fn read_inline_records(
+    config: &[u8],
+    image_layers: &[LayerRef],
+    what: &str,
+) -> Result<HashMap<String, Record>, RegistryError> {
+    let v: Value = serde_json::from_slice(config).map_err(|e| bad(what, e))?;
+    let mut out = HashMap::new();
+    let records = v[crate::oci::image::INLINE_CACHE_FIELD]["records"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for r in records {
+        let key = r["key"].as_str().unwrap_or("").to_string();
+        let n = r["layers"].as_u64().unwrap_or(u64::MAX) as usize;
+        let layers = image_layers
+            .get(..n)
+            .ok_or_else(|| {
+                bad(
+                    what,
+                    format!("record {} names more layers than the image has", key),
+                )
+            })?
+            .to_vec();
+        let config = r["config"].as_str().unwrap_or("").as_bytes().to_vec();
+        out.insert(key, Record { config, layers });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

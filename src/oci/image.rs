@@ -99,7 +99,14 @@ pub struct ImageState {
     /// Docker's `config` fields that the OCI runtime config lacks.
     pub docker: DockerConfig,
     pub layers: Vec<LayerRef>,
+    /// Top-level fields of the config document besides the image spec's: the inline cache
+    /// ([`INLINE_CACHE_FIELD`]). A base image's are not carried into what is built on it.
+    pub extra: BTreeMap<String, Value>,
 }
+
+/// The config field an image carries its own build's cache records in (`--cache-to
+/// type=inline`), as BuildKit's `moby.buildkit.cache.v0`.
+pub const INLINE_CACHE_FIELD: &str = "builder.cache.v0";
 
 /// A stored image: its manifest and config, by digest.
 #[derive(Debug, Clone)]
@@ -171,6 +178,7 @@ impl ImageState {
             env_index: Default::default(),
             docker: DockerConfig::default(),
             layers: Vec::new(),
+            extra: BTreeMap::new(),
         }
     }
 
@@ -242,6 +250,9 @@ impl ImageState {
         let mut v = serde_json::to_value(&self.config).unwrap_or(Value::Null);
         if let Some(obj) = v.as_object_mut() {
             obj.insert("config".into(), self.runtime_value());
+            for (k, x) in &self.extra {
+                obj.insert(k.clone(), x.clone());
+            }
         }
         canonical_json(&v)
     }
@@ -714,6 +725,7 @@ pub fn state_from_config(
         env_index,
         docker,
         layers,
+        extra: BTreeMap::new(),
     })
 }
 

@@ -278,7 +278,13 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         attested,
         steps,
         timings,
-    } = commit(&store, &invocation, o.attest, results)?;
+    } = commit(
+        &store,
+        &invocation,
+        o.attest,
+        o.cache_to.iter().any(|(l, _)| *l == Location::Inline),
+        results,
+    )?;
     let digest = built.digest();
     test_rendezvous();
 
@@ -418,6 +424,7 @@ fn commit(
     store: &Store,
     invocation: &provenance::Invocation,
     attest: AttestOptions,
+    inline_cache: bool,
     results: Vec<Result<solver::Outcome, CliError>>,
 ) -> Result<Committed, CliError> {
     let mut images = Vec::new();
@@ -425,7 +432,23 @@ fn commit(
     let mut attested_images = Vec::new();
     let mut timings = Vec::new();
     for r in results {
-        let outcome = r?;
+        let mut outcome = r?;
+        if inline_cache {
+            // The image carries its own cache records in its config.
+            let records = crate::cache::remote::inline_records(
+                &outcome.steps,
+                outcome.trace.target_stage,
+                &outcome.image.state.layers,
+                store,
+            )?;
+            let mut state = outcome.image.state.clone();
+            state
+                .extra
+                .insert(crate::oci::image::INLINE_CACHE_FIELD.to_string(), records);
+            outcome.image = state
+                .commit(&store.blobs, &BTreeMap::new())
+                .map_err(|e| CliError::msg(e.to_string()))?;
+        }
         solver::explain::keep_for_image(
             store,
             &outcome.record,

@@ -269,3 +269,78 @@ pub fn context(files: &[(&str, String)]) -> tempfile::TempDir {
     }
     ctx
 }
+
+pub fn skopeo_digest(reg: &Registry, repo_tag: &str, extra: &[&str]) -> String {
+    let out = run_ok(tool("skopeo").arg("inspect").args(extra).arg(format!(
+        "docker://{}/{}",
+        reg.host(),
+        repo_tag
+    )));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["Digest"].as_str().unwrap().to_string()
+}
+
+/// The whole loop on one registry: push a base, build FROM it and push, pull into a fresh
+/// store, compare, and ask skopeo what the registry serves.
+/// A build with RUN steps in two stages, for the cache tests.
+pub fn cache_context(reg: &Registry) -> tempfile::TempDir {
+    context(&[
+        ("Buildfile", format!(
+            "FROM {0}/base AS deps\nRUN echo deps > /deps.txt\n\nFROM {0}/base\nCOPY --from=deps /deps.txt /deps.txt\nRUN echo step-one > /one\nCOPY src /src\nRUN cat /src/a /one > /two\n",
+            reg.host()
+        )),
+        ("src/a", "some source\n".into()),
+    ])
+}
+
+/// CACHED or DONE for each RUN step of a plain-progress build log, in order.
+pub fn run_steps(log: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in log.lines() {
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let (n, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        if text.starts_with('[') {
+            if let Some((_, t)) = text.split_once("] ") {
+                current = Some((n.to_string(), t.to_string()));
+            }
+        } else if text.starts_with("CACHED") || text.starts_with("DONE") {
+            if let Some((id, t)) = &current {
+                if id == n && t.starts_with("RUN") {
+                    out.push(text.split(' ').next().unwrap().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The `layer blobs downloaded: N` a build log ends with.
+pub fn layers_downloaded(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("layer blobs downloaded: ").map(|(_, n)| n))
+        .unwrap_or_else(|| panic!("the build does not say what it downloaded:\n{}", log));
+    line.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// Build `ctx` into a new, empty store with `flags`; returns the outcome (DONE or CACHED) of
+/// each RUN step, the digest and the log.
+pub fn build_fresh(user: &User, ctx: &Path, flags: &[String]) -> (Vec<String>, String, String) {
+    let root = tempfile::tempdir().unwrap();
+    let out = run(user
+        .on("build", root.path())
+        .args(["--progress", "plain"])
+        .args(flags)
+        .arg(ctx));
+    let log = stderr_of(&out);
+    assert!(out.status.success(), "{}", log);
+    (
+        run_steps(&log),
+        last_line(&String::from_utf8_lossy(&out.stdout)),
+        log,
+    )
+}
