@@ -40,9 +40,11 @@ pub trait Reporter: Send + Sync {
 /// display.
 #[derive(Default)]
 pub struct Totals {
-    by_kind:
-        Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, (u64, u64)>>>,
+    by_kind: Mutex<std::collections::BTreeMap<String, TransferBytes>>,
 }
+
+/// Each transfer's (done, total) bytes, by its id.
+type TransferBytes = std::collections::BTreeMap<String, (u64, u64)>;
 
 impl Totals {
     /// Transfer `id` of `kind` is at `done` of `total`: returns the kind's sums.

@@ -191,3 +191,217 @@ fn an_inline_cached_image_makes_a_fresh_build_all_hits() {
         stderr_of(&out)
     );
 }
+
+#[test]
+fn per_platform_images_pushed_by_digest_join_into_the_single_builds_index() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    let ctx = context(&[
+        (
+            "Buildfile",
+            "FROM scratch\nARG TARGETARCH\nCOPY hello /hello-$TARGETARCH\n".to_string(),
+        ),
+        ("hello", "hello\n".to_string()),
+    ]);
+    let repo = format!("{}/multi", reg.host());
+    // One build of both platforms.
+    let (_, single, _) = build_fresh(
+        &user,
+        ctx.path(),
+        &[
+            "--platform".into(),
+            "linux/amd64,linux/arm64".into(),
+            "-t".into(),
+            format!("{}:both", repo),
+            "--push".into(),
+        ],
+    );
+    // One machine per platform, each pushing by digest alone.
+    let by_digest = |platform: &str| {
+        let (_, digest, log) = build_fresh(
+            &user,
+            ctx.path(),
+            &[
+                "--platform".into(),
+                platform.into(),
+                "-o".into(),
+                format!("type=image,name={},push-by-digest=true,push=true", repo),
+            ],
+        );
+        assert!(
+            log.contains(&format!("pushed {}@{}", repo, digest)),
+            "{log}"
+        );
+        digest
+    };
+    let amd64 = by_digest("linux/amd64");
+    let arm64 = by_digest("linux/arm64");
+    // No tag was pushed for them.
+    let tags = run_ok(tool("skopeo").args([
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://{}", repo),
+    ]));
+    let tags: serde_json::Value = serde_json::from_str(&tags).unwrap();
+    assert_eq!(tags["Tags"], serde_json::json!(["both"]), "{tags}");
+
+    // Joined: the very index the single build pushed.
+    let root = tempfile::tempdir().unwrap();
+    let joined = run_ok(
+        user.builder()
+            .args(["imagetools", "create", "--root"])
+            .arg(root.path())
+            .args(["-t", &format!("{}:joined", repo)])
+            .arg(format!("{}@{}", repo, amd64))
+            .arg(format!("{}@{}", repo, arm64)),
+    );
+    assert_eq!(last_line(&joined), single);
+    assert_eq!(inspect_digest(&reg, "multi:joined").unwrap(), single);
+    let shown = run_ok(
+        user.builder()
+            .args(["imagetools", "inspect"])
+            .arg(format!("{}:joined", repo)),
+    );
+    assert!(
+        shown.contains("Platform:    linux/amd64") && shown.contains("Platform:    linux/arm64"),
+        "{shown}"
+    );
+    // Each platform pulls from the joined index.
+    for p in ["linux/amd64", "linux/arm64"] {
+        let r = tempfile::tempdir().unwrap();
+        run_ok(
+            user.on("pull", r.path())
+                .args(["--platform", p])
+                .arg(format!("{}:joined", repo)),
+        );
+    }
+}
+
+/// The cache artifact's document at `reference` (its config blob), from the registry.
+fn cache_document(reg: &Registry, reference: &str) -> serde_json::Value {
+    let manifest = run_ok(tool("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}/{}", reg.host(), reference),
+    ]));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let repo = reference.split(':').next().unwrap();
+    let url = format!(
+        "http://{}/v2/{}/blobs/{}",
+        reg.host(),
+        repo,
+        manifest["config"]["digest"].as_str().unwrap()
+    );
+    serde_json::from_str(&ureq::get(&url).call().unwrap().into_string().unwrap()).unwrap()
+}
+
+fn mount_layers(doc: &serde_json::Value) -> Vec<String> {
+    doc["mounts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|ls| ls.as_array().unwrap().iter())
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_cache_mount_filled_on_one_machine_is_warm_on_the_next() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let run = "RUN --mount=type=cache,target=/cache,id=pkgs sh -c 'if [ -f /cache/marker ]; then echo \"mount=$(cat /cache/marker)\"; else echo \"mount=$((0))-cold\"; for i in $(busybox seq 1 96); do busybox dd if=/dev/urandom of=/cache/pkg-$i bs=64k count=4 2>/dev/null; done; echo warm > /cache/marker; fi; echo x > /cache/extra-$(cat /round); cat /round > /copy'";
+    let buildfile = format!("FROM {}/base\nCOPY round /round\n{}\n", reg.host(), run);
+    let ctx = context(&[("Buildfile", buildfile.clone()), ("round", "1\n".into())]);
+    let cache = format!("{}/cache:mounts", reg.host());
+    let to = [
+        "--cache-to".to_string(),
+        format!("type=registry,ref={},mode=max", cache),
+    ];
+    let from = [
+        "--cache-from".to_string(),
+        format!("type=registry,ref={}", cache),
+    ];
+    // Machine A fills the mount and exports it.
+    let (_, _, log) = build_fresh(&user, ctx.path(), &to);
+    assert!(log.contains("mount=0-cold"), "{log}");
+    let first = cache_document(&reg, "cache:mounts");
+    let first_layers = mount_layers(&first);
+    assert!(
+        first_layers.len() >= 4,
+        "a 24 MiB mount travels in groups: {first}"
+    );
+
+    // Every step hits: the mount is not downloaded.
+    let before = reg.requests().len();
+    let (steps, _, log) = build_fresh(&user, ctx.path(), &from);
+    assert_eq!(steps, ["CACHED"], "{log}");
+    let fetched: Vec<String> = reg.requests()[before..]
+        .iter()
+        .filter(|r| r.starts_with("GET ") && first_layers.iter().any(|l| r.contains(l.as_str())))
+        .cloned()
+        .collect();
+    assert!(
+        fetched.is_empty(),
+        "mount layers fetched for a build that ran nothing: {fetched:?}"
+    );
+
+    // Machine B: the RUN misses, and finds the mount warm; its export uploads only what
+    // changed (the new file's group).
+    write(&ctx.path().join("round"), "2\n");
+    let before = reg.requests().len();
+    let (steps, _, log) = build_fresh(&user, ctx.path(), &[&from[..], &to[..]].concat());
+    assert_eq!(steps, ["DONE"], "{log}");
+    assert!(log.contains("mount=warm"), "the mount came back: {log}");
+    assert!(log.contains("cache mount pkgs restored from"), "{log}");
+    let second_layers = mount_layers(&cache_document(&reg, "cache:mounts"));
+    let uploaded: Vec<&String> = second_layers
+        .iter()
+        .filter(|l| {
+            reg.requests()[before..].iter().any(|r| {
+                r.starts_with("PUT ") && r.contains("/blobs/uploads/") && r.contains(l.as_str())
+            })
+        })
+        .collect();
+    assert!(
+        !uploaded.is_empty() && uploaded.len() <= 2,
+        "{} of {} mount groups uploaded again",
+        uploaded.len(),
+        second_layers.len()
+    );
+
+    // Opting out leaves the mounts home.
+    let out_dir = tempfile::tempdir().unwrap();
+    build_fresh(
+        &user,
+        ctx.path(),
+        &[
+            "--cache-to".to_string(),
+            format!(
+                "type=local,dest={},mode=max,cache-mounts=false",
+                out_dir.path().display()
+            ),
+        ],
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out_dir.path().join("blobs/sha256").join(&manifest_digest)).unwrap(),
+    )
+    .unwrap();
+    let config = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out_dir.path().join("blobs/sha256").join(config)).unwrap(),
+    )
+    .unwrap();
+    assert!(mount_layers(&doc).is_empty(), "{doc}");
+}

@@ -38,7 +38,7 @@ pub struct Invocation<'a> {
     pub build_file_digest: Digest,
     pub build_args: &'a BTreeMap<String, String>,
     pub target: Option<&'a str>,
-    /// Every platform of the build, in the order asked.
+    /// The platforms the statement is of (each platform's statement names its own).
     pub platforms: Vec<String>,
     pub epoch: i64,
     pub mode: Mode,

@@ -306,7 +306,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<Pruned, StoreError> {
                     store.memo(bucket).clear();
                 } else {
                     store.memo(bucket).retain_keys(|key| {
-                        crate::solver::explain::image_of_key(key)
+                        crate::store::image_of_build_record(key)
                             .is_none_or(|image| store.blobs.contains(&image))
                     });
                 }

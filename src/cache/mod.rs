@@ -9,6 +9,7 @@
 pub mod chunks;
 pub mod context_hash;
 pub mod gc;
+pub mod mounts;
 pub mod remote;
 pub mod segments;
 

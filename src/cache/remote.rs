@@ -106,15 +106,55 @@ pub fn parse_import(s: &str) -> Result<Location, String> {
     location(&fields(s)?, "src", s)
 }
 
+/// What `--cache-to` exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportOptions {
+    pub mode: Mode,
+    /// The contents of the build's `RUN --mount=type=cache` mounts too (`cache-mounts=`;
+    /// on by default with `mode=max`).
+    pub cache_mounts: bool,
+    /// At most this many bytes of each mount, the newest files first (`cache-mounts-max=`).
+    pub cache_mounts_max: u64,
+}
+
 /// Parse a `--cache-to` value.
-pub fn parse_export(s: &str) -> Result<(Location, Mode), String> {
+pub fn parse_export(s: &str) -> Result<(Location, ExportOptions), String> {
     let kv = fields(s)?;
     let mode = match kv.get("mode").map(String::as_str) {
         None | Some("min") => Mode::Min,
         Some("max") => Mode::Max,
         Some(m) => return Err(format!("{:?}: mode is min or max, not {:?}", s, m)),
     };
-    Ok((location(&kv, "dest", s)?, mode))
+    let cache_mounts = match kv.get("cache-mounts").map(String::as_str) {
+        None => mode == Mode::Max,
+        Some("true") => true,
+        Some("false") => false,
+        Some(v) => {
+            return Err(format!(
+                "{:?}: cache-mounts is true or false, not {:?}",
+                s, v
+            ))
+        }
+    };
+    let cache_mounts_max = match kv.get("cache-mounts-max") {
+        None => super::mounts::DEFAULT_MAX_BYTES,
+        Some(v) => super::gc::parse_size(v).ok_or_else(|| {
+            format!(
+                "{:?}: cache-mounts-max is a size (e.g. 512MB), not {:?}",
+                s, v
+            )
+        })?,
+    };
+    let location = location(&kv, "dest", s)?;
+    Ok((
+        location,
+        ExportOptions {
+            mode,
+            cache_mounts: cache_mounts
+                && !matches!(kv.get("type").map(String::as_str), Some("inline")),
+            cache_mounts_max,
+        },
+    ))
 }
 
 /// One step's result in an imported cache.
@@ -129,6 +169,8 @@ pub struct RemoteCache {
     /// Where the store remembers layers left at the registry.
     origins: crate::registry::origins::OriginDirs,
     records: HashMap<String, Record>,
+    /// Cache mounts' contents, by the mount's key (its directory's name).
+    mounts: HashMap<String, Vec<LayerRef>>,
 }
 
 fn bad(what: &str, msg: impl std::fmt::Display) -> RegistryError {
@@ -184,20 +226,33 @@ fn export_scans(layers: &[LayerRef], store: &Store) -> serde_json::Map<String, V
     out
 }
 
+/// A JSON list of layers (none when it is missing); `None` when one is malformed.
+fn layer_list(v: &Value) -> Option<Vec<LayerRef>> {
+    match v.as_array() {
+        Some(a) => a.iter().map(LayerRef::from_json).collect(),
+        None => Some(Vec::new()),
+    }
+}
+
+/// The cache mounts a cache's document lists: each mount's key and layers.
+fn read_mounts(doc: &[u8], what: &str) -> Result<HashMap<String, Vec<LayerRef>>, RegistryError> {
+    let v: Value = serde_json::from_slice(doc).map_err(|e| bad(what, e))?;
+    let mut out = HashMap::new();
+    for (key, layers) in v["mounts"].as_object().cloned().unwrap_or_default() {
+        let layers = layer_list(&layers)
+            .ok_or_else(|| bad(what, format!("cache mount {} has a malformed layer", key)))?;
+        out.insert(key, layers);
+    }
+    Ok(out)
+}
+
 fn read_records(doc: &[u8], what: &str) -> Result<HashMap<String, Record>, RegistryError> {
     let v: Value = serde_json::from_slice(doc).map_err(|e| bad(what, e))?;
     let mut out = HashMap::new();
     for r in v["records"].as_array().cloned().unwrap_or_default() {
         let key = r["key"].as_str().unwrap_or("").to_string();
         let config = r["config"].as_str().unwrap_or("").as_bytes().to_vec();
-        let layers = r["layers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(LayerRef::from_json)
-                    .collect::<Option<Vec<_>>>()
-            })
-            .unwrap_or(Some(Vec::new()))
+        let layers = layer_list(&r["layers"])
             .ok_or_else(|| bad(what, format!("record {} has a malformed layer", key)))?;
         out.insert(key, Record { config, layers });
     }
@@ -212,7 +267,7 @@ impl RemoteCache {
         client: Arc<Client>,
         store: &Store,
     ) -> Result<Option<RemoteCache>, RegistryError> {
-        let records = match location {
+        let (records, mounts) = match location {
             Location::Registry(r) => {
                 let what = r.familiar();
                 let ep = client.endpoint(&r.registry)?;
@@ -237,14 +292,14 @@ impl RemoteCache {
                             ),
                         ));
                     }
-                    records
+                    (records, HashMap::new())
                 } else {
                     let config = descriptor(&manifest["config"], &what)?;
                     fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
                     let doc = store.blobs.get(&config.digest)?;
                     let records = read_records(&doc, &what)?;
                     import_scans(&doc, &records, &store.dir(Bucket::Sbom));
-                    records
+                    (records, read_mounts(&doc, &what)?)
                 }
             }
             Location::Inline => {
@@ -275,18 +330,50 @@ impl RemoteCache {
                 let doc = read_verified(dir, &config.digest)?;
                 let records = read_records(&doc, &what)?;
                 import_scans(&doc, &records, &store.dir(Bucket::Sbom));
-                records
+                (records, read_mounts(&doc, &what)?)
             }
         };
         Ok(Some(RemoteCache {
             location: location.clone(),
             origins: store.origins(),
             records,
+            mounts,
         }))
     }
 
     pub fn len(&self) -> usize {
         self.records.len()
+    }
+
+    /// Where it was imported from.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Fill the empty cache mount `dir` whose key is `key` from this cache, if it holds
+    /// that mount; returns the bytes it brought. Layers at a registry are downloaded now.
+    pub fn restore_mount(
+        &self,
+        key: &str,
+        dir: &Path,
+        blobs: &BlobStore,
+    ) -> Result<Option<u64>, String> {
+        let Some(layers) = self.mounts.get(key) else {
+            return Ok(None);
+        };
+        for l in layers.iter().filter(|l| !blobs.contains(&l.digest)) {
+            let d = Descriptor::new(l.media_type.clone(), l.digest.clone(), l.size);
+            match &self.location {
+                Location::Registry(r) => self.origins.remember_lazy(&d, &r.registry, &r.repository),
+                Location::Dir(src) => {
+                    let bytes = read_verified(src, &d.digest).map_err(|e| e.to_string())?;
+                    blobs.put(&bytes).map_err(|e| e.to_string())?;
+                }
+                Location::Inline => return Ok(None),
+            }
+        }
+        super::mounts::restore(layers, dir, blobs)?;
+        Ok(Some(layers.iter().map(|l| l.size).sum()))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -339,12 +426,14 @@ fn read_verified(dir: &Path, d: &Digest) -> Result<Vec<u8>, RegistryError> {
 /// Write the cache of a finished build to `location`; returns how many steps it holds.
 pub fn export(
     location: &Location,
-    mode: Mode,
+    options: ExportOptions,
     steps: &[StepRecord],
     target_stage: usize,
+    cache_mounts: &[(String, PathBuf)],
     store: &Store,
     client: &Client,
 ) -> Result<usize, RegistryError> {
+    let mode = options.mode;
     let index = CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs);
     let mut seen = BTreeSet::new();
     let mut records = Vec::new();
@@ -381,7 +470,25 @@ pub fn export(
     layers.sort_by_key(|l| l.digest.to_string());
     // The layers' SBOM scans travel with them: an importing build that hits needs no bytes.
     let scans = export_scans(&layers, store);
-    let doc = canonical_json(&json!({"records": records, "scans": scans}));
+    // Cache mounts travel as layers of their own, listed by the mount's key.
+    let mut mounts = serde_json::Map::new();
+    if options.cache_mounts {
+        for (key, dir) in cache_mounts {
+            let packed = super::mounts::pack(dir, options.cache_mounts_max, &store.blobs)
+                .map_err(|e| bad("cache mount", e))?;
+            for l in &packed {
+                if layer_seen.insert(l.digest.clone()) {
+                    layers.push(l.clone());
+                }
+            }
+            mounts.insert(
+                key.clone(),
+                json!(packed.iter().map(LayerRef::to_json).collect::<Vec<_>>()),
+            );
+        }
+        layers.sort_by_key(|l| l.digest.to_string());
+    }
+    let doc = canonical_json(&json!({"records": records, "scans": scans, "mounts": mounts}));
     let config_digest = store.blobs.put(&doc)?;
     let manifest = json!({
         "schemaVersion": 2,
@@ -565,12 +672,21 @@ mod tests {
             Location::Dir("/tmp/c".into())
         );
         let (l, m) = parse_export("type=registry,ref=127.0.0.1:5000/cache,mode=max").unwrap();
-        assert_eq!(m, Mode::Max);
+        assert_eq!(m.mode, Mode::Max);
+        assert!(m.cache_mounts, "mode=max takes the cache mounts");
         match l {
             Location::Registry(r) => assert_eq!(r.to_string(), "127.0.0.1:5000/cache:latest"),
             other => panic!("{:?}", other),
         }
-        assert_eq!(parse_export("type=local,dest=d").unwrap().1, Mode::Min);
+        let min = parse_export("type=local,dest=d").unwrap().1;
+        assert_eq!((min.mode, min.cache_mounts), (Mode::Min, false));
+        let opted = parse_export("type=local,dest=d,cache-mounts=true,cache-mounts-max=10MB")
+            .unwrap()
+            .1;
+        assert!(opted.cache_mounts && opted.cache_mounts_max < 11_000_000);
+        assert!(parse_export("type=local,dest=d,cache-mounts=maybe").is_err());
+        assert_eq!(parse_export("type=inline").unwrap().0, Location::Inline);
+        assert!(parse_import("type=inline").is_err());
         assert!(parse_export("type=local,dest=d,mode=all").is_err());
         assert!(parse_import("type=registry").is_err());
         assert!(parse_import("type=s3,bucket=x").is_err());

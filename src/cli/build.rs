@@ -341,7 +341,7 @@ fn shell_on_error(e: CliError, root: Option<PathBuf>, secrets: &[String]) -> Cli
             .map(|s| parse_secret(s))
             .collect::<Result<_, _>>()
             .map_err(CliError::msg)?;
-        super::debug_build::open_session(&store, &state, None, secrets).map(|_| ())
+        super::session::open_session(&store, &state, None, secrets).map(|_| ())
     })();
     if let Err(e) = opened {
         e.report();
@@ -425,9 +425,26 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         }
     }
     let mut image_names: Vec<String> = Vec::new();
+    let mut push_by_digest_to: Vec<Reference> = Vec::new();
     for o in &outputs {
-        if let Output::Image { names, push } = o {
+        if let Output::Image {
+            names,
+            push,
+            push_by_digest,
+        } = o
+        {
             for n in names {
+                if *push_by_digest {
+                    let r = Reference::parse(n)?;
+                    if r.tag.is_some() || r.digest.is_some() {
+                        return Err(CliError::msg(format!(
+                            "-o push-by-digest=true: name={} names a tag or digest; give the repository alone",
+                            n
+                        )));
+                    }
+                    push_by_digest_to.push(r);
+                    continue;
+                }
                 let r = Reference::parse(n)?.with_default_tag();
                 image_names.push(r.familiar());
                 if *push {
@@ -466,6 +483,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         tags,
         image_names,
         push_to,
+        push_by_digest: push_by_digest_to,
         epoch,
         compression,
         force_compression: a.force_compression,

@@ -130,53 +130,8 @@ pub fn shell(a: ShellArgs) -> Result<(), CliError> {
         .map_err(CliError::msg)?;
     crate::solver::enter_debug_host().map_err(CliError::msg)?;
     let command = (!a.command.is_empty()).then(|| a.command.clone());
-    let exit = open_session(&store, &state, command, secrets)?;
+    let exit = super::session::open_session(&store, &state, command, secrets)?;
     exit_with(exit)
-}
-
-/// Run a session over `state`: on a pty when no command is given, else the command's
-/// output on stdout.
-pub fn open_session(
-    store: &crate::store::Store,
-    state: &failures::DebugState,
-    command: Option<Vec<String>>,
-    secrets: std::collections::BTreeMap<String, crate::solver::mounts::SecretSource>,
-) -> Result<Exit, CliError> {
-    let warn = |m: &str| eprintln!("warning: {}", m);
-    if !state.id.is_empty() {
-        eprintln!(
-            "# {}:{} [stage-{}] {}",
-            state.file, state.line, state.stage, state.instruction
-        );
-    }
-    let result = match command {
-        Some(argv) => failures::run(
-            store,
-            state,
-            failures::Session {
-                argv: Some(argv),
-                secrets,
-                terminal: None,
-                on_line: &mut |line| println!("{}", line),
-                warn: &warn,
-            },
-        ),
-        None => crate::worker::terminal::with_pty(|tty| {
-            failures::run(
-                store,
-                state,
-                failures::Session {
-                    argv: None,
-                    secrets,
-                    terminal: Some(tty),
-                    on_line: &mut |_| {},
-                    warn: &warn,
-                },
-            )
-        })
-        .and_then(|r| r),
-    };
-    result.map_err(CliError::msg)
 }
 
 /// End as the session's command ended (a signal as a shell reports it, 128+N).

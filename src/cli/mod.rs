@@ -85,6 +85,9 @@ pub enum Command {
     Login(registry::LoginArgs),
     /// Forget a registry's credentials.
     Logout(registry::LogoutArgs),
+    /// Join per-platform images into one index at a registry, and show indexes.
+    #[command(subcommand)]
+    Imagetools(imagetools::ImagetoolsCommand),
     /// Front-end debugging commands.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
@@ -94,7 +97,9 @@ pub mod build;
 mod debug_build;
 pub mod flags;
 pub mod images;
+mod imagetools;
 pub mod registry;
+mod session;
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
@@ -155,6 +160,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             }
             images::cache_prune(&root, all, keep_storage.as_deref(), filter.as_deref())
         }
+        Command::Imagetools(c) => imagetools::run(c),
         Command::Debug(d) => debug::run(d),
     }
 }

@@ -32,10 +32,12 @@ pub enum Output {
         dir: PathBuf,
     },
     /// `type=image,name=REF[,push=true]` and `type=registry,name=REF`: name the image in the
-    /// store, and push it when asked.
+    /// store, and push it when asked. With `push-by-digest=true` the names are repositories
+    /// the image is pushed to by its digest alone, with no tag (and not named in the store).
     Image {
         names: Vec<String>,
         push: bool,
+        push_by_digest: bool,
     },
 }
 
@@ -93,7 +95,24 @@ impl Output {
                     Some("false") => false,
                     Some(v) => return Err(bad(&format!("push is true or false, not {:?}", v))),
                 };
-                return Ok(Output::Image { names, push });
+                let push_by_digest = match kv.get("push-by-digest").copied() {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(v) => {
+                        return Err(bad(&format!(
+                            "push-by-digest is true or false, not {:?}",
+                            v
+                        )))
+                    }
+                };
+                if push_by_digest && !push {
+                    return Err(bad("push-by-digest=true needs push=true"));
+                }
+                return Ok(Output::Image {
+                    names,
+                    push,
+                    push_by_digest,
+                });
             }
             let dest = kv
                 .get("dest")

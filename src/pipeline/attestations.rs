@@ -49,9 +49,12 @@ pub fn statements(
     let platform = crate::oci::image::platform_of(image);
     let mut statements = Vec::new();
     if let Some(mode) = attest.provenance {
+        // Each platform's statement describes that platform's build alone, so an index
+        // joined from per-platform builds (`imagetools create`) is the one a single build
+        // of every platform pushes.
         let inv = provenance::Invocation {
             mode,
-            platforms: invocation.platforms.clone(),
+            platforms: vec![platform.clone()],
             build_file_digest: invocation.build_file_digest.clone(),
             ..*invocation
         };

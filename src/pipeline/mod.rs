@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::attest::provenance;
-use crate::cache::remote::{self, Location, Mode as ExportMode, RemoteCache};
+use crate::cache::remote::{self, ExportOptions, Location, RemoteCache};
 use crate::export::{Built, Output};
 use crate::failure::{build_failure, CliError};
 use crate::frontend::checks::{self, CheckInput, CheckPolicy};
@@ -54,6 +54,8 @@ pub struct BuildOptions {
     /// Names outputs of `type=image` give, and what is pushed where.
     pub image_names: Vec<String>,
     pub push_to: Vec<(String, Reference)>,
+    /// `-o type=image,push-by-digest=true`: repositories the image goes to by digest alone.
+    pub push_by_digest: Vec<Reference>,
     pub epoch: i64,
     pub compression: Compression,
     pub force_compression: bool,
@@ -69,7 +71,7 @@ pub struct BuildOptions {
     pub jobs: usize,
     pub pull: PullPolicy,
     pub cache_from: Vec<Location>,
-    pub cache_to: Vec<(Location, ExportMode)>,
+    pub cache_to: Vec<(Location, ExportOptions)>,
     pub attest: AttestOptions,
     /// `--verify`: two clean builds must agree.
     pub verify: bool,
@@ -296,12 +298,32 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         let pushed = push_image(&store, &registry, source, dest)?;
         reporter.log(0, &pushed_line(dest, &pushed));
     }
-    for (loc, mode) in &o.cache_to {
+    for repository in &o.push_by_digest {
+        // What a tag push would send (the index with the attestations), by its digest.
+        let sent = store.attested(&digest).unwrap_or_else(|| digest.clone());
+        let dest = Reference {
+            tag: None,
+            digest: Some(sent.clone()),
+            ..repository.clone()
+        };
+        let pushed = push_image(&store, &registry, &sent.to_string(), &dest)?;
+        reporter.log(0, &pushed_line(&dest, &pushed));
+    }
+    let mounts = cache_mounts_of(&requests, &store);
+    for (loc, options) in &o.cache_to {
         if o.verify {
             reporter.warn("--cache-to is ignored with --verify (its builds run without cache)");
             break;
         }
-        let n = remote::export(loc, *mode, &steps, req.graph.target, &store, &registry)?;
+        let n = remote::export(
+            loc,
+            *options,
+            &steps,
+            req.graph.target,
+            &mounts,
+            &store,
+            &registry,
+        )?;
         reporter.log(0, &format!("exported {} cached steps to {}", n, loc));
     }
     let scratch = store.scratch_dir("export-")?;
@@ -317,7 +339,11 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
     // What the registries cost: a build whose steps all hit, pushed to the registry that
     // holds its layers, downloads none.
     let (layers, bytes) = registry.layer_downloads();
-    if layers > 0 || !o.cache_from.is_empty() || !o.push_to.is_empty() {
+    if layers > 0
+        || !o.cache_from.is_empty()
+        || !o.push_to.is_empty()
+        || !o.push_by_digest.is_empty()
+    {
         reporter.log(
             0,
             &format!("layer blobs downloaded: {} ({} bytes)", layers, bytes),
@@ -327,7 +353,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
     // What the build names: what the registry's tag names after a push (the index with the
     // attestations), else what the store's names point at.
     let digest = match &attested {
-        Some(x) if !o.push_to.is_empty() => x.digest.clone(),
+        Some(x) if !o.push_to.is_empty() || !o.push_by_digest.is_empty() => x.digest.clone(),
         _ => digest,
     };
     let digest = digest.to_string();
@@ -360,6 +386,30 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         reporter.check(name, f);
     }
     Ok(Finished::Built(digest))
+}
+
+/// The `RUN --mount=type=cache` mounts the build's steps name that have contents here: each
+/// mount's key and directory.
+fn cache_mounts_of(requests: &[BuildRequest], store: &Store) -> Vec<(String, PathBuf)> {
+    let bucket = store.dir(crate::store::Bucket::CacheMounts);
+    let mut out = std::collections::BTreeMap::new();
+    for r in requests {
+        for stage in &r.graph.stages {
+            for op in &stage.ops {
+                let plan::Action::Exec(e) = &op.action else {
+                    continue;
+                };
+                for m in e.mounts.iter().filter(|m| m.kind == plan::MountKind::Cache) {
+                    let key = solver::mounts::cache_mount_key(m);
+                    let dir = bucket.join(&key);
+                    if dir.is_dir() {
+                        out.insert(key, dir);
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The stored size of what the build made: every image's layers and manifest.

@@ -389,7 +389,7 @@ pub fn push(
     let unchanged = head.status() == 200
         && head.header("docker-content-digest") == Some(manifest_digest.to_string().as_str());
     let mut attempt = 0;
-    while !unchanged {
+    while !unchanged && attempt < client.settings.attempts.max(1) {
         attempt += 1;
         let response = client.send(
             &ep,

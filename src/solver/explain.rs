@@ -102,13 +102,12 @@ pub struct StepResult {
     pub miss: Option<String>,
 }
 
-/// The name of the record of the build that made the image `manifest`.
 fn image_key(manifest: &Digest) -> String {
-    format!("image-{}", manifest.hex())
+    crate::store::image_build_record(manifest)
 }
 
 fn image_steps_key(manifest: &Digest) -> String {
-    format!("image-{}.steps", manifest.hex())
+    format!("{}.steps", image_key(manifest))
 }
 
 /// Keep the build record `record` (as [`record_key`] names it) and its steps' results as
@@ -144,13 +143,6 @@ pub fn load_for_image(store: &Store, manifest: &Digest) -> Option<BuildRecord> {
 pub fn steps_of_image(store: &Store, manifest: &Digest) -> Option<Vec<StepResult>> {
     let bytes = store.memo(Bucket::Builds).get(&image_steps_key(manifest))?;
     serde_json::from_slice(&bytes).ok()
-}
-
-/// The image a record of [`keep_for_image`] is of, by its name (`None`: not such a record).
-pub fn image_of_key(key: &str) -> Option<Digest> {
-    let hex = key.strip_prefix("image-")?;
-    let hex = hex.strip_suffix(".steps").unwrap_or(hex);
-    format!("sha256:{}", hex).parse().ok()
 }
 
 /// The record's name: the build file, context, target and platform it is of.

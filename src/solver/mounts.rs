@@ -107,6 +107,19 @@ pub struct MountEnv<'a> {
     pub copy_context: bool,
 }
 
+/// The name of a `type=cache` mount's directory in the store's bucket. BuildKit seeds a
+/// cache that names an owner or mode from its own base directory, so (id, uid, gid, mode)
+/// is what one cache is; the id defaults to the target.
+pub fn cache_mount_key(m: &RunMount) -> String {
+    let target = m.target.clone().unwrap_or_else(|| "/".into());
+    let id = m.id.clone().unwrap_or(target);
+    let identity = match (m.uid, m.gid, m.mode) {
+        (None, None, None) => id,
+        (u, g, md) => format!("{}\0{:?}\0{:?}\0{:?}", id, u, g, md),
+    };
+    crate::oci::digest::Digest::of(identity.as_bytes()).hex()[..32].to_string()
+}
+
 /// Turn parsed mounts into sandbox mounts plus extra environment (secret `env=`).
 pub fn resolve_mounts(
     mounts: &[RunMount],
@@ -123,15 +136,7 @@ pub fn resolve_mounts(
             }),
             MountKind::Cache => {
                 let target = m.target.clone().unwrap_or_else(|| "/".into());
-                let id = m.id.clone().unwrap_or_else(|| target.clone());
-                // BuildKit seeds a cache that names an owner or mode from its own base
-                // directory, so (id, uid, gid, mode) is what one cache is.
-                let identity = match (m.uid, m.gid, m.mode) {
-                    (None, None, None) => id.clone(),
-                    (u, g, md) => format!("{}\0{:?}\0{:?}\0{:?}", id, u, g, md),
-                };
-                let key =
-                    crate::oci::digest::Digest::of(identity.as_bytes()).hex()[..32].to_string();
+                let key = cache_mount_key(m);
                 let dir = me.cache_mounts.join(&key);
                 if !dir.exists() {
                     fs::create_dir_all(&dir).map_err(|e| format!("{}: {}", dir.display(), e))?;

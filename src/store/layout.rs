@@ -169,6 +169,19 @@ pub struct Memo {
     dir: PathBuf,
 }
 
+/// The name, in [`Bucket::Builds`], of the record of the build that made the image
+/// `manifest` (its steps' results are beside it, with `.steps` added).
+pub fn image_build_record(manifest: &crate::oci::digest::Digest) -> String {
+    format!("image-{}", manifest.hex())
+}
+
+/// The image a record named by [`image_build_record`] (or its `.steps`) is of.
+pub fn image_of_build_record(key: &str) -> Option<crate::oci::digest::Digest> {
+    let hex = key.strip_prefix("image-")?;
+    let hex = hex.strip_suffix(".steps").unwrap_or(hex);
+    format!("sha256:{}", hex).parse().ok()
+}
+
 impl Memo {
     /// The record of `key` (a file name: a digest's hex, or such).
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {

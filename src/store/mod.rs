@@ -6,7 +6,7 @@
 pub mod layout;
 pub mod sources;
 
-pub use layout::{Bucket, Memo, StoreFile};
+pub use layout::{image_build_record, image_of_build_record, Bucket, Memo, StoreFile};
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -57,6 +57,7 @@ impl OpRunner for ExecOp {
             Some(_) => true,
             None => process_sandbox(cx, origin, scratch.path())?,
         };
+        restore_cache_mounts(cx, e);
         let ctx_root = cx.context_root();
         let mut guards = mounts::MountGuards::default();
         let mut from_err = None;
@@ -147,6 +148,73 @@ impl OpRunner for ExecOp {
                 ));
                 Err(failure)
             }
+        }
+    }
+}
+
+/// Fill each cache mount of `e` that is not here from an imported cache that holds it, just
+/// before the step runs (a step that hits never gets here, so nothing is fetched for it).
+/// A mount that cannot be restored starts empty, as it would without the import.
+fn restore_cache_mounts(cx: &Ctx, e: &ExecOp) {
+    use std::os::unix::fs::PermissionsExt;
+    if cx.req.cache_from.is_empty() {
+        return;
+    }
+    let bucket = cx.store.dir(Bucket::CacheMounts);
+    for m in e.mounts.iter().filter(|m| m.kind == MountKind::Cache) {
+        let key = mounts::cache_mount_key(m);
+        let dir = bucket.join(&key);
+        if dir.exists() {
+            continue;
+        }
+        let id =
+            m.id.clone()
+                .or_else(|| m.target.clone())
+                .unwrap_or_default();
+        // Filled beside its place, then renamed into it: whole or absent.
+        let staged = fs::create_dir_all(&bucket).and_then(|_| {
+            tempfile::Builder::new()
+                .prefix(&format!(".{}-", key))
+                .tempdir_in(&bucket)
+        });
+        let Ok(staged) = staged else {
+            continue;
+        };
+        let _ = fs::set_permissions(
+            staged.path(),
+            fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
+        );
+        let _ = nix::unistd::chown(
+            staged.path(),
+            Some(m.uid.unwrap_or(0).into()),
+            Some(m.gid.unwrap_or(0).into()),
+        );
+        for r in &cx.req.cache_from {
+            match r.restore_mount(&key, staged.path(), &cx.store.blobs) {
+                Ok(None) => continue,
+                Ok(Some(bytes)) => {
+                    // Another step restoring the same mount at once may have won: its copy
+                    // stays, and this one goes with `staged`.
+                    if fs::rename(staged.path(), &dir).is_ok() {
+                        cx.req.reporter.log(
+                            cx.step,
+                            &format!(
+                                "cache mount {} restored from {} ({} bytes)",
+                                id,
+                                r.location(),
+                                bytes
+                            ),
+                        );
+                    }
+                }
+                Err(why) => cx.req.reporter.warn(&format!(
+                    "cache mount {} could not be restored from {}: {}",
+                    id,
+                    r.location(),
+                    why
+                )),
+            }
+            break;
         }
     }
 }
