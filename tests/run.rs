@@ -510,3 +510,42 @@ fn from_platform_builds_that_stage_for_its_platform() {
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["architecture"], "arm64");
 }
+
+#[test]
+fn add_host_reaches_every_step_and_label_the_image() {
+    let e = Env::new();
+    let file = "FROM busybox:test\nRUN cat /etc/hosts\n";
+    let hosts = ["--add-host", "db:10.1.2.3", "--add-host", "v6=fd00::7"];
+    let log = e.log_of(file, &hosts);
+    let out = step_output(&log);
+    assert!(out.contains(&"10.1.2.3\tdb".to_string()), "{out:?}");
+    assert!(out.contains(&"fd00::7\tv6".to_string()), "{out:?}");
+    // The hosts are part of the step: without them it runs again, and they are gone.
+    let log = e.log_of(file, &[]);
+    assert!(!log.contains("10.1.2.3"), "{log}");
+    let out = run(builder()
+        .args(["build", "--add-host", "db:nowhere", "--root"])
+        .arg(e.root())
+        .arg(e.ctx(file)));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an IP address"));
+
+    // Labels land in the image's config, after the build file's own.
+    let (_, layout) = e.build_local(
+        "FROM busybox:test\nLABEL team=core keep=1\n",
+        &[
+            "--label",
+            "team=platform",
+            "--label",
+            "org.opencontainers.image.revision=abc",
+        ],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let bundle = umoci_unpack(&layout, "t", t.path());
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    let labels = &config["annotations"];
+    assert_eq!(labels["team"], "platform", "{config}");
+    assert_eq!(labels["keep"], "1");
+    assert_eq!(labels["org.opencontainers.image.revision"], "abc");
+}

@@ -57,6 +57,12 @@ pub struct BuildArgs {
     /// Build this stage instead of the last one.
     #[arg(long)]
     pub target: Option<String>,
+    /// Set a label on the image (repeatable), as LABEL at the end of the target stage.
+    #[arg(long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+    /// Add a name to every RUN step's /etc/hosts (repeatable): HOST:IP or HOST=IP.
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    pub add_hosts: Vec<String>,
     /// What a failed RUN step leads to: `fail` (its state is kept for `builder debug
     /// shell ID`), or `shell`, an interactive shell in that state right away (on a terminal).
     #[arg(long, value_enum, value_name = "ACTION", default_value = "fail")]
@@ -471,7 +477,16 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
             )));
         }
     }
+    let extra_hosts = a
+        .add_hosts
+        .iter()
+        .map(|h| super::flags::parse_add_host(h))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::msg)?;
+    let labels = super::parse_key_values(&a.labels)?.into_iter().collect();
     Ok(BuildOptions {
+        extra_hosts,
+        labels,
         file_name,
         text,
         context,

@@ -155,6 +155,7 @@ fn print_ops(a: OpsArgs) -> Result<(), CliError> {
             build_args: &opts.build_args,
             platform,
             network,
+            extra_hosts: Vec::new(),
             made: Default::default(),
         },
         &resolver,

@@ -29,6 +29,30 @@ pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
     Ok((id, src))
 }
 
+/// Parse `--add-host HOST:IP` (or `HOST=IP`, as buildx also takes) into (host, address).
+pub fn parse_add_host(s: &str) -> Result<(String, String), String> {
+    let (host, address) = s
+        .split_once('=')
+        .or_else(|| s.split_once(':'))
+        .ok_or_else(|| format!("invalid --add-host {:?}: want HOST:IP", s))?;
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
+        return Err(format!("invalid --add-host {:?}: no host name", s));
+    }
+    let ip: std::net::IpAddr = address.parse().map_err(|_| {
+        format!(
+            "invalid --add-host {:?}: {:?} is not an IP address{}",
+            s,
+            address,
+            if address == "host-gateway" {
+                " (host-gateway is a docker daemon setting builder has no equivalent of)"
+            } else {
+                ""
+            }
+        )
+    })?;
+    Ok((host.to_string(), ip.to_string()))
+}
+
 /// Parse `--allow` values into BuildKit's entitlements.
 pub fn parse_entitlements(values: &[String]) -> Result<Entitlements, String> {
     let mut e = Entitlements::default();
@@ -50,6 +74,26 @@ pub fn parse_entitlements(values: &[String]) -> Result<Entitlements, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_hosts() {
+        assert_eq!(
+            parse_add_host("db:10.0.0.5").unwrap(),
+            ("db".into(), "10.0.0.5".into())
+        );
+        assert_eq!(
+            parse_add_host("v6=::1").unwrap(),
+            ("v6".into(), "::1".into())
+        );
+        assert_eq!(
+            parse_add_host("v6:::1").unwrap(),
+            ("v6".into(), "::1".into())
+        );
+        assert!(parse_add_host("db").is_err());
+        assert!(parse_add_host("db:host-gateway")
+            .unwrap_err()
+            .contains("host-gateway"));
+    }
 
     #[test]
     fn secrets_and_entitlements() {

@@ -43,6 +43,8 @@ pub struct LowerOptions<'a> {
     pub platform: Platform,
     /// `--network`: what a RUN without `--network` gets.
     pub network: Network,
+    /// `--add-host`: extra /etc/hosts entries of every RUN.
+    pub extra_hosts: Vec<(String, String)>,
     /// The bytes lowering has made from the build file so far (expanded words, each RUN's
     /// environment), held under [`MAX_LOWERED_BYTES`].
     pub made: std::cell::Cell<usize>,
@@ -670,6 +672,7 @@ impl StageWalk<'_> {
             network,
             insecure: r.security.as_deref() == Some("insecure"),
             args,
+            extra_hosts: self.opts.extra_hosts.clone(),
         };
         Ok((op, created_by))
     }
@@ -937,6 +940,7 @@ mod tests {
                 build_args: &BTreeMap::new(),
                 platform: opts.target_platform.clone(),
                 network: Network::Sandbox,
+                extra_hosts: Vec::new(),
                 made: Default::default(),
             },
             resolver,

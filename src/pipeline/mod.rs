@@ -60,6 +60,10 @@ pub struct BuildOptions {
     pub compression: Compression,
     pub force_compression: bool,
     pub network: plan::Network,
+    /// `--add-host`: extra /etc/hosts entries of every RUN.
+    pub extra_hosts: Vec<(String, String)>,
+    /// `--label`: labels set on the image.
+    pub labels: Vec<(String, String)>,
     pub entitlements: Entitlements,
     pub executor: crate::worker::sandbox::Executor,
     pub isolation: crate::worker::Isolation,
@@ -193,6 +197,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
                     build_args: &o.plan.build_args,
                     platform: platform.clone(),
                     network: o.network,
+                    extra_hosts: o.extra_hosts.clone(),
                     made: Default::default(),
                 },
                 &resolver,
@@ -221,6 +226,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         cache_from: imported,
         show_platform: false,
         explain_against: None,
+        labels: o.labels.clone(),
     };
     // One build per platform; several run side by side (sharing --jobs) and are joined in
     // an index.

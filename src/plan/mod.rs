@@ -300,6 +300,10 @@ pub struct ExecOp {
     pub insecure: bool,
     /// The build args in scope with a value (provenance names them).
     pub args: Vec<(String, String)>,
+    /// `--add-host`: names the step's /etc/hosts gives, with their addresses (a step without
+    /// any keeps the key it always had).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// WORKDIR's layer: the directory, made with its missing parents.

@@ -205,6 +205,7 @@ pub fn stage_state(image: &StoredImage, stage: &str, context: &Path) -> DebugSta
             network: Network::Sandbox,
             insecure: false,
             args: Vec::new(),
+            extra_hosts: Vec::new(),
         },
         layers: image.state.layers.iter().map(LayerRef::to_json).collect(),
         sources: Vec::new(),

@@ -96,6 +96,8 @@ pub struct BuildRequest<'a> {
     /// `--explain-against`: the image whose build a step that misses is compared with,
     /// instead of the last build's.
     pub explain_against: Option<Digest>,
+    /// `--label`: labels set on the image, after the target stage's own.
+    pub labels: Vec<(String, String)>,
 }
 
 /// BuildKit's entitlements: what a build may do that weakens the RUN sandbox.

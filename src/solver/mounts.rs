@@ -425,12 +425,14 @@ pub fn step_spec(
         _ => host_resolv,
     }
     .into_bytes();
+    let mut hosts =
+        b"127.0.0.1\tlocalhost builder\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec();
+    for (name, address) in &e.extra_hosts {
+        hosts.extend(format!("{}\t{}\n", address, name).bytes());
+    }
     let files = [
         ("resolv.conf", resolv),
-        (
-            "hosts",
-            b"127.0.0.1\tlocalhost builder\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec(),
-        ),
+        ("hosts", hosts),
         ("hostname", b"builder\n".to_vec()),
     ];
     let mut etc_files = Vec::new();

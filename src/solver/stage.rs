@@ -75,6 +75,12 @@ impl Shared<'_> {
             .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
         let mut state = stage.state;
         state.config.set_created(Some(self.created.clone()));
+        if !self.req.labels.is_empty() {
+            crate::plan::ConfigEdit::Labels {
+                labels: self.req.labels.clone(),
+            }
+            .apply(&mut state);
+        }
         if self.req.force_compression {
             state.layers = super::layers::force_compression(
                 self.store,

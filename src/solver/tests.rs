@@ -106,6 +106,7 @@ fn run(line: usize, argv: &[&str]) -> Op {
             network: Network::None,
             insecure: false,
             args: Vec::new(),
+            extra_hosts: Vec::new(),
         }),
         history: Some(format!("RUN {}", argv.join(" "))),
     }
@@ -206,6 +207,7 @@ fn request<'a>(f: &Fixture, stages: Vec<StagePlan>, target: usize) -> BuildReque
         cache_from: Vec::new(),
         show_platform: false,
         explain_against: None,
+        labels: Vec::new(),
     }
 }
 
