@@ -1,7 +1,8 @@
 //! `RUN --mount=type=cache` contents travelling with a remote cache. A mount's files are
 //! packed into several gzip tar layers, cut where the paths say (content-defined: a group
 //! ends at a path whose hash hits, once it holds enough bytes), so that a file changed,
-//! added or removed changes its group's layer alone and a re-export uploads only that one.
+//! added or removed changes its group's layer (and the next one, when its size moves that
+//! cut), and a re-export uploads only those.
 //! Newest files go first under a size bound; the oldest are left out. Restoring unpacks the
 //! layers, verified, inside the mount's directory.
 //!
