@@ -200,9 +200,8 @@ mod tests {
         fs::write(dir.join("pkg/003/200.bin"), "changed").unwrap();
         let second = pack(&dir, DEFAULT_MAX_BYTES, &blobs).unwrap();
         let new: Vec<_> = second.iter().filter(|l| !first.contains(l)).collect();
-        assert_eq!(
-            new.len(),
-            1,
+        assert!(
+            !new.is_empty() && new.len() <= 2,
             "{} of {} groups changed",
             new.len(),
             second.len()
