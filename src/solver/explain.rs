@@ -114,6 +114,11 @@ fn image_steps_key(manifest: &Digest) -> String {
 /// the record of the image `manifest`, for `--explain-against` and `builder debug cache`.
 pub fn keep_for_image(store: &Store, record: &str, manifest: &Digest, steps: &[StepTrace]) {
     let memo = store.memo(Bucket::Builds);
+    // A build that ran nothing made an image some build already recorded: that record (of
+    // the build that ran its steps) stays, and a no-op writes nothing.
+    if steps.iter().all(|s| s.cached) && memo.has(&image_steps_key(manifest)) {
+        return;
+    }
     memo.link(record, &image_key(manifest));
     let results: Vec<StepResult> = steps
         .iter()
