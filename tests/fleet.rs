@@ -364,6 +364,12 @@ fn a_cache_mount_filled_on_one_machine_is_warm_on_the_next() {
             })
         })
         .collect();
+    eprintln!(
+        "cache mount: {} groups; the second export uploaded {} of {}",
+        first_layers.len(),
+        uploaded.len(),
+        second_layers.len()
+    );
     assert!(
         !uploaded.is_empty() && uploaded.len() <= 2,
         "{} of {} mount groups uploaded again",
