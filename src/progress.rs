@@ -353,6 +353,24 @@ impl Default for TtyReporter {
     }
 }
 
+impl Drop for TtyReporter {
+    /// A build that failed leaves steps running: they stop drawing, shown as they ended, so
+    /// that nothing redraws over what comes next (the error, a debug shell).
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.lock() {
+            for (_, l) in std::mem::take(&mut s.steps) {
+                if l.finished.is_none() {
+                    l.bar.set_style(self.style("  {wide_msg}", "  {wide_msg}"));
+                    l.bar.abandon_with_message(format!("{} ERROR", l.message));
+                }
+            }
+            for (_, b) in std::mem::take(&mut s.transfers) {
+                b.abandon();
+            }
+        }
+    }
+}
+
 impl Reporter for TtyReporter {
     fn step(&self, index: usize, total: usize, stage: &str, text: &str) {
         let bar = self.bars.add(indicatif::ProgressBar::new_spinner());
