@@ -143,6 +143,7 @@ fn exercise(bytes: &[u8]) {
                     build_args: &Default::default(),
                     platform: Platform::host(),
                     network: builder::plan::Network::Sandbox,
+                    extra_hosts: Vec::new(),
                     made: Default::default(),
                 },
                 &AnyImage,
