@@ -414,6 +414,11 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         .iter()
         .map(|c| remote::parse_export(c).map_err(|e| CliError::msg(format!("--cache-to {}", e))))
         .collect::<Result<Vec<_>, _>>()?;
+    for (location, options) in &cache_to {
+        if *location == remote::Location::Inline && options.mode == remote::Mode::Max {
+            eprintln!("warning: --cache-to type=inline holds the final stage's steps only (mode=min), as BuildKit's inline cache does; use type=registry for mode=max");
+        }
+    }
     let cache_from = a
         .cache_from
         .iter()
