@@ -24,17 +24,19 @@ impl CliError {
             failed_step: None,
         }
     }
-    /// Tell the user on stderr: the message, its causes, the hint.
-    pub fn report(&self) {
+    /// What the user is told, a line each: the message, its causes, the hint.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
         if !self.message.is_empty() {
-            eprintln!("error: {}", self.message);
+            out.push_str(&format!("error: {}\n", self.message));
         }
         for c in &self.causes {
-            eprintln!("  Caused by: {}", c);
+            out.push_str(&format!("  Caused by: {}\n", c));
         }
         if let Some(h) = &self.hint {
-            eprintln!("  hint: {}", h);
+            out.push_str(&format!("  hint: {}\n", h));
         }
+        out
     }
     /// An exit with `code` and nothing to say (what was to say is said).
     pub fn exit(code: i32) -> Self {

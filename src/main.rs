@@ -8,7 +8,7 @@ fn main() {
     builder::worker::sandbox::close_descriptors_from_3(false);
     let cli = builder::cli::Cli::parse();
     if let Err(e) = builder::cli::run(cli) {
-        e.report();
+        eprint!("{}", e.report());
         std::process::exit(e.exit_code);
     }
 }

@@ -282,19 +282,7 @@ pub fn colors_wanted() -> bool {
 
 /// The columns of the terminal on stderr (80 when it says nothing).
 fn terminal_width() -> usize {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize into `ws`.
-    let r = unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) };
-    if r == 0 && ws.ws_col > 0 {
-        ws.ws_col as usize
-    } else {
-        80
-    }
+    crate::worker::terminal::window_size(2).map_or(80, |ws| ws.ws_col as usize)
 }
 
 /// `line` cut to `width` columns (characters), with an ellipsis where it was cut.

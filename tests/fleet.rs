@@ -8,8 +8,8 @@ mod common;
 use common::registry::*;
 use common::*;
 
-/// The registry's view of `reference`: its manifest digest, by skopeo.
-fn inspect_digest(reg: &Registry, reference: &str) -> Result<String, String> {
+/// The manifest the registry holds for `reference`, as skopeo reads it.
+fn raw_manifest(reg: &Registry, reference: &str) -> Result<Vec<u8>, String> {
     let out = run(tool("skopeo").args([
         "inspect",
         "--raw",
@@ -19,25 +19,14 @@ fn inspect_digest(reg: &Registry, reference: &str) -> Result<String, String> {
     if !out.status.success() {
         return Err(stderr_of(&out));
     }
-    Ok(format!("sha256:{}", sha256_hex(&out.stdout)))
+    Ok(out.stdout)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(bytes)?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+/// The registry's view of `reference`: its manifest digest.
+fn inspect_digest(reg: &Registry, reference: &str) -> Result<String, String> {
+    use sha2::Digest;
+    let bytes = raw_manifest(reg, reference)?;
+    Ok(format!("sha256:{:x}", sha2::Sha256::digest(&bytes)))
 }
 
 #[test]
@@ -279,13 +268,8 @@ fn per_platform_images_pushed_by_digest_join_into_the_single_builds_index() {
 
 /// The cache artifact's document at `reference` (its config blob), from the registry.
 fn cache_document(reg: &Registry, reference: &str) -> serde_json::Value {
-    let manifest = run_ok(tool("skopeo").args([
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{}/{}", reg.host(), reference),
-    ]));
-    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&raw_manifest(reg, reference).unwrap()).unwrap();
     let repo = reference.split(':').next().unwrap();
     let url = format!(
         "http://{}/v2/{}/blobs/{}",

@@ -181,8 +181,7 @@ fn bad(what: &str, msg: impl std::fmt::Display) -> RegistryError {
 /// build that hits the cache writes its SBOM without fetching the layers. Only scans of
 /// layers the records hold are taken; a scan already here, or one of another scanner
 /// version, is left alone.
-fn import_scans(doc: &[u8], records: &HashMap<String, Record>, dir: &Path) {
-    let doc: Value = serde_json::from_slice(doc).unwrap_or(Value::Null);
+fn import_scans(doc: &Value, records: &HashMap<String, Record>, dir: &Path) {
     let Some(scans) = doc["scans"].as_object() else {
         return;
     };
@@ -235,8 +234,7 @@ fn layer_list(v: &Value) -> Option<Vec<LayerRef>> {
 }
 
 /// The cache mounts a cache's document lists: each mount's key and layers.
-fn read_mounts(doc: &[u8], what: &str) -> Result<HashMap<String, Vec<LayerRef>>, RegistryError> {
-    let v: Value = serde_json::from_slice(doc).map_err(|e| bad(what, e))?;
+fn read_mounts(v: &Value, what: &str) -> Result<HashMap<String, Vec<LayerRef>>, RegistryError> {
     let mut out = HashMap::new();
     for (key, layers) in v["mounts"].as_object().cloned().unwrap_or_default() {
         let layers = layer_list(&layers)
@@ -246,8 +244,17 @@ fn read_mounts(doc: &[u8], what: &str) -> Result<HashMap<String, Vec<LayerRef>>,
     Ok(out)
 }
 
-fn read_records(doc: &[u8], what: &str) -> Result<HashMap<String, Record>, RegistryError> {
+/// A cache artifact's document: its records (their SBOM scans kept in `store`) and mounts.
+type Document = (HashMap<String, Record>, HashMap<String, Vec<LayerRef>>);
+
+fn read_document(doc: &[u8], what: &str, store: &Store) -> Result<Document, RegistryError> {
     let v: Value = serde_json::from_slice(doc).map_err(|e| bad(what, e))?;
+    let records = read_records(&v, what)?;
+    import_scans(&v, &records, &store.dir(Bucket::Sbom));
+    Ok((records, read_mounts(&v, what)?))
+}
+
+fn read_records(v: &Value, what: &str) -> Result<HashMap<String, Record>, RegistryError> {
     let mut out = HashMap::new();
     for r in v["records"].as_array().cloned().unwrap_or_default() {
         let key = r["key"].as_str().unwrap_or("").to_string();
@@ -297,9 +304,7 @@ impl RemoteCache {
                     let config = descriptor(&manifest["config"], &what)?;
                     fetch_blob(&client, &ep, &store.blobs, &r.repository, &config)?;
                     let doc = store.blobs.get(&config.digest)?;
-                    let records = read_records(&doc, &what)?;
-                    import_scans(&doc, &records, &store.dir(Bucket::Sbom));
-                    (records, read_mounts(&doc, &what)?)
+                    read_document(&doc, &what, store)?
                 }
             }
             Location::Inline => {
@@ -328,9 +333,7 @@ impl RemoteCache {
                     .map_err(|e| bad(&what, e))?;
                 let config = descriptor(&manifest["config"], &what)?;
                 let doc = read_verified(dir, &config.digest)?;
-                let records = read_records(&doc, &what)?;
-                import_scans(&doc, &records, &store.dir(Bucket::Sbom));
-                (records, read_mounts(&doc, &what)?)
+                read_document(&doc, &what, store)?
             }
         };
         Ok(Some(RemoteCache {
@@ -619,30 +622,23 @@ fn inline_from_registry(
                 media_type: d.media_type,
             });
         }
-        let records = read_inline_records(&config_bytes, &layers, &what)?;
-        import_scans(
-            &serde_json::to_vec(&config_value[crate::oci::image::INLINE_CACHE_FIELD])
-                .unwrap_or_default(),
-            &records,
-            &store.dir(Bucket::Sbom),
-        );
+        let inline = &config_value[crate::oci::image::INLINE_CACHE_FIELD];
+        let records = read_inline_records(inline, &layers, &what)?;
+        import_scans(inline, &records, &store.dir(Bucket::Sbom));
         out.extend(records);
     }
     Ok(out)
 }
 
-/// The records an image's config carries inline, with their layers the image's first ones.
+/// The records of an image's inline cache (`inline`, its config's field), with their
+/// layers the image's first ones.
 fn read_inline_records(
-    config: &[u8],
+    inline: &Value,
     image_layers: &[LayerRef],
     what: &str,
 ) -> Result<HashMap<String, Record>, RegistryError> {
-    let v: Value = serde_json::from_slice(config).map_err(|e| bad(what, e))?;
     let mut out = HashMap::new();
-    let records = v[crate::oci::image::INLINE_CACHE_FIELD]["records"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let records = inline["records"].as_array().cloned().unwrap_or_default();
     for r in records {
         let key = r["key"].as_str().unwrap_or("").to_string();
         let n = r["layers"].as_u64().unwrap_or(u64::MAX) as usize;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
-use super::flags::{parse_entitlements, parse_secret};
+use super::flags::{parse_entitlements, parse_secrets};
 use super::{find_build_file, parse_key_values, read_build_file, CliError};
 use crate::attest::provenance;
 use crate::cache::remote;
@@ -330,7 +330,7 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
 /// `--on-error=shell`: say what failed, then open a shell in the failed step's state (on a
 /// terminal); the build still fails after it.
 fn shell_on_error(e: CliError, root: Option<PathBuf>, secrets: &[String]) -> CliError {
-    e.report();
+    eprint!("{}", e.report());
     let code = e.exit_code;
     let Some(id) = e.failed_step else {
         return CliError::exit(code);
@@ -342,15 +342,11 @@ fn shell_on_error(e: CliError, root: Option<PathBuf>, secrets: &[String]) -> Cli
     let opened = (|| -> Result<(), CliError> {
         let store = crate::store::Store::open(&root.unwrap_or_else(crate::store::default_root))?;
         let state = crate::solver::failures::load(&store, &id).map_err(CliError::msg)?;
-        let secrets = secrets
-            .iter()
-            .map(|s| parse_secret(s))
-            .collect::<Result<_, _>>()
-            .map_err(CliError::msg)?;
+        let secrets = parse_secrets(secrets).map_err(CliError::msg)?;
         super::session::open_session(&store, &state, None, secrets).map(|_| ())
     })();
     if let Err(e) = opened {
-        e.report();
+        eprint!("{}", e.report());
     }
     CliError::exit(code)
 }
@@ -525,12 +521,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
             IsolationArg::Container => crate::worker::Isolation::Container,
         },
         keep: own_paths(&a),
-        secrets: a
-            .secrets
-            .iter()
-            .map(|s| parse_secret(s))
-            .collect::<Result<_, _>>()
-            .map_err(CliError::msg)?,
+        secrets: parse_secrets(&a.secrets).map_err(CliError::msg)?,
         no_cache: a.no_cache,
         no_cache_filter: a.no_cache_filter.clone(),
         jobs: a.jobs.unwrap_or_else(|| {

@@ -6,7 +6,7 @@ use crate::oci::platform::Platform;
 use crate::solver::{explain, failures};
 use crate::worker::Exit;
 
-use super::flags::parse_secret;
+use super::flags::parse_secrets;
 use super::images::RootArg;
 use super::CliError;
 
@@ -122,12 +122,7 @@ pub fn shell(a: ShellArgs) -> Result<(), CliError> {
         (None, Some(stage)) => stage_state(&a, stage, &store)?,
         (None, None) => return Err(CliError::msg("name a failed step, or --target STAGE")),
     };
-    let secrets = a
-        .secrets
-        .iter()
-        .map(|s| parse_secret(s))
-        .collect::<Result<_, _>>()
-        .map_err(CliError::msg)?;
+    let secrets = parse_secrets(&a.secrets).map_err(CliError::msg)?;
     crate::solver::enter_debug_host().map_err(CliError::msg)?;
     let command = (!a.command.is_empty()).then(|| a.command.clone());
     let exit = super::session::open_session(&store, &state, command, secrets)?;

@@ -1,6 +1,7 @@
 //! Flag values parsed into what the solver takes: `--secret` sources and `--allow`
 //! entitlements. (The solver receives values, never flag text.)
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::solver::mounts::SecretSource;
@@ -27,6 +28,11 @@ pub fn parse_secret(s: &str) -> Result<(String, SecretSource), String> {
     let id = id.ok_or_else(|| format!("invalid --secret {:?}: id= is required", s))?;
     let src = src.unwrap_or_else(|| SecretSource::Env(id.clone()));
     Ok((id, src))
+}
+
+/// Parse every `--secret`, by id.
+pub fn parse_secrets(values: &[String]) -> Result<BTreeMap<String, SecretSource>, String> {
+    values.iter().map(|s| parse_secret(s)).collect()
 }
 
 /// Parse `--add-host HOST:IP` (or `HOST=IP`, as buildx also takes) into (host, address).

@@ -84,7 +84,11 @@ fn create(a: CreateArgs) -> Result<(), CliError> {
     }
     let mut seen = std::collections::BTreeSet::new();
     for d in &images {
-        let p = d.platform.as_ref().map(platform_text).unwrap_or_default();
+        let p = d
+            .platform
+            .as_ref()
+            .map(PlatformSpec::spec)
+            .unwrap_or_default();
         if !seen.insert(p.clone()) {
             return Err(CliError::msg(format!(
                 "two images for platform {}: join one image per platform",
@@ -220,13 +224,6 @@ fn platform_of_manifest(
     })
 }
 
-fn platform_text(p: &PlatformSpec) -> String {
-    match &p.variant {
-        Some(v) => format!("{}/{}/{}", p.os, p.architecture, v),
-        None => format!("{}/{}", p.os, p.architecture),
-    }
-}
-
 fn inspect(a: InspectArgs) -> Result<(), CliError> {
     let client = client()?;
     let r = Reference::parse(&a.reference)?.with_default_tag();
@@ -258,7 +255,7 @@ fn inspect(a: InspectArgs) -> Result<(), CliError> {
                 println!("  Annotations: {}: {}", k, v);
             }
         } else if let Some(p) = &d.platform {
-            println!("  Platform:    {}", platform_text(p));
+            println!("  Platform:    {}", p.spec());
         }
         println!();
     }

@@ -22,32 +22,24 @@ pub fn open_session(
             state.file, state.line, state.stage, state.instruction
         );
     }
-    let result = match command {
-        Some(argv) => failures::run(
+    let interactive = command.is_none();
+    let run = |terminal| {
+        failures::run(
             store,
             state,
             failures::Session {
-                argv: Some(argv),
+                argv: command,
                 secrets,
-                terminal: None,
+                terminal,
                 on_line: &mut |line| println!("{}", line),
                 warn: &warn,
             },
-        ),
-        None => crate::worker::terminal::with_pty(|tty| {
-            failures::run(
-                store,
-                state,
-                failures::Session {
-                    argv: None,
-                    secrets,
-                    terminal: Some(tty),
-                    on_line: &mut |_| {},
-                    warn: &warn,
-                },
-            )
-        })
-        .and_then(|r| r),
+        )
+    };
+    let result = if interactive {
+        crate::worker::terminal::with_pty(|tty| run(Some(tty))).and_then(|r| r)
+    } else {
+        run(None)
     };
     result.map_err(CliError::msg)
 }

@@ -51,6 +51,16 @@ pub struct PlatformSpec {
     pub variant: Option<String>,
 }
 
+impl PlatformSpec {
+    /// `os/architecture[/variant]`, as `--platform` takes it.
+    pub fn spec(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{}", self.os, self.architecture, v),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+}
+
 /// An image manifest (or an artifact manifest of the same shape).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {

@@ -13,7 +13,7 @@ use super::inputs::{Fingerprints, StepInput};
 use super::BuildRequest;
 use crate::attest::trace::{ContextLeaf, StepTrace};
 use crate::oci::digest::Digest;
-use crate::store::{Bucket, Store};
+use crate::store::{image_build_record, Bucket, Store};
 
 /// What a build's steps were, for the next build to compare with.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -102,12 +102,8 @@ pub struct StepResult {
     pub miss: Option<String>,
 }
 
-fn image_key(manifest: &Digest) -> String {
-    crate::store::image_build_record(manifest)
-}
-
 fn image_steps_key(manifest: &Digest) -> String {
-    format!("{}.steps", image_key(manifest))
+    format!("{}.steps", image_build_record(manifest))
 }
 
 /// Keep the build record `record` (as [`record_key`] names it) and its steps' results as
@@ -119,7 +115,7 @@ pub fn keep_for_image(store: &Store, record: &str, manifest: &Digest, steps: &[S
     if steps.iter().all(|s| s.cached) && memo.has(&image_steps_key(manifest)) {
         return;
     }
-    memo.link(record, &image_key(manifest));
+    memo.link(record, &image_build_record(manifest));
     let results: Vec<StepResult> = steps
         .iter()
         .map(|s| StepResult {
@@ -140,7 +136,9 @@ pub fn keep_for_image(store: &Store, record: &str, manifest: &Digest, steps: &[S
 
 /// The record of the build that made the image `manifest`.
 pub fn load_for_image(store: &Store, manifest: &Digest) -> Option<BuildRecord> {
-    let bytes = store.memo(Bucket::Builds).get(&image_key(manifest))?;
+    let bytes = store
+        .memo(Bucket::Builds)
+        .get(&image_build_record(manifest))?;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -232,11 +232,7 @@ pub struct Session<'a> {
 
 /// Run a debug session over `state`; returns how the command ended.
 pub fn run(store: &Store, state: &DebugState, session: Session) -> Result<Exit, String> {
-    let snaps = Snapshots::new(
-        &store.dir(Bucket::Snapshots),
-        &store.dir(Bucket::Tmp),
-        &store.blobs,
-    );
+    let snaps = snapshots(store);
     let mode = snapshotter(store, state)?;
     let failed = (!state.id.is_empty()).then(|| written_dir(store, state));
     let below = layers(&state.layers)?;
@@ -291,11 +287,7 @@ pub fn run(store: &Store, state: &DebugState, session: Session) -> Result<Exit, 
             .map(|(_, v)| v.path().to_path_buf())
             .ok_or_else(|| format!("{:?} was not kept with the failed step", from))
     };
-    let network = match op.network {
-        Network::Sandbox => worker::sandbox::NetworkMode::Private,
-        Network::None => worker::sandbox::NetworkMode::Loopback,
-        Network::Host => worker::sandbox::NetworkMode::Host,
-    };
+    let network = mounts::network_mode(op.network);
     let mut guards = mounts::MountGuards::default();
     let setting = mounts::StepSetting {
         rootfs: &rootfs,
@@ -334,11 +326,7 @@ pub fn run(store: &Store, state: &DebugState, session: Session) -> Result<Exit, 
 
 /// Write the failed state's files (the layers it ran on with what it wrote) to `dest`.
 pub fn export(store: &Store, state: &DebugState, dest: &Path) -> Result<(), String> {
-    let snaps = Snapshots::new(
-        &store.dir(Bucket::Snapshots),
-        &store.dir(Bucket::Tmp),
-        &store.blobs,
-    );
+    let snaps = snapshots(store);
     let mode = snapshotter(store, state)?;
     let written = written_dir(store, state);
     if mode == Snapshotter::Copy {
@@ -348,6 +336,14 @@ pub fn export(store: &Store, state: &DebugState, dest: &Path) -> Result<(), Stri
         RootView::new(&snaps, mode, &layers(&state.layers)?).map_err(|e| e.to_string())?;
     view.lay_over(&written).map_err(|e| e.to_string())?;
     worker::copy_tree(view.path(), dest).map_err(|e| e.to_string())
+}
+
+fn snapshots(store: &Store) -> Snapshots {
+    Snapshots::new(
+        &store.dir(Bucket::Snapshots),
+        &store.dir(Bucket::Tmp),
+        &store.blobs,
+    )
 }
 
 /// The snapshotter the state needs: overlay, where it was kept from one, only where

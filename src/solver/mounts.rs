@@ -120,6 +120,18 @@ pub fn cache_mount_key(m: &RunMount) -> String {
     crate::oci::digest::Digest::of(identity.as_bytes()).hex()[..32].to_string()
 }
 
+/// Give a new cache mount's directory the mode and owner its mount names (0755, root).
+pub fn own_cache_dir(dir: &Path, m: &RunMount) -> Result<(), String> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(m.mode.unwrap_or(0o755)))
+        .map_err(|e| format!("{}: {}", dir.display(), e))?;
+    let _ = nix::unistd::chown(
+        dir,
+        Some(m.uid.unwrap_or(0).into()),
+        Some(m.gid.unwrap_or(0).into()),
+    );
+    Ok(())
+}
+
 /// Turn parsed mounts into sandbox mounts plus extra environment (secret `env=`).
 pub fn resolve_mounts(
     mounts: &[RunMount],
@@ -140,13 +152,7 @@ pub fn resolve_mounts(
                 let dir = me.cache_mounts.join(&key);
                 if !dir.exists() {
                     fs::create_dir_all(&dir).map_err(|e| format!("{}: {}", dir.display(), e))?;
-                    fs::set_permissions(&dir, fs::Permissions::from_mode(m.mode.unwrap_or(0o755)))
-                        .map_err(|e| e.to_string())?;
-                    let _ = nix::unistd::chown(
-                        &dir,
-                        Some(m.uid.unwrap_or(0).into()),
-                        Some(m.gid.unwrap_or(0).into()),
-                    );
+                    own_cache_dir(&dir, m)?;
                 }
                 if m.sharing != Sharing::Shared {
                     let lock_path = me.cache_mounts.join(format!("{}.lock", key));
@@ -377,6 +383,17 @@ pub fn resolve_step_user(
             };
             Ok((o.uid, o.gid, groups, db.home_of(o.uid)))
         }
+    }
+}
+
+/// The sandbox's network for a step's `--network`.
+pub fn network_mode(network: crate::plan::Network) -> crate::worker::sandbox::NetworkMode {
+    use crate::plan::Network;
+    use crate::worker::sandbox::NetworkMode;
+    match network {
+        Network::Sandbox => NetworkMode::Private,
+        Network::None => NetworkMode::Loopback,
+        Network::Host => NetworkMode::Host,
     }
 }
 

@@ -75,7 +75,8 @@ fn cloexec(fd: &OwnedFd) -> Result<(), String> {
     .map_err(|e| format!("fcntl: {}", e))
 }
 
-fn window_size(fd: RawFd) -> Option<nix::pty::Winsize> {
+/// The size of the terminal on `fd`, when it is one that knows it.
+pub fn window_size(fd: RawFd) -> Option<nix::pty::Winsize> {
     let mut ws = nix::pty::Winsize {
         ws_row: 0,
         ws_col: 0,
@@ -84,7 +85,7 @@ fn window_size(fd: RawFd) -> Option<nix::pty::Winsize> {
     };
     // SAFETY: TIOCGWINSZ writes one winsize into `ws`.
     let r = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
-    (r == 0 && ws.ws_row > 0).then_some(ws)
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(ws)
 }
 
 /// The user's terminal in raw mode, restored when dropped.

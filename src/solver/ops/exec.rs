@@ -156,7 +156,6 @@ impl OpRunner for ExecOp {
 /// before the step runs (a step that hits never gets here, so nothing is fetched for it).
 /// A mount that cannot be restored starts empty, as it would without the import.
 fn restore_cache_mounts(cx: &Ctx, e: &ExecOp) {
-    use std::os::unix::fs::PermissionsExt;
     if cx.req.cache_from.is_empty() {
         return;
     }
@@ -180,15 +179,9 @@ fn restore_cache_mounts(cx: &Ctx, e: &ExecOp) {
         let Ok(staged) = staged else {
             continue;
         };
-        let _ = fs::set_permissions(
-            staged.path(),
-            fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
-        );
-        let _ = nix::unistd::chown(
-            staged.path(),
-            Some(m.uid.unwrap_or(0).into()),
-            Some(m.gid.unwrap_or(0).into()),
-        );
+        if mounts::own_cache_dir(staged.path(), m).is_err() {
+            continue;
+        }
         for r in &cx.req.cache_from {
             match r.restore_mount(&key, staged.path(), &cx.store.blobs) {
                 Ok(None) => continue,
@@ -263,25 +256,17 @@ fn sandbox_of(
     origin: &Origin,
     e: &ExecOp,
 ) -> Result<(worker::sandbox::NetworkMode, bool), BuildError> {
-    use worker::sandbox::NetworkMode;
-    let network = match e.network {
-        Network::Sandbox => NetworkMode::Private,
-        Network::None => NetworkMode::Loopback,
-        Network::Host => {
-            if !cx.req.entitlements.network_host {
-                return Err(cx.fail(
-                    origin,
-                    "network host is not allowed: start the build with --allow network.host",
-                ));
-            }
-            NetworkMode::Host
-        }
-    };
+    if e.network == Network::Host && !cx.req.entitlements.network_host {
+        return Err(cx.fail(
+            origin,
+            "network host is not allowed: start the build with --allow network.host",
+        ));
+    }
     if e.insecure && !cx.req.entitlements.security_insecure {
         return Err(cx.fail(
             origin,
             "--security=insecure is not allowed: start the build with --allow security.insecure",
         ));
     }
-    Ok((network, e.insecure))
+    Ok((mounts::network_mode(e.network), e.insecure))
 }
