@@ -102,6 +102,18 @@ pub fn explain(a: &Recorded, la: &[LayerRef], b: &Recorded, lb: &[LayerRef]) -> 
     if a.target != b.target {
         inputs["target"] = json!({"a": a.target, "b": b.target});
     }
+    let keys: BTreeSet<&String> = a.options.keys().chain(b.options.keys()).collect();
+    let options: Vec<Value> = keys
+        .into_iter()
+        .filter(|k| a.options.get(*k) != b.options.get(*k))
+        .map(|k| json!({"name": k, "a": a.options.get(k), "b": b.options.get(k)}))
+        .collect();
+    if !options.is_empty() {
+        inputs["options"] = json!(options);
+    }
+    if a.epoch != b.epoch {
+        inputs["sourceDateEpoch"] = json!({"a": a.epoch, "b": b.epoch});
+    }
 
     let cx = Compare {
         a,
@@ -494,7 +506,19 @@ pub fn render(x: &Value) -> String {
             ));
         }
     }
-    for k in ["platform", "target"] {
+    for c in inputs["options"].as_array().into_iter().flatten() {
+        let show = |v: &Value| match v {
+            Value::Null => "unset".to_string(),
+            v => v.to_string(),
+        };
+        lines.push(format!(
+            "build option {}: {} -> {}",
+            c["name"].as_str().unwrap_or(""),
+            show(&c["a"]),
+            show(&c["b"])
+        ));
+    }
+    for k in ["platform", "target", "sourceDateEpoch"] {
         if let Some(c) = inputs.get(k) {
             lines.push(format!("{}: {} -> {}", k, c["a"], c["b"]));
         }

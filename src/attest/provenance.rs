@@ -42,7 +42,20 @@ pub struct Invocation<'a> {
     pub platforms: Vec<String>,
     pub epoch: i64,
     pub mode: Mode,
+    /// The settings that shape the image beyond the build file and args, each only when it
+    /// is not the default (so a plain build's statement names none): `labels`, `addHosts`,
+    /// `network`, `compression`, `forceCompression`. `builder verify` rebuilds with them.
+    pub options: serde_json::Map<String, Value>,
 }
+
+/// The keys [`Invocation::options`] may hold.
+pub const OPTION_KEYS: [&str; 5] = [
+    "labels",
+    "addHosts",
+    "network",
+    "compression",
+    "forceCompression",
+];
 
 fn digest_set(d: &str) -> Value {
     match d.split_once(':') {
@@ -147,6 +160,9 @@ fn statement_with(
     if let Some(t) = inv.target {
         external["target"] = json!(t);
     }
+    for (k, v) in &inv.options {
+        external[k.as_str()] = v.clone();
+    }
     let mut internal = json!({
         "sourceDateEpoch": inv.epoch,
         "mode": match inv.mode { Mode::Min => "min", Mode::Max => "max" },
@@ -205,6 +221,18 @@ pub struct Recorded {
     pub stage_names: BTreeMap<u64, String>,
     /// The stage the image is (`mode=max`).
     pub target_stage: Option<u64>,
+    /// The platforms of the whole build.
+    pub platforms: Vec<String>,
+    /// `sourceDateEpoch`.
+    pub epoch: Option<i64>,
+    /// `min` or `max`.
+    pub mode: String,
+    /// The non-default settings (see [`Invocation::options`]).
+    pub options: BTreeMap<String, Value>,
+    /// Which isolation RUN had, when weaker than the sandbox.
+    pub isolation: Option<String>,
+    /// The image manifest the statement is about.
+    pub subject: String,
 }
 
 /// Read a provenance statement back; `None` when it is not one of ours.
@@ -221,6 +249,25 @@ pub fn read(statement: &Value) -> Option<Recorded> {
         target: ext["target"].as_str().map(str::to_string),
         ..Recorded::default()
     };
+    for k in OPTION_KEYS {
+        if let Some(v) = ext.get(k) {
+            r.options.insert(k.to_string(), v.clone());
+        }
+    }
+    r.platforms = ext["platforms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    let internal = &def["internalParameters"];
+    r.epoch = internal["sourceDateEpoch"].as_i64();
+    r.mode = internal["mode"].as_str().unwrap_or("").to_string();
+    r.isolation = internal["isolation"].as_str().map(str::to_string);
+    r.subject = statement["subject"][0]["digest"]["sha256"]
+        .as_str()
+        .map(|h| format!("sha256:{}", h))
+        .unwrap_or_default();
     if let Some(args) = ext["args"].as_object() {
         for (k, v) in args {
             r.args
@@ -301,6 +348,7 @@ mod tests {
             platforms: vec!["linux/amd64".into()],
             epoch: 0,
             mode: Mode::Max,
+            options: Default::default(),
         };
         let m = Digest::of(b"manifest");
         let bytes = statement_bytes(&inv, "linux/amd64", &m, &trace);

@@ -81,6 +81,13 @@ fn tagged_images(store: &Store) -> Result<(Vec<image::StoredImage>, Vec<Digest>)
         for d in std::iter::once(named).chain(attested.as_ref()) {
             keep_image(store, d, &mut images, &mut indexes);
         }
+        // And those kept beside each of its images (a pull's referrers, a layout's).
+        let each: Vec<Digest> = image::load_all(&store.blobs, named)
+            .map(|(found, _)| found.into_iter().map(|i| i.manifest_digest).collect())
+            .unwrap_or_default();
+        for d in each.iter().filter_map(|i| store.attested(i)) {
+            keep_image(store, &d, &mut images, &mut indexes);
+        }
     }
     Ok((images, indexes))
 }

@@ -15,7 +15,7 @@ use crate::export::Output;
 use crate::frontend::PlanOptions;
 use crate::oci::layer::Compression;
 use crate::oci::platform::Platform;
-use crate::pipeline::{self, AttestOptions, BuildOptions};
+use crate::pipeline::{self, AttestLayout, AttestOptions, BuildOptions};
 use crate::plan;
 use crate::progress::{JsonReporter, PlainReporter, QuietReporter, Reporter, TtyReporter};
 use crate::registry::{PullPolicy, Reference};
@@ -34,6 +34,13 @@ pub enum ProgressMode {
 pub enum CompressionKind {
     Gzip,
     Zstd,
+}
+
+/// `--attest-layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttestLayoutArg {
+    Referrers,
+    Index,
 }
 
 /// `--on-error`.
@@ -173,6 +180,11 @@ pub struct BuildArgs {
     /// or type=sbom[,disabled=true] (repeatable).
     #[arg(long = "attest", value_name = "type=...")]
     pub attest: Vec<String>,
+    /// How attestations travel with the image: `referrers` (default: OCI 1.1 referrers of
+    /// the image, beside it in layouts and registries) or `index` (BuildKit's layout: names
+    /// point at an index that lists each image and its attestation manifest).
+    #[arg(long, value_enum, value_name = "LAYOUT", default_value = "referrers")]
+    pub attest_layout: AttestLayoutArg,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -190,9 +202,8 @@ pub fn attest_options(
     let mut o = AttestOptions {
         provenance: defaults.then_some(provenance::Mode::Max),
         sbom: defaults,
-        explicit: false,
+        layout: AttestLayout::Referrers,
     };
-    let mut asked = false;
     let bool_of = |flag: &str, v: &str| -> Result<bool, CliError> {
         match v.trim() {
             "true" | "1" => Ok(true),
@@ -234,7 +245,6 @@ pub fn attest_options(
     if let Some(p) = provenance {
         let fields: Vec<&str> = p.split(',').filter(|f| !f.is_empty()).collect();
         o.provenance = provenance_of("--provenance", &fields)?;
-        asked |= o.provenance.is_some();
     }
     // `true`, `false`, `disabled=true`, comma-separated; the generator is ours.
     let sbom_of = |flag: &str, fields: &[&str]| -> Result<bool, CliError> {
@@ -262,7 +272,6 @@ pub fn attest_options(
     if let Some(v) = sbom {
         let fields: Vec<&str> = v.split(',').filter(|f| !f.is_empty()).collect();
         o.sbom = sbom_of("--sbom", &fields)?;
-        asked |= o.sbom;
     }
     for a in attest {
         let fields: Vec<&str> = a.split(',').filter(|f| !f.is_empty()).collect();
@@ -278,11 +287,9 @@ pub fn attest_options(
         match kind {
             "provenance" => {
                 o.provenance = provenance_of("--attest type=provenance", &rest)?;
-                asked |= o.provenance.is_some();
             }
             "sbom" => {
                 o.sbom = sbom_of("--attest type=sbom", &rest)?;
-                asked |= o.sbom;
             }
             other => {
                 return Err(CliError::msg(format!(
@@ -292,9 +299,6 @@ pub fn attest_options(
             }
         }
     }
-    // Only a flag that turns an attestation on asks for BuildKit's layout; one that turns
-    // something off does not.
-    o.explicit = asked && (o.provenance.is_some() || o.sbom);
     Ok(o)
 }
 
@@ -532,7 +536,13 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         pull: a.pull,
         cache_from,
         cache_to,
-        attest: attest_options(a.provenance.as_deref(), a.sbom.as_deref(), &a.attest)?,
+        attest: AttestOptions {
+            layout: match a.attest_layout {
+                AttestLayoutArg::Referrers => AttestLayout::Referrers,
+                AttestLayoutArg::Index => AttestLayout::Index,
+            },
+            ..attest_options(a.provenance.as_deref(), a.sbom.as_deref(), &a.attest)?
+        },
         verify: a.verify,
         iidfile: a.iidfile.clone(),
         metadata_file: a.metadata_file.clone(),

@@ -77,6 +77,31 @@ pub fn parse_entitlements(values: &[String]) -> Result<Entitlements, String> {
     Ok(e)
 }
 
+/// `--platform`: `os/arch[/variant]`, this machine's when not given.
+pub fn parse_platform(p: Option<&str>) -> Result<crate::oci::platform::Platform, super::CliError> {
+    match p {
+        Some(p) => crate::oci::platform::Platform::parse(p).ok_or_else(|| {
+            super::CliError::msg(format!(
+                "invalid --platform {:?}: want os/arch[/variant]",
+                p
+            ))
+        }),
+        None => Ok(crate::oci::platform::Platform::host()),
+    }
+}
+
+/// `--format text|json`: whether it is JSON.
+pub fn json_format(format: &str) -> Result<bool, super::CliError> {
+    match format {
+        "json" => Ok(true),
+        "text" => Ok(false),
+        other => Err(super::CliError::msg(format!(
+            "invalid --format {:?}: text or json",
+            other
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -350,57 +350,36 @@ fn stored_index(
     })
 }
 
-/// The provenance recorded for `image`: from the index `reference` names, else from the one
-/// its build recorded beside it.
-fn provenance_of(
-    store: &Store,
-    reference: &str,
-    image: &crate::oci::image::StoredImage,
-) -> Option<crate::attest::provenance::Recorded> {
-    let named = store.resolve(reference).ok();
-    let candidates = [
-        named.clone(),
-        named.and_then(|d| store.attested(&d)),
-        store.attested(&image.manifest_digest),
-    ];
-    let attestation = candidates.iter().flatten().find_map(|index| {
-        crate::oci::image::load_attestations(&store.blobs, index)
-            .into_iter()
-            .find(|a| a.subject == image.manifest_digest)
-    })?;
-    attestation
-        .statements
-        .iter()
-        .find_map(|(layer, predicate)| {
-            if predicate != crate::attest::provenance::PREDICATE_TYPE {
-                return None;
-            }
-            let bytes = store.blobs.get(&layer.digest).ok()?;
-            let statement: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-            crate::attest::provenance::read(&statement)
-        })
-}
-
 /// `builder diff A B`: exit 0 when the manifests are identical, 1 when they differ. When
 /// both carry provenance, the report starts with why: the inputs that differ, and for each
 /// differing layer its step and the inputs of that step that changed.
-pub fn diff(root: &RootArg, a: &str, b: &str, format: &str) -> Result<(), CliError> {
-    let json = match format {
-        "json" => true,
-        "text" => false,
-        other => {
-            return Err(CliError::msg(format!(
-                "invalid --format {:?}: text or json",
-                other
-            )))
-        }
-    };
+pub fn diff(
+    root: &RootArg,
+    a: &str,
+    b: &str,
+    format: &str,
+    platform: Option<&str>,
+) -> Result<(), CliError> {
+    let json = super::flags::json_format(format)?;
+    let platform = super::flags::parse_platform(platform)?;
     let store = root.open()?;
-    let ia = load_any(&store, a)?;
-    let ib = load_any(&store, b)?;
+    let client =
+        crate::registry::Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
+    let place = |reference: &str| -> Result<_, CliError> {
+        let placed = sources::fetch_anywhere(&store, reference, Some(&platform), &client)?;
+        let image = placed
+            .images
+            .into_iter()
+            .next()
+            .ok_or_else(|| CliError::msg(format!("{}: no image", reference)))?;
+        let recorded = crate::pipeline::recorded_provenance(&store, &placed.top, &image);
+        Ok((image, recorded))
+    };
+    let (ia, pa) = place(a)?;
+    let (ib, pb) = place(b)?;
     let mut report = crate::oci::diff::diff_images(&store.blobs, &ia, &store.blobs, &ib)
         .map_err(|e| CliError::msg(e.to_string()))?;
-    let explanation = match (provenance_of(&store, a, &ia), provenance_of(&store, b, &ib)) {
+    let explanation = match (pa, pb) {
         (Some(pa), Some(pb)) if report["identical"].as_bool() != Some(true) => Some(
             crate::attest::explain::explain(&pa, &ia.state.layers, &pb, &ib.state.layers),
         ),

@@ -2,9 +2,10 @@
 //! built on its own machine) into one index, as `docker buildx imagetools` does, and show an
 //! index and its platforms.
 //!
-//! The joined index lists the images in the order given, then their attestation manifests:
-//! the very bytes a single build of every platform pushes, since each platform's
-//! attestations describe that platform's build alone.
+//! The joined index lists the images in the order given (then, for sources in BuildKit's
+//! layout, their attestation manifests): the very bytes a single build of every platform
+//! pushes, since each platform's attestations describe that platform's build alone. The
+//! images' referrers (their attestations) are copied to where the index goes.
 
 use std::sync::Arc;
 
@@ -65,10 +66,12 @@ fn client() -> Result<Arc<Client>, CliError> {
     ))
 }
 
-/// What one source adds to the index: its images, and their attestation manifests.
+/// What one source adds to the index: its images, and their attestation manifests; and
+/// the attestations its registry lists as referrers of those images.
 struct Entries {
     images: Vec<Descriptor>,
     attestations: Vec<Descriptor>,
+    referrers: Vec<crate::oci::image::StoredAttestation>,
 }
 
 fn create(a: CreateArgs) -> Result<(), CliError> {
@@ -76,11 +79,24 @@ fn create(a: CreateArgs) -> Result<(), CliError> {
     let client = client()?;
     let mut images = Vec::new();
     let mut attestations = Vec::new();
+    let mut referrers = Vec::new();
     for source in &a.sources {
         let r = Reference::parse(source)?.with_default_tag();
-        let e = entries_of(&client, &store, &r)?;
+        let mut e = entries_of(&client, &store, &r)?;
+        for image in &e.images {
+            e.referrers
+                .extend(crate::registry::pull::fetch_referred_attestations(
+                    &client,
+                    &store.local(),
+                    &r.registry,
+                    &r.repository,
+                    &image.digest,
+                    &r.familiar(),
+                )?);
+        }
         images.extend(e.images);
         attestations.extend(e.attestations);
+        referrers.extend(e.referrers);
     }
     let mut seen = std::collections::BTreeSet::new();
     for d in &images {
@@ -113,7 +129,18 @@ fn create(a: CreateArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::msg(e.to_string()))?;
     for t in &a.tags {
         let dest = Reference::parse(t)?.with_default_tag();
-        let pushed = push::push(&client, &store.local(), &digest, &dest)?;
+        let mut pushed = push::push(&client, &store.local(), &digest, &dest)?;
+        let mut by_subject: std::collections::BTreeMap<_, Vec<Descriptor>> = Default::default();
+        for a in &referrers {
+            by_subject
+                .entry(a.subject.clone())
+                .or_default()
+                .push(crate::oci::image::referrer_descriptor(a));
+        }
+        for (subject, list) in &by_subject {
+            pushed.referrers +=
+                push::push_referrers(&client, &store.local(), subject, list, &dest)?.len();
+        }
         eprintln!("{}", crate::pipeline::pushed_line(&dest, &pushed));
     }
     println!("{}", digest);
@@ -132,6 +159,7 @@ fn entries_of(client: &Client, store: &Store, r: &Reference) -> Result<Entries, 
     let mut entries = Entries {
         images: Vec::new(),
         attestations: Vec::new(),
+        referrers: Vec::new(),
     };
     let listed: Vec<Descriptor> =
         if is_index(&top.media_type) || is_index(top_value["mediaType"].as_str().unwrap_or("")) {
@@ -237,12 +265,27 @@ fn inspect(a: InspectArgs) -> Result<(), CliError> {
     println!("Name:      {}", what);
     println!("MediaType: {}", top.media_type);
     println!("Digest:    {}", top.digest);
-    let Ok(index) = serde_json::from_slice::<Index>(&top.bytes) else {
-        return Ok(());
+    let referrers_of = |d: &crate::oci::digest::Digest| -> Result<(), CliError> {
+        let (listed, _) =
+            crate::registry::pull::list_referrers(&client, &ep, &r.repository, d, &what)?;
+        for m in listed {
+            println!(
+                "  Referrer:    {}@{} ({})",
+                r.familiar_name(),
+                m["digest"].as_str().unwrap_or(""),
+                m["artifactType"].as_str().unwrap_or("")
+            );
+        }
+        Ok(())
     };
-    if !is_index(&index.media_type) && !is_index(&top.media_type) {
-        return Ok(());
-    }
+    let index = match serde_json::from_slice::<Index>(&top.bytes) {
+        Ok(index) if is_index(&index.media_type) || is_index(&top.media_type) => index,
+        _ => {
+            // One image: its attestations are its referrers.
+            println!();
+            return referrers_of(&top.digest);
+        }
+    };
     println!();
     println!("Manifests:");
     let repo = r.familiar_name();
@@ -254,8 +297,11 @@ fn inspect(a: InspectArgs) -> Result<(), CliError> {
             for (k, v) in &d.annotations {
                 println!("  Annotations: {}: {}", k, v);
             }
-        } else if let Some(p) = &d.platform {
-            println!("  Platform:    {}", p.spec());
+        } else {
+            if let Some(p) = &d.platform {
+                println!("  Platform:    {}", p.spec());
+            }
+            referrers_of(&d.digest)?;
         }
         println!();
     }

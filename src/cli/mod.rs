@@ -65,16 +65,24 @@ pub enum Command {
     /// Manage the layer cache.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Show what differs between two images (exit 0 when identical, 1 when not).
+    /// Show what differs between two images, and why when both carry provenance (exit 0
+    /// when identical, 1 when not). Each is a store name, oci:DIR[:TAG],
+    /// oci-archive:FILE[:TAG], docker-archive:FILE or a registry reference.
     Diff {
         a: String,
         b: String,
         /// text or json
         #[arg(long, default_value = "text")]
         format: String,
+        /// Which image of an index to compare (default: this machine's platform).
+        #[arg(long)]
+        platform: Option<String>,
         #[command(flatten)]
         root: images::RootArg,
     },
+    /// Rebuild a published image from its provenance in a fresh store, and say whether it
+    /// reproduced (exit 0) or why not (exit 1).
+    Verify(verify::VerifyArgs),
     /// Re-hash the store and report any problem.
     Fsck(images::RootArg),
     /// Pull an image from a registry into the store.
@@ -100,6 +108,7 @@ pub mod images;
 mod imagetools;
 pub mod registry;
 mod session;
+mod verify;
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
@@ -145,7 +154,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Push(a) => registry::push(a),
         Command::Login(a) => registry::login(a),
         Command::Logout(a) => registry::logout(a),
-        Command::Diff { a, b, format, root } => images::diff(&root, &a, &b, &format),
+        Command::Diff {
+            a,
+            b,
+            format,
+            platform,
+            root,
+        } => images::diff(&root, &a, &b, &format, platform.as_deref()),
         Command::Cache(CacheCommand::Du(r)) => images::cache_du(&r),
         Command::Cache(CacheCommand::Prune {
             all,
@@ -161,6 +176,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             images::cache_prune(&root, all, keep_storage.as_deref(), filter.as_deref())
         }
         Command::Imagetools(c) => imagetools::run(c),
+        Command::Verify(a) => verify::run(a),
         Command::Debug(d) => debug::run(d),
     }
 }

@@ -7,7 +7,6 @@ use clap::Args;
 
 use super::images::RootArg;
 use super::CliError;
-use crate::oci::platform::Platform;
 use crate::registry::auth::{self, Credential};
 use crate::registry::{Client, Reference};
 
@@ -52,18 +51,6 @@ pub struct LogoutArgs {
     pub registry: Option<String>,
 }
 
-pub fn parse_platform(p: Option<&str>) -> Result<Platform, CliError> {
-    match p {
-        Some(p) => Platform::parse(p).ok_or_else(|| {
-            CliError::msg(format!(
-                "invalid --platform {:?}: want os/arch[/variant]",
-                p
-            ))
-        }),
-        None => Ok(Platform::host()),
-    }
-}
-
 /// The registry a login names: a bare host, a URL, or docker.io by default.
 fn registry_of(arg: Option<&str>) -> String {
     let raw = arg.unwrap_or("docker.io");
@@ -89,7 +76,7 @@ pub fn pull(a: PullArgs) -> Result<(), CliError> {
             freed
         );
     }
-    let platform = parse_platform(a.platform.as_deref())?;
+    let platform = super::flags::parse_platform(a.platform.as_deref())?;
     let reference = Reference::parse(&a.reference)?;
     let client = Client::from_config()?.with_notices(|m| eprintln!("warning: {}", m));
     let (p, name) = crate::store::sources::pull_named(

@@ -312,6 +312,80 @@ pub fn write_oci_index_layout(
     name_in_layout(dir, desc, &index.digest, tag)
 }
 
+/// Add `attestations` to the layout at `dir` as OCI 1.1 referrers of their images: their
+/// blobs, and one untagged index.json entry each (with its `artifactType`, and BuildKit's
+/// annotations naming the image it is about). Tags are untouched, so a tag still names the
+/// image; entries about images no tag reaches any more are dropped.
+pub fn add_referrers_to_layout(
+    blobs: &BlobStore,
+    attestations: &[crate::oci::image::StoredAttestation],
+    dir: &Path,
+) -> Result<(), ExportError> {
+    for a in attestations {
+        place_blob(blobs, dir, &a.config_digest)?;
+        for (l, _) in &a.statements {
+            place_blob(blobs, dir, &l.digest)?;
+        }
+        place_blob(blobs, dir, &a.manifest_digest)?;
+    }
+    let index_path = dir.join("index.json");
+    let mut manifests = read_layout_index(&index_path);
+    let ours: Vec<String> = attestations
+        .iter()
+        .map(|a| a.manifest_digest.to_string())
+        .collect();
+    manifests.retain(|m| {
+        m["annotations"][REF_NAME].is_string()
+            || !ours
+                .iter()
+                .any(|d| m["digest"].as_str() == Some(d.as_str()))
+    });
+    for a in attestations {
+        manifests.push(
+            serde_json::to_value(crate::oci::image::referrer_descriptor(a)).unwrap_or(Value::Null),
+        );
+    }
+    write_layout_index(dir, prune_referrers(dir, manifests))
+}
+
+/// The layout's entries without referrers whose subject no image entry reaches (a tag that
+/// moved to another image leaves its old image's attestations behind otherwise).
+fn prune_referrers(dir: &Path, manifests: Vec<Value>) -> Vec<Value> {
+    let is_referrer = |m: &Value| {
+        !m["annotations"][REF_NAME].is_string()
+            && m["annotations"][crate::oci::image::REFERENCE_DIGEST].is_string()
+    };
+    let mut reachable: Vec<String> = Vec::new();
+    for m in manifests.iter().filter(|m| !is_referrer(m)) {
+        let Some(d) = m["digest"].as_str() else {
+            continue;
+        };
+        reachable.push(d.to_string());
+        let Ok(digest) = d.parse::<Digest>() else {
+            continue;
+        };
+        let bytes = fs::read(dir.join("blobs/sha256").join(digest.hex())).unwrap_or_default();
+        if let Some(entries) = crate::oci::image::index_entries(&bytes) {
+            reachable.extend(entries.into_iter().map(|(d, _)| d.to_string()));
+        }
+    }
+    manifests
+        .into_iter()
+        .filter(|m| {
+            let about = m["annotations"][crate::oci::image::REFERENCE_DIGEST].as_str();
+            !is_referrer(m) || reachable.iter().any(|r| about == Some(r.as_str()))
+        })
+        .collect()
+}
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn write_layout_index(dir: &Path, manifests: Vec<Value>) -> Result<(), ExportError> {
+    let index_path = dir.join("index.json");
+    let index = json!({"schemaVersion": 2, "mediaType": crate::oci::image::MEDIA_INDEX, "manifests": manifests});
+    write_atomic(&index_path, &canonical_json(&index)).map_err(io_at(&index_path))
+}
+
 fn read_layout_index(index_path: &Path) -> Vec<Value> {
     match fs::read(index_path) {
         Ok(b) => serde_json::from_slice::<Value>(&b)
@@ -345,20 +419,18 @@ fn name_in_layout(
     write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_at(&layout))?;
     let index_path = dir.join("index.json");
     let mut manifests = read_layout_index(&index_path);
-    let ref_key = "org.opencontainers.image.ref.name";
     manifests.retain(|m| match tag {
-        Some(t) => m["annotations"][ref_key].as_str() != Some(t),
+        Some(t) => m["annotations"][REF_NAME].as_str() != Some(t),
         None => {
             m["digest"].as_str() != Some(&digest.to_string())
-                || m["annotations"][ref_key].is_string()
+                || m["annotations"][REF_NAME].is_string()
         }
     });
     if let Some(t) = tag {
-        desc["annotations"] = json!({ ref_key: t });
+        desc["annotations"] = json!({ REF_NAME: t });
     }
     manifests.push(desc);
-    let index = json!({"schemaVersion": 2, "mediaType": crate::oci::image::MEDIA_INDEX, "manifests": manifests});
-    write_atomic(&index_path, &canonical_json(&index)).map_err(io_at(&index_path))
+    write_layout_index(dir, prune_referrers(dir, manifests))
 }
 
 /// What a build made, or a name stands for: one image, or an index of one per platform.
@@ -387,7 +459,34 @@ impl Built {
         scratch: &Path,
         attested: Option<&StoredIndex>,
     ) -> Result<(), ExportError> {
+        // The attestations travel beside the image in a layout, as its referrers (unless
+        // the build's name is BuildKit's index, which lists them itself).
+        let referrers = match attested {
+            Some(x) if x.digest != self.digest() => x.attestations.as_slice(),
+            _ => &[],
+        };
+        let tag_of = |tag: &Option<String>| {
+            tag.clone().or(names
+                .first()
+                .and_then(|n| n.rsplit_once(':').map(|x| x.1.to_string())))
+        };
+        let layout = |dir: &Path, tag: Option<&str>| -> Result<(), ExportError> {
+            match self {
+                Built::Image(i) => write_oci_layout(blobs, i, dir, tag)?,
+                Built::Index(i) => write_oci_index_layout(blobs, i, dir, tag)?,
+            }
+            if referrers.is_empty() {
+                return Ok(());
+            }
+            add_referrers_to_layout(blobs, referrers, dir)
+        };
         match (self, out) {
+            (_, Output::OciDir { dir, tag }) => layout(dir, tag_of(tag).as_deref()),
+            (_, Output::OciArchive { file, tag }) => {
+                let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
+                layout(tmp.path(), tag_of(tag).as_deref())?;
+                tar_dir(tmp.path(), file, &[])
+            }
             (Built::Image(i), Output::Local { dir }) => {
                 export(blobs, i, names, out, scratch)?;
                 match attested {

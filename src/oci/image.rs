@@ -315,11 +315,16 @@ pub const MEDIA_IN_TOTO: &str = "application/vnd.in-toto+json";
 pub const REFERENCE_TYPE: &str = "vnd.docker.reference.type";
 pub const REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
 pub const ATTESTATION_MANIFEST: &str = "attestation-manifest";
+/// The artifact type of an attestation manifest (BuildKit's, for its OCI-artifact form).
+pub const ARTIFACT_ATTESTATION: &str = "application/vnd.docker.attestation.manifest.v1+json";
 /// The layer annotation naming a statement's predicate type.
 pub const PREDICATE_TYPE: &str = "in-toto.io/predicate-type";
 
 /// An attestation manifest, laid out as BuildKit lays it out: a manifest whose config says
-/// `unknown/unknown` and whose layers are in-toto statements about one image of the index.
+/// `unknown/unknown` and whose layers are in-toto statements about one image. It is an OCI
+/// 1.1 referrer of that image too: its `subject` is the image manifest, and its
+/// `artifactType` says what it is, so it can travel beside the image (in a layout's
+/// index.json, or through a registry's referrers API) as well as inside an index.
 #[derive(Debug, Clone)]
 pub struct StoredAttestation {
     pub manifest_digest: Digest,
@@ -366,10 +371,14 @@ pub fn commit_attestation(
     let manifest = to_canonical(&Manifest {
         schema_version: 2,
         media_type: MEDIA_MANIFEST.into(),
-        artifact_type: None,
         config: Descriptor::new(MEDIA_CONFIG, config_digest.clone(), config.len() as u64),
         layers: descriptors,
-        subject: None,
+        artifact_type: Some(ARTIFACT_ATTESTATION.into()),
+        subject: Some(Descriptor::new(
+            MEDIA_MANIFEST,
+            subject.manifest_digest.clone(),
+            subject.manifest_size,
+        )),
         annotations: BTreeMap::new(),
     });
     let manifest_digest = blobs.put(&manifest)?;
@@ -394,6 +403,16 @@ pub fn attestation_descriptor(a: &StoredAttestation) -> Descriptor {
         .insert(REFERENCE_DIGEST.into(), a.subject.to_string());
     d.annotations
         .insert(REFERENCE_TYPE.into(), ATTESTATION_MANIFEST.into());
+    d
+}
+
+/// The descriptor of an attestation manifest as a referrer of its image: what a referrers
+/// index (the registry's API, or its fallback tag) and a layout's index.json list. It keeps
+/// BuildKit's annotations, so a reader of either form finds it the same way.
+pub fn referrer_descriptor(a: &StoredAttestation) -> Descriptor {
+    let mut d = attestation_descriptor(a);
+    d.platform = None;
+    d.artifact_type = Some(ARTIFACT_ATTESTATION.into());
     d
 }
 
@@ -432,6 +451,15 @@ pub fn load_attestation(
             .parse()
             .map_err(|e: super::digest::BadDigest| invalid(&what, e.to_string()))
     };
+    // A referrer says itself what it is about: it must be the image it is listed for.
+    if let Some(own) = m["subject"]["digest"].as_str() {
+        if own != subject.to_string() {
+            return Err(invalid(
+                &what,
+                format!("an attestation listed for {} is about {}", subject, own),
+            ));
+        }
+    }
     let config_digest = parse(&m["config"]["digest"])?;
     let mut statements = Vec::new();
     for l in m["layers"].as_array().into_iter().flatten() {

@@ -15,8 +15,21 @@ use crate::store::Store;
 pub struct AttestOptions {
     pub provenance: Option<provenance::Mode>,
     pub sbom: bool,
-    /// Asked for on the command line (not only the defaults): OCI layouts get them too.
-    pub explicit: bool,
+    /// How the attestations travel with the image.
+    pub layout: AttestLayout,
+}
+
+/// How attestations travel with an image (`--attest-layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttestLayout {
+    /// OCI 1.1 referrers: names point at the image; each image's attestation manifest has
+    /// it as `subject`, listed untagged in a layout's index.json and pushed so that the
+    /// registry's referrers API (or its `sha256-<digest>` fallback tag) lists it.
+    #[default]
+    Referrers,
+    /// BuildKit's layout: names point at an index listing each image and its attestation
+    /// manifest, for tools that read only that.
+    Index,
 }
 
 /// Where the build file is, as provenance names it: its path in the context, else its name
@@ -56,6 +69,7 @@ pub fn statements(
             mode,
             platforms: vec![platform.clone()],
             build_file_digest: invocation.build_file_digest.clone(),
+            options: invocation.options.clone(),
             ..*invocation
         };
         let (doc, files) =

@@ -5,6 +5,7 @@
 
 mod attestations;
 mod bases;
+pub mod rebuild;
 mod summary;
 mod verify;
 
@@ -29,8 +30,9 @@ use crate::solver::{self, BuildRequest, Entitlements};
 use crate::store::Store;
 use crate::syntax::dockerignore;
 
-pub use attestations::AttestOptions;
+pub use attestations::{AttestLayout, AttestOptions};
 pub use bases::StoreResolver;
+pub use rebuild::recorded_provenance;
 
 /// Everything a build is asked to do, resolved from the command line.
 pub struct BuildOptions {
@@ -268,6 +270,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         platforms: o.platforms.iter().map(Platform::spec).collect(),
         epoch: o.epoch,
         mode: o.attest.provenance.unwrap_or(provenance::Mode::Max),
+        options: recorded_options(&o),
     };
     // One solver for every platform: an identical step of two platforms runs once.
     let solver = solver::Solver::new(&store);
@@ -305,8 +308,8 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         reporter.log(0, &pushed_line(dest, &pushed));
     }
     for repository in &o.push_by_digest {
-        // What a tag push would send (the index with the attestations), by its digest.
-        let sent = store.attested(&digest).unwrap_or_else(|| digest.clone());
+        // What a tag push would send, by its digest (its attestations go as referrers).
+        let sent = digest.clone();
         let dest = Reference {
             tag: None,
             digest: Some(sent.clone()),
@@ -356,12 +359,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         );
     }
 
-    // What the build names: what the registry's tag names after a push (the index with the
-    // attestations), else what the store's names point at.
-    let digest = match &attested {
-        Some(x) if !o.push_to.is_empty() || !o.push_by_digest.is_empty() => x.digest.clone(),
-        _ => digest,
-    };
+    // What the build names: what the store's names and a registry's tag point at.
     let digest = digest.to_string();
     if let Some(p) = &o.iidfile {
         std::fs::write(p, &digest).map_err(|e| CliError::io(p, e))?;
@@ -392,6 +390,42 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         reporter.check(name, f);
     }
     Ok(Finished::Built(digest))
+}
+
+/// The settings provenance records beside the build file and args: those that shape the
+/// image, each only when it is not the default.
+fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let mut m = serde_json::Map::new();
+    if !o.labels.is_empty() {
+        let labels: BTreeMap<&String, &String> = o.labels.iter().map(|(k, v)| (k, v)).collect();
+        m.insert("labels".into(), json!(labels));
+    }
+    if !o.extra_hosts.is_empty() {
+        let hosts: Vec<String> = o
+            .extra_hosts
+            .iter()
+            .map(|(h, ip)| format!("{}={}", h, ip))
+            .collect();
+        m.insert("addHosts".into(), json!(hosts));
+    }
+    match o.network {
+        plan::Network::Sandbox => {}
+        plan::Network::None => {
+            m.insert("network".into(), json!("none"));
+        }
+        plan::Network::Host => {
+            m.insert("network".into(), json!("host"));
+        }
+    }
+    let compression = o.compression.key();
+    if compression != Compression::Gzip(6).key() {
+        m.insert("compression".into(), json!(compression));
+    }
+    if o.force_compression {
+        m.insert("forceCompression".into(), json!(true));
+    }
+    m
 }
 
 /// The `RUN --mount=type=cache` mounts the build's steps name that have contents here: each
@@ -525,9 +559,9 @@ fn commit(
         images.push(outcome.image);
         steps.extend(outcome.steps);
     }
-    // Names and outputs get the images themselves unless attestations were asked for on the
-    // command line (then, as BuildKit, the index): tools that resolve a tag (umoci,
-    // oci-image-tool, a runtime) want an image. A push always sends the index.
+    // Names and outputs get the images themselves, the attestations travelling beside them as
+    // referrers (tools that resolve a tag, umoci, oci-image-tool, a runtime, want an image),
+    // unless `--attest-layout=index` asks for BuildKit's index.
     let attested = if attested_images.is_empty() {
         None
     } else {
@@ -548,7 +582,7 @@ fn commit(
         store.set_attested(&plain.digest(), &x.digest)?;
     }
     let built = match &attested {
-        Some(x) if attest.explicit => Built::Index(x.clone()),
+        Some(x) if attest.layout == AttestLayout::Index => Built::Index(x.clone()),
         _ => plain,
     };
     Ok(Committed {
@@ -654,16 +688,41 @@ pub fn push_image(
     dest: &Reference,
 ) -> Result<push::Pushed, CliError> {
     let named = store.resolve(source)?;
-    // The registry gets the image with the attestations its build recorded (BuildKit's
-    // layout: an index of the image and its attestation manifest).
-    let digest = store.attested(&named).unwrap_or(named);
-    Ok(push::push(client, &store.local(), &digest, dest)?)
+    let mut pushed = push::push(client, &store.local(), &named, dest)?;
+    // The attestations go along as referrers of their images (those inside a name that is
+    // BuildKit's index went with it).
+    let inside: Vec<crate::oci::digest::Digest> =
+        crate::oci::image::load_attestations(&store.blobs, &named)
+            .into_iter()
+            .map(|a| a.manifest_digest)
+            .collect();
+    let mut by_subject: BTreeMap<
+        crate::oci::digest::Digest,
+        Vec<crate::oci::document::Descriptor>,
+    > = BTreeMap::new();
+    for a in store.attestations_of(&named) {
+        if !inside.contains(&a.manifest_digest) {
+            by_subject
+                .entry(a.subject.clone())
+                .or_default()
+                .push(crate::oci::image::referrer_descriptor(&a));
+        }
+    }
+    for (subject, referrers) in &by_subject {
+        for r in push::push_referrers(client, &store.local(), subject, referrers, dest)? {
+            pushed.uploaded += r.uploaded;
+            pushed.mounted += r.mounted;
+            pushed.present += r.present;
+            pushed.referrers += 1;
+        }
+    }
+    Ok(pushed)
 }
 
 /// What a push sent, as the user reads it.
 pub fn pushed_line(dest: &Reference, p: &push::Pushed) -> String {
     format!(
-        "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}",
+        "pushed {} ({}): {} blobs uploaded, {} mounted, {} already there; manifest {}{}",
         dest,
         p.digest,
         p.uploaded,
@@ -673,6 +732,10 @@ pub fn pushed_line(dest: &Reference, p: &push::Pushed) -> String {
             "uploaded"
         } else {
             "unchanged"
+        },
+        match p.referrers {
+            0 => String::new(),
+            n => format!("; {} attestation manifest(s) as referrers", n),
         }
     )
 }

@@ -107,7 +107,7 @@ fn copy_base_images(from: &Store, to: &Store, graph: &OpGraph) -> Result<(), Cli
 }
 
 /// Copy an image's blobs between stores (verified on the way) and load it from `to`.
-fn copy_image(
+pub(super) fn copy_image(
     from: &Store,
     to: &Store,
     img: &crate::oci::image::StoredImage,

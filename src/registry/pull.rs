@@ -386,6 +386,8 @@ pub struct Pulled {
     pub blobs_total: usize,
     /// Layers left at the registry until their bytes are needed.
     pub blobs_later: usize,
+    /// Attestations the registry lists as the image's referrers (fetched by `builder pull`).
+    pub attestations: Vec<image::StoredAttestation>,
 }
 
 /// What a pull does with an image's layers.
@@ -519,6 +521,24 @@ fn pull_from(
             }
         }
     }
+    // `builder pull` brings the attestations a registry lists as the image's referrers too.
+    let mut attestations = Vec::new();
+    if layers == Layers::Download {
+        match fetch_referred_attestations(
+            client,
+            local,
+            registry,
+            &r.repository,
+            &image.manifest_digest,
+            &display,
+        ) {
+            Ok(found) => attestations = found,
+            Err(e) => client.notice(&format!(
+                "{}: the referrers of {} were not fetched: {}",
+                display, image.manifest_digest, e
+            )),
+        }
+    }
     let (os, arch) = (
         image.state.config.os().to_string(),
         image.state.config.architecture().to_string(),
@@ -538,7 +558,107 @@ fn pull_from(
         blobs_fetched: fetched,
         blobs_total: blobs.len(),
         blobs_later: later.len(),
+        attestations,
     })
+}
+
+/// The tag that stands in for the referrers API where a registry has none: the referrers
+/// index of `subject` is kept under `<algorithm>-<hex>` (the distribution spec's fallback).
+pub fn referrers_tag(subject: &Digest) -> String {
+    subject.to_string().replacen(':', "-", 1)
+}
+
+/// What lists the referrers of a manifest at a registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferrersSource {
+    /// The referrers API (`GET /v2/<name>/referrers/<digest>`).
+    Api,
+    /// The fallback tag ([`referrers_tag`]), for registries without the API.
+    Tag,
+}
+
+/// The referrers of `subject` in `repository`: from the referrers API, else (where the
+/// registry has none) from the fallback tag; none when neither lists any. Returns the
+/// referrers index's entries and where they came from.
+pub fn list_referrers(
+    client: &Client,
+    ep: &Endpoint,
+    repository: &str,
+    subject: &Digest,
+    display: &str,
+) -> Result<(Vec<Value>, ReferrersSource), RegistryError> {
+    let target = format!("/v2/{}/referrers/{}", repository, subject);
+    let response = client.send(
+        ep,
+        "GET",
+        &target,
+        &[("Accept", MEDIA_INDEX.to_string())],
+        Body::Empty,
+        &[scope(repository, "pull")],
+    )?;
+    if response.status() == 200 {
+        let mut bytes = Vec::new();
+        response
+            .into_reader()
+            .take(MANIFEST_LIMIT + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| RegistryError::Protocol(format!("{}: referrers: {}", display, e)))?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            RegistryError::Protocol(format!(
+                "{}: the referrers index is not JSON: {}",
+                display, e
+            ))
+        })?;
+        return Ok((
+            v["manifests"].as_array().cloned().unwrap_or_default(),
+            ReferrersSource::Api,
+        ));
+    }
+    match get_manifest(client, ep, repository, &referrers_tag(subject), display) {
+        Ok(f) => {
+            let v: Value = serde_json::from_slice(&f.bytes).map_err(|e| {
+                RegistryError::Protocol(format!("{}: referrers tag: {}", display, e))
+            })?;
+            Ok((
+                v["manifests"].as_array().cloned().unwrap_or_default(),
+                ReferrersSource::Tag,
+            ))
+        }
+        Err(RegistryError::Status { status: 404, .. }) | Err(RegistryError::NotFound { .. }) => {
+            Ok((Vec::new(), ReferrersSource::Tag))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Fetch the attestations the registry lists as referrers of `image` in `repository`
+/// (each manifest and its statements, verified), as stored attestations about it. A
+/// referrer that says it is about another image is refused.
+pub fn fetch_referred_attestations(
+    client: &Client,
+    local: &Local,
+    registry: &str,
+    repository: &str,
+    image: &Digest,
+    display: &str,
+) -> Result<Vec<image::StoredAttestation>, RegistryError> {
+    let ep = client.endpoint(registry)?;
+    let (entries, _) = list_referrers(client, &ep, repository, image, display)?;
+    let mut out = Vec::new();
+    for e in entries {
+        let is_attestation = e["artifactType"].as_str() == Some(image::ARTIFACT_ATTESTATION)
+            || e["annotations"][image::REFERENCE_TYPE].as_str()
+                == Some(image::ATTESTATION_MANIFEST);
+        if !is_attestation {
+            continue;
+        }
+        let d = descriptor(&e, display)?;
+        if !local.blobs.contains(&d.digest) {
+            fetch_attestation(client, &ep, local, repository, &d.digest, display)?;
+        }
+        out.push(image::load_attestation(local.blobs, &d.digest, image)?);
+    }
+    Ok(out)
 }
 
 /// Fetch one attestation manifest and what it references.

@@ -25,6 +25,11 @@ pub struct Pushed {
     pub mounted: usize,
     pub present: usize,
     pub manifest_uploaded: bool,
+    /// The registry answered the manifest's PUT with `OCI-Subject`: it lists the manifest
+    /// as a referrer of its subject by itself.
+    pub subject_indexed: bool,
+    /// Referrers pushed with it (attestation manifests).
+    pub referrers: usize,
 }
 
 /// Upload chunk size: `$BUILDER_PUSH_CHUNK_SIZE` bytes, else 16 MiB. Larger blobs go in chunks.
@@ -389,6 +394,7 @@ pub fn push(
     let unchanged = head.status() == 200
         && head.header("docker-content-digest") == Some(manifest_digest.to_string().as_str());
     let mut attempt = 0;
+    let mut subject_indexed = false;
     while !unchanged && attempt < client.settings.attempts.max(1) {
         attempt += 1;
         let response = client.send(
@@ -401,6 +407,7 @@ pub fn push(
         )?;
         let status = response.status();
         if status == 201 || status == 200 {
+            subject_indexed = response.header("oci-subject").is_some();
             if let Some(d) = response.header("docker-content-digest") {
                 if d != manifest_digest.to_string() {
                     return Err(RegistryError::DigestMismatch {
@@ -450,5 +457,76 @@ pub fn push(
         uploaded: counts[2].load(Ordering::Relaxed)
             + children.iter().map(|c| c.uploaded).sum::<usize>(),
         manifest_uploaded: !unchanged,
+        subject_indexed,
+        referrers: 0,
     })
+}
+
+/// Push `referrers` (stored manifests whose `subject` is `subject`, with the descriptors a
+/// referrers index lists them by) into `dest`'s repository, so that the registry lists
+/// them as referrers of `subject`: each by digest, then, unless the registry indexed them
+/// itself (it said `OCI-Subject`, or its referrers API lists them), added to the fallback
+/// tag's index (`sha256-<hex>`), as the distribution spec says. Returns what was pushed.
+pub fn push_referrers(
+    client: &Client,
+    local: &Local,
+    subject: &Digest,
+    referrers: &[crate::oci::document::Descriptor],
+    dest: &Reference,
+) -> Result<Vec<Pushed>, RegistryError> {
+    let mut pushed = Vec::new();
+    for r in referrers {
+        let by_digest = Reference {
+            tag: None,
+            digest: Some(r.digest.clone()),
+            ..dest.clone()
+        };
+        pushed.push(push(client, local, &r.digest, &by_digest)?);
+    }
+    if referrers.is_empty() || pushed.iter().all(|p| p.subject_indexed) {
+        return Ok(pushed);
+    }
+    let display = dest.familiar();
+    let ep = client.endpoint(&dest.registry)?;
+    let (listed, source) =
+        super::pull::list_referrers(client, &ep, &dest.repository, subject, &display)?;
+    let listed_digests: Vec<&str> = listed.iter().filter_map(|m| m["digest"].as_str()).collect();
+    let missing: Vec<&crate::oci::document::Descriptor> = referrers
+        .iter()
+        .filter(|r| !listed_digests.contains(&r.digest.to_string().as_str()))
+        .collect();
+    if source == super::pull::ReferrersSource::Api || missing.is_empty() {
+        return Ok(pushed);
+    }
+    let mut manifests = listed.clone();
+    for r in missing {
+        manifests.push(serde_json::to_value(r).unwrap_or(Value::Null));
+    }
+    let index = crate::oci::image::canonical_json(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::image::MEDIA_INDEX,
+        "manifests": manifests,
+    }));
+    let target = format!(
+        "/v2/{}/manifests/{}",
+        dest.repository,
+        super::pull::referrers_tag(subject)
+    );
+    let response = client.send(
+        &ep,
+        "PUT",
+        &target,
+        &[("Content-Type", crate::oci::image::MEDIA_INDEX.to_string())],
+        Body::Bytes(&index),
+        &[scope(&dest.repository, "pull,push")],
+    )?;
+    if response.status() != 201 && response.status() != 200 {
+        return Err(ep.status_error(
+            "PUT",
+            &target,
+            &format!("the referrers of {} (fallback tag)", subject),
+            response,
+        ));
+    }
+    Ok(pushed)
 }

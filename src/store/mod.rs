@@ -262,6 +262,57 @@ impl Store {
         write_atomic(&p, index.to_string().as_bytes()).map_err(io_at(&p))
     }
 
+    /// Every attestation the store holds about `digest` (an image, or an index of images)
+    /// and about the images it lists: those in the index it is itself (BuildKit's layout),
+    /// in the index recorded beside it, and in those recorded beside each image. Each once,
+    /// in that order.
+    pub fn attestations_of(&self, digest: &Digest) -> Vec<image::StoredAttestation> {
+        let mut holders = vec![digest.clone()];
+        holders.extend(self.attested(digest));
+        if let Ok((images, _)) = image::load_all(&self.blobs, digest) {
+            for i in &images {
+                holders.extend(self.attested(&i.manifest_digest));
+            }
+        }
+        let mut out: Vec<image::StoredAttestation> = Vec::new();
+        for h in holders {
+            for a in image::load_attestations(&self.blobs, &h) {
+                if !out.iter().any(|o| o.manifest_digest == a.manifest_digest) {
+                    out.push(a);
+                }
+            }
+        }
+        out
+    }
+
+    /// Record attestations (already stored) about `image` that came from elsewhere (a
+    /// pull's referrers, a layout): kept beside the image with those it had, in an index
+    /// of the image and its attestations, so that pushes, `diff` and `verify` find them.
+    pub fn keep_attestations(
+        &self,
+        image: &StoredImage,
+        attestations: &[image::StoredAttestation],
+    ) -> Result<(), StoreError> {
+        let mut all: Vec<image::StoredAttestation> = self
+            .attested(&image.manifest_digest)
+            .map(|x| image::load_attestations(&self.blobs, &x))
+            .unwrap_or_default();
+        let before = all.len();
+        for a in attestations
+            .iter()
+            .filter(|a| a.subject == image.manifest_digest)
+        {
+            if !all.iter().any(|o| o.manifest_digest == a.manifest_digest) {
+                all.push(a.clone());
+            }
+        }
+        if all.len() == before {
+            return Ok(());
+        }
+        let index = image::commit_index(&self.blobs, std::slice::from_ref(image), &all)?;
+        self.set_attested(&image.manifest_digest, &index.digest)
+    }
+
     /// Remove a name; returns the digest it pointed at.
     pub fn untag(&self, name: &str) -> Result<Digest, StoreError> {
         let name = normalize_name(name)?;

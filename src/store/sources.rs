@@ -121,6 +121,7 @@ pub fn pull_named(
     layers: registry::pull::Layers,
 ) -> Result<(registry::pull::Pulled, String), PullError> {
     let p = registry::pull::pull(client, &store.local(), reference, platform, layers)?;
+    store.keep_attestations(&p.image, &p.attestations)?;
     let name = store.tag(
         &reference.clone().with_default_tag().familiar(),
         p.index.as_ref().unwrap_or(&p.image.manifest_digest),
@@ -236,7 +237,14 @@ pub fn import_oci_dir(
 ) -> Result<StoredImage, StoreError> {
     let index_path = dir.join("index.json");
     let index = read_json(&index_path)?;
-    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    // The image entries: attestations listed beside them (as referrers) are not images.
+    let manifests: Vec<Value> = index["manifests"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m["annotations"][image::REFERENCE_TYPE].is_null())
+        .collect();
     let chosen = match tag {
         Some(t) => manifests
             .iter()
@@ -256,6 +264,9 @@ pub fn import_oci_dir(
         )
     })?;
     let mut desc = chosen.clone();
+    // Where attestations about the image may be listed: index.json itself (as referrers)
+    // and any index on the way to it (BuildKit's layout).
+    let mut listings = vec![canonical_bytes(&index)];
     // An index (multi-platform) points at per-platform manifests: take ours.
     for _ in 0..4 {
         let mt = desc["mediaType"].as_str().unwrap_or("");
@@ -264,8 +275,10 @@ pub fn import_oci_dir(
         }
         let d = digest_field(&desc, &index_path)?;
         copy_blob(store, dir, &d)?;
-        let nested: Value = serde_json::from_slice(&store.blobs.get(&d)?)
+        let nested_bytes = store.blobs.get(&d)?;
+        let nested: Value = serde_json::from_slice(&nested_bytes)
             .map_err(|e| damaged(&index_path, e.to_string()))?;
+        listings.push(nested_bytes);
         let list = nested["manifests"].as_array().cloned().unwrap_or_default();
         desc = list
             .iter()
@@ -290,7 +303,184 @@ pub fn import_oci_dir(
     for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
         copy_blob(store, dir, &digest_field(&l, &index_path)?)?;
     }
-    Ok(image::load(&store.blobs, &md)?)
+    let img = image::load(&store.blobs, &md)?;
+    let mut attestations = Vec::new();
+    for listing in &listings {
+        for (m, subject) in image::attestation_entries(listing) {
+            if subject != md {
+                continue;
+            }
+            // An attestation that cannot be read is left out: it is not the image.
+            if let Ok(a) = import_attestation(store, dir, &m, &md) {
+                attestations.push(a);
+            }
+        }
+    }
+    store.keep_attestations(&img, &attestations)?;
+    Ok(img)
+}
+
+fn canonical_bytes(v: &Value) -> Vec<u8> {
+    image::canonical_json(v)
+}
+
+/// Copy an attestation manifest about `subject`, and its statements, from a layout.
+fn import_attestation(
+    store: &Store,
+    dir: &Path,
+    m: &Digest,
+    subject: &Digest,
+) -> Result<image::StoredAttestation, StoreError> {
+    copy_blob(store, dir, m)?;
+    let manifest: Value =
+        serde_json::from_slice(&store.blobs.get(m)?).map_err(|e| damaged(dir, e.to_string()))?;
+    image::check_manifest_bounds(&manifest).map_err(|e| damaged(dir, e))?;
+    copy_blob(store, dir, &digest_field(&manifest["config"], dir)?)?;
+    for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
+        copy_blob(store, dir, &digest_field(&l, dir)?)?;
+    }
+    Ok(image::load_attestation(&store.blobs, m, subject)?)
+}
+
+/// An image fetched from wherever a reference says it is, with its attestations: the
+/// stored image, and the digest the reference names (its index when it names one).
+pub struct Placed {
+    pub top: Digest,
+    pub images: Vec<StoredImage>,
+}
+
+/// Bring what `reference` names into the store, with the attestations about it, without
+/// naming it: a store name (as stored), `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+/// `docker-archive:FILE`, or a registry reference (manifests, configs and attestations
+/// fetched; layers left at the registry until something reads them). `platform` picks
+/// one image of an index; `None` takes every platform it lists, in its order.
+pub fn fetch_anywhere(
+    store: &Store,
+    reference: &str,
+    platform: Option<&Platform>,
+    client: &Client,
+) -> Result<Placed, StoreError> {
+    let host = Platform::host();
+    let wanted = |listed: Vec<String>| -> Vec<Platform> {
+        match platform {
+            Some(p) => vec![p.clone()],
+            None if listed.is_empty() => vec![host.clone()],
+            None => listed.iter().filter_map(|s| Platform::parse(s)).collect(),
+        }
+    };
+    let source = ImageSource::parse(reference);
+    if let ImageSource::Store(name) = &source {
+        if let Ok(top) = store.resolve(name) {
+            let images = match platform {
+                Some(p) => vec![store.image_for(name, &p.spec())?],
+                None => image::load_all(&store.blobs, &top)?.0,
+            };
+            return Ok(Placed { top, images });
+        }
+    }
+    match source {
+        ImageSource::Store(name) => {
+            let r = Reference::parse(&name)
+                .map_err(|e| StoreError::BadName(name.clone(), e.reason))?
+                .with_default_tag();
+            let pull_err = |e: RegistryError| StoreError::Pull(r.familiar(), Box::new(e));
+            let ep = client.endpoint(&r.registry).map_err(pull_err)?;
+            let top = registry::pull::get_manifest(
+                client,
+                &ep,
+                &r.repository,
+                &r.manifest_ref(),
+                &r.familiar(),
+            )
+            .map_err(pull_err)?;
+            let listed = image::index_entries(&top.bytes)
+                .map(|e| e.into_iter().map(|(_, p)| p).collect())
+                .unwrap_or_default();
+            let pinned = Reference {
+                digest: Some(top.digest.clone()),
+                ..r.clone()
+            };
+            let mut images = Vec::new();
+            for p in wanted(listed) {
+                let pulled = registry::pull::pull(
+                    client,
+                    &store.local(),
+                    &pinned,
+                    &p,
+                    registry::pull::Layers::WhenNeeded,
+                )
+                .map_err(pull_err)?;
+                let attestations = registry::pull::fetch_referred_attestations(
+                    client,
+                    &store.local(),
+                    &r.registry,
+                    &r.repository,
+                    &pulled.image.manifest_digest,
+                    &r.familiar(),
+                )
+                .map_err(pull_err)?;
+                store.keep_attestations(&pulled.image, &attestations)?;
+                images.push(pulled.image);
+            }
+            Ok(Placed {
+                top: top.digest,
+                images,
+            })
+        }
+        ImageSource::OciDir { dir, tag } => from_layout(store, &dir, tag.as_deref(), &wanted),
+        ImageSource::OciArchive { file, tag } => {
+            let tmp = unpack_archive(store, &file)?;
+            from_layout(store, tmp.path(), tag.as_deref(), &wanted)
+        }
+        ImageSource::DockerArchive { file } => {
+            let tmp = unpack_archive(store, &file)?;
+            let img = import_docker_dir(store, tmp.path(), &file)?;
+            Ok(Placed {
+                top: img.manifest_digest.clone(),
+                images: vec![img],
+            })
+        }
+    }
+}
+
+/// The platforms `wanted` picks of the image a layout's `tag` names, imported.
+fn from_layout(
+    store: &Store,
+    dir: &Path,
+    tag: Option<&str>,
+    wanted: &dyn Fn(Vec<String>) -> Vec<Platform>,
+) -> Result<Placed, StoreError> {
+    let index_path = dir.join("index.json");
+    let index = read_json(&index_path)?;
+    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    // The image entries (attestations listed beside them are not images).
+    let images: Vec<&Value> = manifests
+        .iter()
+        .filter(|m| m["annotations"][image::REFERENCE_TYPE].is_null())
+        .collect();
+    let chosen = match tag {
+        Some(t) => images
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)),
+        None => images.first().filter(|_| images.len() == 1),
+    }
+    .ok_or_else(|| match tag {
+        Some(t) => damaged(&index_path, format!("no image tagged {:?}", t)),
+        None => damaged(
+            &index_path,
+            format!("holds {} images; name one as oci:DIR:TAG", images.len()),
+        ),
+    })?;
+    let top = digest_field(chosen, &index_path)?;
+    copy_blob(store, dir, &top)?;
+    let listed = image::index_entries(&store.blobs.get(&top)?)
+        .map(|e| e.into_iter().map(|(_, p)| p).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for p in wanted(listed) {
+        out.push(import_oci_dir(store, dir, tag, &p)?);
+    }
+    Ok(Placed { top, images: out })
 }
 
 /// Import a `docker save` directory: manifest.json, config JSON and layer tars.

@@ -271,3 +271,63 @@ pub fn spawn_on_pty(
         .stderr(Stdio::null());
     (child, std::fs::File::from(pty.master))
 }
+
+/// The arm64 busybox `.ci/run` unpacked, once emulation is known to work; `None` (after a
+/// loud message) only when the kernel has no binfmt_misc at all.
+pub fn arm64_busybox(test: &str) -> Option<PathBuf> {
+    let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
+    if !binfmt.join("register").exists() {
+        eprintln!(
+            "\n*** SKIPPED {}: the kernel has no binfmt_misc mounted at {} (mount -t binfmt_misc \
+             binfmt_misc {}) ***\n",
+            test,
+            binfmt.display(),
+            binfmt.display()
+        );
+        return None;
+    }
+    assert!(
+        binfmt.join("qemu-aarch64").exists(),
+        "no qemu-aarch64 handler in binfmt_misc: run .ci/run (it installs qemu-user-static and \
+         registers it with the F flag)"
+    );
+    let busybox =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-assets/arm64/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "{} is missing: run .ci/run (apt-get download busybox-static:arm64)",
+        busybox.display()
+    );
+    Some(busybox)
+}
+
+/// A base index for amd64 and arm64 made from the two static busyboxes.
+pub fn two_platform_base(root: &Path, dir: &Path, arm64_busybox: &Path) {
+    let base = dir.join("base");
+    let host_bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("busybox-static is not installed: run .ci/run");
+    for (arch, bb) in [("amd64", Path::new(host_bb)), ("arm64", arm64_busybox)] {
+        let bin = base.join(format!("rootfs-{arch}/bin"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(bb, bin.join("busybox")).unwrap();
+        for applet in ["sh", "uname", "cat", "echo"] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    write(
+        &base.join("Buildfile"),
+        "FROM scratch\nARG TARGETARCH\nCOPY rootfs-$TARGETARCH/ /\n",
+    );
+    build(
+        root,
+        &base,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-t",
+            "multi-base:1",
+        ],
+    );
+}
