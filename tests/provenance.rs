@@ -448,3 +448,116 @@ fn verify_rebuilds_a_published_image_and_fails_on_any_edit() {
         "{text}"
     );
 }
+
+/// An Ed25519 key pair made with openssl: (private PEM, public PEM).
+fn key_pair(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (private, public) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.pub")),
+    );
+    run_ok(
+        tool("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out"])
+            .arg(&private),
+    );
+    run_ok(
+        tool("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public),
+    );
+    (private, public)
+}
+
+#[test]
+fn a_signed_image_verifies_with_its_key_and_a_policy_admits_only_signed_bases() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    push_base(&user, &reg);
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(keys.path(), "ci");
+    let (_, other) = key_pair(keys.path(), "other");
+    let ctx = app_context(&format!("{}/base", reg.host()));
+    let app = format!("{}/signed:1", reg.host());
+    let root = tempfile::tempdir().unwrap();
+    let built = last_line(&run_ok(
+        user.on("build", root.path())
+            .arg("--sign")
+            .arg(format!("key={}", private.display()))
+            .args(["-t", &app, "--push"])
+            .arg(ctx.path()),
+    ));
+    // The signature is a referrer beside the attestations.
+    let referrers: Value = serde_json::from_str(&run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!(
+                "docker://{}/signed:sha256-{}",
+                reg.host(),
+                built.trim_start_matches("sha256:")
+            )),
+    ))
+    .unwrap();
+    let types: Vec<&str> = referrers["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["artifactType"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"application/vnd.dev.cosign.artifact.sig.v1+json")
+            && types.contains(&"application/vnd.docker.attestation.manifest.v1+json"),
+        "{referrers}"
+    );
+    let verify = |key: &Path| {
+        run(user
+            .on("verify", tempfile::tempdir().unwrap().path())
+            .arg(&app)
+            .arg("--context")
+            .arg(ctx.path())
+            .arg("--key")
+            .arg(key))
+    };
+    let good = verify(&public);
+    let text = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{text}{}", stderr_of(&good));
+    assert!(text.contains("linux/amd64: signed by"), "{text}");
+    let bad = verify(&other);
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(text.contains("has no signature by"), "{text}");
+
+    // A base-image policy: signed by the CI key, or refused before anything runs.
+    let policy = |name: &str, body: String| {
+        let p = keys.path().join(name);
+        write(&p, &body);
+        p
+    };
+    let signed_by = policy("signed.json", r#"{"signedBy": ["ci.pub"]}"#.into());
+    let other_key = policy("other.json", r#"{"signedBy": ["other.pub"]}"#.into());
+    let pinned = policy("pinned.json", r#"{"requireDigest": true}"#.into());
+    let downstream = |from: &str, policy: &Path| {
+        let ctx = context(&[("Buildfile", format!("FROM {from}\nENV DOWNSTREAM=1\n"))]);
+        run(user
+            .on("build", tempfile::tempdir().unwrap().path())
+            .args(["--progress", "plain", "--base-policy"])
+            .arg(policy)
+            .arg(ctx.path()))
+    };
+    let ok = downstream(&app, &signed_by);
+    assert!(ok.status.success(), "{}", stderr_of(&ok));
+    let refused = downstream(&app, &other_key);
+    assert!(!refused.status.success());
+    let err = stderr_of(&refused);
+    assert!(
+        err.contains("refused by the policy")
+            && err.contains("no signature")
+            && !err.contains("DONE"),
+        "{err}"
+    );
+    let refused = downstream(&app, &pinned);
+    assert!(stderr_of(&refused).contains("not pinned by digest"));
+    let ok = downstream(&format!("{}@{}", app, built), &pinned);
+    assert!(ok.status.success(), "{}", stderr_of(&ok));
+}

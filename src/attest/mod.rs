@@ -8,4 +8,5 @@
 pub mod explain;
 pub mod provenance;
 pub mod sbom;
+pub mod signing;
 pub mod trace;

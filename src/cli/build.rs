@@ -185,6 +185,14 @@ pub struct BuildArgs {
     /// point at an index that lists each image and its attestation manifest).
     #[arg(long, value_enum, value_name = "LAYOUT", default_value = "referrers")]
     pub attest_layout: AttestLayoutArg,
+    /// Sign each image with this private key (PKCS#8 PEM, Ed25519 or EC P-256): key=FILE.
+    /// The signature travels as a referrer of the image; `builder verify --key` checks it.
+    #[arg(long, value_name = "key=FILE")]
+    pub sign: Option<String>,
+    /// Refuse base images this policy (JSON: requireDigest, signedBy) does not allow,
+    /// before anything runs.
+    #[arg(long, value_name = "FILE")]
+    pub base_policy: Option<PathBuf>,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -489,7 +497,24 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::msg)?;
     let labels = super::parse_key_values(&a.labels)?.into_iter().collect();
+    let sign = match &a.sign {
+        None => None,
+        Some(v) => {
+            let file = PathBuf::from(v.strip_prefix("key=").unwrap_or(v));
+            let pem = std::fs::read(&file).map_err(|e| CliError::io(&file, e))?;
+            Some(Arc::new(
+                crate::attest::signing::SigningKey::from_pem(&pem, &file.display().to_string())
+                    .map_err(CliError::msg)?,
+            ))
+        }
+    };
+    let base_policy = match &a.base_policy {
+        Some(p) => Some(pipeline::policy::BasePolicy::load(p)?),
+        None => None,
+    };
     Ok(BuildOptions {
+        sign,
+        base_policy,
         extra_hosts,
         labels,
         file_name,

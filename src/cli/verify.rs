@@ -30,6 +30,10 @@ pub struct VerifyArgs {
     /// The rebuild's progress.
     #[arg(long, value_enum, default_value = "plain")]
     progress: ProgressMode,
+    /// Also require a signature of every image by this public key (PEM; repeatable: any
+    /// one of them).
+    #[arg(long = "key", value_name = "FILE")]
+    keys: Vec<PathBuf>,
     #[command(flatten)]
     root: RootArg,
 }
@@ -51,7 +55,34 @@ pub fn run(a: VerifyArgs) -> Result<(), CliError> {
         .canonicalize()
         .map_err(|e| CliError::io(&a.context, e))?;
     let published = rebuild::read_published(&store, &a.reference, &client)?;
-    let plan = rebuild::plan_of(&published)?;
+    let mut plan = rebuild::plan_of(&published)?;
+    let mut keys = Vec::new();
+    for k in &a.keys {
+        let pem = std::fs::read(k).map_err(|e| CliError::io(k, e))?;
+        keys.push((
+            k.display().to_string(),
+            crate::attest::signing::PublicKey::from_pem(&pem, &k.display().to_string())
+                .map_err(CliError::msg)?,
+        ));
+    }
+    let mut signatures = Vec::new();
+    if !keys.is_empty() {
+        for p in &published.images {
+            match pipeline::policy::signed_by_any(&store, &p.image, &keys) {
+                Some(k) => signatures.push(json!({"platform": p.platform, "signedBy": k})),
+                None => plan.problems.push(format!(
+                    "the {} image {} has no signature by {}",
+                    p.platform,
+                    p.image.manifest_digest,
+                    a.keys
+                        .iter()
+                        .map(|k| k.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )),
+            }
+        }
+    }
     let check = rebuild::check_context(&published, &plan, &context, a.file.as_deref())?;
     let file = match &a.file {
         Some(f) => f.clone(),
@@ -69,6 +100,7 @@ pub fn run(a: VerifyArgs) -> Result<(), CliError> {
             "options": plan.options,
         },
         "problems": plan.problems,
+        "signatures": signatures,
         "context": {
             "matching": check.matching,
             "differing": check.differing.iter().map(|(p, r, f)| json!({"path": p, "recorded": r, "found": f})).collect::<Vec<_>>(),
@@ -79,6 +111,13 @@ pub fn run(a: VerifyArgs) -> Result<(), CliError> {
     }
     if !json_out {
         print!("{}", header_text(&a.reference, &published, &plan, &check));
+        for s in &signatures {
+            println!(
+                "{}: signed by {}",
+                s["platform"].as_str().unwrap_or(""),
+                s["signedBy"].as_str().unwrap_or("")
+            );
+        }
     }
 
     // The rebuild, in a fresh store under the store's scratch (removed when done).

@@ -381,6 +381,20 @@ fn prune_referrers(dir: &Path, manifests: Vec<Value>) -> Vec<Value> {
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 fn write_layout_index(dir: &Path, manifests: Vec<Value>) -> Result<(), ExportError> {
+    // oci-image-tool's `--ref name=TAG` filter removes entries from the list it iterates,
+    // so it skips the entry after each one it removes: a first referrer ahead of the
+    // images, the rest after them, lets it find a tag beside up to two referrers.
+    let (referrers, images): (Vec<Value>, Vec<Value>) = manifests.into_iter().partition(|m| {
+        !m["annotations"][REF_NAME].is_string()
+            && m["annotations"][crate::oci::image::REFERENCE_DIGEST].is_string()
+    });
+    let mut referrers = referrers.into_iter();
+    let manifests: Vec<Value> = referrers
+        .next()
+        .into_iter()
+        .chain(images)
+        .chain(referrers)
+        .collect();
     let index_path = dir.join("index.json");
     let index = json!({"schemaVersion": 2, "mediaType": crate::oci::image::MEDIA_INDEX, "manifests": manifests});
     write_atomic(&index_path, &canonical_json(&index)).map_err(io_at(&index_path))

@@ -317,6 +317,14 @@ pub const REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
 pub const ATTESTATION_MANIFEST: &str = "attestation-manifest";
 /// The artifact type of an attestation manifest (BuildKit's, for its OCI-artifact form).
 pub const ARTIFACT_ATTESTATION: &str = "application/vnd.docker.attestation.manifest.v1+json";
+/// A signature manifest: its artifact type, index annotation, layer type and the layer
+/// annotation that holds the signature (cosign's names).
+pub const ARTIFACT_SIGNATURE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
+pub const SIGNATURE_MANIFEST: &str = "signature";
+pub const MEDIA_SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// The empty config of an artifact manifest (`{}`).
+pub const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 /// The layer annotation naming a statement's predicate type.
 pub const PREDICATE_TYPE: &str = "in-toto.io/predicate-type";
 
@@ -332,6 +340,9 @@ pub struct StoredAttestation {
     pub config_digest: Digest,
     /// The image manifest the statements are about.
     pub subject: Digest,
+    /// [`ARTIFACT_ATTESTATION`], or [`ARTIFACT_SIGNATURE`] for a signature (whose one layer
+    /// is the signed payload).
+    pub artifact_type: String,
     /// Each statement layer with its predicate type.
     pub statements: Vec<(LayerRef, String)>,
 }
@@ -368,12 +379,34 @@ pub fn commit_attestation(
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }));
     let config_digest = blobs.put(&config)?;
+    let config = Descriptor::new(MEDIA_CONFIG, config_digest, config.len() as u64);
+    commit_referrer(
+        blobs,
+        subject,
+        ARTIFACT_ATTESTATION,
+        config,
+        descriptors,
+        layers,
+    )
+}
+
+/// Write a manifest of `artifact_type` about `subject` (its `subject`), with `config` and
+/// `layers` (as descriptors, and as the stored attestation lists them).
+fn commit_referrer(
+    blobs: &BlobStore,
+    subject: &StoredImage,
+    artifact_type: &str,
+    config: Descriptor,
+    descriptors: Vec<Descriptor>,
+    statements: Vec<(LayerRef, String)>,
+) -> Result<StoredAttestation, ImageError> {
+    let config_digest = config.digest.clone();
     let manifest = to_canonical(&Manifest {
         schema_version: 2,
         media_type: MEDIA_MANIFEST.into(),
-        config: Descriptor::new(MEDIA_CONFIG, config_digest.clone(), config.len() as u64),
+        config,
         layers: descriptors,
-        artifact_type: Some(ARTIFACT_ATTESTATION.into()),
+        artifact_type: Some(artifact_type.into()),
         subject: Some(Descriptor::new(
             MEDIA_MANIFEST,
             subject.manifest_digest.clone(),
@@ -387,8 +420,50 @@ pub fn commit_attestation(
         manifest_size: manifest.len() as u64,
         config_digest,
         subject: subject.manifest_digest.clone(),
-        statements: layers,
+        artifact_type: artifact_type.to_string(),
+        statements,
     })
+}
+
+/// Write a signature manifest about `subject`: the signed `payload` as its layer, the
+/// signature (base64) in the layer's annotation, an empty config.
+pub fn commit_signature(
+    blobs: &BlobStore,
+    subject: &StoredImage,
+    payload: &[u8],
+    signature_b64: &str,
+) -> Result<StoredAttestation, ImageError> {
+    let payload_digest = blobs.put(payload)?;
+    let config_digest = blobs.put(b"{}")?;
+    let mut layer = Descriptor::new(
+        MEDIA_SIMPLE_SIGNING,
+        payload_digest.clone(),
+        payload.len() as u64,
+    );
+    layer
+        .annotations
+        .insert(SIGNATURE_ANNOTATION.into(), signature_b64.to_string());
+    commit_referrer(
+        blobs,
+        subject,
+        ARTIFACT_SIGNATURE,
+        Descriptor::new(MEDIA_EMPTY, config_digest, 2),
+        vec![layer],
+        vec![(
+            LayerRef {
+                diff_id: payload_digest.clone(),
+                digest: payload_digest,
+                size: payload.len() as u64,
+                media_type: MEDIA_SIMPLE_SIGNING.to_string(),
+            },
+            String::new(),
+        )],
+    )
+}
+
+/// Whether an index entry or referrer names an attestation or signature manifest.
+pub fn is_referrer_type(t: &str) -> bool {
+    t == ARTIFACT_ATTESTATION || t == ARTIFACT_SIGNATURE
 }
 
 /// The index descriptor of an attestation manifest.
@@ -401,8 +476,12 @@ pub fn attestation_descriptor(a: &StoredAttestation) -> Descriptor {
     });
     d.annotations
         .insert(REFERENCE_DIGEST.into(), a.subject.to_string());
-    d.annotations
-        .insert(REFERENCE_TYPE.into(), ATTESTATION_MANIFEST.into());
+    let kind = if a.artifact_type == ARTIFACT_SIGNATURE {
+        SIGNATURE_MANIFEST
+    } else {
+        ATTESTATION_MANIFEST
+    };
+    d.annotations.insert(REFERENCE_TYPE.into(), kind.into());
     d
 }
 
@@ -412,7 +491,7 @@ pub fn attestation_descriptor(a: &StoredAttestation) -> Descriptor {
 pub fn referrer_descriptor(a: &StoredAttestation) -> Descriptor {
     let mut d = attestation_descriptor(a);
     d.platform = None;
-    d.artifact_type = Some(ARTIFACT_ATTESTATION.into());
+    d.artifact_type = Some(a.artifact_type.clone());
     d
 }
 
@@ -425,7 +504,10 @@ pub fn attestation_entries(bytes: &[u8]) -> Vec<(Digest, Digest)> {
         return Vec::new();
     };
     list.iter()
-        .filter(|m| m["annotations"][REFERENCE_TYPE].as_str() == Some(ATTESTATION_MANIFEST))
+        .filter(|m| {
+            let kind = m["annotations"][REFERENCE_TYPE].as_str();
+            kind == Some(ATTESTATION_MANIFEST) || kind == Some(SIGNATURE_MANIFEST)
+        })
         .filter_map(|m| {
             Some((
                 m["digest"].as_str()?.parse().ok()?,
@@ -482,6 +564,10 @@ pub fn load_attestation(
         manifest_size: bytes.len() as u64,
         config_digest,
         subject: subject.clone(),
+        artifact_type: m["artifactType"]
+            .as_str()
+            .unwrap_or(ARTIFACT_ATTESTATION)
+            .to_string(),
         statements,
     })
 }
@@ -566,7 +652,7 @@ pub fn index_entries(bytes: &[u8]) -> Option<Vec<(Digest, String)>> {
     }
     let mut out = Vec::new();
     for m in v["manifests"].as_array()? {
-        if m["annotations"][REFERENCE_TYPE].as_str() == Some(ATTESTATION_MANIFEST) {
+        if m["annotations"][REFERENCE_TYPE].is_string() {
             continue;
         }
         let digest: Digest = m["digest"].as_str()?.parse().ok()?;

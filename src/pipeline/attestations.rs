@@ -128,3 +128,20 @@ fn put_statement(store: &Store, doc: &[u8], files: &[u8]) -> Result<(Digest, u64
     );
     Ok((digest, bytes.len() as u64))
 }
+
+/// A signature of `image` by `key`, stored as a referrer manifest.
+pub fn signature(
+    store: &Store,
+    key: &crate::attest::signing::SigningKey,
+    image: &crate::oci::image::StoredImage,
+) -> Result<crate::oci::image::StoredAttestation, CliError> {
+    let payload = crate::attest::signing::payload(&image.manifest_digest);
+    let sig = key.sign(&payload).map_err(CliError::msg)?;
+    crate::oci::image::commit_signature(
+        &store.blobs,
+        image,
+        &payload,
+        &crate::attest::signing::encode(&sig),
+    )
+    .map_err(|e| CliError::msg(e.to_string()))
+}

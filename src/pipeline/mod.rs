@@ -5,6 +5,7 @@
 
 mod attestations;
 mod bases;
+pub mod policy;
 pub mod rebuild;
 mod summary;
 mod verify;
@@ -79,6 +80,10 @@ pub struct BuildOptions {
     pub cache_from: Vec<Location>,
     pub cache_to: Vec<(Location, ExportOptions)>,
     pub attest: AttestOptions,
+    /// `--sign key=FILE`: each image gets a signature by this key, as a referrer.
+    pub sign: Option<Arc<crate::attest::signing::SigningKey>>,
+    /// `--base-policy FILE`: what every base image must be (pinned, signed).
+    pub base_policy: Option<policy::BasePolicy>,
     /// `--verify`: two clean builds must agree.
     pub verify: bool,
     pub iidfile: Option<PathBuf>,
@@ -259,6 +264,26 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         requests.push(one);
     }
 
+    // The base-image policy, before anything runs.
+    if let Some(policy) = &o.base_policy {
+        let quiet = |_: &str| {};
+        let local = crate::store::sources::Pulling {
+            policy: PullPolicy::Never,
+            client: &registry,
+            log: &quiet,
+            layers: crate::registry::pull::Layers::WhenNeeded,
+        };
+        for one in &requests {
+            for stage in &one.graph.stages {
+                for reference in stage.images() {
+                    let image =
+                        crate::store::sources::fetch(&store, &reference, &one.platform, &local)?;
+                    policy.check(&store, &registry, &reference, &image)?;
+                }
+            }
+        }
+    }
+
     // Solve.
     let invocation = provenance::Invocation {
         build_file: &attestations::build_file_in_context(&o.file, &o.context, name),
@@ -293,6 +318,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         &store,
         &invocation,
         o.attest,
+        o.sign.as_deref(),
         o.cache_to.iter().any(|(l, _)| *l == Location::Inline),
         results,
     )?;
@@ -514,6 +540,7 @@ fn commit(
     store: &Store,
     invocation: &provenance::Invocation,
     attest: AttestOptions,
+    sign: Option<&crate::attest::signing::SigningKey>,
     inline_cache: bool,
     results: Vec<Result<solver::Outcome, CliError>>,
 ) -> Result<Committed, CliError> {
@@ -555,6 +582,9 @@ fn commit(
                 crate::oci::image::commit_attestation(&store.blobs, &outcome.image, &statements)
                     .map_err(|e| CliError::msg(e.to_string()))?,
             );
+        }
+        if let Some(key) = sign {
+            attested_images.push(attestations::signature(store, key, &outcome.image)?);
         }
         images.push(outcome.image);
         steps.extend(outcome.steps);

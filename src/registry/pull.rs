@@ -646,7 +646,9 @@ pub fn fetch_referred_attestations(
     let (entries, _) = list_referrers(client, &ep, repository, image, display)?;
     let mut out = Vec::new();
     for e in entries {
-        let is_attestation = e["artifactType"].as_str() == Some(image::ARTIFACT_ATTESTATION)
+        let is_attestation = e["artifactType"]
+            .as_str()
+            .is_some_and(image::is_referrer_type)
             || e["annotations"][image::REFERENCE_TYPE].as_str()
                 == Some(image::ATTESTATION_MANIFEST);
         if !is_attestation {
