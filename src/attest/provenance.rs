@@ -49,7 +49,8 @@ pub struct Invocation<'a> {
 }
 
 /// The keys [`Invocation::options`] may hold.
-pub const OPTION_KEYS: [&str; 5] = [
+pub const OPTION_KEYS: [&str; 6] = [
+    "annotations",
     "labels",
     "addHosts",
     "network",

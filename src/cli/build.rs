@@ -70,6 +70,10 @@ pub struct BuildArgs {
     /// Add a name to every RUN step's /etc/hosts (repeatable): HOST:IP or HOST=IP.
     #[arg(long = "add-host", value_name = "HOST:IP")]
     pub add_hosts: Vec<String>,
+    /// Add an annotation (repeatable): [manifest|index|manifest-descriptor[[PLATFORM]]:]K=V;
+    /// the image manifest by default.
+    #[arg(long = "annotation", value_name = "[TYPE:]K=V")]
+    pub annotations: Vec<String>,
     /// What a failed RUN step leads to: `fail` (its state is kept for `builder debug
     /// shell ID`), or `shell`, an interactive shell in that state right away (on a terminal).
     #[arg(long, value_enum, value_name = "ACTION", default_value = "fail")]
@@ -169,6 +173,17 @@ pub struct BuildArgs {
     /// when any check finds something.
     #[arg(long)]
     pub check: bool,
+    /// What to do instead of building, as buildx: `build` (default), `check` (as --check),
+    /// `outline` (the target's build args, secrets and ssh mounts) or `targets` (the stages
+    /// with their descriptions); `,format=json` or --format json for scripts.
+    #[arg(long, value_name = "build|check|outline|targets")]
+    pub call: Option<String>,
+    /// The format of --call's report: text or json.
+    #[arg(long, value_name = "text|json")]
+    pub format: Option<String>,
+    /// Print only the image digest (no progress).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// SLSA provenance beside the image: mode=max (default: inputs and every step),
     /// mode=min (inputs only), or false.
     #[arg(long, value_name = "mode=min|max|false")]
@@ -310,7 +325,60 @@ pub fn attest_options(
     Ok(o)
 }
 
-pub fn run(a: BuildArgs) -> Result<(), CliError> {
+/// `--call`: what it asks for, and whether as JSON.
+fn call_of(a: &BuildArgs) -> Result<(String, bool), CliError> {
+    let spec = a.call.clone().unwrap_or_else(|| "build".into());
+    let mut parts = spec.split(',');
+    let what = parts.next().unwrap_or("build").trim().to_string();
+    let mut json = super::flags::json_format(a.format.as_deref().unwrap_or("text"))?;
+    for p in parts {
+        match p.trim().split_once('=') {
+            Some(("format", f)) => json = super::flags::json_format(f)?,
+            _ => {
+                return Err(CliError::msg(format!(
+                    "invalid --call option {:?}: format=text|json",
+                    p
+                )))
+            }
+        }
+    }
+    if !["build", "check", "outline", "targets"].contains(&what.as_str()) {
+        return Err(CliError::msg(format!(
+            "invalid --call {:?}: build, check, outline or targets",
+            what
+        )));
+    }
+    Ok((what, json))
+}
+
+pub fn run(mut a: BuildArgs) -> Result<(), CliError> {
+    let (call, json) = call_of(&a)?;
+    if call == "outline" || call == "targets" {
+        // Nothing is built: the build file alone answers.
+        let file = find_build_file(&a.context, a.file.as_ref())?;
+        let (name, text) = read_build_file(&file)?;
+        let (_, typed) = crate::syntax::parse_instructions(&name, &text)?;
+        let v = if call == "targets" {
+            crate::frontend::outline::targets(&text, &typed)
+        } else {
+            crate::frontend::outline::outline(&text, &typed, a.target.as_deref())
+                .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else if call == "targets" {
+            print!("{}", crate::frontend::outline::render_targets(&v));
+        } else {
+            print!("{}", crate::frontend::outline::render_outline(&v));
+        }
+        return Ok(());
+    }
+    if call == "check" {
+        a.check = true;
+    }
+    if a.quiet {
+        a.progress = ProgressMode::Quiet;
+    }
     let on_error = a.on_error;
     let root = a.root.clone();
     let secrets = a.secrets.clone();
@@ -322,6 +390,16 @@ pub fn run(a: BuildArgs) -> Result<(), CliError> {
     };
     match finished {
         pipeline::Finished::Built(digest) => println!("{}", digest),
+        pipeline::Finished::Checked(findings) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "warnings": findings }))
+                    .unwrap_or_default()
+            );
+            if !findings.is_empty() {
+                return Err(CliError::exit(1));
+            }
+        }
         pipeline::Finished::Checked(findings) => {
             for f in &findings {
                 println!("{}", f);
@@ -512,7 +590,12 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         Some(p) => Some(pipeline::policy::BasePolicy::load(p)?),
         None => None,
     };
+    let mut annotations = Vec::new();
+    for a in &a.annotations {
+        annotations.extend(super::flags::parse_annotation(a).map_err(CliError::msg)?);
+    }
     Ok(BuildOptions {
+        annotations,
         sign,
         base_policy,
         extra_hosts,

@@ -59,6 +59,62 @@ pub fn parse_add_host(s: &str) -> Result<(String, String), String> {
     Ok((host.to_string(), ip.to_string()))
 }
 
+/// Parse `--annotation [TYPE[,TYPE][PLATFORM]:]KEY=VALUE` as buildx does: TYPE is
+/// `manifest` (the default), `index` or `manifest-descriptor`; `[os/arch]` limits it to one
+/// platform's image.
+pub fn parse_annotation(s: &str) -> Result<Vec<crate::pipeline::Annotation>, String> {
+    use crate::pipeline::{Annotation, AnnotationLevel};
+    let bad = |why: &str| format!("invalid --annotation {:?}: {}", s, why);
+    let (kv, prefix) = match s.split_once('=') {
+        Some((left, value)) => match left.rsplit_once(':') {
+            // `manifest:key` or `manifest[linux/amd64]:key`; a key holding `:` without
+            // a known level stays a key.
+            Some((p, key)) if p.starts_with("manifest") || p.starts_with("index") => {
+                ((key, value), Some(p))
+            }
+            _ => ((left, value), None),
+        },
+        None => return Err(bad("want KEY=VALUE")),
+    };
+    if kv.0.is_empty() {
+        return Err(bad("no key"));
+    }
+    let (types, platform) = match prefix {
+        None => ("manifest", None),
+        Some(p) => match p.split_once('[') {
+            Some((t, rest)) => {
+                let plat = rest
+                    .strip_suffix(']')
+                    .ok_or_else(|| bad("an unclosed [platform]"))?;
+                crate::oci::platform::Platform::parse(plat).ok_or_else(|| bad("a bad platform"))?;
+                (t, Some(plat.to_string()))
+            }
+            None => (p, None),
+        },
+    };
+    let mut out = Vec::new();
+    for t in types.split(',') {
+        let level = match t {
+            "manifest" => AnnotationLevel::Manifest,
+            "index" => AnnotationLevel::Index,
+            "manifest-descriptor" => AnnotationLevel::ManifestDescriptor,
+            "index-descriptor" => {
+                return Err(bad(
+                    "index-descriptor annotations are not supported yet (manifest, index, manifest-descriptor)",
+                ))
+            }
+            _ => return Err(bad("the level is manifest, index or manifest-descriptor")),
+        };
+        out.push(Annotation {
+            level,
+            platform: platform.clone(),
+            key: kv.0.to_string(),
+            value: kv.1.to_string(),
+        });
+    }
+    Ok(out)
+}
+
 /// Parse `--allow` values into BuildKit's entitlements.
 pub fn parse_entitlements(values: &[String]) -> Result<Entitlements, String> {
     let mut e = Entitlements::default();
@@ -105,6 +161,24 @@ pub fn json_format(format: &str) -> Result<bool, super::CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotations_take_buildx_prefixes() {
+        let a = parse_annotation("org.opencontainers.image.title=app").unwrap();
+        assert_eq!(a[0].level, crate::pipeline::AnnotationLevel::Manifest);
+        assert_eq!(a[0].key, "org.opencontainers.image.title");
+        let b = parse_annotation("index,manifest[linux/arm64]:k=v=w").unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].level, crate::pipeline::AnnotationLevel::Index);
+        assert_eq!(b[1].platform.as_deref(), Some("linux/arm64"));
+        assert_eq!(b[1].value, "v=w");
+        assert!(parse_annotation("novalue").is_err());
+        assert!(
+            parse_annotation("bogus:k=v").is_ok(),
+            "an unknown prefix is part of the key"
+        );
+        assert!(parse_annotation("manifest[linux:k=v").is_err());
+    }
 
     #[test]
     fn extra_hosts() {

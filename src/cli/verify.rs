@@ -225,6 +225,15 @@ fn rebuild_argv(
     {
         flag("--label", format!("{}={}", k, val.as_str().unwrap_or("")));
     }
+    for an in plan
+        .options
+        .get("annotations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        flag("--annotation", an.as_str().unwrap_or("").to_string());
+    }
     for h in plan
         .options
         .get("addHosts")

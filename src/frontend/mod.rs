@@ -13,6 +13,7 @@ pub mod checks;
 pub mod graph;
 mod history;
 pub mod lower;
+pub mod outline;
 pub mod scope;
 
 pub use graph::{lower as lower_graph, Base, BuildGraph, PlanError, PlanOptions, Stage};

@@ -623,6 +623,42 @@ pub fn index_bytes(images: &[StoredImage], attestations: &[StoredAttestation]) -
     })
 }
 
+/// Write the index of `images` (in that order) with `annotations` on it and on each
+/// image's descriptor (`descriptors`, in the same order) into `blobs`.
+pub fn commit_index_annotated(
+    blobs: &BlobStore,
+    images: &[StoredImage],
+    annotations: &BTreeMap<String, String>,
+    descriptors: &[BTreeMap<String, String>],
+) -> Result<StoredIndex, ImageError> {
+    let bytes = to_canonical(&Index {
+        schema_version: 2,
+        media_type: MEDIA_INDEX.into(),
+        manifests: images
+            .iter()
+            .zip(
+                descriptors
+                    .iter()
+                    .chain(std::iter::repeat(&BTreeMap::new())),
+            )
+            .map(|(i, a)| {
+                let mut d = platform_descriptor(i);
+                d.annotations
+                    .extend(a.iter().map(|(k, v)| (k.clone(), v.clone())));
+                d
+            })
+            .collect(),
+        annotations: annotations.clone(),
+    });
+    let digest = blobs.put(&bytes)?;
+    Ok(StoredIndex {
+        digest,
+        size: bytes.len() as u64,
+        images: images.to_vec(),
+        attestations: Vec::new(),
+    })
+}
+
 /// Write the index of `images` (in that order), then their `attestations`, into `blobs`.
 pub fn commit_index(
     blobs: &BlobStore,

@@ -35,6 +35,59 @@ pub use attestations::{AttestLayout, AttestOptions};
 pub use bases::StoreResolver;
 pub use rebuild::recorded_provenance;
 
+/// Where an `--annotation` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnotationLevel {
+    /// The image manifest.
+    Manifest,
+    /// The index of a multi-platform build.
+    Index,
+    /// The index's descriptor of each image.
+    ManifestDescriptor,
+}
+
+/// One `--annotation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotation {
+    pub level: AnnotationLevel,
+    /// Only this platform's image (`os/arch[/variant]`).
+    pub platform: Option<String>,
+    pub key: String,
+    pub value: String,
+}
+
+impl Annotation {
+    /// The `--annotation` value that gives it.
+    pub fn flag(&self) -> String {
+        let level = match self.level {
+            AnnotationLevel::Manifest => "manifest",
+            AnnotationLevel::Index => "index",
+            AnnotationLevel::ManifestDescriptor => "manifest-descriptor",
+        };
+        match &self.platform {
+            Some(p) => format!("{}[{}]:{}={}", level, p, self.key, self.value),
+            None => format!("{}:{}={}", level, self.key, self.value),
+        }
+    }
+
+    /// Whether it is at `level` and for `platform`.
+    fn applies(&self, level: AnnotationLevel, platform: &str) -> bool {
+        self.level == level && self.platform.as_deref().is_none_or(|p| p == platform)
+    }
+}
+
+/// The annotations at `level` for `platform`, as a map.
+fn annotations_at(
+    list: &[Annotation],
+    level: AnnotationLevel,
+    platform: &str,
+) -> BTreeMap<String, String> {
+    list.iter()
+        .filter(|a| a.applies(level, platform))
+        .map(|a| (a.key.clone(), a.value.clone()))
+        .collect()
+}
+
 /// Everything a build is asked to do, resolved from the command line.
 pub struct BuildOptions {
     /// The build file, its name as the user gave it, and its text.
@@ -67,6 +120,8 @@ pub struct BuildOptions {
     pub extra_hosts: Vec<(String, String)>,
     /// `--label`: labels set on the image.
     pub labels: Vec<(String, String)>,
+    /// `--annotation`: annotations on the manifests, the index and its descriptors.
+    pub annotations: Vec<Annotation>,
     pub entitlements: Entitlements,
     pub executor: crate::worker::sandbox::Executor,
     pub isolation: crate::worker::Isolation,
@@ -319,6 +374,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         &invocation,
         o.attest,
         o.sign.as_deref(),
+        &o.annotations,
         o.cache_to.iter().any(|(l, _)| *l == Location::Inline),
         results,
     )?;
@@ -451,6 +507,10 @@ fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Val
     if o.force_compression {
         m.insert("forceCompression".into(), json!(true));
     }
+    if !o.annotations.is_empty() {
+        let list: Vec<String> = o.annotations.iter().map(Annotation::flag).collect();
+        m.insert("annotations".into(), json!(list));
+    }
     m
 }
 
@@ -541,6 +601,7 @@ fn commit(
     invocation: &provenance::Invocation,
     attest: AttestOptions,
     sign: Option<&crate::attest::signing::SigningKey>,
+    annotations: &[Annotation],
     inline_cache: bool,
     results: Vec<Result<solver::Outcome, CliError>>,
 ) -> Result<Committed, CliError> {
@@ -564,6 +625,16 @@ fn commit(
                 .insert(crate::oci::image::INLINE_CACHE_FIELD.to_string(), records);
             outcome.image = state
                 .commit(&store.blobs, &BTreeMap::new())
+                .map_err(|e| CliError::msg(e.to_string()))?;
+        }
+        let platform = crate::oci::image::platform_of(&outcome.image);
+        let manifest_annotations =
+            annotations_at(annotations, AnnotationLevel::Manifest, &platform);
+        if !manifest_annotations.is_empty() {
+            outcome.image = outcome
+                .image
+                .state
+                .commit(&store.blobs, &manifest_annotations)
                 .map_err(|e| CliError::msg(e.to_string()))?;
         }
         solver::explain::keep_for_image(
@@ -603,8 +674,19 @@ fn commit(
     let plain = if images.len() == 1 {
         Built::Image(images.remove(0))
     } else {
+        let descriptors: Vec<BTreeMap<String, String>> = images
+            .iter()
+            .map(|i| {
+                annotations_at(
+                    annotations,
+                    AnnotationLevel::ManifestDescriptor,
+                    &crate::oci::image::platform_of(i),
+                )
+            })
+            .collect();
+        let index = annotations_at(annotations, AnnotationLevel::Index, "");
         Built::Index(
-            crate::oci::image::commit_index(&store.blobs, &images, &[])
+            crate::oci::image::commit_index_annotated(&store.blobs, &images, &index, &descriptors)
                 .map_err(|e| CliError::msg(e.to_string()))?,
         )
     };

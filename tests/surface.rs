@@ -1,0 +1,132 @@
+//! More of `docker buildx build`'s command line: `--call targets|outline|check` (nothing is
+//! built), `-q`, and `--annotation` at the manifest, index and descriptor levels.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const DOCUMENTED: &str = "# GO_VERSION sets the Go version\nARG GO_VERSION=1.22\n\n# build compiles the app\nFROM scratch AS build\nARG FLAVOR=plain\nCOPY a /a\n\nFROM scratch AS unused\nARG NEVER=1\n\n# release is what ships\nFROM scratch AS release\nCOPY --from=build /a /a\n";
+
+#[test]
+fn call_targets_and_outline_describe_the_file_without_building() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let ctx = d.path().join("ctx");
+    write(&ctx.join("Buildfile"), DOCUMENTED);
+    write(&ctx.join("a"), "a\n");
+    let targets = run_ok(build_cmd(&root).args(["--call", "targets"]).arg(&ctx));
+    assert!(
+        targets.contains("build") && targets.contains("build compiles the app"),
+        "{targets}"
+    );
+    assert!(targets.contains("release (default)"), "{targets}");
+    let json: Value = serde_json::from_str(&run_ok(
+        build_cmd(&root)
+            .args(["--call", "outline", "--format", "json"])
+            .arg(&ctx),
+    ))
+    .unwrap();
+    assert_eq!(json["name"], "release");
+    let args: Vec<&str> = json["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        ["FLAVOR"],
+        "only what the target's stages declare: {json}"
+    );
+    let outline = run_ok(
+        build_cmd(&root)
+            .args(["--call", "outline", "--target", "build"])
+            .arg(&ctx),
+    );
+    assert!(outline.contains("TARGET:      build"), "{outline}");
+    // Nothing was built: the store holds no image.
+    let images = run_ok(builder().args(["images", "--root"]).arg(&root));
+    assert!(!images.contains("sha256:"), "{images}");
+    let bad = run(build_cmd(&root).args(["--call", "lint"]).arg(&ctx));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("build, check, outline or targets"));
+    let check = run_ok(build_cmd(&root).args(["--call", "check"]).arg(&ctx));
+    assert!(check.contains("no warnings"), "{check}");
+}
+
+#[test]
+fn quiet_prints_the_digest_alone_and_annotations_land_where_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let ctx = d.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM scratch\nARG TARGETARCH\nCOPY a /a-$TARGETARCH\n",
+    );
+    write(&ctx.join("a"), "a\n");
+    let layout = d.path().join("layout");
+    let out = run(builder()
+        .args(["build", "-q", "--root"])
+        .arg(&root)
+        .args(["--platform", "linux/amd64,linux/arm64"])
+        .args(["--annotation", "org.opencontainers.image.title=app"])
+        .args(["--annotation", "index:org.opencontainers.image.vendor=us"])
+        .args(["--annotation", "manifest-descriptor[linux/arm64]:only=arm"])
+        .args(["-o", &format!("oci:{}:t", layout.display())])
+        .arg(&ctx));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("sha256:"));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("DONE"),
+        "no progress with -q"
+    );
+    let index: Value = serde_json::from_str(&run_ok(
+        tool("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:t", layout.display())),
+    ))
+    .unwrap();
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.vendor"],
+        "us"
+    );
+    for m in index["manifests"].as_array().unwrap() {
+        let arch = m["platform"]["architecture"].as_str().unwrap();
+        assert_eq!(
+            m["annotations"]["only"].as_str(),
+            (arch == "arm64").then_some("arm"),
+            "{index}"
+        );
+        let hex = m["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+                .unwrap();
+        assert_eq!(
+            manifest["annotations"]["org.opencontainers.image.title"], "app",
+            "every platform's manifest"
+        );
+    }
+    // The same flags give the same digest (annotations are part of the reproducible image).
+    let again = run_ok(
+        builder()
+            .args(["build", "-q", "--root"])
+            .arg(d.path().join("other-root"))
+            .args(["--platform", "linux/amd64,linux/arm64"])
+            .args(["--annotation", "org.opencontainers.image.title=app"])
+            .args(["--annotation", "index:org.opencontainers.image.vendor=us"])
+            .args(["--annotation", "manifest-descriptor[linux/arm64]:only=arm"])
+            .arg(&ctx),
+    );
+    assert_eq!(again.trim(), stdout.trim());
+    let bad = run(build_cmd(&root)
+        .args(["--annotation", "nokeyvalue"])
+        .arg(&ctx));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("want KEY=VALUE"));
+}
