@@ -381,16 +381,20 @@ fn prune_referrers(dir: &Path, manifests: Vec<Value>) -> Vec<Value> {
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 fn write_layout_index(dir: &Path, manifests: Vec<Value>) -> Result<(), ExportError> {
-    // oci-image-tool's `--ref name=TAG` filter removes entries from the list it iterates,
-    // so it skips the entry after each one it removes: a first referrer ahead of the
-    // images, the rest after them, lets it find a tag beside up to two referrers.
+    // The images come first (a script reading `manifests[0]` finds the image), then their
+    // referrers. oci-image-tool's `--ref name=TAG` filter removes entries from the list it
+    // iterates, so it skips the entry after each one it removes: with two referrers or
+    // more, one goes ahead of the images, which lets it find a tag beside two.
     let (referrers, images): (Vec<Value>, Vec<Value>) = manifests.into_iter().partition(|m| {
         !m["annotations"][REF_NAME].is_string()
             && m["annotations"][crate::oci::image::REFERENCE_DIGEST].is_string()
     });
+    let ahead = usize::from(referrers.len() >= 2);
     let mut referrers = referrers.into_iter();
     let manifests: Vec<Value> = referrers
-        .next()
+        .by_ref()
+        .take(ahead)
+        .collect::<Vec<_>>()
         .into_iter()
         .chain(images)
         .chain(referrers)
