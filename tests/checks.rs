@@ -130,3 +130,55 @@ fn a_build_reports_findings_at_its_end_in_plain_and_json() {
     assert_eq!(event["line"], 2);
     assert_eq!(event["column"], 1);
 }
+
+#[test]
+fn checks_read_local_layout_and_archive_bases_without_a_network() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let base = t.path().join("base");
+    write(
+        &base.join("Buildfile"),
+        "FROM scratch\nENV FROM_BASE=1\nCOPY f /\n",
+    );
+    write(&base.join("f"), "f\n");
+    let layout = t.path().join("layout");
+    let archive = t.path().join("base.tar");
+    build(
+        &root,
+        &base,
+        &[
+            "--platform",
+            "linux/amd64",
+            "-o",
+            &format!("oci:{}:b", layout.display()),
+            "-o",
+            &format!("oci-archive:{}:b", archive.display()),
+        ],
+    );
+    for (i, from) in [
+        format!("oci:{}:b", layout.display()),
+        format!("oci-archive:{}:b", archive.display()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ctx = t.path().join(format!("ctx{i}"));
+        write(
+            &ctx.join("Buildfile"),
+            &format!(
+                "FROM {from}\nENV KNOWN=$FROM_BASE UNKNOWN=$NOT_DEFINED\n\nFROM --platform=linux/arm64 {from} AS other\n"
+            ),
+        );
+        let (code, out) = check(&t.path().join("fresh-root"), &ctx);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(
+            out.contains("UndefinedVar: Usage of undefined variable '$NOT_DEFINED'")
+                && !out.contains("FROM_BASE"),
+            "the base's ENV is known: {out}"
+        );
+        assert!(
+            out.contains("InvalidBaseImagePlatform") && out.contains("expected \"linux/arm64\""),
+            "{out}"
+        );
+    }
+}

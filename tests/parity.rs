@@ -260,6 +260,7 @@ fn read_image(archive: &Path) -> Image {
     for key in [
         "Env",
         "Cmd",
+        "ArgsEscaped",
         "Entrypoint",
         "WorkingDir",
         "User",

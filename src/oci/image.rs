@@ -61,6 +61,14 @@ pub struct DockerConfig {
     pub onbuild: Option<Vec<String>>,
     #[serde(rename = "Shell", default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<Vec<String>>,
+    /// Docker's `ArgsEscaped`, which BuildKit sets whenever CMD is (deprecated in the OCI
+    /// spec, kept for Docker's image format).
+    #[serde(
+        rename = "ArgsEscaped",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub args_escaped: Option<bool>,
 }
 
 /// Docker's `HealthConfig`: durations in nanoseconds, zero fields left out.
@@ -856,6 +864,10 @@ pub fn state_from_config(
         }
         if let Some(x) = field("Shell") {
             docker.shell = Some(serde_json::from_value(x).map_err(|e| bad("Shell", e))?);
+        }
+        if let Some(x) = field("ArgsEscaped") {
+            docker.args_escaped =
+                Some(serde_json::from_value(x).map_err(|e| bad("ArgsEscaped", e))?);
         }
     }
     if config.rootfs().diff_ids().len() != layers.len() {

@@ -626,7 +626,11 @@ fn unpack_tar(
                 let src = src_parent.join(link_rel.file_name().unwrap_or_default());
                 match fs::symlink_metadata(&src) {
                     Ok(md) if md.is_file() && src.starts_with(target) => {
-                        fs::hard_link(&src, &dest).map_err(&io_e)?
+                        fs::hard_link(&src, &dest).map_err(&io_e)?;
+                        // As Docker's and containerd's appliers: the link entry's mode is
+                        // applied to the inode both names share.
+                        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
+                            .map_err(&io_e)?;
                     }
                     _ => {
                         return Err(unsafe_e(format!(

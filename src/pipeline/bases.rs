@@ -11,12 +11,34 @@ use crate::store::Store;
 /// for a check).
 pub(super) struct StoreBases<'a>(pub &'a Store, pub String);
 
+impl StoreBases<'_> {
+    /// The base `image` names, as readable without a network: a store name, or a local
+    /// layout or archive (imported into the store, as the build would).
+    fn base(&self, image: &str, wanted: &str) -> Option<crate::oci::image::StoredImage> {
+        use crate::store::sources::{self, ImageSource};
+        match ImageSource::parse(image) {
+            ImageSource::Store(_) => self.0.image_for(image, wanted).ok(),
+            _ => {
+                let client = crate::registry::Client::new(crate::registry::Settings::default());
+                let pulling = sources::Pulling {
+                    policy: crate::registry::PullPolicy::Never,
+                    client: &client,
+                    log: &|_| {},
+                    layers: crate::registry::pull::Layers::WhenNeeded,
+                };
+                let platform = Platform::parse(wanted).unwrap_or_else(Platform::host);
+                sources::fetch(self.0, image, &platform, &pulling).ok()
+            }
+        }
+    }
+}
+
 impl BaseImages for StoreBases<'_> {
     fn env(&self, image: &str) -> Option<Vec<(String, String)>> {
-        self.0.image_for(image, &self.1).ok().map(|i| i.state.env())
+        self.base(image, &self.1).map(|i| i.state.env())
     }
-    fn platform(&self, image: &str) -> Option<String> {
-        let i = self.0.image_for(image, &self.1).ok()?;
+    fn platform(&self, image: &str, wanted: &str) -> Option<String> {
+        let i = self.base(image, wanted)?;
         let c = &i.state.config;
         let mut p = format!("{}/{}", c.os(), c.architecture());
         if let Some(v) = c.variant() {

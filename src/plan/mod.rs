@@ -142,9 +142,14 @@ impl ConfigEdit {
                 c.set_stop_signal(Some(signal.clone()));
             }),
             ConfigEdit::Shell { argv } => state.docker.shell = Some(argv.clone()),
-            ConfigEdit::Cmd { argv } => state.with_runtime(|c| {
-                c.set_cmd(Some(argv.clone()));
-            }),
+            ConfigEdit::Cmd { argv } => {
+                state.with_runtime(|c| {
+                    c.set_cmd(Some(argv.clone()));
+                });
+                // As BuildKit's dispatchCmd (frontend/dockerfile/dockerfile2llb/convert.go)
+                // since v0.11: `ArgsEscaped: true` whenever CMD is set.
+                state.docker.args_escaped = Some(true);
+            }
             ConfigEdit::Entrypoint { argv, keep_cmd } => state.with_runtime(|c| {
                 c.set_entrypoint(Some(argv.clone()));
                 if !keep_cmd {

@@ -488,45 +488,66 @@ pub fn push_referrers(
     }
     let display = dest.familiar();
     let ep = client.endpoint(&dest.registry)?;
-    let (listed, source) =
-        super::pull::list_referrers(client, &ep, &dest.repository, subject, &display)?;
-    let listed_digests: Vec<&str> = listed.iter().filter_map(|m| m["digest"].as_str()).collect();
-    let missing: Vec<&crate::oci::document::Descriptor> = referrers
-        .iter()
-        .filter(|r| !listed_digests.contains(&r.digest.to_string().as_str()))
-        .collect();
-    if source == super::pull::ReferrersSource::Api || missing.is_empty() {
-        return Ok(pushed);
-    }
-    let mut manifests = listed.clone();
-    for r in missing {
-        manifests.push(serde_json::to_value(r).unwrap_or(Value::Null));
-    }
-    let index = crate::oci::image::canonical_json(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": crate::oci::image::MEDIA_INDEX,
-        "manifests": manifests,
-    }));
     let target = format!(
         "/v2/{}/manifests/{}",
         dest.repository,
         super::pull::referrers_tag(subject)
     );
-    let response = client.send(
-        &ep,
-        "PUT",
-        &target,
-        &[("Content-Type", crate::oci::image::MEDIA_INDEX.to_string())],
-        Body::Bytes(&index),
-        &[scope(&dest.repository, "pull,push")],
-    )?;
-    if response.status() != 201 && response.status() != 200 {
-        return Err(ep.status_error(
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (listed, source) =
+            super::pull::list_referrers(client, &ep, &dest.repository, subject, &display)?;
+        let listed_digests: Vec<&str> =
+            listed.iter().filter_map(|m| m["digest"].as_str()).collect();
+        let missing: Vec<&crate::oci::document::Descriptor> = referrers
+            .iter()
+            .filter(|r| !listed_digests.contains(&r.digest.to_string().as_str()))
+            .collect();
+        if source == super::pull::ReferrersSource::Api || missing.is_empty() {
+            return Ok(pushed);
+        }
+        let mut manifests = listed.clone();
+        for r in missing {
+            manifests.push(serde_json::to_value(r).unwrap_or(Value::Null));
+        }
+        let index = crate::oci::image::canonical_json(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": crate::oci::image::MEDIA_INDEX,
+            "manifests": manifests,
+        }));
+        let response = client.send(
+            &ep,
+            "PUT",
+            &target,
+            &[("Content-Type", crate::oci::image::MEDIA_INDEX.to_string())],
+            Body::Bytes(&index),
+            &[scope(&dest.repository, "pull,push")],
+        )?;
+        if response.status() == 201 || response.status() == 200 {
+            return Ok(pushed);
+        }
+        let error = ep.status_error(
             "PUT",
             &target,
             &format!("the referrers of {} (fallback tag)", subject),
             response,
-        ));
+        );
+        // As for any manifest: a concurrent writer of the same referrer can make it
+        // unreadable for a moment. Confirm the referrers again, then put the list again.
+        let unknown = matches!(&error, RegistryError::Status { status: 400, body, .. }
+            if body.contains("BLOB_UNKNOWN") || body.contains("MANIFEST_UNKNOWN"));
+        if !unknown || attempt >= client.settings.attempts.max(1) {
+            return Err(error);
+        }
+        std::thread::sleep(backoff(attempt));
+        for r in referrers {
+            let by_digest = Reference {
+                tag: None,
+                digest: Some(r.digest.clone()),
+                ..dest.clone()
+            };
+            push(client, local, &r.digest, &by_digest)?;
+        }
     }
-    Ok(pushed)
 }

@@ -164,12 +164,12 @@ impl CheckPolicy {
     }
 }
 
-/// What the checks know of a base image, when the store has it.
+/// What the checks know of a base image, when it is readable without a network.
 pub trait BaseImages {
     /// The image's environment, or `None` when it is not known here.
     fn env(&self, image: &str) -> Option<Vec<(String, String)>>;
-    /// The image's `os/arch[/variant]`, when known.
-    fn platform(&self, image: &str) -> Option<String>;
+    /// The `os/arch[/variant]` of the image the base gives for `wanted`, when known.
+    fn platform(&self, image: &str, wanted: &str) -> Option<String>;
 }
 
 /// No base image is known: rules that need one say nothing.
@@ -179,7 +179,7 @@ impl BaseImages for NoBaseImages {
     fn env(&self, _: &str) -> Option<Vec<(String, String)>> {
         None
     }
-    fn platform(&self, _: &str) -> Option<String> {
+    fn platform(&self, _: &str, _: &str) -> Option<String> {
         None
     }
 }
