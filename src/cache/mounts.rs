@@ -166,6 +166,7 @@ pub fn restore(layers: &[LayerRef], dir: &Path, blobs: &BlobStore) -> Result<(),
                 overlay_format: false,
                 metadata_only: false,
                 user_xattrs: false,
+                capability_xattr_only: false,
             },
             &l.diff_id,
         )

@@ -73,6 +73,7 @@ pub fn import(a: ImportArgs) -> Result<(), CliError> {
             overlay_format: false,
             metadata_only: false,
             user_xattrs: false,
+            capability_xattr_only: false,
         };
         unpack::unpack_layer(
             &a.source,

@@ -210,6 +210,7 @@ pub fn export(
                 overlay_format: false,
                 metadata_only: false,
                 user_xattrs: false,
+                capability_xattr_only: false,
             };
             for l in &image.state.layers {
                 unpack::unpack_verified(

@@ -56,6 +56,9 @@ pub struct UnpackOptions {
     /// Overlay-format markers in `user.overlay.*`, as overlayfs' `userxattr` mode (a rootless
     /// mount) reads them; else in `trusted.overlay.*`.
     pub user_xattrs: bool,
+    /// Of the entries' xattrs, apply `security.capability` alone (an ADDed archive: today's
+    /// BuildKit carries no other into the layer).
+    pub capability_xattr_only: bool,
 }
 
 /// Files up to this size keep their content in a [`UnpackOptions::metadata_only`] unpack.
@@ -689,6 +692,9 @@ fn unpack_tar(
         {
             for ext in exts {
                 if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                    if opts.capability_xattr_only && name != "security.capability" {
+                        continue;
+                    }
                     let _ = xattr::set(&dest, name, ext.value_bytes());
                 }
             }
@@ -929,6 +935,7 @@ mod tests {
                 overlay_format: true,
                 metadata_only,
                 user_xattrs: false,
+                capability_xattr_only: false,
             };
             let from_blob = tempfile::tempdir().unwrap();
             unpack_verified(l.path(), "blob", from_blob.path(), opts, &diff_id).unwrap();

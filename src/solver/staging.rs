@@ -589,6 +589,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                     overlay_format: false,
                     metadata_only: false,
                     user_xattrs: false,
+                    capability_xattr_only: true,
                 };
                 unpack::unpack_layer(&m.path, &m.rel, tmp.path(), opts)
                     .map_err(|e| CopyError::Other(e.to_string()))?;

@@ -432,6 +432,7 @@ fn snapshot_options(name: &str) -> UnpackOptions {
         metadata_only: name == "meta",
         // A rootless overlay is mounted with `userxattr`.
         user_xattrs: crate::worker::rootless(),
+        capability_xattr_only: false,
     }
 }
 
@@ -573,6 +574,7 @@ impl RootView {
                     overlay_format: false,
                     metadata_only: false,
                     user_xattrs: false,
+                    capability_xattr_only: false,
                 };
                 unpack::unpack_verified(
                     &snaps.blobs.ensure(&layer.digest)?,
