@@ -48,7 +48,17 @@ pub struct PublicKey {
     bytes: Vec<u8>,
 }
 
+/// The bytes of a key file, an error naming it when it cannot be read.
+fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {}", path.display(), e))
+}
+
 impl SigningKey {
+    /// Read a PKCS#8 PEM private key file.
+    pub fn from_pem_file(path: &std::path::Path) -> Result<SigningKey, String> {
+        SigningKey::from_pem(&read_key_file(path)?, &path.display().to_string())
+    }
+
     /// Read a PKCS#8 PEM private key (`what` names it in errors).
     pub fn from_pem(pem: &[u8], what: &str) -> Result<SigningKey, String> {
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem)
@@ -90,6 +100,11 @@ impl SigningKey {
 }
 
 impl PublicKey {
+    /// Read a PEM public key file.
+    pub fn from_pem_file(path: &std::path::Path) -> Result<PublicKey, String> {
+        PublicKey::from_pem(&read_key_file(path)?, &path.display().to_string())
+    }
+
     /// Read a PEM public key (SubjectPublicKeyInfo) of either kind.
     pub fn from_pem(pem: &[u8], what: &str) -> Result<PublicKey, String> {
         let spki = SubjectPublicKeyInfoDer::from_pem_slice(pem)

@@ -579,10 +579,8 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         None => None,
         Some(v) => {
             let file = PathBuf::from(v.strip_prefix("key=").unwrap_or(v));
-            let pem = std::fs::read(&file).map_err(|e| CliError::io(&file, e))?;
             Some(Arc::new(
-                crate::attest::signing::SigningKey::from_pem(&pem, &file.display().to_string())
-                    .map_err(CliError::msg)?,
+                crate::attest::signing::SigningKey::from_pem_file(&file).map_err(CliError::msg)?,
             ))
         }
     };

@@ -130,17 +130,8 @@ fn create(a: CreateArgs) -> Result<(), CliError> {
     for t in &a.tags {
         let dest = Reference::parse(t)?.with_default_tag();
         let mut pushed = push::push(&client, &store.local(), &digest, &dest)?;
-        let mut by_subject: std::collections::BTreeMap<_, Vec<Descriptor>> = Default::default();
-        for a in &referrers {
-            by_subject
-                .entry(a.subject.clone())
-                .or_default()
-                .push(crate::oci::image::referrer_descriptor(a));
-        }
-        for (subject, list) in &by_subject {
-            pushed.referrers +=
-                push::push_referrers(&client, &store.local(), subject, list, &dest)?.len();
-        }
+        pushed.referrers +=
+            push::push_attestations(&client, &store.local(), &referrers, &dest)?.len();
         eprintln!("{}", crate::pipeline::pushed_line(&dest, &pushed));
     }
     println!("{}", digest);

@@ -58,11 +58,9 @@ pub fn run(a: VerifyArgs) -> Result<(), CliError> {
     let mut plan = rebuild::plan_of(&published)?;
     let mut keys = Vec::new();
     for k in &a.keys {
-        let pem = std::fs::read(k).map_err(|e| CliError::io(k, e))?;
         keys.push((
             k.display().to_string(),
-            crate::attest::signing::PublicKey::from_pem(&pem, &k.display().to_string())
-                .map_err(CliError::msg)?,
+            crate::attest::signing::PublicKey::from_pem_file(k).map_err(CliError::msg)?,
         ));
     }
     let mut signatures = Vec::new();
@@ -225,23 +223,17 @@ fn rebuild_argv(
     {
         flag("--label", format!("{}={}", k, val.as_str().unwrap_or("")));
     }
-    for an in plan
-        .options
-        .get("annotations")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        flag("--annotation", an.as_str().unwrap_or("").to_string());
-    }
-    for h in plan
-        .options
-        .get("addHosts")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        flag("--add-host", h.as_str().unwrap_or("").to_string());
+    // The options provenance records as lists of flag values.
+    for (key, name) in [("annotations", "--annotation"), ("addHosts", "--add-host")] {
+        for value in plan
+            .options
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            flag(name, value.as_str().unwrap_or("").to_string());
+        }
     }
     match plan.run_network.as_deref() {
         None => flag("--network", "none".into()),

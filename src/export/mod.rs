@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::oci::blobs::{write_atomic, BlobStore};
 use crate::oci::digest::Digest;
-use crate::oci::image::{canonical_json, StoredImage, StoredIndex};
+use crate::oci::image::{canonical_json, StoredAttestation, StoredImage, StoredIndex};
 use crate::oci::unpack::{self, UnpackOptions};
 
 /// A requested output.
@@ -158,32 +158,21 @@ impl Output {
     }
 }
 
-/// Export `image` to `out`. `names` are the `-t` tags (used by docker-archive's RepoTags).
+/// Export `image` to `out`. `names` are the `-t` tags (used by docker-archive's RepoTags);
+/// `referrers`, its attestations, go beside it in an OCI layout.
 pub fn export(
     blobs: &BlobStore,
     image: &StoredImage,
     names: &[String],
     out: &Output,
     scratch: &Path,
+    referrers: &[StoredAttestation],
 ) -> Result<(), ExportError> {
     match out {
-        Output::OciDir { dir, tag } => write_oci_layout(
-            blobs,
-            image,
-            dir,
-            tag.as_deref()
-                .or(names.first().and_then(|n| n.rsplit_once(':').map(|x| x.1))),
-        ),
-        Output::OciArchive { file, tag } => {
-            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
-            write_oci_layout(
-                blobs,
-                image,
-                tmp.path(),
-                tag.as_deref()
-                    .or(names.first().and_then(|n| n.rsplit_once(':').map(|x| x.1))),
-            )?;
-            tar_dir(tmp.path(), file, &[])
+        Output::OciDir { .. } | Output::OciArchive { .. } => {
+            layout_output(blobs, out, names, scratch, referrers, |dir, tag| {
+                write_oci_layout(blobs, image, dir, tag)
+            })
         }
         Output::DockerArchive { file } => {
             let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
@@ -226,6 +215,39 @@ pub fn export(
         }
         // Naming and pushing need the store and a registry client: the caller does them.
         Output::Image { .. } => Ok(()),
+    }
+}
+
+/// Write an `oci:` or `oci-archive:` output: `write` lays the image out in a directory
+/// under the output's tag (else the first name's), then `referrers` go beside it.
+fn layout_output(
+    blobs: &BlobStore,
+    out: &Output,
+    names: &[String],
+    scratch: &Path,
+    referrers: &[StoredAttestation],
+    write: impl Fn(&Path, Option<&str>) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let tag_of = |tag: &Option<String>| {
+        tag.clone().or(names
+            .first()
+            .and_then(|n| n.rsplit_once(':').map(|x| x.1.to_string())))
+    };
+    let lay_out = |dir: &Path, tag: &Option<String>| -> Result<(), ExportError> {
+        write(dir, tag_of(tag).as_deref())?;
+        if referrers.is_empty() {
+            return Ok(());
+        }
+        add_referrers_to_layout(blobs, referrers, dir)
+    };
+    match out {
+        Output::OciDir { dir, tag } => lay_out(dir, tag),
+        Output::OciArchive { file, tag } => {
+            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
+            lay_out(tmp.path(), tag)?;
+            tar_dir(tmp.path(), file, &[])
+        }
+        _ => Ok(()),
     }
 }
 
@@ -297,11 +319,7 @@ pub fn write_oci_index_layout(
         place_image(blobs, image, dir)?;
     }
     for a in &index.attestations {
-        place_blob(blobs, dir, &a.config_digest)?;
-        for (l, _) in &a.statements {
-            place_blob(blobs, dir, &l.digest)?;
-        }
-        place_blob(blobs, dir, &a.manifest_digest)?;
+        place_attestation(blobs, a, dir)?;
     }
     place_blob(blobs, dir, &index.digest)?;
     let desc = serde_json::to_value(crate::oci::document::Descriptor::new(
@@ -319,15 +337,11 @@ pub fn write_oci_index_layout(
 /// image; entries about images no tag reaches any more are dropped.
 pub fn add_referrers_to_layout(
     blobs: &BlobStore,
-    attestations: &[crate::oci::image::StoredAttestation],
+    attestations: &[StoredAttestation],
     dir: &Path,
 ) -> Result<(), ExportError> {
     for a in attestations {
-        place_blob(blobs, dir, &a.config_digest)?;
-        for (l, _) in &a.statements {
-            place_blob(blobs, dir, &l.digest)?;
-        }
-        place_blob(blobs, dir, &a.manifest_digest)?;
+        place_attestation(blobs, a, dir)?;
     }
     let index_path = dir.join("index.json");
     let mut manifests = read_layout_index(&index_path);
@@ -349,15 +363,30 @@ pub fn add_referrers_to_layout(
     write_layout_index(dir, prune_referrers(dir, manifests))
 }
 
+/// The blobs of an attestation manifest (config, statements, manifest) in a layout.
+fn place_attestation(
+    blobs: &BlobStore,
+    a: &StoredAttestation,
+    dir: &Path,
+) -> Result<(), ExportError> {
+    place_blob(blobs, dir, &a.config_digest)?;
+    for (l, _) in &a.statements {
+        place_blob(blobs, dir, &l.digest)?;
+    }
+    place_blob(blobs, dir, &a.manifest_digest)
+}
+
+/// Whether an index.json entry is an untagged referrer (an attestation about an image).
+fn is_layout_referrer(m: &Value) -> bool {
+    !m["annotations"][REF_NAME].is_string()
+        && m["annotations"][crate::oci::image::REFERENCE_DIGEST].is_string()
+}
+
 /// The layout's entries without referrers whose subject no image entry reaches (a tag that
 /// moved to another image leaves its old image's attestations behind otherwise).
 fn prune_referrers(dir: &Path, manifests: Vec<Value>) -> Vec<Value> {
-    let is_referrer = |m: &Value| {
-        !m["annotations"][REF_NAME].is_string()
-            && m["annotations"][crate::oci::image::REFERENCE_DIGEST].is_string()
-    };
     let mut reachable: Vec<String> = Vec::new();
-    for m in manifests.iter().filter(|m| !is_referrer(m)) {
+    for m in manifests.iter().filter(|m| !is_layout_referrer(m)) {
         let Some(d) = m["digest"].as_str() else {
             continue;
         };
@@ -374,7 +403,7 @@ fn prune_referrers(dir: &Path, manifests: Vec<Value>) -> Vec<Value> {
         .into_iter()
         .filter(|m| {
             let about = m["annotations"][crate::oci::image::REFERENCE_DIGEST].as_str();
-            !is_referrer(m) || reachable.iter().any(|r| about == Some(r.as_str()))
+            !is_layout_referrer(m) || reachable.iter().any(|r| about == Some(r.as_str()))
         })
         .collect()
 }
@@ -386,10 +415,8 @@ fn write_layout_index(dir: &Path, manifests: Vec<Value>) -> Result<(), ExportErr
     // referrers. oci-image-tool's `--ref name=TAG` filter removes entries from the list it
     // iterates, so it skips the entry after each one it removes: with two referrers or
     // more, one goes ahead of the images, which lets it find a tag beside two.
-    let (referrers, images): (Vec<Value>, Vec<Value>) = manifests.into_iter().partition(|m| {
-        !m["annotations"][REF_NAME].is_string()
-            && m["annotations"][crate::oci::image::REFERENCE_DIGEST].is_string()
-    });
+    let (referrers, images): (Vec<Value>, Vec<Value>) =
+        manifests.into_iter().partition(is_layout_referrer);
     let ahead = usize::from(referrers.len() >= 2);
     let mut referrers = referrers.into_iter();
     let manifests: Vec<Value> = referrers
@@ -484,37 +511,18 @@ impl Built {
             Some(x) if x.digest != self.digest() => x.attestations.as_slice(),
             _ => &[],
         };
-        let tag_of = |tag: &Option<String>| {
-            tag.clone().or(names
-                .first()
-                .and_then(|n| n.rsplit_once(':').map(|x| x.1.to_string())))
-        };
-        let layout = |dir: &Path, tag: Option<&str>| -> Result<(), ExportError> {
-            match self {
-                Built::Image(i) => write_oci_layout(blobs, i, dir, tag)?,
-                Built::Index(i) => write_oci_index_layout(blobs, i, dir, tag)?,
-            }
-            if referrers.is_empty() {
-                return Ok(());
-            }
-            add_referrers_to_layout(blobs, referrers, dir)
-        };
         match (self, out) {
-            (_, Output::OciDir { dir, tag }) => layout(dir, tag_of(tag).as_deref()),
-            (_, Output::OciArchive { file, tag }) => {
-                let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
-                layout(tmp.path(), tag_of(tag).as_deref())?;
-                tar_dir(tmp.path(), file, &[])
-            }
             (Built::Image(i), Output::Local { dir }) => {
-                export(blobs, i, names, out, scratch)?;
+                export(blobs, i, names, out, scratch, &[])?;
                 match attested {
                     Some(x) => write_attestation_files(blobs, x, i, dir),
                     None => Ok(()),
                 }
             }
-            (Built::Image(i), _) => export(blobs, i, names, out, scratch),
-            (Built::Index(i), _) => export_index(blobs, i, names, out, scratch, attested),
+            (Built::Image(i), _) => export(blobs, i, names, out, scratch, referrers),
+            (Built::Index(i), _) => {
+                export_index(blobs, i, names, out, scratch, attested, referrers)
+            }
         }
     }
 }
@@ -529,23 +537,16 @@ pub fn export_index(
     out: &Output,
     scratch: &Path,
     attested: Option<&StoredIndex>,
+    referrers: &[StoredAttestation],
 ) -> Result<(), ExportError> {
-    let tag_of = |tag: &Option<String>| {
-        tag.clone().or(names
-            .first()
-            .and_then(|n| n.rsplit_once(':').map(|x| x.1.to_string())))
-    };
     match out {
-        Output::OciDir { dir, tag } => {
-            write_oci_index_layout(blobs, index, dir, tag_of(tag).as_deref())
-        }
-        Output::OciArchive { file, tag } => {
-            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
-            write_oci_index_layout(blobs, index, tmp.path(), tag_of(tag).as_deref())?;
-            tar_dir(tmp.path(), file, &[])
+        Output::OciDir { .. } | Output::OciArchive { .. } => {
+            layout_output(blobs, out, names, scratch, referrers, |dir, tag| {
+                write_oci_index_layout(blobs, index, dir, tag)
+            })
         }
         Output::DockerArchive { .. } if index.images.len() == 1 => {
-            export(blobs, &index.images[0], names, out, scratch)
+            export(blobs, &index.images[0], names, out, scratch, &[])
         }
         Output::DockerArchive { file } => Err(ExportError::Other(format!(
             "{}: a docker archive holds one platform, and this build made {}; build with one \
@@ -566,6 +567,7 @@ pub fn export_index(
                     names,
                     &Output::Local { dir: sub.clone() },
                     scratch,
+                    &[],
                 )?;
                 write_attestation_files(blobs, attested.unwrap_or(index), image, &sub)?;
             }

@@ -505,9 +505,13 @@ pub fn referrer_descriptor(a: &StoredAttestation) -> Descriptor {
 
 /// The attestation manifests an index blob lists: (manifest, the image it is about).
 pub fn attestation_entries(bytes: &[u8]) -> Vec<(Digest, Digest)> {
-    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
-        return Vec::new();
-    };
+    serde_json::from_slice::<Value>(bytes)
+        .map(|v| attestation_entries_of(&v))
+        .unwrap_or_default()
+}
+
+/// The attestation manifests a parsed index lists (see [`attestation_entries`]).
+pub fn attestation_entries_of(v: &Value) -> Vec<(Digest, Digest)> {
     let Some(list) = v["manifests"].as_array() else {
         return Vec::new();
     };
@@ -617,9 +621,9 @@ pub fn platform_descriptor(image: &StoredImage) -> Descriptor {
     d
 }
 
-/// The index of `images` (in that order), then their `attestations`, in canonical JSON.
-pub fn index_bytes(images: &[StoredImage], attestations: &[StoredAttestation]) -> Vec<u8> {
-    to_canonical(&Index {
+/// The index of `images` (in that order), then their `attestations`.
+fn index_of(images: &[StoredImage], attestations: &[StoredAttestation]) -> Index {
+    Index {
         schema_version: 2,
         media_type: MEDIA_INDEX.into(),
         manifests: images
@@ -628,6 +632,23 @@ pub fn index_bytes(images: &[StoredImage], attestations: &[StoredAttestation]) -
             .chain(attestations.iter().map(attestation_descriptor))
             .collect(),
         annotations: BTreeMap::new(),
+    }
+}
+
+/// Store `index`, the index of `images` and `attestations`, in canonical JSON.
+fn put_index(
+    blobs: &BlobStore,
+    index: &Index,
+    images: &[StoredImage],
+    attestations: &[StoredAttestation],
+) -> Result<StoredIndex, ImageError> {
+    let bytes = to_canonical(index);
+    let digest = blobs.put(&bytes)?;
+    Ok(StoredIndex {
+        digest,
+        size: bytes.len() as u64,
+        images: images.to_vec(),
+        attestations: attestations.to_vec(),
     })
 }
 
@@ -639,32 +660,13 @@ pub fn commit_index_annotated(
     annotations: &BTreeMap<String, String>,
     descriptors: &[BTreeMap<String, String>],
 ) -> Result<StoredIndex, ImageError> {
-    let bytes = to_canonical(&Index {
-        schema_version: 2,
-        media_type: MEDIA_INDEX.into(),
-        manifests: images
-            .iter()
-            .zip(
-                descriptors
-                    .iter()
-                    .chain(std::iter::repeat(&BTreeMap::new())),
-            )
-            .map(|(i, a)| {
-                let mut d = platform_descriptor(i);
-                d.annotations
-                    .extend(a.iter().map(|(k, v)| (k.clone(), v.clone())));
-                d
-            })
-            .collect(),
-        annotations: annotations.clone(),
-    });
-    let digest = blobs.put(&bytes)?;
-    Ok(StoredIndex {
-        digest,
-        size: bytes.len() as u64,
-        images: images.to_vec(),
-        attestations: Vec::new(),
-    })
+    let mut index = index_of(images, &[]);
+    index.annotations = annotations.clone();
+    for (d, a) in index.manifests.iter_mut().zip(descriptors) {
+        d.annotations
+            .extend(a.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    put_index(blobs, &index, images, &[])
 }
 
 /// Write the index of `images` (in that order), then their `attestations`, into `blobs`.
@@ -673,14 +675,7 @@ pub fn commit_index(
     images: &[StoredImage],
     attestations: &[StoredAttestation],
 ) -> Result<StoredIndex, ImageError> {
-    let bytes = index_bytes(images, attestations);
-    let digest = blobs.put(&bytes)?;
-    Ok(StoredIndex {
-        digest,
-        size: bytes.len() as u64,
-        images: images.to_vec(),
-        attestations: attestations.to_vec(),
-    })
+    put_index(blobs, &index_of(images, attestations), images, attestations)
 }
 
 /// The image manifests an index blob lists, with their platforms (attestation manifests

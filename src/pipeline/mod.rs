@@ -329,12 +329,13 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
             layers: crate::registry::pull::Layers::WhenNeeded,
         };
         for one in &requests {
-            for stage in &one.graph.stages {
-                for reference in stage.images() {
-                    let image =
-                        crate::store::sources::fetch(&store, &reference, &one.platform, &local)?;
-                    policy.check(&store, &registry, &reference, &image)?;
-                }
+            // Each base once per platform, however many stages name it.
+            let references: std::collections::BTreeSet<String> =
+                one.graph.stages.iter().flat_map(|s| s.images()).collect();
+            for reference in references {
+                let image =
+                    crate::store::sources::fetch(&store, &reference, &one.platform, &local)?;
+                policy.check(&store, &registry, &reference, &image)?;
             }
         }
     }
@@ -391,13 +392,12 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
     }
     for repository in &o.push_by_digest {
         // What a tag push would send, by its digest (its attestations go as referrers).
-        let sent = digest.clone();
         let dest = Reference {
             tag: None,
-            digest: Some(sent.clone()),
+            digest: Some(digest.clone()),
             ..repository.clone()
         };
-        let pushed = push_image(&store, &registry, &sent.to_string(), &dest)?;
+        let pushed = push_image(&store, &registry, &digest.to_string(), &dest)?;
         reporter.log(0, &pushed_line(&dest, &pushed));
     }
     let mounts = cache_mounts_of(&requests, &store);
@@ -611,29 +611,25 @@ fn commit(
     let mut timings = Vec::new();
     for r in results {
         let mut outcome = r?;
-        if inline_cache {
-            // The image carries its own cache records in its config.
-            let records = crate::cache::remote::inline_records(
-                &outcome.steps,
-                outcome.trace.target_stage,
-                &outcome.image.state.layers,
-                store,
-            )?;
-            let mut state = outcome.image.state.clone();
-            state
-                .extra
-                .insert(crate::oci::image::INLINE_CACHE_FIELD.to_string(), records);
-            outcome.image = state
-                .commit(&store.blobs, &BTreeMap::new())
-                .map_err(|e| CliError::msg(e.to_string()))?;
-        }
+        // The image's own cache records (in its config) and its manifest annotations: the
+        // image is written again, once, when it gets either.
         let platform = crate::oci::image::platform_of(&outcome.image);
         let manifest_annotations =
             annotations_at(annotations, AnnotationLevel::Manifest, &platform);
-        if !manifest_annotations.is_empty() {
-            outcome.image = outcome
-                .image
-                .state
+        if inline_cache || !manifest_annotations.is_empty() {
+            let mut state = outcome.image.state.clone();
+            if inline_cache {
+                let records = crate::cache::remote::inline_records(
+                    &outcome.steps,
+                    outcome.trace.target_stage,
+                    &outcome.image.state.layers,
+                    store,
+                )?;
+                state
+                    .extra
+                    .insert(crate::oci::image::INLINE_CACHE_FIELD.to_string(), records);
+            }
+            outcome.image = state
                 .commit(&store.blobs, &manifest_annotations)
                 .map_err(|e| CliError::msg(e.to_string()))?;
         }
@@ -644,7 +640,7 @@ fn commit(
             &outcome.trace.steps,
         );
         timings.push(summary::Platform {
-            platform: crate::oci::image::platform_of(&outcome.image),
+            platform,
             steps: outcome.trace.steps.clone(),
         });
         let statements = attestations::statements(store, invocation, attest, &outcome)?;
@@ -808,25 +804,13 @@ pub fn push_image(
             .into_iter()
             .map(|a| a.manifest_digest)
             .collect();
-    let mut by_subject: BTreeMap<
-        crate::oci::digest::Digest,
-        Vec<crate::oci::document::Descriptor>,
-    > = BTreeMap::new();
-    for a in store.attestations_of(&named) {
-        if !inside.contains(&a.manifest_digest) {
-            by_subject
-                .entry(a.subject.clone())
-                .or_default()
-                .push(crate::oci::image::referrer_descriptor(&a));
-        }
-    }
-    for (subject, referrers) in &by_subject {
-        for r in push::push_referrers(client, &store.local(), subject, referrers, dest)? {
-            pushed.uploaded += r.uploaded;
-            pushed.mounted += r.mounted;
-            pushed.present += r.present;
-            pushed.referrers += 1;
-        }
+    let mut beside = store.attestations_of(&named);
+    beside.retain(|a| !inside.contains(&a.manifest_digest));
+    for r in push::push_attestations(client, &store.local(), &beside, dest)? {
+        pushed.uploaded += r.uploaded;
+        pushed.mounted += r.mounted;
+        pushed.present += r.present;
+        pushed.referrers += 1;
     }
     Ok(pushed)
 }

@@ -55,10 +55,7 @@ impl BasePolicy {
             let rel = k.as_str().ok_or_else(|| {
                 CliError::msg(format!("{}: signedBy lists key files", path.display()))
             })?;
-            let key_path = dir.join(rel);
-            let pem = std::fs::read(&key_path).map_err(|e| CliError::io(&key_path, e))?;
-            let key = PublicKey::from_pem(&pem, &key_path.display().to_string())
-                .map_err(CliError::msg)?;
+            let key = PublicKey::from_pem_file(&dir.join(rel)).map_err(CliError::msg)?;
             policy.signed_by.push((rel.to_string(), key));
         }
         Ok(policy)

@@ -23,20 +23,9 @@ use crate::store::Store;
 /// reference named): from an attestation about it whose statement says it is about it. A
 /// statement about another image is no provenance of this one.
 pub fn recorded_provenance(store: &Store, top: &Digest, image: &StoredImage) -> Option<Recorded> {
-    let mut attestations = store.attestations_of(top);
-    attestations.extend(store.attestations_of(&image.manifest_digest));
-    attestations
-        .iter()
-        .filter(|a| a.subject == image.manifest_digest)
-        .flat_map(|a| a.statements.iter())
-        .find_map(|(layer, predicate)| {
-            if predicate != provenance::PREDICATE_TYPE {
-                return None;
-            }
-            let bytes = store.blobs.get(&layer.digest).ok()?;
-            let statement: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-            provenance::read(&statement).filter(|r| r.subject == image.manifest_digest.to_string())
-        })
+    attached_provenance(store, top, image)
+        .into_iter()
+        .find_map(|(r, about_it)| about_it.then_some(r))
 }
 
 /// One published image with the provenance recorded about it.
@@ -58,8 +47,10 @@ pub struct Published {
 /// The provenance statements attached to `image` (as referrers, or in the index `top` is),
 /// read back, with whether each says it is about `image`.
 fn attached_provenance(store: &Store, top: &Digest, image: &StoredImage) -> Vec<(Recorded, bool)> {
-    let mut attestations = store.attestations_of(top);
-    attestations.extend(store.attestations_of(&image.manifest_digest));
+    let mut attestations = store.attestations_of(&image.manifest_digest);
+    if *top != image.manifest_digest {
+        attestations.extend(store.attestations_of(top));
+    }
     let mut out = Vec::new();
     for a in attestations
         .iter()

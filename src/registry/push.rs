@@ -462,6 +462,29 @@ pub fn push(
     })
 }
 
+/// Push `attestations` as referrers of the images they are about (see [`push_referrers`]),
+/// grouped by image. Returns what was pushed.
+pub fn push_attestations(
+    client: &Client,
+    local: &Local,
+    attestations: &[crate::oci::image::StoredAttestation],
+    dest: &Reference,
+) -> Result<Vec<Pushed>, RegistryError> {
+    let mut by_subject: std::collections::BTreeMap<&Digest, Vec<crate::oci::document::Descriptor>> =
+        Default::default();
+    for a in attestations {
+        by_subject
+            .entry(&a.subject)
+            .or_default()
+            .push(crate::oci::image::referrer_descriptor(a));
+    }
+    let mut pushed = Vec::new();
+    for (subject, referrers) in by_subject {
+        pushed.extend(push_referrers(client, local, subject, &referrers, dest)?);
+    }
+    Ok(pushed)
+}
+
 /// Push `referrers` (stored manifests whose `subject` is `subject`, with the descriptors a
 /// referrers index lists them by) into `dest`'s repository, so that the registry lists
 /// them as referrers of `subject`: each by digest, then, unless the registry indexed them

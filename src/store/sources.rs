@@ -237,36 +237,11 @@ pub fn import_oci_dir(
 ) -> Result<StoredImage, StoreError> {
     let index_path = dir.join("index.json");
     let index = read_json(&index_path)?;
-    // The image entries: attestations listed beside them (as referrers) are not images.
-    let manifests: Vec<Value> = index["manifests"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| m["annotations"][image::REFERENCE_TYPE].is_null())
-        .collect();
-    let chosen = match tag {
-        Some(t) => manifests
-            .iter()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)),
-        None if manifests.len() == 1 => manifests.first(),
-        None => {
-            return Err(damaged(
-                &index_path,
-                format!("holds {} images; name one as oci:DIR:TAG", manifests.len()),
-            ))
-        }
-    }
-    .ok_or_else(|| {
-        damaged(
-            &index_path,
-            format!("no image tagged {:?}", tag.unwrap_or("")),
-        )
-    })?;
-    let mut desc = chosen.clone();
+    let chosen = layout_entry(&index_path, &index, tag)?;
+    let mut desc = chosen;
     // Where attestations about the image may be listed: index.json itself (as referrers)
     // and any index on the way to it (BuildKit's layout).
-    let mut listings = vec![canonical_bytes(&index)];
+    let mut listings = vec![index];
     // An index (multi-platform) points at per-platform manifests: take ours.
     for _ in 0..4 {
         let mt = desc["mediaType"].as_str().unwrap_or("");
@@ -275,11 +250,10 @@ pub fn import_oci_dir(
         }
         let d = digest_field(&desc, &index_path)?;
         copy_blob(store, dir, &d)?;
-        let nested_bytes = store.blobs.get(&d)?;
-        let nested: Value = serde_json::from_slice(&nested_bytes)
+        let nested: Value = serde_json::from_slice(&store.blobs.get(&d)?)
             .map_err(|e| damaged(&index_path, e.to_string()))?;
-        listings.push(nested_bytes);
         let list = nested["manifests"].as_array().cloned().unwrap_or_default();
+        listings.push(nested);
         desc = list
             .iter()
             .find(|m| {
@@ -295,18 +269,11 @@ pub fn import_oci_dir(
             })?;
     }
     let md = digest_field(&desc, &index_path)?;
-    copy_blob(store, dir, &md)?;
-    let manifest: Value = serde_json::from_slice(&store.blobs.get(&md)?)
-        .map_err(|e| damaged(&index_path, e.to_string()))?;
-    image::check_manifest_bounds(&manifest).map_err(|e| damaged(dir, e))?;
-    copy_blob(store, dir, &digest_field(&manifest["config"], &index_path)?)?;
-    for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
-        copy_blob(store, dir, &digest_field(&l, &index_path)?)?;
-    }
+    copy_manifest(store, dir, &md)?;
     let img = image::load(&store.blobs, &md)?;
     let mut attestations = Vec::new();
     for listing in &listings {
-        for (m, subject) in image::attestation_entries(listing) {
+        for (m, subject) in image::attestation_entries_of(listing) {
             if subject != md {
                 continue;
             }
@@ -320,8 +287,41 @@ pub fn import_oci_dir(
     Ok(img)
 }
 
-fn canonical_bytes(v: &Value) -> Vec<u8> {
-    image::canonical_json(v)
+/// The index.json entry `tag` names, else its only image (attestations listed beside the
+/// images are not images).
+fn layout_entry(index_path: &Path, index: &Value, tag: Option<&str>) -> Result<Value, StoreError> {
+    let images: Vec<&Value> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["annotations"][image::REFERENCE_TYPE].is_null())
+        .collect();
+    match tag {
+        Some(t) => images
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t))
+            .ok_or_else(|| damaged(index_path, format!("no image tagged {:?}", t))),
+        None if images.len() == 1 => Ok(&images[0]),
+        None => Err(damaged(
+            index_path,
+            format!("holds {} images; name one as oci:DIR:TAG", images.len()),
+        )),
+    }
+    .map(|m| (*m).clone())
+}
+
+/// Copy the manifest `d` from a layout into the store, with its config and layers (each
+/// verified); returns the manifest.
+fn copy_manifest(store: &Store, dir: &Path, d: &Digest) -> Result<Value, StoreError> {
+    copy_blob(store, dir, d)?;
+    let manifest: Value =
+        serde_json::from_slice(&store.blobs.get(d)?).map_err(|e| damaged(dir, e.to_string()))?;
+    image::check_manifest_bounds(&manifest).map_err(|e| damaged(dir, e))?;
+    copy_blob(store, dir, &digest_field(&manifest["config"], dir)?)?;
+    for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
+        copy_blob(store, dir, &digest_field(&l, dir)?)?;
+    }
+    Ok(manifest)
 }
 
 /// Copy an attestation manifest about `subject`, and its statements, from a layout.
@@ -331,14 +331,7 @@ fn import_attestation(
     m: &Digest,
     subject: &Digest,
 ) -> Result<image::StoredAttestation, StoreError> {
-    copy_blob(store, dir, m)?;
-    let manifest: Value =
-        serde_json::from_slice(&store.blobs.get(m)?).map_err(|e| damaged(dir, e.to_string()))?;
-    image::check_manifest_bounds(&manifest).map_err(|e| damaged(dir, e))?;
-    copy_blob(store, dir, &digest_field(&manifest["config"], dir)?)?;
-    for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
-        copy_blob(store, dir, &digest_field(&l, dir)?)?;
-    }
+    copy_manifest(store, dir, m)?;
     Ok(image::load_attestation(&store.blobs, m, subject)?)
 }
 
@@ -451,27 +444,8 @@ fn from_layout(
     wanted: &dyn Fn(Vec<String>) -> Vec<Platform>,
 ) -> Result<Placed, StoreError> {
     let index_path = dir.join("index.json");
-    let index = read_json(&index_path)?;
-    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-    // The image entries (attestations listed beside them are not images).
-    let images: Vec<&Value> = manifests
-        .iter()
-        .filter(|m| m["annotations"][image::REFERENCE_TYPE].is_null())
-        .collect();
-    let chosen = match tag {
-        Some(t) => images
-            .iter()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)),
-        None => images.first().filter(|_| images.len() == 1),
-    }
-    .ok_or_else(|| match tag {
-        Some(t) => damaged(&index_path, format!("no image tagged {:?}", t)),
-        None => damaged(
-            &index_path,
-            format!("holds {} images; name one as oci:DIR:TAG", images.len()),
-        ),
-    })?;
-    let top = digest_field(chosen, &index_path)?;
+    let chosen = layout_entry(&index_path, &read_json(&index_path)?, tag)?;
+    let top = digest_field(&chosen, &index_path)?;
     copy_blob(store, dir, &top)?;
     let listed = image::index_entries(&store.blobs.get(&top)?)
         .map(|e| e.into_iter().map(|(_, p)| p).collect())
