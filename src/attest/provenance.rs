@@ -44,13 +44,15 @@ pub struct Invocation<'a> {
     pub mode: Mode,
     /// The settings that shape the image beyond the build file and args, each only when it
     /// is not the default (so a plain build's statement names none): `labels`, `addHosts`,
-    /// `network`, `compression`, `forceCompression`. `builder verify` rebuilds with them.
+    /// `network`, `compression`, `forceCompression`, `buildContexts` (each name with the
+    /// image it stood for, or `local`). `builder verify` rebuilds with them.
     pub options: serde_json::Map<String, Value>,
 }
 
 /// The keys [`Invocation::options`] may hold.
-pub const OPTION_KEYS: [&str; 6] = [
+pub const OPTION_KEYS: [&str; 7] = [
     "annotations",
+    "buildContexts",
     "labels",
     "addHosts",
     "network",
@@ -139,6 +141,17 @@ fn statement_with(
         "digest": digest_set(&context_root.to_string()),
         "annotations": {"files": FILES_PLACEHOLDER},
     })];
+    // Named local contexts, each as the build's own: its root digest and the files read.
+    for (name, listings) in &trace.named_contexts {
+        let (files, root) = super::trace::context_files(listings);
+        let files: Value = serde_json::from_slice(&files).unwrap_or_default();
+        deps.push(json!({
+            "name": format!("context:{}", name),
+            "uri": format!("context:{}", name),
+            "digest": digest_set(&root.to_string()),
+            "annotations": {"files": files},
+        }));
+    }
     for (reference, digest) in &trace.images {
         deps.push(json!({
             "name": reference,

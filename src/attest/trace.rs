@@ -17,6 +17,8 @@ pub struct BuildTrace {
     /// Every context entry a COPY, ADD or bind mount read, by its path in the context
     /// (`.dockerignore` applied): one listing per read, in the order they were recorded.
     pub context: Vec<ContextListing>,
+    /// The same for each `--build-context NAME=DIR` read, by name.
+    pub named_contexts: BTreeMap<String, Vec<ContextListing>>,
     /// Base and `--from` images: the reference the build file gives, and the manifest
     /// digest it resolved to.
     pub images: BTreeMap<String, String>,
@@ -32,6 +34,16 @@ pub struct BuildTrace {
     /// How RUN steps were isolated: `sandbox`, `no-process-sandbox` (the relaxed sandbox)
     /// or `container`.
     pub isolation: String,
+}
+
+impl BuildTrace {
+    /// The listings of the build's context (`None`), or of the named context `name`.
+    pub fn listings_of(&mut self, name: Option<&str>) -> &mut Vec<ContextListing> {
+        match name {
+            None => &mut self.context,
+            Some(n) => self.named_contexts.entry(n.to_string()).or_default(),
+        }
+    }
 }
 
 /// A context entry as the layer will show it.

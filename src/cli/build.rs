@@ -64,6 +64,11 @@ pub struct BuildArgs {
     /// Build this stage instead of the last one.
     #[arg(long)]
     pub target: Option<String>,
+    /// An additional build context (repeatable): NAME=DIR, NAME=docker-image://REF or
+    /// NAME=oci-layout://DIR[:TAG|@DIGEST]. FROM NAME, COPY --from=NAME and
+    /// RUN --mount=from=NAME read it, in place of a stage or image of that name.
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    pub build_contexts: Vec<String>,
     /// Set a label on the image (repeatable), as LABEL at the end of the target stage.
     #[arg(long = "label", value_name = "K=V")]
     pub labels: Vec<String>,
@@ -467,11 +472,13 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         }
         None => vec![Platform::host()],
     };
+    let (contexts, named_contexts) = super::flags::parse_build_contexts(&a.build_contexts)?;
     let plan = PlanOptions {
         target: a.target.clone(),
         build_args: parse_key_values(&a.build_args)?,
         target_platform: platforms[0].clone(),
         build_platform: Platform::host(),
+        contexts,
     };
     let context = a
         .context
@@ -601,6 +608,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         file_name,
         text,
         context,
+        named_contexts,
         root: a.root.clone().unwrap_or_else(default_root),
         plan,
         platforms,

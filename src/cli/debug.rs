@@ -124,6 +124,7 @@ fn print_ops(a: OpsArgs) -> Result<(), CliError> {
         build_args: parse_key_values(&a.build_args)?,
         target_platform: platform.clone(),
         build_platform: Platform::host(),
+        contexts: Default::default(),
     };
     let graph = frontend::lower_graph(&name, &text, doc.escape, &typed, &opts)?;
     let network = match a.network.as_str() {

@@ -158,6 +158,85 @@ pub fn json_format(format: &str) -> Result<bool, super::CliError> {
     }
 }
 
+/// `--build-context NAME=VALUE`s: what each name stands for as the frontend looks it up,
+/// and the local directories among them (absolute). VALUE is a directory,
+/// `docker-image://REF`, or `oci-layout://DIR[:TAG|@DIGEST]`.
+#[allow(clippy::type_complexity)]
+pub fn parse_build_contexts(
+    values: &[String],
+) -> Result<
+    (
+        BTreeMap<String, crate::frontend::graph::NamedContext>,
+        BTreeMap<String, PathBuf>,
+    ),
+    super::CliError,
+> {
+    use crate::frontend::graph::{context_name, NamedContext};
+    let mut contexts = BTreeMap::new();
+    let mut dirs = BTreeMap::new();
+    for v in values {
+        let bad =
+            |why: &str| super::CliError::msg(format!("invalid --build-context {:?}: {}", v, why));
+        let (name, value) = v
+            .split_once('=')
+            .filter(|(n, val)| !n.trim().is_empty() && !val.is_empty())
+            .ok_or_else(|| bad("want NAME=VALUE"))?;
+        let key = context_name(name.trim());
+        if key == "scratch" || key == "context" {
+            return Err(bad("the name is reserved"));
+        }
+        let context = if let Some(r) = value.strip_prefix("docker-image://") {
+            crate::registry::Reference::parse(r).map_err(|e| bad(&e.to_string()))?;
+            NamedContext::Image(r.to_string())
+        } else if let Some(l) = value.strip_prefix("oci-layout://") {
+            // DIR, DIR:TAG or DIR@DIGEST; the directory made absolute, as FROM oci: reads it.
+            let (dir, pin) = match l.rsplit_once('@') {
+                Some((d, digest)) if digest.starts_with("sha256:") => {
+                    digest
+                        .parse::<crate::oci::digest::Digest>()
+                        .map_err(|e| bad(&format!("{}: {}", digest, e)))?;
+                    (d, format!("@{}", digest))
+                }
+                _ => match l.rsplit_once(':') {
+                    Some((d, tag)) if !tag.contains('/') && !tag.is_empty() && !d.is_empty() => {
+                        (d, format!(":{}", tag))
+                    }
+                    _ => (l, String::new()),
+                },
+            };
+            let dir = PathBuf::from(dir);
+            let abs = dir
+                .canonicalize()
+                .map_err(|e| bad(&format!("{}: {}", dir.display(), e)))?;
+            if !abs.join("index.json").is_file() {
+                return Err(bad(&format!(
+                    "{}: not an OCI layout (no index.json)",
+                    abs.display()
+                )));
+            }
+            NamedContext::Image(format!("oci:{}{}", abs.display(), pin))
+        } else if value.contains("://") || value.starts_with("git@") {
+            return Err(bad(
+                "a directory, docker-image://REF or oci-layout://DIR[:TAG|@DIGEST]",
+            ));
+        } else {
+            let dir = PathBuf::from(value);
+            let abs = dir
+                .canonicalize()
+                .map_err(|e| bad(&format!("{}: {}", dir.display(), e)))?;
+            if !abs.is_dir() {
+                return Err(bad(&format!("{}: not a directory", abs.display())));
+            }
+            dirs.insert(key.clone(), abs);
+            NamedContext::Local
+        };
+        if contexts.insert(key.clone(), context).is_some() {
+            return Err(bad(&format!("{} is given twice", key)));
+        }
+    }
+    Ok((contexts, dirs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

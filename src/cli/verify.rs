@@ -118,6 +118,19 @@ pub fn run(a: VerifyArgs) -> Result<(), CliError> {
         }
     }
 
+    // A local build context is not in the image or the registry: nothing can bring it back.
+    if let Some(local) = plan
+        .options
+        .get("buildContexts")
+        .and_then(Value::as_object)
+        .and_then(|m| m.iter().find(|(_, v)| v.as_str() == Some("local")))
+    {
+        return Err(CliError::msg(format!(
+            "the build read the local build context {:?}, which verify cannot bring back; \
+             rebuild with --build-context {}=DIR and compare digests",
+            local.0, local.0
+        )));
+    }
     // The rebuild, in a fresh store under the store's scratch (removed when done).
     let scratch = store.scratch_dir("verify-")?;
     let fresh_root = scratch.path().join("store");
@@ -222,6 +235,18 @@ fn rebuild_argv(
         .flatten()
     {
         flag("--label", format!("{}={}", k, val.as_str().unwrap_or("")));
+    }
+    for (name, value) in plan
+        .options
+        .get("buildContexts")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        flag(
+            "--build-context",
+            format!("{}={}", name, value.as_str().unwrap_or("")),
+        );
     }
     // The options provenance records as lists of flag values.
     for (key, name) in [("annotations", "--annotation"), ("addHosts", "--add-host")] {

@@ -18,6 +18,33 @@ pub enum Base {
     Image(String),
     /// An earlier stage, by index.
     Stage(usize),
+    /// A local directory given as `--build-context NAME=DIR`, by its looked-up name: the
+    /// stage starts from scratch with the directory's files as its first layer.
+    Context(String),
+}
+
+/// What `--build-context NAME=VALUE` puts in place of NAME wherever FROM, `COPY --from` or
+/// `RUN --mount=from` names it (a stage of that name included).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NamedContext {
+    /// An image reference as FROM reads it (a registry or store name, `oci:DIR[:TAG]`).
+    Image(String),
+    /// A local directory.
+    Local,
+}
+
+/// How a context name is looked up, as BuildKit does: a name that parses as an image
+/// reference in docker's short form without `:latest` (`docker.io/library/alpine:latest`
+/// is `alpine`), any other lowercased.
+pub fn context_name(name: &str) -> String {
+    match crate::registry::Reference::parse(name) {
+        Ok(r) => {
+            let f = r.familiar();
+            f.strip_suffix(":latest").map(str::to_string).unwrap_or(f)
+        }
+        Err(_) => name.to_lowercase(),
+    }
 }
 
 /// Why one stage depends on another.
@@ -60,6 +87,8 @@ pub struct PlanOptions {
     pub build_args: BTreeMap<String, String>,
     pub target_platform: Platform,
     pub build_platform: Platform,
+    /// `--build-context`s, by [`context_name`].
+    pub contexts: BTreeMap<String, NamedContext>,
 }
 
 impl Default for PlanOptions {
@@ -69,6 +98,7 @@ impl Default for PlanOptions {
             build_args: BTreeMap::new(),
             target_platform: Platform::host(),
             build_platform: Platform::host(),
+            contexts: BTreeMap::new(),
         }
     }
 }
@@ -88,6 +118,30 @@ pub struct BuildGraph {
     pub global_args: BTreeMap<String, Option<String>>,
     /// `--build-arg`s no ARG consumes (a warning, as in docker).
     pub unused_build_args: Vec<String>,
+    /// `--build-context`s, by [`context_name`].
+    pub contexts: BTreeMap<String, NamedContext>,
+}
+
+impl BuildGraph {
+    /// The named context `name` stands for, if any.
+    pub fn context(&self, name: &str) -> Option<&NamedContext> {
+        if self.contexts.is_empty() {
+            return None;
+        }
+        self.contexts.get(&context_name(name))
+    }
+}
+
+/// A stage's base when a named context stands for `name`.
+fn context_base(contexts: &BTreeMap<String, NamedContext>, name: &str) -> Option<Base> {
+    if contexts.is_empty() {
+        return None;
+    }
+    let key = context_name(name);
+    contexts.get(&key).map(|c| match c {
+        NamedContext::Image(r) => Base::Image(r.clone()),
+        NamedContext::Local => Base::Context(key),
+    })
 }
 
 /// A planning failure. Location-bearing failures are [`SyntaxError`]s.
@@ -151,6 +205,9 @@ pub fn lower(
     // Split stages.
     let mut stages: Vec<Stage> = Vec::new();
     let mut names: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // Stages a named context stands for: their instructions are not run (BuildKit's
+    // `noinit`).
+    let mut replaced: BTreeSet<usize> = BTreeSet::new();
     for l in &instructions[idx..] {
         if let Instruction::From {
             image,
@@ -196,7 +253,13 @@ pub fn lower(
             }
             let lower_image = image.to_lowercase();
             let mut deps = Vec::new();
-            let base = if lower_image == "scratch" {
+            let by_alias = alias
+                .as_deref()
+                .and_then(|a| context_base(&opts.contexts, a));
+            let base = if let Some(b) = by_alias {
+                replaced.insert(index);
+                b
+            } else if lower_image == "scratch" {
                 Base::Scratch
             } else if let Some((i, _)) = names.get(&lower_image).filter(|(i, _)| *i != index) {
                 deps.push(Edge {
@@ -204,6 +267,8 @@ pub fn lower(
                     line: l.span.line,
                 });
                 Base::Stage(*i)
+            } else if let Some(b) = context_base(&opts.contexts, &image) {
+                b
             } else {
                 Base::Image(image)
             };
@@ -218,7 +283,9 @@ pub fn lower(
                 image_refs: Vec::new(),
             });
         } else if let Some(stage) = stages.last_mut() {
-            stage.instructions.push(l.clone());
+            if !replaced.contains(&stage.index) {
+                stage.instructions.push(l.clone());
+            }
         }
     }
 
@@ -290,7 +357,11 @@ pub fn lower(
                         line: l.span.line,
                     });
                 } else {
-                    stage.image_refs.push(r);
+                    match context_base(&opts.contexts, &r) {
+                        Some(Base::Image(image)) => stage.image_refs.push(image),
+                        Some(_) => {}
+                        None => stage.image_refs.push(r),
+                    }
                 }
             }
         }
@@ -384,6 +455,7 @@ pub fn lower(
         levels,
         global_args,
         unused_build_args,
+        contexts: opts.contexts.clone(),
     })
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::graph::{Base, BuildGraph};
+use super::graph::{context_name, Base, BuildGraph, NamedContext};
 use super::history;
 use super::scope::{Scope, PROXY_ARGS};
 use crate::oci::image::{HealthConfig, ImageState, StoredImage, DEFAULT_PATH};
@@ -102,6 +102,22 @@ pub fn lower(
     })
 }
 
+/// The layer a stage based on the local named context `name` starts with: all its files
+/// at `/`, as BuildKit's local source gives them.
+fn context_base_op(name: &str, from: &Origin) -> Op {
+    Op {
+        origin: from.clone(),
+        edits: Vec::new(),
+        action: Action::Copy(CopyOp::plain(
+            Input::Local(name.to_string()),
+            ".",
+            "/",
+            true,
+        )),
+        history: Some(format!("FROM {} (build context)", name)),
+    }
+}
+
 fn origin(l: &Located) -> Origin {
     Origin {
         line: l.span.line,
@@ -147,8 +163,14 @@ fn lower_stage(
             .to_string(),
     };
     let mut base_edits = Vec::new();
+    // A local named context as a base: scratch, with the directory's files as its first
+    // layer.
+    let mut first_ops = Vec::new();
+    if let Base::Context(name) = &stage.base {
+        first_ops.push(context_base_op(name, &from_origin));
+    }
     let (mut state, args, source) = match &stage.base {
-        Base::Scratch => {
+        Base::Scratch | Base::Context(_) => {
             // As BuildKit makes it: working directory `/` and the default PATH (not on
             // Windows, which sets its own).
             base_edits.push(ConfigEdit::WorkingDir { dir: "/".into() });
@@ -225,7 +247,8 @@ fn lower_stage(
         scope,
         cmd_set: false,
     };
-    let mut ops = Vec::with_capacity(work.len());
+    let mut ops = Vec::with_capacity(work.len() + first_ops.len());
+    ops.append(&mut first_ops);
     for l in &work {
         let op = walk.lower(l)?;
         for e in &op.edits {
@@ -336,7 +359,11 @@ impl StageWalk<'_> {
                 .position(|s| s.name.as_deref() == Some(lower.as_str()))
         }) {
             Some(i) => Input::Stage(i),
-            None => Input::Image(from.to_string()),
+            None => match self.graph.context(from) {
+                Some(NamedContext::Image(r)) => Input::Image(r.clone()),
+                Some(NamedContext::Local) => Input::Local(context_name(from)),
+                None => Input::Image(from.to_string()),
+            },
         }
     }
 

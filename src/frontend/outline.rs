@@ -160,10 +160,10 @@ pub fn outline(source: &str, typed: &[Located], target: Option<&str>) -> Result<
     for s in &needed {
         let label = stage_label(s);
         for (k, entry) in args.iter_mut() {
-            if s.base.contains(&format!("${}", k)) || s.base.contains(&format!("${{{}", k)) {
-                if !entry.2.contains(&label) {
-                    entry.2.push(label.clone());
-                }
+            let named =
+                s.base.contains(&format!("${}", k)) || s.base.contains(&format!("${{{}", k));
+            if named && !entry.2.contains(&label) {
+                entry.2.push(label.clone());
             }
         }
         for l in &s.instructions {

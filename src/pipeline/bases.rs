@@ -1,21 +1,34 @@
 //! Base images for the frontend: as the local store knows them (for the checks, which pull
 //! nothing), or fetched as `--pull` says (for lowering).
 
+use std::collections::BTreeMap;
+
 use crate::frontend::checks::BaseImages;
+use crate::frontend::graph::{context_name, NamedContext};
 use crate::frontend::BaseResolver;
 use crate::oci::platform::Platform;
 use crate::progress::Reporter;
 use crate::store::Store;
 
 /// Base images as the local store knows them, for the build's platform (nothing is pulled
-/// for a check).
-pub(super) struct StoreBases<'a>(pub &'a Store, pub String);
+/// for a check), with the `--build-context`s that stand for some of them.
+pub(super) struct StoreBases<'a>(
+    pub &'a Store,
+    pub String,
+    pub &'a BTreeMap<String, NamedContext>,
+);
 
 impl StoreBases<'_> {
     /// The base `image` names, as readable without a network: a store name, or a local
-    /// layout or archive (imported into the store, as the build would).
+    /// layout or archive (imported into the store, as the build would). A named context
+    /// that is an image stands for it; a local one is no image.
     fn base(&self, image: &str, wanted: &str) -> Option<crate::oci::image::StoredImage> {
         use crate::store::sources::{self, ImageSource};
+        let image = match self.2.get(&context_name(image)) {
+            Some(NamedContext::Image(r)) => r.as_str(),
+            Some(NamedContext::Local) => return None,
+            None => image,
+        };
         match ImageSource::parse(image) {
             ImageSource::Store(_) => self.0.image_for(image, wanted).ok(),
             _ => {

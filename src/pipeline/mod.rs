@@ -96,6 +96,8 @@ pub struct BuildOptions {
     pub text: String,
     /// The context, absolute.
     pub context: PathBuf,
+    /// `--build-context NAME=DIR`s, by looked-up name, absolute.
+    pub named_contexts: BTreeMap<String, PathBuf>,
     /// The store (`--root`).
     pub root: PathBuf,
     /// The target, the build args and the first platform.
@@ -179,7 +181,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
             build_args: &o.plan.build_args,
             target_platform: &o.plan.target_platform.spec(),
             platform_args: &Platform::args(&o.plan.target_platform, &o.plan.build_platform),
-            bases: &bases::StoreBases(&store, o.plan.target_platform.spec()),
+            bases: &bases::StoreBases(&store, o.plan.target_platform.spec(), &o.plan.contexts),
         },
         &policy,
     );
@@ -265,11 +267,25 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
                 &resolver,
             )?)
         };
+    // Each named local context with its own `.dockerignore`, as buildx reads it.
+    let mut named_contexts = BTreeMap::new();
+    for (name, dir) in &o.named_contexts {
+        let (_, ignore) = dockerignore::load_for_build(std::path::Path::new("/"), dir)?;
+        named_contexts.insert(
+            name.clone(),
+            crate::context::SourceRoot {
+                root: dir.clone(),
+                ignore,
+                is_context: true,
+            },
+        );
+    }
     let req = BuildRequest {
         file_name: name.clone(),
         graph: lower_for(&o.plan.target_platform, &graph)?,
         context: o.context.clone(),
         ignore,
+        named_contexts,
         epoch: o.epoch,
         compression: o.compression,
         force_compression: o.force_compression,
@@ -510,6 +526,26 @@ fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Val
     if !o.annotations.is_empty() {
         let list: Vec<String> = o.annotations.iter().map(Annotation::flag).collect();
         m.insert("annotations".into(), json!(list));
+    }
+    if !o.plan.contexts.is_empty() {
+        // A local directory's files are recorded as a dependency of their own; its host
+        // path is not (it would make the statement differ by machine).
+        let contexts: BTreeMap<&String, String> = o
+            .plan
+            .contexts
+            .iter()
+            .map(|(name, c)| {
+                let value = match c {
+                    frontend::graph::NamedContext::Image(r) => match r.strip_prefix("oci:") {
+                        Some(layout) => format!("oci-layout://{}", layout),
+                        None => format!("docker-image://{}", r),
+                    },
+                    frontend::graph::NamedContext::Local => "local".into(),
+                };
+                (name, value)
+            })
+            .collect();
+        m.insert("buildContexts".into(), json!(contexts));
     }
     m
 }

@@ -177,6 +177,9 @@ pub enum Input {
     Stage(usize),
     /// An image, by reference (fetched when the op runs).
     Image(String),
+    /// A local directory given as `--build-context NAME=DIR` (its own `.dockerignore`
+    /// applied), by name.
+    Local(String),
 }
 
 /// One source of a COPY or ADD.
@@ -214,6 +217,25 @@ pub struct CopyOp {
 }
 
 impl CopyOp {
+    /// `COPY` of one path with no flags.
+    pub fn plain(from: Input, source: &str, dest: &str, dest_is_dir: bool) -> CopyOp {
+        CopyOp {
+            is_add: false,
+            sources: vec![CopySource::Path(source.into())],
+            from,
+            dest: dest.into(),
+            dest_is_dir,
+            chown: None,
+            chmod: None,
+            link: false,
+            parents: false,
+            excludes: Vec::new(),
+            checksum: None,
+            unpack: None,
+            keep_git_dir: false,
+        }
+    }
+
     /// The context paths it reads (what its key digests).
     pub fn paths(&self) -> Vec<String> {
         self.sources

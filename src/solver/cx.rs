@@ -108,7 +108,11 @@ pub(super) struct Ctx<'s, 'a> {
     /// Context listings still being written out on threads of their own (a large context's
     /// takes tens of ms, which the step's staging and layer writing need not wait for), with
     /// where each goes in the trace.
-    pub listings: Vec<(usize, std::thread::JoinHandle<ContextListing>)>,
+    pub listings: Vec<(
+        Option<String>,
+        usize,
+        std::thread::JoinHandle<ContextListing>,
+    )>,
 }
 
 impl<'a> std::ops::Deref for Ctx<'_, 'a> {
@@ -246,6 +250,7 @@ impl Ctx<'_, '_> {
     pub fn source_for(&mut self, origin: &Origin, from: &Input) -> Result<PathBuf, BuildError> {
         match from {
             Input::Context => Ok(self.req.context.clone()),
+            Input::Local(_) => Ok(self.context_root_of(origin, from)?.root),
             Input::Stage(i) => {
                 // A finished stage's root, viewed (and brought up to date) on first use.
                 let mut results = self
@@ -299,7 +304,7 @@ impl Ctx<'_, '_> {
     /// The layers of a stage or image `from` names, once [`Ctx::source_for`] has had them.
     pub fn layers_of(&self, from: &Input) -> Option<Vec<LayerRef>> {
         match from {
-            Input::Context => None,
+            Input::Context | Input::Local(_) => None,
             Input::Stage(i) => Some(self.results.lock().ok()?.get(i)?.state.layers.clone()),
             Input::Image(r) => Some(
                 self.external
@@ -323,6 +328,20 @@ impl Ctx<'_, '_> {
         }
     }
 
+    /// The context `from` names, the build's or a named one, as COPY, ADD and bind mounts
+    /// read it.
+    pub fn context_root_of(&self, origin: &Origin, from: &Input) -> Result<SourceRoot, BuildError> {
+        match from {
+            Input::Local(name) => self
+                .req
+                .named_contexts
+                .get(name)
+                .cloned()
+                .ok_or_else(|| self.fail(origin, format!("no build context named {:?}", name))),
+            _ => Ok(self.context_root()),
+        }
+    }
+
     /// The build's trace, for a change that must not be lost.
     pub fn lock_trace(&self) -> Result<std::sync::MutexGuard<'_, BuildTrace>, BuildError> {
         self.trace
@@ -332,11 +351,15 @@ impl Ctx<'_, '_> {
 
     /// Put the listings made beside this stage's steps in their places in the trace.
     pub fn settle_listings(&mut self) -> Result<(), BuildError> {
-        for (place, job) in std::mem::take(&mut self.listings) {
+        for (named, place, job) in std::mem::take(&mut self.listings) {
             let listing = job
                 .join()
                 .map_err(|_| BuildError::Other("internal: a context listing failed".into()))?;
-            if let Some(slot) = self.lock_trace()?.context.get_mut(place) {
+            if let Some(slot) = self
+                .lock_trace()?
+                .listings_of(named.as_deref())
+                .get_mut(place)
+            {
                 *slot = listing;
             }
         }

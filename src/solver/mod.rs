@@ -62,6 +62,8 @@ pub struct BuildRequest<'a> {
     pub graph: OpGraph,
     pub context: PathBuf,
     pub ignore: IgnoreMatcher,
+    /// `--build-context NAME=DIR`s, by looked-up name, each with its own `.dockerignore`.
+    pub named_contexts: BTreeMap<String, crate::context::SourceRoot>,
     pub epoch: i64,
     pub compression: Compression,
     /// `--force-compression`: the image's inherited layers too are compressed as

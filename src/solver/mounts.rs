@@ -99,6 +99,8 @@ pub struct MountEnv<'a> {
     pub cache_mounts: &'a Path,
     pub scratch: &'a Path,
     pub context: &'a SourceRoot,
+    /// `--build-context NAME=DIR`s, by name.
+    pub named: &'a BTreeMap<String, SourceRoot>,
     pub secrets: &'a BTreeMap<String, SecretSource>,
     /// Finds the root filesystem of a stage or image named by `from=`.
     pub from_root: &'a mut dyn FnMut(&Input) -> Result<PathBuf, String>,
@@ -183,8 +185,15 @@ pub fn resolve_mounts(
                         )
                         .map_err(|e| e.to_string())?
                     }
-                    Input::Context => {
-                        let found = me.context.expand(&src_rel).map_err(|e| e.to_string())?;
+                    from @ (Input::Context | Input::Local(_)) => {
+                        let context = match from {
+                            Input::Local(name) => me
+                                .named
+                                .get(name)
+                                .ok_or_else(|| format!("no build context named {:?}", name))?,
+                            _ => me.context,
+                        };
+                        let found = context.expand(&src_rel).map_err(|e| e.to_string())?;
                         let first = found.into_iter().next().ok_or_else(|| {
                             format!("{}: not found in the build context", src_rel)
                         })?;
@@ -200,13 +209,13 @@ pub fn resolve_mounts(
                             fs::set_permissions(&p, mode).map_err(|e| e.to_string())?;
                             guards.dirs.push(copy);
                             p
-                        } else if (me.copy_context || !me.context.ignore.is_empty())
+                        } else if (me.copy_context || !context.ignore.is_empty())
                             && first.path.is_dir()
                         {
                             // Ignored files must stay invisible: bind a filtered copy.
                             let copy =
                                 tempfile::tempdir_in(me.scratch).map_err(|e| e.to_string())?;
-                            copy_filtered(me.context, &first.rel, &first.path, copy.path())?;
+                            copy_filtered(context, &first.rel, &first.path, copy.path())?;
                             let p = copy.path().to_path_buf();
                             guards.dirs.push(copy);
                             p

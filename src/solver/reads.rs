@@ -25,8 +25,9 @@ impl Ctx<'_, '_> {
         mount: Option<usize>,
     ) -> Result<StepInput, BuildError> {
         match from {
-            Input::Context => self.context_input(
+            Input::Context | Input::Local(_) => self.context_input(
                 origin,
+                from,
                 &[source.to_string()],
                 &IgnoreMatcher::default(),
                 mount,
@@ -59,11 +60,16 @@ impl Ctx<'_, '_> {
     pub fn context_input(
         &mut self,
         origin: &Origin,
+        from: &Input,
         sources: &[String],
         excludes: &IgnoreMatcher,
         mount: Option<usize>,
     ) -> Result<StepInput, BuildError> {
-        let root = self.context_root();
+        let root = self.context_root_of(origin, from)?;
+        let named = match from {
+            Input::Local(name) => Some(name.as_str()),
+            _ => None,
+        };
         let mut entries = Vec::new();
         let mut ends = Vec::new();
         for src in sources {
@@ -79,9 +85,8 @@ impl Ctx<'_, '_> {
             .map_err(|e| self.fail(origin, e.to_string()))?;
         // A read of entries that all look as they did when this read last ran takes what it
         // recorded then.
-        let owner = self.context_owner();
-        let mut slot =
-            std::os::unix::ffi::OsStrExt::as_bytes(self.req.context.as_os_str()).to_vec();
+        let owner = context_owner(&root.root);
+        let mut slot = std::os::unix::ffi::OsStrExt::as_bytes(root.root.as_os_str()).to_vec();
         for src in sources {
             slot.push(0);
             slot.extend_from_slice(src.as_bytes());
@@ -91,7 +96,7 @@ impl Ctx<'_, '_> {
         if let Some(r) = key.as_ref().and_then(|k| self.hasher.recall(&slot, k)) {
             if r.sources.len() == sources.len() {
                 if let Ok(mut t) = self.trace.lock() {
-                    t.context.push(r.listing);
+                    t.listings_of(named).push(r.listing);
                 }
                 crate::cache::free_aside((entries, statted));
                 return Ok(StepInput::Context {
@@ -108,7 +113,7 @@ impl Ctx<'_, '_> {
             .map_err(|e| self.fail(origin, e.to_string()))?;
         drop(statted);
         let mut source_digests = Vec::with_capacity(sources.len());
-        let mut named = Vec::with_capacity(sources.len());
+        let mut per_source = Vec::with_capacity(sources.len());
         let mut start = 0;
         for (src, end) in sources.iter().zip(ends) {
             let covered = entries[start..end]
@@ -116,7 +121,7 @@ impl Ctx<'_, '_> {
                 .map(|(rel, _)| rel)
                 .zip(&leaves[start..end]);
             let d = crate::attest::trace::leaves_digest(covered).to_string();
-            named.push((src.clone(), d.clone()));
+            per_source.push((src.clone(), d.clone()));
             source_digests.push(d);
             start = end;
         }
@@ -129,8 +134,9 @@ impl Ctx<'_, '_> {
         // The listing is only read once the stage is done (by provenance, and by the next
         // build): it is made beside the step, in its place in the trace.
         let mut trace = self.lock_trace()?;
-        let place = trace.context.len();
-        trace.context.push(ContextListing::of(&BTreeMap::new()));
+        let listings = trace.listings_of(named);
+        let place = listings.len();
+        listings.push(ContextListing::of(&BTreeMap::new()));
         drop(trace);
         let keep = key.map(|key| (self.hasher.listing_slot(&slot), key, digest.clone()));
         let files: BTreeMap<String, String> = rels
@@ -139,7 +145,7 @@ impl Ctx<'_, '_> {
             .map(|(rel, leaf)| (rel.clone(), super::explain::fingerprint(leaf)))
             .collect();
         let input = StepInput::Context {
-            sources: named,
+            sources: per_source,
             digest,
             mount,
             files: Some(std::sync::Arc::new(files)),
@@ -158,17 +164,17 @@ impl Ctx<'_, '_> {
             }
             listing
         });
-        self.listings.push((place, job));
+        self.listings.push((named.map(str::to_string), place, job));
         Ok(input)
     }
+}
 
-    /// The owner of the context directory (whoever checked it out).
-    fn context_owner(&self) -> (u32, u32) {
-        use std::os::unix::fs::MetadataExt;
-        fs::metadata(&self.req.context)
-            .map(|m| (m.uid(), m.gid()))
-            .unwrap_or((0, 0))
-    }
+/// The owner of a context directory (whoever checked it out).
+fn context_owner(dir: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(dir)
+        .map(|m| (m.uid(), m.gid()))
+        .unwrap_or((0, 0))
 }
 
 /// The listing of one context read: its leaves by path. Sorted here and merged in one pass

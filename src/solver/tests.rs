@@ -13,8 +13,8 @@ use std::time::Duration;
 use super::*;
 use crate::oci::platform::Platform;
 use crate::plan::{
-    Action, Chmod, Chown, CopyOp, CopySource, ExecOp, Id, Input, MkdirOp, Network, Op, OpGraph,
-    Origin, Source, StagePlan,
+    Action, Chmod, Chown, CopyOp, ExecOp, Id, Input, MkdirOp, Network, Op, OpGraph, Origin, Source,
+    StagePlan,
 };
 use crate::progress::QuietReporter;
 use crate::registry::Settings;
@@ -117,22 +117,12 @@ fn copy(line: usize, from: Input, source: &str, dest: &str) -> Op {
         origin: origin(line, &format!("COPY {} {}", source, dest)),
         edits: Vec::new(),
         action: Action::Copy(CopyOp {
-            is_add: false,
-            sources: vec![CopySource::Path(source.into())],
-            from,
-            dest: dest.into(),
-            dest_is_dir: false,
             chown: Some(Chown {
                 user: Id::Number(1),
                 group: Some(Id::Number(2)),
             }),
             chmod: Some(Chmod::parse("640").unwrap()),
-            link: false,
-            parents: false,
-            excludes: Vec::new(),
-            checksum: None,
-            unpack: None,
-            keep_git_dir: false,
+            ..CopyOp::plain(from, source, dest, false)
         }),
         history: Some(format!("COPY {} {}", source, dest)),
     }
@@ -189,6 +179,7 @@ fn request<'a>(f: &Fixture, stages: Vec<StagePlan>, target: usize) -> BuildReque
         graph: OpGraph { stages, target },
         context: f.context.clone(),
         ignore: Default::default(),
+        named_contexts: Default::default(),
         epoch: 0,
         compression: crate::oci::layer::Compression::Gzip(1),
         force_compression: false,

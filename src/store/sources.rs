@@ -24,8 +24,14 @@ pub enum ImageSource {
     DockerArchive { file: PathBuf },
 }
 
-/// Split `path[:tag]`, where a tag never holds `/`.
+/// Split `path[:tag]`, where a tag never holds `/`, or `path@sha256:…` (the tag is then
+/// the digest).
 fn path_and_tag(s: &str) -> (PathBuf, Option<String>) {
+    if let Some((p, d)) = s.rsplit_once('@') {
+        if !p.is_empty() && d.parse::<Digest>().is_ok() {
+            return (PathBuf::from(p), Some(d.to_string()));
+        }
+    }
     match s.rsplit_once(':') {
         Some((p, t)) if !t.contains('/') && !t.is_empty() && !p.is_empty() => {
             (PathBuf::from(p), Some(t.to_string()))
@@ -297,6 +303,10 @@ fn layout_entry(index_path: &Path, index: &Value, tag: Option<&str>) -> Result<V
         .filter(|m| m["annotations"][image::REFERENCE_TYPE].is_null())
         .collect();
     match tag {
+        Some(t) if t.parse::<Digest>().is_ok() => images
+            .iter()
+            .find(|m| m["digest"].as_str() == Some(t))
+            .ok_or_else(|| damaged(index_path, format!("no image {} listed", t))),
         Some(t) => images
             .iter()
             .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t))

@@ -16,10 +16,10 @@ impl OpRunner for CopyOp {
         let origin = &op.origin;
         let mut inputs = Vec::new();
         match &self.from {
-            Input::Context => {
+            from @ (Input::Context | Input::Local(_)) => {
                 let excludes = IgnoreMatcher::new(&self.excludes)
                     .map_err(|e| cx.fail(origin, format!("--exclude: {}", e)))?;
-                inputs.push(cx.context_input(origin, &self.paths(), &excludes, None)?);
+                inputs.push(cx.context_input(origin, from, &self.paths(), &excludes, None)?);
             }
             // The sources are paths in that stage or image: its identity covers them.
             from => inputs.push(cx.input_of(origin, from, ".", None)?),
@@ -59,7 +59,7 @@ impl OpRunner for CopyOp {
             None => None,
         };
         let root = match &self.from {
-            Input::Context => cx.context_root(),
+            from @ (Input::Context | Input::Local(_)) => cx.context_root_of(&op.origin, from)?,
             from => SourceRoot {
                 root: cx.source_for(&op.origin, from)?,
                 ignore: IgnoreMatcher::default(),
@@ -81,7 +81,7 @@ impl OpRunner for CopyOp {
             rootfs,
             epoch: cx.req.epoch,
             known: match self.from {
-                Input::Context => cx.source_stats.as_ref(),
+                Input::Context | Input::Local(_) => cx.source_stats.as_ref(),
                 _ => None,
             },
         };

@@ -59,6 +59,7 @@ impl OpRunner for ExecOp {
         };
         restore_cache_mounts(cx, e);
         let ctx_root = cx.context_root();
+        let named_contexts = cx.req.named_contexts.clone();
         let mut guards = mounts::MountGuards::default();
         let mut from_err = None;
         let cache_mounts = cx.store.dir(Bucket::CacheMounts);
@@ -87,6 +88,7 @@ impl OpRunner for ExecOp {
                     cache_mounts: &cache_mounts,
                     scratch: scratch.path(),
                     context: &ctx_root,
+                    named: &named_contexts,
                     secrets: &secrets,
                     from_root: &mut lookup,
                     copy_context,
