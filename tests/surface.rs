@@ -130,3 +130,52 @@ fn quiet_prints_the_digest_alone_and_annotations_land_where_asked() {
         .arg(&ctx));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("want KEY=VALUE"));
 }
+
+#[test]
+fn ulimit_and_shm_size_reach_every_run_step_and_its_key() {
+    let d = busybox_dir();
+    let root = d.path().join("root");
+    let ctx = d.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\n\
+         RUN ulimit -Sn > /soft && ulimit -Hn > /hard && /bin/busybox df -k /dev/shm | /bin/busybox tail -1 > /shm\n",
+    );
+    let out = d.path().join("out");
+    let build_with = |extra: &[&str]| {
+        run_ok(
+            build_cmd(&root)
+                .args(extra)
+                .args(["-o", &format!("local:{}", out.display())])
+                .arg(&ctx),
+        )
+    };
+    build_with(&["--ulimit", "nofile=1024:2048", "--shm-size", "128m"]);
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    assert_eq!(read("soft").trim(), "1024");
+    assert_eq!(read("hard").trim(), "2048");
+    // 128 MiB of tmpfs: 131072 1K-blocks.
+    let shm: Vec<String> = read("shm").split_whitespace().map(String::from).collect();
+    assert_eq!(shm[1], "131072", "{shm:?}");
+    // Other limits are another step: it runs again.
+    build_with(&["--ulimit", "nofile=512"]);
+    assert_eq!(read("soft").trim(), "512");
+    assert_eq!(read("hard").trim(), "512");
+    let shm: Vec<String> = read("shm").split_whitespace().map(String::from).collect();
+    assert_eq!(shm[1], "65536", "docker's default of 64 MiB: {shm:?}");
+
+    for (flag, value, says) in [
+        ("--ulimit", "nofiles=1", "unknown limit"),
+        ("--ulimit", "nofile=9:3", "soft limit is above"),
+        ("--ulimit", "nofile", "NAME=SOFT"),
+        ("--shm-size", "12q", "unit"),
+    ] {
+        let bad = run(build_cmd(&root).args([flag, value]).arg(&ctx));
+        assert!(!bad.status.success(), "{flag} {value}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+}

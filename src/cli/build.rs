@@ -75,6 +75,13 @@ pub struct BuildArgs {
     /// Add a name to every RUN step's /etc/hosts (repeatable): HOST:IP or HOST=IP.
     #[arg(long = "add-host", value_name = "HOST:IP")]
     pub add_hosts: Vec<String>,
+    /// A resource limit of every RUN step (repeatable), as docker's: NAME=SOFT[:HARD], e.g.
+    /// nofile=1024:4096; -1 is unlimited.
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    pub ulimits: Vec<String>,
+    /// The size of every RUN step's /dev/shm (default 64m): bytes, or with a unit b, k, m, g.
+    #[arg(long = "shm-size", value_name = "SIZE")]
+    pub shm_size: Option<String>,
     /// Add an annotation (repeatable): [manifest|index|manifest-descriptor[[PLATFORM]]:]K=V;
     /// the image manifest by default.
     #[arg(long = "annotation", value_name = "[TYPE:]K=V")]
@@ -604,6 +611,21 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         sign,
         base_policy,
         extra_hosts,
+        limits: crate::plan::RunLimits {
+            ulimits: a
+                .ulimits
+                .iter()
+                .map(|u| crate::plan::Ulimit::parse(u))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CliError::msg)?,
+            shm_size: match &a.shm_size {
+                Some(s) => Some(
+                    super::flags::parse_size(s)
+                        .map_err(|e| CliError::msg(format!("invalid --shm-size {:?}: {}", s, e)))?,
+                ),
+                None => None,
+            },
+        },
         labels,
         file_name,
         text,

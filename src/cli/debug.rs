@@ -157,6 +157,7 @@ fn print_ops(a: OpsArgs) -> Result<(), CliError> {
             platform,
             network,
             extra_hosts: Vec::new(),
+            limits: Default::default(),
             made: Default::default(),
         },
         &resolver,
@@ -224,6 +225,7 @@ fn print_sandbox(a: SandboxArgs) -> Result<(), CliError> {
     let rootfs = PathBuf::from("/rootfs");
     let step = RunSpec {
         terminal: None,
+        limits: Default::default(),
         root: RootMount::Bind {
             dir: rootfs.clone(),
         },

@@ -237,6 +237,36 @@ pub fn parse_build_contexts(
     Ok((contexts, dirs))
 }
 
+/// A memory size as docker's `--shm-size` takes it: a number with an optional binary unit
+/// (`b`, `k`, `m`, `g`, `t`; `64m` is 64 MiB, `kb` and `kib` read as `k`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let n: f64 = t[..split]
+        .parse()
+        .map_err(|_| "want a number with an optional unit (b, k, m, g)".to_string())?;
+    let unit = t[split..].trim();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b').filter(|u| !u.is_empty()))
+        .unwrap_or(unit);
+    let shift = match unit {
+        "" | "b" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        other => return Err(format!("unknown unit {:?}: b, k, m, g or t", other)),
+    };
+    let bytes = n * (1u64 << shift) as f64;
+    if !(1.0..=(1u64 << 50) as f64).contains(&bytes) {
+        return Err("out of range".into());
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

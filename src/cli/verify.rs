@@ -249,7 +249,14 @@ fn rebuild_argv(
         );
     }
     // The options provenance records as lists of flag values.
-    for (key, name) in [("annotations", "--annotation"), ("addHosts", "--add-host")] {
+    if let Some(size) = plan.options.get("shmSize").and_then(Value::as_u64) {
+        flag("--shm-size", size.to_string());
+    }
+    for (key, name) in [
+        ("annotations", "--annotation"),
+        ("addHosts", "--add-host"),
+        ("ulimits", "--ulimit"),
+    ] {
         for value in plan
             .options
             .get(key)

@@ -45,6 +45,8 @@ pub struct LowerOptions<'a> {
     pub network: Network,
     /// `--add-host`: extra /etc/hosts entries of every RUN.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--ulimit` and `--shm-size` of every RUN.
+    pub limits: crate::plan::RunLimits,
     /// The bytes lowering has made from the build file so far (expanded words, each RUN's
     /// environment), held under [`MAX_LOWERED_BYTES`].
     pub made: std::cell::Cell<usize>,
@@ -700,6 +702,7 @@ impl StageWalk<'_> {
             insecure: r.security.as_deref() == Some("insecure"),
             args,
             extra_hosts: self.opts.extra_hosts.clone(),
+            limits: self.opts.limits.clone(),
         };
         Ok((op, created_by))
     }
@@ -968,6 +971,7 @@ mod tests {
                 platform: opts.target_platform.clone(),
                 network: Network::Sandbox,
                 extra_hosts: Vec::new(),
+                limits: Default::default(),
                 made: Default::default(),
             },
             resolver,

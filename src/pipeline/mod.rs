@@ -120,6 +120,8 @@ pub struct BuildOptions {
     pub network: plan::Network,
     /// `--add-host`: extra /etc/hosts entries of every RUN.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--ulimit` and `--shm-size` of every RUN.
+    pub limits: plan::RunLimits,
     /// `--label`: labels set on the image.
     pub labels: Vec<(String, String)>,
     /// `--annotation`: annotations on the manifests, the index and its descriptors.
@@ -262,6 +264,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
                     platform: platform.clone(),
                     network: o.network,
                     extra_hosts: o.extra_hosts.clone(),
+                    limits: o.limits.clone(),
                     made: Default::default(),
                 },
                 &resolver,
@@ -498,6 +501,18 @@ fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Val
     if !o.labels.is_empty() {
         let labels: BTreeMap<&String, &String> = o.labels.iter().map(|(k, v)| (k, v)).collect();
         m.insert("labels".into(), json!(labels));
+    }
+    if !o.limits.ulimits.is_empty() {
+        let list: Vec<String> = o
+            .limits
+            .ulimits
+            .iter()
+            .map(|u| format!("{}={}:{}", u.name, u.soft, u.hard))
+            .collect();
+        m.insert("ulimits".into(), json!(list));
+    }
+    if let Some(size) = o.limits.shm_size {
+        m.insert("shmSize".into(), json!(size));
     }
     if !o.extra_hosts.is_empty() {
         let hosts: Vec<String> = o

@@ -331,6 +331,99 @@ pub struct ExecOp {
     /// any keeps the key it always had).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_hosts: Vec<(String, String)>,
+    /// `--ulimit` and `--shm-size` (a step with neither keeps the key it always had).
+    #[serde(default, skip_serializing_if = "RunLimits::is_default")]
+    pub limits: RunLimits,
+}
+
+/// The resource limits of every RUN: `--ulimit`s and `--shm-size`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunLimits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ulimits: Vec<Ulimit>,
+    /// The size of /dev/shm in bytes (default 64 MiB, as docker's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<u64>,
+}
+
+impl RunLimits {
+    pub fn is_default(&self) -> bool {
+        self.ulimits.is_empty() && self.shm_size.is_none()
+    }
+}
+
+/// One `--ulimit NAME=SOFT[:HARD]`; -1 is unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ulimit {
+    /// Docker's name: `nofile`, `nproc`, `core`, `stack`, …
+    pub name: String,
+    pub soft: i64,
+    pub hard: i64,
+}
+
+/// The names `--ulimit` takes, as docker's (`RLIMIT_` and the name, upper-cased, is the
+/// resource).
+pub const ULIMIT_NAMES: [&str; 15] = [
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
+
+impl Ulimit {
+    /// `NAME=SOFT[:HARD]`, as docker's `--ulimit`.
+    pub fn parse(s: &str) -> Result<Ulimit, String> {
+        let bad = |why: &str| format!("invalid --ulimit {:?}: {}", s, why);
+        let (name, values) = s
+            .split_once('=')
+            .ok_or_else(|| bad("want NAME=SOFT[:HARD]"))?;
+        let name = name.trim().to_lowercase();
+        if !ULIMIT_NAMES.contains(&name.as_str()) {
+            return Err(bad(&format!(
+                "unknown limit; one of {}",
+                ULIMIT_NAMES.join(", ")
+            )));
+        }
+        let number = |v: &str| -> Result<i64, String> {
+            match v.trim().parse::<i64>() {
+                Ok(n) if n >= -1 => Ok(n),
+                _ => Err(bad(&format!(
+                    "{:?} is not a number (or -1 for unlimited)",
+                    v
+                ))),
+            }
+        };
+        let (soft, hard) = match values.split_once(':') {
+            Some((s, h)) => (number(s)?, number(h)?),
+            None => {
+                let n = number(values)?;
+                (n, n)
+            }
+        };
+        let limit = Ulimit { name, soft, hard };
+        let (soft, hard) = limit.values();
+        if soft > hard {
+            return Err(bad("the soft limit is above the hard limit"));
+        }
+        Ok(limit)
+    }
+
+    /// The resource's limits as the kernel takes them (-1: `RLIM_INFINITY`).
+    pub fn values(&self) -> (u64, u64) {
+        let of = |n: i64| if n < 0 { u64::MAX } else { n as u64 };
+        (of(self.soft), of(self.hard))
+    }
 }
 
 /// WORKDIR's layer: the directory, made with its missing parents.

@@ -206,6 +206,7 @@ pub fn stage_state(image: &StoredImage, stage: &str, context: &Path) -> DebugSta
             insecure: false,
             args: Vec::new(),
             extra_hosts: Vec::new(),
+            limits: Default::default(),
         },
         layers: image.state.layers.iter().map(LayerRef::to_json).collect(),
         sources: Vec::new(),

@@ -496,6 +496,7 @@ pub fn step_spec(
         executor,
         process_sandbox,
         terminal: None,
+        limits: e.limits.clone(),
     })
 }
 

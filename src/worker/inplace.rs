@@ -915,6 +915,7 @@ fn execute(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Worker
         .iter()
         .map(|g| nix::unistd::Gid::from_raw(*g))
         .collect();
+    let rlimits = super::sandbox::rlimits_of(&spec.limits);
     let pipe = |_| SandboxError("pipe".into());
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe)?;
@@ -924,7 +925,8 @@ fn execute(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<Exit, Worker
             drop(out_r);
             drop(err_r);
             let err_fd = err_w.as_raw_fd();
-            let outcome = helper(spec, &argv, &envp, &exes, &cwd, &groups, out_w, &err_w);
+            let outcome = super::sandbox::set_rlimits(&rlimits)
+                .and_then(|_| helper(spec, &argv, &envp, &exes, &cwd, &groups, out_w, &err_w));
             super::sandbox::child::exit_child(err_fd, outcome)
         }
         ForkResult::Parent { child } => {

@@ -148,6 +148,8 @@ struct Prepared {
     filters: Vec<seccompiler::BpfProgram>,
     /// The command's terminal (see [`super::RunSpec::terminal`]).
     terminal: Option<RawFd>,
+    /// The spec's rlimits: resource, soft, hard.
+    rlimits: Vec<super::Rlimit>,
 }
 
 fn cstring(s: &str) -> Result<CString, SandboxError> {
@@ -269,6 +271,12 @@ impl Prepared {
             effective: granted(caps.effective()),
             inheritable: granted(caps.inheritable()),
             filters,
+            rlimits: process
+                .rlimits()
+                .iter()
+                .flatten()
+                .map(|r| (super::rlimit_resource(r.typ()), r.soft(), r.hard()))
+                .collect(),
         })
     }
 }
@@ -682,6 +690,8 @@ fn init(p: &Prepared, out: OwnedFd) -> Result<i32, SandboxError> {
 /// set-up error.
 fn exec_command(p: &Prepared) -> Result<nix::errno::Errno, SandboxError> {
     use caps::CapSet;
+    // While CAP_SYS_RESOURCE is held (a hard limit may be raised), as runc does.
+    super::set_rlimits(&p.rlimits)?;
     for c in &p.bounding_drop {
         caps::drop(None, CapSet::Bounding, *c).map_err(serr("drop a capability"))?;
     }

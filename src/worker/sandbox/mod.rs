@@ -64,6 +64,64 @@ pub fn close_descriptors_from_3(cloexec: bool) {
     }
 }
 
+/// One resource limit: the kernel's resource, soft, hard.
+pub type Rlimit = (libc::__rlimit_resource_t, u64, u64);
+
+/// The kernel's resource for an OCI rlimit type.
+pub fn rlimit_resource(t: oci_spec::runtime::PosixRlimitType) -> libc::__rlimit_resource_t {
+    use oci_spec::runtime::PosixRlimitType as T;
+    match t {
+        T::RlimitCpu => libc::RLIMIT_CPU,
+        T::RlimitFsize => libc::RLIMIT_FSIZE,
+        T::RlimitData => libc::RLIMIT_DATA,
+        T::RlimitStack => libc::RLIMIT_STACK,
+        T::RlimitCore => libc::RLIMIT_CORE,
+        T::RlimitRss => libc::RLIMIT_RSS,
+        T::RlimitNproc => libc::RLIMIT_NPROC,
+        T::RlimitNofile => libc::RLIMIT_NOFILE,
+        T::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        T::RlimitAs => libc::RLIMIT_AS,
+        T::RlimitLocks => libc::RLIMIT_LOCKS,
+        T::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        T::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        T::RlimitNice => libc::RLIMIT_NICE,
+        T::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        T::RlimitRttime => libc::RLIMIT_RTTIME,
+    }
+}
+/// `--ulimit`s as the kernel's resources.
+pub fn rlimits_of(limits: &crate::plan::RunLimits) -> Vec<Rlimit> {
+    limits
+        .ulimits
+        .iter()
+        .filter_map(|u| {
+            let t = format!("RLIMIT_{}", u.name.to_uppercase())
+                .parse::<oci_spec::runtime::PosixRlimitType>()
+                .ok()?;
+            let (soft, hard) = u.values();
+            Some((rlimit_resource(t), soft, hard))
+        })
+        .collect()
+}
+
+/// Set the process's resource limits (in a step's process, before it drops privileges).
+pub fn set_rlimits(limits: &[Rlimit]) -> Result<(), SandboxError> {
+    for (resource, soft, hard) in limits {
+        let limit = libc::rlimit {
+            rlim_cur: *soft,
+            rlim_max: *hard,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(*resource, &limit) } != 0 {
+            return Err(SandboxError(format!(
+                "--ulimit: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// How the step's root filesystem is provided.
 #[derive(Debug, Clone)]
 pub enum RootMount {
@@ -153,6 +211,8 @@ pub struct RunSpec {
     /// terminal, for `builder debug shell`; `None`: stdin is /dev/null and the output is
     /// captured line by line. Only the builtin executor takes one.
     pub terminal: Option<std::os::fd::RawFd>,
+    /// `--ulimit`s (the process's rlimits) and `--shm-size` (/dev/shm's size).
+    pub limits: crate::plan::RunLimits,
 }
 
 /// How the command ended.

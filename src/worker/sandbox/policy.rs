@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxDeviceCgroup, LinuxNamespace, LinuxNamespaceType,
-    LinuxResources, Mount, Process, Root, Spec, User,
+    LinuxResources, Mount, PosixRlimit, PosixRlimitBuilder, PosixRlimitType, Process, Root, Spec,
+    User,
 };
 
 use super::{ExtraMount, NetworkMode, RunSpec};
@@ -113,6 +114,11 @@ fn mounts(spec: &RunSpec) -> Vec<Mount> {
             &["rbind", "nosuid", "noexec", "nodev", "ro"],
         )
     };
+    // Docker's default is 64 MiB; a size is given in KiB, rounded up.
+    let shm_size = format!(
+        "size={}k",
+        spec.limits.shm_size.unwrap_or(64 << 20).div_ceil(1024)
+    );
     let mut out = vec![
         proc,
         mount(
@@ -138,7 +144,7 @@ fn mounts(spec: &RunSpec) -> Vec<Mount> {
             "/dev/shm",
             "tmpfs",
             "shm",
-            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            &["nosuid", "noexec", "nodev", "mode=1777", &shm_size],
         ),
         mount(
             "/dev/mqueue",
@@ -186,6 +192,29 @@ fn mounts(spec: &RunSpec) -> Vec<Mount> {
     out
 }
 
+/// `--ulimit`s as the spec's rlimits (none given: the runtime's own).
+fn rlimits(limits: &crate::plan::RunLimits) -> Option<Vec<PosixRlimit>> {
+    if limits.ulimits.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for u in &limits.ulimits {
+        let Ok(typ) = format!("RLIMIT_{}", u.name.to_uppercase()).parse::<PosixRlimitType>() else {
+            continue;
+        };
+        let (soft, hard) = u.values();
+        if let Ok(r) = PosixRlimitBuilder::default()
+            .typ(typ)
+            .soft(soft)
+            .hard(hard)
+            .build()
+        {
+            out.push(r);
+        }
+    }
+    Some(out)
+}
+
 /// The runtime spec of one step: `rootfs` is its root directory (mounted by the caller for
 /// an external runtime), `netns` the network namespace it joins (None: a new one).
 pub fn runtime_spec(spec: &RunSpec, rootfs: &Path, netns: Option<&Path>) -> Spec {
@@ -220,7 +249,7 @@ pub fn runtime_spec(spec: &RunSpec, rootfs: &Path, netns: Option<&Path>) -> Spec
     process.set_cwd(PathBuf::from(&spec.cwd));
     process.set_capabilities(Some(capabilities));
     process.set_no_new_privileges(Some(false));
-    process.set_rlimits(None);
+    process.set_rlimits(rlimits(&spec.limits));
     process.set_apparmor_profile(None);
     process.set_oom_score_adj(None);
     process.set_selinux_label(None);
