@@ -107,6 +107,7 @@ fn run(line: usize, argv: &[&str]) -> Op {
             insecure: false,
             args: Vec::new(),
             extra_hosts: Vec::new(),
+            limits: Default::default(),
         }),
         history: Some(format!("RUN {}", argv.join(" "))),
     }

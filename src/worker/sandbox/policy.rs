@@ -338,6 +338,7 @@ mod tests {
     fn step(insecure: bool) -> RunSpec {
         RunSpec {
             terminal: None,
+            limits: Default::default(),
             root: RootMount::Bind {
                 dir: PathBuf::from("/r"),
             },
