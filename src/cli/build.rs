@@ -164,6 +164,11 @@ pub struct BuildArgs {
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
+    /// An ssh agent for RUN --mount=type=ssh (repeatable): `default` ($SSH_AUTH_SOCK),
+    /// ID=SOCKET, or ID=KEY[,KEY...] (the keys are loaded into an ssh-agent of the build's
+    /// own). The step reaches the agent through a socket; no key enters it.
+    #[arg(long = "ssh", value_name = "default|ID=SOCKET|ID=KEY")]
+    pub ssh: Vec<String>,
     /// When FROM pulls: `missing` (default), `always` (`--pull` alone), or `never`.
     #[arg(long, value_enum, default_value = "missing", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
     pub pull: PullPolicy,
@@ -602,6 +607,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         Some(p) => Some(pipeline::policy::BasePolicy::load(p)?),
         None => None,
     };
+    let (ssh, ssh_agents) = super::flags::parse_ssh(&a.ssh).map_err(CliError::msg)?;
     let mut annotations = Vec::new();
     for a in &a.annotations {
         annotations.extend(super::flags::parse_annotation(a).map_err(CliError::msg)?);
@@ -627,6 +633,8 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
             },
         },
         labels,
+        ssh,
+        ssh_agents,
         file_name,
         text,
         context,

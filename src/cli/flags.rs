@@ -267,6 +267,76 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// `--ssh default|ID[=SOCKET|KEY[,KEY...]]`s: each id's agent socket, and the agents started
+/// for keys (kept for the build). An id alone, or `default`, is $SSH_AUTH_SOCK's agent.
+#[allow(clippy::type_complexity)]
+pub fn parse_ssh(
+    values: &[String],
+) -> Result<
+    (
+        BTreeMap<String, PathBuf>,
+        Vec<std::sync::Arc<crate::solver::ssh::KeyAgent>>,
+    ),
+    String,
+> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut sockets = BTreeMap::new();
+    let mut agents = Vec::new();
+    for v in values {
+        let (id, paths) = match v.split_once('=') {
+            Some((id, p)) => (id.trim(), Some(p)),
+            None => (v.trim(), None),
+        };
+        if id.is_empty() {
+            return Err(format!(
+                "invalid --ssh {:?}: want default or ID[=SOCKET|KEY]",
+                v
+            ));
+        }
+        let socket = match paths.filter(|p| !p.is_empty()) {
+            None => match std::env::var_os("SSH_AUTH_SOCK") {
+                Some(s) if !s.is_empty() => PathBuf::from(s),
+                _ => {
+                    return Err(format!(
+                        "--ssh {}: SSH_AUTH_SOCK is not set; start an agent (eval $(ssh-agent); ssh-add) or give --ssh {}=SOCKET",
+                        v, id
+                    ))
+                }
+            },
+            Some(list) => {
+                let paths: Vec<PathBuf> = list.split(',').map(PathBuf::from).collect();
+                let kind = |p: &PathBuf| {
+                    std::fs::metadata(p)
+                        .map(|m| m.file_type())
+                        .map_err(|e| format!("--ssh {}: {}: {}", id, p.display(), e))
+                };
+                if paths.len() == 1 && kind(&paths[0])?.is_socket() {
+                    paths[0].clone()
+                } else {
+                    for p in &paths {
+                        if !kind(p)?.is_file() {
+                            return Err(format!(
+                                "--ssh {}: {}: neither an agent socket nor a key file",
+                                id,
+                                p.display()
+                            ));
+                        }
+                    }
+                    let agent = crate::solver::ssh::KeyAgent::start(&paths)
+                        .map_err(|e| format!("--ssh {}: {}", id, e))?;
+                    let s = agent.socket().to_path_buf();
+                    agents.push(std::sync::Arc::new(agent));
+                    s
+                }
+            }
+        };
+        if sockets.insert(id.to_string(), socket).is_some() {
+            return Err(format!("--ssh {}: the id is given twice", id));
+        }
+    }
+    Ok((sockets, agents))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

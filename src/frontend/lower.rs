@@ -650,10 +650,18 @@ impl StageWalk<'_> {
         }
         let cwd = self.workdir();
         let mut mounts = Vec::new();
+        let mut ssh_mounts = 0;
         for spec in &r.mounts {
             let spec = self.word(l, spec)?;
             let m = Mount::parse(&spec).map_err(|e| self.fail(l, e))?;
-            mounts.push(self.run_mount(l, m, &cwd)?);
+            let mut m = self.run_mount(m, &cwd);
+            if m.kind == MountKind::Ssh {
+                // BuildKit's default: one socket per ssh mount of the step, numbered.
+                m.target
+                    .get_or_insert_with(|| format!("/run/buildkit/ssh_agent.{}", ssh_mounts));
+                ssh_mounts += 1;
+            }
+            mounts.push(m);
         }
         let network = match r.network {
             None => self.opts.network,
@@ -729,7 +737,7 @@ impl StageWalk<'_> {
         env
     }
 
-    fn run_mount(&self, l: &Located, m: Mount, cwd: &str) -> Result<RunMount, SyntaxError> {
+    fn run_mount(&self, m: Mount, cwd: &str) -> RunMount {
         let absolute = |t: &str| {
             if t.starts_with('/') {
                 t.to_string()
@@ -742,16 +750,14 @@ impl StageWalk<'_> {
             MountType::Cache => MountKind::Cache,
             MountType::Tmpfs => MountKind::Tmpfs,
             MountType::Secret => MountKind::Secret,
-            MountType::Ssh => {
-                return Err(self.fail(l, "RUN --mount=type=ssh is not supported yet"));
-            }
+            MountType::Ssh => MountKind::Ssh,
         };
         let target = match kind {
             MountKind::Tmpfs => Some(absolute(m.target.as_deref().unwrap_or("/tmp"))),
             MountKind::Cache | MountKind::Bind => {
                 Some(absolute(m.target.as_deref().unwrap_or("/")))
             }
-            MountKind::Secret => m.target.as_deref().map(absolute),
+            MountKind::Secret | MountKind::Ssh => m.target.as_deref().map(absolute),
         };
         let id = match kind {
             MountKind::Cache => Some(
@@ -769,6 +775,7 @@ impl StageWalk<'_> {
                     })
                     .unwrap_or_default(),
             ),
+            MountKind::Ssh => Some(m.id.clone().unwrap_or_else(|| "default".into())),
             _ => m.id.clone(),
         };
         // A secret given as a file (not as env alone) lands at /run/secrets/ID by default.
@@ -778,7 +785,7 @@ impl StageWalk<'_> {
             }
             _ => target,
         };
-        Ok(RunMount {
+        RunMount {
             kind,
             target,
             source: m.source,
@@ -799,7 +806,7 @@ impl StageWalk<'_> {
             required: m.required,
             env: m.env,
             size: m.size,
-        })
+        }
     }
 }
 
@@ -1047,10 +1054,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("Buildfile:2:1: invalid protocol"), "{e}");
-        let e = ops("FROM scratch\nRUN --mount=type=ssh true\n", &r)
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("Buildfile:2:1:") && e.contains("ssh"), "{e}");
         let e = ops("FROM scratch\n\nFROM missing:1\n", &r)
             .unwrap_err()
             .to_string();

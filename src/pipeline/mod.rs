@@ -122,6 +122,10 @@ pub struct BuildOptions {
     pub extra_hosts: Vec<(String, String)>,
     /// `--ulimit` and `--shm-size` of every RUN.
     pub limits: plan::RunLimits,
+    /// `--ssh`: each id's agent socket.
+    pub ssh: BTreeMap<String, PathBuf>,
+    /// The agents started for `--ssh ID=KEY`, kept running while the build is.
+    pub ssh_agents: Vec<Arc<crate::solver::ssh::KeyAgent>>,
     /// `--label`: labels set on the image.
     pub labels: Vec<(String, String)>,
     /// `--annotation`: annotations on the manifests, the index and its descriptors.
@@ -289,6 +293,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         context: o.context.clone(),
         ignore,
         named_contexts,
+        ssh: o.ssh.clone(),
         epoch: o.epoch,
         compression: o.compression,
         force_compression: o.force_compression,

@@ -268,6 +268,8 @@ pub enum MountKind {
     Cache,
     Tmpfs,
     Secret,
+    /// An ssh agent's socket, forwarded from `--ssh`.
+    Ssh,
 }
 
 /// Who may use a cache mount at once.

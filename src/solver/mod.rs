@@ -26,6 +26,7 @@ pub mod mounts;
 mod ops;
 mod reads;
 pub mod schedule;
+pub mod ssh;
 mod stage;
 pub mod staging;
 pub mod users;
@@ -82,6 +83,8 @@ pub struct BuildRequest<'a> {
     pub keep: Vec<PathBuf>,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, mounts::SecretSource>,
+    /// `--ssh`: each id's agent socket.
+    pub ssh: BTreeMap<String, PathBuf>,
     /// `--no-cache`: run every step.
     pub no_cache: bool,
     /// `--no-cache-filter`: stages (names or indexes) whose steps all run.

@@ -34,6 +34,7 @@ pub struct MountGuards {
     pub locks: Vec<fs::File>,
     pub dirs: Vec<tempfile::TempDir>,
     pub pins: Vec<PinnedBind>,
+    pub relays: Vec<super::ssh::SshRelay>,
 }
 
 /// A context entry a step binds, pinned: opened below the context with no symlink followed,
@@ -102,6 +103,8 @@ pub struct MountEnv<'a> {
     /// `--build-context NAME=DIR`s, by name.
     pub named: &'a BTreeMap<String, SourceRoot>,
     pub secrets: &'a BTreeMap<String, SecretSource>,
+    /// `--ssh`: each id's agent socket.
+    pub ssh: &'a BTreeMap<String, PathBuf>,
     /// Finds the root filesystem of a stage or image named by `from=`.
     pub from_root: &'a mut dyn FnMut(&Input) -> Result<PathBuf, String>,
     /// No mount can be made (`--isolation container`): context sources are copied, read
@@ -144,6 +147,42 @@ pub fn resolve_mounts(
     let mut env = Vec::new();
     for m in mounts {
         match m.kind {
+            MountKind::Ssh => {
+                let id = m.id.clone().unwrap_or_else(|| "default".into());
+                let Some(agent) = me.ssh.get(&id) else {
+                    if m.required {
+                        return Err(format!(
+                            "ssh mount {} is required but no agent was given (--ssh {}[=SOCKET])",
+                            id, id
+                        ));
+                    }
+                    continue;
+                };
+                let target = m
+                    .target
+                    .clone()
+                    .unwrap_or_else(|| "/run/buildkit/ssh_agent.0".into());
+                let relay = super::ssh::SshRelay::start(
+                    agent,
+                    m.mode.unwrap_or(0o600),
+                    m.uid.unwrap_or(0),
+                    m.gid.unwrap_or(0),
+                )
+                .map_err(|e| format!("ssh mount {}: {}", id, e))?;
+                // As BuildKit: the first ssh mount is the step's agent.
+                if !env
+                    .iter()
+                    .any(|(k, _): &(String, String)| k == "SSH_AUTH_SOCK")
+                {
+                    env.push(("SSH_AUTH_SOCK".into(), target.clone()));
+                }
+                out.push(ExtraMount::Bind {
+                    source: relay.socket().to_path_buf(),
+                    target,
+                    readonly: false,
+                });
+                guards.relays.push(relay);
+            }
             MountKind::Tmpfs => out.push(ExtraMount::Tmpfs {
                 target: m.target.clone().unwrap_or_else(|| "/tmp".into()),
                 size: m.size,

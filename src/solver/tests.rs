@@ -181,6 +181,7 @@ fn request<'a>(f: &Fixture, stages: Vec<StagePlan>, target: usize) -> BuildReque
         context: f.context.clone(),
         ignore: Default::default(),
         named_contexts: Default::default(),
+        ssh: Default::default(),
         epoch: 0,
         compression: crate::oci::layer::Compression::Gzip(1),
         force_compression: false,

@@ -821,8 +821,7 @@ pub fn run_step(
     let layout = guard.get_or_insert_with(Layout::default);
     lay_out(view, layers, root, kept, layout)?;
     // Mount targets, and the directories the sandbox would have made for them, are not the
-    // step's; the sandbox's mount-point directories the image lacks join the layer as the
-    // overlay path leaves them.
+    // step's, and stay out of its layer as they do on the other paths.
     let skeleton = scratch.join("skeleton");
     fs::create_dir_all(&skeleton).map_err(io_at(&skeleton))?;
     let created = super::make_skeleton(view, &skeleton, spec)?;
@@ -857,12 +856,11 @@ pub fn run_step(
     if exit == Exit::Code(0) {
         let layout = guard.get_or_insert_with(Layout::default);
         let changed = capture(view, root, &step_kept, layout, &diff)?;
-        super::keep_mount_dirs(&created, &skeleton, &diff)?;
         // Its layer will be applied to the view, and nothing else will have changed `/`
         // unless a mount replaced something there (then the next layout walks everything).
         if spec.mounts.is_empty() {
             let mut changed = changed;
-            // The mount points the layer gains (/proc, /dev, /sys) are the container's own.
+            // The mount points the view lacks (/proc, /dev, /sys) are the container's own.
             changed.changed.extend(created.iter().cloned());
             layout.pending = Some(Pending {
                 view: view.to_path_buf(),

@@ -11,10 +11,11 @@
 //!
 //! Mount points the sandbox needs (/proc, /dev, /sys, /etc/resolv.conf, RUN --mount targets)
 //! come from a skeleton layered above the shared snapshots (overlay), or are created in the
-//! private root before the step and removed after it (copy). What stays in the diff is what
-//! BuildKit in dockerd 20.10 leaves: the directories that had to be made for them (`/proc`,
-//! `/dev`, `/sys`, a mount target and its new parents), empty; never a file stub
-//! (/etc/hosts, a file bind) and nothing below `/proc`, `/dev` or `/sys`.
+//! private root before the step and removed after it (copy). None of them stays in the
+//! diff unless the step wrote into it, as BuildKit (v0.11 and later) removes the mount
+//! stubs it made (`executor.MountStubsCleaner`): the empty directories and files made for
+//! `/proc`, `/dev`, `/sys`, `/etc/hosts`, `/etc/resolv.conf` and `RUN --mount` targets, and
+//! their new parents. dockerd 20.10's BuildKit kept the directories.
 
 pub mod inplace;
 pub mod sandbox;
@@ -428,7 +429,7 @@ pub fn run_step(
         // Mount points come from a skeleton layered on top of the shared snapshots.
         let skeleton = scratch.join("skeleton");
         fs::create_dir_all(&skeleton).map_err(io_at(&skeleton))?;
-        let created = make_skeleton(rootfs, &skeleton, &spec)?;
+        make_skeleton(rootfs, &skeleton, &spec)?;
         let (upper, work, merged) = (
             scratch.join("upper"),
             scratch.join("work"),
@@ -449,9 +450,6 @@ pub fn run_step(
             scratch: view.scratch.clone(),
         };
         let exit = sandbox::run(&spec, on_line)?;
-        if exit == Exit::Code(0) {
-            keep_mount_dirs(&created, &skeleton, &upper)?;
-        }
         return Ok((exit, upper));
     }
     // Copy: the view is a private directory; mount points are made in it and removed after.
@@ -470,59 +468,11 @@ pub fn run_step(
         }
         let diff = scratch.join("diff");
         fs::create_dir_all(&diff).map_err(io_at(&diff))?;
-        {
-            walk_diff(rootfs, &copy, &diff, Some(&identities))?;
-            let dirs: Vec<PathBuf> = created
-                .created
-                .iter()
-                .filter(|p| p.is_dir())
-                .filter_map(|p| p.strip_prefix(rootfs).ok().map(Path::to_path_buf))
-                .collect();
-            keep_mount_dirs(&dirs, rootfs, &diff)?;
-        }
+        walk_diff(rootfs, &copy, &diff, Some(&identities))?;
         Ok((exit, diff))
     })();
     created.remove();
     result
-}
-
-/// Directories a step's mount points needed that the image lacked stay in its layer, as
-/// BuildKit (dockerd 20.10) leaves them: `/proc`, `/dev`, `/sys` and `RUN --mount` targets,
-/// but nothing below `/proc`, `/dev` or `/sys` (those live in the sandbox's own mounts) and
-/// no file stubs. `created` holds paths relative to `meta` (where their parents' metadata
-/// is mirrored); they are added to the diff directory `diff` in overlay format.
-pub(crate) fn keep_mount_dirs(
-    created: &[PathBuf],
-    meta: &Path,
-    diff: &Path,
-) -> Result<(), WorkerError> {
-    let under_special = |p: &Path| {
-        let mut c = p.components();
-        let first = c.next().map(|f| f.as_os_str().to_os_string());
-        c.next().is_some() && first.is_some_and(|f| f == "proc" || f == "dev" || f == "sys")
-    };
-    for rel in created.iter().filter(|p| !under_special(p)) {
-        let mut cur = PathBuf::new();
-        for c in rel.components() {
-            cur.push(c);
-            let dst = diff.join(&cur);
-            match fs::symlink_metadata(&dst) {
-                Ok(md) if md.is_dir() => continue,
-                // The step put something else there (a whiteout, a file): leave it.
-                Ok(_) => break,
-                Err(_) => {}
-            }
-            let md = fs::symlink_metadata(meta.join(&cur)).map_err(io_at(&dst))?;
-            fs::create_dir(&dst).map_err(io_at(&dst))?;
-            if &cur == rel {
-                fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
-                    .map_err(io_at(&dst))?;
-            } else {
-                copy_meta(&meta.join(&cur), &dst, &md);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Create the sandbox's mount points in `skeleton`, mirroring the metadata of every existing

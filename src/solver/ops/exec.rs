@@ -60,6 +60,7 @@ impl OpRunner for ExecOp {
         restore_cache_mounts(cx, e);
         let ctx_root = cx.context_root();
         let named_contexts = cx.req.named_contexts.clone();
+        let ssh = cx.req.ssh.clone();
         let mut guards = mounts::MountGuards::default();
         let mut from_err = None;
         let cache_mounts = cx.store.dir(Bucket::CacheMounts);
@@ -89,6 +90,7 @@ impl OpRunner for ExecOp {
                     scratch: scratch.path(),
                     context: &ctx_root,
                     named: &named_contexts,
+                    ssh: &ssh,
                     secrets: &secrets,
                     from_root: &mut lookup,
                     copy_context,

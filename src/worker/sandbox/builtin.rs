@@ -528,13 +528,14 @@ fn perform(sys: &dyn Syscall, root: &Path, m: &Planned, nodev: bool) -> Result<(
             let t = inside(root, dest)?;
             let md = fs::metadata(source)
                 .map_err(|e| SandboxError(format!("bind source {}: {}", source.display(), e)))?;
+            // A socket is an ssh mount's relay.
             if md.is_dir() {
                 mkdir_p(&t)?;
-            } else if md.is_file() {
+            } else if md.is_file() || std::os::unix::fs::FileTypeExt::is_socket(&md.file_type()) {
                 touch(&t)?;
             } else {
                 return Err(SandboxError(format!(
-                    "bind source {} is not a regular file or directory",
+                    "bind source {} is not a regular file, directory or socket",
                     source.display()
                 )));
             }
