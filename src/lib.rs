@@ -14,6 +14,7 @@ pub mod epoch;
 pub mod export;
 pub mod failure;
 pub mod frontend;
+pub mod git;
 pub mod oci;
 pub mod pipeline;
 pub mod plan;

@@ -144,6 +144,7 @@ fn exercise(bytes: &[u8]) {
                     platform: Platform::host(),
                     network: builder::plan::Network::Sandbox,
                     extra_hosts: Vec::new(),
+                    limits: Default::default(),
                     made: Default::default(),
                 },
                 &AnyImage,

@@ -443,7 +443,7 @@ fn without_mount_stubs(
             let Some(path) = l.strip_suffix(" deleted") else {
                 return true;
             };
-            !(stubs.contains(path) && !docker.contains(l))
+            !stubs.contains(path) || docker.contains(l)
         })
         .cloned()
         .collect();

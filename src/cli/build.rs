@@ -484,7 +484,13 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         }
         None => vec![Platform::host()],
     };
-    let (contexts, named_contexts) = super::flags::parse_build_contexts(&a.build_contexts)?;
+    let (ssh, ssh_agents) = super::flags::parse_ssh(&a.ssh).map_err(CliError::msg)?;
+    let secrets = parse_secrets(&a.secrets).map_err(CliError::msg)?;
+    let build_contexts = super::flags::parse_build_contexts(
+        &a.build_contexts,
+        &crate::solver::mounts::git_auth(&secrets, &ssh),
+    )?;
+    let contexts = build_contexts.contexts.clone();
     let plan = PlanOptions {
         target: a.target.clone(),
         build_args: parse_key_values(&a.build_args)?,
@@ -607,7 +613,6 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         Some(p) => Some(pipeline::policy::BasePolicy::load(p)?),
         None => None,
     };
-    let (ssh, ssh_agents) = super::flags::parse_ssh(&a.ssh).map_err(CliError::msg)?;
     let mut annotations = Vec::new();
     for a in &a.annotations {
         annotations.extend(super::flags::parse_annotation(a).map_err(CliError::msg)?);
@@ -638,7 +643,9 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         file_name,
         text,
         context,
-        named_contexts,
+        named_contexts: build_contexts.dirs,
+        context_origins: build_contexts.origins,
+        context_checkouts: build_contexts.checkouts,
         root: a.root.clone().unwrap_or_else(default_root),
         plan,
         platforms,
@@ -669,7 +676,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
             IsolationArg::Container => crate::worker::Isolation::Container,
         },
         keep: own_paths(&a),
-        secrets: parse_secrets(&a.secrets).map_err(CliError::msg)?,
+        secrets,
         no_cache: a.no_cache,
         no_cache_filter: a.no_cache_filter.clone(),
         jobs: a.jobs.unwrap_or_else(|| {

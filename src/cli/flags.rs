@@ -158,22 +158,29 @@ pub fn json_format(format: &str) -> Result<bool, super::CliError> {
     }
 }
 
-/// `--build-context NAME=VALUE`s: what each name stands for as the frontend looks it up,
-/// and the local directories among them (absolute). VALUE is a directory,
-/// `docker-image://REF`, or `oci-layout://DIR[:TAG|@DIGEST]`.
-#[allow(clippy::type_complexity)]
+/// The `--build-context`s of a build.
+#[derive(Default)]
+pub struct BuildContexts {
+    /// What each name stands for, by the name as the frontend looks it up.
+    pub contexts: BTreeMap<String, crate::frontend::graph::NamedContext>,
+    /// The local directories among them (absolute).
+    pub dirs: BTreeMap<String, PathBuf>,
+    /// Where a directory came from when it is not the user's: a git checkout's
+    /// `URL#COMMIT[:SUBDIR]`.
+    pub origins: BTreeMap<String, String>,
+    /// The git checkouts, kept for the build.
+    pub checkouts: Vec<std::sync::Arc<tempfile::TempDir>>,
+}
+
+/// `--build-context NAME=VALUE`s. VALUE is a directory, `docker-image://REF`,
+/// `oci-layout://DIR[:TAG|@DIGEST]`, or a git repository (`URL#REF[:SUBDIR]`, checked out
+/// now with `auth`).
 pub fn parse_build_contexts(
     values: &[String],
-) -> Result<
-    (
-        BTreeMap<String, crate::frontend::graph::NamedContext>,
-        BTreeMap<String, PathBuf>,
-    ),
-    super::CliError,
-> {
+    auth: &crate::git::GitAuth,
+) -> Result<BuildContexts, super::CliError> {
     use crate::frontend::graph::{context_name, NamedContext};
-    let mut contexts = BTreeMap::new();
-    let mut dirs = BTreeMap::new();
+    let mut out = BuildContexts::default();
     for v in values {
         let bad =
             |why: &str| super::CliError::msg(format!("invalid --build-context {:?}: {}", v, why));
@@ -215,9 +222,35 @@ pub fn parse_build_contexts(
                 )));
             }
             NamedContext::Image(format!("oci:{}{}", abs.display(), pin))
-        } else if value.contains("://") || value.starts_with("git@") {
+        } else if crate::git::is_git(value) {
+            let source = crate::git::GitSource::parse(value).map_err(|e| bad(&e))?;
+            let commit = crate::git::resolve(&source, auth).map_err(|e| bad(&e))?;
+            let holder = tempfile::tempdir().map_err(|e| bad(&e.to_string()))?;
+            let tree = holder.path().join("tree");
+            crate::git::checkout(&source, &commit, &tree, false, auth).map_err(|e| bad(&e))?;
+            let dir = match &source.subdir {
+                Some(s) => crate::oci::unpack::resolve_in_root(&tree, std::path::Path::new(s))
+                    .map_err(|e| bad(&e.to_string()))?,
+                None => tree,
+            };
+            if !dir.is_dir() {
+                return Err(bad(&format!(
+                    "{}: no such directory in the commit",
+                    dir.display()
+                )));
+            }
+            out.dirs.insert(key.clone(), dir);
+            // Pinned to the commit: what `builder verify` can check out again.
+            let pinned = match &source.subdir {
+                Some(s) => format!("{}#{}:{}", source.remote, commit, s),
+                None => format!("{}#{}", source.remote, commit),
+            };
+            out.origins.insert(key.clone(), pinned);
+            out.checkouts.push(std::sync::Arc::new(holder));
+            NamedContext::Local
+        } else if value.contains("://") {
             return Err(bad(
-                "a directory, docker-image://REF or oci-layout://DIR[:TAG|@DIGEST]",
+                "a directory, docker-image://REF, oci-layout://DIR[:TAG|@DIGEST] or a git repository",
             ));
         } else {
             let dir = PathBuf::from(value);
@@ -227,14 +260,14 @@ pub fn parse_build_contexts(
             if !abs.is_dir() {
                 return Err(bad(&format!("{}: not a directory", abs.display())));
             }
-            dirs.insert(key.clone(), abs);
+            out.dirs.insert(key.clone(), abs);
             NamedContext::Local
         };
-        if contexts.insert(key.clone(), context).is_some() {
+        if out.contexts.insert(key.clone(), context).is_some() {
             return Err(bad(&format!("{} is given twice", key)));
         }
     }
-    Ok((contexts, dirs))
+    Ok(out)
 }
 
 /// A memory size as docker's `--shm-size` takes it: a number with an optional binary unit

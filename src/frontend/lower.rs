@@ -590,11 +590,17 @@ impl StageWalk<'_> {
                     name: doc.name.clone(),
                     content: self.heredoc_body(l, doc)?,
                 });
+            } else if is_add && crate::git::is_git(&s) {
+                crate::git::GitSource::parse(&s).map_err(|e| self.fail(l, e))?;
+                sources.push(CopySource::Git(s));
             } else if is_add && is_url(&s) {
                 sources.push(CopySource::Url(s));
             } else {
                 sources.push(CopySource::Path(s));
             }
+        }
+        if sources.len() > 1 && sources.iter().any(|s| matches!(s, CopySource::Git(_))) {
+            return Err(self.fail(l, "ADD of a git repository takes it as its only source"));
         }
         IgnoreMatcher::new(&c.excludes).map_err(|e| self.fail(l, format!("--exclude: {}", e)))?;
         let from = match self.opt_word(l, &c.from)? {

@@ -98,6 +98,11 @@ pub struct BuildOptions {
     pub context: PathBuf,
     /// `--build-context NAME=DIR`s, by looked-up name, absolute.
     pub named_contexts: BTreeMap<String, PathBuf>,
+    /// Where a named directory came from when it is not the user's (a git checkout's
+    /// `URL#COMMIT[:SUBDIR]`), for the provenance.
+    pub context_origins: BTreeMap<String, String>,
+    /// The git checkouts among them, kept while the build runs.
+    pub context_checkouts: Vec<Arc<tempfile::TempDir>>,
     /// The store (`--root`).
     pub root: PathBuf,
     /// The target, the build args and the first platform.
@@ -560,7 +565,11 @@ fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Val
                         Some(layout) => format!("oci-layout://{}", layout),
                         None => format!("docker-image://{}", r),
                     },
-                    frontend::graph::NamedContext::Local => "local".into(),
+                    frontend::graph::NamedContext::Local => o
+                        .context_origins
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| "local".into()),
                 };
                 (name, value)
             })

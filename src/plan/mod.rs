@@ -190,6 +190,9 @@ pub enum CopySource {
     Path(String),
     /// A URL (ADD only).
     Url(String),
+    /// A git repository, `REMOTE[#REF[:SUBDIR]]` (ADD only); the commit its ref resolves
+    /// to is one of the step's inputs.
+    Git(String),
     /// A heredoc file, its body expanded where the delimiter was unquoted.
     Heredoc { name: String, content: String },
 }

@@ -70,7 +70,7 @@ impl RecordedStep {
                     reference, digest, ..
                 } => r.images.push((reference.clone(), digest.clone())),
                 StepInput::Args(a) => r.args = a.clone(),
-                StepInput::Url { .. } | StepInput::Uncacheable(_) => {}
+                StepInput::Url { .. } | StepInput::Uncacheable(_) | StepInput::Git { .. } => {}
             }
         }
         r

@@ -42,6 +42,8 @@ pub enum StepInput {
     },
     /// A URL an ADD fetched (with `--checksum`, known before; otherwise after the fetch).
     Url { url: String, digest: String },
+    /// A git source, by the commit its ref resolved to.
+    Git { url: String, commit: String },
     /// The build args in a RUN's environment (provenance names them; the op's key has them).
     Args(BTreeMap<String, String>),
     /// Remote content unknown until fetched: a nonce, so that the step is never reused.
@@ -67,6 +69,9 @@ enum KeyPart<'a> {
     Uncacheable {
         nonce: &'a str,
     },
+    Git {
+        commit: &'a str,
+    },
 }
 
 impl StepInput {
@@ -82,6 +87,7 @@ impl StepInput {
                 mount: *mount,
             }),
             StepInput::Uncacheable(nonce) => Some(KeyPart::Uncacheable { nonce }),
+            StepInput::Git { commit, .. } => Some(KeyPart::Git { commit }),
             // A URL's content is pinned by the op's checksum, or the step is uncacheable;
             // the args are in the op.
             StepInput::Url { .. } | StepInput::Args(_) => None,
@@ -100,6 +106,7 @@ impl StepInput {
                 reference, digest, ..
             } => vec![json!({"image": reference, "digest": digest})],
             StepInput::Url { url, digest } => vec![json!({"url": url, "digest": digest})],
+            StepInput::Git { url, commit } => vec![json!({"git": url, "commit": commit})],
             StepInput::Args(args) => vec![json!({ "args": args })],
             StepInput::Uncacheable(_) => Vec::new(),
         }

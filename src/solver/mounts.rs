@@ -544,3 +544,22 @@ fn write_mode(p: &Path, data: &[u8], mode: u32) -> Result<(), String> {
         .and_then(|_| fs::set_permissions(p, fs::Permissions::from_mode(mode)))
         .map_err(|e| format!("{}: {}", p.display(), e))
 }
+
+/// How git reaches a remote for a build: its `GIT_AUTH_TOKEN` secret (as BuildKit) and its
+/// default `--ssh` agent.
+pub fn git_auth(
+    secrets: &BTreeMap<String, SecretSource>,
+    ssh: &BTreeMap<String, PathBuf>,
+) -> crate::git::GitAuth {
+    let token = match secrets.get("GIT_AUTH_TOKEN") {
+        Some(SecretSource::File(p)) => fs::read_to_string(p).ok(),
+        Some(SecretSource::Env(v)) => std::env::var(v).ok(),
+        None => None,
+    }
+    .map(|t| t.trim().to_string())
+    .filter(|t| !t.is_empty());
+    crate::git::GitAuth {
+        token,
+        ssh_agent: ssh.get("default").cloned(),
+    }
+}

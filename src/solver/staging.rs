@@ -493,6 +493,12 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 continue;
             }
             CopySource::Path(p) => p,
+            CopySource::Git(url) => {
+                return Err(CopyError::Other(format!(
+                    "internal: {} is staged before it is checked out",
+                    url
+                )))
+            }
         };
         if plan.checksum.is_some() {
             return Err(CopyError::Other(

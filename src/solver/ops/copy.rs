@@ -5,7 +5,7 @@
 use super::{view_path, OpRunner};
 use crate::context::{IgnoreMatcher, SourceRoot};
 use crate::oci::image::LayerRef;
-use crate::plan::{CopyOp, Input, Op};
+use crate::plan::{CopyOp, CopySource, Input, Op};
 use crate::solver::cx::Ctx;
 use crate::solver::inputs::StepInput;
 use crate::solver::{staging, users, BuildError};
@@ -15,6 +15,30 @@ impl OpRunner for CopyOp {
     fn cache_map(&self, cx: &mut Ctx, op: &Op) -> Result<Vec<StepInput>, BuildError> {
         let origin = &op.origin;
         let mut inputs = Vec::new();
+        // A git source: the commit its ref names now keys the step.
+        for url in self.git_sources() {
+            let source = crate::git::GitSource::parse(url).map_err(|e| cx.fail(origin, e))?;
+            let commit =
+                crate::git::resolve(&source, &git_auth(cx)).map_err(|e| cx.fail(origin, e))?;
+            if let Some(sum) = &self.checksum {
+                if !commit.starts_with(&sum.to_lowercase()) || sum.len() < 7 {
+                    return Err(cx.fail(
+                        origin,
+                        format!("{} is at commit {}, not --checksum={}", url, commit, sum),
+                    ));
+                }
+            }
+            if let Ok(mut t) = cx.trace.lock() {
+                t.urls.insert(url.clone(), format!("sha1:{}", commit));
+            }
+            inputs.push(StepInput::Git {
+                url: url.clone(),
+                commit,
+            });
+        }
+        if !inputs.is_empty() {
+            return Ok(inputs);
+        }
         match &self.from {
             from @ (Input::Context | Input::Local(_)) => {
                 let excludes = IgnoreMatcher::new(&self.excludes)
@@ -58,6 +82,40 @@ impl OpRunner for CopyOp {
             }
             None => None,
         };
+        if let Some(url) = self.git_sources().next() {
+            // The commit's tree, checked out beside the step, copied as a directory.
+            let origin = &op.origin;
+            let source = crate::git::GitSource::parse(url).map_err(|e| cx.fail(origin, e))?;
+            let commit = cx
+                .inputs
+                .iter()
+                .find_map(|i| match i {
+                    StepInput::Git { url: u, commit } if u == url => Some(commit.clone()),
+                    _ => None,
+                })
+                .ok_or_else(|| cx.fail(origin, format!("internal: {} was not resolved", url)))?;
+            let scratch = cx.store.scratch_dir("git-")?;
+            let tree = scratch.path().join("tree");
+            crate::git::checkout(&source, &commit, &tree, self.keep_git_dir, &git_auth(cx))
+                .map_err(|e| cx.fail(origin, e))?;
+            let as_copy = CopyOp {
+                is_add: false,
+                sources: vec![CopySource::Path(
+                    source.subdir.clone().unwrap_or_else(|| ".".into()),
+                )],
+                checksum: None,
+                unpack: None,
+                // Not the context: no stat cache applies.
+                from: Input::Image(url.clone()),
+                ..self.clone()
+            };
+            let root = SourceRoot {
+                root: tree,
+                ignore: IgnoreMatcher::default(),
+                is_context: false,
+            };
+            return as_copy.stage(cx, op, rootfs, &root, owner);
+        }
         let root = match &self.from {
             from @ (Input::Context | Input::Local(_)) => cx.context_root_of(&op.origin, from)?,
             from => SourceRoot {
@@ -66,11 +124,33 @@ impl OpRunner for CopyOp {
                 is_context: false,
             },
         };
+        self.stage(cx, op, rootfs, &root, owner)
+    }
+}
+
+impl CopyOp {
+    /// The ADD's git sources.
+    fn git_sources(&self) -> impl Iterator<Item = &String> {
+        self.sources.iter().filter_map(|s| match s {
+            CopySource::Git(u) => Some(u),
+            _ => None,
+        })
+    }
+
+    /// Stage the sources from `root` and commit the layer.
+    fn stage(
+        &self,
+        cx: &mut Ctx,
+        op: &Op,
+        rootfs: &std::path::Path,
+        root: &SourceRoot,
+        owner: Option<users::Owner>,
+    ) -> Result<LayerRef, BuildError> {
         let plan = staging::CopyPlan {
             sources: self.sources.clone(),
             dest: self.dest.clone(),
             dest_is_dir: self.dest_is_dir,
-            root: &root,
+            root,
             owner,
             chmod: self.chmod.as_ref(),
             parents: self.parents,
@@ -100,4 +180,10 @@ impl OpRunner for CopyOp {
         }
         cx.commit_tree(op, &staged.tree)
     }
+}
+
+/// How git reaches a remote for this build: the `GIT_AUTH_TOKEN` secret (as BuildKit) and
+/// the default `--ssh` agent.
+fn git_auth(cx: &Ctx) -> crate::git::GitAuth {
+    crate::solver::mounts::git_auth(&cx.req.secrets, &cx.req.ssh)
 }
