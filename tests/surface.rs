@@ -179,3 +179,50 @@ fn ulimit_and_shm_size_reach_every_run_step_and_its_key() {
         );
     }
 }
+
+#[test]
+fn build_help_groups_its_flags_and_readme_lists_every_one() {
+    let help = run_ok(builder().args(["build", "--help"]));
+    let headings: Vec<&str> = help
+        .lines()
+        .filter(|l| !l.starts_with(' ') && l.ends_with(':'))
+        .collect();
+    for h in [
+        "Build file and context:",
+        "Build arguments and target:",
+        "Outputs:",
+        "RUN steps:",
+        "Cache:",
+        "Attestations and signing:",
+        "Progress and debugging:",
+    ] {
+        assert!(headings.contains(&h), "{h} missing from {headings:?}");
+    }
+    // Every flag --help shows is in README's usage block.
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let usage = readme
+        .split("builder build [OPTIONS] [CONTEXT]")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README's usage block");
+    let flags = help
+        .lines()
+        .filter(|l| l.starts_with("  -") || l.starts_with("      --"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("--")));
+    for flag in flags {
+        let flag = flag.split(['=', '[', '<']).next().unwrap();
+        if flag == "--help" || flag.len() < 3 {
+            continue;
+        }
+        assert!(
+            usage.contains(&format!("{flag} "))
+                || usage.contains(&format!("{flag},"))
+                || usage.contains(&format!("{flag}\n"))
+                || usage.contains(&format!("{flag}["))
+                || usage.contains(&format!("{flag}=")),
+            "{flag} is not in README's usage block"
+        );
+    }
+}

@@ -53,178 +53,241 @@ pub enum OnError {
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The build file (default: CONTEXT/Buildfile, else Dockerfile, else Containerfile).
-    #[arg(short = 'f', long = "file")]
+    #[arg(help_heading = "Build file and context", short = 'f', long = "file")]
     pub file: Option<PathBuf>,
-    /// Name the result in the local store (repeatable).
-    #[arg(short = 't', long = "tag")]
-    pub tags: Vec<String>,
+    /// An additional build context (repeatable): NAME=DIR, NAME=docker-image://REF,
+    /// NAME=oci-layout://DIR[:TAG|@DIGEST] or NAME=GIT-URL#REF[:SUBDIR]. FROM NAME, COPY --from=NAME and
+    /// RUN --mount=from=NAME read it, in place of a stage or image of that name.
+    #[arg(
+        help_heading = "Build file and context",
+        long = "build-context",
+        value_name = "NAME=VALUE"
+    )]
+    pub build_contexts: Vec<String>,
     /// Set a build-time variable (repeatable); K alone takes its value from the environment.
-    #[arg(long = "build-arg", value_name = "K[=V]")]
+    #[arg(
+        help_heading = "Build arguments and target",
+        long = "build-arg",
+        value_name = "K[=V]"
+    )]
     pub build_args: Vec<String>,
     /// Build this stage instead of the last one.
-    #[arg(long)]
+    #[arg(help_heading = "Build arguments and target", long)]
     pub target: Option<String>,
-    /// An additional build context (repeatable): NAME=DIR, NAME=docker-image://REF or
-    /// NAME=oci-layout://DIR[:TAG|@DIGEST]. FROM NAME, COPY --from=NAME and
-    /// RUN --mount=from=NAME read it, in place of a stage or image of that name.
-    #[arg(long = "build-context", value_name = "NAME=VALUE")]
-    pub build_contexts: Vec<String>,
-    /// Set a label on the image (repeatable), as LABEL at the end of the target stage.
-    #[arg(long = "label", value_name = "K=V")]
-    pub labels: Vec<String>,
-    /// Add a name to every RUN step's /etc/hosts (repeatable): HOST:IP or HOST=IP.
-    #[arg(long = "add-host", value_name = "HOST:IP")]
-    pub add_hosts: Vec<String>,
-    /// A resource limit of every RUN step (repeatable), as docker's: NAME=SOFT[:HARD], e.g.
-    /// nofile=1024:4096; -1 is unlimited.
-    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
-    pub ulimits: Vec<String>,
-    /// The size of every RUN step's /dev/shm (default 64m): bytes, or with a unit b, k, m, g.
-    #[arg(long = "shm-size", value_name = "SIZE")]
-    pub shm_size: Option<String>,
-    /// Add an annotation (repeatable): [manifest|index|manifest-descriptor[[PLATFORM]]:]K=V;
-    /// the image manifest by default.
-    #[arg(long = "annotation", value_name = "[TYPE:]K=V")]
-    pub annotations: Vec<String>,
-    /// What a failed RUN step leads to: `fail` (its state is kept for `builder debug
-    /// shell ID`), or `shell`, an interactive shell in that state right away (on a terminal).
-    #[arg(long, value_enum, value_name = "ACTION", default_value = "fail")]
-    pub on_error: OnError,
-    /// Do not use the layer cache.
-    #[arg(long)]
-    pub no_cache: bool,
-    /// Do not use the cache for these stages (repeatable).
-    #[arg(long = "no-cache-filter", value_name = "STAGE")]
-    pub no_cache_filter: Vec<String>,
-    /// Parallel jobs (default: the number of CPUs).
-    #[arg(long)]
-    pub jobs: Option<usize>,
+    /// Target platform (os/arch[/variant]).
+    #[arg(help_heading = "Build arguments and target", long)]
+    pub platform: Option<String>,
+    /// When FROM pulls: `missing` (default), `always` (`--pull` alone), or `never`.
+    #[arg(help_heading = "Build arguments and target", long, value_enum, default_value = "missing", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
+    pub pull: PullPolicy,
+    /// Name the result in the local store (repeatable).
+    #[arg(help_heading = "Outputs", short = 't', long = "tag")]
+    pub tags: Vec<String>,
     /// Outputs: oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, local:DIR, or type=...
-    #[arg(short = 'o', long = "output")]
+    #[arg(help_heading = "Outputs", short = 'o', long = "output")]
     pub outputs: Vec<String>,
     /// The store (default $BUILDER_ROOT, else $XDG_DATA_HOME/builder, else ~/.local/share/builder).
-    #[arg(long)]
+    #[arg(help_heading = "Outputs", long)]
     pub root: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub progress: ProgressMode,
-    /// With `--progress plain`: internal counters too (chunks compressed and reused, tar
-    /// segments read from earlier layers).
-    #[arg(long)]
-    pub debug: bool,
     /// Write the image (manifest) digest to this file.
-    #[arg(long)]
+    #[arg(help_heading = "Outputs", long)]
     pub iidfile: Option<PathBuf>,
     /// Write build metadata (digests, tags, layers, and each step's result and time under
     /// `builder.steps`) as JSON to this file.
-    #[arg(long)]
+    #[arg(help_heading = "Outputs", long)]
     pub metadata_file: Option<PathBuf>,
-    /// Write a Markdown summary of the build (image, names, steps run and cached, each
-    /// step's result and time) to this file, for a CI job's summary page.
-    #[arg(long, value_name = "FILE")]
-    pub summary: Option<PathBuf>,
-    /// Say why each step that runs missed the cache against the build that made this image
-    /// (a name or digest in the store), instead of against the last build.
-    #[arg(long, value_name = "REF")]
-    pub explain_against: Option<String>,
-    /// Target platform (os/arch[/variant]).
-    #[arg(long)]
-    pub platform: Option<String>,
+    /// Push every -t name to its registry after the build.
+    #[arg(help_heading = "Outputs", long)]
+    pub push: bool,
+    /// Set a label on the image (repeatable), as LABEL at the end of the target stage.
+    #[arg(help_heading = "Image", long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+    /// Add an annotation (repeatable): [manifest|index|manifest-descriptor[[PLATFORM]]:]K=V;
+    /// the image manifest by default.
+    #[arg(help_heading = "Image", long = "annotation", value_name = "[TYPE:]K=V")]
+    pub annotations: Vec<String>,
     /// Timestamp for `created`, history and clamped mtimes: seconds, or `now`
     /// (default: $SOURCE_DATE_EPOCH, else the git HEAD commit time, else 0).
-    #[arg(long)]
+    #[arg(help_heading = "Image", long)]
     pub source_date_epoch: Option<String>,
     /// Layer compression.
-    #[arg(long, value_enum, default_value = "gzip")]
+    #[arg(help_heading = "Image", long, value_enum, default_value = "gzip")]
     pub compression: CompressionKind,
     /// Compression level (gzip 0-9, zstd 1-19).
-    #[arg(long)]
+    #[arg(help_heading = "Image", long)]
     pub compression_level: Option<i32>,
     /// Compress every layer of the image as --compression says, the base image's too
     /// (BuildKit's force-compression=true); otherwise inherited layers keep theirs.
-    #[arg(long)]
+    #[arg(help_heading = "Image", long)]
     pub force_compression: bool,
+    /// Add a name to every RUN step's /etc/hosts (repeatable): HOST:IP or HOST=IP.
+    #[arg(help_heading = "RUN steps", long = "add-host", value_name = "HOST:IP")]
+    pub add_hosts: Vec<String>,
+    /// A resource limit of every RUN step (repeatable), as docker's: NAME=SOFT[:HARD], e.g.
+    /// nofile=1024:4096; -1 is unlimited.
+    #[arg(
+        help_heading = "RUN steps",
+        long = "ulimit",
+        value_name = "NAME=SOFT[:HARD]"
+    )]
+    pub ulimits: Vec<String>,
+    /// The size of every RUN step's /dev/shm (default 64m): bytes, or with a unit b, k, m, g.
+    #[arg(help_heading = "RUN steps", long = "shm-size", value_name = "SIZE")]
+    pub shm_size: Option<String>,
+    /// Parallel jobs (default: the number of CPUs).
+    #[arg(help_heading = "RUN steps", long)]
+    pub jobs: Option<usize>,
     /// Default network for RUN: default (a namespace of its own, out through slirp4netns or
     /// pasta), none (loopback only), or host (needs --allow network.host).
-    #[arg(long, value_enum, default_value = "default")]
+    #[arg(
+        help_heading = "RUN steps",
+        long,
+        value_enum,
+        default_value = "default"
+    )]
     pub network: NetworkArg,
     /// Entitlements that weaken the RUN sandbox: network.host, security.insecure (repeatable).
-    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    #[arg(help_heading = "RUN steps", long = "allow", value_name = "ENTITLEMENT")]
     pub allow: Vec<String>,
     /// Run RUN steps with this OCI runtime (runc, crun, runsc or a path) instead of builder's
     /// built-in executor; both run the same OCI runtime spec.
-    #[arg(long)]
+    #[arg(help_heading = "RUN steps", long)]
     pub runtime: Option<PathBuf>,
     /// How RUN steps are isolated: `sandbox` (default: builder's own namespaces and Docker's
     /// default policy; where a container refuses a fresh /proc, steps share builder's PID
     /// namespace, which is printed and recorded), or `container`: inside a container that
     /// allows no namespaces (Docker's default profile, Kubernetes), the container itself is
     /// the sandbox and steps run in its root filesystem, as with Kaniko.
-    #[arg(long, value_enum, default_value = "sandbox")]
+    #[arg(
+        help_heading = "RUN steps",
+        long,
+        value_enum,
+        default_value = "sandbox"
+    )]
     pub isolation: IsolationArg,
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable).
-    #[arg(long = "secret")]
+    #[arg(help_heading = "RUN steps", long = "secret")]
     pub secrets: Vec<String>,
     /// An ssh agent for RUN --mount=type=ssh (repeatable): `default` ($SSH_AUTH_SOCK),
     /// ID=SOCKET, or ID=KEY[,KEY...] (the keys are loaded into an ssh-agent of the build's
     /// own). The step reaches the agent through a socket; no key enters it.
-    #[arg(long = "ssh", value_name = "default|ID=SOCKET|ID=KEY")]
+    #[arg(
+        help_heading = "RUN steps",
+        long = "ssh",
+        value_name = "default|ID=SOCKET|ID=KEY"
+    )]
     pub ssh: Vec<String>,
-    /// When FROM pulls: `missing` (default), `always` (`--pull` alone), or `never`.
-    #[arg(long, value_enum, default_value = "missing", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
-    pub pull: PullPolicy,
-    /// Push every -t name to its registry after the build.
-    #[arg(long)]
-    pub push: bool,
+    /// Do not use the layer cache.
+    #[arg(help_heading = "Cache", long)]
+    pub no_cache: bool,
+    /// Do not use the cache for these stages (repeatable).
+    #[arg(help_heading = "Cache", long = "no-cache-filter", value_name = "STAGE")]
+    pub no_cache_filter: Vec<String>,
     /// Import a cache: type=registry,ref=REF or type=local,src=DIR (repeatable).
-    #[arg(long = "cache-from", value_name = "type=...")]
+    #[arg(help_heading = "Cache", long = "cache-from", value_name = "type=...")]
     pub cache_from: Vec<String>,
     /// Export the build's cache: type=registry,ref=REF[,mode=min|max] or
     /// type=local,dest=DIR[,mode=min|max] (repeatable).
-    #[arg(long = "cache-to", value_name = "type=...")]
+    #[arg(help_heading = "Cache", long = "cache-to", value_name = "type=...")]
     pub cache_to: Vec<String>,
-    /// Build twice, in two fresh stores without cache and from a copy of the context with
-    /// shuffled mtimes; succeed only when both give the same digest (else show the diff).
-    #[arg(long)]
-    pub verify: bool,
-    /// Evaluate the build checks (BuildKit's lint rules) and report, without building; fails
-    /// when any check finds something.
-    #[arg(long)]
-    pub check: bool,
-    /// What to do instead of building, as buildx: `build` (default), `check` (as --check),
-    /// `outline` (the target's build args, secrets and ssh mounts) or `targets` (the stages
-    /// with their descriptions); `,format=json` or --format json for scripts.
-    #[arg(long, value_name = "build|check|outline|targets")]
-    pub call: Option<String>,
-    /// The format of --call's report: text or json.
-    #[arg(long, value_name = "text|json")]
-    pub format: Option<String>,
-    /// Print only the image digest (no progress).
-    #[arg(short = 'q', long)]
-    pub quiet: bool,
     /// SLSA provenance beside the image: mode=max (default: inputs and every step),
     /// mode=min (inputs only), or false.
-    #[arg(long, value_name = "mode=min|max|false")]
+    #[arg(
+        help_heading = "Attestations and signing",
+        long,
+        value_name = "mode=min|max|false"
+    )]
     pub provenance: Option<String>,
     /// An SPDX SBOM of the image's packages beside it: true (default) or false.
-    #[arg(long, value_name = "true|false")]
+    #[arg(
+        help_heading = "Attestations and signing",
+        long,
+        value_name = "true|false"
+    )]
     pub sbom: Option<String>,
     /// Attestations in BuildKit's spelling: type=provenance[,mode=min|max][,disabled=true]
     /// or type=sbom[,disabled=true] (repeatable).
-    #[arg(long = "attest", value_name = "type=...")]
+    #[arg(
+        help_heading = "Attestations and signing",
+        long = "attest",
+        value_name = "type=..."
+    )]
     pub attest: Vec<String>,
     /// How attestations travel with the image: `referrers` (default: OCI 1.1 referrers of
     /// the image, beside it in layouts and registries) or `index` (BuildKit's layout: names
     /// point at an index that lists each image and its attestation manifest).
-    #[arg(long, value_enum, value_name = "LAYOUT", default_value = "referrers")]
+    #[arg(
+        help_heading = "Attestations and signing",
+        long,
+        value_enum,
+        value_name = "LAYOUT",
+        default_value = "referrers"
+    )]
     pub attest_layout: AttestLayoutArg,
     /// Sign each image with this private key (PKCS#8 PEM, Ed25519 or EC P-256): key=FILE.
     /// The signature travels as a referrer of the image; `builder verify --key` checks it.
-    #[arg(long, value_name = "key=FILE")]
+    #[arg(
+        help_heading = "Attestations and signing",
+        long,
+        value_name = "key=FILE"
+    )]
     pub sign: Option<String>,
     /// Refuse base images this policy (JSON: requireDigest, signedBy) does not allow,
     /// before anything runs.
-    #[arg(long, value_name = "FILE")]
+    #[arg(help_heading = "Attestations and signing", long, value_name = "FILE")]
     pub base_policy: Option<PathBuf>,
+    /// Build twice, in two fresh stores without cache and from a copy of the context with
+    /// shuffled mtimes; succeed only when both give the same digest (else show the diff).
+    #[arg(help_heading = "Checks and calls", long)]
+    pub verify: bool,
+    /// Evaluate the build checks (BuildKit's lint rules) and report, without building; fails
+    /// when any check finds something.
+    #[arg(help_heading = "Checks and calls", long)]
+    pub check: bool,
+    /// What to do instead of building, as buildx: `build` (default), `check` (as --check),
+    /// `outline` (the target's build args, secrets and ssh mounts) or `targets` (the stages
+    /// with their descriptions); `,format=json` or --format json for scripts.
+    #[arg(
+        help_heading = "Checks and calls",
+        long,
+        value_name = "build|check|outline|targets"
+    )]
+    pub call: Option<String>,
+    /// The format of --call's report: text or json.
+    #[arg(help_heading = "Checks and calls", long, value_name = "text|json")]
+    pub format: Option<String>,
+    /// What a failed RUN step leads to: `fail` (its state is kept for `builder debug
+    /// shell ID`), or `shell`, an interactive shell in that state right away (on a terminal).
+    #[arg(
+        help_heading = "Progress and debugging",
+        long,
+        value_enum,
+        value_name = "ACTION",
+        default_value = "fail"
+    )]
+    pub on_error: OnError,
+    #[arg(
+        help_heading = "Progress and debugging",
+        long,
+        value_enum,
+        default_value = "auto"
+    )]
+    pub progress: ProgressMode,
+    /// With `--progress plain`: internal counters too (chunks compressed and reused, tar
+    /// segments read from earlier layers).
+    #[arg(help_heading = "Progress and debugging", long)]
+    pub debug: bool,
+    /// Write a Markdown summary of the build (image, names, steps run and cached, each
+    /// step's result and time) to this file, for a CI job's summary page.
+    #[arg(help_heading = "Progress and debugging", long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
+    /// Say why each step that runs missed the cache against the build that made this image
+    /// (a name or digest in the store), instead of against the last build.
+    #[arg(help_heading = "Progress and debugging", long, value_name = "REF")]
+    pub explain_against: Option<String>,
+    /// Print only the image digest (no progress).
+    #[arg(help_heading = "Progress and debugging", short = 'q', long)]
+    pub quiet: bool,
     /// The build context.
     #[arg(default_value = ".")]
     pub context: PathBuf,
