@@ -226,3 +226,54 @@ fn build_help_groups_its_flags_and_readme_lists_every_one() {
         );
     }
 }
+
+#[test]
+fn load_puts_the_image_into_the_docker_daemon_under_its_names() {
+    let docker = common::docker::Docker::start();
+    let d = busybox_dir();
+    let root = d.path().join("root");
+    let ctx = d.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nRUN echo \"lo$(echo ad)ed\" > /l\nCMD [\"cat\", \"/l\"]\n",
+    );
+    let tag = format!("builder-load-test:{}", std::process::id());
+    run_ok(
+        build_cmd(&root)
+            .env("DOCKER_HOST", &docker.host)
+            .args(["--load", "-t", &tag])
+            .arg(&ctx),
+    );
+    let out =
+        run_ok(
+            docker
+                .cmd()
+                .args(["run", "--rm", "--pull", "never", "--network", "none", &tag]),
+        );
+    assert_eq!(out, "loaded\n");
+    // The image docker holds is the one builder made: the same config.
+    let id = run_ok(
+        docker
+            .cmd()
+            .args(["image", "inspect", "-f", "{{.Id}}", &tag]),
+    );
+    let ours = run_ok(builder().args(["inspect", "--root"]).arg(&root).arg(&tag));
+    let inspected: Value = serde_json::from_str(&ours).unwrap();
+    assert_eq!(
+        id.trim(),
+        inspected["manifest"]["config"]["digest"].as_str().unwrap()
+    );
+    let _ = docker.cmd().args(["rmi", "-f", &tag]).output();
+
+    // A daemon builder cannot reach is named.
+    let bad = run(build_cmd(&root)
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .args(["--load"])
+        .arg(&ctx));
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--load") && err.contains("/nonexistent/docker.sock"),
+        "{err}"
+    );
+}

@@ -96,6 +96,10 @@ pub struct BuildArgs {
     /// `builder.steps`) as JSON to this file.
     #[arg(help_heading = "Outputs", long)]
     pub metadata_file: Option<PathBuf>,
+    /// Load the image into the docker daemon at $DOCKER_HOST (else /var/run/docker.sock),
+    /// named by the -t names, as buildx's --load (-o type=docker).
+    #[arg(help_heading = "Outputs", long)]
+    pub load: bool,
     /// Push every -t name to its registry after the build.
     #[arg(help_heading = "Outputs", long)]
     pub push: bool,
@@ -565,11 +569,14 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         .context
         .canonicalize()
         .map_err(|e| CliError::io(&a.context, e))?;
-    let outputs = a
+    let mut outputs = a
         .outputs
         .iter()
         .map(|o| Output::parse(o))
         .collect::<Result<Vec<_>, _>>()?;
+    if a.load && !outputs.contains(&Output::DockerLoad) {
+        outputs.push(Output::DockerLoad);
+    }
     let tags = a
         .tags
         .iter()
@@ -646,7 +653,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         }
         if outputs
             .iter()
-            .any(|o| matches!(o, Output::DockerArchive { .. }))
+            .any(|o| matches!(o, Output::DockerArchive { .. } | Output::DockerLoad))
         {
             // Refused before anything is built.
             return Err(CliError::msg(format!(

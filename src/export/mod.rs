@@ -28,6 +28,9 @@ pub enum Output {
     DockerArchive {
         file: PathBuf,
     },
+    /// `--load`, `type=docker` without a destination: into the docker daemon at
+    /// `$DOCKER_HOST` (else /var/run/docker.sock), as buildx loads.
+    DockerLoad,
     Local {
         dir: PathBuf,
     },
@@ -114,6 +117,9 @@ impl Output {
                     push_by_digest,
                 });
             }
+            if kv.get("type") == Some(&"docker") && !kv.contains_key("dest") {
+                return Ok(Output::DockerLoad);
+            }
             let dest = kv
                 .get("dest")
                 .map(PathBuf::from)
@@ -190,6 +196,13 @@ pub fn export(
             }]);
             let extra = vec![("manifest.json".to_string(), canonical_json(&manifest))];
             tar_dir(tmp.path(), file, &extra)
+        }
+        Output::DockerLoad => {
+            let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
+            let file = tmp.path().join("image.tar");
+            let archive = Output::DockerArchive { file: file.clone() };
+            export(blobs, image, names, &archive, scratch, referrers)?;
+            load_into_docker(&file)
         }
         Output::Local { dir } => {
             fs::create_dir_all(dir).map_err(io_at(dir))?;
@@ -545,9 +558,14 @@ pub fn export_index(
                 write_oci_index_layout(blobs, index, dir, tag)
             })
         }
-        Output::DockerArchive { .. } if index.images.len() == 1 => {
+        Output::DockerArchive { .. } | Output::DockerLoad if index.images.len() == 1 => {
             export(blobs, &index.images[0], names, out, scratch, &[])
         }
+        Output::DockerLoad => Err(ExportError::Other(format!(
+            "--load: docker holds one platform of an image, and this build made {}; build \
+             with one --platform",
+            index.images.len()
+        ))),
         Output::DockerArchive { file } => Err(ExportError::Other(format!(
             "{}: a docker archive holds one platform, and this build made {}; build with one \
              --platform, or write an oci: or oci-archive: output",
@@ -574,6 +592,68 @@ pub fn export_index(
             Ok(())
         }
         Output::Image { .. } => Ok(()),
+    }
+}
+
+/// The docker daemon `--load` talks to: `$DOCKER_HOST` (a unix socket), else docker's
+/// default socket.
+fn docker_socket() -> Result<PathBuf, ExportError> {
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if !h.is_empty() => match h.strip_prefix("unix://") {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => Err(ExportError::Other(format!(
+                "--load: DOCKER_HOST={} is not a unix socket (unix:///PATH), which is all \
+                 builder reaches",
+                h
+            ))),
+        },
+        _ => Ok(PathBuf::from("/var/run/docker.sock")),
+    }
+}
+
+/// Load a docker archive into the daemon through the Engine API (`POST /images/load`),
+/// as `docker load` does.
+fn load_into_docker(archive: &Path) -> Result<(), ExportError> {
+    use std::io::{Read, Write};
+    let socket = docker_socket()?;
+    let failed = |e: String| {
+        ExportError::Other(format!(
+            "--load: the docker daemon at {}: {}",
+            socket.display(),
+            e
+        ))
+    };
+    let mut conn = std::os::unix::net::UnixStream::connect(&socket)
+        .map_err(|e| failed(format!("{} (is dockerd running? set DOCKER_HOST)", e)))?;
+    let size = fs::metadata(archive).map_err(io_at(archive))?.len();
+    let head = format!(
+        "POST /images/load?quiet=1 HTTP/1.1\r\nHost: docker\r\nContent-Type: application/x-tar\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        size
+    );
+    conn.write_all(head.as_bytes())
+        .map_err(|e| failed(e.to_string()))?;
+    let mut body = fs::File::open(archive).map_err(io_at(archive))?;
+    io::copy(&mut body, &mut conn).map_err(|e| failed(e.to_string()))?;
+    let mut answer = Vec::new();
+    conn.take(1 << 20)
+        .read_to_end(&mut answer)
+        .map_err(|e| failed(e.to_string()))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or("");
+    let ok = status.split_whitespace().nth(1) == Some("200");
+    // A failed load answers 200 too, with an error in its message stream.
+    let error = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["error"].as_str().map(str::to_string));
+    match (ok, error) {
+        (true, None) => Ok(()),
+        (_, Some(e)) => Err(failed(e)),
+        (false, None) => Err(failed(status.to_string())),
     }
 }
 
