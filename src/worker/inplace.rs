@@ -154,6 +154,13 @@ impl Kept {
     }
 }
 
+/// `/proc`, `/dev`, `/sys` or below: the container's own, never a step's.
+fn is_special(rel: &Path) -> bool {
+    rel.components()
+        .next()
+        .is_some_and(|c| ["proc", "dev", "sys"].iter().any(|s| c.as_os_str() == *s))
+}
+
 /// `/proc/self/mountinfo` escapes space, tab, newline and backslash as octal.
 fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
@@ -833,7 +840,12 @@ pub fn run_step(
                 PathBuf::from(target)
             }
         })
-        .chain(created.iter().map(|c| Path::new("/").join(c)))
+        .chain(
+            created
+                .iter()
+                .filter(|c| is_special(c))
+                .map(|c| Path::new("/").join(c)),
+        )
         .collect();
     let step_kept = kept.with(&targets);
     let placed = place_mounts(spec, root);
@@ -856,6 +868,14 @@ pub fn run_step(
     if exit == Exit::Code(0) {
         let layout = guard.get_or_insert_with(Layout::default);
         let changed = capture(view, root, &step_kept, layout, &diff)?;
+        // A directory made only for a mount point leaves the layer when the step wrote
+        // nothing into it, as on the other paths (BuildKit's MountStubsCleaner).
+        for rel in created.iter().rev().filter(|c| !is_special(c)) {
+            let p = diff.join(rel);
+            if fs::read_dir(&p).is_ok_and(|mut d| d.next().is_none()) {
+                let _ = fs::remove_dir(&p);
+            }
+        }
         // Its layer will be applied to the view, and nothing else will have changed `/`
         // unless a mount replaced something there (then the next layout walks everything).
         if spec.mounts.is_empty() {
