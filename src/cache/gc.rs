@@ -42,20 +42,32 @@ pub fn build_lease(store: &Store) -> Result<Lease, StoreError> {
 
 /// Parse `10GB`, `512MB`, `1.5g`, `100k`, `4096` (decimal units, as docker takes them).
 pub fn parse_size(s: &str) -> Option<u64> {
+    parse_size_in(s, 1000).ok()
+}
+
+/// A number with an optional unit, `k`, `m`, `g` or `t` (`b`, `ib` or `i` may follow), each
+/// `base` times the one before: 1000 as docker's sizes, 1024 as its memory sizes.
+pub fn parse_size_in(s: &str, base: u64) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
-    let n: f64 = t[..split].parse().ok()?;
-    let mult = match t[split..].trim_end_matches('b').trim_end_matches('i') {
-        "" => 1.0,
-        "k" => 1e3,
-        "m" => 1e6,
-        "g" => 1e9,
-        "t" => 1e12,
-        _ => return None,
+    let n: f64 = t[..split]
+        .parse()
+        .map_err(|_| "want a number with an optional unit (b, k, m, g)".to_string())?;
+    let power = match t[split..]
+        .trim()
+        .trim_end_matches('b')
+        .trim_end_matches('i')
+    {
+        "" => 0,
+        "k" => 1,
+        "m" => 2,
+        "g" => 3,
+        "t" => 4,
+        other => return Err(format!("unknown unit {:?}: b, k, m, g or t", other)),
     };
-    Some((n * mult) as u64)
+    Ok((n * (base as f64).powi(power)) as u64)
 }
 
 /// What the store holds, for `du`.

@@ -714,7 +714,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         text,
         context,
         named_contexts: build_contexts.dirs,
-        context_origins: build_contexts.origins,
+        context_records: build_contexts.recorded,
         context_checkouts: build_contexts.checkouts,
         root: a.root.clone().unwrap_or_else(default_root),
         plan,

@@ -165,9 +165,9 @@ pub struct BuildContexts {
     pub contexts: BTreeMap<String, crate::frontend::graph::NamedContext>,
     /// The local directories among them (absolute).
     pub dirs: BTreeMap<String, PathBuf>,
-    /// Where a directory came from when it is not the user's: a git checkout's
-    /// `URL#COMMIT[:SUBDIR]`.
-    pub origins: BTreeMap<String, String>,
+    /// What the provenance records of each: `docker-image://REF`, `oci-layout://DIR…`, a
+    /// git checkout's `URL#COMMIT[:SUBDIR]`, or `local` (a host path is no record).
+    pub recorded: BTreeMap<String, String>,
     /// The git checkouts, kept for the build.
     pub checkouts: Vec<std::sync::Arc<tempfile::TempDir>>,
 }
@@ -194,24 +194,26 @@ pub fn parse_build_contexts(
         }
         let context = if let Some(r) = value.strip_prefix("docker-image://") {
             crate::registry::Reference::parse(r).map_err(|e| bad(&e.to_string()))?;
+            out.recorded.insert(key.clone(), value.to_string());
             NamedContext::Image(r.to_string())
         } else if let Some(l) = value.strip_prefix("oci-layout://") {
-            // DIR, DIR:TAG or DIR@DIGEST; the directory made absolute, as FROM oci: reads it.
-            let (dir, pin) = match l.rsplit_once('@') {
-                Some((d, digest)) if digest.starts_with("sha256:") => {
-                    digest
-                        .parse::<crate::oci::digest::Digest>()
-                        .map_err(|e| bad(&format!("{}: {}", digest, e)))?;
-                    (d, format!("@{}", digest))
-                }
-                _ => match l.rsplit_once(':') {
-                    Some((d, tag)) if !tag.contains('/') && !tag.is_empty() && !d.is_empty() => {
-                        (d, format!(":{}", tag))
-                    }
-                    _ => (l, String::new()),
-                },
+            // DIR, DIR:TAG or DIR@DIGEST, split as FROM oci: splits it; the directory made
+            // absolute.
+            use crate::store::sources::ImageSource;
+            if let Some((_, digest)) = l.rsplit_once('@').filter(|(_, d)| d.starts_with("sha256:"))
+            {
+                digest
+                    .parse::<crate::oci::digest::Digest>()
+                    .map_err(|e| bad(&format!("{}: {}", digest, e)))?;
+            }
+            let ImageSource::OciDir { dir, tag } = ImageSource::parse(&format!("oci:{}", l)) else {
+                return Err(bad("want oci-layout://DIR[:TAG|@DIGEST]"));
             };
-            let dir = PathBuf::from(dir);
+            let pin = match tag {
+                Some(d) if d.parse::<crate::oci::digest::Digest>().is_ok() => format!("@{}", d),
+                Some(t) => format!(":{}", t),
+                None => String::new(),
+            };
             let abs = dir
                 .canonicalize()
                 .map_err(|e| bad(&format!("{}: {}", dir.display(), e)))?;
@@ -221,6 +223,10 @@ pub fn parse_build_contexts(
                     abs.display()
                 )));
             }
+            out.recorded.insert(
+                key.clone(),
+                format!("oci-layout://{}{}", abs.display(), pin),
+            );
             NamedContext::Image(format!("oci:{}{}", abs.display(), pin))
         } else if crate::git::is_git(value) {
             let source = crate::git::GitSource::parse(value).map_err(|e| bad(&e))?;
@@ -245,7 +251,7 @@ pub fn parse_build_contexts(
                 Some(s) => format!("{}#{}:{}", source.remote, commit, s),
                 None => format!("{}#{}", source.remote, commit),
             };
-            out.origins.insert(key.clone(), pinned);
+            out.recorded.insert(key.clone(), pinned);
             out.checkouts.push(std::sync::Arc::new(holder));
             NamedContext::Local
         } else if value.contains("://") {
@@ -261,6 +267,7 @@ pub fn parse_build_contexts(
                 return Err(bad(&format!("{}: not a directory", abs.display())));
             }
             out.dirs.insert(key.clone(), abs);
+            out.recorded.insert(key.clone(), "local".into());
             NamedContext::Local
         };
         if out.contexts.insert(key.clone(), context).is_some() {
@@ -273,31 +280,11 @@ pub fn parse_build_contexts(
 /// A memory size as docker's `--shm-size` takes it: a number with an optional binary unit
 /// (`b`, `k`, `m`, `g`, `t`; `64m` is 64 MiB, `kb` and `kib` read as `k`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let n: f64 = t[..split]
-        .parse()
-        .map_err(|_| "want a number with an optional unit (b, k, m, g)".to_string())?;
-    let unit = t[split..].trim();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b').filter(|u| !u.is_empty()))
-        .unwrap_or(unit);
-    let shift = match unit {
-        "" | "b" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        other => return Err(format!("unknown unit {:?}: b, k, m, g or t", other)),
-    };
-    let bytes = n * (1u64 << shift) as f64;
-    if !(1.0..=(1u64 << 50) as f64).contains(&bytes) {
+    let bytes = crate::cache::gc::parse_size_in(s, 1024)?;
+    if !(1..=1 << 50).contains(&bytes) {
         return Err("out of range".into());
     }
-    Ok(bytes as u64)
+    Ok(bytes)
 }
 
 /// `--ssh default|ID[=SOCKET|KEY[,KEY...]]`s: each id's agent socket, and the agents started

@@ -122,23 +122,21 @@ pub struct BuildGraph {
     pub contexts: BTreeMap<String, NamedContext>,
 }
 
-impl BuildGraph {
-    /// The named context `name` stands for, if any.
-    pub fn context(&self, name: &str) -> Option<&NamedContext> {
-        if self.contexts.is_empty() {
-            return None;
-        }
-        self.contexts.get(&context_name(name))
-    }
-}
-
-/// A stage's base when a named context stands for `name`.
-fn context_base(contexts: &BTreeMap<String, NamedContext>, name: &str) -> Option<Base> {
+/// The named context that stands for `name`, if any, with the name it is looked up by.
+pub fn lookup_context<'c>(
+    contexts: &'c BTreeMap<String, NamedContext>,
+    name: &str,
+) -> Option<(String, &'c NamedContext)> {
     if contexts.is_empty() {
         return None;
     }
     let key = context_name(name);
-    contexts.get(&key).map(|c| match c {
+    contexts.get(&key).map(|c| (key, c))
+}
+
+/// A stage's base when a named context stands for `name`.
+fn context_base(contexts: &BTreeMap<String, NamedContext>, name: &str) -> Option<Base> {
+    lookup_context(contexts, name).map(|(key, c)| match c {
         NamedContext::Image(r) => Base::Image(r.clone()),
         NamedContext::Local => Base::Context(key),
     })
@@ -205,9 +203,9 @@ pub fn lower(
     // Split stages.
     let mut stages: Vec<Stage> = Vec::new();
     let mut names: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    // Stages a named context stands for: their instructions are not run (BuildKit's
-    // `noinit`).
-    let mut replaced: BTreeSet<usize> = BTreeSet::new();
+    // Whether a named context stands for the stage being split: its instructions are not
+    // run (BuildKit's `noinit`).
+    let mut replaced = false;
     for l in &instructions[idx..] {
         if let Instruction::From {
             image,
@@ -256,8 +254,8 @@ pub fn lower(
             let by_alias = alias
                 .as_deref()
                 .and_then(|a| context_base(&opts.contexts, a));
+            replaced = by_alias.is_some();
             let base = if let Some(b) = by_alias {
-                replaced.insert(index);
                 b
             } else if lower_image == "scratch" {
                 Base::Scratch
@@ -282,10 +280,8 @@ pub fn lower(
                 deps,
                 image_refs: Vec::new(),
             });
-        } else if let Some(stage) = stages.last_mut() {
-            if !replaced.contains(&stage.index) {
-                stage.instructions.push(l.clone());
-            }
+        } else if let Some(stage) = stages.last_mut().filter(|_| !replaced) {
+            stage.instructions.push(l.clone());
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::graph::{context_name, Base, BuildGraph, NamedContext};
+use super::graph::{lookup_context, Base, BuildGraph, NamedContext};
 use super::history;
 use super::scope::{Scope, PROXY_ARGS};
 use crate::oci::image::{HealthConfig, ImageState, StoredImage, DEFAULT_PATH};
@@ -361,9 +361,9 @@ impl StageWalk<'_> {
                 .position(|s| s.name.as_deref() == Some(lower.as_str()))
         }) {
             Some(i) => Input::Stage(i),
-            None => match self.graph.context(from) {
-                Some(NamedContext::Image(r)) => Input::Image(r.clone()),
-                Some(NamedContext::Local) => Input::Local(context_name(from)),
+            None => match lookup_context(&self.graph.contexts, from) {
+                Some((_, NamedContext::Image(r))) => Input::Image(r.clone()),
+                Some((key, NamedContext::Local)) => Input::Local(key),
                 None => Input::Image(from.to_string()),
             },
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::frontend::checks::BaseImages;
-use crate::frontend::graph::{context_name, NamedContext};
+use crate::frontend::graph::{lookup_context, NamedContext};
 use crate::frontend::BaseResolver;
 use crate::oci::platform::Platform;
 use crate::progress::Reporter;
@@ -24,9 +24,9 @@ impl StoreBases<'_> {
     /// that is an image stands for it; a local one is no image.
     fn base(&self, image: &str, wanted: &str) -> Option<crate::oci::image::StoredImage> {
         use crate::store::sources::{self, ImageSource};
-        let image = match self.2.get(&context_name(image)) {
-            Some(NamedContext::Image(r)) => r.as_str(),
-            Some(NamedContext::Local) => return None,
+        let image = match lookup_context(self.2, image) {
+            Some((_, NamedContext::Image(r))) => r.as_str(),
+            Some((_, NamedContext::Local)) => return None,
             None => image,
         };
         match ImageSource::parse(image) {

@@ -98,9 +98,9 @@ pub struct BuildOptions {
     pub context: PathBuf,
     /// `--build-context NAME=DIR`s, by looked-up name, absolute.
     pub named_contexts: BTreeMap<String, PathBuf>,
-    /// Where a named directory came from when it is not the user's (a git checkout's
-    /// `URL#COMMIT[:SUBDIR]`), for the provenance.
-    pub context_origins: BTreeMap<String, String>,
+    /// What the provenance records of each `--build-context`: `docker-image://REF`,
+    /// `oci-layout://DIR…`, a git checkout's `URL#COMMIT[:SUBDIR]`, or `local`.
+    pub context_records: BTreeMap<String, String>,
     /// The git checkouts among them, kept while the build runs.
     pub context_checkouts: Vec<Arc<tempfile::TempDir>>,
     /// The store (`--root`).
@@ -552,29 +552,8 @@ fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Val
         let list: Vec<String> = o.annotations.iter().map(Annotation::flag).collect();
         m.insert("annotations".into(), json!(list));
     }
-    if !o.plan.contexts.is_empty() {
-        // A local directory's files are recorded as a dependency of their own; its host
-        // path is not (it would make the statement differ by machine).
-        let contexts: BTreeMap<&String, String> = o
-            .plan
-            .contexts
-            .iter()
-            .map(|(name, c)| {
-                let value = match c {
-                    frontend::graph::NamedContext::Image(r) => match r.strip_prefix("oci:") {
-                        Some(layout) => format!("oci-layout://{}", layout),
-                        None => format!("docker-image://{}", r),
-                    },
-                    frontend::graph::NamedContext::Local => o
-                        .context_origins
-                        .get(name)
-                        .cloned()
-                        .unwrap_or_else(|| "local".into()),
-                };
-                (name, value)
-            })
-            .collect();
-        m.insert("buildContexts".into(), json!(contexts));
+    if !o.context_records.is_empty() {
+        m.insert("buildContexts".into(), json!(o.context_records));
     }
     m
 }

@@ -105,8 +105,6 @@ impl OpRunner for CopyOp {
                 )],
                 checksum: None,
                 unpack: None,
-                // Not the context: no stat cache applies.
-                from: Input::Image(url.clone()),
                 ..self.clone()
             };
             let root = SourceRoot {
@@ -160,9 +158,11 @@ impl CopyOp {
             checksum: self.checksum.clone(),
             rootfs,
             epoch: cx.req.epoch,
-            known: match self.from {
-                Input::Context | Input::Local(_) => cx.source_stats.as_ref(),
-                _ => None,
+            // What the key's read statted applies to a context's files only.
+            known: if root.is_context {
+                cx.source_stats.as_ref()
+            } else {
+                None
             },
         };
         let staged = staging::stage(&plan).map_err(|e| cx.fail(&op.origin, e.to_string()))?;

@@ -59,12 +59,11 @@ impl OpRunner for ExecOp {
         };
         restore_cache_mounts(cx, e);
         let ctx_root = cx.context_root();
-        let named_contexts = cx.req.named_contexts.clone();
-        let ssh = cx.req.ssh.clone();
+        // The build's request outlives the step's borrow of `cx` by `lookup`.
+        let req = cx.sh.req;
         let mut guards = mounts::MountGuards::default();
         let mut from_err = None;
         let cache_mounts = cx.store.dir(Bucket::CacheMounts);
-        let secrets = cx.req.secrets.clone();
         let executor = cx.req.executor.clone();
         let copy_context = cx.kept.is_some();
         let spec = {
@@ -89,9 +88,9 @@ impl OpRunner for ExecOp {
                     cache_mounts: &cache_mounts,
                     scratch: scratch.path(),
                     context: &ctx_root,
-                    named: &named_contexts,
-                    ssh: &ssh,
-                    secrets: &secrets,
+                    named: &req.named_contexts,
+                    ssh: &req.ssh,
+                    secrets: &req.secrets,
                     from_root: &mut lookup,
                     copy_context,
                 },

@@ -89,17 +89,20 @@ pub fn rlimit_resource(t: oci_spec::runtime::PosixRlimitType) -> libc::__rlimit_
         T::RlimitRttime => libc::RLIMIT_RTTIME,
     }
 }
+
+/// The OCI rlimit type of a `--ulimit` (docker's name, upper-cased after `RLIMIT_`).
+pub fn rlimit_type(u: &crate::plan::Ulimit) -> Option<oci_spec::runtime::PosixRlimitType> {
+    format!("RLIMIT_{}", u.name.to_uppercase()).parse().ok()
+}
+
 /// `--ulimit`s as the kernel's resources.
 pub fn rlimits_of(limits: &crate::plan::RunLimits) -> Vec<Rlimit> {
     limits
         .ulimits
         .iter()
         .filter_map(|u| {
-            let t = format!("RLIMIT_{}", u.name.to_uppercase())
-                .parse::<oci_spec::runtime::PosixRlimitType>()
-                .ok()?;
             let (soft, hard) = u.values();
-            Some((rlimit_resource(t), soft, hard))
+            Some((rlimit_resource(rlimit_type(u)?), soft, hard))
         })
         .collect()
 }

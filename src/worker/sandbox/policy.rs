@@ -19,8 +19,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxDeviceCgroup, LinuxNamespace, LinuxNamespaceType,
-    LinuxResources, Mount, PosixRlimit, PosixRlimitBuilder, PosixRlimitType, Process, Root, Spec,
-    User,
+    LinuxResources, Mount, PosixRlimit, PosixRlimitBuilder, Process, Root, Spec, User,
 };
 
 use super::{ExtraMount, NetworkMode, RunSpec};
@@ -199,7 +198,7 @@ fn rlimits(limits: &crate::plan::RunLimits) -> Option<Vec<PosixRlimit>> {
     }
     let mut out = Vec::new();
     for u in &limits.ulimits {
-        let Ok(typ) = format!("RLIMIT_{}", u.name.to_uppercase()).parse::<PosixRlimitType>() else {
+        let Some(typ) = super::rlimit_type(u) else {
             continue;
         };
         let (soft, hard) = u.values();
