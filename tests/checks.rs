@@ -98,6 +98,57 @@ fn check_directive_skips_rules_or_makes_findings_errors() {
 }
 
 #[test]
+fn a_check_comment_above_an_instruction_applies_to_it_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let ctx = t.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM scratch\n# check=skip=JSONArgsRecommended // a wrapper handles signals\nCMD run one\nENTRYPOINT run two\n# check=skip=all\nMAINTAINER me\nMAINTAINER you\n# check=experimental=InvalidDefinitionDescription\n# not a description\nARG V=1\n",
+    );
+    let (code, out) = check(&root, &ctx);
+    let out = out.replace(&format!("{}/", ctx.display()), "");
+    assert_eq!(code, Some(1), "{out}");
+    let found: Vec<String> = out
+        .lines()
+        .map(|l| l.split(": ").take(2).collect::<Vec<_>>().join(": "))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "Buildfile:4:1: JSONArgsRecommended",
+            "Buildfile:7:1: MaintainerDeprecated",
+            "Buildfile:10:1: InvalidDefinitionDescription",
+        ],
+        "{out}"
+    );
+
+    // `BUILDKIT_DOCKERFILE_CHECK` replaces the directive, as in BuildKit.
+    write(
+        &ctx.join("Buildfile"),
+        "# check=error=true\nFROM scratch\nMAINTAINER me\n",
+    );
+    let out = run(builder().args(["build", "--root"]).arg(&root).arg(&ctx));
+    assert!(!out.status.success(), "error=true from the directive");
+    let out = run(builder()
+        .args([
+            "build",
+            "--build-arg",
+            "BUILDKIT_DOCKERFILE_CHECK=skip=MaintainerDeprecated",
+            "--root",
+        ])
+        .arg(&root)
+        .arg(&ctx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the build arg wins: {err}");
+    assert!(!err.contains("MaintainerDeprecated"), "{err}");
+    assert!(
+        !err.contains("not consumed"),
+        "a frontend option, not an ARG: {err}"
+    );
+}
+
+#[test]
 fn a_build_reports_findings_at_its_end_in_plain_and_json() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("root");

@@ -441,11 +441,11 @@ pub fn run(mut a: BuildArgs) -> Result<(), CliError> {
         // Nothing is built: the build file alone answers.
         let file = find_build_file(&a.context, a.file.as_ref())?;
         let (name, text) = read_build_file(&file)?;
-        let (_, typed) = crate::syntax::parse_instructions(&name, &text)?;
+        let (doc, typed) = crate::syntax::parse_instructions(&name, &text)?;
         let v = if call == "targets" {
-            crate::frontend::outline::targets(&text, &typed)
+            crate::frontend::outline::targets(&doc, &typed)
         } else {
-            crate::frontend::outline::outline(&text, &typed, a.target.as_deref())
+            crate::frontend::outline::outline(&doc, &typed, a.target.as_deref())
                 .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?
         };
         if json {

@@ -441,7 +441,12 @@ pub fn lower(
     let unused_build_args = opts
         .build_args
         .keys()
-        .filter(|k| !consumed.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        // `BUILDKIT_*` args are options to the frontend (`BUILDKIT_DOCKERFILE_CHECK`).
+        .filter(|k| {
+            !consumed.contains(*k)
+                && !PROXY_ARGS.contains(&k.as_str())
+                && !k.starts_with("BUILDKIT_")
+        })
         .cloned()
         .collect();
     Ok(BuildGraph {

@@ -1,6 +1,6 @@
 //! `--call outline` and `--call targets`, as buildx 0.15+ prints them: what a build file
-//! offers without building it. Read from the parsed instructions and the source's comments
-//! alone (a description is the comment right above a `FROM` or `ARG`).
+//! offers without building it. Read from the parsed file alone (a description is a comment
+//! right above a `FROM` or `ARG` that starts with the stage's or the arg's name).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::syntax::instruction::{Instruction, Located};
 use crate::syntax::mount::{Mount, MountType};
+use crate::syntax::Document;
 
 /// One stage of the file.
 struct Stage<'a> {
@@ -39,29 +40,23 @@ fn stages(typed: &[Located]) -> (Vec<&Located>, Vec<Stage<'_>>) {
     (globals, out)
 }
 
-/// The comment lines right above line `line` (1-based), `#` and one space removed; a
-/// parser directive is no description.
-fn description(source: &str, line: usize) -> String {
-    let lines: Vec<&str> = source.lines().collect();
-    let mut out: Vec<String> = Vec::new();
-    let mut i = line.saturating_sub(1);
-    while i > 0 {
-        let l = lines.get(i - 1).map(|l| l.trim()).unwrap_or("");
-        let Some(text) = l.strip_prefix('#') else {
-            break;
-        };
-        let text = text.strip_prefix(' ').unwrap_or(text);
-        let is_directive = text
-            .split_once('=')
-            .is_some_and(|(k, _)| ["syntax", "escape", "check"].contains(&k.trim()));
-        if is_directive {
-            break;
-        }
-        out.push(text.to_string());
-        i -= 1;
-    }
-    out.reverse();
-    out.join(" ")
+/// The description of `name` defined at line `line` (1-based), as BuildKit's
+/// `getDocComment`: from the comments right above it, the first that starts with the name
+/// and a space, without them.
+fn description(doc: &Document, line: usize, name: Option<&str>) -> String {
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        return String::new();
+    };
+    let Ok(i) = doc.nodes.binary_search_by_key(&line, |n| n.span.line) else {
+        return String::new();
+    };
+    let prefix = format!("{} ", name);
+    doc.nodes[i]
+        .comments
+        .iter()
+        .find_map(|c| c.strip_prefix(&prefix))
+        .unwrap_or("")
+        .to_string()
 }
 
 fn stage_label(s: &Stage) -> String {
@@ -118,7 +113,7 @@ fn target_index(all: &[Stage], target: Option<&str>) -> Result<usize, String> {
 }
 
 /// `--call targets`: every named stage (and the default one) with its description.
-pub fn targets(source: &str, typed: &[Located]) -> Value {
+pub fn targets(doc: &Document, typed: &[Located]) -> Value {
     let (_, all) = stages(typed);
     let last = all.len().saturating_sub(1);
     let list: Vec<Value> = all
@@ -127,7 +122,7 @@ pub fn targets(source: &str, typed: &[Located]) -> Value {
         .map(|s| {
             json!({
                 "name": stage_label(s),
-                "description": description(source, s.line),
+                "description": description(doc, s.line, s.name.as_deref()),
                 "base": s.base,
                 "default": s.index == last,
                 "line": s.line,
@@ -139,7 +134,7 @@ pub fn targets(source: &str, typed: &[Located]) -> Value {
 
 /// `--call outline`: the target, the build args its stages declare (with their defaults,
 /// descriptions and the stages that declare them), and its secret and ssh mounts.
-pub fn outline(source: &str, typed: &[Located], target: Option<&str>) -> Result<Value, String> {
+pub fn outline(doc: &Document, typed: &[Located], target: Option<&str>) -> Result<Value, String> {
     let (globals, all) = stages(typed);
     let t = target_index(&all, target)?;
     let needed = closure(&all, t);
@@ -150,7 +145,11 @@ pub fn outline(source: &str, typed: &[Located], target: Option<&str>) -> Result<
             for (k, v) in list {
                 args.insert(
                     k.clone(),
-                    (v.clone(), description(source, l.span.line), Vec::new()),
+                    (
+                        v.clone(),
+                        description(doc, l.span.line, Some(k)),
+                        Vec::new(),
+                    ),
                 );
             }
         }
@@ -171,7 +170,7 @@ pub fn outline(source: &str, typed: &[Located], target: Option<&str>) -> Result<
                 Instruction::Arg(list) => {
                     for (k, v) in list {
                         let entry = args.entry(k.clone()).or_insert_with(|| {
-                            (None, description(source, l.span.line), Vec::new())
+                            (None, description(doc, l.span.line, Some(k)), Vec::new())
                         });
                         if v.is_some() {
                             entry.0 = v.clone();
@@ -209,7 +208,7 @@ pub fn outline(source: &str, typed: &[Located], target: Option<&str>) -> Result<
     let target_stage = &all[t];
     Ok(json!({
         "name": stage_label(target_stage),
-        "description": description(source, target_stage.line),
+        "description": description(doc, target_stage.line, target_stage.name.as_deref()),
         "args": args.into_iter().filter(|(_, (_, _, used))| !used.is_empty()).map(|(k, (v, d, used))| json!({
             "name": k, "value": v, "description": d, "usedBy": used,
         })).collect::<Vec<_>>(),
@@ -288,12 +287,12 @@ pub fn render_targets(v: &Value) -> String {
 mod tests {
     use super::*;
 
-    const FILE: &str = "# syntax=docker/dockerfile:1\n# GO_VERSION sets the Go version\nARG GO_VERSION=1.22\n\n# build compiles the app\nFROM golang:${GO_VERSION} AS build\nARG FLAVOR=plain\nRUN --mount=type=secret,id=token,required=true --mount=type=ssh make\n\nFROM scratch AS unused\nARG NEVER=1\n\n# release is what ships\nFROM scratch AS release\nCOPY --from=build /app /app\n";
+    const FILE: &str = "# syntax=docker/dockerfile:1\n# GO_VERSION sets the Go version\nARG GO_VERSION=1.22\n\n# build compiles the app\nFROM golang:${GO_VERSION} AS build\n# the flavour, not described\nARG FLAVOR=plain\nRUN --mount=type=secret,id=token,required=true --mount=type=ssh make\n\nFROM scratch AS unused\nARG NEVER=1\n\n# release is what ships\nFROM scratch AS release\nCOPY --from=build /app /app\n";
 
     #[test]
     fn targets_and_outline_read_descriptions_args_and_mounts() {
-        let (_, typed) = crate::syntax::parse_instructions("Buildfile", FILE).unwrap();
-        let t = targets(FILE, &typed);
+        let (doc, typed) = crate::syntax::parse_instructions("Buildfile", FILE).unwrap();
+        let t = targets(&doc, &typed);
         let names: Vec<&str> = t["targets"]
             .as_array()
             .unwrap()
@@ -301,9 +300,13 @@ mod tests {
             .map(|x| x["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["build", "unused", "release"]);
-        assert_eq!(t["targets"][0]["description"], "build compiles the app");
+        assert_eq!(t["targets"][0]["description"], "compiles the app");
+        assert_eq!(
+            t["targets"][1]["description"], "",
+            "no comment, no description"
+        );
         assert_eq!(t["targets"][2]["default"], true);
-        let o = outline(FILE, &typed, None).unwrap();
+        let o = outline(&doc, &typed, None).unwrap();
         assert_eq!(o["name"], "release");
         let args: Vec<&str> = o["args"]
             .as_array()
@@ -317,13 +320,14 @@ mod tests {
             "NEVER is in a stage release does not need"
         );
         assert_eq!(o["args"][1]["value"], "1.22");
+        assert_eq!(o["args"][1]["description"], "sets the Go version");
         assert_eq!(
-            o["args"][1]["description"],
-            "GO_VERSION sets the Go version"
+            o["args"][0]["description"], "",
+            "a comment that does not start with the name describes nothing"
         );
         assert_eq!(o["secrets"][0]["id"], "token");
         assert_eq!(o["secrets"][0]["required"], true);
         assert_eq!(o["ssh"][0]["id"], "default");
-        assert!(outline(FILE, &typed, Some("nope")).is_err());
+        assert!(outline(&doc, &typed, Some("nope")).is_err());
     }
 }

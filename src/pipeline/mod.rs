@@ -181,8 +181,13 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
     // planning would refuse too.
     let (_, ignore) = dockerignore::load_for_build(&o.file, &o.context)?;
     let store = Store::open(&o.root)?;
-    let policy = CheckPolicy::parse(doc.directives.check.as_deref())
-        .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?;
+    // As BuildKit: the build arg replaces the directive.
+    let policy = match o.plan.build_args.get("BUILDKIT_DOCKERFILE_CHECK") {
+        Some(value) => CheckPolicy::parse(Some(value))
+            .map_err(|e| CliError::msg(format!("--build-arg BUILDKIT_DOCKERFILE_CHECK: {}", e)))?,
+        None => CheckPolicy::parse(doc.directives.check.as_deref())
+            .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?,
+    };
     let findings = checks::run(
         &CheckInput {
             source: text,

@@ -51,6 +51,11 @@ pub struct Node {
     /// The argument text after the flags, trimmed.
     pub rest: String,
     pub span: Span,
+    /// The comment lines right above the instruction, `#` and surrounding space removed, as
+    /// BuildKit's `PrevComment`: a bare `#` starts the block afresh, a blank line does not,
+    /// and parser directives are not part of it. Descriptions and `# check=` come from here.
+    #[serde(skip)]
+    pub comments: Vec<String>,
 }
 
 /// Parser directives found at the top of the file.
@@ -189,6 +194,7 @@ pub fn parse(file: &str, text: &str) -> Result<Document, SyntaxError> {
     let mut in_directives = true;
     let mut seen = Vec::<String>::new();
     let mut nodes = Vec::new();
+    let mut comments: Vec<String> = Vec::new();
 
     for (n, l) in src.lines.iter().enumerate() {
         if l.len() > MAX_LINE_BYTES + 1 {
@@ -240,6 +246,14 @@ pub fn parse(file: &str, text: &str) -> Result<Document, SyntaxError> {
             }
         }
         if is_comment(first) {
+            // As BuildKit: the line's first byte goes, whatever it is, so an indented
+            // comment keeps its `#`.
+            let mut after_first = raw.chars();
+            after_first.next();
+            match after_first.as_str().trim() {
+                "" => comments.clear(),
+                text => comments.push(text.to_string()),
+            }
             continue;
         }
         let column = raw.chars().count() - first.chars().count() + 1;
@@ -296,6 +310,7 @@ pub fn parse(file: &str, text: &str) -> Result<Document, SyntaxError> {
                 fd,
             });
         }
+        node.comments = std::mem::take(&mut comments);
         nodes.push(node);
     }
     if nodes.is_empty() {
@@ -400,6 +415,7 @@ fn node_from_line(line: &str, escape: char, span: Span) -> Result<Node, String> 
         original: line.to_string(),
         rest: rest.clone(),
         span,
+        comments: Vec::new(),
     };
     match keyword.as_str() {
         "from" | "expose" => node.args = whitespace_args(&rest),
@@ -724,6 +740,31 @@ mod tests {
         assert_eq!(dump("ENV a b c\n"), "(env \"a\" \"b c\" \"\")\n");
         assert_eq!(dump("ENV PATH\n"), "ERR ENV must have two arguments");
         assert!(dump("ENV a=b c\n").starts_with("ERR syntax error - can't find ="));
+    }
+
+    #[test]
+    fn comments_above_an_instruction_are_kept_as_buildkit_keeps_them() {
+        let doc = parse(
+            "f",
+            "# check=skip=all\n# one\nFROM a\n# two\n\n#three  \n  # four\nRUN x\n# gone\n#\n# five\nRUN \\\n# inside\n y\nRUN z\n",
+        )
+        .unwrap();
+        let comments: Vec<Vec<&str>> = doc
+            .nodes
+            .iter()
+            .map(|n| n.comments.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(
+            comments,
+            [
+                vec!["one"],
+                // A blank line does not end the block; an indented comment keeps its `#`.
+                vec!["two", "three", "# four"],
+                // A bare `#` does.
+                vec!["five"],
+                vec![],
+            ]
+        );
     }
 
     #[test]

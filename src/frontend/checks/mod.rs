@@ -18,6 +18,7 @@ mod from_as_casing;
 mod from_platform_flag_const_disallowed;
 mod invalid_base_image_platform;
 mod invalid_default_arg_in_from;
+mod invalid_definition_description;
 mod json_args_recommended;
 mod legacy_key_value_format;
 mod maintainer_deprecated;
@@ -54,14 +55,20 @@ pub(super) trait Rule {
 pub struct RuleInfo {
     pub name: &'static str,
     pub description: &'static str,
+    /// Off unless `# check=experimental=<rule|all>` turns it on, as in BuildKit.
+    pub experimental: bool,
     make: fn() -> Box<dyn Rule>,
 }
 
 macro_rules! rule {
     ($name:literal, $module:ident :: $ty:ident, $description:literal) => {
+        rule!($name, $module::$ty, $description, false)
+    };
+    ($name:literal, $module:ident :: $ty:ident, $description:literal, $experimental:literal) => {
         RuleInfo {
             name: $name,
             description: $description,
+            experimental: $experimental,
             make: || Box::new($module::$ty::default()),
         }
     };
@@ -90,6 +97,7 @@ pub const RULES: &[RuleInfo] = &[
     rule!("ExposeProtoCasing", expose_proto_casing::ExposeProtoCasing, "Protocol in EXPOSE instruction should be lowercase"),
     rule!("CopyIgnoredFile", copy_ignored_file::CopyIgnoredFile, "Attempting to Copy file that is excluded by .dockerignore"),
     rule!("MultipleInstructionsDisallowed", multiple_instructions_disallowed::MultipleInstructionsDisallowed, "Multiple instructions of the same type should not be used in the same stage"),
+    rule!("InvalidDefinitionDescription", invalid_definition_description::InvalidDefinitionDescription, "Comment for build stage or argument should follow the format: `# <arg/stage name> <description>`. If this is not intended to be a description comment, add an empty line or comment between the instruction and the comment.", true),
 ];
 
 /// One finding.
@@ -111,21 +119,38 @@ impl Finding {
     }
 }
 
-/// What `# check=` asks for.
+/// What `# check=` (or the `BUILDKIT_DOCKERFILE_CHECK` build arg) asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckPolicy {
     pub skip_all: bool,
     pub skip: BTreeSet<String>,
+    /// Every experimental rule is on.
+    pub experimental_all: bool,
+    /// Experimental rules turned on by name.
+    pub experimental: BTreeSet<String>,
     /// Any finding fails the build.
     pub error: bool,
 }
 
 impl CheckPolicy {
-    /// Parse the directive's value, `skip=A,B;error=true`.
+    /// Parse the directive's value, `skip=A,B;experimental=C;error=true`.
     pub fn parse(value: Option<&str>) -> Result<CheckPolicy, String> {
         let mut p = CheckPolicy::default();
         let Some(value) = value else {
             return Ok(p);
+        };
+        let names = |v: &str| -> (bool, Vec<String>) {
+            match v.trim() {
+                "all" => (true, Vec::new()),
+                v => (
+                    false,
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                ),
+            }
         };
         for part in value.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = part
@@ -133,18 +158,19 @@ impl CheckPolicy {
                 .ok_or_else(|| format!("check directive: {:?} is not key=value", part))?;
             match k.trim() {
                 "skip" => {
-                    for rule in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                        if rule == "all" {
-                            p.skip_all = true;
-                        } else {
-                            p.skip.insert(rule.to_string());
-                        }
-                    }
+                    let (all, rules) = names(v);
+                    p.skip_all |= all;
+                    p.skip.extend(rules);
+                }
+                "experimental" => {
+                    let (all, rules) = names(v);
+                    p.experimental_all |= all;
+                    p.experimental.extend(rules);
                 }
                 "error" => {
                     p.error = match v.trim() {
-                        "true" => true,
-                        "false" => false,
+                        "true" | "1" | "t" | "T" | "TRUE" | "True" => true,
+                        "false" | "0" | "f" | "F" | "FALSE" | "False" => false,
                         other => {
                             return Err(format!(
                                 "check directive: error={:?}: want true or false",
@@ -159,8 +185,34 @@ impl CheckPolicy {
         Ok(p)
     }
 
-    fn enabled(&self, rule: &str) -> bool {
-        !self.skip_all && !self.skip.contains(rule)
+    /// The policy for one instruction: this one, plus what a `# check=` comment right above
+    /// it skips or turns on (BuildKit v0.26+). Its `error=` has no effect there.
+    pub fn for_comments(&self, comments: &[String]) -> CheckPolicy {
+        let Some(value) = comments.iter().find_map(|c| {
+            let (k, v) = c.split_once('=')?;
+            (k.trim().eq_ignore_ascii_case("check")).then(|| v.trim())
+        }) else {
+            return self.clone();
+        };
+        // A comment may go on after the value: `# check=skip=X // why`.
+        let value = value.split(' ').next().unwrap_or("");
+        let Ok(local) = CheckPolicy::parse(Some(value)) else {
+            return self.clone();
+        };
+        let mut merged = self.clone();
+        merged.skip_all |= local.skip_all;
+        merged.skip.extend(local.skip);
+        merged.experimental_all |= local.experimental_all;
+        merged.experimental.extend(local.experimental);
+        merged
+    }
+
+    fn enabled(&self, rule: &RuleInfo) -> bool {
+        if rule.experimental {
+            self.experimental_all || self.experimental.contains(rule.name)
+        } else {
+            !self.skip_all && !self.skip.contains(rule.name)
+        }
     }
 }
 
@@ -311,12 +363,34 @@ impl Enabled {
     }
 }
 
-/// Run every enabled rule; findings in file order.
+/// Run every enabled rule; findings in file order. A `# check=` comment above an
+/// instruction changes the policy for the findings at that instruction only.
 pub fn run(input: &CheckInput, policy: &CheckPolicy) -> Vec<Finding> {
+    let policies: Vec<(usize, usize, CheckPolicy)> = input
+        .doc
+        .nodes
+        .iter()
+        .filter(|n| n.comments.iter().any(|c| c.contains('=')))
+        .map(|n| {
+            (
+                n.span.line,
+                n.span.end_line,
+                policy.for_comments(&n.comments),
+            )
+        })
+        .collect();
+    let policy_at = |line: usize| -> &CheckPolicy {
+        // The last instruction starting at or before `line` (they are in file order).
+        let after = policies.partition_point(|(start, _, _)| *start <= line);
+        match after.checked_sub(1).map(|i| &policies[i]) {
+            Some((_, end, p)) if line <= *end => p,
+            _ => policy,
+        }
+    };
     let mut rules = Enabled {
         rules: RULES
             .iter()
-            .filter(|r| policy.enabled(r.name))
+            .filter(|r| policy.enabled(r) || policies.iter().any(|(_, _, p)| p.enabled(r)))
             .map(|r| (r.name, (r.make)()))
             .collect(),
         findings: Vec::new(),
@@ -453,6 +527,12 @@ pub fn run(input: &CheckInput, policy: &CheckPolicy) -> Vec<Finding> {
         rules.each(|r, out| r.stage_end(out));
     }
     let mut out = rules.findings;
+    out.retain(|f| {
+        RULES
+            .iter()
+            .find(|r| r.name == f.rule)
+            .is_some_and(|r| policy_at(f.line).enabled(r))
+    });
     out.sort_by_key(|f| (f.line, f.column));
     out
 }
