@@ -31,6 +31,8 @@ pub struct SourceRoot {
     /// True for the build context: a symlink leaving it is an error. For image roots it is
     /// resolved as the image would see it.
     pub is_context: bool,
+    /// Excluded directories the walk entered, and whether something below each is kept.
+    kept_below: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
 }
 
 /// One matched source: its path relative to the root and where it is on disk.
@@ -54,6 +56,26 @@ pub fn segment_match(pattern: &str, name: &str) -> bool {
 }
 
 impl SourceRoot {
+    /// The build context (or a named one) at `root`, filtered by `ignore`.
+    pub fn context(root: PathBuf, ignore: IgnoreMatcher) -> SourceRoot {
+        SourceRoot {
+            root,
+            ignore,
+            is_context: true,
+            kept_below: Default::default(),
+        }
+    }
+
+    /// The root filesystem of a stage or an image: no rules, symlinks resolved inside it.
+    pub fn image(root: PathBuf) -> SourceRoot {
+        SourceRoot {
+            root,
+            ignore: IgnoreMatcher::default(),
+            is_context: false,
+            kept_below: Default::default(),
+        }
+    }
+
     /// Clean a source path: relative to the root, never climbing out of it.
     pub fn clean(&self, src: &str) -> Result<String, ContextError> {
         let cleaned = clean_path(&format!("/{}", src));
@@ -88,13 +110,38 @@ impl SourceRoot {
     }
 
     /// Whether `rel` is outside the context as `.dockerignore` shapes it (see
-    /// [`IgnoreMatcher::is_walked_out`]).
+    /// [`IgnoreMatcher::is_walked_out`]). An excluded directory that the walk enters for an
+    /// exception is part of the context only ahead of something kept inside it, as
+    /// BuildKit's context walk (fsutil's filterFS, since v0.10) sends it; dockerd 20.10
+    /// sent it anyway.
     fn ignored(&self, rel: &str) -> bool {
         if !self.is_context || rel == "." || self.ignore.is_empty() {
             return false;
         }
         let is_dir = fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| m.is_dir());
-        self.ignore.is_walked_out(rel, is_dir)
+        if self.ignore.is_walked_out(rel, is_dir) {
+            return true;
+        }
+        is_dir && self.ignore.is_ignored(rel) && !self.keeps_something_below(rel)
+    }
+
+    /// Whether anything below the directory `rel` is part of the context. Remembered: a walk
+    /// asks again for each directory below.
+    fn keeps_something_below(&self, rel: &str) -> bool {
+        let known = |m: &Self| m.kept_below.lock().ok().and_then(|k| k.get(rel).copied());
+        if let Some(kept) = known(self) {
+            return kept;
+        }
+        let kept = fs::read_dir(self.root.join(rel)).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                !self.ignored(&join_rel(rel, &name.to_string_lossy()))
+            })
+        });
+        if let Ok(mut k) = self.kept_below.lock() {
+            k.insert(rel.to_string(), kept);
+        }
+        kept
     }
 
     /// Resolve one cleaned relative path to disk, following symlinks inside the root; for the
@@ -462,11 +509,10 @@ mod tests {
     }
 
     fn ctx(dir: &Path, ignore: &str) -> SourceRoot {
-        SourceRoot {
-            root: dir.to_path_buf(),
-            ignore: IgnoreMatcher::from_file_text(ignore).unwrap(),
-            is_context: true,
-        }
+        SourceRoot::context(
+            dir.to_path_buf(),
+            IgnoreMatcher::from_file_text(ignore).unwrap(),
+        )
     }
 
     #[test]
@@ -505,5 +551,33 @@ mod tests {
             Err(ContextError::NotFound(_))
         ));
         assert!(segment_match("[a-b].txt", "b.txt") && !segment_match("[^a-b].txt", "b.txt"));
+    }
+
+    #[test]
+    fn an_excluded_directory_is_sent_only_ahead_of_something_kept_inside() {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["gone/a", "gone/sub/b", "kept/keep", "kept/x", "deep/one/two/keep"] {
+            let p = t.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, f).unwrap();
+        }
+        let everything = |c: &SourceRoot| -> Vec<String> {
+            c.enumerate(&[".".to_string()], &IgnoreMatcher::default())
+                .unwrap()
+                .into_iter()
+                .map(|(rel, _)| rel)
+                .collect()
+        };
+        // Exceptions without wildcards: the walk enters only the directories they name.
+        let c = ctx(t.path(), "gone\n!gone/keep\nkept\n!kept/keep\ndeep\n");
+        assert_eq!(everything(&c), [".", "kept", "kept/keep"]);
+        assert!(matches!(c.expand("gone"), Err(ContextError::NotFound(_))));
+        // A wildcard in an exception: every excluded directory is entered, and a kept file
+        // brings its excluded parents.
+        let c = ctx(t.path(), "*\n!**/keep\n");
+        assert_eq!(
+            everything(&c),
+            [".", "deep", "deep/one", "deep/one/two", "deep/one/two/keep", "kept", "kept/keep"]
+        );
     }
 }

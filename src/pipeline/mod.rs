@@ -290,11 +290,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         let (_, ignore) = dockerignore::load_for_build(std::path::Path::new("/"), dir)?;
         named_contexts.insert(
             name.clone(),
-            crate::context::SourceRoot {
-                root: dir.clone(),
-                ignore,
-                is_context: true,
-            },
+            crate::context::SourceRoot::context(dir.clone(), ignore),
         );
     }
     let req = BuildRequest {

@@ -321,11 +321,7 @@ impl Ctx<'_, '_> {
 
     /// The build context as COPY, ADD and bind mounts read it.
     pub fn context_root(&self) -> SourceRoot {
-        SourceRoot {
-            root: self.req.context.clone(),
-            ignore: self.req.ignore.clone(),
-            is_context: true,
-        }
+        SourceRoot::context(self.req.context.clone(), self.req.ignore.clone())
     }
 
     /// The context `from` names, the build's or a named one, as COPY, ADD and bind mounts

@@ -272,11 +272,10 @@ pub fn run(store: &Store, state: &DebugState, session: Session) -> Result<Exit, 
     }
     let scratch = store.scratch_dir("debug-").map_err(|e| e.to_string())?;
     let cache_mounts = store.dir(Bucket::CacheMounts);
-    let context = SourceRoot {
-        root: state.context.clone(),
-        ignore: IgnoreMatcher::new(&state.ignore).map_err(|e| e.to_string())?,
-        is_context: true,
-    };
+    let context = SourceRoot::context(
+        state.context.clone(),
+        IgnoreMatcher::new(&state.ignore).map_err(|e| e.to_string())?,
+    );
     let rootfs = match (&failed, mode) {
         (Some(root), Snapshotter::Copy) => root.clone(),
         _ => view.path().to_path_buf(),

@@ -599,11 +599,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 };
                 unpack::unpack_layer(&m.path, &m.rel, tmp.path(), opts)
                     .map_err(|e| CopyError::Other(e.to_string()))?;
-                let extracted = SourceRoot {
-                    root: tmp.path().to_path_buf(),
-                    ignore: IgnoreMatcher::default(),
-                    is_context: false,
-                };
+                let extracted = SourceRoot::image(tmp.path().to_path_buf());
                 let mut names: Vec<_> = fs::read_dir(tmp.path())
                     .map_err(io_at(tmp.path()))?
                     .flatten()

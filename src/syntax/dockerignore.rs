@@ -53,8 +53,12 @@ struct Compiled {
     exact: std::collections::HashMap<String, Vec<usize>>,
     /// Indices of every other pattern, in order.
     others: Vec<usize>,
-    /// The `!` patterns' text with a `/` after it (what may re-include below a directory).
+    /// The `!` patterns' text, less a trailing `/**` or `/*`, with a `/` after it (what may
+    /// re-include below a directory).
     reincludes: Vec<String>,
+    /// Some `!` pattern has a wildcard before its end: any excluded directory may hold
+    /// something it re-includes.
+    exceptions_have_wildcards: bool,
 }
 
 /// The largest `.dockerignore` read: real ones are a few KiB, generated ones a few hundred.
@@ -170,6 +174,7 @@ impl IgnoreMatcher {
             exact: Default::default(),
             others: Vec::new(),
             reincludes: Vec::new(),
+            exceptions_have_wildcards: false,
         };
         for (i, p) in out.iter().enumerate() {
             match p.kind {
@@ -177,7 +182,15 @@ impl IgnoreMatcher {
                 _ => m.others.push(i),
             }
             if p.exclusion {
-                m.reincludes.push(format!("{}/", p.cleaned));
+                // As fsutil's filterFS: a trailing `/**` or `/*` does not stop the walk from
+                // entering the directory before it; any other wildcard in an exception means
+                // every excluded directory is entered.
+                let stem = p.cleaned.strip_suffix("/**").unwrap_or(&p.cleaned);
+                let stem = stem.strip_suffix("/*").unwrap_or(stem);
+                if stem.contains(['*', '[', ']', '?', '^', '\\']) {
+                    m.exceptions_have_wildcards = true;
+                }
+                m.reincludes.push(format!("{}/", stem));
             }
         }
         if m.others.len() > MAX_WILDCARD_PATTERNS {
@@ -207,13 +220,14 @@ impl IgnoreMatcher {
         self.compiled.patterns.is_empty()
     }
 
-    /// Whether an exception pattern's text names something below `dir`: the context walker
-    /// of docker (fsutil) still enters an excluded directory then, and keeps it.
+    /// Whether the context walker (fsutil's filterFS) enters the excluded directory `dir`:
+    /// when an exception's text names something below it, or when some exception has a
+    /// wildcard (then no excluded directory is skipped).
     pub fn may_reinclude_below(&self, dir: &str) -> bool {
-        self.compiled
-            .reincludes
-            .iter()
-            .any(|r| r.len() > dir.len() && r.starts_with(dir) && r.as_bytes()[dir.len()] == b'/')
+        self.compiled.exceptions_have_wildcards
+            || self.compiled.reincludes.iter().any(|r| {
+                r.len() > dir.len() && r.starts_with(dir) && r.as_bytes()[dir.len()] == b'/'
+            })
     }
 
     /// Every pattern that matches `path` or a directory above it, as (pattern index, the

@@ -107,20 +107,12 @@ impl OpRunner for CopyOp {
                 unpack: None,
                 ..self.clone()
             };
-            let root = SourceRoot {
-                root: tree,
-                ignore: IgnoreMatcher::default(),
-                is_context: false,
-            };
+            let root = SourceRoot::image(tree);
             return as_copy.stage(cx, op, rootfs, &root, owner);
         }
         let root = match &self.from {
             from @ (Input::Context | Input::Local(_)) => cx.context_root_of(&op.origin, from)?,
-            from => SourceRoot {
-                root: cx.source_for(&op.origin, from)?,
-                ignore: IgnoreMatcher::default(),
-                is_context: false,
-            },
+            from => SourceRoot::image(cx.source_for(&op.origin, from)?),
         };
         self.stage(cx, op, rootfs, &root, owner)
     }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::{view_path, OpRunner};
-use crate::context::{IgnoreMatcher, SourceRoot};
+use crate::context::SourceRoot;
 use crate::oci::image::LayerRef;
 use crate::oci::unpack;
 use crate::plan::{MkdirOp, Op};
@@ -45,11 +45,7 @@ impl OpRunner for MkdirOp {
             sources: Vec::new(),
             dest: self.dir.clone(),
             dest_is_dir: true,
-            root: &SourceRoot {
-                root: rootfs.to_path_buf(),
-                ignore: IgnoreMatcher::default(),
-                is_context: false,
-            },
+            root: &SourceRoot::image(rootfs.to_path_buf()),
             owner,
             chmod: None,
             parents: false,
