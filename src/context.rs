@@ -556,7 +556,13 @@ mod tests {
     #[test]
     fn an_excluded_directory_is_sent_only_ahead_of_something_kept_inside() {
         let t = tempfile::tempdir().unwrap();
-        for f in ["gone/a", "gone/sub/b", "kept/keep", "kept/x", "deep/one/two/keep"] {
+        for f in [
+            "gone/a",
+            "gone/sub/b",
+            "kept/keep",
+            "kept/x",
+            "deep/one/two/keep",
+        ] {
             let p = t.path().join(f);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, f).unwrap();
@@ -577,7 +583,15 @@ mod tests {
         let c = ctx(t.path(), "*\n!**/keep\n");
         assert_eq!(
             everything(&c),
-            [".", "deep", "deep/one", "deep/one/two", "deep/one/two/keep", "kept", "kept/keep"]
+            [
+                ".",
+                "deep",
+                "deep/one",
+                "deep/one/two",
+                "deep/one/two/keep",
+                "kept",
+                "kept/keep"
+            ]
         );
     }
 }

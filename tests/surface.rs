@@ -133,6 +133,115 @@ fn quiet_prints_the_digest_alone_and_annotations_land_where_asked() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("want KEY=VALUE"));
 }
 
+/// The manifest and config of a layout's tag.
+fn manifest_and_config(layout: &std::path::Path, tag: &str) -> (Value, Value) {
+    let blob = |d: &str| -> Value {
+        let hex = d.trim_start_matches("sha256:");
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let index = blob_index(layout);
+    let m = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag}: {index}"));
+    let manifest = blob(m["digest"].as_str().unwrap());
+    let config = blob(manifest["config"]["digest"].as_str().unwrap());
+    (manifest, config)
+}
+
+fn blob_index(layout: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn squash_makes_the_target_stages_layers_one_and_keeps_what_they_did() {
+    let d = busybox_dir();
+    let root = d.path().join("root");
+    let ctx = d.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test AS base\n\
+         RUN mkdir -p /app/tmp && echo one > /app/a && echo t > /app/tmp/x\n\
+         FROM base\n\
+         RUN echo two > /app/a && rm -rf /app/tmp && rm /bin/ls\n\
+         COPY f /app/f\n\
+         RUN ln /app/f /app/hard && chmod 600 /app/a\n\
+         CMD [\"cat\", \"/app/a\"]\n",
+    );
+    write(&ctx.join("f"), "from the context\n");
+    let layout = d.path().join("layout");
+    let build = |root: &std::path::Path, extra: &[&str], tag: &str| {
+        run_ok(
+            build_cmd(root)
+                .args(extra)
+                .args(["-o", &format!("oci:{}:{}", layout.display(), tag)])
+                .arg(&ctx),
+        )
+    };
+    build(&root, &[], "plain");
+    let squashed_digest = build(&root, &["--squash"], "squashed");
+    assert!(
+        squashed_digest.trim().starts_with("sha256:"),
+        "{squashed_digest}"
+    );
+    let (plain, _) = manifest_and_config(&layout, "plain");
+    let (manifest, config) = manifest_and_config(&layout, "squashed");
+    let layers = |m: &Value| m["layers"].as_array().unwrap().clone();
+    assert_eq!(
+        layers(&plain).len(),
+        5,
+        "busybox, the base stage's RUN, three more"
+    );
+    assert_eq!(
+        layers(&manifest)[..2],
+        layers(&plain)[..2],
+        "the base's layers stay as they are"
+    );
+    assert_eq!(
+        layers(&manifest).len(),
+        3,
+        "the target stage's three became one"
+    );
+    let history = config["history"].as_array().unwrap();
+    let made_layers = history.iter().filter(|h| h["empty_layer"] != true).count();
+    assert_eq!(made_layers, 3, "one history entry per layer: {history:?}");
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 3);
+
+    // The files are what the steps left, as another tool unpacks them.
+    let rootfs = umoci_unpack(&layout, "squashed", &d.path().join("u")).join("rootfs");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/a")).unwrap(),
+        "two\n"
+    );
+    assert!(!rootfs.join("app/tmp").exists(), "deleted below the base");
+    assert!(
+        !rootfs.join("bin/ls").exists(),
+        "deleted from the base image"
+    );
+    assert!(rootfs.join("bin/cat").exists());
+    use std::os::unix::fs::MetadataExt;
+    let (f, hard) = (
+        std::fs::metadata(rootfs.join("app/f")).unwrap(),
+        std::fs::metadata(rootfs.join("app/hard")).unwrap(),
+    );
+    assert_eq!(f.ino(), hard.ino(), "the hard link stays one");
+    assert_eq!(
+        std::fs::metadata(rootfs.join("app/a")).unwrap().mode() & 0o777,
+        0o600
+    );
+
+    // Reproducible: another store, the same image.
+    let other = d.path().join("other-root");
+    busybox_base(&other, "busybox:test");
+    assert_eq!(
+        build(&other, &["--squash"], "again").trim(),
+        squashed_digest.trim()
+    );
+}
+
 #[test]
 fn ulimit_and_shm_size_reach_every_run_step_and_its_key() {
     let d = busybox_dir();

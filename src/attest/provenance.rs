@@ -45,12 +45,13 @@ pub struct Invocation<'a> {
     /// The settings that shape the image beyond the build file and args, each only when it
     /// is not the default (so a plain build's statement names none): `labels`, `addHosts`,
     /// `network`, `compression`, `forceCompression`, `buildContexts` (each name with the
-    /// image it stood for, or `local`), `ulimits`, `shmSize`. `builder verify` rebuilds with them.
+    /// image it stood for, or `local`), `ulimits`, `shmSize`, `squash`. `builder verify` rebuilds with them.
     pub options: serde_json::Map<String, Value>,
 }
 
 /// The keys [`Invocation::options`] may hold.
-pub const OPTION_KEYS: [&str; 9] = [
+pub const OPTION_KEYS: [&str; 10] = [
+    "squash",
     "annotations",
     "ulimits",
     "shmSize",

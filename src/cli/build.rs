@@ -124,6 +124,10 @@ pub struct BuildArgs {
     /// (BuildKit's force-compression=true); otherwise inherited layers keep theirs.
     #[arg(help_heading = "Image", long)]
     pub force_compression: bool,
+    /// Squash the target stage's layers since its base into one (as Buildah's --squash);
+    /// the base image's layers stay as they are.
+    #[arg(help_heading = "Image", long)]
+    pub squash: bool,
     /// Add a name to every RUN step's /etc/hosts (repeatable): HOST:IP or HOST=IP.
     #[arg(help_heading = "RUN steps", long = "add-host", value_name = "HOST:IP")]
     pub add_hosts: Vec<String>,
@@ -728,6 +732,7 @@ pub(super) fn resolve(a: BuildArgs) -> Result<BuildOptions, CliError> {
         epoch,
         compression,
         force_compression: a.force_compression,
+        squash: a.squash,
         network: match a.network {
             NetworkArg::Default => plan::Network::Sandbox,
             NetworkArg::Host => plan::Network::Host,

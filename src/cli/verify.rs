@@ -290,6 +290,9 @@ fn rebuild_argv(
     {
         v.push("--force-compression".into());
     }
+    if plan.options.get("squash").and_then(Value::as_bool) == Some(true) {
+        v.push("--squash".into());
+    }
     v.push(context.display().to_string());
     v
 }

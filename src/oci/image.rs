@@ -238,6 +238,27 @@ impl ImageState {
         self.config.history_mut().push(h);
     }
 
+    /// Put `layer` in place of every layer after the first `base_layers`: the history after
+    /// the first `base_history` entries stays, each marked as making no layer, and one entry
+    /// for `layer` follows (`--squash`).
+    pub fn squash_since(
+        &mut self,
+        (base_layers, base_history): (usize, usize),
+        layer: LayerRef,
+        created: &str,
+        created_by: &str,
+    ) {
+        self.layers.truncate(base_layers);
+        self.config
+            .rootfs_mut()
+            .diff_ids_mut()
+            .truncate(base_layers);
+        for h in self.config.history_mut().iter_mut().skip(base_history) {
+            h.set_empty_layer(Some(true));
+        }
+        self.push_history(created, created_by, Some(layer));
+    }
+
     /// The runtime part of the config document, Docker's extras included.
     fn runtime_value(&self) -> Value {
         let mut runtime = serde_json::to_value(&self.runtime).unwrap_or_else(|_| json!({}));

@@ -157,6 +157,8 @@ pub enum LayerSource<'a> {
     Tree(&'a LayerTree),
     /// The tar inside a layer blob (gzip, zstd or plain), copied as it is.
     Blob(&'a Path),
+    /// Layer blobs, lowest first, squashed into one (see [`super::squash`]).
+    Squash(&'a [&'a Path]),
 }
 
 /// Write a layer from a directory or a tree into `store`; `tee` also sees the uncompressed
@@ -169,7 +171,7 @@ pub fn write_layer_from(
 ) -> Result<Layer, LayerError> {
     let dir: &Path = match &source {
         LayerSource::Dir(d) | LayerSource::Blob(d) => d,
-        LayerSource::Tree(_) => Path::new("."),
+        LayerSource::Tree(_) | LayerSource::Squash(_) => Path::new("."),
     };
     let (tmp_path, file) = store.temp_file()?;
     let mut chunks = Vec::new();
@@ -251,6 +253,10 @@ fn write_source<W: Write>(
             let mut r = super::unpack::open_layer(p).map_err(io_at(p))?;
             io::copy(&mut r, &mut w).map_err(io_at(p))?;
             Ok(w)
+        }
+        LayerSource::Squash(layers) => {
+            let at = layers.first().copied().unwrap_or(Path::new("."));
+            super::squash::write_squashed(layers, w).map_err(io_at(at))
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod pgzip;
 pub mod platform;
 pub mod root;
 pub mod segments;
+pub mod squash;
 pub mod tar;
 pub mod tree;
 pub mod unpack;

@@ -145,7 +145,7 @@ fn is_tar_header(block: &[u8; 512]) -> bool {
 }
 
 /// Clean an entry name into safe relative components, or say why it is refused.
-fn clean_entry(name: &[u8]) -> Result<PathBuf, String> {
+pub(super) fn clean_entry(name: &[u8]) -> Result<PathBuf, String> {
     let p = Path::new(OsStr::from_bytes(name));
     let mut out = PathBuf::new();
     for c in p.components() {

@@ -122,6 +122,8 @@ pub struct BuildOptions {
     pub epoch: i64,
     pub compression: Compression,
     pub force_compression: bool,
+    /// `--squash`: the target stage's layers since its base become one.
+    pub squash: bool,
     pub network: plan::Network,
     /// `--add-host`: extra /etc/hosts entries of every RUN.
     pub extra_hosts: Vec<(String, String)>,
@@ -303,6 +305,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         epoch: o.epoch,
         compression: o.compression,
         force_compression: o.force_compression,
+        squash: o.squash,
         platform: o.plan.target_platform.clone(),
         reporter: reporter.as_ref(),
         entitlements: o.entitlements,
@@ -548,6 +551,9 @@ fn recorded_options(o: &BuildOptions) -> serde_json::Map<String, serde_json::Val
     }
     if o.force_compression {
         m.insert("forceCompression".into(), json!(true));
+    }
+    if o.squash {
+        m.insert("squash".into(), json!(true));
     }
     if !o.annotations.is_empty() {
         let list: Vec<String> = o.annotations.iter().map(Annotation::flag).collect();

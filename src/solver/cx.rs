@@ -34,6 +34,9 @@ pub(super) struct StageResult {
     pub view: Option<RootView>,
     /// See `Ctx::volatile`.
     pub volatile: bool,
+    /// How many layers and history entries the stage's base has (what `--squash` keeps).
+    pub base_layers: usize,
+    pub base_history: usize,
 }
 
 /// What all stages of one build share (stages run on their own threads).

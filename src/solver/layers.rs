@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::cx::Ctx;
 use super::BuildError;
-use crate::oci::image::LayerRef;
+use crate::oci::image::{ImageState, LayerRef};
 use crate::oci::layer::{Compression, LayerOptions};
 use crate::oci::unpack;
 use crate::plan::Op;
@@ -61,6 +61,64 @@ pub(super) fn force_compression(
         out.push(converted);
     }
     Ok(out)
+}
+
+/// `--squash`: the layers of `state` after its base's (`base`: the base's layer and history
+/// counts) become one, compressed as `compression` says. Remembered by the layers it is made
+/// of, so a rebuild that made the same layers squashes nothing again.
+pub(super) fn squash(
+    store: &Store,
+    state: &mut ImageState,
+    base: (usize, usize),
+    compression: Compression,
+    created: &str,
+) -> Result<(), BuildError> {
+    let new = state.layers.get(base.0..).unwrap_or_default();
+    if new.len() < 2 {
+        return Ok(());
+    }
+    let sources: Vec<String> = new.iter().map(|l| l.digest.to_string()).collect();
+    let memo = store.memo(Bucket::Converted);
+    let memo_key = format!(
+        "squash-{}-{}",
+        crate::oci::digest::Digest::of(sources.join(",").as_bytes()).hex(),
+        compression.key()
+    );
+    let remembered = memo
+        .get(&memo_key)
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| LayerRef::from_json(&v))
+        .filter(|c| store.blobs.available(&c.digest));
+    let squashed = match remembered {
+        Some(c) => c,
+        None => {
+            let blobs = new
+                .iter()
+                .map(|l| store.blobs.ensure(&l.digest))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::from)?;
+            let paths: Vec<&std::path::Path> = blobs.iter().map(|p| p.as_path()).collect();
+            let opts = crate::oci::layer::LayerOptions {
+                compression,
+                epoch: None,
+                reuse: None,
+                segments: None,
+            };
+            let layer = crate::oci::layer::write_layer_from(
+                &store.blobs,
+                crate::oci::layer::LayerSource::Squash(&paths),
+                opts,
+                None,
+            )
+            .map_err(|e| BuildError::Other(format!("--squash: {}", e)))?;
+            let c: LayerRef = layer.into();
+            memo.put(&memo_key, &crate::oci::image::canonical_json(&c.to_json()));
+            c
+        }
+    };
+    let created_by = format!("builder build --squash: {} layers in one", new.len());
+    state.squash_since(base, squashed, created, &created_by);
+    Ok(())
 }
 
 impl Ctx<'_, '_> {

@@ -70,6 +70,8 @@ pub struct BuildRequest<'a> {
     /// `--force-compression`: the image's inherited layers too are compressed as
     /// `compression` says (not only the layers the build writes).
     pub force_compression: bool,
+    /// `--squash`: the target stage's layers since its base become one.
+    pub squash: bool,
     pub platform: Platform,
     pub reporter: &'a dyn Reporter,
     /// What the build may weaken in the sandbox (`--allow`).

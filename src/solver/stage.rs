@@ -75,6 +75,15 @@ impl Shared<'_> {
             .ok_or_else(|| BuildError::Other("the target stage produced no result".into()))?;
         let mut state = stage.state;
         state.config.set_created(Some(self.created.clone()));
+        if self.req.squash {
+            super::layers::squash(
+                self.store,
+                &mut state,
+                (stage.base_layers, stage.base_history),
+                self.req.compression,
+                &self.created,
+            )?;
+        }
         if !self.req.labels.is_empty() {
             crate::plan::ConfigEdit::Labels {
                 labels: self.req.labels.clone(),
@@ -125,6 +134,7 @@ impl Ctx<'_, '_> {
         };
         self.label = stage.label();
         let (mut state, mut key) = self.base(index, stage, &label)?;
+        let (base_layers, base_history) = (state.layers.len(), state.config.history().len());
         let use_cache = !self.req.no_cache
             && !self
                 .req
@@ -163,6 +173,8 @@ impl Ctx<'_, '_> {
             key,
             view,
             volatile: self.volatile,
+            base_layers,
+            base_history,
         })
     }
 

@@ -185,6 +185,7 @@ fn request<'a>(f: &Fixture, stages: Vec<StagePlan>, target: usize) -> BuildReque
         epoch: 0,
         compression: crate::oci::layer::Compression::Gzip(1),
         force_compression: false,
+        squash: false,
         platform: Platform::host(),
         reporter: &QuietReporter,
         entitlements: Entitlements::default(),
