@@ -59,6 +59,8 @@ fn call_targets_and_outline_describe_the_file_without_building() {
 
 #[test]
 fn quiet_prints_the_digest_alone_and_annotations_land_where_asked() {
+    // The levels, as buildx: manifest (the default), index, manifest-descriptor,
+    // index-descriptor (the layout's index.json entry).
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
     let ctx = d.path().join("ctx");
@@ -75,6 +77,7 @@ fn quiet_prints_the_digest_alone_and_annotations_land_where_asked() {
         .args(["--annotation", "org.opencontainers.image.title=app"])
         .args(["--annotation", "index:org.opencontainers.image.vendor=us"])
         .args(["--annotation", "manifest-descriptor[linux/arm64]:only=arm"])
+        .args(["--annotation", "index-descriptor:org.example.release=1.2"])
         .args(["-o", &format!("oci:{}:t", layout.display())])
         .arg(&ctx));
     assert!(
@@ -83,6 +86,23 @@ fn quiet_prints_the_digest_alone_and_annotations_land_where_asked() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // index-descriptor: the layout's own entry for what the build made, beside its tag.
+    let layout_index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = layout_index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["digest"].as_str() == Some(stdout.trim()))
+        .unwrap_or_else(|| panic!("{layout_index}"));
+    assert_eq!(
+        entry["annotations"]["org.example.release"], "1.2",
+        "{entry}"
+    );
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        "t"
+    );
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.starts_with("sha256:"));
     assert!(

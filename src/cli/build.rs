@@ -106,8 +106,9 @@ pub struct BuildArgs {
     /// Set a label on the image (repeatable), as LABEL at the end of the target stage.
     #[arg(help_heading = "Image", long = "label", value_name = "K=V")]
     pub labels: Vec<String>,
-    /// Add an annotation (repeatable): [manifest|index|manifest-descriptor[[PLATFORM]]:]K=V;
-    /// the image manifest by default.
+    /// Add an annotation (repeatable):
+    /// [manifest|index|manifest-descriptor|index-descriptor[[PLATFORM]]:]K=V; the image
+    /// manifest by default.
     #[arg(help_heading = "Image", long = "annotation", value_name = "[TYPE:]K=V")]
     pub annotations: Vec<String>,
     /// Timestamp for `created`, history and clamped mtimes: seconds, or `now`

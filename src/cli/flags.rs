@@ -60,8 +60,8 @@ pub fn parse_add_host(s: &str) -> Result<(String, String), String> {
 }
 
 /// Parse `--annotation [TYPE[,TYPE][PLATFORM]:]KEY=VALUE` as buildx does: TYPE is
-/// `manifest` (the default), `index` or `manifest-descriptor`; `[os/arch]` limits it to one
-/// platform's image.
+/// `manifest` (the default), `index`, `manifest-descriptor` or `index-descriptor`;
+/// `[os/arch]` limits it to one platform's image.
 pub fn parse_annotation(s: &str) -> Result<Vec<crate::pipeline::Annotation>, String> {
     use crate::pipeline::{Annotation, AnnotationLevel};
     let bad = |why: &str| format!("invalid --annotation {:?}: {}", s, why);
@@ -98,12 +98,12 @@ pub fn parse_annotation(s: &str) -> Result<Vec<crate::pipeline::Annotation>, Str
             "manifest" => AnnotationLevel::Manifest,
             "index" => AnnotationLevel::Index,
             "manifest-descriptor" => AnnotationLevel::ManifestDescriptor,
-            "index-descriptor" => {
+            "index-descriptor" => AnnotationLevel::IndexDescriptor,
+            _ => {
                 return Err(bad(
-                    "index-descriptor annotations are not supported yet (manifest, index, manifest-descriptor)",
+                    "the level is manifest, index, manifest-descriptor or index-descriptor",
                 ))
             }
-            _ => return Err(bad("the level is manifest, index or manifest-descriptor")),
         };
         out.push(Annotation {
             level,

@@ -249,6 +249,7 @@ pub fn export_image(root: &RootArg, reference: &str, outputs: &[String]) -> Resu
             &Output::parse(o)?,
             scratch.path(),
             attested.as_ref(),
+            &Default::default(),
         )?;
     }
     Ok(())

@@ -173,13 +173,18 @@ pub fn export(
     out: &Output,
     scratch: &Path,
     referrers: &[StoredAttestation],
+    descriptor_annotations: &BTreeMap<String, String>,
 ) -> Result<(), ExportError> {
     match out {
-        Output::OciDir { .. } | Output::OciArchive { .. } => {
-            layout_output(blobs, out, names, scratch, referrers, |dir, tag| {
-                write_oci_layout(blobs, image, dir, tag)
-            })
-        }
+        Output::OciDir { .. } | Output::OciArchive { .. } => layout_output(
+            blobs,
+            out,
+            names,
+            scratch,
+            referrers,
+            (&image.manifest_digest, descriptor_annotations),
+            |dir, tag| write_oci_layout(blobs, image, dir, tag),
+        ),
         Output::DockerArchive { file } => {
             let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
             write_oci_layout(blobs, image, tmp.path(), None)?;
@@ -201,7 +206,15 @@ pub fn export(
             let tmp = tempfile::tempdir_in(scratch).map_err(io_at(scratch))?;
             let file = tmp.path().join("image.tar");
             let archive = Output::DockerArchive { file: file.clone() };
-            export(blobs, image, names, &archive, scratch, referrers)?;
+            export(
+                blobs,
+                image,
+                names,
+                &archive,
+                scratch,
+                referrers,
+                &BTreeMap::new(),
+            )?;
             load_into_docker(&file)
         }
         Output::Local { dir } => {
@@ -239,6 +252,7 @@ fn layout_output(
     names: &[String],
     scratch: &Path,
     referrers: &[StoredAttestation],
+    annotated: (&Digest, &BTreeMap<String, String>),
     write: impl Fn(&Path, Option<&str>) -> Result<(), ExportError>,
 ) -> Result<(), ExportError> {
     let tag_of = |tag: &Option<String>| {
@@ -248,6 +262,7 @@ fn layout_output(
     };
     let lay_out = |dir: &Path, tag: &Option<String>| -> Result<(), ExportError> {
         write(dir, tag_of(tag).as_deref())?;
+        annotate_in_layout(dir, annotated.0, annotated.1)?;
         if referrers.is_empty() {
             return Ok(());
         }
@@ -262,6 +277,32 @@ fn layout_output(
         }
         _ => Ok(()),
     }
+}
+
+/// Add `annotations` to the layout's index.json entries for `digest` (`--annotation
+/// index-descriptor:K=V`: the descriptor of what the build made, as BuildKit's OCI exporter
+/// writes it).
+fn annotate_in_layout(
+    dir: &Path,
+    digest: &Digest,
+    annotations: &BTreeMap<String, String>,
+) -> Result<(), ExportError> {
+    if annotations.is_empty() {
+        return Ok(());
+    }
+    let mut manifests = read_layout_index(&dir.join("index.json"));
+    for m in manifests
+        .iter_mut()
+        .filter(|m| m["digest"].as_str() == Some(&digest.to_string()))
+    {
+        if !m["annotations"].is_object() {
+            m["annotations"] = json!({});
+        }
+        for (k, v) in annotations {
+            m["annotations"][k] = json!(v);
+        }
+    }
+    write_layout_index(dir, manifests)
 }
 
 /// Copy a blob into a layout, unless the layout already has it (hardlink when possible).
@@ -517,6 +558,7 @@ impl Built {
         out: &Output,
         scratch: &Path,
         attested: Option<&StoredIndex>,
+        descriptor_annotations: &BTreeMap<String, String>,
     ) -> Result<(), ExportError> {
         // The attestations travel beside the image in a layout, as its referrers (unless
         // the build's name is BuildKit's index, which lists them itself).
@@ -526,16 +568,31 @@ impl Built {
         };
         match (self, out) {
             (Built::Image(i), Output::Local { dir }) => {
-                export(blobs, i, names, out, scratch, &[])?;
+                export(blobs, i, names, out, scratch, &[], &BTreeMap::new())?;
                 match attested {
                     Some(x) => write_attestation_files(blobs, x, i, dir),
                     None => Ok(()),
                 }
             }
-            (Built::Image(i), _) => export(blobs, i, names, out, scratch, referrers),
-            (Built::Index(i), _) => {
-                export_index(blobs, i, names, out, scratch, attested, referrers)
-            }
+            (Built::Image(i), _) => export(
+                blobs,
+                i,
+                names,
+                out,
+                scratch,
+                referrers,
+                descriptor_annotations,
+            ),
+            (Built::Index(i), _) => export_index(
+                blobs,
+                i,
+                names,
+                out,
+                scratch,
+                attested,
+                referrers,
+                descriptor_annotations,
+            ),
         }
     }
 }
@@ -551,16 +608,27 @@ pub fn export_index(
     scratch: &Path,
     attested: Option<&StoredIndex>,
     referrers: &[StoredAttestation],
+    descriptor_annotations: &BTreeMap<String, String>,
 ) -> Result<(), ExportError> {
     match out {
-        Output::OciDir { .. } | Output::OciArchive { .. } => {
-            layout_output(blobs, out, names, scratch, referrers, |dir, tag| {
-                write_oci_index_layout(blobs, index, dir, tag)
-            })
-        }
-        Output::DockerArchive { .. } | Output::DockerLoad if index.images.len() == 1 => {
-            export(blobs, &index.images[0], names, out, scratch, &[])
-        }
+        Output::OciDir { .. } | Output::OciArchive { .. } => layout_output(
+            blobs,
+            out,
+            names,
+            scratch,
+            referrers,
+            (&index.digest, descriptor_annotations),
+            |dir, tag| write_oci_index_layout(blobs, index, dir, tag),
+        ),
+        Output::DockerArchive { .. } | Output::DockerLoad if index.images.len() == 1 => export(
+            blobs,
+            &index.images[0],
+            names,
+            out,
+            scratch,
+            &[],
+            &BTreeMap::new(),
+        ),
         Output::DockerLoad => Err(ExportError::Other(format!(
             "--load: docker holds one platform of an image, and this build made {}; build \
              with one --platform",
@@ -586,6 +654,7 @@ pub fn export_index(
                     &Output::Local { dir: sub.clone() },
                     scratch,
                     &[],
+                    &BTreeMap::new(),
                 )?;
                 write_attestation_files(blobs, attested.unwrap_or(index), image, &sub)?;
             }

@@ -44,6 +44,9 @@ pub enum AnnotationLevel {
     Index,
     /// The index's descriptor of each image.
     ManifestDescriptor,
+    /// The descriptor of what the build made in an `oci:` or `oci-archive:` output's
+    /// index.json.
+    IndexDescriptor,
 }
 
 /// One `--annotation`.
@@ -63,6 +66,7 @@ impl Annotation {
             AnnotationLevel::Manifest => "manifest",
             AnnotationLevel::Index => "index",
             AnnotationLevel::ManifestDescriptor => "manifest-descriptor",
+            AnnotationLevel::IndexDescriptor => "index-descriptor",
         };
         match &self.platform {
             Some(p) => format!("{}[{}]:{}={}", level, p, self.key, self.value),
@@ -451,6 +455,12 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         reporter.log(0, &format!("exported {} cached steps to {}", n, loc));
     }
     let scratch = store.scratch_dir("export-")?;
+    let descriptor_annotations: BTreeMap<String, String> = o
+        .annotations
+        .iter()
+        .filter(|a| a.level == AnnotationLevel::IndexDescriptor)
+        .map(|a| (a.key.clone(), a.value.clone()))
+        .collect();
     for out in &o.outputs {
         built.export(
             &store.blobs,
@@ -458,6 +468,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
             out,
             scratch.path(),
             attested.as_ref(),
+            &descriptor_annotations,
         )?;
     }
     // What the registries cost: a build whose steps all hit, pushed to the registry that
