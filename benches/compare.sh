@@ -4,13 +4,20 @@
 # 200k-file context (no-op, and builder's peak RSS). Medians of RUNS runs, in seconds, with
 # the ratio builder/docker. A report, not a test.
 #
+# CI-shaped scenarios (issue 36), beside docker (and skopeo): run-heavy (a RUN that unpacks
+# 30,000 files, 200 MB, from a bind-mounted tar: cold with --no-cache, and after a one-file
+# edit before it), big-base (a 4-layer, 260 MB image on a loopback registry: pull plus the
+# first RUN on an empty store, against docker's pull plus build), push and pull of that
+# image against `skopeo copy`.
+#
 # builder writes a gzip OCI layout (-o oci:); docker builds into its daemon's store (no
 # layer compression); buildah builds with --layers into its storage. A cold build is a fresh
 # builder store, and `--no-cache` for docker and buildah (their base image stays, as
 # builder's does).
 #
 # Usage: benches/compare.sh [scenario ...]   (needs root, docker.io and buildah)
-#   scenarios: copy-many incremental copy-big run-steps multi-stage huge (default: all)
+#   scenarios: copy-many incremental copy-big run-steps multi-stage huge run-heavy big-base
+#              push pull (default: all)
 # Environment: BENCH_DIR (default /var/tmp/builder-compare), RUNS (3), BASELINE (another
 # builder binary, say the last release: it runs beside the others in every phase, with
 # stores of its own, and the table gains a builder/before column).
@@ -23,9 +30,18 @@ before=${BASELINE:-}
 work=${BENCH_DIR:-/var/tmp/builder-compare}
 runs=${RUNS:-3}
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(copy-many incremental copy-big run-steps multi-stage huge)
-for tool in docker dockerd buildah busybox; do
-  command -v $tool >/dev/null || { echo "$tool is not installed (apt-get install docker.io buildah busybox-static)"; exit 1; }
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(copy-many incremental copy-big run-steps multi-stage huge run-heavy big-base push pull)
+# The CI-shaped scenarios have their own loop, after the others.
+ci_scenarios=()
+dev_scenarios=()
+for s in "${scenarios[@]}"; do
+  case $s in
+    run-heavy|big-base|push|pull) ci_scenarios+=("$s") ;;
+    *) dev_scenarios+=("$s") ;;
+  esac
+done
+for tool in docker dockerd buildah busybox skopeo docker-registry; do
+  command -v $tool >/dev/null || { echo "$tool is not installed (apt-get install docker.io buildah busybox-static skopeo docker-registry)"; exit 1; }
 done
 mkdir -p "$work"
 stamp=$(date +%s)
@@ -144,7 +160,7 @@ row() { # scenario phase b d h [before]
 }
 
 rss_note=""
-for s in "${scenarios[@]}"; do
+for s in "${dev_scenarios[@]}"; do
   ctx=$(gen "$s")
   warm "$ctx"
   phases=(cold no-op)
@@ -203,6 +219,145 @@ for s in "${scenarios[@]}"; do
   unset t
 done
 [ -n "$rss_note" ] && echo && echo "$rss_note"
+
+# ---- CI-shaped scenarios (issue 36) ----
+ci_row() { # scenario phase builder other other-name
+  printf '| %s | %s | %s | %s (%s) | - | %s |\n' "$1" "$2" "$3" "$4" "$5" "$(ratio "$3" "$4")"
+}
+gen_run_heavy() { # -> context: a 200 MB tar of 30,000 files, and a small file before the RUN
+  local ctx=$work/ctx-run-heavy
+  if [ ! -f "$ctx/data.tar" ]; then
+    mkdir -p "$ctx"
+    python3 - "$ctx/data.tar" <<'PY'
+import io, os, random, sys, tarfile
+rnd = random.Random(36)
+words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
+with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
+    for i in range(30000):
+        # Two thirds text, one third incompressible: a package tree's mix.
+        size = 6990
+        if i % 3 == 2:
+            data = os.urandom(size)
+        else:
+            data = b" ".join(rnd.choice(words) for _ in range(size // 5))[:size]
+        info = tarfile.TarInfo("opt/pkg/m%03d/f%05d" % (i // 300, i))
+        info.size, info.mode, info.mtime = len(data), 0o644, 1700000000
+        t.addfile(info, io.BytesIO(data))
+PY
+  fi
+  echo "small" > "$ctx/small.txt"
+  printf 'FROM localhost/busybox:bench\nCOPY small.txt /small.txt\nRUN --mount=type=bind,target=/in /bin/busybox tar -xf /in/data.tar -C /\n' > "$ctx/Buildfile"
+  echo "$ctx"
+}
+# A loopback registry of its own for each timed push (a fresh storage directory, nothing
+# deleted between runs); REG_PORT names the one running.
+reg_pid=""
+registry_up() { # storage-dir
+  [ -z "$reg_pid" ] || { kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; }
+  mkdir -p "$1"
+  printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:5055\n' "$1" > "$1.yml"
+  docker-registry serve "$1.yml" >"$1.log" 2>&1 &
+  reg_pid=$!
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/5055) 2>/dev/null && break; sleep 0.1; done
+}
+trap 'kill "$(cat "$dk/pid" 2>/dev/null)" 2>/dev/null || true; [ -z "$reg_pid" ] || kill "$reg_pid" 2>/dev/null || true' EXIT
+gen_big_base() { # -> a store holding big:1 (4 layers, 260 MB), and its OCI layout
+  local g=$work/big-base
+  if [ ! -f "$g/done" ]; then
+    mkdir -p "$g/ctx"
+    python3 - "$g/ctx" <<'PY'
+import os, sys
+ctx = sys.argv[1]
+for half in ("a", "b"):
+    for i in range(10000):
+        d = os.path.join(ctx, half, "m%03d" % (i // 250))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write((("%s%d " % (half, i)) * 200).encode()[:1000])
+for n in (1, 2, 3):
+    with open(os.path.join(ctx, "big%d.bin" % n), "wb") as f:
+        # Half random, half text: compresses as a real base's libraries do.
+        f.write(os.urandom(40 << 20))
+        f.write((b"library text " * (40 << 20 // 13 + 1))[: 40 << 20])
+PY
+    printf 'FROM scratch\nCOPY a/ /usr/share/a/\nCOPY b/ /usr/share/b/\nCOPY big1.bin /usr/lib/\nCOPY big2.bin big3.bin /usr/lib/\nCOPY --from=localhost/busybox:bench /bin/ /bin/\n' > "$g/ctx/Buildfile"
+    cp -a "$base/store" "$g/store"
+    "$bin" build --progress quiet --root "$g/store" -t big:1 -o "oci:$g/layout:1" "$g/ctx" >/dev/null
+    touch "$g/done"
+  fi
+  echo "$g"
+}
+for s in "${ci_scenarios[@]}"; do
+  root_base=$work/runs/$stamp/$s
+  mkdir -p "$root_base"
+  case $s in
+    run-heavy)
+      ctx=$(gen_run_heavy)
+      warm "$ctx"
+      # Warm both: the base in builder's store, the image in docker's.
+      warm_root=$root_base/warm
+      cp -a "$base/store" "$warm_root"
+      build_builder "$ctx" "$warm_root" >/dev/null
+      build_docker "$ctx" >/dev/null
+      for phase in cold edit; do
+        bs=() ds=()
+        for r in $(seq "$runs"); do
+          case $phase in
+            cold)
+              fresh=$root_base/cold-$r; cp -a "$base/store" "$fresh"
+              res=$(timed build_builder "$ctx" "$fresh"); bs+=("${res%% *}")
+              res=$(timed build_docker "$ctx" --no-cache); ds+=("${res%% *}") ;;
+            edit)
+              echo "edit $(date +%s%N)" >> "$ctx/small.txt"
+              res=$(timed build_builder "$ctx" "$warm_root"); bs+=("${res%% *}")
+              echo "edit $(date +%s%N)" >> "$ctx/small.txt"
+              res=$(timed build_docker "$ctx"); ds+=("${res%% *}") ;;
+          esac
+        done
+        ci_row run-heavy "$phase" "$(printf '%s\n' "${bs[@]}" | median)" "$(printf '%s\n' "${ds[@]}" | median)" docker
+      done
+      ;;
+    big-base|push|pull)
+      g=$(gen_big_base)
+      warm "$g/store/blobs"
+      reg=$root_base/registry-seed
+      registry_up "$reg"
+      "$bin" push --root "$g/store" big:1 127.0.0.1:5055/big:1 >/dev/null 2>&1
+      ctx=$root_base/ctx
+      mkdir -p "$ctx"
+      printf 'FROM 127.0.0.1:5055/big:1\nRUN echo ran > /ran\n' > "$ctx/Buildfile"
+      bs=() os=()
+      for r in $(seq "$runs"); do
+        case $s in
+          big-base)
+            fresh=$root_base/empty-$r
+            res=$(timed "$bin" build --progress quiet --network none --root "$fresh" -o "oci:$fresh-layout:1" "$ctx"); bs+=("${res%% *}")
+            docker rmi -f 127.0.0.1:5055/big:1 >/dev/null 2>&1 || true
+            docker builder prune -af >/dev/null 2>&1 || true
+            res=$(timed sh -c "docker pull -q 127.0.0.1:5055/big:1 && docker build -q --network none --no-cache $ctx"); os+=("${res%% *}")
+            ;;
+          push)
+            registry_up "$root_base/registry-push-b$r"
+            res=$(timed "$bin" push --root "$g/store" big:1 "127.0.0.1:5055/pushed:$r"); bs+=("${res%% *}")
+            registry_up "$root_base/registry-push-s$r"
+            res=$(timed skopeo copy -q --dest-tls-verify=false "oci:$g/layout:1" "docker://127.0.0.1:5055/pushed:$r"); os+=("${res%% *}")
+            ;;
+          pull)
+            res=$(timed "$bin" pull --root "$root_base/pull-b$r" 127.0.0.1:5055/big:1); bs+=("${res%% *}")
+            res=$(timed skopeo copy -q --src-tls-verify=false docker://127.0.0.1:5055/big:1 "oci:$root_base/pull-s$r:1"); os+=("${res%% *}")
+            ;;
+        esac
+      done
+      other=docker; [ "$s" = big-base ] || other=skopeo
+      phase="pull + first RUN"; [ "$s" = big-base ] || phase=$s
+      ci_row "$s" "$phase" "$(printf '%s\n' "${bs[@]}" | median)" "$(printf '%s\n' "${os[@]}" | median)" "$other"
+      if [ "$s" = pull ]; then
+        echo
+        echo "pull: builder's store holds $(du -sm "$root_base/pull-b1" | cut -f1) MB after its pull; skopeo's layout $(du -sm "$root_base/pull-s1" | cut -f1) MB"
+      fi
+      ;;
+  esac
+done
 # The zstd floor: a cold builder build with --compression zstd against `zstd -3 -T0` of the
 # same bytes (to /dev/null), medians of RUNS runs. For copy-big's random bytes, which zstd
 # passes through nearly as they are, and for 500 MB of this machine's own /usr (programs and
