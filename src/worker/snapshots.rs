@@ -473,6 +473,61 @@ pub struct RootView {
     pub scratch: PathBuf,
 }
 
+/// Unpack the snapshots `layers` lack, each its own directory in overlay mode, on as many
+/// threads as there are cores, biggest first: a base of several layers is ready in the time
+/// of its biggest layer rather than of all of them in turn.
+fn unpack_side_by_side(
+    snaps: &Snapshots,
+    layers: &[LayerRef],
+    need: ViewNeed,
+) -> Result<(), SnapshotError> {
+    let mut missing: Vec<(Digest, &LayerRef)> = layers
+        .iter()
+        .zip(chain_ids(layers))
+        .filter(|(_, chain)| {
+            let dir = snaps.dir.join(chain.hex());
+            !(dir.join("fs").is_dir() || need == ViewNeed::Metadata && dir.join("meta").is_dir())
+        })
+        .map(|(l, chain)| (chain, l))
+        .collect();
+    if missing.len() < 2 {
+        return Ok(());
+    }
+    missing.sort_by_key(|(_, l)| std::cmp::Reverse(l.size));
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(missing.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<SnapshotError>> = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((chain, layer)) = missing.get(i) else {
+                    break;
+                };
+                let done = match need {
+                    ViewNeed::Full => snaps.layer_dir(chain, layer),
+                    ViewNeed::Metadata => snaps.skeleton_dir(chain, layer),
+                };
+                if let Err(e) = done {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                    // The others stop at their next layer.
+                    next.store(missing.len(), std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 impl RootView {
     /// A view of `layers` (bottom first).
     pub fn new(
@@ -512,6 +567,9 @@ impl RootView {
             .map(|(l, _)| l.digest.clone())
             .collect();
         snaps.blobs.ensure_all(&unpacked)?;
+        if mode == Snapshotter::Overlay {
+            unpack_side_by_side(snaps, layers, need)?;
+        }
         let mut v = RootView {
             mode,
             lowers: Vec::new(),
