@@ -182,6 +182,59 @@ fn an_image_or_a_layout_stands_for_a_from_image() {
 }
 
 #[test]
+fn an_http_tarball_is_a_build_context() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let ctx = d.path().join("ctx");
+    write(
+        &ctx.join("Buildfile"),
+        "FROM scratch\nCOPY --from=remote app/hello.txt /hello.txt\n",
+    );
+    // A gzipped tar of app/hello.txt, as a release tarball is.
+    let src = d.path().join("src");
+    write(&src.join("app/hello.txt"), "from the tarball\n");
+    let tarball = d.path().join("ctx.tar.gz");
+    run_ok(
+        std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&src)
+            .arg("app"),
+    );
+    let port = serve(std::fs::read(&tarball).unwrap(), 1);
+    let layout = d.path().join("layout");
+    run_ok(
+        build_cmd(&root)
+            .args([
+                "--build-context",
+                &format!("remote=http://127.0.0.1:{port}/ctx.tar.gz"),
+            ])
+            .args(["-o", &format!("oci:{}:t", layout.display())])
+            .arg(&ctx),
+    );
+    let rootfs = rootfs_of(&layout, "t", &d.path().join("u"));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("hello.txt")).unwrap(),
+        "from the tarball\n"
+    );
+    // Not an archive: refused, naming the flag.
+    let port = serve(b"<html>not a tarball</html>".to_vec(), 1);
+    let out = run(build_cmd(&root)
+        .args([
+            "--build-context",
+            &format!("remote=http://127.0.0.1:{port}/x"),
+        ])
+        .arg(&ctx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--build-context") && err.contains("tar archive"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_bad_build_context_is_refused_with_its_value() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");

@@ -513,33 +513,6 @@ fn copy_rules_match_docker() {
     assert!(local.join("all/one.txt").exists());
 }
 
-/// Answer a bounded number of HTTP requests on 127.0.0.1 with `response`; returns the port.
-fn serve_raw(response: Vec<u8>, requests: usize) -> u16 {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(requests) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(&response);
-        }
-    });
-    port
-}
-
-/// Serve `body` over HTTP on 127.0.0.1 for a bounded number of requests; returns the port.
-fn serve(body: &'static [u8], requests: usize) -> u16 {
-    let mut response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    response.extend_from_slice(body);
-    serve_raw(response, requests)
-}
-
 /// Answer every request with a redirect to `location`; returns the port.
 fn serve_redirect(location: &str, requests: usize) -> u16 {
     let head = format!(
@@ -552,7 +525,7 @@ fn serve_redirect(location: &str, requests: usize) -> u16 {
 #[test]
 fn add_fetches_urls_and_verifies_checksums() {
     let body: &'static [u8] = b"remote file content\n";
-    let port = serve(body, 4);
+    let port = serve(body.to_vec(), 4);
     let sum = format!("sha256:{}", builder::oci::digest::Digest::of(body).hex());
     let t = tempfile::tempdir().unwrap();
     let ctx = t.path().join("ctx");
@@ -611,7 +584,7 @@ fn add_refuses_redirects_to_other_schemes_and_follows_http_ones() {
     );
 
     // An http redirect to another server is followed.
-    let target = serve(b"moved here\n", 1);
+    let target = serve(b"moved here\n".to_vec(), 1);
     let port = serve_redirect(&format!("http://127.0.0.1:{target}/real.txt"), 1);
     write(
         &ctx.join("Buildfile"),

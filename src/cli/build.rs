@@ -56,7 +56,8 @@ pub struct BuildArgs {
     #[arg(help_heading = "Build file and context", short = 'f', long = "file")]
     pub file: Option<PathBuf>,
     /// An additional build context (repeatable): NAME=DIR, NAME=docker-image://REF,
-    /// NAME=oci-layout://DIR[:TAG|@DIGEST] or NAME=GIT-URL#REF[:SUBDIR]. FROM NAME, COPY --from=NAME and
+    /// NAME=oci-layout://DIR[:TAG|@DIGEST], NAME=GIT-URL#REF[:SUBDIR] or NAME=https://…/TARBALL.
+    /// FROM NAME, COPY --from=NAME and
     /// RUN --mount=from=NAME read it, in place of a stage or image of that name.
     #[arg(
         help_heading = "Build file and context",

@@ -173,8 +173,8 @@ pub struct BuildContexts {
 }
 
 /// `--build-context NAME=VALUE`s. VALUE is a directory, `docker-image://REF`,
-/// `oci-layout://DIR[:TAG|@DIGEST]`, or a git repository (`URL#REF[:SUBDIR]`, checked out
-/// now with `auth`).
+/// `oci-layout://DIR[:TAG|@DIGEST]`, a git repository (`URL#REF[:SUBDIR]`, checked out now
+/// with `auth`), or an http(s) URL of a tarball (downloaded and unpacked now).
 pub fn parse_build_contexts(
     values: &[String],
     auth: &crate::git::GitAuth,
@@ -254,9 +254,38 @@ pub fn parse_build_contexts(
             out.recorded.insert(key.clone(), pinned);
             out.checkouts.push(std::sync::Arc::new(holder));
             NamedContext::Local
+        } else if value.starts_with("http://") || value.starts_with("https://") {
+            // As BuildKit: a URL that is not a git repository is a tarball of the context
+            // (plain or compressed), unpacked here for the build.
+            let holder = tempfile::tempdir().map_err(|e| bad(&e.to_string()))?;
+            let what = format!("--build-context {}=", name.trim());
+            let (_, body, _, _) =
+                crate::solver::staging::download(value, None, holder.path(), &what)
+                    .map_err(super::CliError::msg)?;
+            if !crate::oci::unpack::is_archive(&body) {
+                return Err(bad(
+                    "the URL does not give a tar archive (plain, gzip, bzip2, xz or zstd)",
+                ));
+            }
+            let tree = holder.path().join("tree");
+            std::fs::create_dir(&tree).map_err(|e| bad(&e.to_string()))?;
+            crate::oci::unpack::unpack_layer(
+                &body,
+                value,
+                &tree,
+                crate::oci::unpack::UnpackOptions::default(),
+            )
+            .map_err(|e| bad(&e.to_string()))?;
+            let _ = std::fs::remove_file(&body);
+            out.dirs.insert(key.clone(), tree);
+            // The URL (what `builder verify` downloads again); the provenance lists the
+            // files it gave, as a directory's.
+            out.recorded.insert(key.clone(), value.to_string());
+            out.checkouts.push(std::sync::Arc::new(holder));
+            NamedContext::Local
         } else if value.contains("://") {
             return Err(bad(
-                "a directory, docker-image://REF, oci-layout://DIR[:TAG|@DIGEST] or a git repository",
+                "a directory, docker-image://REF, oci-layout://DIR[:TAG|@DIGEST], a git repository or an http(s) tarball",
             ));
         } else {
             let dir = PathBuf::from(value);

@@ -655,14 +655,26 @@ fn fetch_url(
     checksum: Option<&str>,
     dir: &Path,
 ) -> Result<(String, PathBuf, u64, String), CopyError> {
-    let fail = |e: String| CopyError::Other(format!("ADD {}: {}", url, e));
+    download(url, checksum, dir, "ADD").map_err(CopyError::Other)
+}
+
+/// Download `url` into `dir/body` for `what` (the instruction or flag, for messages),
+/// hashing as it streams and verifying `checksum` (`sha256:<hex>`) when given. Returns the
+/// URL's file name, the file, its size and its digest.
+pub(crate) fn download(
+    url: &str,
+    checksum: Option<&str>,
+    dir: &Path,
+    what: &str,
+) -> Result<(String, PathBuf, u64, String), String> {
+    let fail = |e: String| format!("{} {}: {}", what, url, e);
     let agent = ureq::AgentBuilder::new()
         .redirects(0)
         .timeout_connect(std::time::Duration::from_secs(30))
         .timeout_read(std::time::Duration::from_secs(300))
         .build();
-    let resp = crate::registry::redirect::get(&agent, url)
-        .map_err(|e| CopyError::Other(format!("ADD {}", e)))?;
+    let resp =
+        crate::registry::redirect::get(&agent, url).map_err(|e| format!("{} {}", what, e))?;
     if resp.status() >= 400 {
         return Err(fail(format!(
             "the server answered {} {}",
@@ -671,7 +683,8 @@ fn fetch_url(
         )));
     }
     let file_path = dir.join("body");
-    let file = fs::File::create(&file_path).map_err(io_at(&file_path))?;
+    let file = fs::File::create(&file_path)
+        .map_err(|e| fail(format!("{}: {}", file_path.display(), e)))?;
     let mut w = HashingWriter::new(io::BufWriter::new(file));
     io::copy(&mut resp.into_reader(), &mut w).map_err(|e| {
         if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -684,7 +697,9 @@ fn fetch_url(
         }
     })?;
     let (got, size, mut inner) = w.finish();
-    inner.flush().map_err(io_at(&file_path))?;
+    inner
+        .flush()
+        .map_err(|e| fail(format!("{}: {}", file_path.display(), e)))?;
     if let Some(want) = checksum {
         if got.to_string() != want {
             return Err(fail(format!(

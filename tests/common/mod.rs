@@ -331,3 +331,30 @@ pub fn two_platform_base(root: &Path, dir: &Path, arm64_busybox: &Path) {
         ],
     );
 }
+
+/// Answer a bounded number of HTTP requests on 127.0.0.1 with `response`; returns the port.
+pub fn serve_raw(response: Vec<u8>, requests: usize) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(&response);
+        }
+    });
+    port
+}
+
+/// Serve `body` over HTTP on 127.0.0.1 for a bounded number of requests; returns the port.
+pub fn serve(body: Vec<u8>, requests: usize) -> u16 {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(&body);
+    serve_raw(response, requests)
+}
