@@ -1206,3 +1206,40 @@ fn a_pushed_image_carries_its_attestations_and_a_pull_ignores_them() {
             .arg(format!("oci:{}:x", out.path().join("l").display())),
     );
 }
+
+#[test]
+fn a_registry_base_of_another_platform_is_warned_about_after_its_pull() {
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    // An arm64-only image at the registry.
+    let maker = tempfile::tempdir().unwrap();
+    let base_ctx = context(&[
+        ("Buildfile", "FROM scratch\nCOPY f /f\n".into()),
+        ("f", "arm\n".into()),
+    ]);
+    let arm = format!("{}/arm:1", reg.host());
+    run_ok(
+        user.on("build", maker.path())
+            .args(["--platform", "linux/arm64", "-t", &arm, "--push"])
+            .arg(base_ctx.path()),
+    );
+    // A host-platform build on it, from an empty store: nothing of the base is known before
+    // the build pulls it, and the warning comes with the other findings at the end.
+    let ctx = context(&[
+        ("Buildfile", format!("FROM {}\nCOPY g /g\n", arm)),
+        ("g", "g\n".into()),
+    ]);
+    let fresh = tempfile::tempdir().unwrap();
+    let out = run(user
+        .on("build", fresh.path())
+        .args(["--progress", "plain"])
+        .arg(ctx.path()));
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "a warning, not an error: {err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("Buildfile:1:1: InvalidBaseImagePlatform:")
+                && l.contains("linux/arm64")),
+        "{err}"
+    );
+}

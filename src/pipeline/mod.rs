@@ -194,19 +194,22 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         None => CheckPolicy::parse(doc.directives.check.as_deref())
             .map_err(|e| CliError::msg(format!("{}: {}", name, e)))?,
     };
-    let findings = checks::run(
-        &CheckInput {
-            source: text,
-            doc: &doc,
-            typed: &typed,
-            ignore: &ignore,
-            build_args: &o.plan.build_args,
-            target_platform: &o.plan.target_platform.spec(),
-            platform_args: &Platform::args(&o.plan.target_platform, &o.plan.build_platform),
-            bases: &bases::StoreBases(&store, o.plan.target_platform.spec(), &o.plan.contexts),
-        },
-        &policy,
-    );
+    let run_checks = |store: &Store| {
+        checks::run(
+            &CheckInput {
+                source: text,
+                doc: &doc,
+                typed: &typed,
+                ignore: &ignore,
+                build_args: &o.plan.build_args,
+                target_platform: &o.plan.target_platform.spec(),
+                platform_args: &Platform::args(&o.plan.target_platform, &o.plan.build_platform),
+                bases: &bases::StoreBases(store, o.plan.target_platform.spec(), &o.plan.contexts),
+            },
+            &policy,
+        )
+    };
+    let findings = run_checks(&store);
     if o.check_only {
         return Ok(Finished::Checked(
             findings.iter().map(|f| f.line_in(name)).collect(),
@@ -303,7 +306,7 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         file_name: name.clone(),
         graph: lower_for(&o.plan.target_platform, &graph)?,
         context: o.context.clone(),
-        ignore,
+        ignore: ignore.clone(),
         named_contexts,
         ssh: o.ssh.clone(),
         epoch: o.epoch,
@@ -511,7 +514,10 @@ pub fn build(o: BuildOptions) -> Result<Finished, CliError> {
         bytes_pushed: registry.uploads(),
         seconds: started.elapsed().as_secs_f64(),
     });
-    // As BuildKit: the checks' findings close the build's output.
+    // As BuildKit: the checks' findings close the build's output. The bases the build
+    // pulled are in the store now, so the rules that read a base's config (its platform,
+    // its environment) see those too, as BuildKit's, which resolves every base first.
+    let findings = run_checks(&store);
     for f in &findings {
         reporter.check(name, f);
     }
