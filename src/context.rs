@@ -128,8 +128,12 @@ impl SourceRoot {
     /// Whether anything below the directory `rel` is part of the context. Remembered: a walk
     /// asks again for each directory below.
     fn keeps_something_below(&self, rel: &str) -> bool {
-        let known = |m: &Self| m.kept_below.lock().ok().and_then(|k| k.get(rel).copied());
-        if let Some(kept) = known(self) {
+        let known = self
+            .kept_below
+            .lock()
+            .ok()
+            .and_then(|k| k.get(rel).copied());
+        if let Some(kept) = known {
             return kept;
         }
         let kept = fs::read_dir(self.root.join(rel)).is_ok_and(|entries| {

@@ -38,21 +38,17 @@ struct Plan {
     /// Directories whose lower content the stack hides (an opaque marker, or a whiteout
     /// followed by a new directory of that name).
     hidden_below: BTreeSet<Vec<u8>>,
-    /// Hard links kept: (their place, the path they name).
-    links: Vec<(At, Vec<u8>)>,
+    /// Hard links: (their place, their path, the path they name).
+    links: Vec<(At, Vec<u8>, Vec<u8>)>,
 }
 
 /// The keys of `map` strictly below the directory `dir`.
-fn below<'m, V>(map: &'m BTreeMap<Vec<u8>, V>, dir: &[u8]) -> Vec<Vec<u8>> {
-    range_below(map.range(bounds(dir)).map(|(k, _)| k))
+fn below<V>(map: &BTreeMap<Vec<u8>, V>, dir: &[u8]) -> Vec<Vec<u8>> {
+    map.range(bounds(dir)).map(|(k, _)| k.clone()).collect()
 }
 
 fn below_set(set: &BTreeSet<Vec<u8>>, dir: &[u8]) -> Vec<Vec<u8>> {
-    range_below(set.range(bounds(dir)))
-}
-
-fn range_below<'a>(keys: impl Iterator<Item = &'a Vec<u8>>) -> Vec<Vec<u8>> {
-    keys.cloned().collect()
+    set.range(bounds(dir)).cloned().collect()
 }
 
 /// `dir/` up to (not including) `dir0`: every path below `dir`, since `0` follows `/`.
@@ -144,7 +140,7 @@ pub fn write_squashed<W: Write>(layers: &[&Path], w: W) -> io::Result<W> {
                 let kind = e.header().entry_type();
                 if kind.is_hard_link() {
                     if let Some(target) = e.link_name_bytes() {
-                        plan.links.push(((li, n), path_of(&target)?));
+                        plan.links.push(((li, n), path.clone(), path_of(&target)?));
                     }
                 }
                 plan.entry(path, (li, n), kind.is_dir());
@@ -154,27 +150,21 @@ pub fn write_squashed<W: Write>(layers: &[&Path], w: W) -> io::Result<W> {
     let keep: HashSet<At> = plan.kept.values().map(|k| k.at).collect();
     // A hard link must come after the entry it names, and that entry must be the one the
     // link was made to.
-    for (at, target) in &plan.links {
+    for (at, link, target) in &plan.links {
         if !keep.contains(at) {
             continue;
         }
-        match plan.kept.get(target) {
-            Some(t) if t.at > *at => {
-                return Err(io::Error::other(format!(
-                    "/{} is a hard link to /{}, which a later step replaced: one layer cannot hold both",
-                    String::from_utf8_lossy(&link_path(&plan, *at)),
-                    String::from_utf8_lossy(target)
-                )))
-            }
-            None if plan.whiteouts.contains(target) => {
-                return Err(io::Error::other(format!(
-                    "/{} is a hard link to /{}, which a later step deleted: one layer cannot hold both",
-                    String::from_utf8_lossy(&link_path(&plan, *at)),
-                    String::from_utf8_lossy(target)
-                )))
-            }
-            _ => {}
-        }
+        let lost = match plan.kept.get(target) {
+            Some(t) if t.at > *at => "replaced",
+            None if plan.whiteouts.contains(target) => "deleted",
+            _ => continue,
+        };
+        return Err(io::Error::other(format!(
+            "/{} is a hard link to /{}, which a later step {}: one layer cannot hold both",
+            String::from_utf8_lossy(link),
+            String::from_utf8_lossy(target),
+            lost
+        )));
     }
 
     let mut b = tar::Builder::new(w);
@@ -219,14 +209,6 @@ pub fn write_squashed<W: Write>(layers: &[&Path], w: W) -> io::Result<W> {
         }
     }
     b.into_inner()
-}
-
-fn link_path(plan: &Plan, at: At) -> Vec<u8> {
-    plan.kept
-        .iter()
-        .find(|(_, k)| k.at == at)
-        .map(|(p, _)| p.clone())
-        .unwrap_or_default()
 }
 
 /// Copy one entry as this crate writes entries: a ustar header, PAX records where it
