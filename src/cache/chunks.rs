@@ -26,8 +26,10 @@ struct Table {
     chunks: Vec<ChunkInfo>,
 }
 
-/// The hash of [`crate::oci::pgzip::chunk_key`].
-const KEYED_BY: &str = "blake3";
+/// The hash of [`crate::oci::pgzip::chunk_key`], and how a chunk is compressed (what
+/// [`crate::oci::pgzip::deflate`] stores rather than deflates): a chunk compressed
+/// otherwise is not the bytes a compression gives now.
+const KEYED_BY: &str = "blake3, stored windows";
 
 fn step_path(dir: &Path, step: &str) -> PathBuf {
     dir.join("steps").join(Digest::of(step.as_bytes()).hex())

@@ -188,15 +188,19 @@ pub fn write_layer_from(
                 let jobs = std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1);
-                let gz = super::pgzip::ParallelGzWriter::new(outer, level, jobs, opts.reuse)
-                    .map_err(io_at(&tmp_path))?
-                    .hashing_plain();
-                let sink = TarSink::new(gz, false, tee);
-                let done = write_source(&source, dir, sink, &opts, &mut segments)?;
-                let gz = done.out.finish().map_err(io_at(&tmp_path))?;
-                chunks = gz.table;
-                reused_chunks = gz.reused;
-                (gz.plain_digest, gz.inner)
+                // The compressing threads live as long as this layer's writing.
+                std::thread::scope(|scope| -> Result<_, LayerError> {
+                    let gz =
+                        super::pgzip::ParallelGzWriter::new(scope, outer, level, jobs, opts.reuse)
+                            .map_err(io_at(&tmp_path))?
+                            .hashing_plain();
+                    let sink = TarSink::new(gz, false, tee);
+                    let done = write_source(&source, dir, sink, &opts, &mut segments)?;
+                    let gz = done.out.finish().map_err(io_at(&tmp_path))?;
+                    chunks = gz.table;
+                    reused_chunks = gz.reused;
+                    Ok((gz.plain_digest, gz.inner))
+                })?
             }
             Compression::Zstd(level) => {
                 let mut z = zstd::Encoder::new(outer, level).map_err(io_at(&tmp_path))?;

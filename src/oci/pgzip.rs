@@ -18,7 +18,9 @@
 //! or on what a cache held: a cold build and an edit rebuild of the same content give the
 //! same blob.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::sync::{mpsc, Arc, Mutex};
 
 use crc32fast::Hasher as Crc;
 use flate2::{Compress, Compression, FlushCompress, Status};
@@ -85,23 +87,36 @@ fn cuts_before(header: &[u8]) -> bool {
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) % CUT_ONE_IN == 0
 }
 
-/// A gzip writer that compresses with up to `jobs` threads, reusing chunks from `reuse`.
-pub struct ParallelGzWriter<'r, W: Write> {
+/// A compressed chunk: its key, the CRC-32 and length of its uncompressed bytes, its
+/// compressed bytes, and whether they were reused.
+type Compressed = (String, u32, u64, Vec<u8>, bool);
+
+/// What comes back from a compressing thread: the chunk's place in the stream, its
+/// compression, and its uncompressed bytes (to be hashed, then filled again).
+type Returned = (u64, io::Result<Compressed>, Vec<u8>);
+
+/// A gzip writer that compresses on `jobs` threads of a scope, reusing chunks from `reuse`.
+/// Chunks are compressed beside the writing of the next ones (at most
+/// [`IN_FLIGHT_PER_JOB`] per thread at a time) and written out in order.
+pub struct ParallelGzWriter<'s, W: Write> {
     inner: W,
-    level: u32,
-    jobs: usize,
     crc: Crc,
     /// Uncompressed bytes so far (the gzip trailer's size).
     plain: u64,
     /// Bytes written to `inner` so far.
     written: u64,
-    /// Closed chunks not yet compressed.
-    pending: Vec<Vec<u8>>,
     /// The chunk being filled, and where it starts in the uncompressed stream.
     current: Vec<u8>,
     start: u64,
     tar: TarTracker,
-    reuse: Option<&'r dyn ChunkReuse>,
+    /// Where closed chunks go to be compressed (`None` once finished), numbered in order.
+    to_compress: Option<mpsc::SyncSender<(u64, Vec<u8>)>>,
+    compressed: mpsc::Receiver<Returned>,
+    sent: u64,
+    /// Chunks compressed out of order, waiting for the ones before them.
+    early: BTreeMap<u64, (io::Result<Compressed>, Vec<u8>)>,
+    next_out: u64,
+    in_flight_limit: u64,
     table: Vec<ChunkInfo>,
     reused: usize,
     /// Chunk buffers done with, to fill again (fresh ones cost a page fault per 4 KiB).
@@ -109,33 +124,64 @@ pub struct ParallelGzWriter<'r, W: Write> {
     /// Where compressed chunks go to be hashed in order, whole, for the sha256 of the
     /// uncompressed stream (a layer's diff_id) without another copy of its bytes.
     plain_hash: Option<ThreadedHashingWriter<io::Sink>>,
+    _scope: std::marker::PhantomData<&'s ()>,
 }
 
-impl<'r, W: Write> ParallelGzWriter<'r, W> {
-    pub fn new(
+/// Chunks queued or being compressed, per compressing thread.
+const IN_FLIGHT_PER_JOB: u64 = 2;
+
+impl<'s, W: Write> ParallelGzWriter<'s, W> {
+    pub fn new<'e>(
+        scope: &'s std::thread::Scope<'s, 'e>,
         mut inner: W,
         level: u32,
         jobs: usize,
-        reuse: Option<&'r dyn ChunkReuse>,
+        reuse: Option<&'s dyn ChunkReuse>,
     ) -> io::Result<Self> {
         // No name, no mtime, no extra flags, OS "unknown": the same bytes everywhere.
         inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+        let level = level.min(9);
+        let jobs = jobs.max(1);
+        let in_flight_limit = jobs as u64 * IN_FLIGHT_PER_JOB;
+        let (to_compress, queue) = mpsc::sync_channel::<(u64, Vec<u8>)>(in_flight_limit as usize);
+        let (back, compressed) = mpsc::channel::<Returned>();
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..jobs {
+            let queue = Arc::clone(&queue);
+            let back = back.clone();
+            scope.spawn(move || loop {
+                // The lock is held only to take the next chunk; a poisoned one (a thread that
+                // panicked) still hands chunks out.
+                let next = match queue.lock() {
+                    Ok(q) => q.recv(),
+                    Err(poisoned) => poisoned.into_inner().recv(),
+                };
+                let Ok((seq, chunk)) = next else { return };
+                let done = compress_chunk(&chunk, level, reuse);
+                if back.send((seq, done, chunk)).is_err() {
+                    return;
+                }
+            });
+        }
         Ok(ParallelGzWriter {
             inner,
-            level: level.min(9),
-            jobs: jobs.max(1),
             crc: Crc::new(),
             plain: 0,
             written: 10,
-            pending: Vec::new(),
             current: Vec::with_capacity(MIN_CHUNK * 2),
             start: 0,
             tar: TarTracker { next_header: 0 },
-            reuse,
+            to_compress: Some(to_compress),
+            compressed,
+            sent: 0,
+            early: BTreeMap::new(),
+            next_out: 0,
+            in_flight_limit,
             table: Vec::new(),
             reused: 0,
             spare: Vec::new(),
             plain_hash: None,
+            _scope: std::marker::PhantomData,
         })
     }
 
@@ -159,12 +205,78 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
         };
         next.extend_from_slice(&self.current[cut..]);
         self.current.truncate(cut);
-        self.pending
-            .push(std::mem::replace(&mut self.current, next));
+        let chunk = std::mem::replace(&mut self.current, next);
         self.start = at;
-        if self.pending.len() >= self.jobs {
-            let chunks = std::mem::take(&mut self.pending);
-            self.compress(chunks)?;
+        self.send(chunk)
+    }
+
+    /// Queue `chunk` for compression, first writing out what is done while too many are
+    /// in flight.
+    fn send(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        while self.sent - self.next_out >= self.in_flight_limit {
+            self.write_next()?;
+        }
+        let queue = self
+            .to_compress
+            .as_ref()
+            .ok_or_else(|| io::Error::other("internal: a chunk after the end"))?;
+        queue
+            .send((self.sent, chunk))
+            .map_err(|_| io::Error::other("the compressing threads stopped"))?;
+        self.sent += 1;
+        // What is already done goes out now, without waiting.
+        while let Ok((seq, done, chunk)) = self.compressed.try_recv() {
+            self.early.insert(seq, (done, chunk));
+        }
+        while self.early.contains_key(&self.next_out) {
+            self.write_next()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the next chunk in order and write it out.
+    fn write_next(&mut self) -> io::Result<()> {
+        let (done, chunk) = loop {
+            if let Some(ready) = self.early.remove(&self.next_out) {
+                break ready;
+            }
+            let (seq, done, chunk) = self
+                .compressed
+                .recv()
+                .map_err(|_| io::Error::other("the compressing threads stopped"))?;
+            self.early.insert(seq, (done, chunk));
+        };
+        self.next_out += 1;
+        let (key, crc, len, z, reused) = done?;
+        self.crc.combine(&Crc::new_with_initial_len(crc, len));
+        self.plain += len;
+        self.inner.write_all(&z)?;
+        self.table.push(ChunkInfo {
+            key,
+            crc,
+            offset: self.written,
+            size: z.len() as u64,
+        });
+        self.written += z.len() as u64;
+        self.reused += reused as usize;
+        // Enough spares for what is in flight and what the hasher holds: a chunk buffer is
+        // then never allocated anew once the first few are.
+        let keep = self.in_flight_limit as usize + HASHER_IN_FLIGHT;
+        match self.plain_hash.as_mut() {
+            Some(h) => {
+                h.write_owned(chunk)?;
+                while let Some(back) = h.spare() {
+                    if self.spare.len() < keep {
+                        self.spare.push(back);
+                    }
+                }
+            }
+            None if self.spare.len() < keep => {
+                let mut chunk = chunk;
+                chunk.clear();
+                self.spare.push(chunk);
+            }
+            None => {}
         }
         Ok(())
     }
@@ -194,83 +306,18 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
         }
     }
 
-    /// Compress (or reuse) `chunks` in parallel and write them out in order.
-    fn compress(&mut self, chunks: Vec<Vec<u8>>) -> io::Result<()> {
-        let level = self.level;
-        let reuse = self.reuse;
-        type Done = (String, u32, u64, Vec<u8>, bool);
-        let outputs: Vec<io::Result<Done>> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunks
-                .iter()
-                .map(|c| {
-                    s.spawn(move || {
-                        let key = chunk_key(c);
-                        let len = c.len() as u64;
-                        if let Some((z, crc)) = reuse.and_then(|r| r.compressed(&key, level)) {
-                            return Ok((key, crc, len, z, true));
-                        }
-                        let mut crc = Crc::new();
-                        crc.update(c);
-                        deflate(c, level).map(|z| (key, crc.finalize(), len, z, false))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("compression thread panicked")))
-                })
-                .collect()
-        });
-        for o in outputs {
-            let (key, crc, len, z, reused) = o?;
-            self.crc.combine(&Crc::new_with_initial_len(crc, len));
-            self.plain += len;
-            self.inner.write_all(&z)?;
-            self.table.push(ChunkInfo {
-                key,
-                crc,
-                offset: self.written,
-                size: z.len() as u64,
-            });
-            self.written += z.len() as u64;
-            self.reused += reused as usize;
-        }
-        // Enough spares for a batch and for what the hasher holds: a chunk buffer is then
-        // never allocated anew once the first few are.
-        let keep = self.jobs + HASHER_IN_FLIGHT;
-        for mut c in chunks {
-            match self.plain_hash.as_mut() {
-                Some(h) => h.write_owned(c)?,
-                None if self.spare.len() < keep => {
-                    c.clear();
-                    self.spare.push(c);
-                }
-                None => {}
-            }
-        }
-        if let Some(h) = self.plain_hash.as_mut() {
-            while let Some(back) = h.spare() {
-                if self.spare.len() < keep {
-                    self.spare.push(back);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Write everything out (an empty final block, then the gzip trailer); returns the
     /// inner writer, the chunk table, how many chunks were reused, and the sha256 of the
     /// uncompressed stream when [`ParallelGzWriter::hashing_plain`] asked for it.
     pub fn finish(mut self) -> io::Result<GzFinished<W>> {
-        let mut chunks = std::mem::take(&mut self.pending);
         if !self.current.is_empty() {
-            chunks.push(std::mem::take(&mut self.current));
+            let last = std::mem::take(&mut self.current);
+            self.send(last)?;
         }
-        while !chunks.is_empty() {
-            let rest = chunks.split_off(chunks.len().min(self.jobs));
-            self.compress(std::mem::replace(&mut chunks, rest))?;
+        // The threads stop once the queue is empty.
+        self.to_compress = None;
+        while self.next_out < self.sent {
+            self.write_next()?;
         }
         // The empty final block: BFINAL, fixed Huffman, end of block.
         self.inner.write_all(&[0x03, 0x00])?;
@@ -289,6 +336,22 @@ impl<'r, W: Write> ParallelGzWriter<'r, W> {
             plain_digest,
         })
     }
+}
+
+/// Compress `chunk` at `level`, or take its compressed bytes from `reuse`.
+fn compress_chunk(
+    chunk: &[u8],
+    level: u32,
+    reuse: Option<&dyn ChunkReuse>,
+) -> io::Result<Compressed> {
+    let key = chunk_key(chunk);
+    let len = chunk.len() as u64;
+    if let Some((z, crc)) = reuse.and_then(|r| r.compressed(&key, level)) {
+        return Ok((key, crc, len, z, true));
+    }
+    let mut crc = Crc::new();
+    crc.update(chunk);
+    deflate(chunk, level).map(|z| (key, crc.finalize(), len, z, false))
 }
 
 /// What [`ParallelGzWriter::finish`] hands back.
@@ -314,50 +377,140 @@ impl<W: Write> Write for ParallelGzWriter<'_, W> {
 }
 
 /// One chunk as raw deflate ending in a sync flush (never a final block).
+///
+/// Already-compressed bytes (archives, media, random data) only cost time to deflate, and
+/// a package tree mixes them with text in every chunk: so the chunk's file contents are
+/// looked at window by window ([`stored_ranges`]), and a window that looks incompressible
+/// is written as stored blocks while the rest is deflated at `level`, in one stream whose
+/// history runs across them. The choice depends only on the chunk's bytes,
+/// so the output stays reproducible (and a reused chunk is the bytes a compression gives).
 pub fn deflate(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
-    // Already-compressed data (archives, media, random bytes) only costs time to deflate:
-    // when a quick sample does not shrink, store the chunk. The choice depends only on the
-    // chunk's bytes, so the output stays reproducible.
-    let level = if level > 0 && incompressible(data)? {
-        0
+    let stored = if level > 0 {
+        stored_ranges(data)
     } else {
-        level
+        Vec::new()
     };
     let mut c = Compress::new(Compression::new(level), false);
     let mut out = Vec::with_capacity(data.len() / 2 + 4096);
-    loop {
-        if out.capacity() - out.len() < 4096 {
-            out.reserve(out.capacity().max(64 << 10));
+    let mut at = 0;
+    for range in stored {
+        if range.start > at {
+            feed(&mut c, &data[at..range.start], &mut out)?;
         }
-        let consumed = c.total_in() as usize;
-        let status = c
-            .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
+        // Every block so far ends byte-aligned (a sync flush), so stored blocks of our own
+        // follow; the compressor then learns their bytes as history, as a reader has them.
+        let bytes = &data[range.clone()];
+        write_stored(bytes, &mut out);
+        c.set_dictionary(&bytes[bytes.len().saturating_sub(HISTORY)..])
             .map_err(io::Error::other)?;
-        let all_in = c.total_in() as usize == data.len();
-        let room_left = out.capacity() - out.len() > 0;
-        match status {
-            Status::StreamEnd => break,
-            _ if all_in && room_left => break,
-            _ => {}
-        }
+        at = range.end;
+    }
+    if at < data.len() || out.is_empty() {
+        feed(&mut c, &data[at..], &mut out)?;
     }
     Ok(out)
 }
 
-/// Bytes sampled to decide whether a chunk is worth compressing.
-const SAMPLE: usize = 64 << 10;
+/// How far back deflate refers.
+const HISTORY: usize = 32 << 10;
 
-fn incompressible(data: &[u8]) -> io::Result<bool> {
-    if data.len() < SAMPLE {
-        return Ok(false);
+/// `bytes` as non-final stored blocks, starting on a byte boundary.
+fn write_stored(bytes: &[u8], out: &mut Vec<u8>) {
+    for block in bytes.chunks(u16::MAX as usize) {
+        let len = block.len() as u16;
+        // BFINAL 0, BTYPE 00, then padding to the byte: one zero byte.
+        out.push(0);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
     }
-    let sample = &data[..SAMPLE];
-    let mut c = Compress::new(Compression::new(1), false);
-    let mut out = Vec::with_capacity(SAMPLE + 1024);
-    c.compress_vec(sample, &mut out, FlushCompress::Finish)
-        .map_err(io::Error::other)?;
-    // Not even 2% smaller at the fastest level: not worth deflating.
-    Ok(c.total_in() as usize == SAMPLE && out.len() * 100 >= SAMPLE * 98)
+}
+
+/// Compress all of `input` and sync-flush it, growing `out` as needed.
+fn feed(c: &mut Compress, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    let first = c.total_in();
+    loop {
+        if out.capacity() - out.len() < 4096 {
+            out.reserve(out.capacity().max(64 << 10));
+        }
+        let consumed = (c.total_in() - first) as usize;
+        let status = c
+            .compress_vec(&input[consumed..], out, FlushCompress::Sync)
+            .map_err(io::Error::other)?;
+        let all_in = (c.total_in() - first) as usize == input.len();
+        let room_left = out.capacity() - out.len() > 0;
+        match status {
+            Status::StreamEnd => return Ok(()),
+            _ if all_in && room_left => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+/// Contents are judged in windows of this many bytes (a big file's parts may differ).
+const WINDOW: usize = 64 << 10;
+/// A window is judged on its first this many bytes.
+const SAMPLE: usize = 4 << 10;
+/// A window smaller than this is deflated whatever it holds: a switch costs a block.
+const MIN_STORED: usize = 2 << 10;
+
+/// The parts of a chunk to store rather than deflate: windows of file contents whose
+/// bytes look uniformly spread ([`looks_incompressible`]), merged where they touch. A
+/// chunk that starts with a tar header is walked header by header (within its own bytes
+/// only, so the answer is a function of them), and only regular files' contents are
+/// judged; from where the walk stops (a chunk cut inside a big file, an end of archive),
+/// the rest is judged as one body.
+fn stored_ranges(data: &[u8]) -> Vec<std::ops::Range<usize>> {
+    use super::tar::{tar_checksum_ok, tar_number};
+    let mut bodies = Vec::new();
+    let mut at: usize = 0;
+    while at.saturating_add(512) <= data.len() {
+        let header = &data[at..at + 512];
+        if !tar_checksum_ok(header) {
+            break;
+        }
+        let size = tar_number(&header[124..136]).unwrap_or(0);
+        let body = at + 512;
+        let end = body.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+        if matches!(header[156], b'0' | 0 | b'7') {
+            bodies.push(body..end.min(data.len()));
+        }
+        let padded = size.div_ceil(512).saturating_mul(512);
+        at = body.saturating_add(usize::try_from(padded).unwrap_or(usize::MAX));
+    }
+    if at < data.len() && !data[at..].iter().all(|b| *b == 0) {
+        bodies.push(at..data.len());
+    }
+    let mut stored: Vec<std::ops::Range<usize>> = Vec::new();
+    for body in bodies {
+        let mut w = body.start;
+        while w < body.end {
+            let end = (w + WINDOW).min(body.end);
+            if end - w >= MIN_STORED && looks_incompressible(&data[w..end.min(w + SAMPLE)]) {
+                match stored.last_mut() {
+                    Some(last) if last.end == w => last.end = end,
+                    _ => stored.push(w..end),
+                }
+            }
+            w = end;
+        }
+    }
+    stored
+}
+
+/// Whether `sample`'s bytes are spread evenly over all 256 values, as in compressed or
+/// random data: Pearson's chi-squared against the uniform spread, in integers (the same
+/// answer on every machine). Uniform bytes give about 255 (the degrees of freedom, give or
+/// take 23); text and code give thousands.
+fn looks_incompressible(sample: &[u8]) -> bool {
+    let mut counts = [0u64; 256];
+    for b in sample {
+        counts[*b as usize] += 1;
+    }
+    let n = sample.len() as u64;
+    // chi2 = sum((c - n/256)^2 / (n/256)) = sum((256c - n)^2) / (256 n)
+    let spread: u64 = counts.iter().map(|c| (256 * c).abs_diff(n).pow(2)).sum();
+    spread < 400 * 256 * n
 }
 
 #[cfg(test)]
@@ -372,18 +525,20 @@ mod tests {
         jobs: usize,
         reuse: Option<&dyn ChunkReuse>,
     ) -> (Vec<u8>, Vec<ChunkInfo>, usize) {
-        let mut w = ParallelGzWriter::new(Vec::new(), 6, jobs, reuse)
-            .unwrap()
-            .hashing_plain();
-        for piece in data.chunks(7777) {
-            w.write_all(piece).unwrap();
-        }
         let GzFinished {
             inner: gz,
             table,
             reused,
             plain_digest,
-        } = w.finish().unwrap();
+        } = std::thread::scope(|scope| {
+            let mut w = ParallelGzWriter::new(scope, Vec::new(), 6, jobs, reuse)
+                .unwrap()
+                .hashing_plain();
+            for piece in data.chunks(7777) {
+                w.write_all(piece).unwrap();
+            }
+            w.finish().unwrap()
+        });
         // Chunks hashed whole once compressed, reused ones too, give the stream's sha256.
         assert_eq!(plain_digest, Some(Digest::of(data)));
         let mut back = Vec::new();
@@ -400,18 +555,24 @@ mod tests {
 
     /// A tar of `n` files with pseudo-random content, one of them edited.
     fn tar_of(n: usize, edited: Option<usize>) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for i in 0..n {
+        tar_with((0..n).map(|i| {
             let mut body: Vec<u8> = (0..3000).map(|k| ((i * 31 + k * 7) % 251) as u8).collect();
             if edited == Some(i) {
                 body.extend_from_slice(b"an edit that changes the size");
             }
+            (format!("dir/file-{}", i), body)
+        }))
+    }
+
+    /// A tar of regular files, by name and content.
+    fn tar_with(files: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, body) in files {
             let mut h = tar::Header::new_ustar();
             h.set_size(body.len() as u64);
             h.set_mode(0o644);
             h.set_cksum();
-            b.append_data(&mut h, format!("dir/file-{}", i), &body[..])
-                .unwrap();
+            b.append_data(&mut h, name, &body[..]).unwrap();
         }
         b.into_inner().unwrap()
     }
@@ -483,5 +644,63 @@ mod tests {
             "one chunk of {} compressed again",
             table.len()
         );
+    }
+
+    /// xorshift bytes: incompressible, and the same on every run.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_file_contents_are_stored_and_text_beside_them_deflated() {
+        // A package tree's mix: every third file random, the others text.
+        let bodies: Vec<(String, Vec<u8>)> = (0..600)
+            .map(|i| {
+                let body = if i % 3 == 2 {
+                    noise(7000, i as u64)
+                } else {
+                    format!("line {} of a text file that repeats itself\n", i % 7)
+                        .repeat(160)
+                        .into_bytes()
+                };
+                (format!("pkg/f{}", i), body)
+            })
+            .collect();
+        let random: usize = bodies.iter().skip(2).step_by(3).map(|(_, b)| b.len()).sum();
+        let text: usize = bodies.iter().map(|(_, b)| b.len()).sum::<usize>() - random;
+        let data = tar_with(bodies.into_iter());
+        let (gz, table, _) = gzip(&data, 2, None);
+        assert_eq!(gz, gzip(&data, 1, None).0);
+        // Stored: the random bytes plus a few bytes a block; the text shrinks to little.
+        assert!(
+            gz.len() < random + text / 10,
+            "{} bytes from {} random and {} text",
+            gz.len(),
+            random,
+            text
+        );
+        assert!(gz.len() > random);
+        assert!(table.len() > 1, "more than one chunk");
+    }
+
+    #[test]
+    fn uniform_bytes_look_incompressible_and_text_and_code_do_not() {
+        assert!(looks_incompressible(&noise(4096, 7)));
+        assert!(looks_incompressible(&noise(2048, 9)));
+        let text = b"fn main() { println!(\"hello\"); }\n".repeat(200);
+        assert!(!looks_incompressible(&text[..4096]));
+        let counting: Vec<u8> = (0..4096u32).map(|i| (i % 64) as u8).collect();
+        assert!(!looks_incompressible(&counting));
+        // Even bytes, but only half the values: base64-like text, which deflate shrinks.
+        let half: Vec<u8> = noise(4096, 3).iter().map(|b| b & 0x7f).collect();
+        assert!(!looks_incompressible(&half));
     }
 }
