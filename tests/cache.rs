@@ -561,9 +561,15 @@ fn export_valid_layout(root: &Path, name: &str, layout: &Path, tag: &str) {
 
 /// The log lines of a `--progress json` build, and its digest.
 fn progress_lines(root: &Path, ctx: &Path) -> (String, Vec<String>) {
+    progress_lines_with(root, ctx, &[])
+}
+
+/// [`progress_lines`] with `extra` arguments.
+fn progress_lines_with(root: &Path, ctx: &Path, extra: &[&str]) -> (String, Vec<String>) {
     let out = run(builder()
         .args(["build", "--progress", "json", "--root"])
         .arg(root)
+        .args(extra)
         .arg(ctx));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
@@ -1144,4 +1150,111 @@ fn a_miss_is_explained_against_a_named_image_and_its_build_is_listed() {
         err.contains("--explain-against busybox:test") && err.contains("no record"),
         "{err}"
     );
+}
+
+/// The two counts of each `{prefix}…N{middle}M{suffix}` line of a build.
+fn counted(lines: &[String], prefix: &str, middle: &str, suffix: &str) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .filter_map(|text| {
+            let (first, rest) = text.strip_prefix(prefix)?.split_once(middle)?;
+            let first = first.rsplit(' ').next()?;
+            Some((
+                first.parse().ok()?,
+                rest.strip_suffix(suffix)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A scratch directory with a store holding `busybox:test` (`root`) and a context whose
+/// build file is `buildfile` (`ctx`).
+fn busybox_build(buildfile: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = busybox_dir();
+    let (root, ctx) = (t.path().join("root"), t.path().join("ctx"));
+    write(&ctx.join("Buildfile"), buildfile);
+    (t, root, ctx)
+}
+
+/// The `layer …: N files read, B bytes` events of a build.
+fn read_events(lines: &[String]) -> Vec<(u64, u64)> {
+    counted(lines, "layer ", " files read, ", " bytes")
+}
+
+#[test]
+fn a_run_commit_reads_each_file_it_wrote_once() {
+    // Small files (read ahead into memory), big ones (streamed) and a hard link (not read).
+    let (t, root, ctx) = busybox_build(
+        "FROM busybox:test\nRUN mkdir /out && for i in $(seq 1 150); do head -c $((i * 97)) /bin/busybox > /out/f$i; done && head -c 300000 /bin/busybox > /out/big && head -c 90000 /bin/busybox > /out/mid && ln /out/big /out/big-link\n",
+    );
+    let layout = t.path().join("layout");
+    let output = format!("oci:{}:1", layout.display());
+    let (_, lines) = progress_lines_with(&root, &ctx, &["-o", &output]);
+    let reads = read_events(&lines);
+    assert_eq!(reads.len(), 1, "one layer written: {:?}", reads);
+    // What the layer holds: its regular files (a hard link is an entry without content).
+    let (_, digest, _) = layout_layers(&layout, "1").pop().unwrap();
+    let blob = fs::File::open(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        if entry.header().entry_type() == tar::EntryType::Regular {
+            files += 1;
+            bytes += entry.header().size().unwrap();
+        }
+    }
+    assert_eq!(files, 152, "the RUN's 152 files are in its layer");
+    assert_eq!(
+        reads[0],
+        (files, bytes),
+        "each file the RUN wrote is read once to commit it, and nothing more"
+    );
+}
+
+/// The `unpacked N layers before the step, B bytes of blobs` events of a build.
+fn unpack_events(lines: &[String]) -> Vec<(u64, u64)> {
+    counted(
+        lines,
+        "unpacked ",
+        " layers before the step, ",
+        " bytes of blobs",
+    )
+}
+
+#[test]
+fn a_base_is_unpacked_once_before_the_first_run_and_never_again() {
+    // Two RUNs: the second's view comes from the first's layer as it is written.
+    let (_t, root, ctx) =
+        busybox_build("FROM busybox:test\nRUN echo one > /one\nRUN echo two > /two\n");
+    let (_, lines) = progress_lines(&root, &ctx);
+    let events = unpack_events(&lines);
+    assert_eq!(
+        events.len(),
+        1,
+        "one unpack, before the first RUN: {events:?}"
+    );
+    let (layers, bytes) = events[0];
+    assert_eq!(layers, 1, "the base's one layer");
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find_map(|p| fs::metadata(p).ok())
+        .unwrap()
+        .len();
+    assert!(
+        bytes > busybox / 4 && bytes < busybox * 2,
+        "{bytes} bytes of blobs for a {busybox}-byte busybox"
+    );
+    // Another build on that base unpacks nothing: the snapshot is kept.
+    write(
+        &ctx.join("Buildfile"),
+        "FROM busybox:test\nRUN echo three > /three\n",
+    );
+    let (_, lines) = progress_lines(&root, &ctx);
+    assert_eq!(unpack_events(&lines), vec![], "the base's snapshot is kept");
 }

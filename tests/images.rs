@@ -645,39 +645,6 @@ fn history_has_an_empty_layer_entry_per_arg_and_none_for_onbuild() {
     assert!(history.iter().all(|h| h["empty_layer"] == true));
 }
 
-/// The layers (media type, digest, diff_id) of the image tagged `tag` in an OCI layout.
-fn layout_layers(layout: &Path, tag: &str) -> Vec<(String, String, String)> {
-    let read = |d: &str| -> serde_json::Value {
-        let p = layout
-            .join("blobs/sha256")
-            .join(d.trim_start_matches("sha256:"));
-        serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let entry = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap();
-    let manifest = read(entry["digest"].as_str().unwrap());
-    let config = read(manifest["config"]["digest"].as_str().unwrap());
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(config["rootfs"]["diff_ids"].as_array().unwrap())
-        .map(|(l, d)| {
-            (
-                l["mediaType"].as_str().unwrap().to_string(),
-                l["digest"].as_str().unwrap().to_string(),
-                d.as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn force_compression_recompresses_inherited_layers_with_the_same_content() {
     let base = busybox_dir();

@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::blobs::{BlobError, BlobStore};
 use super::digest::{Digest, ThreadedHashingWriter};
@@ -60,6 +61,10 @@ pub struct Layer {
     /// The segments of its tar (see [`super::segments`]), and how many were stored before.
     pub segments: Vec<super::segments::SegmentKey>,
     pub segments_reused: usize,
+    /// Source files whose content was read to write it (a tree's; none for a blob), and
+    /// how many bytes: each file once, and none in a stored segment.
+    pub files_read: u64,
+    pub bytes_read: u64,
 }
 
 impl From<Layer> for super::image::LayerRef {
@@ -233,6 +238,8 @@ pub fn write_layer_from(
             reused: reused_chunks,
             segments: std::mem::take(&mut segments.keys),
             segments_reused: segments.reused,
+            files_read: segments.reads.files.load(Ordering::Relaxed),
+            bytes_read: segments.reads.bytes.load(Ordering::Relaxed),
         })
     })();
     if result.is_err() {
@@ -250,7 +257,7 @@ fn write_source<W: Write>(
 ) -> Result<W, LayerError> {
     let epoch = opts.epoch;
     match source {
-        LayerSource::Dir(_) => write_tar(dir, w, epoch),
+        LayerSource::Dir(_) => write_tar_counted(dir, w, epoch, &segmented.reads),
         LayerSource::Tree(t) => write_tar_tree(t, w, epoch, opts.segments, segmented),
         LayerSource::Blob(p) => {
             let mut w = w;
@@ -305,6 +312,21 @@ pub fn compressed_as(media_type: &str, compression: Compression) -> bool {
 struct Segmented {
     keys: Vec<super::segments::SegmentKey>,
     reused: usize,
+    reads: Reads,
+}
+
+/// The source files read while a tree is written, and their bytes.
+#[derive(Default)]
+struct Reads {
+    files: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Reads {
+    fn count(&self, bytes: u64) {
+        self.files.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// Write the tar stream of a [`LayerTree`] into `w`, taking the segments `segments` holds
@@ -328,7 +350,8 @@ fn write_tar_tree<W: Write>(
     let written = std::thread::scope(|s| {
         // The reader stops when the writer drops `rx` (done, or failed); the keeper, when
         // it drops `keep`.
-        s.spawn(|| prefetch_files(tree, &plan, segments, tx, spent));
+        let (reads, plan) = (&segmented.reads, &plan);
+        s.spawn(move || prefetch_files(tree, plan, segments, tx, spent, reads));
         match segments {
             Some(store) => {
                 s.spawn(move || {
@@ -340,7 +363,7 @@ fn write_tar_tree<W: Write>(
             // Nothing is kept (nor sent: without a store there are no segments).
             None => drop(to_keep),
         }
-        write_tar_tree_in_order(tree, w, epoch, &plan, rx, spent_tx, keep)
+        write_tar_tree_in_order(tree, w, epoch, plan, rx, spent_tx, keep, reads)
     });
     let (w, reused) = written?;
     segmented.keys = plan.iter().map(|s| s.key).collect();
@@ -384,6 +407,7 @@ fn prefetch_files(
     store: Option<&dyn super::segments::SegmentStore>,
     tx: std::sync::mpsc::SyncSender<Prefetched>,
     spent: std::sync::mpsc::Receiver<Vec<u8>>,
+    reads: &Reads,
 ) {
     use sha2::Digest as _;
     use std::os::fd::AsRawFd;
@@ -438,7 +462,9 @@ fn prefetch_files(
             Err(e) => Prefetched::Failed(e),
             Ok(f) if *size <= PREFETCH_IN_MEMORY => {
                 let mut bytes = Vec::with_capacity(*size as usize);
-                match io::Read::read_to_end(&mut f.take(*size), &mut bytes) {
+                let read = io::Read::read_to_end(&mut f.take(*size), &mut bytes);
+                reads.count(bytes.len() as u64);
+                match read {
                     // A segment is stored only with the bytes its key names: a file that
                     // changed since its digest was taken is written, not stored.
                     Ok(_) => match content {
@@ -483,6 +509,7 @@ fn write_tar_tree_in_order<W: Write>(
     ahead: std::sync::mpsc::Receiver<Prefetched>,
     spent: std::sync::mpsc::Sender<Vec<u8>>,
     keep: std::sync::mpsc::SyncSender<(SegmentKey, Vec<u8>)>,
+    reads: &Reads,
 ) -> Result<(W, usize), LayerError> {
     use super::segments::Capture;
     let mut b = tar::Builder::new(Capture::new(w));
@@ -617,6 +644,7 @@ fn write_tar_tree_in_order<W: Write>(
                 }
                 append_file(&mut b, h, &name, &node.xattrs, &mut exact, &mut copy_buffer)
                     .map_err(as_io)?;
+                reads.count(*size);
             }
         }
     }
@@ -652,7 +680,18 @@ impl<R: io::Read> io::Read for ExactReader<R> {
 
 /// Write the tar stream of `dir` into `w`.
 pub fn write_tar<W: Write>(dir: &Path, w: W, epoch: Option<i64>) -> Result<W, LayerError> {
+    write_tar_counted(dir, w, epoch, &Reads::default())
+}
+
+/// [`write_tar`], counting the files it reads in `reads`.
+fn write_tar_counted<W: Write>(
+    dir: &Path,
+    w: W,
+    epoch: Option<i64>,
+    reads: &Reads,
+) -> Result<W, LayerError> {
     let mut b = tar::Builder::new(w);
+    let mut copy_buffer: Vec<u8> = Vec::new();
     b.mode(tar::HeaderMode::Complete);
     let mut seen_inodes: HashMap<(u64, u64), String> = HashMap::new();
     let walker = walkdir::WalkDir::new(dir)
@@ -733,8 +772,17 @@ pub fn write_tar<W: Write>(dir: &Path, w: W, epoch: Option<i64>) -> Result<W, La
             }
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(md.len());
-            let f = fs::File::open(path).map_err(io_at(path))?;
-            append(&mut b, h, &name, None, &xattrs, f).map_err(io_at(path))?;
+            let f = super::at::open_regular(path).map_err(io_at(path))?;
+            let mut exact = ExactReader {
+                inner: f.take(md.len()),
+                left: md.len(),
+            };
+            if copy_buffer.is_empty() {
+                copy_buffer = vec![0u8; COPY_BUFFER];
+            }
+            append_file(&mut b, h, &name, &xattrs, &mut exact, &mut copy_buffer)
+                .map_err(io_at(path))?;
+            reads.count(md.len());
             continue;
         }
         if ft.is_symlink() {

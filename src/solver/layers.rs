@@ -209,6 +209,13 @@ impl Ctx<'_, '_> {
             crate::attest::sbom::store_scan(&self.store.dir(Bucket::Sbom), &layer.diff_id, &scan);
         }
         crate::cache::segments::remember(&segment_dir, &layer.digest, &layer.segments);
+        self.req.reporter.detail(
+            self.step,
+            &format!(
+                "layer {}: {} files read, {} bytes",
+                layer.digest, layer.files_read, layer.bytes_read
+            ),
+        );
         if !layer.segments.is_empty() {
             self.req.reporter.detail(
                 self.step,

@@ -334,9 +334,13 @@ impl Ctx<'_, '_> {
                 .map(|next| (chain_ids(&state.layers).pop(), next.view_need())),
             _ => None,
         };
+        let unpacked_before = self.snaps.unpacked();
         let outcome = self
             .sync_view(view, state, runner.view_need())
-            .and_then(|_| self.apply(op, state, view));
+            .and_then(|_| {
+                self.report_unpacked(unpacked_before);
+                self.apply(op, state, view)
+            });
         self.snapshot_ahead = None;
         if outcome.is_ok() {
             match self.cache.put(&key, state) {
@@ -415,6 +419,22 @@ impl Ctx<'_, '_> {
     }
 
     /// Create or grow `view` to show `state`'s layers, as much of them as `need` says.
+    /// Say how many layers were unpacked (and their blobs' bytes) since `before`, while
+    /// the step waited for its view.
+    fn report_unpacked(&self, before: (u64, u64)) {
+        let (layers, bytes) = self.snaps.unpacked();
+        if layers > before.0 {
+            self.req.reporter.detail(
+                self.step,
+                &format!(
+                    "unpacked {} layers before the step, {} bytes of blobs",
+                    layers - before.0,
+                    bytes - before.1
+                ),
+            );
+        }
+    }
+
     fn sync_view(
         &self,
         view: &mut Option<RootView>,

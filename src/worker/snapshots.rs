@@ -9,6 +9,8 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use nix::mount::{umount2, MntFlags, MsFlags};
 
@@ -278,6 +280,8 @@ pub struct Snapshots {
     dir: PathBuf,
     tmp: PathBuf,
     blobs: BlobStore,
+    /// Layers unpacked from their blobs so far, and those blobs' bytes (shared by clones).
+    unpacked: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl Snapshots {
@@ -287,7 +291,22 @@ impl Snapshots {
             dir: dir.to_path_buf(),
             tmp: tmp.to_path_buf(),
             blobs: blobs.clone(),
+            unpacked: Arc::default(),
         }
+    }
+
+    /// How many layers were unpacked from their blobs so far (for a view or a copy), and
+    /// how many bytes of blobs that read: what a step waited for before it could start.
+    pub fn unpacked(&self) -> (u64, u64) {
+        (
+            self.unpacked.0.load(Ordering::Relaxed),
+            self.unpacked.1.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count_unpacked(&self, layer: &LayerRef) {
+        self.unpacked.0.fetch_add(1, Ordering::Relaxed);
+        self.unpacked.1.fetch_add(layer.size, Ordering::Relaxed);
     }
 
     /// The directory snapshot paths are relative to in mount options.
@@ -376,6 +395,7 @@ impl Snapshots {
             opts,
             &layer.diff_id,
         )?;
+        self.count_unpacked(layer);
         self.publish(staging, &final_dir, name)
     }
 
@@ -641,6 +661,7 @@ impl RootView {
                     opts,
                     &layer.diff_id,
                 )?;
+                snaps.count_unpacked(layer);
             }
         }
         self.chains = chain;

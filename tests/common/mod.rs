@@ -358,3 +358,36 @@ pub fn serve(body: Vec<u8>, requests: usize) -> u16 {
     response.extend_from_slice(&body);
     serve_raw(response, requests)
 }
+
+/// The layers (media type, digest, diff_id) of the image tagged `tag` in an OCI layout.
+pub fn layout_layers(layout: &Path, tag: &str) -> Vec<(String, String, String)> {
+    let read = |d: &str| -> serde_json::Value {
+        let p = layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap();
+    let manifest = read(entry["digest"].as_str().unwrap());
+    let config = read(manifest["config"]["digest"].as_str().unwrap());
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(config["rootfs"]["diff_ids"].as_array().unwrap())
+        .map(|(l, d)| {
+            (
+                l["mediaType"].as_str().unwrap().to_string(),
+                l["digest"].as_str().unwrap().to_string(),
+                d.as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
