@@ -14,6 +14,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use nix::fcntl::OFlag;
+
 use super::digest::{Digest, HashingReader};
 
 /// A refused or failed entry, naming the layer and the entry.
@@ -511,6 +513,11 @@ fn unpack_tar(
     let mut report = UnpackReport::default();
     let mut archive = tar::Archive::new(stream);
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    // The directory the last regular file went into, held open: a layer lists a
+    // directory's files together, and each of them is then one `openat` in it, not a walk
+    // from the root. Kept only across regular files that replaced nothing (nothing else
+    // can change how its path resolves).
+    let mut last_dir: Option<HeldDir> = None;
     for e in archive.entries().map_err(&io_e)? {
         let mut e = e.map_err(&io_e)?;
         // Metadata entries the tar reader leaves in the stream (a pax global header, as GNU
@@ -536,6 +543,8 @@ fn unpack_tar(
             continue;
         };
         if let Some(hidden) = base.as_bytes().strip_prefix(b".wh.") {
+            // A whiteout may remove a directory on the held one's path.
+            last_dir = None;
             if opts.overlay_format {
                 let parent = resolve_in_root(target, rel.parent().unwrap_or(Path::new("")))
                     .map_err(&io_e)?;
@@ -562,9 +571,20 @@ fn unpack_tar(
             continue;
         }
         let parent_rel = rel.parent().unwrap_or(Path::new(""));
-        let parent = resolve_in_root(target, parent_rel).map_err(&io_e)?;
-        fs::create_dir_all(&parent).map_err(&io_e)?;
-        let dest = parent.join(base);
+        let held = match last_dir.take().filter(|d| d.rel == parent_rel) {
+            Some(d) => d,
+            None => {
+                let path = resolve_in_root(target, parent_rel).map_err(&io_e)?;
+                fs::create_dir_all(&path).map_err(&io_e)?;
+                let fd = super::at::open_dir(&path, OFlag::O_RDONLY).map_err(&io_e)?;
+                HeldDir {
+                    rel: parent_rel.to_path_buf(),
+                    path,
+                    fd,
+                }
+            }
+        };
+        let dest = held.path.join(base);
         let h = e.header().clone();
         let mode = h.mode().unwrap_or(0o644) & 0o7777;
         // A PAX mtime (possibly fractional, "1485449953.5") wins over the header's field.
@@ -579,6 +599,28 @@ fn unpack_tar(
             .map(|v| v.floor() as i64)
             .unwrap_or_else(|| h.mtime().unwrap_or(0) as i64);
         let kind = h.entry_type();
+        if kind == tar::EntryType::Regular {
+            let uid_gid = opts
+                .ownership
+                .then(|| (h.uid().unwrap_or(0) as u32, h.gid().unwrap_or(0) as u32));
+            // Skipped content is still read (and hashed) as the next entry is reached.
+            let content =
+                !opts.metadata_only || rel.starts_with("etc") || e.size() <= KEPT_IN_SKELETON;
+            let file = NewFile {
+                mode,
+                mtime,
+                owner: uid_gid,
+                content,
+            };
+            let replaced = write_regular(&held, base, &dest, &mut e, file).map_err(&io_e)?;
+            // After the owner: a chown clears `security.capability`.
+            set_pax_xattrs(&mut e, &dest, &opts);
+            report.entries += 1;
+            if !replaced {
+                last_dir = Some(held);
+            }
+            continue;
+        }
         if !kind.is_dir() {
             if let Ok(md) = fs::symlink_metadata(&dest) {
                 if md.is_dir() && !kind.is_dir() {
@@ -686,25 +728,89 @@ fn unpack_tar(
             }
         }
         // After the owner: a chown clears `security.capability`, as it clears set-uid bits.
-        if let Ok(Some(exts)) = e
-            .pax_extensions()
-            .map(|x| x.map(|x| x.flatten().collect::<Vec<_>>()))
-        {
-            for ext in exts {
-                if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    if opts.capability_xattr_only && name != "security.capability" {
-                        continue;
-                    }
-                    let _ = xattr::set(&dest, name, ext.value_bytes());
-                }
-            }
-        }
+        set_pax_xattrs(&mut e, &dest, &opts);
         if !kind.is_dir() {
             set_mtime(&dest, mtime);
         }
         report.entries += 1;
     }
     Ok((report, dir_times))
+}
+
+/// Set the xattrs of `e`'s PAX records on `dest` (only `security.capability` when `opts`
+/// say so); best effort.
+fn set_pax_xattrs<R: Read>(e: &mut tar::Entry<R>, dest: &Path, opts: &UnpackOptions) {
+    if let Ok(Some(exts)) = e
+        .pax_extensions()
+        .map(|x| x.map(|x| x.flatten().collect::<Vec<_>>()))
+    {
+        for ext in exts {
+            if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                if opts.capability_xattr_only && name != "security.capability" {
+                    continue;
+                }
+                let _ = xattr::set(dest, name, ext.value_bytes());
+            }
+        }
+    }
+}
+
+/// A directory of the target, by its name in the layer and its path, held open.
+struct HeldDir {
+    rel: PathBuf,
+    path: PathBuf,
+    fd: std::os::fd::OwnedFd,
+}
+
+/// What a regular file's entry sets: its mode, mtime, owner (`None`: left as created), and
+/// whether its content is written.
+struct NewFile {
+    mode: u32,
+    mtime: i64,
+    owner: Option<(u32, u32)>,
+    content: bool,
+}
+
+/// A regular file's entry, written as `name` in `dir` (`dest` is its path) through one
+/// descriptor: created new (never through a link), filled, owned, moded and dated. Whatever
+/// was at `dest` is replaced; returns whether something was.
+fn write_regular(
+    dir: &HeldDir,
+    name: &OsStr,
+    dest: &Path,
+    e: &mut dyn Read,
+    file: NewFile,
+) -> io::Result<bool> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let create = || {
+        nix::fcntl::openat(
+            Some(dir.fd.as_raw_fd()),
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+    };
+    let (fd, replaced) = match create() {
+        Ok(fd) => (fd, false),
+        Err(nix::errno::Errno::EEXIST) => {
+            remove_any(dest)?;
+            (create().map_err(io::Error::from)?, true)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
+    let mut f = unsafe { fs::File::from_raw_fd(fd) };
+    if file.content {
+        write_sparse(e, &mut f)?;
+    }
+    if let Some((uid, gid)) = file.owner {
+        let _ = nix::unistd::fchown(f.as_raw_fd(), Some(uid.into()), Some(gid.into()));
+    }
+    // After the owner: a chown clears set-uid bits.
+    f.set_permissions(fs::Permissions::from_mode(file.mode))?;
+    let ts = nix::sys::time::TimeSpec::new(file.mtime, 0);
+    let _ = nix::sys::stat::futimens(f.as_raw_fd(), &ts, &ts);
+    Ok(replaced)
 }
 
 /// Set a path's mtime (and atime) without following symlinks; best effort.
