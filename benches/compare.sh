@@ -49,9 +49,21 @@ stamp=$(date +%s)
 # dockerd off the host network, with its own roots (DEVELOPERS' rule).
 dk=$work/dockerd
 mkdir -p "$dk"
+# A daemon of an earlier run that is still stopping holds its pid file: wait it out.
+if [ -f "$dk/pid" ]; then
+  old=$(cat "$dk/pid" 2>/dev/null || true)
+  for _ in $(seq 100); do { [ -n "$old" ] && kill -0 "$old" 2>/dev/null; } || break; sleep 0.2; done
+  rm -f "$dk/pid"
+fi
 dockerd --iptables=false --ip6tables=false --bridge=none --data-root "$dk/data" \
   --exec-root "$dk/exec" --pidfile "$dk/pid" -H "unix://$dk/sock" >"$dk/log" 2>&1 &
-trap 'kill "$(cat "$dk/pid" 2>/dev/null)" 2>/dev/null || true' EXIT
+stop_dockerd() {
+  local pid
+  pid=$(cat "$dk/pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+}
+trap stop_dockerd EXIT
 export DOCKER_HOST=unix://$dk/sock DOCKER_BUILDKIT=1
 for _ in $(seq 100); do /usr/bin/docker info >/dev/null 2>&1 && break; sleep 0.2; done
 docker() { /usr/bin/docker "$@"; }
@@ -260,7 +272,7 @@ registry_up() { # storage-dir
   reg_pid=$!
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/5055) 2>/dev/null && break; sleep 0.1; done
 }
-trap 'kill "$(cat "$dk/pid" 2>/dev/null)" 2>/dev/null || true; [ -z "$reg_pid" ] || kill "$reg_pid" 2>/dev/null || true' EXIT
+trap 'stop_dockerd; [ -z "$reg_pid" ] || kill "$reg_pid" 2>/dev/null || true' EXIT
 gen_big_base() { # -> a store holding big:1 (4 layers, 260 MB), and its OCI layout
   local g=$work/big-base
   if [ ! -f "$g/done" ]; then

@@ -335,6 +335,22 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
+/// Ask the kernel to start writing `[from, from + len)` of `file` to disk, without waiting:
+/// the fsync of a commit then waits for little. Advice only; a failure changes nothing.
+pub fn start_writeback(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a syscall on a descriptor `file` owns, with in-range offsets; it touches no
+    // memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// A blob file written front to back, whose pages go to disk while it grows.
 ///
 /// Writeback of each [`WRITE_BEHIND_WINDOW`] starts as soon as the window is written, so the
@@ -379,16 +395,7 @@ impl WriteBehind {
         use std::os::fd::AsRawFd;
         let fd = self.file.as_raw_fd();
         // Both calls are advice: when one fails, the commit's fsync still decides.
-        // SAFETY: syscalls on a descriptor this value owns, with in-range offsets; neither
-        // touches memory of ours.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                self.started as libc::off64_t,
-                WRITE_BEHIND_WINDOW as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        start_writeback(&self.file, self.started, WRITE_BEHIND_WINDOW);
         self.started += WRITE_BEHIND_WINDOW;
         let behind = self.started.saturating_sub(2 * WRITE_BEHIND_WINDOW);
         if self.written > KEEP_CACHED && behind > self.dropped {

@@ -291,6 +291,7 @@ pub fn fetch_blob(
         }
         let mut reader = response.into_reader();
         let mut buf = vec![0u8; 256 << 10];
+        let mut written_back = have;
         let outcome = loop {
             match reader.read(&mut buf) {
                 Ok(0) => break Ok(()),
@@ -298,6 +299,16 @@ pub fn fetch_blob(
                     file.write_all(&buf[..n]).map_err(io)?;
                     hasher.update(&buf[..n]);
                     have += n as u64;
+                    // Each window goes to disk while the next downloads (the blob stays
+                    // cached: an unpack often reads it next).
+                    if have - written_back >= crate::oci::blobs::WRITE_BEHIND_WINDOW {
+                        crate::oci::blobs::start_writeback(
+                            &file,
+                            written_back,
+                            have - written_back,
+                        );
+                        written_back = have;
+                    }
                     client.transfer(&Transfer {
                         direction: Direction::Pull,
                         digest: &d.digest,
