@@ -13,13 +13,13 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::blobs::{BlobError, BlobStore};
 use super::digest::{Digest, ThreadedHashingWriter};
 use super::segments::SegmentKey;
 use super::tar::{append, append_file, COPY_BUFFER};
 pub use super::tree::{LayerTree, NodeKind, TreeKey, TreeNode};
+use super::Tally;
 
 /// Layer compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,8 +238,8 @@ pub fn write_layer_from(
             reused: reused_chunks,
             segments: std::mem::take(&mut segments.keys),
             segments_reused: segments.reused,
-            files_read: segments.reads.files.load(Ordering::Relaxed),
-            bytes_read: segments.reads.bytes.load(Ordering::Relaxed),
+            files_read: segments.reads.get().0,
+            bytes_read: segments.reads.get().1,
         })
     })();
     if result.is_err() {
@@ -257,7 +257,7 @@ fn write_source<W: Write>(
 ) -> Result<W, LayerError> {
     let epoch = opts.epoch;
     match source {
-        LayerSource::Dir(_) => write_tar_counted(dir, w, epoch, &segmented.reads),
+        LayerSource::Dir(_) => write_tar(dir, w, epoch, &segmented.reads),
         LayerSource::Tree(t) => write_tar_tree(t, w, epoch, opts.segments, segmented),
         LayerSource::Blob(p) => {
             let mut w = w;
@@ -312,21 +312,8 @@ pub fn compressed_as(media_type: &str, compression: Compression) -> bool {
 struct Segmented {
     keys: Vec<super::segments::SegmentKey>,
     reused: usize,
-    reads: Reads,
-}
-
-/// The source files read while a tree is written, and their bytes.
-#[derive(Default)]
-struct Reads {
-    files: AtomicU64,
-    bytes: AtomicU64,
-}
-
-impl Reads {
-    fn count(&self, bytes: u64) {
-        self.files.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
+    /// The source files read, and their bytes.
+    reads: Tally,
 }
 
 /// Write the tar stream of a [`LayerTree`] into `w`, taking the segments `segments` holds
@@ -407,7 +394,7 @@ fn prefetch_files(
     store: Option<&dyn super::segments::SegmentStore>,
     tx: std::sync::mpsc::SyncSender<Prefetched>,
     spent: std::sync::mpsc::Receiver<Vec<u8>>,
-    reads: &Reads,
+    reads: &Tally,
 ) {
     use sha2::Digest as _;
     use std::os::fd::AsRawFd;
@@ -463,7 +450,7 @@ fn prefetch_files(
             Ok(f) if *size <= PREFETCH_IN_MEMORY => {
                 let mut bytes = Vec::with_capacity(*size as usize);
                 let read = io::Read::read_to_end(&mut f.take(*size), &mut bytes);
-                reads.count(bytes.len() as u64);
+                reads.add(bytes.len() as u64);
                 match read {
                     // A segment is stored only with the bytes its key names: a file that
                     // changed since its digest was taken is written, not stored.
@@ -509,7 +496,7 @@ fn write_tar_tree_in_order<W: Write>(
     ahead: std::sync::mpsc::Receiver<Prefetched>,
     spent: std::sync::mpsc::Sender<Vec<u8>>,
     keep: std::sync::mpsc::SyncSender<(SegmentKey, Vec<u8>)>,
-    reads: &Reads,
+    reads: &Tally,
 ) -> Result<(W, usize), LayerError> {
     use super::segments::Capture;
     let mut b = tar::Builder::new(Capture::new(w));
@@ -518,7 +505,7 @@ fn write_tar_tree_in_order<W: Write>(
     let mut capturing: Option<Capturing> = None;
     let mut skip_until = 0;
     let mut reused = 0;
-    let mut copy_buffer: Vec<u8> = Vec::new();
+    let mut copier = FileCopier::new(reads);
     let layer_io = |e: io::Error| LayerError::Io {
         path: PathBuf::from("(layer)"),
         source: e,
@@ -635,16 +622,9 @@ fn write_tar_tree_in_order<W: Write>(
                         files.open_file(source).map_err(as_io)?
                     }
                 };
-                let mut exact = ExactReader {
-                    inner: f.take(*size),
-                    left: *size,
-                };
-                if copy_buffer.is_empty() {
-                    copy_buffer = vec![0u8; COPY_BUFFER];
-                }
-                append_file(&mut b, h, &name, &node.xattrs, &mut exact, &mut copy_buffer)
+                copier
+                    .append(&mut b, h, &name, &node.xattrs, f, *size)
                     .map_err(as_io)?;
-                reads.count(*size);
             }
         }
     }
@@ -660,6 +640,44 @@ fn changed_size() -> io::Error {
         io::ErrorKind::UnexpectedEof,
         "the file changed size while it was being copied",
     )
+}
+
+/// Copies source files into a tar, a [`COPY_BUFFER`] at a time, exactly their stat'ed size,
+/// counting each in `reads`.
+struct FileCopier<'a> {
+    buf: Vec<u8>,
+    reads: &'a Tally,
+}
+
+impl<'a> FileCopier<'a> {
+    fn new(reads: &'a Tally) -> Self {
+        FileCopier {
+            buf: Vec::new(),
+            reads,
+        }
+    }
+
+    /// `f`'s entry, `size` bytes (a file that shrank is an error).
+    fn append<W: Write>(
+        &mut self,
+        b: &mut tar::Builder<W>,
+        h: tar::Header,
+        name: &[u8],
+        xattrs: &[(String, Vec<u8>)],
+        f: fs::File,
+        size: u64,
+    ) -> io::Result<()> {
+        let mut exact = ExactReader {
+            inner: f.take(size),
+            left: size,
+        };
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; COPY_BUFFER];
+        }
+        append_file(b, h, name, xattrs, &mut exact, &mut self.buf)?;
+        self.reads.add(size);
+        Ok(())
+    }
 }
 
 struct ExactReader<R> {
@@ -678,20 +696,15 @@ impl<R: io::Read> io::Read for ExactReader<R> {
     }
 }
 
-/// Write the tar stream of `dir` into `w`.
-pub fn write_tar<W: Write>(dir: &Path, w: W, epoch: Option<i64>) -> Result<W, LayerError> {
-    write_tar_counted(dir, w, epoch, &Reads::default())
-}
-
-/// [`write_tar`], counting the files it reads in `reads`.
-fn write_tar_counted<W: Write>(
+/// Write the tar stream of `dir` into `w`, counting the files it reads in `reads`.
+pub fn write_tar<W: Write>(
     dir: &Path,
     w: W,
     epoch: Option<i64>,
-    reads: &Reads,
+    reads: &Tally,
 ) -> Result<W, LayerError> {
     let mut b = tar::Builder::new(w);
-    let mut copy_buffer: Vec<u8> = Vec::new();
+    let mut copier = FileCopier::new(reads);
     b.mode(tar::HeaderMode::Complete);
     let mut seen_inodes: HashMap<(u64, u64), String> = HashMap::new();
     let walker = walkdir::WalkDir::new(dir)
@@ -773,16 +786,9 @@ fn write_tar_counted<W: Write>(
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(md.len());
             let f = super::at::open_regular(path).map_err(io_at(path))?;
-            let mut exact = ExactReader {
-                inner: f.take(md.len()),
-                left: md.len(),
-            };
-            if copy_buffer.is_empty() {
-                copy_buffer = vec![0u8; COPY_BUFFER];
-            }
-            append_file(&mut b, h, &name, &xattrs, &mut exact, &mut copy_buffer)
+            copier
+                .append(&mut b, h, &name, &xattrs, f, md.len())
                 .map_err(io_at(path))?;
-            reads.count(md.len());
             continue;
         }
         if ft.is_symlink() {
@@ -888,7 +894,7 @@ mod tests {
         fs::write(t.path().join("a"), b"1").unwrap();
         fs::write(t.path().join("b/c").join(&long), b"2").unwrap();
         fs::hard_link(t.path().join("a"), t.path().join("z")).unwrap();
-        let out = write_tar(t.path(), Vec::new(), Some(1000)).unwrap();
+        let out = write_tar(t.path(), Vec::new(), Some(1000), &Tally::default()).unwrap();
         let es = entries(&out);
         let names: Vec<&str> = es.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(

@@ -98,7 +98,7 @@ type Returned = (u64, io::Result<Compressed>, Vec<u8>);
 /// A gzip writer that compresses on `jobs` threads of a scope, reusing chunks from `reuse`.
 /// Chunks are compressed beside the writing of the next ones (at most
 /// [`IN_FLIGHT_PER_JOB`] per thread at a time) and written out in order.
-pub struct ParallelGzWriter<'s, W: Write> {
+pub struct ParallelGzWriter<W: Write> {
     inner: W,
     crc: Crc,
     /// Uncompressed bytes so far (the gzip trailer's size).
@@ -124,14 +124,13 @@ pub struct ParallelGzWriter<'s, W: Write> {
     /// Where compressed chunks go to be hashed in order, whole, for the sha256 of the
     /// uncompressed stream (a layer's diff_id) without another copy of its bytes.
     plain_hash: Option<ThreadedHashingWriter<io::Sink>>,
-    _scope: std::marker::PhantomData<&'s ()>,
 }
 
 /// Chunks queued or being compressed, per compressing thread.
 const IN_FLIGHT_PER_JOB: u64 = 2;
 
-impl<'s, W: Write> ParallelGzWriter<'s, W> {
-    pub fn new<'e>(
+impl<W: Write> ParallelGzWriter<W> {
+    pub fn new<'s, 'e>(
         scope: &'s std::thread::Scope<'s, 'e>,
         mut inner: W,
         level: u32,
@@ -181,7 +180,6 @@ impl<'s, W: Write> ParallelGzWriter<'s, W> {
             reused: 0,
             spare: Vec::new(),
             plain_hash: None,
-            _scope: std::marker::PhantomData,
         })
     }
 
@@ -364,7 +362,7 @@ pub struct GzFinished<W> {
     pub plain_digest: Option<Digest>,
 }
 
-impl<W: Write> Write for ParallelGzWriter<'_, W> {
+impl<W: Write> Write for ParallelGzWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.current.extend_from_slice(buf);
         self.cut_what_is_decided()?;
@@ -461,22 +459,20 @@ const MIN_STORED: usize = 2 << 10;
 /// judged; from where the walk stops (a chunk cut inside a big file, an end of archive),
 /// the rest is judged as one body.
 fn stored_ranges(data: &[u8]) -> Vec<std::ops::Range<usize>> {
-    use super::tar::{tar_checksum_ok, tar_number};
     let mut bodies = Vec::new();
     let mut at: usize = 0;
     while at.saturating_add(512) <= data.len() {
         let header = &data[at..at + 512];
-        if !tar_checksum_ok(header) {
+        let next = TarTracker::after(header, at as u64);
+        if next == u64::MAX {
             break;
         }
-        let size = tar_number(&header[124..136]).unwrap_or(0);
-        let body = at + 512;
-        let end = body.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
         if matches!(header[156], b'0' | 0 | b'7') {
-            bodies.push(body..end.min(data.len()));
+            let size = super::tar::tar_number(&header[124..136]).unwrap_or(0);
+            let end = (at + 512).saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+            bodies.push(at + 512..end.min(data.len()));
         }
-        let padded = size.div_ceil(512).saturating_mul(512);
-        at = body.saturating_add(usize::try_from(padded).unwrap_or(usize::MAX));
+        at = usize::try_from(next).unwrap_or(usize::MAX);
     }
     if at < data.len() && !data[at..].iter().all(|b| *b == 0) {
         bodies.push(at..data.len());
@@ -695,7 +691,7 @@ mod tests {
     fn uniform_bytes_look_incompressible_and_text_and_code_do_not() {
         assert!(looks_incompressible(&noise(4096, 7)));
         assert!(looks_incompressible(&noise(2048, 9)));
-        let text = b"fn main() { println!(\"hello\"); }\n".repeat(200);
+        let text = b"fn main() { let greeting = \"hello\"; }\n".repeat(200);
         assert!(!looks_incompressible(&text[..4096]));
         let counting: Vec<u8> = (0..4096u32).map(|i| (i % 64) as u8).collect();
         assert!(!looks_incompressible(&counting));

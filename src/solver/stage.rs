@@ -418,7 +418,6 @@ impl Ctx<'_, '_> {
         }
     }
 
-    /// Create or grow `view` to show `state`'s layers, as much of them as `need` says.
     /// Say how many layers were unpacked (and their blobs' bytes) since `before`, while
     /// the step waited for its view.
     fn report_unpacked(&self, before: (u64, u64)) {
@@ -435,6 +434,7 @@ impl Ctx<'_, '_> {
         }
     }
 
+    /// Create or grow `view` to show `state`'s layers, as much of them as `need` says.
     fn sync_view(
         &self,
         view: &mut Option<RootView>,

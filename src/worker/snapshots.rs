@@ -9,7 +9,6 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nix::mount::{umount2, MntFlags, MsFlags};
@@ -281,7 +280,7 @@ pub struct Snapshots {
     tmp: PathBuf,
     blobs: BlobStore,
     /// Layers unpacked from their blobs so far, and those blobs' bytes (shared by clones).
-    unpacked: Arc<(AtomicU64, AtomicU64)>,
+    unpacked: Arc<crate::oci::Tally>,
 }
 
 impl Snapshots {
@@ -298,15 +297,7 @@ impl Snapshots {
     /// How many layers were unpacked from their blobs so far (for a view or a copy), and
     /// how many bytes of blobs that read: what a step waited for before it could start.
     pub fn unpacked(&self) -> (u64, u64) {
-        (
-            self.unpacked.0.load(Ordering::Relaxed),
-            self.unpacked.1.load(Ordering::Relaxed),
-        )
-    }
-
-    fn count_unpacked(&self, layer: &LayerRef) {
-        self.unpacked.0.fetch_add(1, Ordering::Relaxed);
-        self.unpacked.1.fetch_add(layer.size, Ordering::Relaxed);
+        self.unpacked.get()
     }
 
     /// The directory snapshot paths are relative to in mount options.
@@ -395,7 +386,7 @@ impl Snapshots {
             opts,
             &layer.diff_id,
         )?;
-        self.count_unpacked(layer);
+        self.unpacked.add(layer.size);
         self.publish(staging, &final_dir, name)
     }
 
@@ -661,7 +652,7 @@ impl RootView {
                     opts,
                     &layer.diff_id,
                 )?;
-                snaps.count_unpacked(layer);
+                snaps.unpacked.add(layer.size);
             }
         }
         self.chains = chain;
