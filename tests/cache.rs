@@ -1258,3 +1258,25 @@ fn a_base_is_unpacked_once_before_the_first_run_and_never_again() {
     let (_, lines) = progress_lines(&root, &ctx);
     assert_eq!(unpack_events(&lines), vec![], "the base's snapshot is kept");
 }
+
+#[test]
+fn a_base_layer_is_scanned_for_the_sbom_as_it_is_unpacked() {
+    // With the SBOM off, nothing but the unpack and the RUN's commit would scan a layer: each
+    // layer this build decompressed or wrote has its scan kept, so an SBOM never
+    // decompresses a base layer a second time.
+    let (_t, root, ctx) = busybox_build("FROM busybox:test\nRUN echo one > /one\n");
+    let (_, lines) = progress_lines_with(&root, &ctx, &["--sbom=false"]);
+    assert_eq!(unpack_events(&lines).len(), 1, "the base was unpacked");
+    let scans: Vec<String> = fs::read_dir(root.join("cache/sbom"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        scans.len(),
+        2,
+        "the base layer's scan and the RUN layer's: {scans:?}"
+    );
+}

@@ -1243,3 +1243,59 @@ fn a_registry_base_of_another_platform_is_warned_about_after_its_pull() {
         "{err}"
     );
 }
+
+#[test]
+fn a_base_of_several_layers_is_fetched_and_unpacked_side_by_side_on_an_empty_store() {
+    // Four layers left at the registry: each is fetched, verified and unpacked (the fetches
+    // run ahead of the unpacks), and the first RUN sees all of them.
+    let reg = Registry::start(Setup::Plain);
+    let user = User::new();
+    let root = tempfile::tempdir().unwrap();
+    busybox_base(root.path(), "busybox:local");
+    let parts = context(&[
+        ("a/one.txt", "first layer\n".repeat(3000)),
+        ("b/two.txt", "second layer\n".repeat(5000)),
+        ("c/three.txt", "third layer\n".repeat(200)),
+    ]);
+    write(
+        &parts.path().join("Buildfile"),
+        "FROM busybox:local\nCOPY a/ /a/\nCOPY b/ /b/\nCOPY c/ /c/\n",
+    );
+    build(root.path(), parts.path(), &["-t", "layered:1"]);
+    run_ok(
+        user.on("push", root.path())
+            .arg("layered:1")
+            .arg(format!("{}/layered:1", reg.host())),
+    );
+    let ctx = context(&[(
+        "Buildfile",
+        format!(
+            "FROM {}/layered:1\nRUN wc -l /a/one.txt /b/two.txt /c/three.txt > /counts\n",
+            reg.host()
+        ),
+    )]);
+    let fresh = tempfile::tempdir().unwrap();
+    let layout = fresh.path().join("layout");
+    let out = run(user
+        .on("build", fresh.path())
+        .args(["--progress", "plain", "-o"])
+        .arg(format!("type=local,dest={}", layout.display()))
+        .arg(ctx.path()));
+    let log = stderr_of(&out);
+    assert!(out.status.success(), "{}", log);
+    assert_eq!(layers_downloaded(&log), 4, "{}", log);
+    let counts = std::fs::read_to_string(layout.join("counts")).unwrap();
+    for (n, file) in [
+        (3000, "/a/one.txt"),
+        (5000, "/b/two.txt"),
+        (200, "/c/three.txt"),
+    ] {
+        assert!(
+            counts
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [&n.to_string(), file]),
+            "{file}: {counts}"
+        );
+    }
+    user.assert_fsck_clean(fresh.path());
+}

@@ -212,7 +212,7 @@ pub fn unpack_layer(
     if !opts.overlay_format {
         apply_whiteouts(layer_path, layer_name, target)?;
     }
-    unpack_entries(layer_path, layer_name, target, opts, None)
+    unpack_entries(layer_path, layer_name, target, opts)
 }
 
 /// Unpack an image layer and check that its uncompressed stream hashes to `diff_id`, the
@@ -225,10 +225,58 @@ pub fn unpack_verified(
     opts: UnpackOptions,
     diff_id: &Digest,
 ) -> Result<UnpackReport, UnpackError> {
+    unpack_verified_teeing(
+        layer_path,
+        layer_name,
+        target,
+        opts,
+        diff_id,
+        &mut io::sink(),
+    )
+}
+
+/// [`unpack_verified`], with `tee` shown the whole uncompressed tar as it is read (to scan
+/// it without decompressing the blob a second time).
+pub fn unpack_verified_teeing(
+    layer_path: &Path,
+    layer_name: &str,
+    target: &Path,
+    opts: UnpackOptions,
+    diff_id: &Digest,
+    tee: &mut dyn io::Write,
+) -> Result<UnpackReport, UnpackError> {
     if !opts.overlay_format {
         apply_whiteouts(layer_path, layer_name, target)?;
     }
-    unpack_entries(layer_path, layer_name, target, opts, Some(diff_id))
+    let io_e = unpack_io_error(layer_name, target);
+    let stream = open_layer(layer_path).map_err(&io_e)?;
+    let mut hashed = HashingReader::new(TeeReader { inner: stream, tee });
+    let (report, dir_times) = unpack_tar(&mut hashed, layer_name, target, opts)?;
+    // The whole uncompressed stream, end-of-archive blocks included, is what diff_id names.
+    let (found, _) = hashed.finish().map_err(&io_e)?;
+    if &found != diff_id {
+        return Err(UnpackError::DiffIdMismatch {
+            layer: layer_name.to_string(),
+            expected: diff_id.clone(),
+            found,
+        });
+    }
+    set_dir_times(dir_times);
+    Ok(report)
+}
+
+/// A reader that also writes what it reads to `tee`.
+struct TeeReader<'t, R> {
+    inner: R,
+    tee: &'t mut dyn io::Write,
+}
+
+impl<R: Read> Read for TeeReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.tee.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// Write a regular file's content, leaving holes where it is all zeros (GNU sparse entries
@@ -330,26 +378,10 @@ fn unpack_entries(
     layer_name: &str,
     target: &Path,
     opts: UnpackOptions,
-    diff_id: Option<&Digest>,
 ) -> Result<UnpackReport, UnpackError> {
     let io_e = unpack_io_error(layer_name, target);
     let stream = open_layer(layer_path).map_err(&io_e)?;
-    let Some(expected) = diff_id else {
-        let (report, dir_times) = unpack_tar(stream, layer_name, target, opts)?;
-        set_dir_times(dir_times);
-        return Ok(report);
-    };
-    let mut hashed = HashingReader::new(stream);
-    let (report, dir_times) = unpack_tar(&mut hashed, layer_name, target, opts)?;
-    // The whole uncompressed stream, end-of-archive blocks included, is what diff_id names.
-    let (found, _) = hashed.finish().map_err(&io_e)?;
-    if &found != expected {
-        return Err(UnpackError::DiffIdMismatch {
-            layer: layer_name.to_string(),
-            expected: expected.clone(),
-            found,
-        });
-    }
+    let (report, dir_times) = unpack_tar(stream, layer_name, target, opts)?;
     set_dir_times(dir_times);
     Ok(report)
 }

@@ -156,7 +156,8 @@ impl<'a> Shared<'a> {
                 &store.dir(Bucket::Snapshots),
                 &store.dir(Bucket::Tmp),
                 &store.blobs,
-            ),
+            )
+            .scanning_into(&store.dir(Bucket::Sbom)),
             cache: CacheIndex::new(&store.dir(Bucket::Steps), &store.blobs)
                 .with_remotes(req.cache_from.clone()),
             hasher: ContextHasher::open(

@@ -281,6 +281,8 @@ pub struct Snapshots {
     blobs: BlobStore,
     /// Layers unpacked from their blobs so far, and those blobs' bytes (shared by clones).
     unpacked: Arc<crate::oci::Tally>,
+    /// Where a layer's SBOM scan is kept, taken as it is unpacked (see [`Snapshots::scanning_into`]).
+    scans: Option<PathBuf>,
 }
 
 impl Snapshots {
@@ -291,7 +293,49 @@ impl Snapshots {
             tmp: tmp.to_path_buf(),
             blobs: blobs.clone(),
             unpacked: Arc::default(),
+            scans: None,
         }
+    }
+
+    /// Keep in `dir` the SBOM scan of each layer unpacked (unless one is kept already), so
+    /// the image's SBOM never decompresses a base layer a second time.
+    pub fn scanning_into(mut self, dir: &Path) -> Snapshots {
+        self.scans = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Unpack `layer` (fetched if it is left at a registry) into `target`, verified against
+    /// its diff_id, scanned for the SBOM on the way, and counted.
+    fn unpack_layer(
+        &self,
+        layer: &LayerRef,
+        target: &Path,
+        opts: UnpackOptions,
+    ) -> Result<(), SnapshotError> {
+        use crate::attest::sbom;
+        let scans = self
+            .scans
+            .as_deref()
+            .filter(|d| !sbom::scan_path(d, &layer.diff_id).is_file());
+        let mut scanner = sbom::StreamScanner::default();
+        let mut skip = io::sink();
+        let tee: &mut dyn io::Write = match scans {
+            Some(_) => &mut scanner,
+            None => &mut skip,
+        };
+        unpack::unpack_verified_teeing(
+            &self.blobs.ensure(&layer.digest)?,
+            &layer.digest.to_string(),
+            target,
+            opts,
+            &layer.diff_id,
+            tee,
+        )?;
+        if let (Some(dir), Some(scan)) = (scans, scanner.finish()) {
+            sbom::store_scan(dir, &layer.diff_id, &scan);
+        }
+        self.unpacked.add(layer.size);
+        Ok(())
     }
 
     /// How many layers were unpacked from their blobs so far (for a view or a copy), and
@@ -378,15 +422,7 @@ impl Snapshots {
             .map_err(io_at(&self.tmp))?;
         let fs_tmp = staging.path().join(name);
         fs::create_dir(&fs_tmp).map_err(io_at(&fs_tmp))?;
-        let opts = snapshot_options(name);
-        unpack::unpack_verified(
-            &self.blobs.ensure(&layer.digest)?,
-            &layer.digest.to_string(),
-            &fs_tmp,
-            opts,
-            &layer.diff_id,
-        )?;
-        self.unpacked.add(layer.size);
+        self.unpack_layer(layer, &fs_tmp, snapshot_options(name))?;
         self.publish(staging, &final_dir, name)
     }
 
@@ -486,7 +522,10 @@ pub struct RootView {
 
 /// Unpack the snapshots `layers` lack, each its own directory in overlay mode, on as many
 /// threads as there are cores, biggest first: a base of several layers is ready in the time
-/// of its biggest layer rather than of all of them in turn.
+/// of its biggest layer rather than of all of them in turn. Blobs left at a registry are
+/// fetched ahead of the unpacks, up to four side by side, and each layer is unpacked as soon
+/// as its blob is in: an empty runner's pull and unpack overlap instead of following each
+/// other.
 fn unpack_side_by_side(
     snaps: &Snapshots,
     layers: &[LayerRef],
@@ -505,37 +544,127 @@ fn unpack_side_by_side(
         return Ok(());
     }
     missing.sort_by_key(|(_, l)| std::cmp::Reverse(l.size));
+    let fetches: Vec<usize> = (0..missing.len())
+        .filter(|&i| !snaps.blobs.contains(&missing[i].1.digest))
+        .collect();
+    let board = FetchBoard {
+        state: std::sync::Mutex::new(BoardState {
+            ready: missing
+                .iter()
+                .map(|(_, l)| snaps.blobs.contains(&l.digest))
+                .collect(),
+            taken: vec![false; missing.len()],
+            failed: None,
+        }),
+        changed: std::sync::Condvar::new(),
+    };
+    let fetch_next = std::sync::atomic::AtomicUsize::new(0);
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(missing.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed: std::sync::Mutex<Option<SnapshotError>> = std::sync::Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..workers {
+        for _ in 0..fetches.len().min(4) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((chain, layer)) = missing.get(i) else {
+                // Should a fetch panic, the unpacks waiting for it stop instead of hanging.
+                let _watch = PanicStops(&board, &snaps.tmp);
+                let k = fetch_next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = fetches.get(k) else { break };
+                if board.stopped() {
                     break;
-                };
-                let done = match need {
-                    ViewNeed::Full => snaps.layer_dir(chain, layer),
-                    ViewNeed::Metadata => snaps.skeleton_dir(chain, layer),
-                };
-                if let Err(e) = done {
-                    if let Ok(mut f) = failed.lock() {
-                        f.get_or_insert(e);
+                }
+                let fetched = snaps.blobs.ensure(&missing[i].1.digest);
+                board.update(|st| match fetched {
+                    Ok(_) => st.ready[i] = true,
+                    Err(e) => {
+                        st.failed.get_or_insert(e.into());
                     }
-                    // The others stop at their next layer.
-                    next.store(missing.len(), std::sync::atomic::Ordering::Relaxed);
-                    break;
+                });
+            });
+        }
+        for _ in 0..workers {
+            s.spawn(|| {
+                while let Some(i) = board.claim() {
+                    let (chain, layer) = &missing[i];
+                    let done = match need {
+                        ViewNeed::Full => snaps.layer_dir(chain, layer),
+                        ViewNeed::Metadata => snaps.skeleton_dir(chain, layer),
+                    };
+                    if let Err(e) = done {
+                        // The others stop at their next layer.
+                        board.update(|st| {
+                            st.failed.get_or_insert(e);
+                        });
+                        break;
+                    }
                 }
             });
         }
     });
-    match failed.into_inner() {
-        Ok(Some(e)) => Err(e),
+    match board.state.into_inner() {
+        Ok(BoardState {
+            failed: Some(e), ..
+        }) => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Which of [`unpack_side_by_side`]'s layers have their blob in, which are being unpacked,
+/// and the first failure (after which nothing new starts).
+struct BoardState {
+    ready: Vec<bool>,
+    taken: Vec<bool>,
+    failed: Option<SnapshotError>,
+}
+
+struct FetchBoard {
+    state: std::sync::Mutex<BoardState>,
+    changed: std::sync::Condvar,
+}
+
+/// Marks the board failed if dropped while its thread panics.
+struct PanicStops<'b>(&'b FetchBoard, &'b Path);
+
+impl Drop for PanicStops<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let path = self.1.to_path_buf();
+            self.0.update(|st| {
+                st.failed.get_or_insert(SnapshotError::Io {
+                    path,
+                    source: io::Error::other("a layer fetch panicked"),
+                });
+            });
+        }
+    }
+}
+
+impl FetchBoard {
+    fn update(&self, f: impl FnOnce(&mut BoardState)) {
+        if let Ok(mut st) = self.state.lock() {
+            f(&mut st);
+        }
+        self.changed.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.state.lock().map_or(true, |st| st.failed.is_some())
+    }
+
+    /// The next layer to unpack, biggest first of those whose blob is in (waiting for one
+    /// to come in); `None` once all are taken or something failed.
+    fn claim(&self) -> Option<usize> {
+        let mut st = self.state.lock().ok()?;
+        loop {
+            if st.failed.is_some() || st.taken.iter().all(|t| *t) {
+                return None;
+            }
+            if let Some(i) = (0..st.ready.len()).find(|&i| st.ready[i] && !st.taken[i]) {
+                st.taken[i] = true;
+                return Some(i);
+            }
+            st = self.changed.wait(st).ok()?;
+        }
     }
 }
 
@@ -577,9 +706,11 @@ impl RootView {
             })
             .map(|(l, _)| l.digest.clone())
             .collect();
-        snaps.blobs.ensure_all(&unpacked)?;
         if mode == Snapshotter::Overlay {
+            // Fetched as they are unpacked (a single missing layer, in `push` below).
             unpack_side_by_side(snaps, layers, need)?;
+        } else {
+            snaps.blobs.ensure_all(&unpacked)?;
         }
         let mut v = RootView {
             mode,
@@ -645,14 +776,7 @@ impl RootView {
                     user_xattrs: false,
                     capability_xattr_only: false,
                 };
-                unpack::unpack_verified(
-                    &snaps.blobs.ensure(&layer.digest)?,
-                    &layer.digest.to_string(),
-                    self.mountpoint.path(),
-                    opts,
-                    &layer.diff_id,
-                )?;
-                snaps.unpacked.add(layer.size);
+                snaps.unpack_layer(layer, self.mountpoint.path(), opts)?;
             }
         }
         self.chains = chain;
