@@ -215,6 +215,23 @@ impl Drop for TempGuard {
     }
 }
 
+/// Read from `reader` until `buf` is full, the body ends or a read fails: the HTTP client
+/// hands a body over 8 KiB at a time, and a write and a hash update per buffer cost far
+/// less than one per read. Returns the bytes read, and then `None` (the buffer is full),
+/// `Some(Ok(()))` (the end) or `Some(Err(_))`; the bytes read before a failure count.
+fn fill_from(reader: &mut dyn Read, buf: &mut [u8]) -> (usize, Option<Result<(), String>>) {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => return (n, Some(Ok(()))),
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return (n, Some(Err(e.to_string()))),
+        }
+    }
+    (n, None)
+}
+
 /// Download blob `d` of `repository` into the store (nothing when it is there already).
 /// A connection that drops mid-body is resumed with a `Range` request.
 pub fn fetch_blob(
@@ -293,36 +310,30 @@ pub fn fetch_blob(
         let mut buf = vec![0u8; 256 << 10];
         let mut written_back = have;
         let outcome = loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break Ok(()),
-                Ok(n) => {
-                    file.write_all(&buf[..n]).map_err(io)?;
-                    hasher.update(&buf[..n]);
-                    have += n as u64;
-                    // Each window goes to disk while the next downloads (the blob stays
-                    // cached: an unpack often reads it next).
-                    if have - written_back >= crate::oci::blobs::WRITE_BEHIND_WINDOW {
-                        crate::oci::blobs::start_writeback(
-                            &file,
-                            written_back,
-                            have - written_back,
-                        );
-                        written_back = have;
-                    }
-                    client.transfer(&Transfer {
-                        direction: Direction::Pull,
-                        digest: &d.digest,
-                        done: have.min(d.size),
-                        total: d.size,
-                    });
-                    if have > d.size {
-                        break Err(
-                            "the registry sent more bytes than the manifest says".to_string()
-                        );
-                    }
+            let (n, end) = fill_from(&mut reader, &mut buf);
+            if n > 0 {
+                file.write_all(&buf[..n]).map_err(io)?;
+                hasher.update(&buf[..n]);
+                have += n as u64;
+                // Each window goes to disk while the next downloads (the blob stays cached:
+                // an unpack often reads it next).
+                if have - written_back >= crate::oci::blobs::WRITE_BEHIND_WINDOW {
+                    crate::oci::blobs::start_writeback(&file, written_back, have - written_back);
+                    written_back = have;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => break Err(e.to_string()),
+                client.transfer(&Transfer {
+                    direction: Direction::Pull,
+                    digest: &d.digest,
+                    done: have.min(d.size),
+                    total: d.size,
+                });
+                if have > d.size {
+                    break Err("the registry sent more bytes than the manifest says".to_string());
+                }
+            }
+            match end {
+                None => continue,
+                Some(done) => break done,
             }
         };
         match outcome {
@@ -695,6 +706,46 @@ fn fetch_attestation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out 8 KiB per read, then fails (or ends) after `total` bytes.
+    struct Trickle {
+        left: usize,
+        fails: bool,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return match self.fails {
+                    true => Err(std::io::Error::other("connection reset")),
+                    false => Ok(0),
+                };
+            }
+            let n = buf.len().min(8192).min(self.left);
+            buf[..n].fill(7);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_buffer_is_filled_from_small_reads_and_the_bytes_before_a_failure_count() {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut whole = Trickle {
+            left: 100 << 10,
+            fails: false,
+        };
+        assert_eq!(fill_from(&mut whole, &mut buf), (64 << 10, None));
+        assert_eq!(fill_from(&mut whole, &mut buf), (36 << 10, Some(Ok(()))));
+        // A resumed download starts after the bytes read before the connection broke.
+        let mut broken = Trickle {
+            left: 20000,
+            fails: true,
+        };
+        let (n, end) = fill_from(&mut broken, &mut buf);
+        assert_eq!(n, 20000);
+        assert!(matches!(end, Some(Err(e)) if e.contains("reset")));
+    }
 
     #[test]
     fn descriptors_without_a_real_size_are_refused() {
