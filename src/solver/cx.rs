@@ -70,6 +70,8 @@ pub(super) struct Shared<'a> {
     /// The last build of this build file and target, and this build's record of the same.
     /// (Read at the first miss: a build whose steps all hit never reads it.)
     previous: OnceLock<Option<BuildRecord>>,
+    /// That record, being read ahead of the first miss ([`Shared::read_previous_ahead`]).
+    previous_ahead: Mutex<Option<std::thread::JoinHandle<Option<BuildRecord>>>>,
     pub record: Mutex<BuildRecord>,
     /// Whether any step ran (else the last record still holds).
     pub ran: std::sync::atomic::AtomicBool,
@@ -129,8 +131,27 @@ impl<'a> Shared<'a> {
     /// The record of the last build of this build file and target, if there is one.
     pub fn previous(&self) -> Option<&BuildRecord> {
         self.previous
-            .get_or_init(|| super::explain::load(self.store, self.req))
+            .get_or_init(|| {
+                let ahead = self.previous_ahead.lock().ok().and_then(|mut a| a.take());
+                match ahead.map(|h| h.join()) {
+                    Some(Ok(record)) => record,
+                    _ => super::explain::load(self.store, self.req),
+                }
+            })
             .as_ref()
+    }
+
+    /// Start reading [`Shared::previous`] on a thread: a context read that found a change
+    /// is about to miss, and describes its entries meanwhile.
+    pub fn read_previous_ahead(&self) {
+        if self.previous.get().is_some() {
+            return;
+        }
+        if let Ok(mut ahead) = self.previous_ahead.lock() {
+            if ahead.is_none() {
+                *ahead = super::explain::load_ahead(self.store, self.req);
+            }
+        }
     }
 
     pub fn new(
@@ -174,6 +195,7 @@ impl<'a> Shared<'a> {
             process_sandbox: OnceLock::new(),
             kept: env.kept,
             previous: OnceLock::new(),
+            previous_ahead: Mutex::new(None),
             record: Mutex::new(BuildRecord::default()),
             ran: std::sync::atomic::AtomicBool::new(false),
         }

@@ -176,6 +176,21 @@ pub fn load(store: &Store, req: &BuildRequest) -> Option<BuildRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// [`load`] on a thread of its own (the record of a big context takes milliseconds to
+/// parse), for a build that is about to miss; `None` with `--explain-against`.
+pub fn load_ahead(
+    store: &Store,
+    req: &BuildRequest,
+) -> Option<std::thread::JoinHandle<Option<BuildRecord>>> {
+    if req.explain_against.is_some() {
+        return None;
+    }
+    let (memo, key) = (store.memo(Bucket::Builds), record_key(req));
+    Some(std::thread::spawn(move || {
+        serde_json::from_slice(&memo.get(&key)?).ok()
+    }))
+}
+
 /// Keep `record` for the next build; context entries it did not hash (an unchanged read)
 /// are taken from `previous`, where the digest is the same.
 pub fn save(

@@ -107,6 +107,7 @@ impl Ctx<'_, '_> {
                 });
             }
         }
+        self.read_previous_ahead();
         let (digest, leaves, stats) = self
             .hasher
             .describe_leaves(&entries, &statted.stats, self.req.epoch, owner)
