@@ -427,6 +427,12 @@ fn list_sorted(d: &Path) -> Result<Vec<(std::ffi::OsString, bool)>, ContextError
     Ok(names)
 }
 
+/// The names in the directory `d`, in the byte order of their names, read as the walk reads
+/// a directory: below the context, opened with no symlink followed.
+pub fn names_sorted(d: &Path) -> Result<Vec<std::ffi::OsString>, ContextError> {
+    Ok(list_sorted(d)?.into_iter().map(|(name, _)| name).collect())
+}
+
 /// `name` under the relative path `prefix` (none when it is empty).
 fn join_rel(prefix: &str, name: &str) -> String {
     let mut sub = String::with_capacity(prefix.len() + 1 + name.len());
@@ -517,6 +523,21 @@ mod tests {
             dir.to_path_buf(),
             IgnoreMatcher::from_file_text(ignore).unwrap(),
         )
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_is_not_listed_through_it() {
+        // What the walk saw as a directory, swapped for a link to the host before the copy
+        // lists it: the listing refuses the link instead of reading the host's names.
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("src")).unwrap();
+        fs::write(ctx.join("src/a.txt"), "a").unwrap();
+        let _held = crate::oci::at::confine(&ctx).unwrap();
+        assert_eq!(names_sorted(&ctx.join("src")).unwrap(), vec!["a.txt"]);
+        fs::remove_dir_all(ctx.join("src")).unwrap();
+        std::os::unix::fs::symlink("/etc", ctx.join("src")).unwrap();
+        assert!(names_sorted(&ctx.join("src")).is_err());
     }
 
     #[test]

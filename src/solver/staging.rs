@@ -228,13 +228,7 @@ impl Stager<'_> {
         if kind == libc::S_IFDIR {
             self.insert(dst.to_path_buf(), node(NodeKind::Dir));
             self.sourced_dirs.insert(dst.to_path_buf());
-            let mut names: Vec<_> = fs::read_dir(src)
-                .map_err(io_at(src))?
-                .flatten()
-                .map(|e| e.file_name())
-                .collect();
-            names.sort();
-            for n in names {
+            for n in crate::context::names_sorted(src)? {
                 let child_rel = if rel == "." {
                     n.to_string_lossy().into_owned()
                 } else {
@@ -548,13 +542,7 @@ pub fn stage(plan: &CopyPlan) -> Result<Staged, CopyError> {
                 };
                 let t = st.target(&target);
                 st.ensure_dir(&t);
-                let mut names: Vec<_> = fs::read_dir(&m.path)
-                    .map_err(io_at(&m.path))?
-                    .flatten()
-                    .map(|e| e.file_name())
-                    .collect();
-                names.sort();
-                for n in names {
+                for n in crate::context::names_sorted(&m.path)? {
                     let child_rel = if m.rel == "." {
                         n.to_string_lossy().into_owned()
                     } else {
