@@ -172,8 +172,11 @@ pub fn load(store: &Store, req: &BuildRequest) -> Option<BuildRecord> {
     if let Some(image) = &req.explain_against {
         return load_for_image(store, image);
     }
-    let bytes = store.memo(Bucket::Builds).get(&record_key(req))?;
-    serde_json::from_slice(&bytes).ok()
+    read_record(&store.memo(Bucket::Builds), &record_key(req))
+}
+
+fn read_record(builds: &crate::store::Memo, key: &str) -> Option<BuildRecord> {
+    serde_json::from_slice(&builds.get(key)?).ok()
 }
 
 /// [`load`] on a thread of its own (the record of a big context takes milliseconds to
@@ -186,9 +189,7 @@ pub fn load_ahead(
         return None;
     }
     let (memo, key) = (store.memo(Bucket::Builds), record_key(req));
-    Some(std::thread::spawn(move || {
-        serde_json::from_slice(&memo.get(&key)?).ok()
-    }))
+    Some(std::thread::spawn(move || read_record(&memo, &key)))
 }
 
 /// Keep `record` for the next build; context entries it did not hash (an unchanged read)

@@ -544,15 +544,14 @@ fn unpack_side_by_side(
         return Ok(());
     }
     missing.sort_by_key(|(_, l)| std::cmp::Reverse(l.size));
-    let fetches: Vec<usize> = (0..missing.len())
-        .filter(|&i| !snaps.blobs.contains(&missing[i].1.digest))
+    let ready: Vec<bool> = missing
+        .iter()
+        .map(|(_, l)| snaps.blobs.contains(&l.digest))
         .collect();
+    let fetches: Vec<usize> = (0..missing.len()).filter(|&i| !ready[i]).collect();
     let board = FetchBoard {
         state: std::sync::Mutex::new(BoardState {
-            ready: missing
-                .iter()
-                .map(|(_, l)| snaps.blobs.contains(&l.digest))
-                .collect(),
+            ready,
             taken: vec![false; missing.len()],
             failed: None,
         }),
@@ -694,23 +693,14 @@ impl RootView {
             .tempdir_in(&snaps.tmp)
             .map_err(io_at(&snaps.tmp))?;
         fs::create_dir_all(&snaps.dir).map_err(io_at(&snaps.dir))?;
-        // Layers left at a registry come in side by side, before the first is unpacked.
-        let unpacked: Vec<Digest> = layers
-            .iter()
-            .zip(chain_ids(layers))
-            .filter(|(_, chain)| {
-                let dir = snaps.dir.join(chain.hex());
-                mode == Snapshotter::Copy
-                    || !(dir.join("fs").is_dir()
-                        || need == ViewNeed::Metadata && dir.join("meta").is_dir())
-            })
-            .map(|(l, _)| l.digest.clone())
-            .collect();
         if mode == Snapshotter::Overlay {
-            // Fetched as they are unpacked (a single missing layer, in `push` below).
+            // Layers left at a registry are fetched as they are unpacked (a single missing
+            // layer, in `push` below).
             unpack_side_by_side(snaps, layers, need)?;
         } else {
-            snaps.blobs.ensure_all(&unpacked)?;
+            // Every layer is unpacked into the copy: all come in side by side first.
+            let digests: Vec<Digest> = layers.iter().map(|l| l.digest.clone()).collect();
+            snaps.blobs.ensure_all(&digests)?;
         }
         let mut v = RootView {
             mode,
